@@ -1,0 +1,128 @@
+"""A shipped model run with onnxruntime: DN cube -> codebook indices -> DN cube.
+
+A model folder holds encoder.onnx, decoder.onnx, features.onnx and model_card.json (which lists the
+sha256 of each file; a mismatch is refused, so a product is never decoded with another model).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .scene import BANDS, to_uint16
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models_onnx"
+DEFAULT_MODEL = "corsa512"
+
+
+class ModelError(RuntimeError):
+    """A model folder is missing, incomplete or does not match its card."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_dir(model: str | Path) -> Path:
+    """A model folder given by path, or by name under models_onnx/."""
+    path = Path(model)
+    return path if path.is_dir() else MODELS_DIR / str(model)
+
+
+class OnnxCodec:
+    """Encoder, decoder and feature lookup of one model, sessions created on first use."""
+
+    def __init__(self, model: str | Path = DEFAULT_MODEL, threads: int | None = None):
+        self.path = model_dir(model)
+        card = self.path / "model_card.json"
+        if not card.is_file():
+            raise ModelError(f"no model_card.json in {self.path}")
+        try:
+            self.card = json.loads(card.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"model card {card} is not valid JSON: {e}") from e
+        self.threads = threads
+        if tuple(self.card["bands"]) != BANDS:
+            raise ModelError(f"model {self.path.name} expects bands {self.card['bands']}, not {BANDS}")
+        self.stride0, self.stride1 = self.card["grids"]["level0"]["stride"], self.card["grids"]["level1"]["stride"]
+
+    @property
+    def model_id(self) -> str:
+        return self.card["id"]
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        entry = self.card["files"][name]
+        path = self.path / entry["path"]
+        if not path.is_file():
+            raise ModelError(f"model file {path} is missing")
+        if sha256_file(path) != entry["sha256"]:
+            raise ModelError(f"{path} does not match the sha256 in its model card")
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+            raise ModelError(f"onnxruntime cannot load {path}: {e}") from e
+
+    @cached_property
+    def encoder(self) -> ort.InferenceSession:
+        return self._session("encoder")
+
+    @cached_property
+    def decoder(self) -> ort.InferenceSession:
+        return self._session("decoder")
+
+    @cached_property
+    def features_session(self) -> ort.InferenceSession:
+        return self._session("features")
+
+    def encode(self, dn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(10, H, W) DN -> level-0 (ceil(H/4)*2, ...) and level-1 (ceil(H/4), ...) indices, uint16.
+
+        The input is edge-padded to a multiple of the coarse stride; NaN counts as nodata (0).
+        """
+        if dn.ndim != 3 or dn.shape[0] != len(BANDS):
+            raise ValueError(f"expected ({len(BANDS)}, y, x) bands {BANDS}, got shape {dn.shape}")
+        x = np.nan_to_num(dn.astype(np.float32), nan=0.0)
+        s = self.stride1
+        x = np.pad(x, ((0, 0), (0, -x.shape[1] % s), (0, -x.shape[2] % s)), mode="edge")
+        idx0, idx1 = self.encoder.run(None, {"dn": x[None]})
+        return idx0[0].astype(np.uint16), idx1[0].astype(np.uint16)
+
+    def decode(self, idx0: np.ndarray, idx1: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Indices -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
+        rec = self.decode_float(idx0, idx1)
+        if shape is not None:
+            rec = rec[:, : shape[0], : shape[1]]
+        return to_uint16(rec)
+
+    def decode_float(self, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
+        self._check_indices(idx0, idx1)
+        (rec,) = self.decoder.run(None, {"idx0": idx0[None].astype(np.int64), "idx1": idx1[None].astype(np.int64)})
+        return rec[0]
+
+    def features(self, idx0: np.ndarray, idx1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Codebook vectors of the indices: (dim0, h0, w0) and (dim1, h1, w1) float32."""
+        self._check_indices(idx0, idx1)
+        f0, f1 = self.features_session.run(None, {"idx0": idx0[None].astype(np.int64),
+                                                   "idx1": idx1[None].astype(np.int64)})
+        return f0[0], f1[0]
+
+    def _check_indices(self, idx0: np.ndarray, idx1: np.ndarray) -> None:
+        ratio = self.stride1 // self.stride0
+        if idx0.shape != (idx1.shape[0] * ratio, idx1.shape[1] * ratio):
+            raise ValueError(f"level-0 grid {idx0.shape} does not nest level-1 grid {idx1.shape} x{ratio}")
+        for name, idx, k in (("level-0", idx0, self.card["codebooks"]["k0"]),
+                             ("level-1", idx1, self.card["codebooks"]["k1"])):
+            if idx.size and int(idx.max()) >= k:
+                raise ValueError(f"{name} index {int(idx.max())} out of range for a codebook of {k}")

@@ -1,0 +1,41 @@
+"""The shipped ONNX files compute what the torch model they were exported from computes.
+
+Tolerances: at least 99.9% of indices identical (a near-tie between two codebook vectors may flip
+with float summation order), and, for the same indices, reconstructions within 0.5 DN.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from corsa.codec import OnnxCodec
+from corsa.datasets import LOADERS
+from training.export import load_state
+from training.train import pad_to
+
+MODELS = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "models_onnx").glob("*/model_card.json"))
+
+
+def _scenes(root):
+    yield next(LOADERS["terracodec"](root))
+    yield next(LOADERS["worldstrat"](root))
+    yield next(LOADERS["bigearthnet"](root))
+
+
+@pytest.mark.parametrize("model_path", MODELS, ids=[p.name for p in MODELS])
+def test_onnx_matches_torch_on_real_scenes(model_path, data_root):
+    codec = OnnxCodec(model_path)
+    model = load_state(model_path / "torch_state.pt")
+    for scene in _scenes(data_root):
+        idx0, idx1 = codec.encode(scene.data)
+        with torch.no_grad():
+            t0, t1 = model.encode(torch.from_numpy(pad_to(scene.data, 4).astype(np.float32))[None])
+        assert idx0.shape == tuple(t0.shape[1:]) and idx1.shape == tuple(t1.shape[1:])
+        assert np.mean(idx0 == t0[0].numpy()) >= 0.999, scene.name
+        assert np.mean(idx1 == t1[0].numpy()) >= 0.999, scene.name
+        with torch.no_grad():
+            ref = model.decode(torch.from_numpy(idx0.astype(np.int64))[None],
+                               torch.from_numpy(idx1.astype(np.int64))[None])[0].numpy()
+        got = codec.decode_float(idx0, idx1)
+        assert np.abs(got - ref).max() < 0.5, scene.name
