@@ -71,7 +71,7 @@ def code_scene(data: np.ndarray, codec: ClassicCodec, knob: float, layout: str) 
     return total, to_uint16(out)
 
 
-def at_cf(data: np.ndarray, codec: ClassicCodec, target_cf: float, iters: int = 14) -> dict:
+def at_cf(data: np.ndarray, codec: ClassicCodec, target_cf: float, iters: int = 12) -> dict:
     """Best PSNR of the codec with CF >= target over both layouts (None if unreachable)."""
     n = data.shape[1] * data.shape[2]
     budget = 88 * n / (8 * target_cf)

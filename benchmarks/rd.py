@@ -150,24 +150,51 @@ def main(argv: list[str] | None = None) -> dict:
     scenes = load_split(SPLIT_FILE, "test")
     if args.limit:
         scenes = scenes[: args.limit]
-    ours = {m: run_model(m, scenes) for m in args.models}
-    first = ours[args.models[0]]["rows"]
+    ours = {Path(m).name: run_model(m, scenes) for m in args.models}
+    first = ours[Path(args.models[0]).name]["rows"]
     targets = [[RAW_BITS_PER_PIXEL / 2.6875] * len(scenes),
                [compression_factor(r["pixels"], r["entropy_bytes"]) for r in first],
                [args.stretch_cf] * len(scenes)]
-    names = ["cf32.7", f"{args.models[0]}-entropy-cf", f"cf{args.stretch_cf:g}"]
+    names = ["cf32.7", f"{Path(args.models[0]).name}-entropy-cf", f"cf{args.stretch_cf:g}"]
     base = run_baselines(scenes, targets, args.workers)
     result = {"scenes": [s.name for s in scenes], "summary": summarise(scenes, ours, base, names),
               "ours": {m: {"rows": r["rows"]} for m, r in ours.items()},
               "baselines": {names[ti]: v for ti, v in base.items()}}
     if not args.no_speed:
-        result["speed"] = {m: {"throughput": [throughput(m, t) for t in (1, 2)],
-                               "peak_rss_mb_1024px": peak_memory(m)} for m in args.models}
+        result["speed"] = {Path(m).name: {"throughput": [throughput(m, t) for t in (1, 2)],
+                                          "peak_rss_mb_1024px": peak_memory(m)} for m in args.models}
     result["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({"summary": result["summary"], "speed": result.get("speed"), "seconds": result["seconds"]}, indent=1))
+    args.out.with_suffix(".md").write_text(render_markdown(result))
+    print(render_markdown(result))
     return result
+
+
+def render_markdown(result: dict) -> str:
+    """The tables BENCHMARKS.md quotes."""
+    summ = result["summary"]
+    lines = ["| codec | CF | mean PSNR (dB) | worst scene (dB) | scenes |", "|---|---|---|---|---|"]
+    n = len(result["scenes"])
+    for name, r in summ.items():
+        if "cf_fixed" in r:
+            lines.append(f"| {name}, fixed-width indices | {r['cf_fixed']:.1f} | {r['psnr_mean']:.2f} | {r['psnr_min']:.2f} | {n} |")
+            lines.append(f"| {name}, range-coded indices | {r['cf_entropy']:.1f} | {r['psnr_mean']:.2f} | {r['psnr_min']:.2f} | {n} |")
+    for name, r in summ.items():
+        if "cf_fixed" not in r and r["psnr_mean"] is not None:
+            lines.append(f"| {name} | {r['cf']:.1f} | {r['psnr_mean']:.2f} | | {r['scenes_reached']}/{r['scenes']} |")
+    lines += ["", "| model | " + " | ".join(BANDS) + " | level-0 codes used (perplexity) | level-1 codes used (perplexity) |",
+              "|---|" + "---|" * (len(BANDS) + 2)]
+    for name, r in summ.items():
+        if "cf_fixed" in r:
+            u0, u1 = r["usage0"], r["usage1"]
+            lines.append(f"| {name} RMSE (DN) | " + " | ".join(f"{v:.0f}" for v in r["rmse_per_band"].values())
+                         + f" | {u0['used']}/{u0['size']} ({u0['perplexity']:.0f}) | {u1['used']}/{u1['size']} ({u1['perplexity']:.0f}) |")
+    for name, sp in (result.get("speed") or {}).items():
+        lines += ["", f"{name}: peak RSS {sp['peak_rss_mb_1024px']:.0f} MB (encode + decode of a 1024 x 1024 px crop)", "",
+                  "| threads | encode (MP/s) | decode (MP/s) |", "|---|---|---|"]
+        lines += [f"| {t['threads']} | {t['encode_mp_s']:.2f} | {t['decode_mp_s']:.2f} |" for t in sp["throughput"]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

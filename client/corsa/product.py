@@ -1,0 +1,158 @@
+"""The compressed product: the one place that writes and reads it (format version 1).
+
+Per date, in one folder:
+  corsa_<date>_L0.tif   level-0 indices on the fine grid (20 m), uint16 with NBITS = codebook bits
+  corsa_<date>_L1.tif   level-1 indices on the coarse grid (40 m)
+  corsa_<date>_nodata.tif   only when the input had nodata: 1-bit mask on the 10 m input grid
+Each file is an ordinary georeferenced GeoTIFF (the grids nest in the 10 m input grid: same origin,
+pixel size x2 and x4) and carries tags naming the format, model (id + decoder sha256), bands,
+input grid and date, so the files alone (plus the model) decode the scene.
+Files are written under temporary names and renamed, L0 last: a date whose L0 exists is complete.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioIOError
+from rasterio.transform import Affine
+
+from .scene import BANDS
+
+FORMAT = "corsa-product"
+FORMAT_VERSION = 1
+PROFILE = {"driver": "GTiff", "count": 1, "dtype": "uint16", "compress": "zstd", "zstd_level": 19,
+           "tiled": True, "blockxsize": 256, "blockysize": 256}
+
+
+class ProductError(ValueError):
+    """A product file is missing, truncated, corrupt or inconsistent."""
+
+
+@dataclass
+class ProductDate:
+    date: str
+    idx0: np.ndarray
+    idx1: np.ndarray
+    nodata: np.ndarray | None      # True where the input was nodata, on the input grid
+    shape: tuple[int, int]         # input (y, x)
+    transform: Affine | None
+    crs: str | None
+    model_id: str
+    model_sha256: str
+
+
+def file_names(date: str) -> dict[str, str]:
+    return {k: f"corsa_{date}_{k}.tif" for k in ("L0", "L1", "nodata")}
+
+
+def _tags(level: str, model_id: str, model_sha256: str, shape: tuple[int, int],
+          transform: Affine | None, date: str, has_mask: bool) -> dict[str, str]:
+    return {
+        "CORSA_FORMAT": FORMAT, "CORSA_FORMAT_VERSION": str(FORMAT_VERSION), "CORSA_LEVEL": level,
+        "CORSA_MODEL_ID": model_id, "CORSA_MODEL_SHA256": model_sha256,
+        "CORSA_BANDS": ",".join(BANDS), "CORSA_DATE": date,
+        "CORSA_INPUT_SHAPE": json.dumps(list(shape)),
+        "CORSA_INPUT_TRANSFORM": json.dumps(list(transform)[:6] if transform else None),
+        "CORSA_NODATA": ("pixels whose 10 bands are all 0; decoded as 0; mask in "
+                         + file_names(date)["nodata"]) if has_mask else "none in the input",
+    }
+
+
+def _write_tif(path: Path, data: np.ndarray, transform: Affine | None, crs: str | None,
+               tags: dict[str, str], **profile) -> None:
+    kw = {**PROFILE, **profile, "width": data.shape[1], "height": data.shape[0]}
+    if transform is not None:
+        kw["transform"] = transform
+    if crs:
+        kw["crs"] = crs
+    with rasterio.open(path, "w", **kw) as dst:
+        dst.write(data, 1)
+        dst.update_tags(**tags)
+
+
+def write_date(folder: Path, date: str, idx0: np.ndarray, idx1: np.ndarray, nodata: np.ndarray,
+               transform: Affine | None, crs: str | None, model_id: str, model_sha256: str,
+               bits: tuple[int, int]) -> list[Path]:
+    """Write one date's files; returns their final paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = file_names(date)
+    has_mask = bool(nodata.any())
+    shape = nodata.shape
+    parts: list[tuple[Path, Path]] = []
+    for level, idx, scale, nbits in (("L1", idx1, 4, bits[1]), ("L0", idx0, 2, bits[0])):
+        tr = transform * Affine.scale(scale) if transform is not None else None
+        part = folder / (names[level] + ".part")
+        _write_tif(part, idx.astype(np.uint16), tr, crs,
+                   _tags(level, model_id, model_sha256, shape, transform, date, has_mask),
+                   nbits=max(nbits, 9))  # GDAL takes NBITS 9-15 for UInt16 (7 becomes 9 anyway)
+        parts.append((part, folder / names[level]))
+    if has_mask:
+        part = folder / (names["nodata"] + ".part")
+        _write_tif(part, nodata.astype(np.uint8), transform, crs,
+                   _tags("nodata", model_id, model_sha256, shape, transform, date, has_mask),
+                   dtype="uint8", nbits=1, compress="deflate")
+        parts.insert(0, (part, folder / names["nodata"]))
+    for part, final in parts:  # L0 last: its presence marks the date complete
+        part.replace(final)
+    return [final for _, final in parts]
+
+
+def _read_tif(path: Path) -> tuple[np.ndarray, dict, Affine, str | None]:
+    if not path.is_file():
+        raise ProductError(f"{path.name} is missing from {path.parent}")
+    try:
+        with rasterio.open(path) as src:
+            return src.read(1), src.tags(), src.transform, (src.crs.to_string() if src.crs else None)
+    except (RasterioIOError, rasterio.errors.RasterioError) as e:
+        raise ProductError(f"{path} is not a readable GeoTIFF (truncated or corrupt?): {e}") from e
+
+
+def dates_in(folder: Path) -> list[str]:
+    """Complete dates in a product folder (those whose L0 file exists)."""
+    if not folder.is_dir():
+        raise ProductError(f"{folder} is not a product folder")
+    return sorted(p.name[len("corsa_"):-len("_L0.tif")] for p in folder.glob("corsa_*_L0.tif"))
+
+
+def read_date(folder: Path, date: str) -> ProductDate:
+    names = file_names(date)
+    idx0, tags0, tr0, crs = _read_tif(folder / names["L0"])
+    idx1, tags1, _, _ = _read_tif(folder / names["L1"])
+    for tags, name in ((tags0, names["L0"]), (tags1, names["L1"])):
+        if tags.get("CORSA_FORMAT") != FORMAT:
+            raise ProductError(f"{name} is not a {FORMAT} file (no CORSA_FORMAT tag)")
+        if tags.get("CORSA_FORMAT_VERSION") != str(FORMAT_VERSION):
+            raise ProductError(f"{name} has format version {tags.get('CORSA_FORMAT_VERSION')}, "
+                               f"this reader knows {FORMAT_VERSION}")
+    keys = ("CORSA_MODEL_SHA256", "CORSA_INPUT_SHAPE", "CORSA_INPUT_TRANSFORM", "CORSA_DATE")
+    if any(tags0.get(k) != tags1.get(k) for k in keys):
+        raise ProductError(f"{names['L0']} and {names['L1']} do not belong together (tags differ)")
+    if tags0.get("CORSA_BANDS") != ",".join(BANDS):
+        raise ProductError(f"{names['L0']} holds bands {tags0.get('CORSA_BANDS')}, expected {','.join(BANDS)}")
+    try:
+        shape = tuple(json.loads(tags0["CORSA_INPUT_SHAPE"]))
+        tr = json.loads(tags0["CORSA_INPUT_TRANSFORM"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ProductError(f"{names['L0']} has no valid input grid tags: {e}") from e
+    if len(shape) != 2 or idx0.shape != (-(-shape[0] // 4) * 2, -(-shape[1] // 4) * 2) or \
+            idx1.shape != (idx0.shape[0] // 2, idx0.shape[1] // 2):
+        raise ProductError(f"index grids {idx0.shape} / {idx1.shape} do not fit the input grid {shape}")
+    nodata = None
+    if (folder / names["nodata"]).exists():
+        mask, _, _, _ = _read_tif(folder / names["nodata"])
+        if mask.shape != shape:
+            raise ProductError(f"nodata mask {mask.shape} does not match the input grid {shape}")
+        nodata = mask.astype(bool)
+    elif "mask in" in tags0.get("CORSA_NODATA", ""):
+        raise ProductError(f"{names['nodata']} is missing from {folder}")
+    return ProductDate(date, idx0, idx1, nodata, shape, Affine(*tr) if tr else None, crs,
+                       tags0.get("CORSA_MODEL_ID", ""), tags0["CORSA_MODEL_SHA256"])
+
+
+def product_bytes(folder: Path, date: str) -> int:
+    """Bytes on disk of one date's files: what the CF is measured on."""
+    return sum((folder / n).stat().st_size for n in file_names(date).values() if (folder / n).exists())
