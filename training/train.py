@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width20", type=int, default=96)
     p.add_argument("--width40", type=int, default=128)
     p.add_argument("--blocks-dec", type=int, default=3)
-    p.add_argument("--steps", type=int, default=11000)
+    p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)

@@ -10,6 +10,7 @@ import json
 from functools import cached_property
 from pathlib import Path
 
+import corsa_udf
 import numpy as np
 import onnxruntime as ort
 
@@ -53,6 +54,10 @@ class OnnxCodec:
         if tuple(self.card["bands"]) != BANDS:
             raise ModelError(f"model {self.path.name} expects bands {self.card['bands']}, not {BANDS}")
         self.stride0, self.stride1 = self.card["grids"]["level0"]["stride"], self.card["grids"]["level1"]["stride"]
+        if (self.stride0, self.stride1) != (corsa_udf.STRIDE0, corsa_udf.STRIDE1):
+            raise ModelError(f"model {self.path.name} has grid strides {self.stride0}/{self.stride1}, "
+                             f"the UDF knows {corsa_udf.STRIDE0}/{corsa_udf.STRIDE1}")
+        self.tile, self.overlap = self.card["tile"]["size"], self.card["tile"]["overlap"]
 
     @property
     def model_id(self) -> str:
@@ -65,12 +70,8 @@ class OnnxCodec:
             raise ModelError(f"model file {path} is missing")
         if sha256_file(path) != entry["sha256"]:
             raise ModelError(f"{path} does not match the sha256 in its model card")
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
         try:
-            return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return corsa_udf.session(str(path), self.threads or 0)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise ModelError(f"onnxruntime cannot load {path}: {e}") from e
 
@@ -89,15 +90,11 @@ class OnnxCodec:
     def encode(self, dn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(10, H, W) DN -> level-0 (ceil(H/4)*2, ...) and level-1 (ceil(H/4), ...) indices, uint16.
 
-        The input is edge-padded to a multiple of the coarse stride; NaN counts as nodata (0).
+        Encoded in overlapping tiles (size and overlap from the model card); NaN counts as nodata.
         """
         if dn.ndim != 3 or dn.shape[0] != len(BANDS):
             raise ValueError(f"expected ({len(BANDS)}, y, x) bands {BANDS}, got shape {dn.shape}")
-        x = np.nan_to_num(dn.astype(np.float32), nan=0.0)
-        s = self.stride1
-        x = np.pad(x, ((0, 0), (0, -x.shape[1] % s), (0, -x.shape[2] % s)), mode="edge")
-        idx0, idx1 = self.encoder.run(None, {"dn": x[None]})
-        return idx0[0].astype(np.uint16), idx1[0].astype(np.uint16)
+        return corsa_udf.encode(self.encoder, dn, self.tile, self.overlap)
 
     def decode(self, idx0: np.ndarray, idx1: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Indices -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
@@ -108,8 +105,7 @@ class OnnxCodec:
 
     def decode_float(self, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
         self._check_indices(idx0, idx1)
-        (rec,) = self.decoder.run(None, {"idx0": idx0[None].astype(np.int64), "idx1": idx1[None].astype(np.int64)})
-        return rec[0]
+        return corsa_udf.decode(self.decoder, idx0, idx1, self.tile, self.overlap)
 
     def features(self, idx0: np.ndarray, idx1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Codebook vectors of the indices: (dim0, h0, w0) and (dim1, h1, w1) float32."""

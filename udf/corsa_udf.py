@@ -1,0 +1,194 @@
+"""openEO UDF: CORSA compress / decompress of Sentinel-2 L2A cubes with onnxruntime.
+
+Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. The context says
+    mode:   "compress" (10 bands -> idx0, idx1, nodata) or "decompress" (back to 10 bands)
+    model:  folder or base URL holding encoder.onnx / decoder.onnx
+    sha256: {"encoder": ..., "decoder": ...} (optional) refuse files that differ
+    tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
+Both modes keep the cube's 10 m grid, as apply_neighborhood requires: the indices come out
+replicated over the 10 m pixels of their cell (2x2 for level 0, 4x4 for level 1), so a "near"
+resample to 20 m (or a [::2, ::2] / [::4, ::4] slice) recovers them exactly. The nodata band
+(1 where the input had NaN or all bands 0) comes back as 0 after decompression.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+import urllib.request
+
+import numpy as np
+import xarray as xr
+
+BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+INDEX_BANDS = ("idx0", "idx1", "nodata")
+STRIDE0, STRIDE1 = 2, 4
+
+
+class UdfError(ValueError):
+    """The cube or the context does not fit the CORSA UDF."""
+
+
+def _fetch(model: str, name: str, sha256: str | None) -> str:
+    """Local path of a model file; a URL is downloaded once into a cache folder."""
+    if "://" in model:
+        cache = os.path.join(tempfile.gettempdir(), "corsa_models", hashlib.sha1(model.encode()).hexdigest()[:16])
+        os.makedirs(cache, exist_ok=True)
+        path = os.path.join(cache, name)
+        if not os.path.exists(path):
+            part = path + ".part"
+            urllib.request.urlretrieve(model.rstrip("/") + "/" + name, part)
+            os.replace(part, path)
+    else:
+        path = os.path.join(model, name)
+    if not os.path.isfile(path):
+        raise UdfError(f"model file {path} not found")
+    if sha256:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != sha256:
+            raise UdfError(f"model file {path} does not match sha256 {sha256}")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def session(path: str, threads: int = 0):
+    """One onnxruntime session per model file and thread count: a UDF is called once per chunk."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _windows(n: int, tile: int, overlap: int):
+    """(read_start, read_stop, keep_start, keep_stop) along one axis, all multiples of STRIDE1."""
+    for start in range(0, n, tile):
+        stop = min(start + tile, n)
+        r0, r1 = max(0, start - overlap), min(n, stop + overlap)
+        yield r0, r1, start - r0, stop - r0
+
+
+def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
+    pads = [(0, 0)] * (x.ndim - 2) + [(0, -x.shape[-2] % multiple), (0, -x.shape[-1] % multiple)]
+    return np.pad(x, pads, mode="edge")
+
+
+def encode(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(10, H, W) DN -> idx0 (H'/2, W'/2), idx1 (H'/4, W'/4), H' = H rounded up to a multiple of 4.
+
+    Tiles of ``tile`` px are encoded with ``overlap`` px of context on each side, so the indices
+    do not depend on where tile borders fall (up to the model's receptive field)."""
+    x = _pad(np.nan_to_num(dn.astype(np.float32), nan=0.0), STRIDE1)
+    h, w = x.shape[1:]
+    idx0 = np.empty((h // STRIDE0, w // STRIDE0), np.uint16)
+    idx1 = np.empty((h // STRIDE1, w // STRIDE1), np.uint16)
+    for y0, y1, ky0, ky1 in _windows(h, tile, overlap):
+        for x0, x1, kx0, kx1 in _windows(w, tile, overlap):
+            a, b = encoder.run(None, {"dn": x[None, :, y0:y1, x0:x1]})
+            s0, s1 = STRIDE0, STRIDE1
+            idx0[(y0 + ky0) // s0:(y0 + ky1) // s0, (x0 + kx0) // s0:(x0 + kx1) // s0] = \
+                a[0, ky0 // s0:ky1 // s0, kx0 // s0:kx1 // s0]
+            idx1[(y0 + ky0) // s1:(y0 + ky1) // s1, (x0 + kx0) // s1:(x0 + kx1) // s1] = \
+                b[0, ky0 // s1:ky1 // s1, kx0 // s1:kx1 // s1]
+    return idx0, idx1
+
+
+def decode(decoder, idx0: np.ndarray, idx1: np.ndarray, tile: int = 512, overlap: int = 64) -> np.ndarray:
+    """idx0, idx1 -> (10, H', W') float32 DN, decoded in overlapping tiles like ``encode``."""
+    h, w = idx1.shape[0] * STRIDE1, idx1.shape[1] * STRIDE1
+    out = np.empty((len(BANDS), h, w), np.float32)
+    for y0, y1, ky0, ky1 in _windows(h, tile, overlap):
+        for x0, x1, kx0, kx1 in _windows(w, tile, overlap):
+            s0, s1 = STRIDE0, STRIDE1
+            (rec,) = decoder.run(None, {
+                "idx0": idx0[None, y0 // s0:y1 // s0, x0 // s0:x1 // s0].astype(np.int64),
+                "idx1": idx1[None, y0 // s1:y1 // s1, x0 // s1:x1 // s1].astype(np.int64)})
+            out[:, y0 + ky0:y0 + ky1, x0 + kx0:x0 + kx1] = rec[0, :, ky0:ky1, kx0:kx1]
+    return out
+
+
+def _replicate(idx: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    return np.repeat(np.repeat(idx, factor, 0), factor, 1)[: shape[0], : shape[1]]
+
+
+def _settings(context: dict) -> tuple[str, int, int, dict]:
+    model = context.get("model")
+    if not model:
+        raise UdfError("the UDF context needs 'model': a folder or URL with encoder.onnx and decoder.onnx")
+    tile, overlap = int(context.get("tile", 512)), int(context.get("overlap", 64))
+    if tile % STRIDE1 or overlap % STRIDE1:
+        raise UdfError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {STRIDE1}")
+    return model, tile, overlap, context.get("sha256") or {}
+
+
+def _per_date(cube: xr.DataArray) -> tuple[xr.DataArray, list]:
+    """Cube as (t, bands, y, x); a cube without t gets a single date."""
+    dims = ("t", "bands", "y", "x") if "t" in cube.dims else ("bands", "y", "x")
+    missing = set(dims) - set(cube.dims)
+    if missing or cube.ndim != len(dims):
+        raise UdfError(f"expected a cube with dims {dims}, got {cube.dims}")
+    cube = cube.transpose(*dims)
+    return (cube, list(cube["t"].values)) if "t" in dims else (cube.expand_dims(t=[None]), [None])
+
+
+def nodata_of(scene: np.ndarray) -> np.ndarray:
+    """(bands, y, x) -> True where any band is NaN or every band is 0."""
+    return np.isnan(scene).any(0) | (np.nan_to_num(scene) == 0).all(0)
+
+
+def _like(cube: xr.DataArray, data: np.ndarray, bands: tuple[str, ...], had_t: bool) -> xr.DataArray:
+    coords = {k: v for k, v in cube.coords.items() if k != "bands"}
+    out = xr.DataArray(data, dims=cube.dims, coords={**coords, "bands": list(bands)})
+    return out if had_t else out.isel(t=0, drop=True)
+
+
+def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+    model, tile, overlap, sha = _settings(context)
+    had_t = "t" in cube.dims
+    cube, _ = _per_date(cube)
+    labels = [str(b) for b in cube["bands"].values]
+    if set(BANDS) - set(labels):
+        raise UdfError(f"the cube lacks bands {sorted(set(BANDS) - set(labels))}; it needs {', '.join(BANDS)}")
+    enc = session(_fetch(model, "encoder.onnx", sha.get("encoder")), int(context.get("threads", 0)))
+    data = cube.sel(bands=list(BANDS)).values.astype(np.float32)
+    shape = data.shape[2:]
+    out = np.empty((data.shape[0], len(INDEX_BANDS)) + shape, np.uint16)
+    for t, scene in enumerate(data):
+        idx0, idx1 = encode(enc, scene, tile, overlap)
+        out[t, 0] = _replicate(idx0, STRIDE0, shape)
+        out[t, 1] = _replicate(idx1, STRIDE1, shape)
+        out[t, 2] = nodata_of(scene)
+    return _like(cube, out, INDEX_BANDS, had_t)
+
+
+def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+    model, tile, overlap, sha = _settings(context)
+    had_t = "t" in cube.dims
+    cube, _ = _per_date(cube)
+    labels = [str(b) for b in cube["bands"].values]
+    if set(INDEX_BANDS) - set(labels):
+        raise UdfError(f"the cube lacks bands {sorted(set(INDEX_BANDS) - set(labels))}: not a compressed cube")
+    dec = session(_fetch(model, "decoder.onnx", sha.get("decoder")), int(context.get("threads", 0)))
+    data = cube.sel(bands=list(INDEX_BANDS)).values.astype(np.float32)
+    shape = data.shape[2:]
+    out = np.empty((data.shape[0], len(BANDS)) + shape, np.float32)
+    for t, (rep0, rep1, nodata) in enumerate(data):
+        # Replicated indices: one sample per cell; NaN (outside the data) decodes as index 0.
+        idx0 = np.nan_to_num(_pad(rep0, STRIDE1)[::STRIDE0, ::STRIDE0]).astype(np.uint16)
+        idx1 = np.nan_to_num(_pad(rep1, STRIDE1)[::STRIDE1, ::STRIDE1]).astype(np.uint16)
+        out[t] = decode(dec, idx0, idx1, tile, overlap)[:, : shape[0], : shape[1]]
+        out[t][:, np.nan_to_num(nodata, nan=1) != 0] = 0
+    return _like(cube, np.clip(np.rint(out), 0, 65535), BANDS, had_t)
+
+
+def apply_datacube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+    mode = (context or {}).get("mode", "compress")
+    if mode == "compress":
+        return compress_cube(cube, context)
+    if mode == "decompress":
+        return decompress_cube(cube, context)
+    raise UdfError(f"unknown mode {mode!r}: use 'compress' or 'decompress'")
