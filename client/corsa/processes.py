@@ -1,0 +1,120 @@
+"""The published processes (UDPs), built with the openeo client.
+
+process_graphs/*.json are generated from this module (`python -m corsa.processes`) and a test
+checks that they equal what it builds, so the files never drift from the code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import corsa_udf
+from openeo.api.process import Parameter
+from openeo.internal.graph_building import PGNode
+from openeo.rest.datacube import DataCube
+from openeo.rest.udp import build_process_dict
+
+from .scene import BANDS
+
+GRAPHS_DIR = Path(__file__).resolve().parents[2] / "process_graphs"
+UDF_CODE = Path(corsa_udf.__file__).read_text()
+# apply_neighborhood chunks: 512 px plus 64 px of context each side (the model's reach, see the
+# model card); inside a chunk the UDF encodes in one piece.
+CHUNK, OVERLAP, UDF_TILE = 512, 64, 1024
+JOB_OPTIONS = {
+    "executor-memory": "2G", "executor-memoryOverhead": "3G", "python-memory": "3G",
+    "udf-dependency-archives": [],
+}
+
+DATA = Parameter.raster_cube("data", description="A Sentinel-2 L2A cube with the bands "
+                             + ", ".join(BANDS) + " (DN = reflectance x 10000) on one 10 m grid.")
+COMPRESSED = Parameter.raster_cube("data", description="A compressed cube from corsa_compress: bands idx0, "
+                                   "idx1 (codebook indices replicated over their 20 m / 40 m cells) and nodata.")
+MODEL = Parameter.string("model", default="models/corsa512",
+                         description="Folder or base URL of the model files (encoder.onnx, decoder.onnx). On "
+                         "geopyspark back ends the job option udf-dependency-archives unpacks them here.")
+SPATIAL = Parameter.spatial_extent("spatial_extent", description="Area to compress (bounding box).")
+TEMPORAL = Parameter.temporal_interval("temporal_extent", description="Dates to compress: [start, end).")
+CLOUD = Parameter.number("max_cloud_cover", default=80,
+                         description="Skip Sentinel-2 products whose cloud cover (%) is above this.")
+CUBE = {"schema": {"type": "object", "subtype": "datacube"}}
+
+
+def _udf_over_chunks(data: DataCube | None, mode: str) -> DataCube:
+    """apply_neighborhood with the CORSA UDF over overlapping chunks of ``data`` (None: the
+    process parameter "data")."""
+    udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
+                 context={"mode": mode, "model": {"from_parameter": "model"}, "tile": UDF_TILE,
+                          "overlap": OVERLAP})
+    node = PGNode("apply_neighborhood",
+                  data=data.result_node() if data is not None else {"from_parameter": "data"},
+                  process={"process_graph": udf},
+                  size=[{"dimension": d, "value": CHUNK, "unit": "px"} for d in ("x", "y")],
+                  overlap=[{"dimension": d, "value": OVERLAP, "unit": "px"} for d in ("x", "y")])
+    return DataCube(node, connection=None)
+
+
+def corsa_compress() -> dict:
+    return build_process_dict(
+        _udf_over_chunks(None, "compress"), process_id="corsa_compress",
+        summary="Compress a Sentinel-2 L2A cube into CORSA codebook indices",
+        description="Encodes the 10 bands with the CORSA encoder (ONNX, in a UDF) into level-0 indices on a "
+                    "20 m grid and level-1 indices on a 40 m grid, returned on the input's 10 m grid "
+                    "(each index replicated over its cell) as bands idx0, idx1, plus a nodata band.",
+        parameters=[DATA, MODEL], returns={**CUBE, "description": "bands idx0, idx1, nodata"},
+        categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
+
+
+def corsa_decompress() -> dict:
+    return build_process_dict(
+        _udf_over_chunks(None, "decompress"), process_id="corsa_decompress",
+        summary="Decompress CORSA codebook indices into Sentinel-2 L2A reflectances",
+        description="Decodes a cube from corsa_compress back to the 10 bands " + ", ".join(BANDS)
+                    + " (DN = reflectance x 10000) on the 10 m grid; nodata pixels come back as 0.",
+        parameters=[COMPRESSED, MODEL], returns={**CUBE, "description": "the 10 bands"},
+        categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
+
+
+def corsa_compress_s2() -> dict:
+    cube = DataCube.load_collection("SENTINEL2_L2A", connection=None, spatial_extent=SPATIAL,
+                                    temporal_extent=TEMPORAL, bands=list(BANDS),
+                                    max_cloud_cover=CLOUD)
+    compressed = _udf_over_chunks(cube, "compress")
+    saved = compressed.save_result(format="GTiff")
+    return build_process_dict(
+        saved, process_id="corsa_compress_s2",
+        summary="Compress Sentinel-2 L2A of an area and date range into compact GeoTIFFs",
+        description="Loads SENTINEL2_L2A (10 bands) for the area and dates, skips products above the cloud-cover "
+                    "limit, compresses each date with the CORSA encoder and saves the index maps as GeoTIFF.",
+        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL], returns={"schema": {"type": "boolean"}},
+        categories=["compression", "sentinel-2"], default_job_options=JOB_OPTIONS)
+
+
+PROCESSES = {"corsa_compress": corsa_compress, "corsa_decompress": corsa_decompress,
+             "corsa_compress_s2": corsa_compress_s2}
+
+
+def render(process: dict) -> str:
+    return json.dumps(process, indent=2, sort_keys=False) + "\n"
+
+
+def write_all(folder: Path = GRAPHS_DIR) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for pid, build in PROCESSES.items():
+        path = folder / f"{pid}.json"
+        path.write_text(render(build()))
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Generate process_graphs/*.json from the client code.")
+    p.add_argument("--out", type=Path, default=GRAPHS_DIR)
+    for path in write_all(p.parse_args().out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""process_graphs/*.json are exactly what the client code generates, and follow UDP conventions."""
+import json
+
+import pytest
+
+from corsa.processes import GRAPHS_DIR, PROCESSES, UDF_CODE, render
+
+FILES = sorted(GRAPHS_DIR.glob("*.json"))
+
+
+def test_every_process_has_its_file_and_no_stray_files():
+    assert {f.stem for f in FILES} == set(PROCESSES)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_file_equals_generated(path):
+    assert path.read_text() == render(PROCESSES[path.stem]()), \
+        f"{path.name} is stale: run python -m corsa.processes"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_udp_conventions(path):
+    udp = json.loads(path.read_text())
+    assert udp["id"] == path.stem
+    assert udp["summary"] and udp["description"] and udp["returns"]["schema"]
+    for p in udp["parameters"]:
+        assert p["name"] and p["description"] and p["schema"].get("type"), p
+    names = {p["name"] for p in udp["parameters"]}
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "from_parameter" in node:
+                refs.add(node["from_parameter"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(udp["process_graph"])
+    # callback parameters (data of run_udf, value of the property filter) are not UDP parameters
+    assert refs - {"data", "value"} <= names
+
+
+def test_udf_code_is_embedded_verbatim():
+    for path in FILES:
+        text = path.read_text()
+        if "run_udf" in text:
+            assert json.dumps(UDF_CODE) in text
