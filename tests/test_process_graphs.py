@@ -24,7 +24,8 @@ def test_udp_conventions(path):
     assert udp["id"] == path.stem
     assert udp["summary"] and udp["description"] and udp["returns"]["schema"]
     for p in udp["parameters"]:
-        assert p["name"] and p["description"] and p["schema"].get("type"), p
+        schemas = p["schema"] if isinstance(p["schema"], list) else [p["schema"]]
+        assert p["name"] and p["description"] and all(s.get("type") for s in schemas), p
     names = {p["name"] for p in udp["parameters"]}
     refs = set()
 
