@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 (pinned in pyproject) is the CPU build that lies on this machine's disk.
-.venv/bin/python -m pip install -q -e ".[train,bench,test]"
+.venv/bin/python -m pip install -q -e ".[engine,train,bench,test]"

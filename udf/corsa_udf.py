@@ -146,6 +146,16 @@ def _like(cube: xr.DataArray, data: np.ndarray, bands: tuple[str, ...], had_t: b
     return out if had_t else out.isel(t=0, drop=True)
 
 
+def _model_identity(model: str, context: dict) -> dict:
+    """What a product records of the model: its id and the decoder's sha256 (local folders)."""
+    sha = (context.get("sha256") or {}).get("decoder")
+    path = os.path.join(model, "decoder.onnx")
+    if not sha and "://" not in model and os.path.isfile(path):
+        with open(path, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+    return {"corsa_model_id": os.path.basename(model.rstrip("/")), "corsa_decoder_sha256": sha or ""}
+
+
 def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     model, tile, overlap, sha = _settings(context)
     had_t = "t" in cube.dims
@@ -162,7 +172,9 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         out[t, 0] = _replicate(idx0, STRIDE0, shape)
         out[t, 1] = _replicate(idx1, STRIDE1, shape)
         out[t, 2] = nodata_of(scene)
-    return _like(cube, out, INDEX_BANDS, had_t)
+    result = _like(cube, out, INDEX_BANDS, had_t)
+    result.attrs.update(_model_identity(model, context))
+    return result
 
 
 def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:

@@ -75,20 +75,20 @@ def _write_tif(path: Path, data: np.ndarray, transform: Affine | None, crs: str 
 
 
 def write_date(folder: Path, date: str, idx0: np.ndarray, idx1: np.ndarray, nodata: np.ndarray,
-               transform: Affine | None, crs: str | None, model_id: str, model_sha256: str,
-               bits: tuple[int, int]) -> list[Path]:
+               transform: Affine | None, crs: str | None, model_id: str, model_sha256: str) -> list[Path]:
     """Write one date's files; returns their final paths."""
     folder.mkdir(parents=True, exist_ok=True)
     names = file_names(date)
     has_mask = bool(nodata.any())
     shape = nodata.shape
     parts: list[tuple[Path, Path]] = []
-    for level, idx, scale, nbits in (("L1", idx1, 4, bits[1]), ("L0", idx0, 2, bits[0])):
+    for level, idx, scale in (("L1", idx1, 4), ("L0", idx0, 2)):
         tr = transform * Affine.scale(scale) if transform is not None else None
         part = folder / (names[level] + ".part")
         _write_tif(part, idx.astype(np.uint16), tr, crs,
                    _tags(level, model_id, model_sha256, shape, transform, date, has_mask),
-                   nbits=max(nbits, 9))  # GDAL takes NBITS 9-15 for UInt16 (7 becomes 9 anyway)
+                   # GDAL takes NBITS 9-15 for UInt16; the width only has to hold the largest index.
+                   nbits=max(9, int(idx.max(initial=0)).bit_length()))
         parts.append((part, folder / names[level]))
     if has_mask:
         part = folder / (names["nodata"] + ".part")
@@ -156,3 +156,82 @@ def read_date(folder: Path, date: str) -> ProductDate:
 def product_bytes(folder: Path, date: str) -> int:
     """Bytes on disk of one date's files: what the CF is measured on."""
     return sum((folder / n).stat().st_size for n in file_names(date).values() if (folder / n).exists())
+
+
+INDEX_BANDS = ("idx0", "idx1", "nodata")
+
+
+def date_label(t) -> str:
+    """The date part of file names: YYYY-MM-DD, or 'undated' for an input without dates."""
+    import pandas as pd
+
+    ts = pd.Timestamp(t) if t is not None else pd.NaT
+    return "undated" if pd.isna(ts) else ts.strftime("%Y-%m-%d")
+
+
+def _grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, np.ndarray]:
+    tr = transform or Affine.identity()
+    return {"y": tr.f + (np.arange(shape[0]) + 0.5) * tr.e, "x": tr.c + (np.arange(shape[1]) + 0.5) * tr.a}
+
+
+def date_cube(d: ProductDate):
+    """One product date as a (t, [idx0, idx1, nodata], y, x) cube on the 10 m input grid."""
+    import pandas as pd
+    import xarray as xr
+
+    h, w = d.shape
+    rep0 = np.repeat(np.repeat(d.idx0, 2, 0), 2, 1)[:h, :w]
+    rep1 = np.repeat(np.repeat(d.idx1, 4, 0), 4, 1)[:h, :w]
+    nodata = d.nodata if d.nodata is not None else np.zeros((h, w), bool)
+    t = pd.DatetimeIndex([pd.NaT if d.date == "undated" else pd.Timestamp(d.date)])
+    cube = xr.DataArray(np.stack([rep0, rep1, nodata.astype(np.uint16)])[None], dims=("t", "bands", "y", "x"),
+                        coords={"t": t, "bands": list(INDEX_BANDS), **_grid_coords(d.shape, d.transform)},
+                        attrs={"corsa_model_id": d.model_id, "corsa_decoder_sha256": d.model_sha256})
+    return cube.rio.write_crs(d.crs) if d.crs else cube
+
+
+def _transform_of(cube) -> Affine | None:
+    try:
+        return cube.rio.transform(recalc=True)
+    except Exception:  # coordinates without a regular grid
+        return None
+
+
+def save_cube(cube, folder: Path, compute) -> list[Path]:
+    """save_result of the embedded engine: a compressed cube becomes the product, a decoded
+    cube one 10-band uint16 GeoTIFF per date (corsa_decoded_<date>.tif)."""
+    bands = [str(b) for b in cube["bands"].values]
+    cube = cube.transpose("t", "bands", "y", "x") if "t" in cube.dims else cube.expand_dims(t=[None])
+    transform, crs = _transform_of(cube), (cube.rio.crs.to_string() if cube.rio.crs else None)
+    written: list[Path] = []
+    for i in range(cube.sizes["t"]):
+        date = date_label(cube["t"].values[i] if "t" in cube.coords else None)
+        if bands == list(INDEX_BANDS):
+            one = cube.isel(t=i)
+            idx0, idx1, nodata = compute(one.sel(bands="idx0").data[::2, ::2], one.sel(bands="idx1").data[::4, ::4],
+                                         one.sel(bands="nodata").data)
+            written += write_date(folder, date, np.asarray(idx0), np.asarray(idx1), np.asarray(nodata).astype(bool),
+                                  transform, crs, cube.attrs.get("corsa_model_id", ""),
+                                  cube.attrs.get("corsa_decoder_sha256", ""))
+        else:
+            (data,) = compute(cube.isel(t=i).data)
+            written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", np.asarray(data), bands, transform, crs))
+    return written
+
+
+def write_geotiff(path: Path, data: np.ndarray, bands: list[str], transform: Affine | None, crs: str | None) -> Path:
+    """A (bands, y, x) uint16 GeoTIFF with band descriptions, written under a temporary name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    kw = {**PROFILE, "count": len(bands), "width": data.shape[2], "height": data.shape[1], "predictor": 2,
+          "zstd_level": 9}
+    if transform is not None:
+        kw["transform"] = transform
+    if crs:
+        kw["crs"] = crs
+    with rasterio.open(part, "w", **kw) as dst:
+        dst.write(np.clip(np.rint(np.nan_to_num(data)), 0, 65535).astype(np.uint16))
+        for i, b in enumerate(bands, 1):
+            dst.set_band_description(i, b)
+    part.replace(path)
+    return path

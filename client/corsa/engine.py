@@ -1,0 +1,242 @@
+"""The embedded engine: runs our process-graph JSON on openeo-processes-dask, on this machine.
+
+openeo-processes-dask supplies the standard processes; we register the ones it lacks or gets
+wrong for these graphs (shared/TOOLCHAIN.md): load_collection over local files (GeoTIFF, openEO
+NetCDF) with extents and bands applied, apply_neighborhood, run_udf with named dims, save_result
+writing the compact product, and our UDPs by id. Parameter references nested in arguments
+(a UDF context naming a process parameter) are resolved too.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from functools import lru_cache, wraps
+from pathlib import Path
+from typing import Any, Callable
+
+import dask
+import dask.array as darr
+import numpy as np
+import xarray as xr
+from openeo_pg_parser_networkx import OpenEOProcessGraph, ProcessRegistry
+from openeo_pg_parser_networkx.pg_schema import ParameterReference
+from openeo_pg_parser_networkx.process_registry import Process
+
+from . import product
+from .codec import OnnxCodec
+from .processes import GRAPHS_DIR
+from .sources import Catalogue
+
+with contextlib.redirect_stdout(None):  # it prints a notice about optional ML processes
+    import openeo_processes_dask.process_implementations as opd_impl
+    import openeo_processes_dask.specs as opd_specs
+    from openeo_processes_dask.process_implementations.core import process as opd_process
+
+
+class EngineError(RuntimeError):
+    """A process graph cannot run on the embedded engine; the message says why."""
+
+
+def _resolve(value: Any, named: dict) -> Any:
+    if isinstance(value, ParameterReference):
+        if value.from_parameter not in named:
+            raise EngineError(f"process parameter {value.from_parameter!r} has no value")
+        return named[value.from_parameter]
+    if isinstance(value, dict):
+        if "process_graph" in value:  # a callback: its parameters are bound when it runs
+            return value
+        return {k: _resolve(v, named) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, named) for v in value]
+    return value
+
+
+def _resolving(f: Callable) -> Callable:
+    """openeo-processes-dask's wrapper resolves top-level references; this adds nested ones."""
+    inner = opd_process(f)
+    takes = inspect.signature(f).parameters
+
+    @wraps(f)
+    def wrapper(*args, positional_parameters: dict | None = None, named_parameters: dict | None = None, **kwargs):
+        named = dict(named_parameters or {})
+        for name, i in (positional_parameters or {}).items():
+            named[name] = args[i]
+        kwargs = {k: _resolve(v, named) if isinstance(v, (dict, list)) else v for k, v in kwargs.items()}
+        if "parent_parameters" in takes:
+            # A callback may name the enclosing graph's parameters (openEO API); pass them down.
+            kwargs["parent_parameters"] = named
+        return inner(*args, positional_parameters=positional_parameters, named_parameters=named_parameters, **kwargs)
+
+    return wrapper
+
+
+@lru_cache(maxsize=8)
+def _udf_function(code: str) -> Callable:
+    namespace: dict = {}
+    exec(compile(code, "<udf>", "exec"), namespace)  # the UDF code is ours, from the process graph
+    if "apply_datacube" not in namespace:
+        raise EngineError("the UDF defines no apply_datacube(cube, context)")
+    return namespace["apply_datacube"]
+
+
+NEIGHBORHOOD = "corsa_apply_neighborhood"
+
+
+def detach_callbacks(graph: dict) -> dict:
+    """A copy of a process graph whose apply_neighborhood callbacks travel as JSON text.
+
+    The parser caches a callback node's result across calls, so a callback run once per chunk
+    would return the first chunk's result every time; our apply_neighborhood parses the callback
+    itself, afresh for each chunk."""
+    out = {}
+    for node_id, node in graph.items():
+        node = json.loads(json.dumps(node))
+        if node["process_id"] == "apply_neighborhood":
+            node["process_id"] = NEIGHBORHOOD
+            node["arguments"]["process"] = json.dumps(node["arguments"]["process"])
+        out[node_id] = node
+    return out
+
+
+def _spec(pid: str, params: list[str]) -> dict:
+    return {"id": pid, "parameters": [{"name": p, "schema": {}} for p in params], "returns": {"schema": {}}}
+
+
+class Engine:
+    """One engine: a catalogue of local data, an output folder, and optionally a dask cluster."""
+
+    def __init__(self, catalogue: Catalogue, output: Path | None = None, models: dict[str, Path] | None = None,
+                 scheduler: str | None = None, chunk_progress: Callable[[int], None] | None = None):
+        self.catalogue = catalogue
+        self.output = Path(output) if output else None
+        self.scheduler = scheduler
+        self.written: list[Path] = []
+        self.registry = self._registry()
+
+    # -- the processes we supply ------------------------------------------------------------
+    def _registry(self) -> ProcessRegistry:
+        reg = ProcessRegistry(wrap_funcs=[_resolving])
+        for name, func in vars(opd_impl).items():
+            spec = getattr(opd_specs, name, None)
+            if callable(func) and isinstance(spec, dict):
+                reg[name] = Process(spec=spec, implementation=func)
+        reg["load_collection"] = Process(opd_specs.load_collection, self.load_collection)
+        reg["run_udf"] = Process(opd_specs.run_udf, self.run_udf)
+        reg["save_result"] = Process(opd_specs.save_result, self.save_result)
+        reg[NEIGHBORHOOD] = Process(
+            _spec(NEIGHBORHOOD, ["data", "process", "size", "overlap", "context"]), self.apply_neighborhood)
+        for path in sorted(GRAPHS_DIR.glob("*.json")):
+            udp = json.loads(path.read_text())
+            reg[udp["id"]] = Process(spec=udp, implementation=self._udp(udp))
+        return reg
+
+    def _udp(self, udp: dict) -> Callable:
+        defaults = {p["name"]: p["default"] for p in udp["parameters"] if "default" in p}
+
+        graph = {**udp, "process_graph": detach_callbacks(udp["process_graph"])}
+
+        def run(**kwargs):
+            args = {**defaults, **{k: v for k, v in kwargs.items() if k not in ("named_parameters",)}}
+            return OpenEOProcessGraph(graph).to_callable(self.registry)(named_parameters=args)
+
+        return run
+
+    def load_collection(self, id: str, spatial_extent=None, temporal_extent=None, bands=None,
+                        properties=None, **_) -> xr.DataArray:
+        return self.catalogue.load(id, spatial_extent, temporal_extent, bands)
+
+    def run_udf(self, data: xr.DataArray, udf: str, runtime: str, context: dict | None = None, **_) -> xr.DataArray:
+        if not isinstance(data, xr.DataArray):
+            raise EngineError("run_udf needs a data cube with named dimensions")
+        return _udf_function(udf)(data, context or {})
+
+    def apply_neighborhood(self, data: xr.DataArray, process: str, size: list, overlap: list | None = None,
+                           context: dict | None = None, parent_parameters: dict | None = None) -> xr.DataArray:
+        """Run ``process`` on chunks of ``size`` px with ``overlap`` px of context, lazily on dask.
+
+        ``process`` is the callback as JSON text (see detach_callbacks). The first chunk is
+        computed up front to learn the output bands; chunks read their neighbours' border pixels
+        (dask overlap) and the callback's result is trimmed back."""
+        callback = json.loads(process)
+        sizes = {s["dimension"]: int(s["value"]) for s in size}
+        depth = {d["dimension"]: int(d["value"]) for d in (overlap or [])}
+        if set(sizes) - {"x", "y", "t"} or any(s.get("unit", "px") != "px" for s in size):
+            raise EngineError(f"apply_neighborhood supports pixel sizes over x and y, got {size}")
+        cube = data.transpose(*[d for d in ("t", "bands", "y", "x") if d in data.dims])
+        axes = {d: i for i, d in enumerate(cube.dims)}
+        chunks = {axes[d]: min(sizes[d], cube.sizes[d]) for d in ("y", "x")}
+        chunks.update({axes[d]: -1 for d in cube.dims if d in ("bands",)})
+        if "t" in axes:
+            chunks[axes["t"]] = 1
+        arr = darr.asarray(cube.data).rechunk(chunks)
+        dep = {axes[d]: min(depth.get(d, 0), min(arr.chunks[axes[d]])) for d in ("y", "x")}
+        coords = {d: cube[d].values for d in cube.dims if d != "bands" and d in cube.coords}
+        band_labels = list(cube["bands"].values)
+
+        def call(block: np.ndarray, y0: int, x0: int, t0: int) -> xr.DataArray:
+            sel = {"y": slice(y0, y0 + block.shape[axes["y"]]), "x": slice(x0, x0 + block.shape[axes["x"]])}
+            c = {d: coords[d][sel[d]] for d in ("y", "x") if d in coords}
+            if "t" in coords:
+                c["t"] = coords["t"][t0:t0 + block.shape[axes["t"]]]
+            blk = xr.DataArray(block, dims=cube.dims, coords={**c, "bands": band_labels})
+            named = {**(parent_parameters or {}), "data": blk, "context": context or {}}
+            out = OpenEOProcessGraph(callback).to_callable(self.registry)(named_parameters=named)
+            return out.transpose(*cube.dims)
+
+        def offsets(info) -> tuple[int, int, int, tuple]:
+            loc = info[0]["array-location"]
+            y0 = loc[axes["y"]][0] - (dep[axes["y"]] if info[0]["chunk-location"][axes["y"]] else 0)
+            x0 = loc[axes["x"]][0] - (dep[axes["x"]] if info[0]["chunk-location"][axes["x"]] else 0)
+            t0 = loc[axes["t"]][0] if "t" in axes else 0
+            return y0, x0, t0, info[0]["chunk-location"]
+
+        padded = darr.overlap.overlap(arr, depth=dep, boundary="none") if any(dep.values()) else arr
+
+        def trim(res: np.ndarray, info, block_shape) -> np.ndarray:
+            nchunks = info[0]["num-chunks"]
+            cl = info[0]["chunk-location"]
+            out = res
+            for d in ("y", "x"):
+                ax, dp = axes[d], dep[axes[d]]
+                lo = dp if cl[ax] > 0 else 0
+                hi = dp if cl[ax] < nchunks[ax] - 1 else 0
+                out = out.take(range(lo, out.shape[ax] - hi), axis=ax)
+            return out
+
+        first = call(np.asarray(padded.blocks[(0,) * padded.ndim]), 0, 0, 0)
+        out_bands = list(first["bands"].values)
+
+        def func(block, block_info=None):
+            y0, x0, t0, _ = offsets(block_info)
+            return trim(call(block, y0, x0, t0).values.astype(first.dtype), block_info, block.shape)
+
+        out_chunks = list(arr.chunks)
+        out_chunks[axes["bands"]] = (len(out_bands),)
+        result = padded.map_blocks(func, dtype=first.dtype, chunks=tuple(out_chunks))
+        out = xr.DataArray(result, dims=cube.dims, coords={**{d: cube[d] for d in cube.dims if d != "bands" and d in cube.coords},
+                                                             "bands": out_bands}, attrs={**cube.attrs, **first.attrs})
+        return out.rio.write_crs(cube.rio.crs) if cube.rio.crs else out
+
+    def save_result(self, data: xr.DataArray, format: str = "GTiff", options: dict | None = None, **_) -> bool:
+        if self.output is None:
+            raise EngineError("save_result needs an output folder (Engine(output=...))")
+        if str(format).lower() not in ("gtiff", "geotiff"):
+            raise EngineError(f"save_result format {format!r} is not supported here: use GTiff")
+        self.written += product.save_cube(data, self.output, self._compute)
+        return True
+
+    # -- running ------------------------------------------------------------------------------
+    def _compute(self, *arrays):
+        if self.scheduler:
+            from dask.distributed import Client
+            with Client(self.scheduler) as client:
+                return dask.compute(*arrays, scheduler=client)
+        return dask.compute(*arrays, scheduler="threads")
+
+    def run(self, graph: dict, **parameters) -> Any:
+        """Run a process graph (a UDP JSON or a bare {"process_graph": ...}) with named parameters."""
+        pg = graph if "process_graph" in graph else {"process_graph": graph}
+        defaults = {p["name"]: p["default"] for p in pg.get("parameters", []) if "default" in p}
+        pg = {**pg, "process_graph": detach_callbacks(pg["process_graph"])}
+        return OpenEOProcessGraph(pg).to_callable(self.registry)(named_parameters={**defaults, **parameters})

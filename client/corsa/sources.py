@@ -1,0 +1,157 @@
+"""Where load_collection finds data on the embedded engine: local files as openEO cubes.
+
+A collection id is a path (a 10-band GeoTIFF, an openEO NetCDF cube, a folder of either, or a
+compressed product folder) or a name mapped to such a path (SENTINEL2_L2A -> the folder the user
+configured). The result is a lazy (t, bands, y, x) cube with its CRS, the extents and bands applied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+
+from . import product
+from .scene import BANDS
+
+
+class SourceError(ValueError):
+    """A collection cannot be found or read, or the request selects nothing."""
+
+
+NETCDF_PREFIXES = ("S2-L2A-", "S2-")
+CHUNK = 1024
+
+
+def _band_name(name: str) -> str:
+    for prefix in NETCDF_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def open_geotiff(path: Path) -> xr.DataArray:
+    da = rioxarray.open_rasterio(path, chunks={"band": -1, "y": CHUNK, "x": CHUNK})
+    names = [str(n).upper() if n else "" for n in (da.attrs.get("long_name") or ())]
+    if isinstance(da.attrs.get("long_name"), str):
+        names = [da.attrs["long_name"].upper()]
+    if set(BANDS) <= set(names):
+        labels = names
+    elif da.sizes["band"] == len(BANDS):
+        labels = list(BANDS)
+    else:
+        raise SourceError(f"{path} has {da.sizes['band']} bands without descriptions naming "
+                          f"{', '.join(BANDS)}")
+    date = da.attrs.get("CORSA_DATE") or da.attrs.get("DATE")
+    da = da.rename(band="bands").assign_coords(bands=labels)
+    nodata = da.attrs.get("_FillValue")
+    if nodata not in (None, 0) and not np.isnan(nodata):
+        da = da.where(da != nodata, 0)  # the protocol's nodata is 0 in every band
+    t = pd.to_datetime([date]) if date else pd.DatetimeIndex([pd.NaT])
+    return da.expand_dims(t=t).transpose("t", "bands", "y", "x")
+
+
+def open_netcdf(path: Path) -> xr.DataArray:
+    ds = xr.open_dataset(path, chunks={}, decode_coords="all", mask_and_scale=False)
+    crs = None
+    if "crs" in ds.variables:
+        crs = ds["crs"].attrs.get("spatial_ref") or ds["crs"].attrs.get("crs_wkt")
+    variables = {v: _band_name(v) for v in ds.data_vars if ds[v].dims == ("t", "y", "x")}
+    if not variables:
+        raise SourceError(f"{path} has no (t, y, x) band variables")
+    arrays = []
+    for var, band in variables.items():
+        v = ds[var]
+        if v.attrs.get("_Unsigned") in ("true", True) and v.dtype.kind == "i":
+            v = v.astype(v.dtype.str.replace("i", "u"))
+        fill = v.attrs.get("_FillValue", ds[var].encoding.get("_FillValue"))
+        if fill is not None:
+            v = v.where(v != np.asarray(fill).astype(v.dtype), 0)
+        if v.dtype == np.uint16 and "65535" not in str(fill):
+            v = v.where(v != 65535, 0)
+        arrays.append(v.rename(band))
+    da = xr.merge(arrays, compat="override").to_dataarray("bands").transpose("t", "bands", "y", "x")
+    if crs:
+        da = da.rio.write_crs(crs)
+    return da
+
+
+def open_product(folder: Path) -> xr.DataArray:
+    """A compressed product as the (t, [idx0, idx1, nodata], y, x) cube corsa_decompress takes."""
+    dates = product.dates_in(folder)
+    if not dates:
+        raise SourceError(f"{folder} holds no complete compressed date (corsa_<date>_L0.tif)")
+    return xr.concat([product.date_cube(product.read_date(folder, d)) for d in dates], dim="t")
+
+
+@dataclass
+class Catalogue:
+    """Collection names the user maps to paths (SENTINEL2_L2A -> a folder, say)."""
+
+    collections: dict[str, Path] = field(default_factory=dict)
+
+    def resolve(self, collection_id: str) -> Path:
+        if collection_id in self.collections:
+            return Path(self.collections[collection_id])
+        path = Path(collection_id)
+        if path.exists():
+            return path
+        known = ", ".join(sorted(self.collections)) or "none"
+        raise SourceError(f"collection {collection_id!r} is neither a configured collection ({known}) "
+                          "nor an existing file or folder")
+
+    def open(self, collection_id: str) -> xr.DataArray:
+        path = self.resolve(collection_id)
+        if path.is_dir():
+            if product.dates_in(path):
+                return open_product(path)
+            files = sorted([*path.glob("*.tif"), *path.glob("*.tiff"), *path.glob("*.nc")])
+            if not files:
+                raise SourceError(f"{path} holds no GeoTIFF, NetCDF or compressed product")
+            cubes = [self._open_file(f) for f in files]
+            crs = {str(c.rio.crs) for c in cubes}
+            if len(crs) > 1:
+                raise SourceError(f"{path} mixes coordinate reference systems {sorted(crs)}: "
+                                  "reproject the files to one CRS first")
+            return xr.concat(cubes, dim="t").sortby("t")
+        return self._open_file(path)
+
+    @staticmethod
+    def _open_file(path: Path) -> xr.DataArray:
+        suffix = path.suffix.lower()
+        if suffix in (".tif", ".tiff"):
+            return open_geotiff(path)
+        if suffix == ".nc":
+            return open_netcdf(path)
+        raise SourceError(f"{path}: unsupported file type {suffix!r} (GeoTIFF or NetCDF)")
+
+    def load(self, collection_id: str, spatial_extent: dict | None = None, temporal_extent: list | None = None,
+             bands: list[str] | None = None) -> xr.DataArray:
+        cube = self.open(collection_id)
+        if bands:
+            missing = [b for b in bands if b not in list(cube["bands"].values)]
+            if missing:
+                raise SourceError(f"collection {collection_id!r} lacks bands {missing}; "
+                                  f"it has {list(cube['bands'].values)}")
+            cube = cube.sel(bands=list(bands))
+        if temporal_extent and not cube["t"].isnull().all():
+            start, end = (pd.Timestamp(v) if v else None for v in temporal_extent)
+            keep = np.ones(cube.sizes["t"], bool)
+            if start is not None:
+                keep &= (cube["t"] >= np.datetime64(start)).values
+            if end is not None:
+                keep &= (cube["t"] < np.datetime64(end)).values
+            if not keep.any():
+                raise SourceError(f"no date of {collection_id!r} lies in {temporal_extent}")
+            cube = cube.isel(t=np.nonzero(keep)[0])
+        if spatial_extent:
+            ext = dict(spatial_extent)
+            try:
+                cube = cube.rio.clip_box(ext["west"], ext["south"], ext["east"], ext["north"],
+                                         crs=ext.get("crs") or "EPSG:4326")
+            except Exception as e:  # rioxarray raises NoDataInBounds and friends
+                raise SourceError(f"spatial extent {ext} selects no pixel of {collection_id!r}: {e}") from e
+        return cube
