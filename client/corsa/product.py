@@ -210,9 +210,11 @@ def save_cube(cube, folder: Path, compute) -> list[Path]:
             one = cube.isel(t=i)
             idx0, idx1, nodata = compute(one.sel(bands="idx0").data[::2, ::2], one.sel(bands="idx1").data[::4, ::4],
                                          one.sel(bands="nodata").data)
+            model_id, sha = cube.attrs.get("corsa_model_id"), cube.attrs.get("corsa_decoder_sha256")
+            if not (model_id and sha):
+                raise ProductError("the compressed cube does not name its model (id and decoder sha256)")
             written += write_date(folder, date, np.asarray(idx0), np.asarray(idx1), np.asarray(nodata).astype(bool),
-                                  transform, crs, cube.attrs.get("corsa_model_id", ""),
-                                  cube.attrs.get("corsa_decoder_sha256", ""))
+                                  transform, crs, model_id, sha)
         else:
             (data,) = compute(cube.isel(t=i).data)
             written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", np.asarray(data), bands, transform, crs))
@@ -235,3 +237,11 @@ def write_geotiff(path: Path, data: np.ndarray, bands: list[str], transform: Aff
             dst.set_band_description(i, b)
     part.replace(path)
     return path
+
+
+def check_model(d: ProductDate, decoder_sha256: str, model_id: str) -> None:
+    """Refuse to decode a product with a model other than the one that wrote it."""
+    if d.model_sha256 != decoder_sha256:
+        raise ProductError(f"date {d.date} was written with model {d.model_id!r} (decoder sha256 "
+                           f"{d.model_sha256[:12]}...), the available model {model_id!r} has "
+                           f"{decoder_sha256[:12]}...: decoding would give wrong reflectances")

@@ -1,0 +1,136 @@
+"""corsa compress | decompress | info: the published process graphs, run on the embedded engine.
+
+    corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
+    corsa decompress product/ -o decoded.tif
+    corsa info product/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dask.diagnostics import ProgressBar
+
+from . import product
+from .codec import DEFAULT_MODEL, ModelError, OnnxCodec
+from .engine import Engine, EngineError
+from .metrics import compression_factor
+from .processes import GRAPHS_DIR
+from .sources import Catalogue, SourceError
+
+
+def _udp(pid: str) -> dict:
+    return json.loads((GRAPHS_DIR / f"{pid}.json").read_text())
+
+
+def _bbox(text: str | None) -> dict | None:
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) not in (4, 5):
+        raise SystemExit(f"--bbox takes west,south,east,north[,EPSG code], got {text!r}")
+    west, south, east, north = map(float, parts[:4])
+    return {"west": west, "south": south, "east": east, "north": north,
+            "crs": f"EPSG:{parts[4]}" if len(parts) == 5 else "EPSG:4326"}
+
+
+def _dates(text: str | None) -> list | None:
+    if not text:
+        return None
+    start, _, end = text.partition("/")
+    return [start or None, end or None]
+
+
+def compress(args: argparse.Namespace) -> str:
+    codec = OnnxCodec(args.model)
+    engine = Engine(Catalogue({"SENTINEL2_L2A": args.input}), output=args.output, scheduler=args.scheduler)
+    with ProgressBar(minimum=2):
+        engine.run(_udp("corsa_compress_s2"), spatial_extent=_bbox(args.bbox), temporal_extent=_dates(args.dates),
+                   model=str(codec.path))
+    return _summary(args.output, engine.written)
+
+
+def decompress(args: argparse.Namespace) -> str:
+    codec = OnnxCodec(args.model)
+    graph = {"process_graph": {
+        "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
+                                                                "temporal_extent": None}},
+        "decode": {"process_id": "corsa_decompress", "arguments": {"data": {"from_node": "load"},
+                                                                   "model": str(codec.path)}},
+        "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff"},
+                 "result": True}}}
+    for d in product.dates_in(args.input):
+        product.check_model(product.read_date(args.input, d), codec.card["files"]["decoder"]["sha256"], codec.model_id)
+    out = Path(args.output)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
+        engine = Engine(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
+        with ProgressBar(minimum=2):
+            engine.run(graph)
+        if out.suffix.lower() in (".tif", ".tiff"):
+            if len(engine.written) != 1:
+                raise SystemExit(f"{args.input} holds {len(engine.written)} dates: give a folder as -o")
+            shutil.move(engine.written[0], out)
+            written = [out]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            written = [Path(shutil.move(p, out / p.name)) for p in engine.written]
+    return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
+
+
+def info(args: argparse.Namespace) -> str:
+    lines = []
+    for d in product.dates_in(args.input):
+        pd_ = product.read_date(args.input, d)
+        size = product.product_bytes(args.input, d)
+        pixels = pd_.shape[0] * pd_.shape[1]
+        lines.append(f"{d}: model {pd_.model_id} (decoder sha256 {pd_.model_sha256[:12]}...), input grid "
+                     f"{pd_.shape[1]}x{pd_.shape[0]} px {pd_.crs or 'no CRS'}, level 0 {pd_.idx0.shape[1]}x"
+                     f"{pd_.idx0.shape[0]}, level 1 {pd_.idx1.shape[1]}x{pd_.idx1.shape[0]}, "
+                     f"{size:,} bytes, CF {compression_factor(pixels, size):.1f}"
+                     + (f", {int(pd_.nodata.sum())} nodata px" if pd_.nodata is not None else ""))
+    if not lines:
+        raise product.ProductError(f"{args.input} holds no complete compressed date")
+    return "\n".join(lines)
+
+
+def _summary(folder: Path, written: list[Path]) -> str:
+    dates = sorted({p.name.split("_")[1] for p in written})
+    size = sum(p.stat().st_size for p in written)
+    pixels = sum(product.read_date(folder, d).shape[0] * product.read_date(folder, d).shape[1] for d in dates)
+    return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="corsa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
+                              ("decompress", decompress, "decode a product folder to GeoTIFF"),
+                              ("info", info, "describe a product folder")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("input", type=Path)
+        s.set_defaults(func=func)
+        if name != "info":
+            s.add_argument("-o", "--output", type=Path, required=True)
+            s.add_argument("--model", default=DEFAULT_MODEL, help="model name under models_onnx/ or a folder")
+            s.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: local threads)")
+        if name == "compress":
+            s.add_argument("--bbox", help="west,south,east,north[,EPSG] (default EPSG 4326)")
+            s.add_argument("--dates", help="start/end, e.g. 2021-01-01/2021-07-01 (end excluded)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        line = args.func(args)
+    except (SourceError, EngineError, ModelError, product.ProductError, ValueError) as e:
+        print(f"corsa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{line} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
