@@ -79,26 +79,37 @@ def write_date(folder: Path, date: str, idx0: np.ndarray, idx1: np.ndarray, noda
     """Write one date's files; returns their final paths."""
     folder.mkdir(parents=True, exist_ok=True)
     names = file_names(date)
+    parts: list[tuple[Path, Path]] = []
+    try:
+        _write_parts(folder, names, date, idx0, idx1, nodata, transform, crs, model_id, model_sha256, parts)
+    except BaseException:
+        for part, _ in parts:
+            part.unlink(missing_ok=True)
+        raise
+    for part, final in parts:  # L0 last: its presence marks the date complete
+        part.replace(final)
+    return [final for _, final in parts]
+
+
+def _write_parts(folder: Path, names: dict, date: str, idx0: np.ndarray, idx1: np.ndarray, nodata: np.ndarray,
+                 transform: Affine | None, crs: str | None, model_id: str, model_sha256: str,
+                 parts: list[tuple[Path, Path]]) -> None:
     has_mask = bool(nodata.any())
     shape = nodata.shape
-    parts: list[tuple[Path, Path]] = []
     for level, idx, scale in (("L1", idx1, 4), ("L0", idx0, 2)):
         tr = transform * Affine.scale(scale) if transform is not None else None
         part = folder / (names[level] + ".part")
+        parts.append((part, folder / names[level]))
         _write_tif(part, idx.astype(np.uint16), tr, crs,
                    _tags(level, model_id, model_sha256, shape, transform, date, has_mask),
                    # GDAL takes NBITS 9-15 for UInt16; the width only has to hold the largest index.
                    nbits=max(9, int(idx.max(initial=0)).bit_length()))
-        parts.append((part, folder / names[level]))
     if has_mask:
         part = folder / (names["nodata"] + ".part")
+        parts.insert(0, (part, folder / names["nodata"]))
         _write_tif(part, nodata.astype(np.uint8), transform, crs,
                    _tags("nodata", model_id, model_sha256, shape, transform, date, has_mask),
                    dtype="uint8", nbits=1, compress="deflate")
-        parts.insert(0, (part, folder / names["nodata"]))
-    for part, final in parts:  # L0 last: its presence marks the date complete
-        part.replace(final)
-    return [final for _, final in parts]
 
 
 def _read_tif(path: Path) -> tuple[np.ndarray, dict, Affine, str | None]:
@@ -216,13 +227,20 @@ def save_cube(cube, folder: Path, compute) -> list[Path]:
             written += write_date(folder, date, np.asarray(idx0), np.asarray(idx1), np.asarray(nodata).astype(bool),
                                   transform, crs, model_id, sha)
         else:
-            (data,) = compute(cube.isel(t=i).data)
-            written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", np.asarray(data), bands, transform, crs))
+            written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", cube.isel(t=i).data, bands,
+                                         transform, crs, compute))
     return written
 
 
-def write_geotiff(path: Path, data: np.ndarray, bands: list[str], transform: Affine | None, crs: str | None) -> Path:
-    """A (bands, y, x) uint16 GeoTIFF with band descriptions, written under a temporary name."""
+def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, crs: str | None,
+                  compute, parallel: int = 2) -> Path:
+    """A (bands, y, x) uint16 GeoTIFF with band descriptions, from a dask array block by block
+    (``parallel`` blocks at a time), so memory stays bounded by the chunk size; written under a
+    temporary name and renamed when complete."""
+    import dask.array as darr
+    from rasterio.windows import Window
+
+    data = darr.asarray(data).rechunk({0: -1})
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     kw = {**PROFILE, "count": len(bands), "width": data.shape[2], "height": data.shape[1], "predictor": 2,
@@ -231,10 +249,21 @@ def write_geotiff(path: Path, data: np.ndarray, bands: list[str], transform: Aff
         kw["transform"] = transform
     if crs:
         kw["crs"] = crs
-    with rasterio.open(part, "w", **kw) as dst:
-        dst.write(np.clip(np.rint(np.nan_to_num(data)), 0, 65535).astype(np.uint16))
-        for i, b in enumerate(bands, 1):
-            dst.set_band_description(i, b)
+    offsets = [np.cumsum((0,) + c) for c in data.chunks]
+    blocks = [(iy, ix) for iy in range(data.numblocks[1]) for ix in range(data.numblocks[2])]
+    try:
+        with rasterio.open(part, "w", **kw) as dst:
+            for i, b in enumerate(bands, 1):
+                dst.set_band_description(i, b)
+            for k in range(0, len(blocks), parallel):
+                batch = blocks[k:k + parallel]
+                values = compute(*[data.blocks[0, iy, ix] for iy, ix in batch])
+                for (iy, ix), v in zip(batch, values):
+                    win = Window(offsets[2][ix], offsets[1][iy], v.shape[2], v.shape[1])
+                    dst.write(np.clip(np.rint(np.nan_to_num(v)), 0, 65535).astype(np.uint16), window=win)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     part.replace(path)
     return path
 

@@ -33,6 +33,14 @@ def _band_name(name: str) -> str:
     return name
 
 
+def _tiff_datetime(value: str | None) -> str | None:
+    """TIFF's DateTime tag ('YYYY:MM:DD HH:MM:SS') as an ISO date."""
+    if not value:
+        return None
+    day = value.split(" ")[0].replace(":", "-")
+    return day if len(day) == 10 else None
+
+
 def open_geotiff(path: Path) -> xr.DataArray:
     da = rioxarray.open_rasterio(path, chunks={"band": -1, "y": CHUNK, "x": CHUNK})
     names = [str(n).upper() if n else "" for n in (da.attrs.get("long_name") or ())]
@@ -45,7 +53,7 @@ def open_geotiff(path: Path) -> xr.DataArray:
     else:
         raise SourceError(f"{path} has {da.sizes['band']} bands without descriptions naming "
                           f"{', '.join(BANDS)}")
-    date = da.attrs.get("CORSA_DATE") or da.attrs.get("DATE")
+    date = da.attrs.get("CORSA_DATE") or _tiff_datetime(da.attrs.get("TIFFTAG_DATETIME"))
     da = da.rename(band="bands").assign_coords(bands=labels)
     nodata = da.attrs.get("_FillValue")
     if nodata not in (None, 0) and not np.isnan(nodata):
