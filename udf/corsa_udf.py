@@ -156,15 +156,20 @@ def _model_identity(model: str, context: dict) -> dict:
     return {"corsa_model_id": os.path.basename(model.rstrip("/")), "corsa_decoder_sha256": sha or ""}
 
 
-def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+def _prepare(cube: xr.DataArray, context: dict, bands: tuple[str, ...], model_file: str):
+    """Common start of both modes: settings, the cube as (t, bands, y, x) float32, the session."""
     model, tile, overlap, sha = _settings(context)
     had_t = "t" in cube.dims
     cube, _ = _per_date(cube)
-    labels = [str(b) for b in cube["bands"].values]
-    if set(BANDS) - set(labels):
-        raise UdfError(f"the cube lacks bands {sorted(set(BANDS) - set(labels))}; it needs {', '.join(BANDS)}")
-    enc = session(_fetch(model, "encoder.onnx", sha.get("encoder")), int(context.get("threads", 0)))
-    data = cube.sel(bands=list(BANDS)).values.astype(np.float32)
+    missing = sorted(set(bands) - {str(b) for b in cube["bands"].values})
+    if missing:
+        raise UdfError(f"the cube lacks bands {missing}; it needs {', '.join(bands)}")
+    sess = session(_fetch(model, f"{model_file}.onnx", sha.get(model_file)), int(context.get("threads", 0)))
+    return cube, had_t, cube.sel(bands=list(bands)).values.astype(np.float32), sess, (model, tile, overlap)
+
+
+def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+    cube, had_t, data, enc, (model, tile, overlap) = _prepare(cube, context, BANDS, "encoder")
     shape = data.shape[2:]
     out = np.empty((data.shape[0], len(INDEX_BANDS)) + shape, np.uint16)
     for t, scene in enumerate(data):
@@ -178,14 +183,7 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
 
 
 def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
-    model, tile, overlap, sha = _settings(context)
-    had_t = "t" in cube.dims
-    cube, _ = _per_date(cube)
-    labels = [str(b) for b in cube["bands"].values]
-    if set(INDEX_BANDS) - set(labels):
-        raise UdfError(f"the cube lacks bands {sorted(set(INDEX_BANDS) - set(labels))}: not a compressed cube")
-    dec = session(_fetch(model, "decoder.onnx", sha.get("decoder")), int(context.get("threads", 0)))
-    data = cube.sel(bands=list(INDEX_BANDS)).values.astype(np.float32)
+    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, INDEX_BANDS, "decoder")
     shape = data.shape[2:]
     out = np.empty((data.shape[0], len(BANDS)) + shape, np.float32)
     for t, (rep0, rep1, nodata) in enumerate(data):
