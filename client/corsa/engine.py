@@ -8,9 +8,9 @@ writing the compact product, and our UDPs by id. Parameter references nested in 
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
+import logging
 from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Any, Callable
@@ -28,10 +28,11 @@ from .codec import OnnxCodec
 from .processes import GRAPHS_DIR
 from .sources import Catalogue
 
-with contextlib.redirect_stdout(None):  # it prints a notice about optional ML processes
-    import openeo_processes_dask.process_implementations as opd_impl
-    import openeo_processes_dask.specs as opd_specs
-    from openeo_processes_dask.process_implementations.core import process as opd_process
+# It warns at import about optional machine-learning processes that these graphs do not use.
+logging.getLogger("openeo_processes_dask.process_implementations").setLevel(logging.ERROR)
+import openeo_processes_dask.process_implementations as opd_impl  # noqa: E402
+import openeo_processes_dask.specs as opd_specs  # noqa: E402
+from openeo_processes_dask.process_implementations.core import process as opd_process  # noqa: E402
 
 
 class EngineError(RuntimeError):
