@@ -131,3 +131,27 @@ def test_dask_cluster_gives_byte_identical_products(tmp_path, majortom):
     assert [p.name for p in local] == sorted(p.name for p in (tmp_path / "cluster").iterdir())
     for p in local:
         assert p.read_bytes() == (tmp_path / "cluster" / p.name).read_bytes(), p.name
+
+
+def test_stac_item_collection_loads_the_canonical_scene(tmp_path, data_root, majortom, codec):
+    """The STAC path (as users with internet use it) on a static catalogue of the shared files."""
+    from datetime import datetime
+
+    import pystac
+
+    from corsa.stac import StacSource, item_from_files
+
+    folder = next((data_root / "majortom_core_s2l2a").glob("*/*/S2*"))
+    item = item_from_files(folder.name, datetime(2022, 7, 6, 8, 56), {b: folder / f"{b}.tif" for b in BANDS},
+                           {"s2:processing_baseline": "04.00", "eo:cloud_cover": 3.0})
+    pystac.ItemCollection([item]).save_object(dest_href=str(tmp_path / "items.json"))
+    cube = StacSource(str(tmp_path / "items.json")).load(None, ["2022-07-01", "2022-07-10"])
+    np.testing.assert_array_equal(cube.isel(t=0).values, majortom.data)   # offset removed, 20 m -> 10 m nearest
+    assert cube.rio.transform() == Affine(*majortom.transform)
+    # cloud-cover limit of the ready service applies to STAC items
+    assert cli.main(["compress", str(tmp_path / "items.json"), "-o", str(tmp_path / "cloudy"),
+                     "--max-cloud-cover", "1"]) == 2
+    assert cli.main(["compress", str(tmp_path / "items.json"), "-o", str(tmp_path / "prod"),
+                     "--bbox", "17.90,0.02,17.92,0.04"]) == 0
+    d = product.read_date(tmp_path / "prod", "2022-07-06")
+    assert d.crs == "EPSG:32633" and d.idx0.size > 0

@@ -1,6 +1,7 @@
 """corsa compress | decompress | info: the published process graphs, run on the embedded engine.
 
     corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
+    corsa compress --stac https://earth-search.aws.element84.com/v1 --bbox ... --dates ... -o product/
     corsa decompress product/ -o decoded.tif
     corsa info product/
 """
@@ -22,6 +23,7 @@ from .engine import Engine, EngineError
 from .metrics import compression_factor
 from .processes import GRAPHS_DIR
 from .sources import Catalogue, SourceError
+from .stac import StacSource
 
 
 def _udp(pid: str) -> dict:
@@ -48,10 +50,16 @@ def _dates(text: str | None) -> list | None:
 
 def compress(args: argparse.Namespace) -> str:
     codec = OnnxCodec(args.model)
-    engine = Engine(Catalogue({"SENTINEL2_L2A": args.input}), output=args.output, scheduler=args.scheduler)
+    if args.stac or str(args.input).endswith(".json"):
+        source = StacSource(str(args.stac or args.input), args.collection)
+    elif args.input is None:
+        raise SourceError("give an INPUT file or folder, or --stac URL")
+    else:
+        source = args.input
+    engine = Engine(Catalogue({"SENTINEL2_L2A": source}), output=args.output, scheduler=args.scheduler)
     with ProgressBar(minimum=2):
         engine.run(_udp("corsa_compress_s2"), spatial_extent=_bbox(args.bbox), temporal_extent=_dates(args.dates),
-                   model=str(codec.path))
+                   max_cloud_cover=args.max_cloud_cover, model=str(codec.path))
     return _summary(args.output, engine.written)
 
 
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                               ("decompress", decompress, "decode a product folder to GeoTIFF"),
                               ("info", info, "describe a product folder")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("input", type=Path)
+        s.add_argument("input", type=Path, nargs="?" if name == "compress" else None)
         s.set_defaults(func=func)
         if name != "info":
             s.add_argument("-o", "--output", type=Path, required=True)
@@ -121,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "compress":
             s.add_argument("--bbox", help="west,south,east,north[,EPSG] (default EPSG 4326)")
             s.add_argument("--dates", help="start/end, e.g. 2021-01-01/2021-07-01 (end excluded)")
+            s.add_argument("--stac", help="a STAC API URL to load from instead of INPUT "
+                           "(a local item-collection .json can be given as INPUT)")
+            s.add_argument("--collection", default="sentinel-2-l2a", help="STAC collection id (with --stac)")
+            s.add_argument("--max-cloud-cover", type=float, default=80.0)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:

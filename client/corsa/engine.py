@@ -100,6 +100,20 @@ def detach_callbacks(graph: dict) -> dict:
     return out
 
 
+def cloud_cover_limit(properties: dict | None, named: dict) -> float | None:
+    """The bound of an ``eo:cloud_cover`` filter of the form lte/lt(value, limit), else None."""
+    graph = ((properties or {}).get("eo:cloud_cover") or {}).get("process_graph") or {}
+    for node in graph.values():
+        if node.get("process_id") in ("lte", "lt"):
+            limit = node["arguments"].get("y")
+            if isinstance(limit, dict) and "from_parameter" in limit:
+                limit = named.get(limit["from_parameter"])
+            elif isinstance(limit, ParameterReference):
+                limit = named.get(limit.from_parameter)
+            return float(limit) if limit is not None else None
+    return None
+
+
 def _spec(pid: str, params: list[str]) -> dict:
     return {"id": pid, "parameters": [{"name": p, "schema": {}} for p in params], "returns": {"schema": {}}}
 
@@ -144,8 +158,9 @@ class Engine:
         return run
 
     def load_collection(self, id: str, spatial_extent=None, temporal_extent=None, bands=None,
-                        properties=None, **_) -> xr.DataArray:
-        return self.catalogue.load(id, spatial_extent, temporal_extent, bands)
+                        properties=None, parent_parameters: dict | None = None) -> xr.DataArray:
+        limit = cloud_cover_limit(properties, parent_parameters or {})
+        return self.catalogue.load(id, spatial_extent, temporal_extent, bands, limit)
 
     def run_udf(self, data: xr.DataArray, udf: str, runtime: str, context: dict | None = None, **_) -> xr.DataArray:
         if not isinstance(data, xr.DataArray):

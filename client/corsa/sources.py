@@ -1,8 +1,8 @@
 """Where load_collection finds data on the embedded engine: local files as openEO cubes.
 
 A collection id is a path (a 10-band GeoTIFF, an openEO NetCDF cube, a folder of either, or a
-compressed product folder) or a name mapped to such a path (SENTINEL2_L2A -> the folder the user
-configured). The result is a lazy (t, bands, y, x) cube with its CRS, the extents and bands applied.
+compressed product folder) or a name mapped to such a path or to a STAC source (SENTINEL2_L2A ->
+what the user configured). The result is a lazy (t, bands, y, x) cube with its CRS, the extents and bands applied.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import xarray as xr
 
 from . import product
 from .scene import BANDS
+from .stac import StacError, StacSource
 
 
 class SourceError(ValueError):
@@ -99,11 +100,12 @@ def open_product(folder: Path) -> xr.DataArray:
 class Catalogue:
     """Collection names the user maps to paths (SENTINEL2_L2A -> a folder, say)."""
 
-    collections: dict[str, Path] = field(default_factory=dict)
+    collections: dict[str, Path | StacSource] = field(default_factory=dict)
 
-    def resolve(self, collection_id: str) -> Path:
+    def resolve(self, collection_id: str) -> Path | StacSource:
         if collection_id in self.collections:
-            return Path(self.collections[collection_id])
+            target = self.collections[collection_id]
+            return target if isinstance(target, StacSource) else Path(target)
         path = Path(collection_id)
         if path.exists():
             return path
@@ -137,7 +139,13 @@ class Catalogue:
         raise SourceError(f"{path}: unsupported file type {suffix!r} (GeoTIFF or NetCDF)")
 
     def load(self, collection_id: str, spatial_extent: dict | None = None, temporal_extent: list | None = None,
-             bands: list[str] | None = None) -> xr.DataArray:
+             bands: list[str] | None = None, max_cloud_cover: float | None = None) -> xr.DataArray:
+        target = self.resolve(collection_id)
+        if isinstance(target, StacSource):
+            try:
+                return target.load(spatial_extent, temporal_extent, bands, max_cloud_cover)
+            except StacError as e:
+                raise SourceError(str(e)) from e
         cube = self.open(collection_id)
         if bands:
             missing = [b for b in bands if b not in list(cube["bands"].values)]
