@@ -1,8 +1,10 @@
-"""Compress a real scene, decompress it, print CF and PSNR, write a quicklook PNG.
+"""The main job on the embedded engine: compress a real scene into the product, decompress it,
+print CF and PSNR, write a quicklook PNG (input left, reconstruction right).
 
     python -m corsa.demo [INPUT.tif] [-o out/]
 
-Without INPUT, the Major-TOM scene of shared/data/s2 is used (1068 x 1068 px, 10 m).
+Without INPUT: the Major-TOM scene of shared/data/s2 (1068 x 1068 px, 10 m) when it is there,
+otherwise a 1024 x 1024 px crop of the same place from Earth Search's public STAC API.
 """
 from __future__ import annotations
 
@@ -12,13 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.transform import Affine
 
+from . import cli, product
 from .codec import DEFAULT_MODEL, OnnxCodec
 from .datasets import LOADERS, default_data_root
 from .entropy import EntropyModel
 from .load import read_geotiff
 from .metrics import compression_factor, psnr
-from .scene import BANDS, Scene
+from .scene import BANDS, Scene, to_uint16
+
+EARTH_SEARCH = "https://earth-search.aws.element84.com/v1"
+DEFAULT_PLACE = {"west": 17.90, "south": 0.0, "east": 17.99, "north": 0.09, "crs": "EPSG:4326"}
+DEFAULT_DATES = ["2022-07-06", "2022-07-07"]
 
 
 def quicklook(scene: np.ndarray, decoded: np.ndarray, path: Path, top: float = 3000.0) -> Path:
@@ -26,7 +34,7 @@ def quicklook(scene: np.ndarray, decoded: np.ndarray, path: Path, top: float = 3
     rgb = [BANDS.index(b) for b in ("B04", "B03", "B02")]
     pair = np.concatenate([scene[rgb], np.zeros((3, scene.shape[1], 8)), decoded[rgb]], axis=2)
     img = (np.clip(pair / top, 0, 1) ** (1 / 1.6) * 255).astype(np.uint8)
-    tmp = path.with_suffix(".part.png")
+    tmp = path.with_name(path.stem + ".part.png")
     with rasterio.open(tmp, "w", driver="PNG", width=img.shape[2], height=img.shape[1], count=3,
                        dtype="uint8") as dst:
         dst.write(img)
@@ -38,9 +46,30 @@ def quicklook(scene: np.ndarray, decoded: np.ndarray, path: Path, top: float = 3
 
 def default_scene() -> Scene:
     root = default_data_root()
-    if not root.is_dir():
-        raise SystemExit(f"no input given and the shared data is not at {root}: pass a GeoTIFF path")
-    return next(LOADERS["majortom"](root))
+    if root.is_dir():
+        return next(LOADERS["majortom"](root))
+    from .stac import StacSource
+
+    print(f"shared data not at {root}: loading the scene from {EARTH_SEARCH}")
+    cube = StacSource(EARTH_SEARCH).load(DEFAULT_PLACE, DEFAULT_DATES, list(BANDS)).isel(t=0)
+    data = to_uint16(cube.values[:, :1024, :1024])
+    tr = cube.rio.transform()
+    return Scene("earth-search-S2-20220706", "stac", "earth-search", data, str(cube.rio.crs), tuple(tr)[:6],
+                 "2022-07-06")
+
+
+def write_input(scene: Scene, path: Path) -> Path:
+    """The scene as the 10-band GeoTIFF the CLI takes (band descriptions and date tag)."""
+    with rasterio.open(path, "w", driver="GTiff", width=scene.data.shape[2], height=scene.data.shape[1],
+                       count=len(BANDS), dtype="uint16", crs=scene.crs,
+                       transform=Affine(*scene.transform) if scene.transform else None,
+                       tiled=True, compress="zstd", predictor=2) as dst:
+        dst.write(scene.data)
+        for i, b in enumerate(BANDS, 1):
+            dst.set_band_description(i, b)
+        if scene.date:
+            dst.update_tags(TIFFTAG_DATETIME=f"{scene.date.replace('-', ':')} 00:00:00")
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,28 +78,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("-o", "--out", type=Path, default=Path("out"))
     p.add_argument("--model", default=DEFAULT_MODEL)
     args = p.parse_args(argv)
-    scene = read_geotiff(args.input) if args.input else default_scene()
     args.out.mkdir(parents=True, exist_ok=True)
-    codec = OnnxCodec(args.model)
-    entropy = EntropyModel.load(codec.path)
+    if args.input:
+        scene, src = read_geotiff(args.input), args.input
+    else:
+        scene = default_scene()
+        src = write_input(scene, args.out / f"{scene.name}.tif")
+    prod, decoded_path = args.out / f"{scene.name}_product", args.out / f"{scene.name}_decoded.tif"
     t0 = time.perf_counter()
-    idx0, idx1 = codec.encode(scene.data)
-    stream = entropy.encode(idx0, idx1)
+    if cli.main(["compress", str(src), "-o", str(prod), "--model", str(args.model)]) != 0:
+        raise SystemExit(2)
     t1 = time.perf_counter()
-    back0, back1 = entropy.decode(stream, idx0.shape)
-    decoded = codec.decode(back0, back1, shape=scene.data.shape[1:])
-    decoded[:, scene.nodata_mask] = 0
+    if cli.main(["decompress", str(prod), "-o", str(decoded_path), "--model", str(args.model)]) != 0:
+        raise SystemExit(2)
     t2 = time.perf_counter()
-    stream_path = args.out / f"{scene.name}.crse"
-    stream_path.with_suffix(".part").write_bytes(stream)
-    stream_path.with_suffix(".part").replace(stream_path)
+    with rasterio.open(decoded_path) as dec:
+        decoded = dec.read()
+    date = product.dates_in(prod)[0]
+    size = product.product_bytes(prod, date)
+    d = product.read_date(prod, date)
+    stream = EntropyModel.load(OnnxCodec(args.model).path).encode(d.idx0, d.idx1)
     png = quicklook(scene.data, decoded, args.out / f"{scene.name}_quicklook.png")
-    result = {"scene": scene.name, "pixels": scene.pixels, "bytes": len(stream),
-              "cf": compression_factor(scene.pixels, len(stream)), "psnr_db": psnr(scene.data, decoded),
-              "encode_s": t1 - t0, "decode_s": t2 - t1}
-    print(f"{scene.name}: {scene.data.shape[2]}x{scene.data.shape[1]} px -> {len(stream):,} bytes "
-          f"({stream_path}), CF {result['cf']:.1f}, PSNR {result['psnr_db']:.2f} dB, "
-          f"encode {result['encode_s']:.1f} s, decode {result['decode_s']:.1f} s; quicklook {png}")
+    result = {"scene": scene.name, "pixels": scene.pixels, "product_bytes": size,
+              "cf": compression_factor(scene.pixels, size),
+              "cf_range_coded": compression_factor(scene.pixels, len(stream)),
+              "psnr_db": psnr(scene.data, decoded), "compress_s": t1 - t0, "decompress_s": t2 - t1}
+    print(f"{scene.name}: {scene.data.shape[2]}x{scene.data.shape[1]} px -> product {prod} ({size:,} bytes, "
+          f"CF {result['cf']:.1f}; range-coded indices would give CF {result['cf_range_coded']:.1f}), "
+          f"PSNR {result['psnr_db']:.2f} dB, compress {result['compress_s']:.1f} s, "
+          f"decompress {result['decompress_s']:.1f} s; quicklook {png}")
     return result
 
 
