@@ -53,6 +53,6 @@ def test_rare_codes_stay_codable(coded):
     _, entropy, indices = coded
     idx0, idx1 = indices[1]
     idx0 = idx0.copy()
-    idx0[:4, :4] = np.argmin(entropy.marg0)
+    idx0[:4, :4] = np.argmin(entropy.marg[0])
     back0, _ = entropy.decode(entropy.encode(idx0, idx1))
     np.testing.assert_array_equal(back0, idx0)

@@ -1,24 +1,27 @@
 """Lossless coding of the index maps: fixed-width bit packing, and context-model range coding.
 
-The context model predicts each index from what the decoder already has, row by row, so a whole
-row is coded in one vectorised call:
-  level 1 (coarse grid): the index above it;
-  level 0 (fine grid):   the index above it and the level-1 index of its parent cell.
-Each context gives a smoothed conditional table counted on the training split's indices; the
-tables are mixed linearly with the marginal, with weights chosen on the validation split. The
-range coder is constriction's (exactly invertible fixed-point arithmetic).
+Level 1 (coarse grid) is coded first, then level 0. Each row is coded in two passes, even columns
+then odd columns, so every pass is one vectorised call and still sees rich context:
+  even columns: the row above (up, up-left, up-right)
+  odd columns:  the index above and both neighbours in the row (left, right: even columns)
+  level 0 also: the level-1 index of its parent cell.
+Each context gives a smoothed conditional table counted on the training split's indices; per
+level and parity the tables and the marginal are mixed linearly, with weights fitted (EM) on the
+validation split. The range coder is constriction's (exactly invertible fixed-point arithmetic).
 """
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 MAGIC = b"CRSE"
-VERSION = 1
+VERSION = 2
 FILE_NAME = "entropy_model.npz"
+CONTEXTS = {0: ("up", "ul", "ur"), 1: ("up", "l", "r")}   # by column parity
+SMOOTHING = 4.0                                             # pseudo-counts toward the marginal
 
 
 class StreamError(ValueError):
@@ -35,90 +38,110 @@ def pack_fixed(idx0: np.ndarray, idx1: np.ndarray, k0: int, k1: int) -> bytes:
     return np.packbits(np.concatenate(bits)).tobytes()
 
 
-def _up(idx: np.ndarray, none: int) -> np.ndarray:
-    """The index above each position; ``none`` on the first row."""
-    return np.vstack([np.full((1, idx.shape[1]), none, idx.dtype), idx[:-1]])
+def _row_contexts(prev: np.ndarray | None, cur: np.ndarray, parity: int, none: int) -> dict[str, np.ndarray]:
+    """Contexts of the columns of one parity in a row: from the row above (``prev``, None on the
+    first row) and, for odd columns, from the even columns of the row itself (``cur``)."""
+    w = cur.shape[0]
+    cols = np.arange(parity, w, 2)
+
+    def take(row: np.ndarray | None, c: np.ndarray) -> np.ndarray:
+        out = np.full(c.shape, none, np.int64)
+        ok = (c >= 0) & (c < w)
+        if row is not None:
+            out[ok] = row[c[ok]]
+        return out
+
+    ctx = {"up": take(prev, cols)}
+    if parity == 0:
+        ctx["ul"], ctx["ur"] = take(prev, cols - 1), take(prev, cols + 1)
+    else:
+        ctx["l"], ctx["r"] = take(cur, cols - 1), take(cur, cols + 1)
+    return ctx
 
 
-def _parent(idx1: np.ndarray, ratio: int = 2) -> np.ndarray:
-    return np.repeat(np.repeat(idx1, ratio, 0), ratio, 1)
-
-
-def _normalise(counts: np.ndarray, prior: np.ndarray, strength: float) -> np.ndarray:
-    """Rows of counts smoothed toward ``prior`` with ``strength`` pseudo-counts."""
-    return (counts + strength * prior) / (counts.sum(1, keepdims=True) + strength)
+def _rows(idx: np.ndarray, parent: np.ndarray | None, none: int):
+    """(row, parity, symbols, contexts) for every pass over a whole map, in coding order."""
+    for r in range(idx.shape[0]):
+        prev = idx[r - 1] if r else None
+        for parity in (0, 1):
+            ctx = _row_contexts(prev, idx[r], parity, none)
+            if parent is not None:
+                ctx["par"] = parent[r // 2][np.arange(parity, idx.shape[1], 2) // 2].astype(np.int64)
+            yield r, parity, idx[r, parity::2].astype(np.int64), ctx
 
 
 @dataclass
 class EntropyModel:
-    marg1: np.ndarray   # (K1,)
-    up1: np.ndarray     # (K1 + 1, K1): P(s1 | index above; row K1 = none)
-    marg0: np.ndarray   # (K0,)
-    par0: np.ndarray    # (K1, K0): P(s0 | parent level-1 index)
-    up0: np.ndarray     # (K0 + 1, K0): P(s0 | index above)
-    w1: np.ndarray      # weights of (up1, marg1)
-    w0: np.ndarray      # weights of (par0, up0, marg0)
+    k0: int
+    k1: int
+    marg: dict[int, np.ndarray] = field(default_factory=dict)                 # level -> (K,)
+    tables: dict[tuple[int, int, str], np.ndarray] = field(default_factory=dict)  # (level, parity, ctx) -> (C, K)
+    weights: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)      # (level, parity) -> (n ctx + 1,)
 
-    @property
-    def k0(self) -> int:
-        return self.marg0.size
+    def _k(self, level: int) -> int:
+        return self.k0 if level == 0 else self.k1
 
-    @property
-    def k1(self) -> int:
-        return self.marg1.size
+    def _names(self, level: int, parity: int) -> tuple[str, ...]:
+        return CONTEXTS[parity] + (("par",) if level == 0 else ())
+
+    def _passes(self, level: int, idx0: np.ndarray, idx1: np.ndarray):
+        if level == 1:
+            return _rows(idx1, None, self.k1)
+        return _rows(idx0, idx1, self.k0)
 
     # -- fitting ------------------------------------------------------------------------
     @classmethod
     def fit(cls, train: list[tuple[np.ndarray, np.ndarray]], heldout: list[tuple[np.ndarray, np.ndarray]],
-            k0: int, k1: int, strength: float = 4.0) -> "EntropyModel":
-        c1 = np.zeros((k1 + 1, k1))
-        c0p = np.zeros((k1, k0))
-        c0u = np.zeros((k0 + 1, k0))
-        for idx0, idx1 in train:
-            np.add.at(c1, (_up(idx1, k1).ravel(), idx1.ravel()), 1)
-            np.add.at(c0p, (_parent(idx1).ravel(), idx0.ravel()), 1)
-            np.add.at(c0u, (_up(idx0, k0).ravel(), idx0.ravel()), 1)
-        # Every symbol keeps some probability: a test image may use a code training never did.
-        marg1 = (c1.sum(0) + 1) / (c1.sum() + k1)
-        marg0 = (c0p.sum(0) + 1) / (c0p.sum() + k0)
-        model = cls(marg1, _normalise(c1, marg1, strength), marg0, _normalise(c0p, marg0, strength),
-                    _normalise(c0u, marg0, strength), np.array([0.5, 0.5]), np.array([0.4, 0.4, 0.2]))
-        model._fit_weights(heldout)
+            k0: int, k1: int) -> "EntropyModel":
+        model = cls(k0, k1)
+        counts: dict[tuple[int, int, str], np.ndarray] = {}
+        for level in (1, 0):
+            k = model._k(level)
+            for parity in (0, 1):
+                for name in model._names(level, parity):
+                    counts[(level, parity, name)] = np.zeros((k1 if name == "par" else k + 1, k))
+            for idx0, idx1 in train:
+                for _, parity, sym, ctx in model._passes(level, idx0, idx1):
+                    for name, c in ctx.items():
+                        np.add.at(counts[(level, parity, name)], (c, sym), 1)
+            total = sum(counts[(level, p, "up")].sum(0) for p in (0, 1))
+            # Every symbol keeps some probability: a test image may use a code training never did.
+            model.marg[level] = (total + 1) / (total.sum() + k)
+            for parity in (0, 1):
+                for name in model._names(level, parity):
+                    c = counts[(level, parity, name)]
+                    model.tables[(level, parity, name)] = (c + SMOOTHING * model.marg[level]) / \
+                        (c.sum(1, keepdims=True) + SMOOTHING)
+                model.weights[(level, parity)] = model._fit_weights(level, parity, heldout)
         return model
 
-    def _fit_weights(self, heldout: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        comps1 = [np.concatenate(x) for x in zip(*(self._components1(i1) for _, i1 in heldout))]
-        comps0 = [np.concatenate(x) for x in zip(*(self._components0(i0, i1) for i0, i1 in heldout))]
-        grid = np.linspace(0.0, 1.0, 21)
-        best1 = min(grid[:-1], key=lambda a: -np.log(a * comps1[0] + (1 - a) * comps1[1]).sum())
-        self.w1 = np.array([best1, 1 - best1])
-        cands = [(a, b) for a in grid for b in grid if a + b < 1.0 - 1e-9]
-        a, b = min(cands, key=lambda ab: -np.log(ab[0] * comps0[0] + ab[1] * comps0[1]
-                                                  + (1 - ab[0] - ab[1]) * comps0[2]).sum())
-        self.w0 = np.array([a, b, 1 - a - b])
+    def _components(self, level: int, parity: int, sym: np.ndarray, ctx: dict) -> np.ndarray:
+        cols = [self.tables[(level, parity, n)][ctx[n], sym] for n in self._names(level, parity)]
+        return np.stack(cols + [self.marg[level][sym]], 1)
 
-    def _components1(self, idx1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = idx1.ravel()
-        return self.up1[_up(idx1, self.k1).ravel(), s], self.marg1[s]
+    def _fit_weights(self, level: int, parity: int, heldout: list) -> np.ndarray:
+        comps = np.concatenate([self._components(level, p, sym, ctx) for i0, i1 in heldout
+                                for _, p, sym, ctx in self._passes(level, i0, i1) if p == parity])
+        w = np.full(comps.shape[1], 1.0 / comps.shape[1])
+        for _ in range(100):  # EM for the weights of a mixture of fixed components
+            resp = comps * w
+            w = (resp / resp.sum(1, keepdims=True)).mean(0)
+        return w
 
-    def _components0(self, idx0: np.ndarray, idx1: np.ndarray) -> tuple[np.ndarray, ...]:
-        s = idx0.ravel()
-        return (self.par0[_parent(idx1).ravel(), s], self.up0[_up(idx0, self.k0).ravel(), s], self.marg0[s])
+    def _probs(self, level: int, parity: int, ctx: dict) -> np.ndarray:
+        w = self.weights[(level, parity)]
+        p = w[-1] * self.marg[level][None, :]
+        for wi, name in zip(w, self._names(level, parity)):
+            p = p + wi * self.tables[(level, parity, name)][ctx[name]]
+        return p
 
     def bits(self, idx0: np.ndarray, idx1: np.ndarray) -> float:
         """Ideal code length in bits (what the range coder approaches)."""
-        c1, c0 = self._components1(idx1), self._components0(idx0, idx1)
-        p1 = self.w1[0] * c1[0] + self.w1[1] * c1[1]
-        p0 = self.w0[0] * c0[0] + self.w0[1] * c0[1] + self.w0[2] * c0[2]
-        return float(-np.log2(p1).sum() - np.log2(p0).sum())
-
-    # -- per-row probabilities: the same arithmetic on both sides ---------------------------
-    def _probs1(self, up_row: np.ndarray) -> np.ndarray:
-        return self.w1[0] * self.up1[up_row] + self.w1[1] * self.marg1[None, :]
-
-    def _probs0(self, up_row: np.ndarray, parent_row: np.ndarray) -> np.ndarray:
-        return (self.w0[0] * self.par0[parent_row] + self.w0[1] * self.up0[up_row]
-                + self.w0[2] * self.marg0[None, :])
+        total = 0.0
+        for level in (1, 0):
+            for _, parity, sym, ctx in self._passes(level, idx0, idx1):
+                total -= np.log2(self._components(level, parity, sym, ctx) @ self.weights[(level, parity)]).sum()
+        return float(total)
 
     # -- coding -----------------------------------------------------------------------------
     def encode(self, idx0: np.ndarray, idx1: np.ndarray) -> bytes:
@@ -129,12 +152,9 @@ class EntropyModel:
             raise ValueError(f"level-0 grid {idx0.shape} does not nest level-1 grid {idx1.shape}")
         model = constriction.stream.model.Categorical(perfect=False)
         enc = constriction.stream.queue.RangeEncoder()
-        s1, s0 = idx1.astype(np.int32), idx0.astype(np.int32)
-        up1, up0, par = _up(s1, self.k1), _up(s0, self.k0), _parent(s1)
-        for r in range(s1.shape[0]):
-            enc.encode(s1[r], model, self._probs1(up1[r]))
-        for r in range(h0):
-            enc.encode(s0[r], model, self._probs0(up0[r], par[r]))
+        for level in (1, 0):
+            for _, parity, sym, ctx in self._passes(level, idx0, idx1):
+                enc.encode(sym.astype(np.int32), model, self._probs(level, parity, ctx))
         words = enc.get_compressed()
         return MAGIC + struct.pack("<BII", VERSION, h0, w0) + words.astype("<u4").tobytes()
 
@@ -154,27 +174,40 @@ class EntropyModel:
         words = np.frombuffer(stream[head:], dtype="<u4").astype(np.uint32)
         model = constriction.stream.model.Categorical(perfect=False)
         dec = constriction.stream.queue.RangeDecoder(words)
-        s1 = np.empty((h0 // 2, w0 // 2), np.int32)
-        s0 = np.empty((h0, w0), np.int32)
+        idx1 = np.zeros((h0 // 2, w0 // 2), np.int64)
+        idx0 = np.zeros((h0, w0), np.int64)
         try:
-            for r in range(s1.shape[0]):
-                up = s1[r - 1] if r else np.full(s1.shape[1], self.k1)
-                s1[r] = dec.decode(model, self._probs1(up))
-            par = _parent(s1)
-            for r in range(h0):
-                up = s0[r - 1] if r else np.full(w0, self.k0)
-                s0[r] = dec.decode(model, self._probs0(up, par[r]))
+            for level, idx, parent, none in ((1, idx1, None, self.k1), (0, idx0, idx1, self.k0)):
+                for r in range(idx.shape[0]):
+                    for parity in (0, 1):
+                        ctx = _row_contexts(idx[r - 1] if r else None, idx[r], parity, none)
+                        if parent is not None:
+                            ctx["par"] = parent[r // 2][np.arange(parity, idx.shape[1], 2) // 2]
+                        idx[r, parity::2] = dec.decode(model, self._probs(level, parity, ctx))
         except Exception as e:  # constriction reports corrupt data as assorted errors
             raise StreamError(f"index stream is corrupt: {e}") from e
-        return s0.astype(np.uint16), s1.astype(np.uint16)
+        return idx0.astype(np.uint16), idx1.astype(np.uint16)
 
     # -- storage ----------------------------------------------------------------------------
     def save(self, folder: Path) -> Path:
         path = Path(folder) / FILE_NAME
-        np.savez_compressed(path, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+        arrays = {"k": np.array([self.k0, self.k1])}
+        arrays |= {f"marg_{lv}": m for lv, m in self.marg.items()}
+        arrays |= {f"table_{lv}_{p}_{n}": t for (lv, p, n), t in self.tables.items()}
+        arrays |= {f"weights_{lv}_{p}": w for (lv, p), w in self.weights.items()}
+        np.savez_compressed(path, **arrays)
         return path
 
     @classmethod
     def load(cls, folder: Path) -> "EntropyModel":
         with np.load(Path(folder) / FILE_NAME) as z:
-            return cls(**{k: z[k] for k in cls.__dataclass_fields__})
+            model = cls(int(z["k"][0]), int(z["k"][1]))
+            for key in z.files:
+                kind, *rest = key.split("_")
+                if kind == "marg":
+                    model.marg[int(rest[0])] = z[key]
+                elif kind == "table":
+                    model.tables[(int(rest[0]), int(rest[1]), rest[2])] = z[key]
+                elif kind == "weights":
+                    model.weights[(int(rest[0]), int(rest[1]))] = z[key]
+        return model
