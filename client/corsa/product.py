@@ -1,7 +1,7 @@
 """The compressed product: the one place that writes and reads it (format version 1).
 
 Per date, in one folder:
-  corsa_<date>_L0.tif   level-0 indices on the fine grid (20 m), uint16 with NBITS = codebook bits
+  corsa_<date>_L0.tif   level-0 indices on the fine grid (20 m), uint16 (uint8 where they fit), ZSTD
   corsa_<date>_L1.tif   level-1 indices on the coarse grid (40 m)
   corsa_<date>_nodata.tif   only when the input had nodata: 1-bit mask on the 10 m input grid
 Each file is an ordinary georeferenced GeoTIFF (the grids nest in the 10 m input grid: same origin,
@@ -24,8 +24,11 @@ from .scene import BANDS
 
 FORMAT = "corsa-product"
 FORMAT_VERSION = 1
-PROFILE = {"driver": "GTiff", "count": 1, "dtype": "uint16", "compress": "zstd", "zstd_level": 19,
-           "tiled": True, "blockxsize": 256, "blockysize": 256}
+# Full-width strips of 512 rows: no padding of partial tiles (which costs much on small scenes),
+# and long runs for ZSTD. Byte-aligned indices (uint16, uint8 where they fit) compressed better
+# than NBITS packing on real index maps (BENCHMARKS.md).
+PROFILE = {"driver": "GTiff", "count": 1, "dtype": "uint16", "compress": "zstd", "zstd_level": 22,
+           "blockysize": 512}
 
 
 class ProductError(ValueError):
@@ -100,10 +103,9 @@ def _write_parts(folder: Path, names: dict, date: str, idx0: np.ndarray, idx1: n
         tr = transform * Affine.scale(scale) if transform is not None else None
         part = folder / (names[level] + ".part")
         parts.append((part, folder / names[level]))
-        _write_tif(part, idx.astype(np.uint16), tr, crs,
-                   _tags(level, model_id, model_sha256, shape, transform, date, has_mask),
-                   # GDAL takes NBITS 9-15 for UInt16; the width only has to hold the largest index.
-                   nbits=max(9, int(idx.max(initial=0)).bit_length()))
+        dtype = "uint8" if int(idx.max(initial=0)) < 256 else "uint16"
+        _write_tif(part, idx.astype(dtype), tr, crs,
+                   _tags(level, model_id, model_sha256, shape, transform, date, has_mask), dtype=dtype)
     if has_mask:
         part = folder / (names["nodata"] + ".part")
         parts.insert(0, (part, folder / names["nodata"]))
@@ -244,7 +246,7 @@ def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, 
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     kw = {**PROFILE, "count": len(bands), "width": data.shape[2], "height": data.shape[1], "predictor": 2,
-          "zstd_level": 9}
+          "zstd_level": 9, "tiled": True, "blockxsize": 512, "blockysize": 512}
     if transform is not None:
         kw["transform"] = transform
     if crs:
