@@ -105,7 +105,7 @@ def _record_files(card: dict, folder: Path, files: dict[str, str]) -> None:
 
 
 def export(run: Path, name: str, out_root: Path, description: str, figures: bool = True,
-           entropy_every: int = 1) -> Path:
+           entropy_every: int = 1, notes: str = "") -> Path:
     model, ckpt = load_run(run)
     cfg: CodecConfig = model.cfg
     out = out_root / name
@@ -155,6 +155,7 @@ def export(run: Path, name: str, out_root: Path, description: str, figures: bool
             "data": "shared/data/s2, groups terracodec, worldstrat, majortom, bigearthnet, eurosat",
             "split": "training/split.json (by location)",
             "best_val_psnr_db": round(ckpt["best"], 3),
+            "notes": notes,
         },
         "files": {},
     }
@@ -239,6 +240,7 @@ def card_markdown(card: dict) -> str:
 - Parameters: {a['parameters']:,}.
 - Training: `{tr['command']}`; {tr['steps']} steps, {tr['wall_time_s'] / 60:.0f} min on {tr['machine']};
   data {tr['data']}; split {tr['split']}; best validation PSNR {tr['best_val_psnr_db']} dB.
+  {tr['notes']}
 - Test split ({t['scenes']} scenes, locations never seen in training): mean PSNR
   {t['mean_psnr_db']} dB (worst scene {t['min_psnr_db']} dB); CF {t['fixed_rate_cf']} with fixed-width
   indices, CF {t['entropy_coded_cf']} with the context-model range coder (`entropy_model.npz`,
@@ -252,12 +254,13 @@ def main() -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--out", type=Path, default=Path("models_onnx"))
     p.add_argument("--entropy-every", type=int, default=1, help="fit the entropy model on every n-th scene")
+    p.add_argument("--notes", default="", help="what a re-run of the training command should know")
     p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
     p.add_argument("--description", default="CORSA configuration: two-level codebook autoencoder, "
                    "512 codes on the 20 m grid and 128 on the 40 m grid.")
     args = p.parse_args()
     out = export(args.run, args.name, args.out, args.description, figures=not args.no_figures,
-                 entropy_every=args.entropy_every)
+                 entropy_every=args.entropy_every, notes=args.notes)
     print(json.dumps(json.loads((out / "model_card.json").read_text())["test"]))
 
 
