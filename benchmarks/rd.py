@@ -199,6 +199,10 @@ def render_markdown(result: dict) -> str:
             u0, u1 = r["usage0"], r["usage1"]
             lines.append(f"| {name} RMSE (DN) | " + " | ".join(f"{v:.0f}" for v in r["rmse_per_band"].values())
                          + f" | {u0['used']}/{u0['size']} ({u0['perplexity']:.0f}) | {u1['used']}/{u1['size']} ({u1['perplexity']:.0f}) |")
+    for name, res in result["ours"].items():
+        worst = sorted(res["rows"], key=lambda r: r["psnr"])[:5]
+        lines += ["", f"{name}, the five worst test scenes: "
+                  + "; ".join(f"{r['scene']} {r['psnr']:.1f} dB" for r in worst)]
     for name, sp in (result.get("speed") or {}).items():
         lines += ["", f"{name}: peak RSS {sp['peak_rss_mb_1024px']:.0f} MB (encode + decode of a 1024 x 1024 px crop)", "",
                   "| threads | encode (MP/s) | decode (MP/s) |", "|---|---|---|"]
