@@ -200,12 +200,16 @@ class Engine:
             out = OpenEOProcessGraph(callback).to_callable(self.registry)(named_parameters=named)
             return out.transpose(*cube.dims)
 
+        starts = {ax: np.cumsum((0,) + c) for ax, c in enumerate(arr.chunks)}
+
         def offsets(info) -> tuple[int, int, int, tuple]:
-            loc = info[0]["array-location"]
-            y0 = loc[axes["y"]][0] - (dep[axes["y"]] if info[0]["chunk-location"][axes["y"]] else 0)
-            x0 = loc[axes["x"]][0] - (dep[axes["x"]] if info[0]["chunk-location"][axes["x"]] else 0)
-            t0 = loc[axes["t"]][0] if "t" in axes else 0
-            return y0, x0, t0, info[0]["chunk-location"]
+            # chunk-location indexes the original chunks; array-location would be in the
+            # overlapped array, whose blocks are larger
+            cl = info[0]["chunk-location"]
+            y0 = starts[axes["y"]][cl[axes["y"]]] - (dep[axes["y"]] if cl[axes["y"]] else 0)
+            x0 = starts[axes["x"]][cl[axes["x"]]] - (dep[axes["x"]] if cl[axes["x"]] else 0)
+            t0 = starts[axes["t"]][cl[axes["t"]]] if "t" in axes else 0
+            return y0, x0, t0, cl
 
         padded = darr.overlap.overlap(arr, depth=dep, boundary="none") if any(dep.values()) else arr
 

@@ -193,7 +193,8 @@ class EntropyModel:
         path = Path(folder) / FILE_NAME
         arrays = {"k": np.array([self.k0, self.k1])}
         arrays |= {f"marg_{lv}": m for lv, m in self.marg.items()}
-        arrays |= {f"table_{lv}_{p}_{n}": t for (lv, p, n), t in self.tables.items()}
+        # float32 halves the file; coder and decoder both use the stored values, so they agree.
+        arrays |= {f"table_{lv}_{p}_{n}": t.astype(np.float32) for (lv, p, n), t in self.tables.items()}
         arrays |= {f"weights_{lv}_{p}": w for (lv, p), w in self.weights.items()}
         np.savez_compressed(path, **arrays)
         return path

@@ -19,9 +19,9 @@ from .scene import BANDS
 
 GRAPHS_DIR = Path(__file__).resolve().parents[2] / "process_graphs"
 UDF_CODE = Path(corsa_udf.__file__).read_text()
-# apply_neighborhood chunks: 512 px plus 64 px of context each side (the model's reach, see the
-# model card); inside a chunk the UDF encodes in one piece.
-CHUNK, OVERLAP, UDF_TILE = 512, 64, 1024
+# apply_neighborhood chunks: 512 px plus 100 px of context each side (the encoder's plus the
+# decoder's reach, tile.overlap in the model card); inside a chunk the UDF works in one piece.
+CHUNK, OVERLAP, UDF_TILE = 512, 100, 1024
 JOB_OPTIONS = {
     "executor-memory": "2G", "executor-memoryOverhead": "3G", "python-memory": "3G",
     "udf-dependency-archives": [],

@@ -221,12 +221,18 @@ def save_cube(cube, folder: Path, compute) -> list[Path]:
         date = date_label(cube["t"].values[i] if "t" in cube.coords else None)
         if bands == list(INDEX_BANDS):
             one = cube.isel(t=i)
-            idx0, idx1, nodata = compute(one.sel(bands="idx0").data[::2, ::2], one.sel(bands="idx1").data[::4, ::4],
+            h, w = one.sizes["y"], one.sizes["x"]
+            # Cells past the input's last row/column (sizes not a multiple of 4) hold the index of
+            # the last cell inside, as the UDF's decompress pads them: both paths decode alike.
+            pad = ((0, -h % 4), (0, -w % 4))
+            idx0, idx1, nodata = compute(one.sel(bands="idx0").data, one.sel(bands="idx1").data,
                                          one.sel(bands="nodata").data)
+            idx0 = np.pad(np.asarray(idx0), pad, mode="edge")[::2, ::2]
+            idx1 = np.pad(np.asarray(idx1), pad, mode="edge")[::4, ::4]
             model_id, sha = cube.attrs.get("corsa_model_id"), cube.attrs.get("corsa_decoder_sha256")
             if not (model_id and sha):
                 raise ProductError("the compressed cube does not name its model (id and decoder sha256)")
-            written += write_date(folder, date, np.asarray(idx0), np.asarray(idx1), np.asarray(nodata).astype(bool),
+            written += write_date(folder, date, idx0, idx1, np.asarray(nodata).astype(bool),
                                   transform, crs, model_id, sha)
         else:
             written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", cube.isel(t=i).data, bands,

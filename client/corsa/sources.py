@@ -132,11 +132,15 @@ class Catalogue:
     @staticmethod
     def _open_file(path: Path) -> xr.DataArray:
         suffix = path.suffix.lower()
-        if suffix in (".tif", ".tiff"):
-            return open_geotiff(path)
-        if suffix == ".nc":
-            return open_netcdf(path)
-        raise SourceError(f"{path}: unsupported file type {suffix!r} (GeoTIFF or NetCDF)")
+        opener = {".tif": open_geotiff, ".tiff": open_geotiff, ".nc": open_netcdf}.get(suffix)
+        if opener is None:
+            raise SourceError(f"{path}: unsupported file type {suffix!r} (GeoTIFF or NetCDF)")
+        try:
+            return opener(path)
+        except SourceError:
+            raise
+        except Exception as e:  # rasterio / netCDF errors for damaged or foreign files
+            raise SourceError(f"cannot read {path}: {e}") from e
 
     def load(self, collection_id: str, spatial_extent: dict | None = None, temporal_extent: list | None = None,
              bands: list[str] | None = None, max_cloud_cover: float | None = None) -> xr.DataArray:
