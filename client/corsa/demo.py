@@ -29,11 +29,13 @@ DEFAULT_PLACE = {"west": 17.90, "south": 0.0, "east": 17.99, "north": 0.09, "crs
 DEFAULT_DATES = ["2022-07-06", "2022-07-07"]
 
 
-def quicklook(scene: np.ndarray, decoded: np.ndarray, path: Path, top: float = 3000.0) -> Path:
-    """True-colour input (left) and reconstruction (right) as one PNG."""
+def quicklook(scene: np.ndarray, decoded: np.ndarray, path: Path) -> Path:
+    """True-colour input (left) and reconstruction (right) as one PNG, both stretched alike
+    between the input's 1st and 99th percentiles."""
     rgb = [BANDS.index(b) for b in ("B04", "B03", "B02")]
-    pair = np.concatenate([scene[rgb], np.zeros((3, scene.shape[1], 8)), decoded[rgb]], axis=2)
-    img = (np.clip(pair / top, 0, 1) ** (1 / 1.6) * 255).astype(np.uint8)
+    lo, hi = np.percentile(scene[rgb], [1, 99])
+    pair = np.concatenate([scene[rgb], np.full((3, scene.shape[1], 8), lo), decoded[rgb]], axis=2)
+    img = (np.clip((pair - lo) / max(hi - lo, 1), 0, 1) ** (1 / 1.4) * 255).astype(np.uint8)
     tmp = path.with_name(path.stem + ".part.png")
     with rasterio.open(tmp, "w", driver="PNG", width=img.shape[2], height=img.shape[1], count=3,
                        dtype="uint8") as dst:
