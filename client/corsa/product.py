@@ -213,6 +213,8 @@ def _transform_of(cube) -> Affine | None:
 def save_cube(cube, folder: Path, compute) -> list[Path]:
     """save_result of the embedded engine: a compressed cube becomes the product, a decoded
     cube one 10-band uint16 GeoTIFF per date (corsa_decoded_<date>.tif)."""
+    import dask.array as darr
+
     bands = [str(b) for b in cube["bands"].values]
     cube = cube.transpose("t", "bands", "y", "x") if "t" in cube.dims else cube.expand_dims(t=[None])
     transform, crs = _transform_of(cube), (cube.rio.crs.to_string() if cube.rio.crs else None)
@@ -224,15 +226,15 @@ def save_cube(cube, folder: Path, compute) -> list[Path]:
             h, w = one.sizes["y"], one.sizes["x"]
             # Cells past the input's last row/column (sizes not a multiple of 4) hold the index of
             # the last cell inside, as the UDF's decompress pads them: both paths decode alike.
+            # Subsampled before computing, so memory holds the index grids, not the 10 m cube.
             pad = ((0, -h % 4), (0, -w % 4))
-            idx0, idx1, nodata = compute(one.sel(bands="idx0").data, one.sel(bands="idx1").data,
-                                         one.sel(bands="nodata").data)
-            idx0 = np.pad(np.asarray(idx0), pad, mode="edge")[::2, ::2]
-            idx1 = np.pad(np.asarray(idx1), pad, mode="edge")[::4, ::4]
+            idx0, idx1, nodata = compute(darr.pad(darr.asarray(one.sel(bands="idx0").data), pad, mode="edge")[::2, ::2],
+                                         darr.pad(darr.asarray(one.sel(bands="idx1").data), pad, mode="edge")[::4, ::4],
+                                         darr.asarray(one.sel(bands="nodata").data).astype(bool))
             model_id, sha = cube.attrs.get("corsa_model_id"), cube.attrs.get("corsa_decoder_sha256")
             if not (model_id and sha):
                 raise ProductError("the compressed cube does not name its model (id and decoder sha256)")
-            written += write_date(folder, date, idx0, idx1, np.asarray(nodata).astype(bool),
+            written += write_date(folder, date, np.asarray(idx0), np.asarray(idx1), np.asarray(nodata),
                                   transform, crs, model_id, sha)
         else:
             written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", cube.isel(t=i).data, bands,
