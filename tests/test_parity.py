@@ -39,3 +39,14 @@ def test_onnx_matches_torch_on_real_scenes(model_path, data_root):
                                torch.from_numpy(idx1.astype(np.int64))[None])[0].numpy()
         got = codec.decode_float(idx0, idx1)
         assert np.abs(got - ref).max() < 0.5, scene.name
+
+
+@pytest.mark.parametrize("model_path", MODELS, ids=[p.name for p in MODELS])
+def test_features_are_the_codebook_vectors(model_path, data_root):
+    """features.onnx gives downstream models the codebook vectors without the decoder."""
+    codec = OnnxCodec(model_path)
+    model = load_state(model_path / "torch_state.pt")
+    idx0, idx1 = codec.encode(next(LOADERS["bigearthnet"](data_root)).data)
+    f0, f1 = codec.features(idx0, idx1)
+    np.testing.assert_allclose(f0, model.vq0.embed[torch.from_numpy(idx0.astype(np.int64))].permute(2, 0, 1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(f1, model.vq1.embed[torch.from_numpy(idx1.astype(np.int64))].permute(2, 0, 1).numpy(), atol=1e-6)

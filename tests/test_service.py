@@ -1,5 +1,4 @@
 """The service end to end on real scenes: CLI -> process graphs -> engine -> product -> back."""
-import json
 
 import numpy as np
 import pytest

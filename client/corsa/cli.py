@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from dask.diagnostics import ProgressBar
 
 from . import product
@@ -109,7 +110,7 @@ def info(args: argparse.Namespace) -> str:
 def _summary(folder: Path, written: list[Path]) -> str:
     dates = sorted({p.name.split("_")[1] for p in written})
     size = sum(p.stat().st_size for p in written)
-    pixels = sum(product.read_date(folder, d).shape[0] * product.read_date(folder, d).shape[1] for d in dates)
+    pixels = sum(np.prod(product.read_date(folder, d).shape) for d in dates)
     return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
 
 

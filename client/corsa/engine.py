@@ -24,7 +24,6 @@ from openeo_pg_parser_networkx.pg_schema import ParameterReference
 from openeo_pg_parser_networkx.process_registry import Process
 
 from . import product
-from .codec import OnnxCodec
 from .processes import GRAPHS_DIR
 from .sources import Catalogue
 
@@ -121,8 +120,7 @@ def _spec(pid: str, params: list[str]) -> dict:
 class Engine:
     """One engine: a catalogue of local data, an output folder, and optionally a dask cluster."""
 
-    def __init__(self, catalogue: Catalogue, output: Path | None = None, models: dict[str, Path] | None = None,
-                 scheduler: str | None = None, chunk_progress: Callable[[int], None] | None = None):
+    def __init__(self, catalogue: Catalogue, output: Path | None = None, scheduler: str | None = None):
         self.catalogue = catalogue
         self.output = Path(output) if output else None
         self.scheduler = scheduler

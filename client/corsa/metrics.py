@@ -30,6 +30,3 @@ def compression_factor(n_pixels: int, compressed_bytes: int) -> float:
     """CF against native storage (88 bit per 10 m pixel)."""
     return RAW_BITS_PER_PIXEL * n_pixels / (8 * compressed_bytes)
 
-
-def bits_per_pixel(n_pixels: int, compressed_bytes: int) -> float:
-    return 8 * compressed_bytes / n_pixels
