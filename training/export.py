@@ -225,7 +225,7 @@ def card_markdown(card: dict) -> str:
 {card['description']}
 
 - Bands (in this order): {', '.join(card['bands'])}; input {card['input']['units']}.
-- Scaling (inside the encoder): {card['input']['scaling']}; parameters in `model_card.json`.
+- Scaling: {card['input']['scaling']}; parameters in `model_card.json`.
 - Codebooks: level 0 K={card['codebooks']['k0']} (dim {card['codebooks']['dim0']}) on the
   {card['grids']['level0']['resolution_m']} m grid, level 1 K={card['codebooks']['k1']}
   (dim {card['codebooks']['dim1']}) on the {card['grids']['level1']['resolution_m']} m grid:
