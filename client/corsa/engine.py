@@ -200,18 +200,18 @@ class Engine:
 
         starts = {ax: np.cumsum((0,) + c) for ax, c in enumerate(arr.chunks)}
 
-        def offsets(info) -> tuple[int, int, int, tuple]:
+        def offsets(info) -> tuple[int, int, int]:
             # chunk-location indexes the original chunks; array-location would be in the
             # overlapped array, whose blocks are larger
             cl = info[0]["chunk-location"]
             y0 = starts[axes["y"]][cl[axes["y"]]] - (dep[axes["y"]] if cl[axes["y"]] else 0)
             x0 = starts[axes["x"]][cl[axes["x"]]] - (dep[axes["x"]] if cl[axes["x"]] else 0)
             t0 = starts[axes["t"]][cl[axes["t"]]] if "t" in axes else 0
-            return y0, x0, t0, cl
+            return y0, x0, t0
 
         padded = darr.overlap.overlap(arr, depth=dep, boundary="none") if any(dep.values()) else arr
 
-        def trim(res: np.ndarray, info, block_shape) -> np.ndarray:
+        def trim(res: np.ndarray, info) -> np.ndarray:
             nchunks = info[0]["num-chunks"]
             cl = info[0]["chunk-location"]
             out = res
@@ -226,8 +226,7 @@ class Engine:
         out_bands = list(first["bands"].values)
 
         def func(block, block_info=None):
-            y0, x0, t0, _ = offsets(block_info)
-            return trim(call(block, y0, x0, t0).values.astype(first.dtype), block_info, block.shape)
+            return trim(call(block, *offsets(block_info)).values.astype(first.dtype), block_info)
 
         out_chunks = list(arr.chunks)
         out_chunks[axes["bands"]] = (len(out_bands),)

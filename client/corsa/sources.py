@@ -44,9 +44,9 @@ def _tiff_datetime(value: str | None) -> str | None:
 
 def open_geotiff(path: Path) -> xr.DataArray:
     da = rioxarray.open_rasterio(path, chunks={"band": -1, "y": CHUNK, "x": CHUNK})
-    names = [str(n).upper() if n else "" for n in (da.attrs.get("long_name") or ())]
-    if isinstance(da.attrs.get("long_name"), str):
-        names = [da.attrs["long_name"].upper()]
+    long_name = da.attrs.get("long_name") or ()
+    # rioxarray gives one string for a single band, a tuple otherwise
+    names = [str(n).upper() for n in ((long_name,) if isinstance(long_name, str) else long_name)]
     if set(BANDS) <= set(names):
         labels = names
     elif da.sizes["band"] == len(BANDS):
