@@ -19,6 +19,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
+from rasterio.windows import Window
 
 from .scene import BANDS
 
@@ -29,6 +30,8 @@ FORMAT_VERSION = 1
 # than NBITS packing on real index maps (BENCHMARKS.md).
 PROFILE = {"driver": "GTiff", "count": 1, "dtype": "uint16", "compress": "zstd", "zstd_level": 22,
            "blockysize": 512}
+# Chunks of the 10 m cubes the product module builds or writes (a multiple of 4: whole level-1 cells).
+REPLICA_CHUNK = 512
 
 
 class ProductError(ValueError):
@@ -65,53 +68,97 @@ def _tags(level: str, model_id: str, model_sha256: str, shape: tuple[int, int],
     }
 
 
-def _write_tif(path: Path, data: np.ndarray, transform: Affine | None, crs: str | None,
-               tags: dict[str, str], **profile) -> None:
-    kw = {**PROFILE, **profile, "width": data.shape[1], "height": data.shape[0]}
+class DateWriter:
+    """One date of the product, written from blocks of index cells as they are computed.
+
+    The index grids (0.625 byte per input pixel) stay in memory until ``finish``, when their
+    dtype is known; the nodata mask (10 m grid, the bulk) goes to disk block by block and only
+    once a block has nodata, so memory does not grow with the mask. Files are written under
+    temporary names and renamed in ``finish``, L0 last: a date whose L0 exists is complete."""
+
+    def __init__(self, folder: Path, date: str, shape: tuple[int, int], transform: Affine | None,
+                 crs: str | None, model_id: str, model_sha256: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.date, self.shape = folder, date, tuple(shape)
+        self.transform, self.crs, self.model_id, self.model_sha256 = transform, crs, model_id, model_sha256
+        self.names = file_names(date)
+        h4, w4 = -(-self.shape[0] // 4), -(-self.shape[1] // 4)
+        self.idx0 = np.zeros((2 * h4, 2 * w4), np.uint16)
+        self.idx1 = np.zeros((h4, w4), np.uint16)
+        self._mask = None  # the open mask file, from the first block with nodata on
+        self._parts: list[tuple[Path, Path]] = []
+
+    def add(self, y: int, x: int, idx0: np.ndarray, idx1: np.ndarray, nodata: np.ndarray) -> None:
+        """Cells of a block whose top-left 10 m pixel is (y, x), both multiples of 4."""
+        if y % 4 or x % 4:
+            raise ValueError(f"blocks start on level-1 cells (multiples of 4 px), not at ({y}, {x})")
+        self.idx0[y // 2:y // 2 + idx0.shape[0], x // 2:x // 2 + idx0.shape[1]] = idx0
+        self.idx1[y // 4:y // 4 + idx1.shape[0], x // 4:x // 4 + idx1.shape[1]] = idx1
+        if nodata.any():
+            self._mask_file().write(nodata.astype(np.uint8)[None],
+                                    window=Window(x, y, nodata.shape[1], nodata.shape[0]))
+
+    def _mask_file(self):
+        if self._mask is None:
+            part = self._part("nodata")
+            self._mask = rasterio.open(part, "w", **_profile(self.shape, self.transform, self.crs, dtype="uint8",
+                                                             nbits=1, compress="deflate"))
+        return self._mask
+
+    def _part(self, level: str) -> Path:
+        part = self.folder / (self.names[level] + ".part")
+        self._parts.append((part, self.folder / self.names[level]))
+        return part
+
+    def finish(self) -> list[Path]:
+        """Write the index files, close the mask, rename everything into place; the final paths."""
+        try:
+            has_mask = self._mask is not None
+            tags = {level: _tags(level, self.model_id, self.model_sha256, self.shape, self.transform, self.date,
+                                 has_mask) for level in ("nodata", "L1", "L0")}
+            if has_mask:
+                self._mask.update_tags(**tags["nodata"])
+                self._mask.close()
+            for level, idx, scale in (("L1", self.idx1, 4), ("L0", self.idx0, 2)):
+                tr = self.transform * Affine.scale(scale) if self.transform is not None else None
+                dtype = "uint8" if int(idx.max(initial=0)) < 256 else "uint16"
+                with rasterio.open(self._part(level), "w", **_profile(idx.shape, tr, self.crs, dtype=dtype)) as dst:
+                    dst.write(idx.astype(dtype), 1)
+                    dst.update_tags(**tags[level])
+        except BaseException:
+            self.abort()
+            raise
+        for part, final in self._parts:  # in the order written: L0 last
+            part.replace(final)
+        return [final for _, final in self._parts]
+
+    def abort(self) -> None:
+        """Remove what was written: nothing of an unfinished date is left behind."""
+        if self._mask is not None and not self._mask.closed:
+            self._mask.close()
+        for part, _ in self._parts:
+            part.unlink(missing_ok=True)
+
+
+def _profile(shape: tuple[int, int], transform: Affine | None, crs: str | None, **profile) -> dict:
+    kw = {**PROFILE, **profile, "width": shape[1], "height": shape[0]}
     if transform is not None:
         kw["transform"] = transform
     if crs:
         kw["crs"] = crs
-    with rasterio.open(path, "w", **kw) as dst:
-        dst.write(data, 1)
-        dst.update_tags(**tags)
+    return kw
 
 
 def write_date(folder: Path, date: str, idx0: np.ndarray, idx1: np.ndarray, nodata: np.ndarray,
                transform: Affine | None, crs: str | None, model_id: str, model_sha256: str) -> list[Path]:
-    """Write one date's files; returns their final paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = file_names(date)
-    parts: list[tuple[Path, Path]] = []
+    """Write one date's files from whole index grids; returns their final paths."""
+    writer = DateWriter(folder, date, nodata.shape, transform, crs, model_id, model_sha256)
     try:
-        _write_parts(folder, names, date, idx0, idx1, nodata, transform, crs, model_id, model_sha256, parts)
+        writer.add(0, 0, idx0, idx1, nodata)
     except BaseException:
-        for part, _ in parts:
-            part.unlink(missing_ok=True)
+        writer.abort()
         raise
-    for part, final in parts:  # L0 last: its presence marks the date complete
-        part.replace(final)
-    return [final for _, final in parts]
-
-
-def _write_parts(folder: Path, names: dict, date: str, idx0: np.ndarray, idx1: np.ndarray, nodata: np.ndarray,
-                 transform: Affine | None, crs: str | None, model_id: str, model_sha256: str,
-                 parts: list[tuple[Path, Path]]) -> None:
-    has_mask = bool(nodata.any())
-    shape = nodata.shape
-    for level, idx, scale in (("L1", idx1, 4), ("L0", idx0, 2)):
-        tr = transform * Affine.scale(scale) if transform is not None else None
-        part = folder / (names[level] + ".part")
-        parts.append((part, folder / names[level]))
-        dtype = "uint8" if int(idx.max(initial=0)) < 256 else "uint16"
-        _write_tif(part, idx.astype(dtype), tr, crs,
-                   _tags(level, model_id, model_sha256, shape, transform, date, has_mask), dtype=dtype)
-    if has_mask:
-        part = folder / (names["nodata"] + ".part")
-        parts.insert(0, (part, folder / names["nodata"]))
-        _write_tif(part, nodata.astype(np.uint8), transform, crs,
-                   _tags("nodata", model_id, model_sha256, shape, transform, date, has_mask),
-                   dtype="uint8", nbits=1, compress="deflate")
+    return writer.finish()
 
 
 def _read_tif(path: Path) -> tuple[np.ndarray, dict, Affine, str | None]:
@@ -188,16 +235,19 @@ def _grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, 
 
 
 def date_cube(d: ProductDate):
-    """One product date as a (t, [idx0, idx1, nodata], y, x) cube on the 10 m input grid."""
+    """One product date as a lazy (t, [idx0, idx1, nodata], y, x) cube on the 10 m input grid:
+    the indices are replicated over their cells chunk by chunk, as they are read."""
+    import dask.array as darr
     import pandas as pd
     import xarray as xr
 
     h, w = d.shape
-    rep0 = np.repeat(np.repeat(d.idx0, 2, 0), 2, 1)[:h, :w]
-    rep1 = np.repeat(np.repeat(d.idx1, 4, 0), 4, 1)[:h, :w]
     nodata = d.nodata if d.nodata is not None else np.zeros((h, w), bool)
+    rep = [darr.repeat(darr.repeat(darr.from_array(idx, chunks=REPLICA_CHUNK // f), f, axis=0), f, axis=1)[:h, :w]
+           for idx, f in ((d.idx0, 2), (d.idx1, 4))]
+    data = darr.stack([*rep, darr.from_array(nodata, chunks=REPLICA_CHUNK).astype(np.uint16)])[None]
     t = pd.DatetimeIndex([pd.NaT if d.date == "undated" else pd.Timestamp(d.date)])
-    cube = xr.DataArray(np.stack([rep0, rep1, nodata.astype(np.uint16)])[None], dims=("t", "bands", "y", "x"),
+    cube = xr.DataArray(data, dims=("t", "bands", "y", "x"),
                         coords={"t": t, "bands": list(INDEX_BANDS), **_grid_coords(d.shape, d.transform)},
                         attrs={"corsa_model_id": d.model_id, "corsa_decoder_sha256": d.model_sha256})
     return cube.rio.write_crs(d.crs) if d.crs else cube
@@ -212,9 +262,8 @@ def _transform_of(cube) -> Affine | None:
 
 def save_cube(cube, folder: Path, compute) -> list[Path]:
     """save_result of the embedded engine: a compressed cube becomes the product, a decoded
-    cube one 10-band uint16 GeoTIFF per date (corsa_decoded_<date>.tif)."""
-    import dask.array as darr
-
+    cube one 10-band uint16 GeoTIFF per date (corsa_decoded_<date>.tif). Both are computed a
+    few chunks at a time and written as they come, so memory is bounded by the chunk size."""
     bands = [str(b) for b in cube["bands"].values]
     cube = cube.transpose("t", "bands", "y", "x") if "t" in cube.dims else cube.expand_dims(t=[None])
     transform, crs = _transform_of(cube), (cube.rio.crs.to_string() if cube.rio.crs else None)
@@ -222,55 +271,66 @@ def save_cube(cube, folder: Path, compute) -> list[Path]:
     for i in range(cube.sizes["t"]):
         date = date_label(cube["t"].values[i] if "t" in cube.coords else None)
         if bands == list(INDEX_BANDS):
-            one = cube.isel(t=i)
-            h, w = one.sizes["y"], one.sizes["x"]
-            # Cells past the input's last row/column (sizes not a multiple of 4) hold the index of
-            # the last cell inside, as the UDF's decompress pads them: both paths decode alike.
-            # Subsampled before computing, so memory holds the index grids, not the 10 m cube.
-            pad = ((0, -h % 4), (0, -w % 4))
-            idx0, idx1, nodata = compute(darr.pad(darr.asarray(one.sel(bands="idx0").data), pad, mode="edge")[::2, ::2],
-                                         darr.pad(darr.asarray(one.sel(bands="idx1").data), pad, mode="edge")[::4, ::4],
-                                         darr.asarray(one.sel(bands="nodata").data).astype(bool))
             model_id, sha = cube.attrs.get("corsa_model_id"), cube.attrs.get("corsa_decoder_sha256")
             if not (model_id and sha):
                 raise ProductError("the compressed cube does not name its model (id and decoder sha256)")
-            written += write_date(folder, date, np.asarray(idx0), np.asarray(idx1), np.asarray(nodata),
-                                  transform, crs, model_id, sha)
+            one = cube.isel(t=i).sel(bands=list(INDEX_BANDS))
+            written += write_indices(DateWriter(folder, date, one.shape[1:], transform, crs, model_id, sha),
+                                     one.data, compute)
         else:
             written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", cube.isel(t=i).data, bands,
                                          transform, crs, compute))
     return written
 
 
-def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, crs: str | None,
-                  compute, parallel: int = 2) -> Path:
-    """A (bands, y, x) uint16 GeoTIFF with band descriptions, from a dask array block by block
-    (``parallel`` blocks at a time), so memory stays bounded by the chunk size; written under a
-    temporary name and renamed when complete."""
+def _blocks(data, compute, parallel: int = 2):
+    """(y, x, values) of a (bands, y, x) dask array's blocks, all bands at once, row by row,
+    ``parallel`` blocks per compute."""
     import dask.array as darr
-    from rasterio.windows import Window
 
     data = darr.asarray(data).rechunk({0: -1})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    kw = {**PROFILE, "count": len(bands), "width": data.shape[2], "height": data.shape[1], "predictor": 2,
-          "zstd_level": 9, "tiled": True, "blockxsize": 512, "blockysize": 512}
-    if transform is not None:
-        kw["transform"] = transform
-    if crs:
-        kw["crs"] = crs
     offsets = [np.cumsum((0,) + c) for c in data.chunks]
     blocks = [(iy, ix) for iy in range(data.numblocks[1]) for ix in range(data.numblocks[2])]
+    for k in range(0, len(blocks), parallel):
+        batch = blocks[k:k + parallel]
+        for (iy, ix), v in zip(batch, compute(*[data.blocks[0, iy, ix] for iy, ix in batch])):
+            yield int(offsets[1][iy]), int(offsets[2][ix]), np.asarray(v)
+
+
+def write_indices(writer: DateWriter, data, compute) -> list[Path]:
+    """A compressed (idx0, idx1, nodata, y, x) cube of one date -> the product files."""
+    import dask.array as darr
+
+    data = darr.asarray(data)
+    if any(c % 4 for c in data.chunks[1][:-1] + data.chunks[2][:-1]):
+        data = data.rechunk({1: REPLICA_CHUNK, 2: REPLICA_CHUNK})  # blocks must start on level-1 cells
+    try:
+        for y, x, v in _blocks(data, compute):
+            # Cells past the input's last row/column (sizes not a multiple of 4) hold the index of
+            # the last cell inside, as the UDF's decompress pads them: both paths decode alike.
+            rep = np.pad(v[:2], ((0, 0), (0, -v.shape[1] % 4), (0, -v.shape[2] % 4)), mode="edge")
+            writer.add(y, x, rep[0, ::2, ::2], rep[1, ::4, ::4], v[2] != 0)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.finish()
+
+
+def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, crs: str | None,
+                  compute) -> Path:
+    """A (bands, y, x) uint16 GeoTIFF with band descriptions, from a dask array block by block;
+    written under a temporary name and renamed when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    kw = _profile(data.shape[1:], transform, crs, count=len(bands), predictor=2, zstd_level=9, tiled=True,
+                  blockxsize=512, blockysize=512)
     try:
         with rasterio.open(part, "w", **kw) as dst:
             for i, b in enumerate(bands, 1):
                 dst.set_band_description(i, b)
-            for k in range(0, len(blocks), parallel):
-                batch = blocks[k:k + parallel]
-                values = compute(*[data.blocks[0, iy, ix] for iy, ix in batch])
-                for (iy, ix), v in zip(batch, values):
-                    win = Window(offsets[2][ix], offsets[1][iy], v.shape[2], v.shape[1])
-                    dst.write(np.clip(np.rint(np.nan_to_num(v)), 0, 65535).astype(np.uint16), window=win)
+            for y, x, v in _blocks(data, compute):
+                dst.write(np.clip(np.rint(np.nan_to_num(v)), 0, 65535).astype(np.uint16),
+                          window=Window(x, y, v.shape[2], v.shape[1]))
     except BaseException:
         part.unlink(missing_ok=True)
         raise
