@@ -36,7 +36,6 @@ from .processes import GRAPHS_DIR
 REMOTE_MODEL = f"models/{DEFAULT_MODEL}"
 ONNX_DEPS = "onnx_deps"
 EDITOR = "https://editor.openeo.org/"
-UDP_FIELDS = ("id", "summary", "description", "parameters", "returns", "process_graph")
 
 
 class BackendError(RuntimeError):
@@ -52,8 +51,11 @@ def _api_error(action: str, url: str, e: Exception) -> BackendError:
         return BackendError(f"{action}: cannot reach the openEO back end at {url} (is the URL right and the "
                             f"server up?): {e}")
     if isinstance(e, OpenEoApiError):
-        hint = {401: "the credentials were refused", 403: "this account may not do this"}.get(e.http_status_code)
-        if hint is None and e.http_status_code >= 500:
+        hint = {401: "not logged in, or the login expired: log in first",
+                403: "this account may not do this"}.get(e.http_status_code)
+        if e.code == "CredentialsInvalid":
+            hint = "the credentials were refused: check user and password"
+        elif hint is None and e.http_status_code >= 500:
             hint = "the back end failed (server error); try again later or ask its operators"
         return BackendError(f"{action}: {url} answered HTTP {e.http_status_code} [{e.code}] {e.message}"
                             + (f" ({hint})" if hint else ""))
@@ -64,6 +66,8 @@ def connect(url: str, user: str | None = None, password: str | None = None) -> o
     """A connection to the back end at ``url``, with HTTP basic login when ``user`` is given
     (OIDC: call ``authenticate_oidc()`` on the result)."""
     try:
+        # one plain request first: the openeo client retries a refused connection for half a minute
+        requests.head(url, timeout=30)
         connection = openeo.connect(url)
         if user is not None:
             connection.authenticate_basic(user, password)

@@ -46,7 +46,7 @@ class LocalResults:
         self.job = job
 
     def get_assets(self) -> list[LocalAsset]:
-        return [LocalAsset(p) for p in sorted(self.job.results.iterdir())]
+        return [LocalAsset(p) for p in sorted(self.job.results.glob("*"))]  # none if the job wrote none
 
 
 class LocalJob:

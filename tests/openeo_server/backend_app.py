@@ -5,7 +5,8 @@ Three additions make it stand in for a geopyspark back end in these tests:
 - a finished job's results are the files a test puts in $CORSA_JOB_RESULTS/<job id>/, listed in
   that folder's assets.json (so a listed file can go missing, as on a broken back end);
 - PUT /_test/jobs/<job id> {"status": ..., "logs": [...]} sets a job's status and logs, since the
-  dummy back end's jobs never finish by themselves.
+  dummy back end's jobs never finish by themselves; GET there shows the job options it received,
+  which the openEO API does not return.
 """
 from __future__ import annotations
 
@@ -49,15 +50,17 @@ def create_app() -> flask.Flask:
     backend.catalog._catalog["SENTINEL2_L2A"] = SENTINEL2_L2A
     app = build_app(backend_implementation=backend)
 
-    def set_job(job_id: str):
-        body = flask.request.get_json()
+    def test_job(job_id: str):
         owners = [user for (user, jid) in Jobs._job_registry if jid == job_id]
         if not owners:
             raise JobNotFoundException(job_id)
+        if flask.request.method == "GET":
+            return flask.jsonify({"job_options": Jobs._job_registry[owners[0], job_id].job_options})
+        body = flask.request.get_json()
         Jobs._update_status(job_id=job_id, user_id=owners[0], status=body["status"])
         if "logs" in body:
             Jobs._custom_job_logs[job_id] = body["logs"]
         return "", 204
 
-    app.add_url_rule("/_test/jobs/<job_id>", "corsa_test_set_job", set_job, methods=["PUT"])
+    app.add_url_rule("/_test/jobs/<job_id>", "corsa_test_job", test_job, methods=["GET", "PUT"])
     return app
