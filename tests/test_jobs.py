@@ -224,6 +224,7 @@ def test_publish_and_read_back_unchanged(connection):
 
 def test_compress_job_reaches_the_server_with_our_graph_and_options(server, connection):
     cube = jobs.compress(connection, BBOX, DATES, max_cloud_cover=40)
+    assert connection.validate_process_graph(cube.save_result(format="GTiff")) == []
     options = jobs.job_options(model_archive="https://example.org/corsa512.zip",
                                onnxruntime_archive="https://example.org/onnxruntime.zip")
     job = jobs.start(jobs.submit(cube, "corsa compress", options))
