@@ -367,3 +367,26 @@ def test_embedded_engine_job_error_is_reported(tmp_path):
         jobs.follow(job, poll_seconds=0)
     with pytest.raises(jobs.JobError, match="without result files"):
         jobs.download(job, tmp_path / "out")
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_command_line_publishes_and_explains_refusals(server, connection, capsys):
+    assert jobs.main(["publish", "--backend", server.url, "--user", USER, "--password", PASSWORD]) == 0
+    assert capsys.readouterr().out.strip() == "published: " + ", ".join(sorted(jobs.udps()))
+    assert jobs.main(["publish", "--backend", server.url, "--user", USER, "--password", "nope"]) == 2
+    assert "credentials were refused" in capsys.readouterr().err
+
+
+def test_model_archive_unpacks_where_the_udf_looks(tmp_path):
+    import zipfile
+
+    from corsa.codec import model_dir
+
+    assert jobs.main(["archive", "-o", str(tmp_path / "corsa512.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "corsa512.zip") as z:
+        z.extractall(tmp_path / "models")           # what "URL#models" does on the back end
+    unpacked = tmp_path / jobs.REMOTE_MODEL
+    for name in ("encoder.onnx", "decoder.onnx"):
+        assert (unpacked / name).read_bytes() == (model_dir("corsa512") / name).read_bytes()
+    assert not list(tmp_path.glob("*.part"))

@@ -109,7 +109,8 @@ def job_options(model_archive: str | None = None, onnxruntime_archive: str | Non
 
     ``model_archive``: URL of the zip written by ``model_archive`` (unpacked into "models", where
     the model parameter's default points); ``onnxruntime_archive``: URL of a zip of onnxruntime
-    for back ends whose UDF runtime lacks it (unpacked into "onnx_deps")."""
+    for back ends whose UDF runtime lacks it (unpacked into "onnx_deps", which the UDF's Python
+    path must then include)."""
     archives = [f"{url}#{name}" for url, name in ((model_archive, "models"), (onnxruntime_archive, ONNX_DEPS)) if url]
     return {**processes.JOB_OPTIONS, "executor-memory": executor_memory,
             "executor-memoryOverhead": executor_memory_overhead, "python-memory": python_memory,
