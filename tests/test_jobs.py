@@ -276,7 +276,10 @@ def test_server_error_on_job_creation(server, connection):
 
 
 def test_job_ending_in_error_names_its_log(server, connection, tmp_path):
-    job = jobs.start(jobs.submit(jobs.compress(connection, BBOX, DATES), "doomed"))
+    job = jobs.submit(jobs.compress(connection, BBOX, DATES), "doomed")
+    with pytest.raises(jobs.JobError, match="never started"):
+        jobs.follow(job, poll_seconds=0.05)
+    jobs.start(job)
     server.set_job(job.job_id, status="error",
                    logs=[{"id": "1", "level": "error", "message": "UDF: model file models/corsa512/encoder.onnx not found"}])
     with pytest.raises(jobs.JobError, match=rf"job {job.job_id} .* ended in 'error': UDF: model file .* not found"):

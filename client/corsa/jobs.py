@@ -25,15 +25,18 @@ import openeo
 import requests
 from openeo.rest import OpenEoApiError
 from openeo.rest.datacube import DataCube
+from openeo.rest.job import BatchJob
 
 from . import processes
 from .codec import DEFAULT_MODEL, model_dir
-from .local import EngineConnection
+from .local import EngineConnection, LocalJob
 from .processes import GRAPHS_DIR
 
 # Where the UDF finds the model on a geopyspark back end: the model archive unpacks into
 # "models" (udf-dependency-archives "URL#models"), holding one folder per model.
 REMOTE_MODEL = f"models/{DEFAULT_MODEL}"
+Job = BatchJob | LocalJob
+Connection = openeo.Connection | EngineConnection
 ONNX_DEPS = "onnx_deps"
 EDITOR = "https://editor.openeo.org/"
 
@@ -76,13 +79,13 @@ def connect(url: str, user: str | None = None, password: str | None = None) -> o
     return connection
 
 
-def _model(connection, model: str | None) -> str:
+def _model(connection: Connection, model: str | None) -> str:
     if model:
         return model
     return connection.model if isinstance(connection, EngineConnection) else REMOTE_MODEL
 
 
-def compress(connection, spatial_extent: dict | None, temporal_extent: list | None, max_cloud_cover: float = 80,
+def compress(connection: Connection, spatial_extent: dict | None, temporal_extent: list | None, max_cloud_cover: float = 80,
              model: str | None = None, namespace: str | None = None,
              collection: str = "SENTINEL2_L2A") -> DataCube:
     """The compressed cube (bands idx0, idx1, nodata) of ``collection`` over the extents."""
@@ -92,7 +95,7 @@ def compress(connection, spatial_extent: dict | None, temporal_extent: list | No
     return data.process("corsa_compress", data=data, model=_model(connection, model), namespace=namespace)
 
 
-def decompress(connection, compressed: DataCube, model: str | None = None, namespace: str | None = None) -> DataCube:
+def decompress(connection: Connection, compressed: DataCube, model: str | None = None, namespace: str | None = None) -> DataCube:
     """The 10 bands back from a compressed cube (from ``compress`` or ``results_cube``)."""
     if compressed.connection is not connection:
         raise BackendError("the compressed cube belongs to another connection than the one given")
@@ -129,7 +132,7 @@ def model_archive(out: Path, model: str = DEFAULT_MODEL) -> Path:
     return out
 
 
-def submit(cube: DataCube, title: str, options: dict | None = None) -> object:
+def submit(cube: DataCube, title: str, options: dict | None = None) -> Job:
     """Create (not start) a batch job that saves ``cube`` as GeoTIFF."""
     connection = cube.connection
     try:
@@ -138,7 +141,7 @@ def submit(cube: DataCube, title: str, options: dict | None = None) -> object:
         raise _api_error(f"creating job {title!r}", connection.root_url, e) from e
 
 
-def start(job) -> object:
+def start(job: Job) -> Job:
     try:
         job.start()
     except (requests.ConnectionError, OpenEoApiError) as e:
@@ -146,7 +149,7 @@ def start(job) -> object:
     return job
 
 
-def follow(job, poll_seconds: float = 30, timeout_seconds: float | None = None) -> object:
+def follow(job: Job, poll_seconds: float = 30, timeout_seconds: float | None = None) -> Job:
     """Wait for a started job to finish; JobError with its error log if it ends otherwise."""
     t0 = time.monotonic()
     while True:
@@ -156,6 +159,8 @@ def follow(job, poll_seconds: float = 30, timeout_seconds: float | None = None) 
             raise _api_error(f"polling job {job.job_id}", job.connection.root_url, e) from e
         if status == "finished":
             return job
+        if status == "created":
+            raise JobError(f"job {job.job_id} was never started (jobs.start)")
         if status in ("error", "canceled"):
             messages = [entry.get("message", "") for entry in job.logs(level="error")]
             raise JobError(f"job {job.job_id} at {job.connection.root_url} ended in {status!r}"
@@ -165,7 +170,7 @@ def follow(job, poll_seconds: float = 30, timeout_seconds: float | None = None) 
         time.sleep(poll_seconds)
 
 
-def download(job, folder: Path) -> list[Path]:
+def download(job: Job, folder: Path | str) -> list[Path]:
     """Download a finished job's result files into ``folder``: all of them or none.
 
     Files arrive in a temporary folder beside ``folder`` and are moved in only when every one
@@ -187,7 +192,7 @@ def download(job, folder: Path) -> list[Path]:
         return [Path(shutil.move(Path(tmp) / a.name, folder / a.name)) for a in assets]
 
 
-def results_cube(job) -> DataCube:
+def results_cube(job: Job) -> DataCube:
     """A finished job's results as the input cube of the next job (load_stac on the results)."""
     try:
         return job.connection.load_stac_from_job(job)
@@ -199,7 +204,7 @@ def udps(folder: Path = GRAPHS_DIR) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-def publish(connection, public: bool = False) -> list[str]:
+def publish(connection: openeo.Connection, public: bool = False) -> list[str]:
     """Store our UDPs in the back end's user namespace (save_user_defined_process)."""
     ids = []
     for pid, udp in udps().items():
