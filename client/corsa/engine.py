@@ -18,6 +18,7 @@ from typing import Any, Callable
 import dask
 import dask.array as darr
 import numpy as np
+import pandas as pd
 import xarray as xr
 from openeo_pg_parser_networkx import OpenEOProcessGraph, ProcessRegistry
 from openeo_pg_parser_networkx.pg_schema import ParameterReference
@@ -158,6 +159,9 @@ class Engine:
     def load_collection(self, id: str, spatial_extent=None, temporal_extent=None, bands=None,
                         properties=None, parent_parameters: dict | None = None) -> xr.DataArray:
         limit = cloud_cover_limit(properties, parent_parameters or {})
+        if hasattr(temporal_extent, "root"):  # a literal interval in the graph, parsed into pg_schema dates
+            temporal_extent = [None if v is None else pd.Timestamp(v.root).tz_convert(None).isoformat()
+                               for v in temporal_extent.root]
         return self.catalogue.load(id, spatial_extent, temporal_extent, bands, limit)
 
     def run_udf(self, data: xr.DataArray, udf: str, runtime: str, context: dict | None = None, **_) -> xr.DataArray:

@@ -41,23 +41,32 @@ CLOUD = Parameter.number("max_cloud_cover", default=80,
 CUBE = {"schema": {"type": "object", "subtype": "datacube"}}
 
 
-def _udf_over_chunks(data: DataCube | None, mode: str) -> DataCube:
+def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = MODEL) -> DataCube:
     """apply_neighborhood with the CORSA UDF over overlapping chunks of ``data`` (None: the
-    process parameter "data")."""
+    process parameter "data"). ``model`` is the UDP parameter, or a value when a job inlines the graph."""
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
-                 context={"mode": mode, "model": {"from_parameter": "model"}, "tile": UDF_TILE,
-                          "overlap": OVERLAP})
+                 context={"mode": mode,
+                          "model": {"from_parameter": model.name} if isinstance(model, Parameter) else model,
+                          "tile": UDF_TILE, "overlap": OVERLAP})
     node = PGNode("apply_neighborhood",
                   data=data.result_node() if data is not None else {"from_parameter": "data"},
                   process={"process_graph": udf},
                   size=[{"dimension": d, "value": CHUNK, "unit": "px"} for d in ("x", "y")],
                   overlap=[{"dimension": d, "value": OVERLAP, "unit": "px"} for d in ("x", "y")])
-    return DataCube(node, connection=None)
+    return DataCube(node, connection=data.connection if data is not None else None)
+
+
+def load_s2(connection, spatial_extent: dict | Parameter, temporal_extent: list | Parameter,
+            max_cloud_cover: float | Parameter, collection: str = "SENTINEL2_L2A") -> DataCube:
+    """load_collection of the 10 bands, as corsa_compress_s2 does it (parameters or values)."""
+    return DataCube.load_collection(collection, connection=connection, spatial_extent=spatial_extent,
+                                    temporal_extent=temporal_extent, bands=list(BANDS),
+                                    max_cloud_cover=max_cloud_cover, fetch_metadata=False)
 
 
 def corsa_compress() -> dict:
     return build_process_dict(
-        _udf_over_chunks(None, "compress"), process_id="corsa_compress",
+        udf_over_chunks(None, "compress"), process_id="corsa_compress",
         summary="Compress a Sentinel-2 L2A cube into CORSA codebook indices",
         description="Encodes the 10 bands with the CORSA encoder (ONNX, in a UDF) into level-0 indices on a "
                     "20 m grid and level-1 indices on a 40 m grid, returned on the input's 10 m grid "
@@ -68,7 +77,7 @@ def corsa_compress() -> dict:
 
 def corsa_decompress() -> dict:
     return build_process_dict(
-        _udf_over_chunks(None, "decompress"), process_id="corsa_decompress",
+        udf_over_chunks(None, "decompress"), process_id="corsa_decompress",
         summary="Decompress CORSA codebook indices into Sentinel-2 L2A reflectances",
         description="Decodes a cube from corsa_compress back to the 10 bands " + ", ".join(BANDS)
                     + " (DN = reflectance x 10000) on the 10 m grid; nodata pixels come back as 0.",
@@ -77,10 +86,7 @@ def corsa_decompress() -> dict:
 
 
 def corsa_compress_s2() -> dict:
-    cube = DataCube.load_collection("SENTINEL2_L2A", connection=None, spatial_extent=SPATIAL,
-                                    temporal_extent=TEMPORAL, bands=list(BANDS),
-                                    max_cloud_cover=CLOUD)
-    compressed = _udf_over_chunks(cube, "compress")
+    compressed = udf_over_chunks(load_s2(None, SPATIAL, TEMPORAL, CLOUD), "compress")
     saved = compressed.save_result(format="GTiff")
     return build_process_dict(
         saved, process_id="corsa_compress_s2",

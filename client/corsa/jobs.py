@@ -1,0 +1,271 @@
+"""CORSA on openEO back ends: cubes, batch jobs, results and published UDPs, from the openeo client.
+
+    connection = jobs.connect("https://openeo.dataspace.copernicus.eu")   # or local.EngineConnection(...)
+    compressed = jobs.compress(connection, bbox, ["2023-06-01", "2023-07-01"])
+    job = jobs.submit(compressed, "corsa compress", jobs.job_options(model_archive=URL))
+    files = jobs.download(jobs.follow(jobs.start(job)), "product/")
+    decoded = jobs.decompress(connection, jobs.results_cube(job))
+
+A cube inlines the UDP's graph unless ``namespace`` is given: then it calls the published UDP
+by reference ("user" for the back end's user namespace, or the URL of the JSON file).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from urllib.parse import urlencode
+
+import openeo
+import requests
+from openeo.rest import OpenEoApiError
+from openeo.rest.datacube import DataCube
+from openeo.rest.job import BatchJob
+
+from . import processes
+from .codec import DEFAULT_MODEL, model_dir
+from .local import EngineConnection, LocalJob
+from .processes import GRAPHS_DIR
+
+# Where the UDF finds the model on a geopyspark back end: the model archive unpacks into
+# "models" (udf-dependency-archives "URL#models"), holding one folder per model.
+REMOTE_MODEL = f"models/{DEFAULT_MODEL}"
+Job = BatchJob | LocalJob
+Connection = openeo.Connection | EngineConnection
+ONNX_DEPS = "onnx_deps"
+EDITOR = "https://editor.openeo.org/"
+
+
+class BackendError(RuntimeError):
+    """A back end cannot be reached, refuses a request, or a job failed; the message says which."""
+
+
+class JobError(BackendError):
+    """A batch job ended in "error" or was canceled."""
+
+
+def _api_error(action: str, url: str, e: Exception) -> BackendError:
+    if isinstance(e, requests.ConnectionError):
+        return BackendError(f"{action}: cannot reach the openEO back end at {url} (is the URL right and the "
+                            f"server up?): {e}")
+    if isinstance(e, OpenEoApiError):
+        hint = {401: "not logged in, or the login expired: log in first",
+                403: "this account may not do this"}.get(e.http_status_code)
+        if e.code == "CredentialsInvalid":
+            hint = "the credentials were refused: check user and password"
+        elif hint is None and e.http_status_code >= 500:
+            hint = "the back end failed (server error); try again later or ask its operators"
+        return BackendError(f"{action}: {url} answered HTTP {e.http_status_code} [{e.code}] {e.message}"
+                            + (f" ({hint})" if hint else ""))
+    return BackendError(f"{action} at {url}: {e}")
+
+
+def connect(url: str, user: str | None = None, password: str | None = None) -> openeo.Connection:
+    """A connection to the back end at ``url``, with HTTP basic login when ``user`` is given
+    (OIDC: call ``authenticate_oidc()`` on the result)."""
+    try:
+        # one plain request first: the openeo client retries a refused connection for half a minute
+        requests.head(url, timeout=30)
+        connection = openeo.connect(url)
+        if user is not None:
+            connection.authenticate_basic(user, password)
+    except (requests.ConnectionError, OpenEoApiError) as e:
+        raise _api_error("connecting" if user is None else f"logging in as {user!r}", url, e) from e
+    return connection
+
+
+def _model(connection: Connection, model: str | None) -> str:
+    if model:
+        return model
+    return connection.model if isinstance(connection, EngineConnection) else REMOTE_MODEL
+
+
+def compress(connection: Connection, spatial_extent: dict | None, temporal_extent: list | None, max_cloud_cover: float = 80,
+             model: str | None = None, namespace: str | None = None,
+             collection: str = "SENTINEL2_L2A") -> DataCube:
+    """The compressed cube (bands idx0, idx1, nodata) of ``collection`` over the extents."""
+    data = processes.load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
+    if namespace is None:
+        return processes.udf_over_chunks(data, "compress", _model(connection, model))
+    return data.process("corsa_compress", data=data, model=_model(connection, model), namespace=namespace)
+
+
+def decompress(connection: Connection, compressed: DataCube, model: str | None = None, namespace: str | None = None) -> DataCube:
+    """The 10 bands back from a compressed cube (from ``compress`` or ``results_cube``)."""
+    if compressed.connection is not connection:
+        raise BackendError("the compressed cube belongs to another connection than the one given")
+    if namespace is None:
+        return processes.udf_over_chunks(compressed, "decompress", _model(connection, model))
+    return compressed.process("corsa_decompress", data=compressed, model=_model(connection, model),
+                             namespace=namespace)
+
+
+def job_options(model_archive: str | None = None, onnxruntime_archive: str | None = None,
+                executor_memory: str = "2G", executor_memory_overhead: str = "3G",
+                python_memory: str = "3G") -> dict:
+    """Job options of a geopyspark back end (Terrascope, CDSE) for the ONNX UDF.
+
+    ``model_archive``: URL of the zip written by ``model_archive`` (unpacked into "models", where
+    the model parameter's default points); ``onnxruntime_archive``: URL of a zip of onnxruntime
+    for back ends whose UDF runtime lacks it (unpacked into "onnx_deps", which the UDF's Python
+    path must then include)."""
+    archives = [f"{url}#{name}" for url, name in ((model_archive, "models"), (onnxruntime_archive, ONNX_DEPS)) if url]
+    return {**processes.JOB_OPTIONS, "executor-memory": executor_memory,
+            "executor-memoryOverhead": executor_memory_overhead, "python-memory": python_memory,
+            "udf-dependency-archives": archives}
+
+
+def model_archive(out: Path, model: str = DEFAULT_MODEL) -> Path:
+    """The zip to publish for ``job_options(model_archive=...)``: <model>/encoder.onnx, ..."""
+    folder, out = model_dir(model), Path(out)
+    part = out.with_name(out.name + ".part")
+    with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                z.write(f, f"{folder.name}/{f.name}")
+    part.replace(out)
+    return out
+
+
+def submit(cube: DataCube, title: str, options: dict | None = None) -> Job:
+    """Create (not start) a batch job that saves ``cube`` as GeoTIFF."""
+    connection = cube.connection
+    try:
+        return cube.create_job(out_format="GTiff", title=title, job_options=options, validate=False)
+    except (requests.ConnectionError, OpenEoApiError) as e:
+        raise _api_error(f"creating job {title!r}", connection.root_url, e) from e
+
+
+def start(job: Job) -> Job:
+    try:
+        job.start()
+    except (requests.ConnectionError, OpenEoApiError) as e:
+        raise _api_error(f"starting job {job.job_id}", job.connection.root_url, e) from e
+    return job
+
+
+def follow(job: Job, poll_seconds: float = 30, timeout_seconds: float | None = None) -> Job:
+    """Wait for a started job to finish; JobError with its error log if it ends otherwise."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            status = job.status()
+        except (requests.ConnectionError, OpenEoApiError) as e:
+            raise _api_error(f"polling job {job.job_id}", job.connection.root_url, e) from e
+        if status == "finished":
+            return job
+        if status == "created":
+            raise JobError(f"job {job.job_id} was never started (jobs.start)")
+        if status in ("error", "canceled"):
+            messages = [entry.get("message", "") for entry in job.logs(level="error")]
+            raise JobError(f"job {job.job_id} at {job.connection.root_url} ended in {status!r}"
+                           + (": " + "; ".join(messages) if messages else " (no error log)"))
+        if timeout_seconds is not None and time.monotonic() - t0 > timeout_seconds:
+            raise JobError(f"job {job.job_id} is still {status!r} after {timeout_seconds:.0f} s")
+        time.sleep(poll_seconds)
+
+
+def download(job: Job, folder: Path | str) -> list[Path]:
+    """Download a finished job's result files into ``folder``: all of them or none.
+
+    Files arrive in a temporary folder beside ``folder`` and are moved in only when every one
+    is complete, so a failed download leaves nothing that looks like a result."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        assets = job.get_results().get_assets()
+    except (requests.ConnectionError, OpenEoApiError) as e:
+        raise _api_error(f"listing the results of job {job.job_id}", job.connection.root_url, e) from e
+    if not assets:
+        raise JobError(f"job {job.job_id} finished without result files")
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        for asset in assets:
+            try:
+                asset.download(Path(tmp) / asset.name)
+            except (requests.RequestException, OpenEoApiError, OSError) as e:
+                raise BackendError(f"downloading {asset.name} of job {job.job_id} failed, nothing kept: {e}") from e
+        return [Path(shutil.move(Path(tmp) / a.name, folder / a.name)) for a in assets]
+
+
+def results_cube(job: Job) -> DataCube:
+    """A finished job's results as the input cube of the next job (load_stac on the results)."""
+    try:
+        return job.connection.load_stac_from_job(job)
+    except (requests.ConnectionError, OpenEoApiError) as e:
+        raise _api_error(f"reading the results of job {job.job_id}", job.connection.root_url, e) from e
+
+
+def udps(folder: Path = GRAPHS_DIR) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+def publish(connection: openeo.Connection, public: bool = False) -> list[str]:
+    """Store our UDPs in the back end's user namespace (save_user_defined_process)."""
+    ids = []
+    for pid, udp in udps().items():
+        try:
+            connection.save_user_defined_process(
+                pid, udp["process_graph"], parameters=udp["parameters"], public=public, summary=udp["summary"],
+                description=udp["description"], returns=udp["returns"], categories=udp.get("categories"))
+        except (requests.ConnectionError, OpenEoApiError) as e:
+            raise _api_error(f"publishing {pid}", connection.root_url, e) from e
+        ids.append(pid)
+    return ids
+
+
+def editor_url(process_id: str, process_url: str, backend: str) -> str:
+    """The openEO web editor's wizard link that runs the UDP published at ``process_url``."""
+    query = urlencode({"wizard": "UDP", "wizard~process": process_id, "wizard~processUrl": process_url,
+                       "server": backend}, safe=":/")
+    return f"{EDITOR}?{query}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m corsa.jobs", description="CORSA on an openEO back end.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pub = sub.add_parser("publish", help="store the UDPs in the back end's user namespace")
+    run = sub.add_parser("compress", help="run a compress batch job and download the GeoTIFFs")
+    for s in (pub, run):
+        s.add_argument("--backend", required=True, help="openEO back end URL")
+        s.add_argument("--user", help="HTTP basic login (default: OIDC)")
+        s.add_argument("--password")
+    run.add_argument("--bbox", required=True, help="west,south,east,north (EPSG:4326)")
+    run.add_argument("--dates", required=True, help="start/end, end excluded")
+    run.add_argument("--max-cloud-cover", type=float, default=80.0)
+    run.add_argument("--model-archive", help="URL of the model zip (python -m corsa.jobs archive)")
+    run.add_argument("--namespace", help="call the published UDP: 'user' or the JSON's URL")
+    run.add_argument("-o", "--output", type=Path, required=True)
+    run.add_argument("--poll", type=float, default=30.0, help="seconds between status polls")
+    arc = sub.add_parser("archive", help="write the model zip for udf-dependency-archives")
+    arc.add_argument("-o", "--output", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "archive":
+            print(model_archive(args.output))
+            return 0
+        connection = connect(args.backend, args.user, args.password)
+        if args.user is None:
+            connection.authenticate_oidc()
+        if args.command == "publish":
+            print("published: " + ", ".join(publish(connection)))
+            return 0
+        west, south, east, north = map(float, args.bbox.split(","))
+        cube = compress(connection, {"west": west, "south": south, "east": east, "north": north},
+                        args.dates.split("/"), args.max_cloud_cover, namespace=args.namespace)
+        job = start(submit(cube, "corsa compress", job_options(args.model_archive)))
+        print(f"job {job.job_id} started")
+        for path in download(follow(job, args.poll), args.output):
+            print(path)
+    except BackendError as e:
+        print(f"corsa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
