@@ -41,12 +41,12 @@ CLOUD = Parameter.number("max_cloud_cover", default=80,
 CUBE = {"schema": {"type": "object", "subtype": "datacube"}}
 
 
-def _udf_over_chunks(data: DataCube | None, mode: str) -> DataCube:
+def _udf_over_chunks(data: DataCube | None, mode: str, extra: dict | None = None) -> DataCube:
     """apply_neighborhood with the CORSA UDF over overlapping chunks of ``data`` (None: the
-    process parameter "data")."""
+    process parameter "data"); ``extra`` adds to the UDF context."""
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
                  context={"mode": mode, "model": {"from_parameter": "model"}, "tile": UDF_TILE,
-                          "overlap": OVERLAP})
+                          "overlap": OVERLAP, **(extra or {})})
     node = PGNode("apply_neighborhood",
                   data=data.result_node() if data is not None else {"from_parameter": "data"},
                   process={"process_graph": udf},
@@ -91,8 +91,42 @@ def corsa_compress_s2() -> dict:
         categories=["compression", "sentinel-2"], default_job_options=JOB_OPTIONS)
 
 
+CLASSIFIER = Parameter.string("classifier", default="models/corsa512-scl",
+                              description="Folder or base URL of the classifier (classifier.onnx, made for the "
+                              "codec given as model; its model card lists the class values and names).")
+CLASSIFY = {"classifier": {"from_parameter": "classifier"}}
+CLASSIFY_DESCRIPTION = ("Classes come from the codebook vectors of the indices (the codec's features.onnx) through "
+                        "a small ONNX classifier on the 20 m grid, without decoding; band class holds the class "
+                        "value (1..n, 0 = nodata), replicated over each 20 m cell on the 10 m grid.")
+
+
+def corsa_classify() -> dict:
+    return build_process_dict(
+        _udf_over_chunks(None, "classify", CLASSIFY), process_id="corsa_classify",
+        summary="Classify a CORSA-compressed cube per pixel without decompressing it",
+        description="Maps a cube from corsa_compress (bands idx0, idx1, nodata) to Sen2Cor-like scene classes "
+                    "(vegetation, not vegetated, water, snow/ice, cloud, cloud shadow/dark). " + CLASSIFY_DESCRIPTION,
+        parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "band class (uint8)"},
+        categories=["classification", "machine learning"], default_job_options=JOB_OPTIONS)
+
+
+def corsa_classify_s2() -> dict:
+    cube = DataCube.load_collection("SENTINEL2_L2A", connection=None, spatial_extent=SPATIAL,
+                                    temporal_extent=TEMPORAL, bands=list(BANDS),
+                                    max_cloud_cover=CLOUD)
+    classes = _udf_over_chunks(_udf_over_chunks(cube, "compress"), "classify", CLASSIFY)
+    return build_process_dict(
+        classes.save_result(format="GTiff"), process_id="corsa_classify_s2",
+        summary="Scene classes of Sentinel-2 L2A over an area and date range, from CORSA features",
+        description="Loads SENTINEL2_L2A (10 bands) for the area and dates, compresses each date with the CORSA "
+                    "encoder and classifies the compressed cube. " + CLASSIFY_DESCRIPTION,
+        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL, CLASSIFIER], returns={"schema": {"type": "boolean"}},
+        categories=["classification", "sentinel-2"], default_job_options=JOB_OPTIONS)
+
+
 PROCESSES = {"corsa_compress": corsa_compress, "corsa_decompress": corsa_decompress,
-             "corsa_compress_s2": corsa_compress_s2}
+             "corsa_compress_s2": corsa_compress_s2, "corsa_classify": corsa_classify,
+             "corsa_classify_s2": corsa_classify_s2}
 
 
 def render(process: dict) -> str:
