@@ -2,7 +2,7 @@
 
     corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
     corsa compress --stac https://earth-search.aws.element84.com/v1 --bbox ... --dates ... -o product/
-    corsa decompress product/ -o decoded.tif
+    corsa decompress product/ -o decoded.tif        # --clear: cloud and cloud-shadow pixels set to 0
     corsa classify product/ -o classes.tif          # scene classes on the 20 m grid, without decoding
     corsa info product/
 """
@@ -76,6 +76,11 @@ def decompress(args: argparse.Namespace) -> str:
                                                                    "model": str(codec.path)}},
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff"},
                  "result": True}}}
+    if args.clear:
+        clf = Classifier(args.classifier)
+        clf.check_codec(codec)
+        graph["process_graph"]["decode"]["process_id"] = "corsa_decompress_clear"
+        graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
     for d in product.dates_in(args.input):
         product.check_model(product.read_date(args.input, d), codec.card["files"]["decoder"]["sha256"], codec.model_id)
     out = Path(args.output)
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("-o", "--output", type=Path, required=True)
             s.add_argument("--model", default=DEFAULT_MODEL, help="model name under models_onnx/ or a folder")
             s.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: local threads)")
-        if name == "classify":
+        if name == "decompress":
+            s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
+        if name in ("classify", "decompress"):
             s.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="classifier name under models_onnx/ or a folder")
         if name == "compress":
             s.add_argument("--bbox", help="west,south,east,north[,EPSG] (default EPSG 4326)")

@@ -124,9 +124,27 @@ def corsa_classify_s2() -> dict:
         categories=["classification", "sentinel-2"], default_job_options=JOB_OPTIONS)
 
 
+# Class values above this one (cloud, cloud shadow/dark) mark a pixel unusable. (gt, not gte:
+# openeo-processes-dask 2026.9.1's gte gave true everywhere inside a reducer here.)
+LAST_USABLE_CLASS = 4
+
+
+def corsa_decompress_clear() -> dict:
+    decoded = _udf_over_chunks(None, "decompress")
+    unusable = _udf_over_chunks(None, "classify", CLASSIFY).reduce_dimension(
+        dimension="bands", reducer=lambda x: x.array_element(index=0) > LAST_USABLE_CLASS)
+    return build_process_dict(
+        decoded.mask(unusable, replacement=0), process_id="corsa_decompress_clear",
+        summary="Decompress CORSA codebook indices, with cloud and cloud-shadow pixels set to 0",
+        description="corsa_decompress, with the pixels that corsa_classify puts in the classes cloud or cloud "
+                    "shadow/dark (from the codebook vectors, no decoding needed for the mask) set to 0 like nodata.",
+        parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "the 10 bands, unusable pixels 0"},
+        categories=["compression", "cloud detection"], default_job_options=JOB_OPTIONS)
+
+
 PROCESSES = {"corsa_compress": corsa_compress, "corsa_decompress": corsa_decompress,
              "corsa_compress_s2": corsa_compress_s2, "corsa_classify": corsa_classify,
-             "corsa_classify_s2": corsa_classify_s2}
+             "corsa_classify_s2": corsa_classify_s2, "corsa_decompress_clear": corsa_decompress_clear}
 
 
 def render(process: dict) -> str:
