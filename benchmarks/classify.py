@@ -91,7 +91,7 @@ def markdown(res: dict) -> str:
     for kind in ("features", "bands"):
         r = res[kind]
         lines.append(f"| {kind} | {r['overall_accuracy']:.3f} | {r['macro_f1']:.3f} | "
-                     + " | ".join(f"{r['f1'].get(n, float('nan')):.3f}" for n in names) + " |")
+                     + " | ".join(f"{r['f1'][n]:.3f}" if n in r["f1"] else "no test cell" for n in names) + " |")
     for kind in ("features", "bands"):
         lines += ["", f"Confusion matrix, {kind} (rows: SCL class, columns: predicted; 20 m cells):", "",
                   "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

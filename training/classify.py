@@ -36,9 +36,12 @@ def cache_scenes(codec_name: str, cache: Path) -> list[dict]:
     """Every WorldStrat scene with an SCL file: codec features, 20 m band means and labels (cached)."""
     cache.mkdir(parents=True, exist_ok=True)
     index_path = cache / "index.json"
-    if index_path.is_file():
-        return json.loads(index_path.read_text())
     codec = OnnxCodec(codec_name, threads=1)
+    features_sha = codec.card["files"]["features"]["sha256"]
+    if index_path.is_file():
+        cached = json.loads(index_path.read_text())
+        if isinstance(cached, dict) and cached.get("features_sha256") == features_sha:  # else rebuilt
+            return cached["scenes"]
     index = []
     for scene in load_worldstrat(default_data_root()):
         scl_path = scene.extra.get("scl")
@@ -55,7 +58,7 @@ def cache_scenes(codec_name: str, cache: Path) -> list[dict]:
         np.savez_compressed(cache / f"{scene.name}.npz", f0=f0.astype(np.float16), f1=f1.astype(np.float16),
                             bands=mean_grid20(scene.data), label=label, clm=clm20)
         index.append({"name": scene.name, "location": scene.location})
-    index_path.write_text(json.dumps(index, indent=1))
+    index_path.write_text(json.dumps({"features_sha256": features_sha, "scenes": index}, indent=1))
     return index
 
 
