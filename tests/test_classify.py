@@ -12,6 +12,9 @@ import corsa_udf
 from corsa import cli, product
 from corsa.classmap import Classifier
 from corsa.codec import ModelError, OnnxCodec
+from corsa.engine import Engine
+from corsa.processes import GRAPHS_DIR
+from corsa.sources import Catalogue
 from corsa.datasets import LOADERS
 from training.classify import BandClassifier, FeatureClassifier
 from training.scl_labels import CLASSES, mean_grid20, merge_scl, to_grid20
@@ -116,3 +119,17 @@ def test_decompress_clear_sets_cloud_pixels_to_zero(tmp_path, data_root, codec, 
     unusable = np.repeat(np.repeat(np.isin(classes, (5, 6)), 2, 0), 2, 1)[: out.shape[1], : out.shape[2]]
     assert 0 < unusable.mean() < 1
     np.testing.assert_array_equal(out, np.where(unusable, 0, codec.decode(d.idx0, d.idx1, out.shape[1:])))
+
+
+def test_ready_service_classifies_like_the_product(tmp_path, scene, codec, classifier):
+    """corsa_classify_s2 (load, compress, classify, save) on the embedded engine gives the classes of the product's indices."""
+    write_scene(tmp_path / "in.tif", scene.data, Affine(*scene.transform), scene.crs, scene.date)
+    engine = Engine(Catalogue({"SENTINEL2_L2A": tmp_path / "in.tif"}), output=tmp_path / "out")
+    engine.run(json.loads((GRAPHS_DIR / "corsa_classify_s2.json").read_text()), spatial_extent=None,
+               temporal_extent=None, model=str(codec.path), classifier=str(classifier.path))
+    with rasterio.open(engine.written[0]) as src:
+        out = src.read(1)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    d = product.read_date(tmp_path / "prod", scene.date)
+    classes = classifier.predict(codec, d.idx0, d.idx1)
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(classes, 2, 0), 2, 1)[: out.shape[0], : out.shape[1]])
