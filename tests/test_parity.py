@@ -14,7 +14,8 @@ from corsa.datasets import LOADERS
 from training.export import load_state
 from training.train import pad_to
 
-MODELS = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "models_onnx").glob("*/model_card.json"))
+# Codec folders only (a classifier folder has no encoder).
+MODELS = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "models_onnx").glob("*/encoder.onnx"))
 
 
 def _scenes(root):

@@ -1,14 +1,17 @@
 """openEO UDF: CORSA compress / decompress of Sentinel-2 L2A cubes with onnxruntime.
 
 Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. The context says
-    mode:   "compress" (10 bands -> idx0, idx1, nodata) or "decompress" (back to 10 bands)
-    model:  folder or base URL holding encoder.onnx / decoder.onnx
-    sha256: {"encoder": ..., "decoder": ...} (optional) refuse files that differ
+    mode:   "compress" (10 bands -> idx0, idx1, nodata), "decompress" (back to 10 bands) or
+            "classify" (idx0, idx1, nodata -> band "class": class values, 0 = nodata)
+    model:  folder or base URL holding encoder.onnx / decoder.onnx (/ features.onnx)
+    classifier: folder or base URL holding classifier.onnx (mode "classify")
+    sha256: {"encoder": ..., "decoder": ..., "features": ..., "classifier": ...} (optional) refuse files that differ
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
 Both modes keep the cube's 10 m grid, as apply_neighborhood requires: the indices come out
 replicated over the 10 m pixels of their cell (2x2 for level 0, 4x4 for level 1), so a "near"
 resample to 20 m (or a [::2, ::2] / [::4, ::4] slice) recovers them exactly. The nodata band
-(1 where the input had NaN or all bands 0) comes back as 0 after decompression.
+(1 where the input had NaN or all bands 0) comes back as 0 after decompression. Classes are
+computed on the 20 m grid from the codebook vectors alone (no decoding) and replicated likewise.
 """
 from __future__ import annotations
 
@@ -182,15 +185,40 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     return result
 
 
+def _indices(rep0: np.ndarray, rep1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replicated indices: one sample per cell; NaN (outside the data) counts as index 0."""
+    idx0 = np.nan_to_num(_pad(rep0, STRIDE1)[::STRIDE0, ::STRIDE0]).astype(np.uint16)
+    idx1 = np.nan_to_num(_pad(rep1, STRIDE1)[::STRIDE1, ::STRIDE1]).astype(np.uint16)
+    return idx0, idx1
+
+
+def classify(features, classifier, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
+    """Index grids -> class values (uint8, 1..n) on the level-0 grid: codebook vectors, then the classifier."""
+    f0, f1 = features.run(None, {"idx0": idx0[None].astype(np.int64), "idx1": idx1[None].astype(np.int64)})
+    (logits,) = classifier.run(None, {"f0": f0, "f1": f1})
+    return (logits[0].argmax(0) + 1).astype(np.uint8)
+
+
+def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+    cube, had_t, data, feats, _ = _prepare(cube, context, INDEX_BANDS, "features")
+    if not context.get("classifier"):
+        raise UdfError("mode 'classify' needs 'classifier': a folder or URL with classifier.onnx")
+    clf = session(_fetch(context["classifier"], "classifier.onnx", (context.get("sha256") or {}).get("classifier")),
+                  int(context.get("threads", 0)))
+    shape = data.shape[2:]
+    out = np.empty((data.shape[0], 1) + shape, np.uint8)
+    for t, (rep0, rep1, nodata) in enumerate(data):
+        out[t, 0] = _replicate(classify(feats, clf, *_indices(rep0, rep1)), STRIDE0, shape)
+        out[t, 0][np.nan_to_num(nodata, nan=1) != 0] = 0
+    return _like(cube, out, ("class",), had_t)
+
+
 def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, INDEX_BANDS, "decoder")
     shape = data.shape[2:]
     out = np.empty((data.shape[0], len(BANDS)) + shape, np.float32)
     for t, (rep0, rep1, nodata) in enumerate(data):
-        # Replicated indices: one sample per cell; NaN (outside the data) decodes as index 0.
-        idx0 = np.nan_to_num(_pad(rep0, STRIDE1)[::STRIDE0, ::STRIDE0]).astype(np.uint16)
-        idx1 = np.nan_to_num(_pad(rep1, STRIDE1)[::STRIDE1, ::STRIDE1]).astype(np.uint16)
-        out[t] = decode(dec, idx0, idx1, tile, overlap)[:, : shape[0], : shape[1]]
+        out[t] = decode(dec, *_indices(rep0, rep1), tile, overlap)[:, : shape[0], : shape[1]]
         out[t][:, np.nan_to_num(nodata, nan=1) != 0] = 0
     return _like(cube, np.clip(np.rint(out), 0, 65535), BANDS, had_t)
 
@@ -201,4 +229,6 @@ def apply_datacube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         return compress_cube(cube, context)
     if mode == "decompress":
         return decompress_cube(cube, context)
-    raise UdfError(f"unknown mode {mode!r}: use 'compress' or 'decompress'")
+    if mode == "classify":
+        return classify_cube(cube, context)
+    raise UdfError(f"unknown mode {mode!r}: use 'compress', 'decompress' or 'classify'")

@@ -2,7 +2,8 @@
 
     corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
     corsa compress --stac https://earth-search.aws.element84.com/v1 --bbox ... --dates ... -o product/
-    corsa decompress product/ -o decoded.tif
+    corsa decompress product/ -o decoded.tif        # --clear: cloud and cloud-shadow pixels set to 0
+    corsa classify product/ -o classes.tif          # scene classes on the 20 m grid, without decoding
     corsa info product/
 """
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 from dask.diagnostics import ProgressBar
+from rasterio.transform import Affine
 
 from . import product
+from .classmap import DEFAULT_CLASSIFIER, Classifier, write_classes
 from .codec import DEFAULT_MODEL, ModelError, OnnxCodec
 from .engine import Engine, EngineError
 from .metrics import compression_factor
@@ -73,6 +76,11 @@ def decompress(args: argparse.Namespace) -> str:
                                                                    "model": str(codec.path)}},
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff"},
                  "result": True}}}
+    if args.clear:
+        clf = Classifier(args.classifier)
+        clf.check_codec(codec)
+        graph["process_graph"]["decode"]["process_id"] = "corsa_decompress_clear"
+        graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
     for d in product.dates_in(args.input):
         product.check_model(product.read_date(args.input, d), codec.card["files"]["decoder"]["sha256"], codec.model_id)
     out = Path(args.output)
@@ -89,6 +97,38 @@ def decompress(args: argparse.Namespace) -> str:
             out.mkdir(parents=True, exist_ok=True)
             written = [Path(shutil.move(p, out / p.name)) for p in engine.written]
     return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
+
+
+def classify(args: argparse.Namespace) -> str:
+    codec, clf = OnnxCodec(args.model), Classifier(args.classifier)
+    clf.check_codec(codec)
+    dates = product.dates_in(args.input)
+    if not dates:
+        raise product.ProductError(f"{args.input} holds no complete compressed date")
+    out = Path(args.output)
+    single = out.suffix.lower() in (".tif", ".tiff")
+    if single and len(dates) != 1:
+        raise SystemExit(f"{args.input} holds {len(dates)} dates: give a folder as -o")
+    graph = {"process_graph": {
+        "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
+                                                                "temporal_extent": None}},
+        "classify": {"process_id": "corsa_classify", "result": True, "arguments": {
+            "data": {"from_node": "load"}, "model": str(codec.path), "classifier": str(clf.path)}}}}
+    engine = Engine(Catalogue(), scheduler=args.scheduler)
+    cube = engine.run(graph)
+    written = []
+    for i, t in enumerate(cube["t"].values):
+        d = product.read_date(args.input, product.date_label(t))
+        product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+        # The UDF replicates each 20 m class over its 2 x 2 pixels; cells past the input stay 0 (nodata).
+        with ProgressBar(minimum=2):
+            (sub,) = engine._compute(cube.isel(t=i).sel(bands="class").data[::2, ::2])
+        classes = np.zeros(d.idx0.shape, np.uint8)
+        classes[: sub.shape[0], : sub.shape[1]] = sub
+        transform = d.transform * Affine.scale(2) if d.transform is not None else None
+        path = out if single else out / f"classes_{d.date}.tif"
+        written.append(write_classes(path, classes, transform, d.crs, clf.names, clf.colors))
+    return f"{len(written)} class map(s) written: {', '.join(str(p) for p in written)}"
 
 
 def info(args: argparse.Namespace) -> str:
@@ -119,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
                               ("decompress", decompress, "decode a product folder to GeoTIFF"),
+                              ("classify", classify, "scene classes of a product folder, without decoding"),
                               ("info", info, "describe a product folder")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("input", type=Path, nargs="?" if name == "compress" else None)
@@ -127,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("-o", "--output", type=Path, required=True)
             s.add_argument("--model", default=DEFAULT_MODEL, help="model name under models_onnx/ or a folder")
             s.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: local threads)")
+        if name == "decompress":
+            s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
+        if name in ("classify", "decompress"):
+            s.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="classifier name under models_onnx/ or a folder")
         if name == "compress":
             s.add_argument("--bbox", help="west,south,east,north[,EPSG] (default EPSG 4326)")
             s.add_argument("--dates", help="start/end, e.g. 2021-01-01/2021-07-01 (end excluded)")

@@ -41,13 +41,15 @@ CLOUD = Parameter.number("max_cloud_cover", default=80,
 CUBE = {"schema": {"type": "object", "subtype": "datacube"}}
 
 
-def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = MODEL) -> DataCube:
+def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = MODEL,
+                    extra: dict | None = None) -> DataCube:
     """apply_neighborhood with the CORSA UDF over overlapping chunks of ``data`` (None: the
-    process parameter "data"). ``model`` is the UDP parameter, or a value when a job inlines the graph."""
+    process parameter "data"). ``model`` is the UDP parameter, or a value when a job inlines the graph;
+    ``extra`` adds to the UDF context."""
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
                  context={"mode": mode,
                           "model": {"from_parameter": model.name} if isinstance(model, Parameter) else model,
-                          "tile": UDF_TILE, "overlap": OVERLAP})
+                          "tile": UDF_TILE, "overlap": OVERLAP, **(extra or {})})
     node = PGNode("apply_neighborhood",
                   data=data.result_node() if data is not None else {"from_parameter": "data"},
                   process={"process_graph": udf},
@@ -97,8 +99,58 @@ def corsa_compress_s2() -> dict:
         categories=["compression", "sentinel-2"], default_job_options=JOB_OPTIONS)
 
 
+CLASSIFIER = Parameter.string("classifier", default="models/corsa512-scl",
+                              description="Folder or base URL of the classifier (classifier.onnx, made for the "
+                              "codec given as model; its model card lists the class values and names).")
+CLASSIFY = {"classifier": {"from_parameter": "classifier"}}
+CLASSIFY_DESCRIPTION = ("Classes come from the codebook vectors of the indices (the codec's features.onnx) through "
+                        "a small ONNX classifier on the 20 m grid, without decoding; band class holds the class "
+                        "value (1..n, 0 = nodata), replicated over each 20 m cell on the 10 m grid.")
+
+
+def corsa_classify() -> dict:
+    return build_process_dict(
+        udf_over_chunks(None, "classify", extra=CLASSIFY), process_id="corsa_classify",
+        summary="Classify a CORSA-compressed cube per pixel without decompressing it",
+        description="Maps a cube from corsa_compress (bands idx0, idx1, nodata) to Sen2Cor-like scene classes "
+                    "(vegetation, not vegetated, water, snow/ice, cloud, cloud shadow/dark). " + CLASSIFY_DESCRIPTION,
+        parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "band class (uint8)"},
+        categories=["classification", "machine learning"], default_job_options=JOB_OPTIONS)
+
+
+def corsa_classify_s2() -> dict:
+    cube = load_s2(None, SPATIAL, TEMPORAL, CLOUD)
+    classes = udf_over_chunks(udf_over_chunks(cube, "compress"), "classify", extra=CLASSIFY)
+    return build_process_dict(
+        classes.save_result(format="GTiff"), process_id="corsa_classify_s2",
+        summary="Scene classes of Sentinel-2 L2A over an area and date range, from CORSA features",
+        description="Loads SENTINEL2_L2A (10 bands) for the area and dates, compresses each date with the CORSA "
+                    "encoder and classifies the compressed cube. " + CLASSIFY_DESCRIPTION,
+        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL, CLASSIFIER], returns={"schema": {"type": "boolean"}},
+        categories=["classification", "sentinel-2"], default_job_options=JOB_OPTIONS)
+
+
+# Class values above this one (cloud, cloud shadow/dark) mark a pixel unusable. (gt, not gte:
+# openeo-processes-dask 2026.9.1's gte gave true everywhere inside a reducer here.)
+LAST_USABLE_CLASS = 4
+
+
+def corsa_decompress_clear() -> dict:
+    decoded = udf_over_chunks(None, "decompress")
+    unusable = udf_over_chunks(None, "classify", extra=CLASSIFY).reduce_dimension(
+        dimension="bands", reducer=lambda x: x.array_element(index=0) > LAST_USABLE_CLASS)
+    return build_process_dict(
+        decoded.mask(unusable, replacement=0), process_id="corsa_decompress_clear",
+        summary="Decompress CORSA codebook indices, with cloud and cloud-shadow pixels set to 0",
+        description="corsa_decompress, with the pixels that corsa_classify puts in the classes cloud or cloud "
+                    "shadow/dark (from the codebook vectors, no decoding needed for the mask) set to 0 like nodata.",
+        parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "the 10 bands, unusable pixels 0"},
+        categories=["compression", "cloud detection"], default_job_options=JOB_OPTIONS)
+
+
 PROCESSES = {"corsa_compress": corsa_compress, "corsa_decompress": corsa_decompress,
-             "corsa_compress_s2": corsa_compress_s2}
+             "corsa_compress_s2": corsa_compress_s2, "corsa_classify": corsa_classify,
+             "corsa_classify_s2": corsa_classify_s2, "corsa_decompress_clear": corsa_decompress_clear}
 
 
 def render(process: dict) -> str:

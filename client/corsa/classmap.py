@@ -1,0 +1,89 @@
+"""Class maps from compressed products: the shipped classifier and the class GeoTIFF.
+
+A classifier folder (models_onnx/<name>/) holds classifier.onnx (codebook vectors f0, f1 -> class
+logits on the 20 m grid) and model_card.json naming its classes and the codec it was trained on.
+The class GeoTIFF is uint8 on the product's level-0 grid (0 = nodata) with a colour table and the
+tag CORSA_CLASSES = JSON {value: name}, so GDAL / QGIS users see what each value means.
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import corsa_udf
+import numpy as np
+import onnxruntime as ort
+import rasterio
+from rasterio.transform import Affine
+
+from .codec import ModelError, OnnxCodec, model_dir, sha256_file
+
+DEFAULT_CLASSIFIER = "corsa512-scl"
+
+
+class Classifier:
+    """classifier.onnx of one folder, checked against its card and against the codec it belongs to."""
+
+    def __init__(self, model: str | Path = DEFAULT_CLASSIFIER, threads: int | None = None):
+        self.path = model_dir(model)
+        card = self.path / "model_card.json"
+        if not card.is_file():
+            raise ModelError(f"no model_card.json in {self.path}")
+        self.card = json.loads(card.read_text())
+        if "classes" not in self.card or "classifier" not in self.card.get("files", {}):
+            raise ModelError(f"{card} is not a classifier card (no classes / classifier file)")
+        self.threads = threads
+
+    @property
+    def names(self) -> dict[int, str]:
+        return {c["value"]: c["name"] for c in self.card["classes"]}
+
+    @property
+    def colors(self) -> dict[int, tuple[int, ...]]:
+        return {c["value"]: tuple(c["color"]) for c in self.card["classes"]}
+
+    def check_codec(self, codec: OnnxCodec) -> None:
+        """Refuse a codec whose codebook vectors are not those the classifier was trained on."""
+        want = self.card["codec"]["features_sha256"]
+        if codec.card["files"]["features"]["sha256"] != want:
+            raise ModelError(f"classifier {self.path.name} was trained on the features of codec "
+                             f"{self.card['codec']['id']!r}, not of {codec.model_id!r}")
+
+    @cached_property
+    def session(self) -> ort.InferenceSession:
+        entry = self.card["files"]["classifier"]
+        path = self.path / entry["path"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
+        return corsa_udf.session(str(path), self.threads or 0)
+
+    def predict(self, codec: OnnxCodec, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
+        """Index grids -> class values (uint8) on the level-0 grid, straight through onnxruntime."""
+        codec._check_indices(idx0, idx1)
+        return corsa_udf.classify(codec.features_session, self.session, idx0, idx1)
+
+
+def write_classes(path: Path, classes: np.ndarray, transform: Affine | None, crs: str | None,
+                  names: dict[int, str], colors: dict[int, tuple[int, ...]]) -> Path:
+    """A uint8 class GeoTIFF with colour table and CORSA_CLASSES tag, under a temporary name first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    kw = {"driver": "GTiff", "count": 1, "dtype": "uint8", "width": classes.shape[1], "height": classes.shape[0],
+          "compress": "deflate", "nodata": 0, "photometric": "palette"}
+    if transform is not None:
+        kw["transform"] = transform
+    if crs:
+        kw["crs"] = crs
+    table = {0: (0, 0, 0, 0), **{v: tuple(c) + (255,) for v, c in colors.items()}}
+    try:
+        with rasterio.open(part, "w", **kw) as dst:
+            dst.write(classes.astype(np.uint8), 1)
+            dst.write_colormap(1, table)
+            dst.update_tags(CORSA_CLASSES=json.dumps({str(v): n for v, n in names.items()}))
+            dst.set_band_description(1, "class")
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(path)
+    return path
