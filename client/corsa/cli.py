@@ -51,6 +51,7 @@ def _dates(text: str | None) -> list | None:
 
 def compress(args: argparse.Namespace) -> str:
     codec = OnnxCodec(args.model)
+    codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
     if args.stac or str(args.input).endswith(".json"):
         source = StacSource(str(args.stac or args.input), args.collection)
     elif args.input is None:
@@ -73,9 +74,19 @@ def decompress(args: argparse.Namespace) -> str:
                                                                    "model": str(codec.path)}},
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff"},
                  "result": True}}}
-    for d in product.dates_in(args.input):
-        product.check_model(product.read_date(args.input, d), codec.card["files"]["decoder"]["sha256"], codec.model_id)
+    codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
+    dates = product.dates_in(args.input)
+    if not dates:
+        raise product.ProductError(f"{args.input} holds no complete compressed date (corsa_<date>_L0.tif)")
+    for d in dates:
+        date = product.read_date(args.input, d)
+        product.check_model(date, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+        try:
+            codec.check_indices(date.idx0, date.idx1)
+        except ValueError as e:
+            raise product.ProductError(f"date {d} of {args.input}: {e} (corrupt product?)") from e
     out = Path(args.output)
+    (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
         engine = Engine(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
         with ProgressBar(minimum=2):
