@@ -168,8 +168,8 @@ def write_date(folder: Path, date: str, idx0: np.ndarray, idx1: np.ndarray, noda
 # The largest input grid a product may declare (about nine 10980 px Sentinel-2 tiles): a corrupt
 # header or tag must not make the reader allocate without bound.
 MAX_INPUT_PIXELS = 1 << 30
-# What GDAL raises on damaged files: rasterio's errors, and CPLE_* errors that escape them.
-_GDAL_ERRORS = (rasterio.errors.RasterioError, CPLE_BaseError)
+# What GDAL raises on damaged files: rasterio's errors (CRSError is a ValueError of its own), and CPLE_* errors.
+_GDAL_ERRORS = (rasterio.errors.RasterioError, rasterio.errors.CRSError, CPLE_BaseError)
 
 
 def level_shape(shape: tuple[int, int], level: str) -> tuple[int, int]:
@@ -181,12 +181,18 @@ def level_shape(shape: tuple[int, int], level: str) -> tuple[int, int]:
     return cells[0] * k, cells[1] * k
 
 
+def _shown(value: str | None) -> str:
+    """A tag value as an error message quotes it: a corrupt tag may be long."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
 def _input_grid(tags: dict, name: str) -> tuple[tuple[int, int], Affine | None]:
     """The input grid a product file's tags declare, checked before any pixel is read."""
     if tags.get("CORSA_FORMAT") != FORMAT:
         raise ProductError(f"{name} is not a {FORMAT} file (no CORSA_FORMAT tag)")
     if tags.get("CORSA_FORMAT_VERSION") != str(FORMAT_VERSION):
-        raise ProductError(f"{name} has format version {tags.get('CORSA_FORMAT_VERSION')!r}, "
+        raise ProductError(f"{name} has format version {_shown(tags.get('CORSA_FORMAT_VERSION'))}, "
                            f"this reader knows {FORMAT_VERSION}")
     try:
         shape, tr = json.loads(tags["CORSA_INPUT_SHAPE"]), json.loads(tags["CORSA_INPUT_TRANSFORM"])
@@ -194,13 +200,13 @@ def _input_grid(tags: dict, name: str) -> tuple[tuple[int, int], Affine | None]:
         raise ProductError(f"{name} has no valid input grid tags: {e}") from e
     if not (isinstance(shape, list) and len(shape) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
-        raise ProductError(f"{name}: CORSA_INPUT_SHAPE {tags['CORSA_INPUT_SHAPE']!r} is not [height, width]")
+        raise ProductError(f"{name}: CORSA_INPUT_SHAPE {_shown(tags['CORSA_INPUT_SHAPE'])} is not [height, width]")
     if shape[0] * shape[1] > MAX_INPUT_PIXELS:
         raise ProductError(f"{name} declares an input grid of {shape[0]} x {shape[1]} px, more than the "
                            f"{MAX_INPUT_PIXELS:,} px this reader accepts (corrupt tag?)")
     if tr is not None and not (isinstance(tr, list) and len(tr) == 6 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in tr)):
-        raise ProductError(f"{name}: CORSA_INPUT_TRANSFORM {tags['CORSA_INPUT_TRANSFORM']!r} is not 6 numbers")
+        raise ProductError(f"{name}: CORSA_INPUT_TRANSFORM {_shown(tags['CORSA_INPUT_TRANSFORM'])} is not 6 numbers")
     return (shape[0], shape[1]), (Affine(*tr) if tr else None)
 
 
@@ -215,7 +221,7 @@ def _read_tif(path: Path, level: str) -> tuple[np.ndarray, dict, str | None]:
             tags = src.tags()
             expect = level_shape(_input_grid(tags, path.name)[0], level)
             if tags.get("CORSA_LEVEL") != level:
-                raise ProductError(f"{path.name} is tagged as level {tags.get('CORSA_LEVEL')!r}, not {level}")
+                raise ProductError(f"{path.name} is tagged as level {_shown(tags.get('CORSA_LEVEL'))}, not {level}")
             if src.count != 1 or src.dtypes[0] not in ("uint8", "uint16"):
                 raise ProductError(f"{path.name} holds {src.count} band(s) of {src.dtypes[0]}, "
                                    "expected one uint8 or uint16 band")
@@ -246,9 +252,9 @@ def read_date(folder: Path, date: str) -> ProductDate:
     if any(tags0.get(k) != tags1.get(k) for k in _SHARED_TAGS):
         raise ProductError(f"{names['L0']} and {names['L1']} do not belong together (tags differ)")
     if tags0.get("CORSA_DATE") != date:
-        raise ProductError(f"{names['L0']} is tagged with date {tags0.get('CORSA_DATE')!r}, not {date}")
+        raise ProductError(f"{names['L0']} is tagged with date {_shown(tags0.get('CORSA_DATE'))}, not {date}")
     if tags0.get("CORSA_BANDS") != ",".join(BANDS):
-        raise ProductError(f"{names['L0']} holds bands {tags0.get('CORSA_BANDS')}, expected {','.join(BANDS)}")
+        raise ProductError(f"{names['L0']} holds bands {_shown(tags0.get('CORSA_BANDS'))}, expected {','.join(BANDS)}")
     if "CORSA_MODEL_SHA256" not in tags0:
         raise ProductError(f"{names['L0']} does not name the model that wrote it (CORSA_MODEL_SHA256)")
     shape, transform = _input_grid(tags0, names["L0"])
@@ -393,6 +399,6 @@ def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, 
 def check_model(d: ProductDate, decoder_sha256: str, model_id: str) -> None:
     """Refuse to decode a product with a model other than the one that wrote it."""
     if d.model_sha256 != decoder_sha256:
-        raise ProductError(f"date {d.date} was written with model {d.model_id!r} (decoder sha256 "
+        raise ProductError(f"date {d.date} was written with model {_shown(d.model_id)} (decoder sha256 "
                            f"{d.model_sha256[:12]}...), the available model {model_id!r} has "
                            f"{decoder_sha256[:12]}...: decoding would give wrong reflectances")
