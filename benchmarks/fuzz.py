@@ -139,6 +139,31 @@ def mutate(rng: random.Random, seed: Path, case: Path) -> list[str]:
     return done
 
 
+def mutate_isolated(rng: random.Random, seed: Path, case: Path, timeout: float = 60.0) -> list[str] | None:
+    """``mutate`` in a forked child: GDAL itself may crash or hang when it updates a damaged file,
+    which must not stop the run. None if the child did not finish."""
+    note = case.with_name(case.name + ".json")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            note.write_text(json.dumps(mutate(rng, seed, case)))
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.005)
+    return json.loads(note.read_text()) if os.waitstatus_to_exitcode(status) == 0 else None
+
+
 def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str) -> list[Path]:
     """Products of real crops: one with a nodata mask (3 files), one without, one of odd size."""
     import rasterio
@@ -249,6 +274,7 @@ class Report:
     refused: int = 0
     decoded: int = 0
     findings: list = field(default_factory=list)
+    mutation_crashes: int = 0   # GDAL died damaging a file (in the harness, not in decompress)
     decoded_examples: list = field(default_factory=list)   # damage that decoded: what went unnoticed
     max_rss_mb: int = 0
     seconds: float = 0.0
@@ -257,7 +283,7 @@ class Report:
 def fuzz(seeds: list[Path], work: Path, cases: int, seconds: float, seed: int = 0,
          case_timeout: float = CASE_TIMEOUT) -> Report:
     """Run up to ``cases`` mutated products within ``seconds`` (checked between cases)."""
-    rng, report, t0 = random.Random(seed), Report(), time.monotonic()
+    report, t0 = Report(), time.monotonic()
     w = Worker()
     try:
         for i in range(cases):
@@ -265,7 +291,12 @@ def fuzz(seeds: list[Path], work: Path, cases: int, seconds: float, seed: int = 
                 break
             case_dir = work / f"case{i}"
             case, target = case_dir / "product", case_dir / "out" / "decoded.tif"
-            what = mutate(rng, rng.choice(seeds), case)
+            rng = random.Random(f"{seed}-{i}")  # each case on its own: a run can be replayed case by case
+            what = mutate_isolated(rng, rng.choice(seeds), case)
+            if what is None:
+                report.mutation_crashes += 1
+                shutil.rmtree(case_dir, ignore_errors=True)
+                continue
             result = w.run(case, target, case_timeout)
             problem = judge(result, target)
             report.cases += 1
