@@ -125,7 +125,15 @@ def _summary(folder: Path, written: list[Path]) -> str:
     return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
 
 
+def _unraisable(info) -> None:
+    """rasterio's GDAL log handler fails to decode a message that quotes a damaged file's non-UTF-8
+    bytes and would print its traceback; the GDAL error itself still reaches us as an exception."""
+    if not isinstance(info.exc_value, UnicodeDecodeError):
+        sys.__unraisablehook__(info)
+
+
 def main(argv: list[str] | None = None) -> int:
+    sys.unraisablehook = _unraisable
     p = argparse.ArgumentParser(prog="corsa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
