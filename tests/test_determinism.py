@@ -14,13 +14,19 @@ from test_bad_inputs import write_tif
 def threads(monkeypatch):
     """Run the engine with ``n`` threads: dask workers, and the UDF's onnxruntime sessions."""
     udf = engine._udf_function
+    seen = set()
 
     def use(n: int):
         def with_threads(code: str):
             apply = udf(code)
-            return lambda cube, context: apply(cube, {**context, "threads": n})
+
+            def run(cube, context):
+                seen.add(n)
+                return apply(cube, {**context, "threads": n})
+            return run
         monkeypatch.setattr(engine, "_udf_function", with_threads)
         return dask.config.set(num_workers=n)
+    use.seen = seen
     return use
 
 
@@ -42,3 +48,4 @@ def test_products_and_decoding_are_byte_identical(tmp_path, data_root, threads):
     assert len(runs["first"][0]) == 3 and len(runs["first"][1]) == 1
     assert runs["again"] == runs["first"]
     assert runs["two_threads"] == runs["first"]
+    assert threads.seen == {1, 2}                   # the UDF really ran with both thread counts
