@@ -54,6 +54,7 @@ def _dates(text: str | None) -> list | None:
 
 def compress(args: argparse.Namespace) -> str:
     codec = OnnxCodec(args.model)
+    codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
     if args.stac or str(args.input).endswith(".json"):
         source = StacSource(str(args.stac or args.input), args.collection)
     elif args.input is None:
@@ -81,9 +82,19 @@ def decompress(args: argparse.Namespace) -> str:
         clf.check_codec(codec)
         graph["process_graph"]["decode"]["process_id"] = "corsa_decompress_clear"
         graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
-    for d in product.dates_in(args.input):
-        product.check_model(product.read_date(args.input, d), codec.card["files"]["decoder"]["sha256"], codec.model_id)
+    codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
+    dates = product.dates_in(args.input)
+    if not dates:
+        raise product.ProductError(f"{args.input} holds no complete compressed date (corsa_<date>_L0.tif)")
+    for d in dates:
+        date = product.read_date(args.input, d)
+        product.check_model(date, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+        try:
+            codec.check_indices(date.idx0, date.idx1)
+        except ValueError as e:
+            raise product.ProductError(f"date {d} of {args.input}: {e} (corrupt product?)") from e
     out = Path(args.output)
+    (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
         engine = Engine(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
         with ProgressBar(minimum=2):
@@ -154,7 +165,15 @@ def _summary(folder: Path, written: list[Path]) -> str:
     return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
 
 
+def _unraisable(info) -> None:
+    """rasterio's GDAL log handler fails to decode a message that quotes a damaged file's non-UTF-8
+    bytes and would print its traceback; the GDAL error itself still reaches us as an exception."""
+    if not isinstance(info.exc_value, UnicodeDecodeError):
+        sys.__unraisablehook__(info)
+
+
 def main(argv: list[str] | None = None) -> int:
+    sys.unraisablehook = _unraisable
     p = argparse.ArgumentParser(prog="corsa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),

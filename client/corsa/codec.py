@@ -104,17 +104,17 @@ class OnnxCodec:
         return to_uint16(rec)
 
     def decode_float(self, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
-        self._check_indices(idx0, idx1)
+        self.check_indices(idx0, idx1)
         return corsa_udf.decode(self.decoder, idx0, idx1, self.tile, self.overlap)
 
     def features(self, idx0: np.ndarray, idx1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Codebook vectors of the indices: (dim0, h0, w0) and (dim1, h1, w1) float32."""
-        self._check_indices(idx0, idx1)
+        self.check_indices(idx0, idx1)
         f0, f1 = self.features_session.run(None, {"idx0": idx0[None].astype(np.int64),
                                                    "idx1": idx1[None].astype(np.int64)})
         return f0[0], f1[0]
 
-    def _check_indices(self, idx0: np.ndarray, idx1: np.ndarray) -> None:
+    def check_indices(self, idx0: np.ndarray, idx1: np.ndarray) -> None:
         ratio = self.stride1 // self.stride0
         if idx0.shape != (idx1.shape[0] * ratio, idx1.shape[1] * ratio):
             raise ValueError(f"level-0 grid {idx0.shape} does not nest level-1 grid {idx1.shape} x{ratio}")

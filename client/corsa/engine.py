@@ -23,6 +23,8 @@ import xarray as xr
 from openeo_pg_parser_networkx import OpenEOProcessGraph, ProcessRegistry
 from openeo_pg_parser_networkx.pg_schema import ParameterReference
 from openeo_pg_parser_networkx.process_registry import Process
+from rasterio._err import CPLE_BaseError
+from rasterio.errors import RasterioError
 
 from . import product
 from .processes import GRAPHS_DIR
@@ -237,7 +239,9 @@ class Engine:
         result = padded.map_blocks(func, dtype=first.dtype, chunks=tuple(out_chunks))
         out = xr.DataArray(result, dims=cube.dims, coords={**{d: cube[d] for d in cube.dims if d != "bands" and d in cube.coords},
                                                              "bands": out_bands}, attrs={**cube.attrs, **first.attrs})
-        return out.rio.write_crs(cube.rio.crs) if cube.rio.crs else out
+        out = out.rio.write_crs(cube.rio.crs) if cube.rio.crs else out
+        # A side of 1 px has no coordinate spacing to compute the grid from: carry the transform.
+        return out.rio.write_transform(cube.rio.transform()) if "spatial_ref" in cube.coords else out
 
     def save_result(self, data: xr.DataArray, format: str = "GTiff", options: dict | None = None, **_) -> bool:
         if self.output is None:
@@ -260,4 +264,9 @@ class Engine:
         pg = graph if "process_graph" in graph else {"process_graph": graph}
         defaults = {p["name"]: p["default"] for p in pg.get("parameters", []) if "default" in p}
         pg = {**pg, "process_graph": detach_callbacks(pg["process_graph"])}
-        return OpenEOProcessGraph(pg).to_callable(self.registry)(named_parameters={**defaults, **parameters})
+        try:
+            return OpenEOProcessGraph(pg).to_callable(self.registry)(named_parameters={**defaults, **parameters})
+        except (RasterioError, CPLE_BaseError) as e:
+            # GDAL opens a truncated or damaged file and fails only on the block it cannot read,
+            # wherever the data is computed; its own message (the cause) names the file.
+            raise EngineError(f"reading the data failed (truncated or corrupt file?): {e.__cause__ or e}") from e

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioIOError
+from rasterio._err import CPLE_BaseError
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -87,6 +87,8 @@ class DateWriter:
         self.idx1 = np.zeros((h4, w4), np.uint16)
         self._mask = None  # the open mask file, from the first block with nodata on
         self._parts: list[tuple[Path, Path]] = []
+        for name in self.names.values():  # left by a run that was killed: never part of a product
+            (folder / (name + ".part")).unlink(missing_ok=True)
 
     def add(self, y: int, x: int, idx0: np.ndarray, idx1: np.ndarray, nodata: np.ndarray) -> None:
         """Cells of a block whose top-left 10 m pixel is (y, x), both multiples of 4."""
@@ -130,6 +132,8 @@ class DateWriter:
             raise
         for part, final in self._parts:  # in the order written: L0 last
             part.replace(final)
+        if not has_mask:  # a mask of an earlier run of this date; read_date ignores it, as L0 says
+            (self.folder / self.names["nodata"]).unlink(missing_ok=True)
         return [final for _, final in self._parts]
 
     def abort(self) -> None:
@@ -161,55 +165,107 @@ def write_date(folder: Path, date: str, idx0: np.ndarray, idx1: np.ndarray, noda
     return writer.finish()
 
 
-def _read_tif(path: Path) -> tuple[np.ndarray, dict, Affine, str | None]:
+# The largest input grid a product may declare (about nine 10980 px Sentinel-2 tiles): a corrupt
+# header or tag must not make the reader allocate without bound.
+MAX_INPUT_PIXELS = 1 << 30
+# What GDAL raises on damaged files: rasterio's errors (CRSError is a ValueError of its own), and CPLE_* errors.
+_GDAL_ERRORS = (rasterio.errors.RasterioError, rasterio.errors.CRSError, CPLE_BaseError)
+
+
+def level_shape(shape: tuple[int, int], level: str) -> tuple[int, int]:
+    """Shape of a product file's grid for an input grid of ``shape`` (y, x)."""
+    if level == "nodata":
+        return tuple(shape)
+    cells = (-(-shape[0] // 4), -(-shape[1] // 4))
+    k = 2 if level == "L0" else 1
+    return cells[0] * k, cells[1] * k
+
+
+def _shown(value: str | None) -> str:
+    """A tag value as an error message quotes it: a corrupt tag may be long."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _input_grid(tags: dict, name: str) -> tuple[tuple[int, int], Affine | None]:
+    """The input grid a product file's tags declare, checked before any pixel is read."""
+    if tags.get("CORSA_FORMAT") != FORMAT:
+        raise ProductError(f"{name} is not a {FORMAT} file (no CORSA_FORMAT tag)")
+    if tags.get("CORSA_FORMAT_VERSION") != str(FORMAT_VERSION):
+        raise ProductError(f"{name} has format version {_shown(tags.get('CORSA_FORMAT_VERSION'))}, "
+                           f"this reader knows {FORMAT_VERSION}")
+    try:
+        shape, tr = json.loads(tags["CORSA_INPUT_SHAPE"]), json.loads(tags["CORSA_INPUT_TRANSFORM"])
+    except (KeyError, ValueError) as e:
+        raise ProductError(f"{name} has no valid input grid tags: {e}") from e
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        raise ProductError(f"{name}: CORSA_INPUT_SHAPE {_shown(tags['CORSA_INPUT_SHAPE'])} is not [height, width]")
+    if shape[0] * shape[1] > MAX_INPUT_PIXELS:
+        raise ProductError(f"{name} declares an input grid of {shape[0]} x {shape[1]} px, more than the "
+                           f"{MAX_INPUT_PIXELS:,} px this reader accepts (corrupt tag?)")
+    if tr is not None and not (isinstance(tr, list) and len(tr) == 6 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in tr)):
+        raise ProductError(f"{name}: CORSA_INPUT_TRANSFORM {_shown(tags['CORSA_INPUT_TRANSFORM'])} is not 6 numbers")
+    return (shape[0], shape[1]), (Affine(*tr) if tr else None)
+
+
+def _read_tif(path: Path, level: str) -> tuple[np.ndarray, dict, str | None]:
+    """Pixels, tags and CRS of one product file. Its tags are checked and the header's size compared
+    with the grid they imply before reading, so a corrupt file cannot make us allocate without bound.
+    GDAL may open a truncated file and fail only on a block: every GDAL error becomes a ProductError."""
     if not path.is_file():
         raise ProductError(f"{path.name} is missing from {path.parent}")
     try:
         with rasterio.open(path) as src:
-            return src.read(1), src.tags(), src.transform, (src.crs.to_string() if src.crs else None)
-    except (RasterioIOError, rasterio.errors.RasterioError) as e:
+            tags = src.tags()
+            expect = level_shape(_input_grid(tags, path.name)[0], level)
+            if tags.get("CORSA_LEVEL") != level:
+                raise ProductError(f"{path.name} is tagged as level {_shown(tags.get('CORSA_LEVEL'))}, not {level}")
+            if src.count != 1 or src.dtypes[0] not in ("uint8", "uint16"):
+                raise ProductError(f"{path.name} holds {src.count} band(s) of {src.dtypes[0]}, "
+                                   "expected one uint8 or uint16 band")
+            if src.shape != expect:
+                raise ProductError(f"{path.name} is {src.height} x {src.width} px, its input grid tags imply "
+                                   f"{expect[0]} x {expect[1]}")
+            return src.read(1), tags, (src.crs.to_string() if src.crs else None)
+    except _GDAL_ERRORS as e:
         raise ProductError(f"{path} is not a readable GeoTIFF (truncated or corrupt?): {e}") from e
 
 
 def dates_in(folder: Path) -> list[str]:
-    """Complete dates in a product folder (those whose L0 file exists)."""
+    """Complete dates in a product folder (those whose L0 file exists; .part files are unfinished)."""
     if not folder.is_dir():
         raise ProductError(f"{folder} is not a product folder")
     return sorted(p.name[len("corsa_"):-len("_L0.tif")] for p in folder.glob("corsa_*_L0.tif"))
 
 
+# Tags that all files of one date share.
+_SHARED_TAGS = ("CORSA_MODEL_ID", "CORSA_MODEL_SHA256", "CORSA_BANDS", "CORSA_INPUT_SHAPE",
+                "CORSA_INPUT_TRANSFORM", "CORSA_DATE", "CORSA_NODATA")
+
+
 def read_date(folder: Path, date: str) -> ProductDate:
     names = file_names(date)
-    idx0, tags0, tr0, crs = _read_tif(folder / names["L0"])
-    idx1, tags1, _, _ = _read_tif(folder / names["L1"])
-    for tags, name in ((tags0, names["L0"]), (tags1, names["L1"])):
-        if tags.get("CORSA_FORMAT") != FORMAT:
-            raise ProductError(f"{name} is not a {FORMAT} file (no CORSA_FORMAT tag)")
-        if tags.get("CORSA_FORMAT_VERSION") != str(FORMAT_VERSION):
-            raise ProductError(f"{name} has format version {tags.get('CORSA_FORMAT_VERSION')}, "
-                               f"this reader knows {FORMAT_VERSION}")
-    keys = ("CORSA_MODEL_SHA256", "CORSA_INPUT_SHAPE", "CORSA_INPUT_TRANSFORM", "CORSA_DATE")
-    if any(tags0.get(k) != tags1.get(k) for k in keys):
+    idx0, tags0, crs = _read_tif(folder / names["L0"], "L0")
+    idx1, tags1, _ = _read_tif(folder / names["L1"], "L1")
+    if any(tags0.get(k) != tags1.get(k) for k in _SHARED_TAGS):
         raise ProductError(f"{names['L0']} and {names['L1']} do not belong together (tags differ)")
+    if tags0.get("CORSA_DATE") != date:
+        raise ProductError(f"{names['L0']} is tagged with date {_shown(tags0.get('CORSA_DATE'))}, not {date}")
     if tags0.get("CORSA_BANDS") != ",".join(BANDS):
-        raise ProductError(f"{names['L0']} holds bands {tags0.get('CORSA_BANDS')}, expected {','.join(BANDS)}")
-    try:
-        shape = tuple(json.loads(tags0["CORSA_INPUT_SHAPE"]))
-        tr = json.loads(tags0["CORSA_INPUT_TRANSFORM"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ProductError(f"{names['L0']} has no valid input grid tags: {e}") from e
-    if len(shape) != 2 or idx0.shape != (-(-shape[0] // 4) * 2, -(-shape[1] // 4) * 2) or \
-            idx1.shape != (idx0.shape[0] // 2, idx0.shape[1] // 2):
-        raise ProductError(f"index grids {idx0.shape} / {idx1.shape} do not fit the input grid {shape}")
+        raise ProductError(f"{names['L0']} holds bands {_shown(tags0.get('CORSA_BANDS'))}, expected {','.join(BANDS)}")
+    if "CORSA_MODEL_SHA256" not in tags0:
+        raise ProductError(f"{names['L0']} does not name the model that wrote it (CORSA_MODEL_SHA256)")
+    shape, transform = _input_grid(tags0, names["L0"])
     nodata = None
-    if (folder / names["nodata"]).exists():
-        mask, _, _, _ = _read_tif(folder / names["nodata"])
-        if mask.shape != shape:
-            raise ProductError(f"nodata mask {mask.shape} does not match the input grid {shape}")
+    # A mask file is read only when the date's tags name it: one left from an older run is not ours.
+    if "mask in" in tags0.get("CORSA_NODATA", ""):
+        mask, tags_m, _ = _read_tif(folder / names["nodata"], "nodata")
+        if any(tags_m.get(k) != tags0.get(k) for k in _SHARED_TAGS):
+            raise ProductError(f"{names['nodata']} and {names['L0']} do not belong together (tags differ)")
         nodata = mask.astype(bool)
-    elif "mask in" in tags0.get("CORSA_NODATA", ""):
-        raise ProductError(f"{names['nodata']} is missing from {folder}")
-    return ProductDate(date, idx0, idx1, nodata, shape, Affine(*tr) if tr else None, crs,
+    return ProductDate(date, idx0, idx1, nodata, shape, transform, crs,
                        tags0.get("CORSA_MODEL_ID", ""), tags0["CORSA_MODEL_SHA256"])
 
 
@@ -250,7 +306,9 @@ def date_cube(d: ProductDate):
     cube = xr.DataArray(data, dims=("t", "bands", "y", "x"),
                         coords={"t": t, "bands": list(INDEX_BANDS), **_grid_coords(d.shape, d.transform)},
                         attrs={"corsa_model_id": d.model_id, "corsa_decoder_sha256": d.model_sha256})
-    return cube.rio.write_crs(d.crs) if d.crs else cube
+    cube = cube.rio.write_crs(d.crs) if d.crs else cube
+    # A side of 1 px has no coordinate spacing to compute the grid from: carry the transform.
+    return cube.rio.write_transform(d.transform) if d.transform is not None else cube
 
 
 def _transform_of(cube) -> Affine | None:
@@ -341,6 +399,6 @@ def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, 
 def check_model(d: ProductDate, decoder_sha256: str, model_id: str) -> None:
     """Refuse to decode a product with a model other than the one that wrote it."""
     if d.model_sha256 != decoder_sha256:
-        raise ProductError(f"date {d.date} was written with model {d.model_id!r} (decoder sha256 "
+        raise ProductError(f"date {d.date} was written with model {_shown(d.model_id)} (decoder sha256 "
                            f"{d.model_sha256[:12]}...), the available model {model_id!r} has "
                            f"{decoder_sha256[:12]}...: decoding would give wrong reflectances")

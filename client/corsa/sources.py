@@ -47,13 +47,19 @@ def open_geotiff(path: Path) -> xr.DataArray:
     long_name = da.attrs.get("long_name") or ()
     # rioxarray gives one string for a single band, a tuple otherwise
     names = [str(n).upper() for n in ((long_name,) if isinstance(long_name, str) else long_name)]
+    if da.dtype.kind not in "uif":
+        raise SourceError(f"{path} has data type {da.dtype}, expected integer or float DN")
+    twice = sorted({n for n in names if n in BANDS and names.count(n) > 1})
+    if twice:
+        raise SourceError(f"{path} describes more than one band as {', '.join(twice)}")
     if set(BANDS) <= set(names):
         labels = names
     elif da.sizes["band"] == len(BANDS):
         labels = list(BANDS)
     else:
-        raise SourceError(f"{path} has {da.sizes['band']} bands without descriptions naming "
-                          f"{', '.join(BANDS)}")
+        missing = [b for b in BANDS if b not in names]
+        raise SourceError(f"{path} has {da.sizes['band']} bands and lacks {', '.join(missing)}: it needs the "
+                          f"10 bands {', '.join(BANDS)}, named by band descriptions or exactly 10 in that order")
     date = da.attrs.get("CORSA_DATE") or _tiff_datetime(da.attrs.get("TIFFTAG_DATETIME"))
     da = da.rename(band="bands").assign_coords(bands=labels)
     nodata = da.attrs.get("_FillValue")
@@ -157,7 +163,10 @@ class Catalogue:
                 raise SourceError(f"collection {collection_id!r} lacks bands {missing}; "
                                   f"it has {list(cube['bands'].values)}")
             cube = cube.sel(bands=list(bands))
-        if temporal_extent and not cube["t"].isnull().all():
+        if temporal_extent and any(temporal_extent) and cube["t"].isnull().any():
+            raise SourceError(f"collection {collection_id!r} has data without a date (no CORSA_DATE or TIFF "
+                              f"DateTime tag): the temporal extent {temporal_extent} cannot select from it")
+        if temporal_extent:
             start, end = (pd.Timestamp(v) if v else None for v in temporal_extent)
             keep = np.ones(cube.sizes["t"], bool)
             if start is not None:
