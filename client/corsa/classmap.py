@@ -60,7 +60,7 @@ class Classifier:
 
     def predict(self, codec: OnnxCodec, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
         """Index grids -> class values (uint8) on the level-0 grid, straight through onnxruntime."""
-        codec._check_indices(idx0, idx1)
+        codec.check_indices(idx0, idx1)
         return corsa_udf.classify(codec.features_session, self.session, idx0, idx1)
 
 
