@@ -17,7 +17,7 @@ import onnxruntime as ort
 import rasterio
 from rasterio.transform import Affine
 
-from .codec import ModelError, OnnxCodec, model_dir, sha256_file
+from .codec import ModelError, OnnxCodec, checked_session, read_card
 
 DEFAULT_CLASSIFIER = "corsa512-scl"
 
@@ -26,13 +26,9 @@ class Classifier:
     """classifier.onnx of one folder, checked against its card and against the codec it belongs to."""
 
     def __init__(self, model: str | Path = DEFAULT_CLASSIFIER, threads: int | None = None):
-        self.path = model_dir(model)
-        card = self.path / "model_card.json"
-        if not card.is_file():
-            raise ModelError(f"no model_card.json in {self.path}")
-        self.card = json.loads(card.read_text())
+        self.path, self.card = read_card(model)
         if "classes" not in self.card or "classifier" not in self.card.get("files", {}):
-            raise ModelError(f"{card} is not a classifier card (no classes / classifier file)")
+            raise ModelError(f"{self.path / 'model_card.json'} is not a classifier card (no classes / classifier file)")
         self.threads = threads
 
     @property
@@ -52,11 +48,7 @@ class Classifier:
 
     @cached_property
     def session(self) -> ort.InferenceSession:
-        entry = self.card["files"]["classifier"]
-        path = self.path / entry["path"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
-        return corsa_udf.session(str(path), self.threads or 0)
+        return checked_session(self.path, self.card["files"]["classifier"], self.threads)
 
     def predict(self, codec: OnnxCodec, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
         """Index grids -> class values (uint8) on the level-0 grid, straight through onnxruntime."""

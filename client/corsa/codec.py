@@ -38,18 +38,36 @@ def model_dir(model: str | Path) -> Path:
     return path if path.is_dir() else MODELS_DIR / str(model)
 
 
+def read_card(model: str | Path) -> tuple[Path, dict]:
+    """A model folder (by path or name) and its model_card.json."""
+    path = model_dir(model)
+    card = path / "model_card.json"
+    if not card.is_file():
+        raise ModelError(f"no model_card.json in {path}")
+    try:
+        return path, json.loads(card.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model card {card} is not valid JSON: {e}") from e
+
+
+def checked_session(folder: Path, entry: dict, threads: int | None) -> ort.InferenceSession:
+    """The onnxruntime session of a card's file entry, refused unless the file matches its sha256."""
+    path = folder / entry["path"]
+    if not path.is_file():
+        raise ModelError(f"model file {path} is missing")
+    if sha256_file(path) != entry["sha256"]:
+        raise ModelError(f"{path} does not match the sha256 in its model card")
+    try:
+        return corsa_udf.session(str(path), threads or 0)
+    except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+        raise ModelError(f"onnxruntime cannot load {path}: {e}") from e
+
+
 class OnnxCodec:
     """Encoder, decoder and feature lookup of one model, sessions created on first use."""
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, threads: int | None = None):
-        self.path = model_dir(model)
-        card = self.path / "model_card.json"
-        if not card.is_file():
-            raise ModelError(f"no model_card.json in {self.path}")
-        try:
-            self.card = json.loads(card.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"model card {card} is not valid JSON: {e}") from e
+        self.path, self.card = read_card(model)
         self.threads = threads
         if tuple(self.card["bands"]) != BANDS:
             raise ModelError(f"model {self.path.name} expects bands {self.card['bands']}, not {BANDS}")
@@ -64,16 +82,7 @@ class OnnxCodec:
         return self.card["id"]
 
     def _session(self, name: str) -> ort.InferenceSession:
-        entry = self.card["files"][name]
-        path = self.path / entry["path"]
-        if not path.is_file():
-            raise ModelError(f"model file {path} is missing")
-        if sha256_file(path) != entry["sha256"]:
-            raise ModelError(f"{path} does not match the sha256 in its model card")
-        try:
-            return corsa_udf.session(str(path), self.threads or 0)
-        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
-            raise ModelError(f"onnxruntime cannot load {path}: {e}") from e
+        return checked_session(self.path, self.card["files"][name], self.threads)
 
     @cached_property
     def encoder(self) -> ort.InferenceSession:
