@@ -1,10 +1,16 @@
 """Scale: compress and decompress growing mosaics of real scenes through the CLI, with time and
-peak memory of each run (a fresh process each), up to a full 100 km tile (10980 x 10980 px).
+memory of each run (a fresh process each), up to a full 100 km tile (10980 x 10980 px) and a time
+series of that tile.
 
-    python -m benchmarks.scale --sizes 2745 5490 10980 --out benchmarks/results/scale.json
+    python -m benchmarks.scale --sizes 2745 5490 --out benchmarks/results/scale.jsonl
+    python -m benchmarks.scale --sizes 10980 --dates 3 --out benchmarks/results/scale.jsonl
 
 The mosaic repeats the Major-TOM scene (1068 x 1068 px) with alternating flips, so every chunk
-holds real Sentinel-2 texture; it is written once per size to a scratch folder.
+holds real Sentinel-2 texture; date k of a series turns the scene by k quarter turns, so each date
+puts other pixels in each chunk. Mosaics are written once per size to a scratch folder. Each row
+is appended to ``--out`` (JSON lines) as soon as it is measured, so a long run keeps what it did.
+Memory: the peak RSS of the run (getrusage in the child) and the largest RSS seen in each quarter
+of its wall time (sampled from outside every 0.5 s), which shows whether memory keeps growing.
 """
 from __future__ import annotations
 
@@ -24,18 +30,21 @@ from rasterio.windows import Window
 from corsa.datasets import LOADERS, default_data_root
 from corsa.scene import BANDS
 
+FIRST_DATE = np.datetime64("2022-07-06")
 
-def write_mosaic(path: Path, size: int) -> None:
+
+def write_mosaic(path: Path, size: int, date_index: int = 0) -> None:
     (scene,) = LOADERS["majortom"](default_data_root())
-    tile = scene.data
+    tile = np.rot90(scene.data, date_index, axes=(1, 2))
     n = tile.shape[1]
+    date = str(FIRST_DATE + np.timedelta64(5 * date_index, "D")).replace("-", ":")
     profile = {"driver": "GTiff", "width": size, "height": size, "count": len(BANDS), "dtype": "uint16",
                "crs": scene.crs, "transform": Affine(*scene.transform), "tiled": True, "blockxsize": 512,
                "blockysize": 512, "compress": "zstd", "predictor": 2}
     with rasterio.open(path, "w", **profile) as dst:
         for i, b in enumerate(BANDS, 1):
             dst.set_band_description(i, b)
-        dst.update_tags(TIFFTAG_DATETIME="2022:07:06 10:00:00")
+        dst.update_tags(TIFFTAG_DATETIME=f"{date} 10:00:00")
         for y in range(0, size, n):
             for x in range(0, size, n):
                 block = tile[:, :, ::-1] if (x // n) % 2 else tile
@@ -48,40 +57,69 @@ PEAK_WRAPPER = ("import resource, sys; from corsa.cli import main; rc = main(sys
                 "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
 
 
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(line for line in f if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):  # the process has just ended
+        return 0.0
+
+
 def timed(args: list[str]) -> dict:
-    """Wall time and peak RSS of one CLI run in a fresh process."""
+    """Wall time, peak RSS and the RSS seen per quarter of the run, of one CLI run in a fresh process."""
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *args], capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    samples = []
+    while proc.poll() is None:
+        samples.append((time.perf_counter() - t, _rss_mb(proc.pid)))
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t
-    if out.returncode:
-        raise RuntimeError(f"corsa {' '.join(args)} failed: {out.stderr[-2000:]}")
-    lines = out.stdout.strip().splitlines()
+    if proc.returncode:
+        raise RuntimeError(f"corsa {' '.join(args)} failed: {stderr[-2000:]}")
+    lines = stdout.strip().splitlines()
     peak_kb = int(next(line.split()[1] for line in lines if line.startswith("peak_rss_kb")))
     summary = [line for line in lines if not line.startswith("peak_rss_kb")][-1]
-    return {"seconds": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024, 1), "summary": summary}
+    quarters = [round(max((m for s, m in samples if q * wall / 4 <= s < (q + 1) * wall / 4), default=0))
+                for q in range(4)]
+    return {"seconds": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
+            "rss_mb_by_quarter": quarters, "summary": summary}
+
+
+def measure(size: int, dates: int, scratch: Path) -> dict:
+    """Mosaics of ``dates`` dates -> product -> decoded GeoTIFFs, each step timed in its own process."""
+    src, prod, dec = scratch / f"in{size}", scratch / f"p{size}", scratch / f"d{size}"
+    src.mkdir()
+    for k in range(dates):
+        write_mosaic(src / f"date{k}.tif", size, k)
+    row = {"size_px": size, "dates": dates, "megapixels": dates * size * size / 1e6,
+           "compress": timed(["compress", str(src if dates > 1 else src / "date0.tif"), "-o", str(prod)]),
+           "decompress": timed(["decompress", str(prod), "-o", str(dec)])}
+    row["product_bytes"] = sum(f.stat().st_size for f in prod.iterdir())
+    row["cf"] = 88 * dates * size * size / (8 * row["product_bytes"])
+    for folder in (src, dec):
+        for f in folder.iterdir():
+            f.unlink()
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2745, 5490, 10980])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
+    p.add_argument("--dates", type=int, default=1, help="dates per mosaic (a time series of the same area)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.jsonl"))
     args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sorted(args.sizes):
-            src, prod, dec = Path(tmp) / f"m{size}.tif", Path(tmp) / f"p{size}", Path(tmp) / f"d{size}.tif"
-            write_mosaic(src, size)
-            row = {"size_px": size, "megapixels": size * size / 1e6,
-                   "compress": timed(["compress", str(src), "-o", str(prod)]),
-                   "decompress": timed(["decompress", str(prod), "-o", str(dec)])}
-            row["product_bytes"] = sum(f.stat().st_size for f in prod.iterdir())
-            row["cf"] = 88 * size * size / (8 * row["product_bytes"])
+            row = measure(size, args.dates, Path(tmp))
             print(json.dumps(row), flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
             rows.append(row)
-            for f in (src, dec):
-                f.unlink()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
     return rows
 
 

@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from corsa.classmap import DEFAULT_CLASSIFIER
+from corsa.codec import DEFAULT_MODEL, read_card
 from corsa.processes import GRAPHS_DIR, PROCESSES, UDF_CODE, render
 
 FILES = sorted(GRAPHS_DIR.glob("*.json"))
@@ -48,3 +50,31 @@ def test_udf_code_is_embedded_verbatim():
         text = path.read_text()
         if "run_udf" in text:
             assert json.dumps(UDF_CODE) in text
+
+
+def _neighborhoods(node):
+    """(mode, overlap px) of every apply_neighborhood running the CORSA UDF below ``node``."""
+    if isinstance(node, dict):
+        if node.get("process_id") == "apply_neighborhood":
+            (udf,) = node["arguments"]["process"]["process_graph"].values()
+            overlaps = {o["dimension"]: o["value"] for o in node["arguments"]["overlap"]}
+            assert overlaps["x"] == overlaps["y"]
+            yield udf["arguments"]["context"]["mode"], overlaps["x"]
+        for v in node.values():
+            yield from _neighborhoods(v)
+
+
+def test_chunk_overlap_covers_each_networks_reach():
+    """Chunks overlap by what the mode's network reaches (model cards), in whole level-1 cells:
+    less would leave seams at chunk borders."""
+    _, codec_card = read_card(DEFAULT_MODEL)
+    _, clf_card = read_card(DEFAULT_CLASSIFIER)
+    reach = {"compress": codec_card["receptive_radius_px"]["encoder"],
+             "decompress": codec_card["receptive_radius_px"]["decoder"],
+             "classify": clf_card["receptive_radius_px"]["grid10"]}
+    seen = set()
+    for path in FILES:
+        for mode, overlap in _neighborhoods(json.loads(path.read_text())):
+            assert overlap % 4 == 0 and reach[mode] <= overlap < reach[mode] + 4, (path.name, mode, overlap)
+            seen.add(mode)
+    assert seen == set(reach)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import rasterio
+import corsa_udf
 from rasterio.transform import Affine
 
 from corsa import cli, product
@@ -76,12 +77,26 @@ def test_several_dates_in_a_folder(tmp_path, data_root, codec):
 
 
 def test_chunk_borders_leave_no_seam(tmp_path, majortom, codec):
-    """The engine works in 512 px chunks; the indices must equal a whole-scene encode."""
+    """The engine works in 512 px chunks, each with only its network's reach of context: the
+    indices must equal a whole-scene encode, and the decoded bands a decode in one piece."""
     write_scene(tmp_path / "in.tif", majortom.data, Affine(*majortom.transform), majortom.crs, "2022-07-06")
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
     d = product.read_date(tmp_path / "prod", "2022-07-06")
-    whole0, whole1 = codec.encode(majortom.data)
+    whole0, whole1 = corsa_udf.encode(codec.encoder, majortom.data, tile=2048)
     assert np.mean(d.idx0 == whole0) > 0.999 and np.mean(d.idx1 == whole1) > 0.999
+
+    assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "out.tif")]) == 0
+    with rasterio.open(tmp_path / "out.tif") as src:
+        out = src.read().astype(np.float32)
+    h, w = majortom.data.shape[1:]
+    one_piece = np.clip(np.rint(corsa_udf.decode(codec.decoder, d.idx0, d.idx1, tile=2048)), 0, 65535)[:, :h, :w]
+    assert np.abs(out - one_piece).max() <= 1                  # float rounding of other tile shapes only
+    border = np.zeros((h, w), bool)
+    for b in range(512, max(h, w), 512):                         # 8 px either side of each chunk border
+        border[b - 8:b + 8, :] = True
+        border[:, b - 8:b + 8] = True
+    data = majortom.data.astype(np.float32)
+    assert psnr(data[:, border], out[:, border]) > psnr(data[:, ~border], out[:, ~border]) - 1.0
 
 
 def test_wrong_inputs_get_clear_errors(tmp_path, majortom, capsys):

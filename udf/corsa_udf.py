@@ -15,6 +15,7 @@ computed on the 20 m grid from the codebook vectors alone (no decoding) and repl
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -55,10 +56,27 @@ def _fetch(model: str, name: str, sha256: str | None) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _return_freed_activations() -> None:
+    """Fix glibc's mmap threshold at 1 MiB (where glibc is the C library).
+
+    By default glibc raises the threshold to the largest block freed (up to 32 MiB); from then on
+    onnxruntime's activations (tens of MB per layer) come from heap arenas that fragment and are not
+    given back, so a process's memory crept up with the number of chunks it had run. Above a fixed
+    threshold every such block is mapped on its own and returned when freed (BENCHMARKS.md)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # another C library: leave its allocator alone
+        pass
+
+
 @functools.lru_cache(maxsize=8)
 def session(path: str, threads: int = 0):
     """One onnxruntime session per model file and thread count: a UDF is called once per chunk."""
     import onnxruntime as ort
+
+    _return_freed_activations()
 
     opts = ort.SessionOptions()
     # The arena keeps the peak of every chunk shape it has seen: off, a 2048 px compress peaks at

@@ -19,9 +19,14 @@ from .scene import BANDS
 
 GRAPHS_DIR = Path(__file__).resolve().parents[2] / "process_graphs"
 UDF_CODE = Path(corsa_udf.__file__).read_text()
-# apply_neighborhood chunks: 512 px plus 100 px of context each side (the encoder's plus the
-# decoder's reach, tile.overlap in the model card); inside a chunk the UDF works in one piece.
-CHUNK, OVERLAP, UDF_TILE = 512, 100, 1024
+# apply_neighborhood chunks: 512 px plus, on each side, the context that one mode's network
+# reaches (receptive_radius_px in the shipped model cards: encoder 54, decoder 44, classifier 2),
+# rounded up to whole level-1 cells; a test checks them against the cards. Compress needs only the
+# encoder's reach and decompress only the decoder's: the sum (the cards' tile.overlap, 100 px)
+# would nearly double the pixels each chunk runs through the network. Inside a chunk the UDF
+# works in one piece.
+CHUNK, UDF_TILE = 512, 1024
+OVERLAP = {"compress": 56, "decompress": 44, "classify": 4}
 JOB_OPTIONS = {
     "executor-memory": "2G", "executor-memoryOverhead": "3G", "python-memory": "3G",
     "udf-dependency-archives": [],
@@ -49,12 +54,12 @@ def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = M
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
                  context={"mode": mode,
                           "model": {"from_parameter": model.name} if isinstance(model, Parameter) else model,
-                          "tile": UDF_TILE, "overlap": OVERLAP, **(extra or {})})
+                          "tile": UDF_TILE, "overlap": OVERLAP[mode], **(extra or {})})
     node = PGNode("apply_neighborhood",
                   data=data.result_node() if data is not None else {"from_parameter": "data"},
                   process={"process_graph": udf},
                   size=[{"dimension": d, "value": CHUNK, "unit": "px"} for d in ("x", "y")],
-                  overlap=[{"dimension": d, "value": OVERLAP, "unit": "px"} for d in ("x", "y")])
+                  overlap=[{"dimension": d, "value": OVERLAP[mode], "unit": "px"} for d in ("x", "y")])
     return DataCube(node, connection=data.connection if data is not None else None)
 
 
