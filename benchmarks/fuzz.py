@@ -9,7 +9,9 @@ pixels overwritten, headers declaring huge grids) and decodes it in a worker pro
 under an address-space limit (RLIMIT_AS) and each case under a time limit, so a hang or an unbounded
 allocation shows up as such. Allowed outcomes: exit 0 with a readable GeoTIFF, or exit 2 with
 "corsa decompress: error: ..." and no output file. Anything else (an exception of another type, a
-signal, a hang, a MemoryError, output left after an error) is a finding.
+signal, a hang, a MemoryError, output left after an error) is a finding. A damaged product that
+decodes is compared with the decode of its undamaged seed: other pixels, grid or CRS count as a
+wrong decode (damage that went unnoticed).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ TAG_VALUES = ["", "garbage", "null", "[]", "[1]", "[0, 0]", "[-4, 8]", "[1.5, 2]
               "[NaN, 1, 0, 0, -1, 0]", "[1, 2, 3]", "2", "0" * 64, "x" * 5000, "corsa-product", "2022-07-06",
               "1999-01-01", "L1", "L0", "nodata", "mask in nowhere"]
 TAGS = ["CORSA_FORMAT", "CORSA_FORMAT_VERSION", "CORSA_LEVEL", "CORSA_MODEL_ID", "CORSA_MODEL_SHA256",
-        "CORSA_BANDS", "CORSA_DATE", "CORSA_INPUT_SHAPE", "CORSA_INPUT_TRANSFORM", "CORSA_NODATA"]
+        "CORSA_BANDS", "CORSA_DATE", "CORSA_INPUT_SHAPE", "CORSA_INPUT_TRANSFORM", "CORSA_INPUT_CRS",
+        "CORSA_NODATA", "CORSA_PIXELS_CRC32"]
 
 
 # -- damaging a product ------------------------------------------------------------------------
@@ -248,6 +251,31 @@ class Worker:
         self.proc.wait()
 
 
+def decoded_image(path: Path) -> tuple:
+    """What a decode gives a user: pixels, grid and CRS."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return src.read(), src.transform, src.crs
+
+
+def same_image(a: tuple, b: tuple) -> bool:
+    return a[0].shape == b[0].shape and bool((a[0] == b[0]).all()) and a[1:] == b[1:]
+
+
+def seed_images(seeds: list[Path], folder: Path) -> dict[Path, tuple]:
+    """The decode of each undamaged seed product."""
+    from corsa import cli
+
+    images = {}
+    for seed in seeds:
+        target = folder / f"{seed.name}_decoded.tif"
+        if cli.main(["decompress", str(seed), "-o", str(target)]) != 0:
+            raise RuntimeError(f"decoding the seed {seed.name} failed")
+        images[seed] = decoded_image(target)
+    return images
+
+
 def judge(result: dict, target: Path) -> str | None:
     """What is wrong with a case's outcome, or None."""
     if result.get("exc"):
@@ -273,9 +301,11 @@ class Report:
     cases: int = 0
     refused: int = 0
     decoded: int = 0
+    wrong: int = 0              # decoded, but not to what the undamaged product gives
     findings: list = field(default_factory=list)
     mutation_crashes: int = 0   # GDAL died damaging a file (in the harness, not in decompress)
-    decoded_examples: list = field(default_factory=list)   # damage that decoded: what went unnoticed
+    decoded_examples: list = field(default_factory=list)   # damage that decoded
+    wrong_examples: list = field(default_factory=list)     # damage that decoded to a wrong image
     max_rss_mb: int = 0
     seconds: float = 0.0
 
@@ -284,6 +314,7 @@ def fuzz(seeds: list[Path], work: Path, cases: int, seconds: float, seed: int = 
          case_timeout: float = CASE_TIMEOUT) -> Report:
     """Run up to ``cases`` mutated products within ``seconds`` (checked between cases)."""
     report, t0 = Report(), time.monotonic()
+    images = seed_images(seeds, work)
     w = Worker()
     try:
         for i in range(cases):
@@ -292,7 +323,8 @@ def fuzz(seeds: list[Path], work: Path, cases: int, seconds: float, seed: int = 
             case_dir = work / f"case{i}"
             case, target = case_dir / "product", case_dir / "out" / "decoded.tif"
             rng = random.Random(f"{seed}-{i}")  # each case on its own: a run can be replayed case by case
-            what = mutate_isolated(rng, rng.choice(seeds), case)
+            seed_product = rng.choice(seeds)
+            what = mutate_isolated(rng, seed_product, case)
             if what is None:
                 report.mutation_crashes += 1
                 shutil.rmtree(case_dir, ignore_errors=True)
@@ -307,6 +339,9 @@ def fuzz(seeds: list[Path], work: Path, cases: int, seconds: float, seed: int = 
                 report.decoded += 1
                 if len(report.decoded_examples) < 20:
                     report.decoded_examples.append(what)
+                if not same_image(decoded_image(target), images[seed_product]):
+                    report.wrong += 1
+                    report.wrong_examples.append(what)
             else:
                 report.refused += 1
             if w.proc.poll() is not None:

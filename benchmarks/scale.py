@@ -68,15 +68,19 @@ def _rss_mb(pid: int) -> float:
 
 def timed(args: list[str]) -> dict:
     """Wall time, peak RSS and the RSS seen per quarter of the run, of one CLI run in a fresh process."""
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    samples = []
-    while proc.poll() is None:
-        samples.append((time.perf_counter() - t, _rss_mb(proc.pid)))
-        time.sleep(0.5)
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t
+    # Output goes to files, not pipes: nobody reads a pipe while we sample, and a full pipe would
+    # block the progress bar's thread and with it the run.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *args], stdout=out, stderr=err, text=True)
+        samples = []
+        while proc.poll() is None:
+            samples.append((time.perf_counter() - t, _rss_mb(proc.pid)))
+            time.sleep(0.5)
+        wall = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode:
         raise RuntimeError(f"corsa {' '.join(args)} failed: {stderr[-2000:]}")
     lines = stdout.strip().splitlines()

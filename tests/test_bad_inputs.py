@@ -113,6 +113,13 @@ def tiny_grid(shape: tuple[int, int]) -> Callable[[Ctx], None]:
     return check
 
 
+def same_decode_as_reference(ctx: Ctx) -> None:
+    assert cli.main(["decompress", str(ctx.reference), "-o", str(ctx.tmp / "reference.tif")]) == 0
+    with rasterio.open(ctx.tmp / "reference.tif") as a, rasterio.open(ctx.tmp / "out" / "decoded.tif") as b:
+        assert a.crs == b.crs and a.transform == b.transform
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
 def output_folder_created(ctx: Ctx) -> None:
     with rasterio.open(ctx.tmp / "new" / "folder" / f"corsa_decoded_{DATE}.tif") as src:
         assert src.count == 10 and src.shape == ctx.data.shape[1:]
@@ -175,8 +182,33 @@ def huge_header(prod: Path, files: dict) -> None:
 
 
 def indices_past_codebook(prod: Path, files: dict) -> None:
+    """Out-of-range indices with a matching checksum, as a faulty writer would leave them."""
     with rasterio.open(files["L1"], "r+") as dst:
         dst.write(np.full((1, 4, 4), 255, np.uint8), window=rasterio.windows.Window(0, 0, 4, 4))
+        dst.update_tags(CORSA_PIXELS_CRC32=product.pixels_crc32(dst.read(1)))
+
+
+def flipped_index_bit(prod: Path, files: dict) -> None:
+    """One index changed inside the compressed data, still a valid index: decodes without the checksum."""
+    with rasterio.open(files["L0"], "r+") as dst:
+        dst.write(dst.read(1, window=rasterio.windows.Window(5, 5, 1, 1)) ^ 1, 1,
+                  window=rasterio.windows.Window(5, 5, 1, 1))
+
+
+def as_version_1(prod: Path, files: dict) -> None:
+    """Each file rewritten as version 1 wrote it: no checksum, no CRS tag."""
+    for f in files.values():
+        with rasterio.open(f) as src:
+            profile, pixels, tags = src.profile, src.read(), src.tags()
+        del tags["CORSA_PIXELS_CRC32"], tags["CORSA_INPUT_CRS"]
+        with rasterio.open(f, "w", **profile) as dst:
+            dst.write(pixels)
+            dst.update_tags(**{**tags, "CORSA_FORMAT_VERSION": "1"})
+
+
+def other_crs_in_header(prod: Path, files: dict) -> None:
+    with rasterio.open(files["L0"], "r+") as dst:
+        dst.crs = rasterio.crs.CRS.from_epsg(32632)
 
 
 def foreign_l1(prod: Path, files: dict) -> None:
@@ -285,6 +317,12 @@ CATALOGUE: list[tuple[str, str, Callable[[Ctx], list[str]], Callable[[Ctx], None
     ("product files of two different runs", error("do not belong together"), edit_product(foreign_l1), None),
     ("product indices past the codebook", error("level-1 index 255 out of range for a codebook of 128"),
      edit_product(indices_past_codebook), None),
+    ("product index pixel changed (a still valid index)", error("its pixels do not match their checksum"),
+     edit_product(flipped_index_bit), None),
+    ("product L0 header with another CRS than its tags", error("differs from CORSA_INPUT_CRS"),
+     edit_product(other_crs_in_header), None),
+    ("a version 1 product (before checksums)", "read as before: decodes to the same image",
+     edit_product(as_version_1), same_decode_as_reference),
     ("product written by another model (sha256 differs)", error("was written with model"),
      edit_product(set_tags("", CORSA_MODEL_SHA256="0" * 64)), None),
     ("product folder with only unfinished .part files", error("holds no complete compressed date"),

@@ -1,4 +1,4 @@
-"""The compressed product: the one place that writes and reads it (format version 1).
+"""The compressed product: the one place that writes and reads it (format version 2).
 
 Per date, in one folder:
   corsa_<date>_L0.tif   level-0 indices on the fine grid (20 m), uint16 (uint8 where they fit), ZSTD
@@ -6,25 +6,31 @@ Per date, in one folder:
   corsa_<date>_nodata.tif   only when the input had nodata: 1-bit mask on the 10 m input grid
 Each file is an ordinary georeferenced GeoTIFF (the grids nest in the 10 m input grid: same origin,
 pixel size x2 and x4) and carries tags naming the format, model (id + decoder sha256), bands,
-input grid and date, so the files alone (plus the model) decode the scene.
+input grid and date, so the files alone (plus the model) decode the scene. Since version 2 each
+file also carries CORSA_PIXELS_CRC32, the CRC-32 of its pixels (row-major, little-endian, as stored),
+so damage inside compressed data that still decodes is refused instead of decoded to a wrong image.
+Version 1 products (no checksum) are still read.
 Files are written under temporary names and renamed, L0 last: a date whose L0 exists is complete.
 """
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio._err import CPLE_BaseError
+from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from .scene import BANDS
 
 FORMAT = "corsa-product"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 # Full-width strips of 512 rows: no padding of partial tiles (which costs much on small scenes),
 # and long runs for ZSTD. Byte-aligned indices (uint16, uint8 where they fit) compressed better
 # than NBITS packing on real index maps (BENCHMARKS.md).
@@ -56,13 +62,14 @@ def file_names(date: str) -> dict[str, str]:
 
 
 def _tags(level: str, model_id: str, model_sha256: str, shape: tuple[int, int],
-          transform: Affine | None, date: str, has_mask: bool) -> dict[str, str]:
+          transform: Affine | None, crs: str | None, date: str, has_mask: bool) -> dict[str, str]:
     return {
         "CORSA_FORMAT": FORMAT, "CORSA_FORMAT_VERSION": str(FORMAT_VERSION), "CORSA_LEVEL": level,
         "CORSA_MODEL_ID": model_id, "CORSA_MODEL_SHA256": model_sha256,
         "CORSA_BANDS": ",".join(BANDS), "CORSA_DATE": date,
         "CORSA_INPUT_SHAPE": json.dumps(list(shape)),
         "CORSA_INPUT_TRANSFORM": json.dumps(list(transform)[:6] if transform else None),
+        "CORSA_INPUT_CRS": crs or "",
         "CORSA_NODATA": ("pixels whose 10 bands are all 0; decoded as 0; mask in "
                          + file_names(date)["nodata"]) if has_mask else "none in the input",
     }
@@ -102,9 +109,9 @@ class DateWriter:
 
     def _mask_file(self):
         if self._mask is None:
-            part = self._part("nodata")
-            self._mask = rasterio.open(part, "w", **_profile(self.shape, self.transform, self.crs, dtype="uint8",
-                                                             nbits=1, compress="deflate"))
+            self._mask_part = self._part("nodata")
+            self._mask = rasterio.open(self._mask_part, "w", **_profile(
+                self.shape, self.transform, self.crs, dtype="uint8", nbits=1, compress="deflate"))
         return self._mask
 
     def _part(self, level: str) -> Path:
@@ -116,17 +123,20 @@ class DateWriter:
         """Write the index files, close the mask, rename everything into place; the final paths."""
         try:
             has_mask = self._mask is not None
-            tags = {level: _tags(level, self.model_id, self.model_sha256, self.shape, self.transform, self.date,
-                                 has_mask) for level in ("nodata", "L1", "L0")}
+            tags = {level: _tags(level, self.model_id, self.model_sha256, self.shape, self.transform, self.crs,
+                                 self.date, has_mask) for level in ("nodata", "L1", "L0")}
             if has_mask:
-                self._mask.update_tags(**tags["nodata"])
                 self._mask.close()
+                # The mask went to disk block by block: its checksum is taken by reading it back.
+                with rasterio.open(self._mask_part, "r+") as dst:
+                    dst.update_tags(**tags["nodata"], CORSA_PIXELS_CRC32=_file_crc32(dst))
             for level, idx, scale in (("L1", self.idx1, 4), ("L0", self.idx0, 2)):
                 tr = self.transform * Affine.scale(scale) if self.transform is not None else None
-                dtype = "uint8" if int(idx.max(initial=0)) < 256 else "uint16"
-                with rasterio.open(self._part(level), "w", **_profile(idx.shape, tr, self.crs, dtype=dtype)) as dst:
-                    dst.write(idx.astype(dtype), 1)
-                    dst.update_tags(**tags[level])
+                stored = idx.astype("uint8" if int(idx.max(initial=0)) < 256 else "<u2")
+                with rasterio.open(self._part(level), "w", **_profile(idx.shape, tr, self.crs,
+                                                                      dtype=stored.dtype.name)) as dst:
+                    dst.write(stored, 1)
+                    dst.update_tags(**tags[level], CORSA_PIXELS_CRC32=pixels_crc32(stored))
         except BaseException:
             self.abort()
             raise
@@ -142,6 +152,19 @@ class DateWriter:
             self._mask.close()
         for part, _ in self._parts:
             part.unlink(missing_ok=True)
+
+
+def pixels_crc32(pixels: np.ndarray, crc: int = 0) -> str:
+    """CORSA_PIXELS_CRC32 of a band's pixels (continuing ``crc`` for the rows that follow it)."""
+    return f"{zlib.crc32(np.ascontiguousarray(pixels, pixels.dtype.newbyteorder('<')).tobytes(), crc):08x}"
+
+
+def _file_crc32(src, rows: int = PROFILE["blockysize"]) -> str:
+    """pixels_crc32 of a file's band, read a strip of rows at a time (memory stays bounded)."""
+    crc = 0
+    for y in range(0, src.height, rows):
+        crc = int(pixels_crc32(src.read(1, window=Window(0, y, src.width, min(rows, src.height - y))), crc), 16)
+    return f"{crc:08x}"
 
 
 def _profile(shape: tuple[int, int], transform: Affine | None, crs: str | None, **profile) -> dict:
@@ -191,9 +214,9 @@ def _input_grid(tags: dict, name: str) -> tuple[tuple[int, int], Affine | None]:
     """The input grid a product file's tags declare, checked before any pixel is read."""
     if tags.get("CORSA_FORMAT") != FORMAT:
         raise ProductError(f"{name} is not a {FORMAT} file (no CORSA_FORMAT tag)")
-    if tags.get("CORSA_FORMAT_VERSION") != str(FORMAT_VERSION):
+    if tags.get("CORSA_FORMAT_VERSION") not in READABLE_VERSIONS:
         raise ProductError(f"{name} has format version {_shown(tags.get('CORSA_FORMAT_VERSION'))}, "
-                           f"this reader knows {FORMAT_VERSION}")
+                           f"this reader knows {', '.join(READABLE_VERSIONS)}")
     try:
         shape, tr = json.loads(tags["CORSA_INPUT_SHAPE"]), json.loads(tags["CORSA_INPUT_TRANSFORM"])
     except (KeyError, ValueError) as e:
@@ -228,7 +251,11 @@ def _read_tif(path: Path, level: str) -> tuple[np.ndarray, dict, str | None]:
             if src.shape != expect:
                 raise ProductError(f"{path.name} is {src.height} x {src.width} px, its input grid tags imply "
                                    f"{expect[0]} x {expect[1]}")
-            return src.read(1), tags, (src.crs.to_string() if src.crs else None)
+            pixels = src.read(1)
+            if tags["CORSA_FORMAT_VERSION"] != "1" and pixels_crc32(pixels) != tags.get("CORSA_PIXELS_CRC32"):
+                raise ProductError(f"{path.name}: its pixels do not match their checksum CORSA_PIXELS_CRC32 "
+                                   f"{_shown(tags.get('CORSA_PIXELS_CRC32'))} (damaged file?)")
+            return pixels, tags, (src.crs.to_string() if src.crs else None)
     except _GDAL_ERRORS as e:
         raise ProductError(f"{path} is not a readable GeoTIFF (truncated or corrupt?): {e}") from e
 
@@ -241,8 +268,25 @@ def dates_in(folder: Path) -> list[str]:
 
 
 # Tags that all files of one date share.
-_SHARED_TAGS = ("CORSA_MODEL_ID", "CORSA_MODEL_SHA256", "CORSA_BANDS", "CORSA_INPUT_SHAPE",
-                "CORSA_INPUT_TRANSFORM", "CORSA_DATE", "CORSA_NODATA")
+_SHARED_TAGS = ("CORSA_FORMAT_VERSION", "CORSA_MODEL_ID", "CORSA_MODEL_SHA256", "CORSA_BANDS", "CORSA_INPUT_SHAPE",
+                "CORSA_INPUT_TRANSFORM", "CORSA_INPUT_CRS", "CORSA_DATE", "CORSA_NODATA")
+
+
+def _checked_crs(tags: dict, header_crs: str | None, name: str) -> str | None:
+    """The CRS the tags declare, which the file's own header must agree with (version 2): a damaged
+    GeoKey directory would otherwise give the decoded scene another CRS, or none, without a word."""
+    if tags["CORSA_FORMAT_VERSION"] == "1":
+        return header_crs
+    declared = tags.get("CORSA_INPUT_CRS") or None
+    try:
+        same = declared == header_crs or (declared is not None and header_crs is not None
+                                          and CRS.from_user_input(declared) == CRS.from_user_input(header_crs))
+    except rasterio.errors.CRSError:
+        same = False
+    if not same:
+        raise ProductError(f"{name}: its header's CRS {_shown(header_crs)} differs from CORSA_INPUT_CRS "
+                           f"{_shown(declared)} (damaged file?)")
+    return declared
 
 
 def read_date(folder: Path, date: str) -> ProductDate:
@@ -258,6 +302,7 @@ def read_date(folder: Path, date: str) -> ProductDate:
     if "CORSA_MODEL_SHA256" not in tags0:
         raise ProductError(f"{names['L0']} does not name the model that wrote it (CORSA_MODEL_SHA256)")
     shape, transform = _input_grid(tags0, names["L0"])
+    crs = _checked_crs(tags0, crs, names["L0"])
     nodata = None
     # A mask file is read only when the date's tags name it: one left from an older run is not ours.
     if "mask in" in tags0.get("CORSA_NODATA", ""):
