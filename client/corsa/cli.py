@@ -87,12 +87,7 @@ def decompress(args: argparse.Namespace) -> str:
     if not dates:
         raise product.ProductError(f"{args.input} holds no complete compressed date (corsa_<date>_L0.tif)")
     for d in dates:
-        date = product.read_date(args.input, d)
-        product.check_model(date, codec.card["files"]["decoder"]["sha256"], codec.model_id)
-        try:
-            codec.check_indices(date.idx0, date.idx1)
-        except ValueError as e:
-            raise product.ProductError(f"date {d} of {args.input}: {e} (corrupt product?)") from e
+        _check_date(args.input, d, codec)
     out = Path(args.output)
     (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
@@ -108,6 +103,16 @@ def decompress(args: argparse.Namespace) -> str:
             out.mkdir(parents=True, exist_ok=True)
             written = [Path(shutil.move(p, out / p.name)) for p in engine.written]
     return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
+
+
+def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
+    """Refuse a date the codec cannot decode, before the engine runs (its grids are then freed)."""
+    d = product.read_date(folder, date)
+    product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+    try:
+        codec.check_indices(d.idx0, d.idx1)
+    except ValueError as e:
+        raise product.ProductError(f"date {date} of {folder}: {e} (corrupt product?)") from e
 
 
 def classify(args: argparse.Namespace) -> str:

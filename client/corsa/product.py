@@ -335,18 +335,45 @@ def _grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, 
     return {"y": tr.f + (np.arange(shape[0]) + 0.5) * tr.e, "x": tr.c + (np.arange(shape[1]) + 0.5) * tr.a}
 
 
-def date_cube(d: ProductDate):
-    """One product date as a lazy (t, [idx0, idx1, nodata], y, x) cube on the 10 m input grid:
-    the indices are replicated over their cells chunk by chunk, as they are read."""
+class _FileBand:
+    """Band 1 of a product file as an array that dask reads window by window: a decode holds the
+    blocks it is computing, not the scene's index grids or mask (memory bounded by chunk size)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int], dtype: str):
+        self.path, self.shape, self.dtype, self.ndim = path, shape, np.dtype(dtype), 2
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        ys, xs = key
+        with rasterio.open(self.path) as src:
+            return src.read(1, window=Window.from_slices(ys, xs, height=self.shape[0], width=self.shape[1]))
+
+    def lazy(self, chunks: int):
+        import dask.array as darr
+
+        # Named by the file and its modification: dask would otherwise hash the object itself.
+        stat = self.path.stat()
+        name = f"corsa-{self.path}-{stat.st_mtime_ns}-{stat.st_size}"
+        return darr.from_array(self, chunks=chunks, name=name, meta=np.empty((0, 0), self.dtype))
+
+
+def date_cube(folder: Path, date: str):
+    """One product date as a lazy (t, [idx0, idx1, nodata], y, x) cube on the 10 m input grid.
+
+    The date is checked as ``read_date`` does (tags, sizes, checksums); then its indices are read
+    from the files block by block as chunks are computed and replicated over their cells."""
     import dask.array as darr
     import pandas as pd
     import xarray as xr
 
-    h, w = d.shape
-    nodata = d.nodata if d.nodata is not None else np.zeros((h, w), bool)
-    rep = [darr.repeat(darr.repeat(darr.from_array(idx, chunks=REPLICA_CHUNK // f), f, axis=0), f, axis=1)[:h, :w]
-           for idx, f in ((d.idx0, 2), (d.idx1, 4))]
-    data = darr.stack([*rep, darr.from_array(nodata, chunks=REPLICA_CHUNK).astype(np.uint16)])[None]
+    d = read_date(folder, date)
+    names, (h, w) = file_names(date), d.shape
+    levels = [(_FileBand(folder / names["L0"], d.idx0.shape, d.idx0.dtype), 2),
+              (_FileBand(folder / names["L1"], d.idx1.shape, d.idx1.dtype), 4)]
+    nodata = (_FileBand(folder / names["nodata"], d.shape, "uint8").lazy(REPLICA_CHUNK) if d.nodata is not None
+              else darr.zeros((h, w), np.uint8, chunks=REPLICA_CHUNK))
+    rep = [darr.repeat(darr.repeat(band.lazy(REPLICA_CHUNK // f), f, axis=0), f, axis=1)[:h, :w].astype(np.uint16)
+           for band, f in levels]
+    data = darr.stack([*rep, nodata.astype(np.uint16)])[None]
     t = pd.DatetimeIndex([pd.NaT if d.date == "undated" else pd.Timestamp(d.date)])
     cube = xr.DataArray(data, dims=("t", "bands", "y", "x"),
                         coords={"t": t, "bands": list(INDEX_BANDS), **_grid_coords(d.shape, d.transform)},

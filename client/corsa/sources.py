@@ -105,7 +105,7 @@ def open_product(folder: Path) -> xr.DataArray:
     dates = product.dates_in(folder)
     if not dates:
         raise SourceError(f"{folder} holds no complete compressed date (corsa_<date>_L0.tif)")
-    return xr.concat([product.date_cube(product.read_date(folder, d)) for d in dates], dim="t")
+    return xr.concat([product.date_cube(folder, d) for d in dates], dim="t")
 
 
 @dataclass
