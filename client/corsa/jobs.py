@@ -183,13 +183,16 @@ def download(job: Job, folder: Path | str) -> list[Path]:
         raise _api_error(f"listing the results of job {job.job_id}", job.connection.root_url, e) from e
     if not assets:
         raise JobError(f"job {job.job_id} finished without result files")
+    # An asset key names the file (openEO back ends use file names); only its last part is kept,
+    # so a key cannot place a file outside the folder.
+    names = [Path(a.key).name for a in assets]
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
-        for asset in assets:
+        for asset, name in zip(assets, names):
             try:
-                asset.download(Path(tmp) / asset.name)
+                asset.download(Path(tmp) / name)
             except (requests.RequestException, OpenEoApiError, OSError) as e:
-                raise BackendError(f"downloading {asset.name} of job {job.job_id} failed, nothing kept: {e}") from e
-        return [Path(shutil.move(Path(tmp) / a.name, folder / a.name)) for a in assets]
+                raise BackendError(f"downloading {asset.key} of job {job.job_id} failed, nothing kept: {e}") from e
+        return [Path(shutil.move(Path(tmp) / name, folder / name)) for name in names]
 
 
 def results_cube(job: Job) -> DataCube:
