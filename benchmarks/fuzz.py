@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .memory import peak_rss_mb
+
 # Address space of the worker: the decoder, onnxruntime and dask need about 2 GB of it; a product
 # read must never need more than a few hundred MB.
 MEMORY_LIMIT = 4 << 30
@@ -214,7 +216,7 @@ def worker() -> None:
         except BaseException as e:  # a finding: report it, keep going
             result.update(rc=None, exc=type(e).__name__, msg=str(e)[:300])
         result["stderr"] = err.getvalue()[:400]
-        result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        result["maxrss_mb"] = int(peak_rss_mb())
         print(json.dumps(result), file=out, flush=True)
 
 

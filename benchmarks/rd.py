@@ -111,9 +111,8 @@ def throughput(model: str, threads: int, size: int = 1024, repeats: int = 3) -> 
 
 def peak_memory(model: str, size: int = 1024) -> float:
     """Peak resident memory (MB) of a fresh process that encodes and decodes a size x size crop."""
-    code = ("import resource; from benchmarks.rd import throughput; "
-            f"throughput({model!r}, 2, {size}, 1); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = ("from benchmarks.memory import peak_rss_mb; from benchmarks.rd import throughput; "
+            f"throughput({model!r}, 2, {size}, 1); print(peak_rss_mb())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

@@ -9,8 +9,9 @@ The mosaic repeats the Major-TOM scene (1068 x 1068 px) with alternating flips, 
 holds real Sentinel-2 texture; date k of a series turns the scene by k quarter turns, so each date
 puts other pixels in each chunk. Mosaics are written once per size to a scratch folder. Each row
 is appended to ``--out`` (JSON lines) as soon as it is measured, so a long run keeps what it did.
-Memory: the peak RSS of the run (getrusage in the child) and the largest RSS seen in each quarter
-of its wall time (sampled from outside every 0.5 s), which shows whether memory keeps growing.
+Memory: the peak RSS of the run (the child's VmHWM, benchmarks/memory.py) and the largest RSS
+seen in each quarter of its wall time (sampled from outside every 0.5 s), which shows whether
+memory keeps growing.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def write_mosaic(path: Path, size: int, date_index: int = 0) -> None:
                 dst.write(np.ascontiguousarray(block[:, :h, :w]), window=Window(x, y, w, h))
 
 
-PEAK_WRAPPER = ("import resource, sys; from corsa.cli import main; rc = main(sys.argv[1:]); "
-                "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+PEAK_WRAPPER = ("import sys; from benchmarks.memory import peak_rss_mb; from corsa.cli import main; "
+                "rc = main(sys.argv[1:]); print('peak_rss_mb', peak_rss_mb()); sys.exit(rc)")
 
 
 def _rss_mb(pid: int) -> float:
@@ -84,11 +85,11 @@ def timed(args: list[str]) -> dict:
     if proc.returncode:
         raise RuntimeError(f"corsa {' '.join(args)} failed: {stderr[-2000:]}")
     lines = stdout.strip().splitlines()
-    peak_kb = int(next(line.split()[1] for line in lines if line.startswith("peak_rss_kb")))
-    summary = [line for line in lines if not line.startswith("peak_rss_kb")][-1]
+    peak_mb = float(next(line.split()[1] for line in lines if line.startswith("peak_rss_mb")))
+    summary = [line for line in lines if not line.startswith("peak_rss_mb")][-1]
     quarters = [round(max((m for s, m in samples if q * wall / 4 <= s < (q + 1) * wall / 4), default=0))
                 for q in range(4)]
-    return {"seconds": round(wall, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
+    return {"seconds": round(wall, 1), "peak_rss_mb": round(peak_mb, 1),
             "rss_mb_by_quarter": quarters, "summary": summary}
 
 
