@@ -416,9 +416,12 @@ def save_cube(cube, folder: Path, compute) -> list[Path]:
 def _blocks(data, compute, parallel: int = 2):
     """(y, x, values) of a (bands, y, x) dask array's blocks, all bands at once, row by row,
     ``parallel`` blocks per compute."""
+    import dask
     import dask.array as darr
 
-    data = darr.asarray(data).rechunk({0: -1})
+    # Optimised once: each compute below then handles this date's graph only, not every date's
+    # (a 3-date series decompressed 1.6x slower per date than one date).
+    (data,) = dask.optimize(darr.asarray(data).rechunk({0: -1}))
     offsets = [np.cumsum((0,) + c) for c in data.chunks]
     blocks = [(iy, ix) for iy in range(data.numblocks[1]) for ix in range(data.numblocks[2])]
     for k in range(0, len(blocks), parallel):
