@@ -31,12 +31,12 @@ class LocalAsset:
 
     def __init__(self, path: Path):
         self.path = path
-        self.name = path.name
+        self.key = path.name  # as openeo.rest.job.ResultAsset.key
 
     def download(self, target: Path) -> Path:
         target = Path(target)
         if target.is_dir():
-            target = target / self.name
+            target = target / self.key
         shutil.copyfile(self.path, target)
         return target
 
