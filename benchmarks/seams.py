@@ -19,9 +19,9 @@ import rasterio
 from corsa import cli
 from corsa.datasets import LOADERS, default_data_root
 from corsa.demo import write_input
-from corsa.metrics import band_rmse, psnr
+from corsa.metrics import band_psnr, psnr
 from corsa.processes import CHUNK
-from corsa.scene import BANDS, PEAK_DN
+from corsa.scene import BANDS
 
 
 def border_mask(shape: tuple[int, int], chunk: int = CHUNK, width: int = 8) -> np.ndarray:
@@ -39,7 +39,7 @@ def seam_figures(reference: np.ndarray, decoded: np.ndarray, border: np.ndarray)
     for part, sel in (("border", border), ("interior", ~border)):
         ref, dec = reference[:, sel].astype(np.float32), decoded[:, sel].astype(np.float32)
         out[part] = {"pixels": int(sel.sum()), "psnr_db": psnr(ref, dec),
-                     "band_psnr_db": dict(zip(BANDS, (20 * np.log10(PEAK_DN / band_rmse(ref, dec))).tolist()))}
+                     "band_psnr_db": dict(zip(BANDS, band_psnr(ref, dec).tolist()))}
     return out
 
 

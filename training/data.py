@@ -44,14 +44,17 @@ def fit_band_stats(scenes: list[Scene], samples: int = 200_000, seed: int = 0) -
 class CropSampler:
     """Random crops (with flips and quarter turns) from in-memory scenes, chosen by area.
 
-    Crops that are mostly nodata are drawn again: they would teach the model nothing.
+    Crops that are mostly nodata are drawn again: they would teach the model nothing. With
+    ``max_weight_px`` a scene weighs at most that many pixels, so a few large scenes do not dominate.
     """
 
-    def __init__(self, scenes: list[Scene], crop: int, seed: int):
+    def __init__(self, scenes: list[Scene], crop: int, seed: int, max_weight_px: int | None = None):
         self.scenes = [s.data.astype(np.float32) for s in scenes if min(s.data.shape[1:]) >= crop]
         if not self.scenes:
             raise ValueError(f"no scene is at least {crop} px on each side")
         area = np.array([(a.shape[1] - crop + 1) * (a.shape[2] - crop + 1) for a in self.scenes], float)
+        if max_weight_px:
+            area = np.minimum(area, max_weight_px)
         self.p = area / area.sum()
         self.crop = crop
         self.rng = np.random.default_rng(seed)

@@ -3,10 +3,14 @@
 Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. The context says
     mode:   "compress" (10 bands -> idx0, idx1, nodata), "decompress" (back to 10 bands) or
             "classify" (idx0, idx1, nodata -> band "class": class values, 0 = nodata)
-    model:  folder or base URL holding encoder.onnx / decoder.onnx (/ features.onnx)
+    model:  folder or base URL holding model_card.json, encoder.onnx / decoder.onnx (/ features.onnx,
+            latent_model.npz)
+    quality: quality level of a variable-rate model (its card's "qualities"; default its default)
     classifier: folder or base URL holding classifier.onnx (mode "classify")
     sha256: {"encoder": ..., "decoder": ..., "features": ..., "classifier": ...} (optional) refuse files that differ
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
+A variable-rate model (card kind "variable-rate", corsa2) compresses to its integer latent instead:
+bands z00, z01, ... (one per latent channel, on the 40 m grid) and nodata, replicated likewise.
 Both modes keep the cube's 10 m grid, as apply_neighborhood requires: the indices come out
 replicated over the 10 m pixels of their cell (2x2 for level 0, 4x4 for level 1), so a "near"
 resample to 20 m (or a [::2, ::2] / [::4, ::4] slice) recovers them exactly. The nodata band
@@ -18,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import tempfile
 import urllib.request
@@ -135,8 +140,68 @@ def decode(decoder, idx0: np.ndarray, idx1: np.ndarray, tile: int = 512, overlap
     return out
 
 
+def analyse(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 32) -> np.ndarray:
+    """Variable-rate models (corsa2): (10, H, W) DN -> latent (L, H'/4, W'/4) float32, before the
+    quality level's gain, computed in overlapping tiles like ``encode``."""
+    x = _pad(np.nan_to_num(dn.astype(np.float32), nan=0.0), STRIDE1)
+    h, w = x.shape[1:]
+    s, out = STRIDE1, None
+    for y0, y1, ky0, ky1 in _windows(h, tile, overlap):
+        for x0, x1, kx0, kx1 in _windows(w, tile, overlap):
+            (y,) = encoder.run(None, {"dn": x[None, :, y0:y1, x0:x1]})
+            if out is None:
+                out = np.empty((y.shape[1], h // s, w // s), np.float32)
+            out[:, (y0 + ky0) // s:(y0 + ky1) // s, (x0 + kx0) // s:(x0 + kx1) // s] = \
+                y[0, :, ky0 // s:ky1 // s, kx0 // s:kx1 // s]
+    return out
+
+
+def synthesise(decoder, latent: np.ndarray, tile: int = 512, overlap: int = 32) -> np.ndarray:
+    """Variable-rate models: dequantised latent (L, h, w) -> (10, 4h, 4w) float32 DN, in tiles."""
+    s = STRIDE1
+    h, w = latent.shape[1] * s, latent.shape[2] * s
+    out = np.empty((len(BANDS), h, w), np.float32)
+    for y0, y1, ky0, ky1 in _windows(h, tile, overlap):
+        for x0, x1, kx0, kx1 in _windows(w, tile, overlap):
+            (rec,) = decoder.run(None, {"latent": latent[None, :, y0 // s:y1 // s, x0 // s:x1 // s]})
+            out[:, y0 + ky0:y0 + ky1, x0 + kx0:x0 + kx1] = rec[0, :, ky0:ky1, kx0:kx1]
+    return out
+
+
 def _replicate(idx: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    return np.repeat(np.repeat(idx, factor, 0), factor, 1)[: shape[0], : shape[1]]
+    return np.repeat(np.repeat(idx, factor, -2), factor, -1)[..., : shape[0], : shape[1]]
+
+
+@functools.lru_cache(maxsize=8)
+def card_of(model: str) -> dict:
+    """The model's card: what kind of model it is, its latent and its quality levels."""
+    with open(_fetch(model, "model_card.json", None)) as f:
+        return json.load(f)
+
+
+def latent_bands(channels: int) -> tuple[str, ...]:
+    return tuple(f"z{i:02d}" for i in range(channels)) + ("nodata",)
+
+
+@functools.lru_cache(maxsize=8)
+def _gains(model: str, sha256: str | None) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(_fetch(model, "latent_model.npz", sha256)) as z:
+        return z["gain"].astype(np.float32), z["inv_gain"].astype(np.float32)
+
+
+def _variable_rate(model: str, context: dict) -> tuple[dict, int, np.ndarray, np.ndarray] | None:
+    """(card, level index, gain, inverse gain) of a variable-rate model at the context's quality;
+    None for a codebook model."""
+    card = card_of(model)
+    if card.get("kind") != "variable-rate":
+        return None
+    qualities = [q["quality"] for q in card["qualities"]]
+    quality = int(context.get("quality") or card["default_quality"])
+    if quality not in qualities:
+        raise UdfError(f"model {card['id']} has quality levels {qualities}, not {quality}")
+    level = qualities.index(quality)
+    gain, inv_gain = _gains(model, (context.get("sha256") or {}).get("latent_model"))
+    return card, level, gain[level][:, None, None], inv_gain[level][:, None, None]
 
 
 def _settings(context: dict) -> tuple[str, int, int, dict]:
@@ -195,6 +260,19 @@ def _prepare(cube: xr.DataArray, context: dict, bands: tuple[str, ...], model_fi
 def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     cube, had_t, data, enc, (model, tile, overlap) = _prepare(cube, context, BANDS, "encoder")
     shape = data.shape[2:]
+    rate = _variable_rate(model, context)
+    if rate is not None:
+        card, level, gain, _ = rate
+        bands = latent_bands(card["latent"]["channels"])
+        out = np.empty((data.shape[0], len(bands)) + shape, np.int16)
+        for t, scene in enumerate(data):
+            ints = np.clip(np.rint(analyse(enc, scene, tile, overlap) * gain), -(1 << 15), (1 << 15) - 1)
+            out[t, :-1] = _replicate(ints.astype(np.int16), STRIDE1, shape)
+            out[t, -1] = nodata_of(scene)
+        result = _like(cube, out, bands, had_t)
+        result.attrs.update(_model_identity(model, context), corsa_model=model,
+                            corsa_quality=card["qualities"][level]["quality"])
+        return result
     out = np.empty((data.shape[0], len(INDEX_BANDS)) + shape, np.uint16)
     for t, scene in enumerate(data):
         idx0, idx1 = encode(enc, scene, tile, overlap)
@@ -221,6 +299,8 @@ def classify(features, classifier, idx0: np.ndarray, idx1: np.ndarray) -> np.nda
 
 
 def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+    if _variable_rate(_settings(context)[0], context) is not None:
+        raise UdfError("mode 'classify' needs a codebook model (corsa512): no classifier reads variable-rate latents yet")
     cube, had_t, data, feats, _ = _prepare(cube, context, INDEX_BANDS, "features")
     if not context.get("classifier"):
         raise UdfError("mode 'classify' needs 'classifier': a folder or URL with classifier.onnx")
@@ -235,11 +315,20 @@ def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
 
 
 def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
-    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, INDEX_BANDS, "decoder")
+    model, _, _, _ = _settings(context)
+    rate = _variable_rate(model, context)
+    bands = latent_bands(rate[0]["latent"]["channels"]) if rate is not None else INDEX_BANDS
+    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, "decoder")
     shape = data.shape[2:]
     out = np.empty((data.shape[0], len(BANDS)) + shape, np.float32)
-    for t, (rep0, rep1, nodata) in enumerate(data):
-        out[t] = decode(dec, *_indices(rep0, rep1), tile, overlap)[:, : shape[0], : shape[1]]
+    for t, scene in enumerate(data):
+        nodata = scene[-1]
+        if rate is not None:
+            # One sample per 40 m cell; NaN (outside the data) counts as 0.
+            ints = np.nan_to_num(_pad(scene[:-1], STRIDE1)[:, ::STRIDE1, ::STRIDE1])
+            out[t] = synthesise(dec, (ints * rate[3]).astype(np.float32), tile, overlap)[:, : shape[0], : shape[1]]
+        else:
+            out[t] = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)[:, : shape[0], : shape[1]]
         out[t][:, np.nan_to_num(nodata, nan=1) != 0] = 0
     return _like(cube, np.clip(np.rint(out), 0, 65535), BANDS, had_t)
 

@@ -1,10 +1,14 @@
-"""corsa compress | decompress | info: the published process graphs, run on the embedded engine.
+"""corsa compress | decompress | classify | info | models | reduce: the published process graphs,
+run on the embedded engine.
 
     corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
+    corsa compress scene.tif -o product/ --model corsa2 --quality 6   # a variable-rate model at a quality level
     corsa compress --stac https://earth-search.aws.element84.com/v1 --bbox ... --dates ... -o product/
     corsa decompress product/ -o decoded.tif        # --clear: cloud and cloud-shadow pixels set to 0
     corsa classify product/ -o classes.tif          # scene classes on the 20 m grid, without decoding
+    corsa reduce product/ --quality 3 -o smaller/   # a lower quality without the source
     corsa info product/
+    corsa models [--json]                           # the shipped models, their quality levels and test figures
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ import numpy as np
 from dask.diagnostics import ProgressBar
 from rasterio.transform import Affine
 
-from . import product
+from . import product, product3
 from .classmap import DEFAULT_CLASSIFIER, Classifier, write_classes
-from .codec import DEFAULT_MODEL, ModelError, OnnxCodec
+from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
 from .engine import Engine, EngineError
 from .metrics import compression_factor
 from .processes import GRAPHS_DIR
@@ -52,8 +56,21 @@ def _dates(text: str | None) -> list | None:
     return [start or None, end or None]
 
 
+def _quality(codec: OnnxCodec | VariableRateCodec, quality: int | None) -> int | None:
+    """The quality level a run uses: the one asked for (checked), else the model's default."""
+    if isinstance(codec, VariableRateCodec):
+        if quality is None:
+            return codec.default_quality
+        codec.level(quality)
+        return quality
+    if quality is not None:
+        raise ValueError(f"model {codec.model_id} has a single rate: --quality needs a variable-rate model (corsa2)")
+    return None
+
+
 def compress(args: argparse.Namespace) -> str:
-    codec = OnnxCodec(args.model)
+    codec = open_codec(args.model or DEFAULT_MODEL)
+    quality = _quality(codec, args.quality)
     codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
     if args.stac or str(args.input).endswith(".json"):
         source = StacSource(str(args.stac or args.input), args.collection)
@@ -64,30 +81,52 @@ def compress(args: argparse.Namespace) -> str:
     engine = Engine(Catalogue({"SENTINEL2_L2A": source}), output=args.output, scheduler=args.scheduler)
     with ProgressBar(minimum=2):
         engine.run(_udp("corsa_compress_s2"), spatial_extent=_bbox(args.bbox), temporal_extent=_dates(args.dates),
-                   max_cloud_cover=args.max_cloud_cover, model=str(codec.path))
-    return _summary(args.output, engine.written)
+                   max_cloud_cover=args.max_cloud_cover, model=str(codec.path), quality=quality)
+    return _summary(engine.written)
+
+
+def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec, int] | None:
+    """The model and quality of a format-3 product (None for a format 1 or 2 product). Its dates are
+    checked now, before the engine runs; one decompression takes one quality level."""
+    dates = product3.dates_in(folder)
+    if not dates:
+        return None
+    heads = [product3.read_header((folder / product3.file_name(d)).read_bytes(), product3.file_name(d)) for d in dates]
+    qualities = sorted({h["quality"] for h in heads})
+    if len(qualities) > 1:
+        raise product.ProductError(f"{folder} mixes quality levels {qualities}: decompress its dates separately "
+                                   "(or bring them to one level with corsa reduce)")
+    codec = product.stream_codec(folder, dates[0], model)
+    codec.level(qualities[0])
+    return codec, qualities[0]
 
 
 def decompress(args: argparse.Namespace) -> str:
-    codec = OnnxCodec(args.model)
+    stream = _stream_product(args.input, args.model)
+    codec, quality = stream if stream else (OnnxCodec(args.model or DEFAULT_MODEL), None)
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
         "decode": {"process_id": "corsa_decompress", "arguments": {"data": {"from_node": "load"},
-                                                                   "model": str(codec.path)}},
+                                                                   "model": str(codec.path), "quality": quality}},
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff"},
                  "result": True}}}
     if args.clear:
+        if stream:
+            raise ValueError("--clear needs a codebook model's product (corsa512): no classifier reads corsa2 latents yet")
         clf = Classifier(args.classifier)
         clf.check_codec(codec)
         graph["process_graph"]["decode"]["process_id"] = "corsa_decompress_clear"
         graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
+        del graph["process_graph"]["decode"]["arguments"]["quality"]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
-    dates = product.dates_in(args.input)
-    if not dates:
-        raise product.ProductError(f"{args.input} holds no complete compressed date (corsa_<date>_L0.tif)")
-    for d in dates:
-        _check_date(args.input, d, codec)
+    if not stream:
+        dates = product.dates_in(args.input)
+        if not dates:
+            raise product.ProductError(f"{args.input} holds no complete compressed date "
+                                       f"(corsa_<date>_L0.tif or corsa_<date>{product3.SUFFIX})")
+        for d in dates:
+            _check_date(args.input, d, codec)
     out = Path(args.output)
     (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
@@ -116,7 +155,10 @@ def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
 
 
 def classify(args: argparse.Namespace) -> str:
-    codec, clf = OnnxCodec(args.model), Classifier(args.classifier)
+    if product3.dates_in(args.input):
+        raise ValueError(f"{args.input} is a variable-rate product: no classifier reads corsa2 latents yet "
+                         "(classify a corsa512 product)")
+    codec, clf = OnnxCodec(args.model or DEFAULT_MODEL), Classifier(args.classifier)
     clf.check_codec(codec)
     dates = product.dates_in(args.input)
     if not dates:
@@ -149,6 +191,15 @@ def classify(args: argparse.Namespace) -> str:
 
 def info(args: argparse.Namespace) -> str:
     lines = []
+    for d in product3.dates_in(args.input):
+        path = args.input / product3.file_name(d)
+        h = product3.read_header(path.read_bytes(), path.name)
+        size = path.stat().st_size
+        lines.append(f"{d}: model {h['model_id']} (decoder sha256 {h['sha_prefix'][:12]}...), quality {h['quality']}, "
+                     f"input grid {h['shape'][1]}x{h['shape'][0]} px {h['crs'] or 'no CRS'}, latent "
+                     f"{h['cells'][1]}x{h['cells'][0]} in {len(h['blocks'])} block(s), {size:,} bytes, "
+                     f"CF {compression_factor(h['shape'][0] * h['shape'][1], size):.1f}"
+                     + (", nodata mask" if h["mask_len"] else ""))
     for d in product.dates_in(args.input):
         pd_ = product.read_date(args.input, d)
         size = product.product_bytes(args.input, d)
@@ -163,11 +214,73 @@ def info(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _summary(folder: Path, written: list[Path]) -> str:
-    dates = sorted({p.name.split("_")[1] for p in written})
+def _summary(written: list[Path]) -> str:
+    """One line on what compress wrote: files, dates, bytes and CF (against the input grids)."""
+    folder = written[0].parent if written else Path(".")
+    dates = sorted({p.name[len("corsa_"):].split("_")[0].removesuffix(product3.SUFFIX) for p in written})
     size = sum(p.stat().st_size for p in written)
-    pixels = sum(np.prod(product.read_date(folder, d).shape) for d in dates)
+    pixels = 0
+    for d in dates:
+        path = folder / product3.file_name(d)
+        pixels += int(np.prod(product3.read_header(path.read_bytes(), path.name)["shape"] if path.exists()
+                              else product.read_date(folder, d).shape))
     return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
+
+
+def models(args: argparse.Namespace) -> str:
+    """The shipped models with their quality levels and measured test figures."""
+    entries = []
+    for card_path in sorted(MODELS_DIR.glob("*/model_card.json")):
+        _, card = read_card(card_path.parent)
+        if "encoder" not in card.get("files", {}):
+            continue  # a classifier, not a codec
+        if card.get("kind") == "variable-rate":
+            qualities = [{"quality": q["quality"], **{k: q["test"]["mean_over_sources"][k] for k in ("cf", "psnr_db")}}
+                         for q in card["qualities"]]
+            entry = {"id": card["id"], "kind": "variable-rate", "qualities": [q["quality"] for q in qualities],
+                     "default_quality": card["default_quality"], "test": qualities}
+        else:
+            t = card.get("test", {})
+            entry = {"id": card["id"], "kind": "codebook", "qualities": [], "default_quality": None,
+                     "test": [{"quality": None, "cf": t.get("entropy_coded_cf"), "psnr_db": t.get("mean_psnr_db")}]}
+        entry["default"] = card["id"] == DEFAULT_MODEL
+        entry["description"] = card.get("description", "")
+        entries.append(entry)
+    if args.json:
+        return json.dumps({"models": entries}, indent=1)
+    lines = []
+    for e in entries:
+        head = f"{e['id']}{' (default)' if e['default'] else ''}: {e['kind']}"
+        if e["qualities"]:
+            head += f", quality levels {e['qualities'][0]}-{e['qualities'][-1]} (default {e['default_quality']})"
+        lines.append(head)
+        for t in e["test"]:
+            label = f"quality {t['quality']}" if t["quality"] is not None else "single rate"
+            lines.append(f"  {label}: test split CF {t['cf']}, PSNR {t['psnr_db']} dB")
+    return "\n".join(lines)
+
+
+def reduce(args: argparse.Namespace) -> str:
+    """A format-3 product brought to a lower quality without the source: its integers are
+    dequantised and quantised again at the lower level (no network runs)."""
+    stream = _stream_product(args.input, args.model)
+    if stream is None:
+        raise product.ProductError(f"{args.input} holds no variable-rate product (corsa_<date>{product3.SUFFIX})")
+    codec, quality = stream
+    codec.level(args.quality)
+    if args.quality > quality:
+        raise ValueError(f"{args.input} has quality {quality}: it can be reduced, not raised to {args.quality}")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError("give another folder as -o: the product is read while the reduced one is written")
+    written = []
+    for d in product3.dates_in(args.input):
+        src = product3.read_date(args.input, d, codec.coder, codec.level)
+        ints = codec.requantise(src.ints, quality, args.quality)
+        nodata = src.nodata if src.nodata is not None else np.zeros(src.shape, bool)
+        written.append(product3.write_date(Path(args.output), product3.encode_date(
+            codec.coder, ints, codec.level(args.quality), args.quality, nodata, src.transform, src.crs, d,
+            codec.model_id, codec.card["files"]["decoder"]["sha256"]), d))
+    return _summary(written)
 
 
 def _unraisable(info) -> None:
@@ -184,14 +297,25 @@ def main(argv: list[str] | None = None) -> int:
     for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
                               ("decompress", decompress, "decode a product folder to GeoTIFF"),
                               ("classify", classify, "scene classes of a product folder, without decoding"),
-                              ("info", info, "describe a product folder")):
+                              ("reduce", reduce, "bring a variable-rate product to a lower quality, without the source"),
+                              ("info", info, "describe a product folder"),
+                              ("models", models, "list the shipped models, their quality levels and test figures")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("input", type=Path, nargs="?" if name == "compress" else None)
         s.set_defaults(func=func)
+        if name == "models":
+            s.add_argument("--json", action="store_true", help='machine-readable: {"models": [...]}')
+            continue
+        s.add_argument("input", type=Path, nargs="?" if name == "compress" else None)
         if name != "info":
             s.add_argument("-o", "--output", type=Path, required=True)
-            s.add_argument("--model", default=DEFAULT_MODEL, help="model name under models_onnx/ or a folder")
+            s.add_argument("--model", default=None, help="model name under models_onnx/ or a folder (compress: "
+                           f"default {DEFAULT_MODEL}; otherwise the model the product names)")
+        if name in ("compress", "decompress", "classify"):
             s.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: local threads)")
+        if name in ("compress", "reduce"):
+            s.add_argument("--quality", type=int, required=name == "reduce",
+                           help="quality level of a variable-rate model (higher is better; compress: default the "
+                           "model's default_quality, see corsa models)")
         if name == "decompress":
             s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
         if name in ("classify", "decompress"):
@@ -210,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, EngineError, ModelError, product.ProductError, ValueError) as e:
         print(f"corsa {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{line} ({time.perf_counter() - t0:.1f} s)")
+    # Listings stay parseable (models --json); work says how long it took.
+    print(line if args.command in ("info", "models") else f"{line} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -1,7 +1,9 @@
-"""A shipped model run with onnxruntime: DN cube -> codebook indices -> DN cube.
+"""A shipped model run with onnxruntime: DN cube -> what the product stores -> DN cube.
 
-A model folder holds encoder.onnx, decoder.onnx, features.onnx and model_card.json (which lists the
-sha256 of each file; a mismatch is refused, so a product is never decoded with another model).
+Two kinds, named by the card: codebook models (corsa512: encoder.onnx, decoder.onnx, features.onnx;
+codebook indices on two grids) and variable-rate models (corsa2: encoder.onnx, decoder.onnx,
+latent_model.npz; integer latents at a chosen quality level). model_card.json lists the sha256 of
+each file; a mismatch is refused, so a product is never decoded with another model.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import corsa_udf
 import numpy as np
 import onnxruntime as ort
 
+from .latent_coder import LatentCoder
 from .scene import BANDS, to_uint16
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models_onnx"
@@ -131,3 +134,96 @@ class OnnxCodec:
                              ("level-1", idx1, self.card["codebooks"]["k1"])):
             if idx.size and int(idx.max()) >= k:
                 raise ValueError(f"{name} index {int(idx.max())} out of range for a codebook of {k}")
+
+
+class VariableRateCodec:
+    """A variable-rate model (corsa2 onward): one encoder and decoder for every quality level.
+
+    The encoder gives a float latent on the card's latent grid; a quality level scales it by its
+    gains and rounds (the integers the product stores, coded by ``corsa.latent_coder``); the
+    decoder takes the integers times the level's inverse gains. Quality levels are the card's
+    ``qualities`` (1 = smallest files; higher is better)."""
+
+    def __init__(self, model: str | Path, threads: int | None = None):
+        self.path, self.card = read_card(model)
+        self.threads = threads
+        if self.card.get("kind") != "variable-rate":
+            raise ModelError(f"model {self.path.name} is not a variable-rate model")
+        if tuple(self.card["bands"]) != BANDS:
+            raise ModelError(f"model {self.path.name} expects bands {self.card['bands']}, not {BANDS}")
+        self.stride, self.channels = self.card["latent"]["stride"], self.card["latent"]["channels"]
+        if self.stride != corsa_udf.STRIDE1:
+            raise ModelError(f"model {self.path.name} has latent stride {self.stride}, the UDF knows {corsa_udf.STRIDE1}")
+        self.tile, self.overlap = self.card["tile"]["size"], self.card["tile"]["overlap"]
+        self.qualities: list[int] = [q["quality"] for q in self.card["qualities"]]
+        self.default_quality: int = self.card["default_quality"]
+
+    @property
+    def model_id(self) -> str:
+        return self.card["id"]
+
+    @cached_property
+    def encoder(self) -> ort.InferenceSession:
+        return checked_session(self.path, self.card["files"]["encoder"], self.threads)
+
+    @cached_property
+    def decoder(self) -> ort.InferenceSession:
+        return checked_session(self.path, self.card["files"]["decoder"], self.threads)
+
+    @cached_property
+    def _tables(self) -> tuple[np.ndarray, np.ndarray, LatentCoder]:
+        entry = self.card["files"]["latent_model"]
+        path = self.path / entry["path"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
+        with np.load(path) as z:
+            gain, inv_gain = z["gain"].astype(np.float32), z["inv_gain"].astype(np.float32)
+        return gain, inv_gain, LatentCoder.load(self.path)
+
+    @property
+    def coder(self) -> LatentCoder:
+        return self._tables[2]
+
+    def level(self, quality: int) -> int:
+        """Index of a quality level in the model's tables."""
+        if quality not in self.qualities:
+            raise ValueError(f"model {self.model_id} has quality levels {self.qualities}, not {quality}")
+        return self.qualities.index(quality)
+
+    def latent(self, dn: np.ndarray) -> np.ndarray:
+        """(10, H, W) DN -> float latent (L, ceil(H/4), ceil(W/4)); NaN counts as nodata."""
+        if dn.ndim != 3 or dn.shape[0] != len(BANDS):
+            raise ValueError(f"expected ({len(BANDS)}, y, x) bands {BANDS}, got shape {dn.shape}")
+        return corsa_udf.analyse(self.encoder, dn, self.tile, self.overlap)
+
+    def quantise(self, latent: np.ndarray, quality: int) -> np.ndarray:
+        gain = self._tables[0][self.level(quality)][:, None, None]
+        return np.clip(np.rint(latent * gain), -(1 << 15), (1 << 15) - 1).astype(np.int16)
+
+    def dequantise(self, ints: np.ndarray, quality: int) -> np.ndarray:
+        return ints.astype(np.float32) * self._tables[1][self.level(quality)][:, None, None]
+
+    def encode(self, dn: np.ndarray, quality: int) -> np.ndarray:
+        """(10, H, W) DN -> the integers a product stores at this quality."""
+        return self.quantise(self.latent(dn), quality)
+
+    def decode(self, ints: np.ndarray, quality: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Integers -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
+        if ints.ndim != 3 or ints.shape[0] != self.channels:
+            raise ValueError(f"expected a latent of {self.channels} channels, got shape {ints.shape}")
+        rec = corsa_udf.synthesise(self.decoder, self.dequantise(ints, quality), self.tile, self.overlap)
+        if shape is not None:
+            rec = rec[:, : shape[0], : shape[1]]
+        return to_uint16(rec)
+
+    def requantise(self, ints: np.ndarray, quality: int, to_quality: int) -> np.ndarray:
+        """A stored latent brought to a lower quality without the source: dequantise, quantise again."""
+        if to_quality > quality:
+            raise ValueError(f"a product of quality {quality} cannot be raised to quality {to_quality}")
+        return self.quantise(self.dequantise(ints, quality), to_quality)
+
+
+def open_codec(model: str | Path, threads: int | None = None) -> "OnnxCodec | VariableRateCodec":
+    """The codec class a model's card asks for."""
+    _, card = read_card(model)
+    return VariableRateCodec(model, threads) if card.get("kind") == "variable-rate" else OnnxCodec(model, threads)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 from . import cli, product
@@ -37,9 +39,11 @@ def quicklook(scene: np.ndarray, decoded: np.ndarray, path: Path) -> Path:
     pair = np.concatenate([scene[rgb], np.full((3, scene.shape[1], 8), lo), decoded[rgb]], axis=2)
     img = (np.clip((pair - lo) / max(hi - lo, 1), 0, 1) ** (1 / 1.4) * 255).astype(np.uint8)
     tmp = path.with_name(path.stem + ".part.png")
-    with rasterio.open(tmp, "w", driver="PNG", width=img.shape[2], height=img.shape[1], count=3,
-                       dtype="uint8") as dst:
-        dst.write(img)
+    with warnings.catch_warnings():  # a picture, not a map: no georeferencing wanted
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(tmp, "w", driver="PNG", width=img.shape[2], height=img.shape[1], count=3,
+                           dtype="uint8") as dst:
+            dst.write(img)
     tmp.replace(path)
     for aux in path.parent.glob(tmp.name + ".aux.xml"):
         aux.unlink()

@@ -87,22 +87,26 @@ def _model(connection: Connection, model: str | None) -> str:
 
 def compress(connection: Connection, spatial_extent: dict | None, temporal_extent: list | None, max_cloud_cover: float = 80,
              model: str | None = None, namespace: str | None = None,
-             collection: str = "SENTINEL2_L2A") -> DataCube:
-    """The compressed cube (bands idx0, idx1, nodata) of ``collection`` over the extents."""
+             collection: str = "SENTINEL2_L2A", quality: int | None = None) -> DataCube:
+    """The compressed cube of ``collection`` over the extents: bands idx0, idx1, nodata (codebook
+    models) or z00, ..., nodata at ``quality`` (variable-rate models; None: the model's default)."""
     data = processes.load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
     if namespace is None:
-        return processes.udf_over_chunks(data, "compress", _model(connection, model))
-    return data.process("corsa_compress", data=data, model=_model(connection, model), namespace=namespace)
+        return processes.udf_over_chunks(data, "compress", _model(connection, model), quality=quality)
+    return data.process("corsa_compress", data=data, model=_model(connection, model), quality=quality,
+                        namespace=namespace)
 
 
-def decompress(connection: Connection, compressed: DataCube, model: str | None = None, namespace: str | None = None) -> DataCube:
-    """The 10 bands back from a compressed cube (from ``compress`` or ``results_cube``)."""
+def decompress(connection: Connection, compressed: DataCube, model: str | None = None, namespace: str | None = None,
+               quality: int | None = None) -> DataCube:
+    """The 10 bands back from a compressed cube (from ``compress`` or ``results_cube``), at the
+    quality it was compressed with."""
     if compressed.connection is not connection:
         raise BackendError("the compressed cube belongs to another connection than the one given")
     if namespace is None:
-        return processes.udf_over_chunks(compressed, "decompress", _model(connection, model))
+        return processes.udf_over_chunks(compressed, "decompress", _model(connection, model), quality=quality)
     return compressed.process("corsa_decompress", data=compressed, model=_model(connection, model),
-                             namespace=namespace)
+                             quality=quality, namespace=namespace)
 
 
 def job_options(model_archive: str | None = None, onnxruntime_archive: str | None = None,

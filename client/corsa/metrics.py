@@ -20,6 +20,13 @@ def psnr(reference: np.ndarray, decoded: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(PEAK_DN ** 2 / mse))
 
 
+def band_psnr(reference: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """Per-band PSNR in dB, peak 10000, nodata excluded."""
+    sse, n = squared_error(reference, decoded)
+    with np.errstate(divide="ignore"):  # an exact band is inf dB, as in psnr
+        return 10 * np.log10(PEAK_DN ** 2 * n / sse)
+
+
 def band_rmse(reference: np.ndarray, decoded: np.ndarray) -> np.ndarray:
     """Per-band RMSE in DN over valid pixels."""
     sse, n = squared_error(reference, decoded)

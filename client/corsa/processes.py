@@ -39,6 +39,10 @@ COMPRESSED = Parameter.raster_cube("data", description="A compressed cube from c
 MODEL = Parameter.string("model", default="models/corsa512",
                          description="Folder or base URL of the model files (encoder.onnx, decoder.onnx). On "
                          "geopyspark back ends the job option udf-dependency-archives unpacks them here.")
+QUALITY = Parameter("quality", schema={"type": ["integer", "null"], "minimum": 1}, default=None,
+                    description="Quality level of a variable-rate model (corsa2: 1 = smallest files, higher is "
+                    "better; null: the model card's default_quality). Decompression must use the level the data "
+                    "was compressed with. Codebook models (corsa512) have one rate and ignore it.")
 SPATIAL = Parameter.spatial_extent("spatial_extent", description="Area to compress (bounding box).")
 TEMPORAL = Parameter.temporal_interval("temporal_extent", description="Dates to compress: [start, end).")
 CLOUD = Parameter.number("max_cloud_cover", default=80,
@@ -46,15 +50,20 @@ CLOUD = Parameter.number("max_cloud_cover", default=80,
 CUBE = {"schema": {"type": "object", "subtype": "datacube"}}
 
 
+def _value(v):
+    return {"from_parameter": v.name} if isinstance(v, Parameter) else v
+
+
 def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = MODEL,
-                    extra: dict | None = None) -> DataCube:
+                    extra: dict | None = None, quality: int | None | Parameter = QUALITY) -> DataCube:
     """apply_neighborhood with the CORSA UDF over overlapping chunks of ``data`` (None: the
-    process parameter "data"). ``model`` is the UDP parameter, or a value when a job inlines the graph;
-    ``extra`` adds to the UDF context."""
+    process parameter "data"). ``model`` and ``quality`` are UDP parameters, or values when a job
+    inlines the graph; ``extra`` adds to the UDF context."""
+    context = {"mode": mode, "model": _value(model), "tile": UDF_TILE, "overlap": OVERLAP[mode]}
+    if mode != "classify":
+        context["quality"] = _value(quality)
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
-                 context={"mode": mode,
-                          "model": {"from_parameter": model.name} if isinstance(model, Parameter) else model,
-                          "tile": UDF_TILE, "overlap": OVERLAP[mode], **(extra or {})})
+                 context={**context, **(extra or {})})
     node = PGNode("apply_neighborhood",
                   data=data.result_node() if data is not None else {"from_parameter": "data"},
                   process={"process_graph": udf},
@@ -78,7 +87,7 @@ def corsa_compress() -> dict:
         description="Encodes the 10 bands with the CORSA encoder (ONNX, in a UDF) into level-0 indices on a "
                     "20 m grid and level-1 indices on a 40 m grid, returned on the input's 10 m grid "
                     "(each index replicated over its cell) as bands idx0, idx1, plus a nodata band.",
-        parameters=[DATA, MODEL], returns={**CUBE, "description": "bands idx0, idx1, nodata"},
+        parameters=[DATA, MODEL, QUALITY], returns={**CUBE, "description": "bands idx0, idx1, nodata"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
@@ -88,7 +97,7 @@ def corsa_decompress() -> dict:
         summary="Decompress CORSA codebook indices into Sentinel-2 L2A reflectances",
         description="Decodes a cube from corsa_compress back to the 10 bands " + ", ".join(BANDS)
                     + " (DN = reflectance x 10000) on the 10 m grid; nodata pixels come back as 0.",
-        parameters=[COMPRESSED, MODEL], returns={**CUBE, "description": "the 10 bands"},
+        parameters=[COMPRESSED, MODEL, QUALITY], returns={**CUBE, "description": "the 10 bands"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
@@ -100,7 +109,7 @@ def corsa_compress_s2() -> dict:
         summary="Compress Sentinel-2 L2A of an area and date range into compact GeoTIFFs",
         description="Loads SENTINEL2_L2A (10 bands) for the area and dates, skips products above the cloud-cover "
                     "limit, compresses each date with the CORSA encoder and saves the index maps as GeoTIFF.",
-        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL], returns={"schema": {"type": "boolean"}},
+        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL, QUALITY], returns={"schema": {"type": "boolean"}},
         categories=["compression", "sentinel-2"], default_job_options=JOB_OPTIONS)
 
 
@@ -125,7 +134,7 @@ def corsa_classify() -> dict:
 
 def corsa_classify_s2() -> dict:
     cube = load_s2(None, SPATIAL, TEMPORAL, CLOUD)
-    classes = udf_over_chunks(udf_over_chunks(cube, "compress"), "classify", extra=CLASSIFY)
+    classes = udf_over_chunks(udf_over_chunks(cube, "compress", quality=None), "classify", extra=CLASSIFY)
     return build_process_dict(
         classes.save_result(format="GTiff"), process_id="corsa_classify_s2",
         summary="Scene classes of Sentinel-2 L2A over an area and date range, from CORSA features",
@@ -141,7 +150,7 @@ LAST_USABLE_CLASS = 4
 
 
 def corsa_decompress_clear() -> dict:
-    decoded = udf_over_chunks(None, "decompress")
+    decoded = udf_over_chunks(None, "decompress", quality=None)  # classifiers read codebook models only
     unusable = udf_over_chunks(None, "classify", extra=CLASSIFY).reduce_dimension(
         dimension="bands", reducer=lambda x: x.array_element(index=0) > LAST_USABLE_CLASS)
     return build_process_dict(

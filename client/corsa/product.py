@@ -1,4 +1,8 @@
-"""The compressed product: the one place that writes and reads it (format version 2).
+"""The compressed product: the one place that writes and reads it (format versions 1 to 3).
+
+Format 3 (variable-rate models, corsa2 onward) is one entropy-coded file a date; its byte layout
+lives in ``corsa.product3``, and this module turns engine cubes into it and back. Formats 1 and 2
+(codebook models, corsa512) are GeoTIFF index grids:
 
 Per date, in one folder:
   corsa_<date>_L0.tif   level-0 indices on the fine grid (20 m), uint16 (uint8 where they fit), ZSTD
@@ -14,11 +18,13 @@ Files are written under temporary names and renamed, L0 last: a date whose L0 ex
 """
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import corsa_udf
 import numpy as np
 import rasterio
 from rasterio._err import CPLE_BaseError
@@ -26,6 +32,8 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from . import product3
+from .codec import VariableRateCodec
 from .scene import BANDS
 
 FORMAT = "corsa-product"
@@ -40,8 +48,8 @@ PROFILE = {"driver": "GTiff", "count": 1, "dtype": "uint16", "compress": "zstd",
 REPLICA_CHUNK = 512
 
 
-class ProductError(ValueError):
-    """A product file is missing, truncated, corrupt or inconsistent."""
+# One error for every format: a product file is missing, truncated, corrupt or inconsistent.
+ProductError = product3.ProductError
 
 
 @dataclass
@@ -400,7 +408,9 @@ def save_cube(cube, folder: Path, compute) -> list[Path]:
     written: list[Path] = []
     for i in range(cube.sizes["t"]):
         date = date_label(cube["t"].values[i] if "t" in cube.coords else None)
-        if bands == list(INDEX_BANDS):
+        if is_latent(bands):
+            written.append(write_latents(folder, date, cube.isel(t=i).data, transform, crs, cube.attrs, compute))
+        elif bands == list(INDEX_BANDS):
             model_id, sha = cube.attrs.get("corsa_model_id"), cube.attrs.get("corsa_decoder_sha256")
             if not (model_id and sha):
                 raise ProductError("the compressed cube does not name its model (id and decoder sha256)")
@@ -447,6 +457,111 @@ def write_indices(writer: DateWriter, data, compute) -> list[Path]:
         writer.abort()
         raise
     return writer.finish()
+
+
+def is_latent(bands: list[str]) -> bool:
+    """Bands of a variable-rate model's compressed cube: z00, z01, ..., nodata."""
+    return len(bands) > 1 and bands[-1] == "nodata" and all(b[:1] == "z" and b[1:].isdigit() for b in bands[:-1])
+
+
+def write_latents(folder: Path, date: str, data, transform: Affine | None, crs: str | None, attrs: dict,
+                  compute) -> Path:
+    """A compressed (z.., nodata, y, x) cube of one date -> its format-3 file. Each 512 px block
+    is entropy-coded as it is computed; only the coded streams and the mask stay in memory."""
+    import dask.array as darr
+
+    if not attrs.get("corsa_model") or attrs.get("corsa_quality") is None:
+        raise ProductError("the compressed cube does not name its model and quality (corsa_model, corsa_quality)")
+    codec, quality = VariableRateCodec(attrs["corsa_model"]), int(attrs["corsa_quality"])
+    level = codec.level(quality)
+    data = darr.asarray(data)
+    side = 4 * product3.BLOCK
+    if any(c != side for c in data.chunks[1][:-1] + data.chunks[2][:-1]):
+        data = data.rechunk({1: side, 2: side})  # one dask block per stream block
+    shape = data.shape[1:]
+    streams, nodata = {}, np.zeros(shape, bool)
+    for y, x, v in _blocks(data, compute):
+        # Cells past the input's last row/column hold the last cell's value, as the UDF pads.
+        rep = np.pad(v[:-1], ((0, 0), (0, -v.shape[1] % 4), (0, -v.shape[2] % 4)), mode="edge")
+        streams[(y // 4, x // 4)] = codec.coder.encode(rep[:, ::4, ::4].astype(np.int16), level)
+        nodata[y:y + v.shape[1], x:x + v.shape[2]] = v[-1] != 0
+    ordered = [streams[(ys.start, xs.start)] for ys, xs in product3.block_slices(product3.latent_cells(shape))]
+    return product3.write_date(folder, product3.assemble(
+        ordered, nodata, quality, transform, crs, date, codec.model_id, codec.card["files"]["decoder"]["sha256"]), date)
+
+
+@functools.lru_cache(maxsize=4)
+def _codec(model: str) -> VariableRateCodec:
+    return VariableRateCodec(model)
+
+
+@functools.lru_cache(maxsize=96)
+def _block_ints(path: str, stamp: tuple[int, int], model: str, level: int, index: int) -> np.ndarray:
+    """One block's integers, kept for a while: a chunk's overlap reads its neighbours' blocks too,
+    and the engine computes a few chunks at a time (96 blocks of a 64-channel model: 200 MB)."""
+    data = Path(path).read_bytes()
+    h = product3.read_header(data, Path(path).name)
+    start, n = product3.stream_offsets(h)[index]
+    return product3.decode_block(_codec(model).coder, data[start:start + n], level, h["blocks"][index], Path(path).name)
+
+
+def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
+    """One format-3 date as a lazy (t, [z.., nodata], y, x) cube on the 10 m input grid: blocks are
+    entropy-decoded as chunks are computed, and their integers replicated over their 4 x 4 cells."""
+    import dask.array as darr
+    import pandas as pd
+    import xarray as xr
+
+    path = Path(folder) / product3.file_name(date)
+    if not path.is_file():
+        raise ProductError(f"{path.name} is missing from {folder}")
+    data = path.read_bytes()
+    h = product3.read_header(data, path.name)
+    if h["date"] != date:
+        raise ProductError(f"{path.name} holds date {_shown(h['date'])}, not {date}")
+    check_model_prefix(h["model_id"], h["sha_prefix"], codec)
+    level = codec.level(h["quality"])
+    mask = product3.read_mask(data, h, path.name)
+    (hh, ww), side = h["shape"], 4 * h["block"]
+    chunks = (tuple(min(side, hh - y) for y in range(0, hh, side)), tuple(min(side, ww - x) for x in range(0, ww, side)))
+    per_row, stat = len(chunks[1]), path.stat()
+
+    def load(block_info=None) -> np.ndarray:
+        info = block_info[None]
+        iy, ix = info["chunk-location"][1:]
+        ints = _block_ints(str(path), (stat.st_mtime_ns, stat.st_size), str(codec.path), level, iy * per_row + ix)
+        (y0, y1), (x0, x1) = info["array-location"][1:]
+        return np.repeat(np.repeat(ints, 4, 1), 4, 2)[:, : y1 - y0, : x1 - x0]
+
+    lat = darr.map_blocks(load, chunks=((codec.channels,),) + chunks, dtype=np.int16,
+                          name=f"corsa3-{path}-{stat.st_mtime_ns}-{stat.st_size}")
+    nodata = darr.from_array(mask, chunks=chunks) if mask is not None else darr.zeros((hh, ww), bool, chunks=chunks)
+    cube_data = darr.concatenate([lat, nodata.astype(np.int16)[None]])[None]
+    t = pd.DatetimeIndex([pd.NaT if date == "undated" else pd.Timestamp(date)])
+    cube = xr.DataArray(cube_data, dims=("t", "bands", "y", "x"),
+                        coords={"t": t, "bands": list(corsa_udf.latent_bands(codec.channels)),
+                                **_grid_coords(h["shape"], h["transform"])},
+                        attrs={"corsa_model_id": h["model_id"], "corsa_quality": h["quality"]})
+    cube = cube.rio.write_crs(h["crs"]) if h["crs"] else cube
+    return cube.rio.write_transform(h["transform"]) if h["transform"] is not None else cube
+
+
+def stream_codec(folder: Path, date: str, model: str | Path | None = None) -> VariableRateCodec:
+    """The variable-rate model that decodes a format-3 date: ``model`` if given, else the shipped
+    model the file names; refused unless its decoder is the one that wrote the file."""
+    path = Path(folder) / product3.file_name(date)
+    h = product3.read_header(path.read_bytes(), path.name)
+    codec = _codec(str(model)) if model is not None else _codec(h["model_id"])
+    check_model_prefix(h["model_id"], h["sha_prefix"], codec)
+    return codec
+
+
+def check_model_prefix(model_id: str, sha_prefix: str, codec: VariableRateCodec) -> None:
+    """Refuse to decode a format-3 date with a model other than the one that wrote it."""
+    if not codec.card["files"]["decoder"]["sha256"].startswith(sha_prefix):
+        raise ProductError(f"the product was written with model {_shown(model_id)} (decoder sha256 {sha_prefix}...), "
+                           f"the available model {codec.model_id!r} has "
+                           f"{codec.card['files']['decoder']['sha256'][:16]}...: decoding would give wrong reflectances")
 
 
 def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, crs: str | None,

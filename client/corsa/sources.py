@@ -15,7 +15,7 @@ import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
-from . import product
+from . import product, product3
 from .scene import BANDS
 from .stac import StacError, StacSource
 
@@ -101,7 +101,12 @@ def open_netcdf(path: Path) -> xr.DataArray:
 
 
 def open_product(folder: Path) -> xr.DataArray:
-    """A compressed product as the (t, [idx0, idx1, nodata], y, x) cube corsa_decompress takes."""
+    """A compressed product as the cube corsa_decompress takes: (t, [idx0, idx1, nodata], y, x) for
+    a codebook model's product, (t, [z00, ..., nodata], y, x) for a variable-rate model's."""
+    stream_dates = product3.dates_in(folder)
+    if stream_dates:
+        return xr.concat([product.latent_date_cube(folder, d, product.stream_codec(folder, d)) for d in stream_dates],
+                         dim="t", combine_attrs="drop_conflicts")
     dates = product.dates_in(folder)
     if not dates:
         raise SourceError(f"{folder} holds no complete compressed date (corsa_<date>_L0.tif)")
@@ -128,7 +133,7 @@ class Catalogue:
     def open(self, collection_id: str) -> xr.DataArray:
         path = self.resolve(collection_id)
         if path.is_dir():
-            if product.dates_in(path):
+            if product.dates_in(path) or product3.dates_in(path):
                 return open_product(path)
             files = sorted([*path.glob("*.tif"), *path.glob("*.tiff"), *path.glob("*.nc")])
             if not files:

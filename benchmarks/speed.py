@@ -1,0 +1,139 @@
+"""Speed against JPEG 2000, in one run on one scene of at least 2000 x 2000 px (2 threads).
+
+    python -m benchmarks.speed --model corsa2 --out benchmarks/results/speed.json
+
+The scene is the Major-TOM scene mirrored into a 2136 x 2136 px mosaic (benchmarks.scale). Ours:
+`corsa compress` / `corsa decompress` as fresh processes (start-up, reading and writing included)
+and the codec alone (network + entropy coding, in memory). JPEG 2000: OpenJPEG through imagecodecs,
+each of the 10 bands on the 10 m grid with 2 threads, its quality knob bisected to the CF of our
+product, encode and decode timed in memory. Best of --repeats runs each; the ratios are what
+BENCHMARKS.md reports (absolute times drift on this shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import rasterio
+
+from corsa import product3
+from corsa.codec import VariableRateCodec
+from corsa.metrics import compression_factor, psnr
+
+from .baselines import CODECS, code_scene
+from .scale import write_mosaic
+
+SIZE = 2136
+THREADS = 2
+
+
+def _best(f, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = f()
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+def _cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "corsa.cli", *args], check=True, capture_output=True)
+
+
+def jpeg2000_at(data: np.ndarray, target_cf: float) -> float:
+    """OpenJPEG's quality knob (PSNR level) giving the largest CF at or above ``target_cf``."""
+    codec, n = CODECS["jpeg2000"], data.shape[1] * data.shape[2]
+    lo, hi = codec.lo, codec.hi
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        size, _ = code_scene(data, codec, mid, "10m")
+        lo, hi = (mid, hi) if compression_factor(n, size) >= target_cf else (lo, mid)
+    return lo
+
+
+def run(model: str, quality: int | None, repeats: int) -> dict:
+    codec = VariableRateCodec(model, threads=THREADS)
+    quality = quality or codec.default_quality
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = tmp / "mosaic.tif"
+        write_mosaic(src, SIZE)
+        with rasterio.open(src) as f:
+            data = f.read()
+        mp = data.shape[1] * data.shape[2] / 1e6
+        t_cli_c, _ = _best(lambda: _cli("compress", str(src), "-o", str(tmp / "prod"), "--model", model,
+                                        "--quality", str(quality)), repeats)
+        (path,) = (tmp / "prod").iterdir()
+        ours_cf = compression_factor(data.shape[1] * data.shape[2], path.stat().st_size)
+        t_cli_d, _ = _best(lambda: _cli("decompress", str(tmp / "prod"), "-o", str(tmp / "out.tif")), repeats)
+        with rasterio.open(tmp / "out.tif") as f:
+            ours_psnr = psnr(data, f.read())
+        level = codec.level(quality)
+        codec.encode(data[:, :64, :64], quality)
+        t_enc, ints = _best(lambda: codec.encode(data, quality), repeats)
+        t_ec, blob = _best(lambda: product3.encode_date(codec.coder, ints, level, quality, np.zeros(data.shape[1:], bool),
+                                                        None, None, "d", codec.model_id,
+                                                        codec.card["files"]["decoder"]["sha256"]), repeats)
+        (tmp / "blob").mkdir()
+        product3.write_date(tmp / "blob", blob, "d")
+        t_ed, _ = _best(lambda: product3.read_date(tmp / "blob", "d", codec.coder, codec.level), repeats)
+        t_dec, _ = _best(lambda: codec.decode(ints, quality, data.shape[1:]), repeats)
+    knob = jpeg2000_at(data, ours_cf)
+    streams = [imagecodecs.jpeg2k_encode(b, level=knob, codecformat=imagecodecs.JPEG2K.CODEC.J2K,
+                                         numthreads=THREADS) for b in data]
+    j2k_cf = compression_factor(data.shape[1] * data.shape[2], sum(len(s) for s in streams))
+    t_j2k_e, _ = _best(lambda: [imagecodecs.jpeg2k_encode(b, level=knob, codecformat=imagecodecs.JPEG2K.CODEC.J2K,
+                                                          numthreads=THREADS) for b in data], repeats)
+    t_j2k_d, dec = _best(lambda: [imagecodecs.jpeg2k_decode(s, numthreads=THREADS) for s in streams], repeats)
+    result = {
+        "scene_px": [int(data.shape[1]), int(data.shape[2])], "model": codec.model_id, "quality": quality,
+        "cpu": _cpu(), "threads": THREADS, "repeats": repeats,
+        "ours": {"cf": ours_cf, "psnr_db": ours_psnr, "cli_compress_s": t_cli_c, "cli_decompress_s": t_cli_d,
+                 "encode_network_s": t_enc, "entropy_encode_s": t_ec, "entropy_decode_s": t_ed,
+                 "decode_network_s": t_dec},
+        "jpeg2000": {"cf": j2k_cf, "psnr_db": psnr(data, np.stack(dec)), "encode_s": t_j2k_e, "decode_s": t_j2k_d},
+    }
+    result["ratios"] = {
+        "cli_compress_vs_j2k_encode": t_j2k_e / t_cli_c,
+        "cli_decompress_vs_j2k_decode": t_j2k_d / t_cli_d,
+        "codec_compress_vs_j2k_encode": t_j2k_e / (t_enc + t_ec),
+        "codec_decompress_vs_j2k_decode": t_j2k_d / (t_ed + t_dec),
+    }
+    result["megapixels"] = mp
+    return result
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="corsa2")
+    p.add_argument("--quality", type=int)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    result = run(args.model, args.quality, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

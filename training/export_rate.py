@@ -1,0 +1,252 @@
+"""Export a trained variable-rate run (corsa2) to models_onnx/NAME: encoder, decoder, latent tables, card.
+
+    python -m training.export_rate --run runs/corsa2 --name corsa2
+
+The latent tables (``corsa.latent_coder``: integer frequencies per quality level, context and
+channel) are counted on the train split's latents as the exported encoder computes them. The card
+records bands, scaling, latent grid, quality levels with their gains' lambdas, receptive field,
+training command and time, and per-level test figures measured on the exported files: CF from the
+bytes of the format-3 product files, PSNR, per source and as the mean over sources.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import corsa_udf
+import numpy as np
+import torch
+from torch import nn
+
+from corsa import product3
+from corsa.codec import VariableRateCodec, sha256_file
+from corsa.datasets import load_split
+from corsa.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, context_counts
+from corsa.metrics import compression_factor, psnr
+from corsa.scene import BANDS, Scene
+
+from .data import BandStats
+from .export import OPSET, _args_cli, _record_files
+from .model import parameter_count
+from .rate_model import RateCodec, RateConfig
+from .train import SPLIT_FILE
+from .train_rate import build_model
+
+
+class _Encoder(nn.Module):
+    def __init__(self, codec: RateCodec):
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, dn: torch.Tensor) -> torch.Tensor:
+        return self.codec.analysis(dn)
+
+
+class _Decoder(_Encoder):
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.codec.synthesis(latent)
+
+
+def load_run(run: Path, which: str = "best.pt") -> tuple[RateCodec, dict]:
+    ckpt = torch.load(run / which, weights_only=False)
+    model = build_model(RateConfig(**ckpt["config"]), BandStats(**ckpt["stats"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def _reach(grad: torch.Tensor, centre: int, scale: int) -> int:
+    ys, xs = np.nonzero((grad.abs().sum(0) > 0).numpy())
+    return scale * int(max(centre - ys.min(), ys.max() - centre, centre - xs.min(), xs.max() - centre) + 1)
+
+
+def receptive_radius(model: RateCodec, size: int = 256) -> dict:
+    """Reach, in 10 m pixels, of the encoder (input -> latent cell) and decoder (latent -> pixel)."""
+    x = (torch.rand(1, len(BANDS), size, size) * 3000).requires_grad_(True)
+    model.analysis(x)[0, :, size // 8, size // 8].sum().backward()
+    enc = _reach(x.grad[0], size // 2, 1)
+    lat = torch.randn(1, model.cfg.latent, size // 4, size // 4, requires_grad=True)
+    model.synthesis(lat)[0, :, size // 2, size // 2].sum().backward()
+    return {"encoder": enc, "decoder": _reach(lat.grad[0], size // 8, 4)}
+
+
+def _latents(session, scenes: list[Scene], overlap: int) -> list[np.ndarray]:
+    return [corsa_udf.analyse(session, s.data, 512, overlap) for s in scenes]
+
+
+def fit_tables(model: RateCodec, encoder_path: Path, overlap: int) -> tuple[LatentCoder, np.ndarray, np.ndarray]:
+    """Integer tables counted on the train split's latents (through onnxruntime), every level."""
+    gain, inv_gain = (t.detach().numpy().astype(np.float32) for t in model.gains())
+    session = corsa_udf.session(str(encoder_path), 0)
+    latents = _latents(session, load_split(SPLIT_FILE, "train"), overlap)
+    counts = np.stack([sum(context_counts(np.clip(np.rint(y * g[:, None, None]), -32768, 32767).astype(np.int16))
+                           for y in latents) for g in gain])
+    return LatentCoder.from_counts(counts), gain, inv_gain
+
+
+def test_figures(codec: VariableRateCodec) -> list[dict]:
+    """Per quality level: CF from the product file bytes and PSNR on the test split, per source
+    (L1C sources apart) and as the mean over L2A sources, each source weighing the same."""
+    scenes = load_split(SPLIT_FILE, "test")
+    latents = [codec.latent(s.data) for s in scenes]
+    out = []
+    for q in codec.qualities:
+        rows = defaultdict(list)
+        for s, y in zip(scenes, latents):
+            ints = codec.quantise(y, q)
+            data = product3.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, None, s.crs,
+                                        s.date or "undated", codec.model_id,
+                                        codec.card["files"]["decoder"]["sha256"])
+            rec = codec.decode(ints, q, shape=s.data.shape[1:])
+            rec[:, s.nodata_mask] = 0
+            source = s.group + ("-L1C" if s.extra.get("level") == "L1C" else "")
+            rows[source].append((psnr(s.data, rec), s.pixels, len(data)))
+        per_source = {src: {"scenes": len(r), "psnr_db": round(float(np.mean([p for p, _, _ in r])), 3),
+                            "cf": round(compression_factor(sum(n for _, n, _ in r), sum(b for _, _, b in r)), 2)}
+                      for src, r in sorted(rows.items())}
+        l2a = [v for k, v in per_source.items() if not k.endswith("-L1C")]
+        out.append({"quality": q, "per_source": per_source,
+                    "mean_over_sources": {"psnr_db": round(float(np.mean([v["psnr_db"] for v in l2a])), 3),
+                                          "cf": round(float(np.mean([v["cf"] for v in l2a])), 2)}})
+    return out
+
+
+def _cpu() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def export(run: Path, name: str, out_root: Path, description: str, notes: str = "", figures: bool = True,
+           default_quality: int | None = None) -> Path:
+    model, ckpt = load_run(run)
+    cfg: RateConfig = model.cfg
+    out = out_root / name
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": cfg.to_dict(), "stats": ckpt["stats"], "model": model.state_dict()}, out / "torch_state.pt")
+    spatial = {2: "y", 3: "x"}
+    dn = torch.rand(1, len(BANDS), 64, 64) * 3000
+    with torch.no_grad():
+        torch.onnx.export(_Encoder(model), (dn,), str(out / "encoder.onnx"), input_names=["dn"], output_names=["y"],
+                          dynamic_axes={"dn": {0: "n", **spatial}, "y": {0: "n", 2: "h", 3: "w"}},
+                          opset_version=OPSET, dynamo=False)
+        torch.onnx.export(_Decoder(model), (model.analysis(dn),), str(out / "decoder.onnx"), input_names=["latent"],
+                          output_names=["dn"], dynamic_axes={"latent": {0: "n", 2: "h", 3: "w"},
+                                                             "dn": {0: "n", **spatial}},
+                          opset_version=OPSET, dynamo=False)
+    reach = receptive_radius(model)
+    overlap = int(math.ceil(max(reach.values()) / cfg.stride) * cfg.stride)
+    coder, gain, inv_gain = fit_tables(model, out / "encoder.onnx", overlap)
+    coder.save(out, gain=gain, inv_gain=inv_gain, lambdas=np.array(cfg.lambdas))
+    st = ckpt["stats"]
+    card = {
+        "id": name,
+        "kind": "variable-rate",
+        "format_version": 3,
+        "description": description,
+        "bands": list(BANDS),
+        "input": {
+            "dtype": "float32", "units": "L2A DN = surface reflectance x 10000 (baseline offset removed)",
+            "layout": "(n, band, y, x), y and x multiples of 4",
+            "scaling": "inside the encoder: DN clipped at 0, Yeo-Johnson per band, then standardised",
+            "yeo_johnson_lambda": st["lmbda"], "mean": st["yj_mean"], "std": st["yj_std"],
+        },
+        "output": {"dtype": "float32", "units": "DN (round and clip to uint16)"},
+        "latent": {"stride": cfg.stride, "resolution_m": 10 * cfg.stride, "channels": cfg.latent,
+                   "quantiser": "ints = round(y * gain[level]), clipped to int16; decoder input ints * inv_gain[level]",
+                   "coder": "corsa.latent_coder: checkerboard contexts, integer tables (sum 2**16), range coder"},
+        "qualities": [{"quality": i + 1, "lambda": lam} for i, lam in enumerate(cfg.lambdas)],
+        "default_quality": default_quality or cfg.levels // 2 + 1,
+        "receptive_radius_px": reach,
+        "tile": {"size": 512, "overlap": overlap},
+        "architecture": {**cfg.to_dict(), "parameters": parameter_count(model)},
+        "training": {
+            "command": " ".join(["python -m training.train_rate", *_args_cli(ckpt["args"])]),
+            "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1),
+            "machine": f"2 CPU cores ({_cpu()}), fp32, no GPU",
+            "data": "shared/data/s2: every group with 10 bands (L2A and L1C)",
+            "split": "training/split.json (by location; every source in test)",
+            "best_val_loss": round(ckpt["best"], 4),
+            "notes": notes,
+        },
+        "files": {},
+    }
+    _record_files(card, out, {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "latent_model": TABLES_FILE})
+    (out / "model_card.json").write_text(json.dumps(card, indent=1))
+    if not figures:
+        return out
+    t0 = time.time()
+    for entry, fig in zip(card["qualities"], test_figures(VariableRateCodec(out))):
+        entry["test"] = fig
+    card["test_seconds"] = round(time.time() - t0, 1)
+    (out / "model_card.json").write_text(json.dumps(card, indent=1))
+    (out / "MODEL_CARD.md").write_text(card_markdown(card))
+    return out
+
+
+def card_markdown(card: dict) -> str:
+    tr, a, lat = card["training"], card["architecture"], card["latent"]
+    sources = sorted(card["qualities"][0]["test"]["per_source"])
+    head = "| quality | lambda | mean over L2A sources: CF / PSNR | " + " | ".join(sources) + " |"
+    rows = [head, "|" + "---|" * (3 + len(sources))]
+    for q in card["qualities"]:
+        t = q["test"]
+        cells = [f"{t['per_source'][s]['cf']:.1f} / {t['per_source'][s]['psnr_db']:.2f}" for s in sources]
+        rows.append(f"| {q['quality']} | {q['lambda']:g} | {t['mean_over_sources']['cf']:.1f} / "
+                    f"{t['mean_over_sources']['psnr_db']:.2f} | " + " | ".join(cells) + " |")
+    table = "\n".join(rows)
+    return f"""# Model card: {card['id']}
+
+{card['description']}
+
+- Bands (in this order): {', '.join(card['bands'])}; input {card['input']['units']}.
+- Scaling: {card['input']['scaling']}; parameters in `model_card.json`.
+- Latent: {lat['channels']} channels on the {lat['resolution_m']} m grid (stride {lat['stride']}).
+  Quantiser: {lat['quantiser']}. Coder: {lat['coder']}.
+- Quality levels 1-{len(card['qualities'])} (higher is better), default {card['default_quality']}: one network,
+  a learned gain vector per level (trained for lambda x MSE + bits).
+- Files: `encoder.onnx` (DN -> latent y), `decoder.onnx` (dequantised latent -> DN), `latent_model.npz`
+  (gains, inverse gains, integer context tables); sha256 in `model_card.json`. `torch_state.pt` holds the
+  weights for torch; run time never reads it.
+- Receptive radius: encoder {card['receptive_radius_px']['encoder']} px, decoder
+  {card['receptive_radius_px']['decoder']} px; tiles of {card['tile']['size']} px overlap by {card['tile']['overlap']} px.
+- Parameters: {a['parameters']:,}.
+- Training: `{tr['command']}`; {tr['steps']} steps, {tr['wall_time_s'] / 60:.0f} min on {tr['machine']};
+  data {tr['data']}; split {tr['split']}. {tr['notes']}
+
+Test split (locations never seen in training), CF from the bytes of the format-3 product files,
+PSNR (peak 10000) as CF / dB per source; L1C sources are not in the mean. The comparison with
+JPEG 2000 / JPEG XL at the same size is in BENCHMARKS.md.
+
+{table}
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", type=Path, default=Path("models_onnx"))
+    p.add_argument("--notes", default="", help="what a re-run of the training command should know")
+    p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
+    p.add_argument("--default-quality", type=int, help="the level `corsa compress` uses by default (default: the middle one)")
+    p.add_argument("--description", default="Variable-rate codec: scalar-quantised latent on the 40 m grid, "
+                   "one network for every quality level, entropy-coded with integer context tables.")
+    args = p.parse_args()
+    out = export(args.run, args.name, args.out, args.description, notes=args.notes, figures=not args.no_figures,
+                 default_quality=args.default_quality)
+    if not args.no_figures:
+        print((out / "MODEL_CARD.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""corsa2: a variable-rate codec with scalar-quantised latents, trained for rate and distortion.
+
+encoder: DN (10 bands, 10 m) -> Yeo-Johnson + standardise -> space-to-depth to the 40 m grid (all
+  compute there: a 10 m pixel costs 1/16 of a 40 m cell) -> residual conv net -> latent y (L channels).
+quantiser, per quality level q: ``round(y * gain[q])`` (integers, what the product stores);
+  the decoder sees ``ints * inv_gain[q]``. Gains are learned per level and channel (the "gained"
+  variable-rate scheme of Cui et al. 2021, CompressAI's VBR models), so one network serves every rate.
+decoder: latent -> residual conv net at 40 m -> pixel shuffle to 20 m -> light conv -> 10 m.
+rate during training: each (level, channel) has a Laplace prior; the loss is
+  lambda[q] * MSE / var(DN) + bits per pixel, with a random level per crop. At run time a counted,
+  integer context model codes the ints (``corsa.latent_coder``), never this float prior.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import InputTransform, ResBlock
+
+
+@dataclass
+class RateConfig:
+    bands: int = 10
+    stride: int = 4            # latent grid: 40 m
+    latent: int = 64           # latent channels
+    width: int = 96            # channels at 40 m
+    width20: int = 48          # channels at 20 m in the decoder
+    blocks_enc: int = 2
+    blocks_dec: int = 3
+    # Rate-distortion trade-off of each quality level, lowest quality first.
+    lambdas: list[float] = field(default_factory=lambda: [25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def levels(self) -> int:
+        return len(self.lambdas)
+
+
+class RateCodec(nn.Module):
+    def __init__(self, cfg: RateConfig, transform: InputTransform, out_mean: list[float], out_std: list[float]):
+        super().__init__()
+        if cfg.stride != 4:
+            raise ValueError("this architecture has its latent grid at stride 4 (40 m)")
+        self.cfg = cfg
+        self.transform = transform
+        c, lat, q = cfg.width, cfg.latent, cfg.levels
+        self.enc = nn.Sequential(nn.PixelUnshuffle(4), nn.Conv2d(16 * cfg.bands, c, 1),
+                                 *[ResBlock(c) for _ in range(cfg.blocks_enc)], nn.Conv2d(c, lat, 1))
+        self.dec = nn.Sequential(nn.Conv2d(lat, c, 3, padding=1), *[ResBlock(c) for _ in range(cfg.blocks_dec)],
+                                 nn.Conv2d(c, 4 * cfg.width20, 1), nn.PixelShuffle(2), nn.GELU(),
+                                 nn.Conv2d(cfg.width20, cfg.width20, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(cfg.width20, 4 * cfg.bands, 1), nn.PixelShuffle(2),
+                                 nn.Conv2d(cfg.bands, cfg.bands, 3, padding=1))
+        # Gains spaced like the lambdas at start (step ~ lambda^-1/2 for MSE), learned from there.
+        init = torch.tensor([0.5 * math.log(lam / cfg.lambdas[-1]) for lam in cfg.lambdas]) + math.log(4.0)
+        self.log_gain = nn.Parameter(init[:, None].repeat(1, lat))
+        self.log_inv_gain = nn.Parameter(-init[:, None].repeat(1, lat))
+        self.prior_mean = nn.Parameter(torch.zeros(q, lat))
+        self.prior_log_scale = nn.Parameter(torch.zeros(q, lat))
+        self.register_buffer("lambdas", torch.tensor(cfg.lambdas))
+        self.register_buffer("out_mean", torch.tensor(out_mean).view(1, -1, 1, 1))
+        self.register_buffer("out_std", torch.tensor(out_std).view(1, -1, 1, 1))
+
+    # -- the pieces the ONNX files are made of (quantisation itself runs in numpy) --------
+    def analysis(self, dn: torch.Tensor) -> torch.Tensor:
+        """DN (N, 10, H, W), H and W multiples of 4 -> latent y (N, L, H/4, W/4), before gains."""
+        return self.enc(self.transform(dn))
+
+    def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
+        """Dequantised latent (ints * inv_gain) -> DN (N, 10, H, W) float."""
+        return self.dec(y_hat) * self.out_std + self.out_mean
+
+    def gains(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.log_gain.exp(), self.log_inv_gain.exp()
+
+    # -- training pass ---------------------------------------------------------------------
+    def forward(self, dn: torch.Tensor, level: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.analysis(dn)
+        g, ig = self.gains()
+        s = y * g[level][:, :, None, None]
+        noisy = s + torch.empty_like(s).uniform_(-0.5, 0.5)
+        hard = s + (torch.round(s) - s).detach()          # straight-through rounding for the decoder
+        recon = self.synthesis(hard * ig[level][:, :, None, None])
+        mu = self.prior_mean[level][:, :, None, None]
+        scale = self.prior_log_scale[level][:, :, None, None].exp()
+        bits = -torch.log2(laplace_mass(noisy - mu, scale).clamp(min=1e-9))
+        return {"recon": recon, "bits": bits.flatten(1).sum(1), "ints": torch.round(s).detach()}
+
+
+def laplace_mass(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Probability of the unit bin centred on x under Laplace(0, scale), stable in both tails."""
+    def cdf(v: torch.Tensor) -> torch.Tensor:
+        # clamped so the branch torch.where discards never overflows (inf * 0 = NaN in the gradient)
+        return torch.where(v < 0, 0.5 * torch.exp(v.clamp(max=0) / scale), 1 - 0.5 * torch.exp(-v.clamp(min=0) / scale))
+    lo, hi = x - 0.5, x + 0.5
+    # Upper tail: 1 - cdf loses precision; use the mirrored lower-tail form there.
+    upper = 0.5 * (torch.exp(-lo.clamp(min=0) / scale) - torch.exp(-hi.clamp(min=0) / scale))
+    return torch.where(lo >= 0, upper, cdf(hi) - cdf(lo))

@@ -1,0 +1,169 @@
+"""Train corsa2 (the variable-rate codec) on the train split; resumes from the run folder's checkpoint.
+
+    python -m training.train_rate --name corsa2      # seeded; about 75 min on 2 cores (AMD EPYC, fp32)
+
+Every crop of a batch gets a random quality level; loss = lambda[level] * MSE / var(DN) + bits per
+pixel under the Laplace prior. Checkpoints every --ckpt-every steps (runs/NAME/ckpt.pt); the model
+with the lowest validation loss (mean over levels) is kept as best.pt. Log: runs/NAME/log.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corsa.datasets import load_split
+from corsa.metrics import psnr
+from corsa.scene import Scene
+
+from .data import BandStats, CropSampler, fit_band_stats
+from .model import InputTransform, parameter_count
+from .rate_model import RateCodec, RateConfig, laplace_mass
+from .train import SPLIT_FILE, lr_at, pad_to
+
+
+def build_model(cfg: RateConfig, st: BandStats) -> RateCodec:
+    return RateCodec(cfg, InputTransform(st.lmbda, st.yj_mean, st.yj_std), st.dn_mean, st.dn_std)
+
+
+def distortion(recon: torch.Tensor, x: torch.Tensor, norm: float) -> torch.Tensor:
+    """MSE per crop over valid pixels and all bands, divided by the mean DN variance."""
+    valid = (x != 0).any(1, keepdim=True).float()
+    return ((recon - x) ** 2 * valid).flatten(1).sum(1) / (valid.flatten(1).sum(1) * x.shape[1]).clamp(min=1) / norm
+
+
+@torch.no_grad()
+def evaluate(model: RateCodec, scenes: list[Scene], norm: float) -> dict:
+    """Per level: mean PSNR (rounded latents, as exported) and prior bits per pixel over the scenes."""
+    model.eval()
+    g, ig = model.gains()
+    out = {"psnr": [], "bpp": [], "loss": []}
+    ys = [(s, model.analysis(torch.from_numpy(pad_to(s.data, 4).astype(np.float32))[None])) for s in scenes]
+    for q in range(model.cfg.levels):
+        scores, bits, pixels, losses = [], 0.0, 0, []
+        for s, y in ys:
+            ints = torch.round(y * g[q][None, :, None, None])
+            rec = model.synthesis(ints * ig[q][None, :, None, None])[0, :, : s.data.shape[1], : s.data.shape[2]]
+            mu, scale = model.prior_mean[q][:, None, None], model.prior_log_scale[q].exp()[:, None, None]
+            b = float(-torch.log2(laplace_mass(ints[0] - mu, scale).clamp(min=1e-9)).sum())
+            recn = np.clip(np.rint(rec.numpy()), 0, 65535)
+            recn[:, s.nodata_mask] = 0
+            scores.append(psnr(s.data, recn))
+            bits += b
+            pixels += s.pixels
+            x = torch.from_numpy(s.data.astype(np.float32))[None]
+            losses.append(float(model.cfg.lambdas[q] * distortion(rec[None], x, norm)) + b / s.pixels)
+        out["psnr"].append(round(float(np.mean(scores)), 2))
+        out["bpp"].append(round(bits / pixels, 3))
+        out["loss"].append(float(np.mean(losses)))
+    model.train()
+    out["val_loss"] = float(np.mean(out.pop("loss")))
+    return out
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Path(args.runs) / args.name
+    run.mkdir(parents=True, exist_ok=True)
+    train_scenes = load_split(SPLIT_FILE, "train")
+    val_scenes = load_split(SPLIT_FILE, "val")[:: args.val_stride]
+
+    ckpt_path = run / "ckpt.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        cfg, st = RateConfig(**ckpt["config"]), BandStats(**ckpt["stats"])
+        print(f"resuming {run} at step {ckpt['step']}")
+    else:
+        ckpt = None
+        cfg = RateConfig(latent=args.latent, width=args.width, width20=args.width20,
+                         blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec)
+        st = fit_band_stats(train_scenes, seed=args.seed)
+    model = build_model(cfg, st)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    sampler = CropSampler(train_scenes, args.crop, args.seed, max_weight_px=args.max_weight_px)
+    step, best, elapsed = 0, math.inf, 0.0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        sampler.restore(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["elapsed"]
+    print(f"{args.name}: {parameter_count(model) / 1e6:.2f} M parameters, config {cfg.to_dict()}", flush=True)
+
+    def save(path: Path) -> None:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "config": cfg.to_dict(),
+                    "stats": asdict(st), "step": step, "best": best, "elapsed": elapsed,
+                    "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
+                    "args": vars(args), "kind": "rate"}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    norm = float(np.mean(np.square(st.dn_std)))
+    log = (run / "log.jsonl").open("a")
+    t0, acc = time.time() - elapsed, {"d": 0.0, "bpp": 0.0}
+    while step < args.steps:
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, args.steps, args.lr)
+        x = torch.from_numpy(sampler.batch(args.batch))
+        level = torch.randint(0, cfg.levels, (args.batch,))
+        out = model(x, level)
+        d = distortion(out["recon"], x, norm)
+        bpp = out["bits"] / (x.shape[2] * x.shape[3])
+        loss = (model.lambdas[level] * d + bpp).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        step += 1
+        acc["d"] += float(d.detach().mean())
+        acc["bpp"] += float(bpp.detach().mean())
+        if step % args.val_every == 0 or step == args.steps:
+            elapsed = time.time() - t0
+            ev = evaluate(model, val_scenes, norm)
+            rec = {"step": step, "elapsed_s": round(elapsed, 1), "train_d": round(acc["d"] / args.val_every, 5),
+                   "train_bpp": round(acc["bpp"] / args.val_every, 3), **ev}
+            acc = {"d": 0.0, "bpp": 0.0}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if ev["val_loss"] < best:
+                best = ev["val_loss"]
+                save(run / "best.pt")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            elapsed = time.time() - t0
+            save(ckpt_path)
+    log.close()
+    return run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", default="corsa2")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--latent", type=int, default=64)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--width20", type=int, default=48)
+    p.add_argument("--blocks-enc", type=int, default=2)
+    p.add_argument("--blocks-dec", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-weight-px", type=int, default=250_000,
+                   help="a scene is drawn as if it had at most this many pixels (large L1C scenes would dominate)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=1000)
+    p.add_argument("--val-stride", type=int, default=2, help="evaluate on every n-th val scene")
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())
