@@ -34,7 +34,8 @@ def files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_products_and_decoding_are_byte_identical(tmp_path, data_root, threads):
+@pytest.mark.parametrize("model, files_per_date", [("corsa512", 3), ("corsa2", 1)])
+def test_products_and_decoding_are_byte_identical(tmp_path, data_root, threads, model, files_per_date):
     s = next(LOADERS["majortom"](data_root))
     data = s.data[:, 200:720, 300:820].copy()       # 520 px: chunks of 512 and 8 px, computed in parallel
     data[:, :30, :50] = 0
@@ -42,10 +43,10 @@ def test_products_and_decoding_are_byte_identical(tmp_path, data_root, threads):
     runs = {}
     for name, n in (("first", 1), ("again", 1), ("two_threads", 2)):
         with threads(n):
-            assert cli.main(["compress", str(src), "-o", str(tmp_path / name)]) == 0
+            assert cli.main(["compress", str(src), "-o", str(tmp_path / name), "--model", model]) == 0
             assert cli.main(["decompress", str(tmp_path / name), "-o", str(tmp_path / f"{name}_decoded")]) == 0
         runs[name] = files(tmp_path / name), files(tmp_path / f"{name}_decoded")
-    assert len(runs["first"][0]) == 3 and len(runs["first"][1]) == 1
+    assert len(runs["first"][0]) == files_per_date and len(runs["first"][1]) == 1
     assert runs["again"] == runs["first"]
     assert runs["two_threads"] == runs["first"]
     assert threads.seen == {1, 2}                   # the UDF really ran with both thread counts

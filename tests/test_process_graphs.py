@@ -4,7 +4,7 @@ import json
 import pytest
 
 from corsa.classmap import DEFAULT_CLASSIFIER
-from corsa.codec import DEFAULT_MODEL, read_card
+from corsa.codec import DEFAULT_MODEL, MODELS_DIR, read_card
 from corsa.processes import GRAPHS_DIR, PROCESSES, UDF_CODE, render
 
 FILES = sorted(GRAPHS_DIR.glob("*.json"))
@@ -65,12 +65,14 @@ def _neighborhoods(node):
 
 
 def test_chunk_overlap_covers_each_networks_reach():
-    """Chunks overlap by what the mode's network reaches (model cards), in whole level-1 cells:
-    less would leave seams at chunk borders."""
-    _, codec_card = read_card(DEFAULT_MODEL)
+    """Chunks overlap by what the mode's network reaches (model cards: the farthest-reaching codec),
+    in whole level-1 cells: less would leave seams at chunk borders."""
+    cards = [read_card(p.parent)[1] for p in MODELS_DIR.glob("*/model_card.json")]
+    codecs = [c for c in cards if "encoder" in c["files"]]
+    assert DEFAULT_MODEL in {c["id"] for c in codecs} and "corsa2" in {c["id"] for c in codecs}
     _, clf_card = read_card(DEFAULT_CLASSIFIER)
-    reach = {"compress": codec_card["receptive_radius_px"]["encoder"],
-             "decompress": codec_card["receptive_radius_px"]["decoder"],
+    reach = {"compress": max(c["receptive_radius_px"]["encoder"] for c in codecs),
+             "decompress": max(c["receptive_radius_px"]["decoder"] for c in codecs),
              "classify": clf_card["receptive_radius_px"]["grid10"]}
     seen = set()
     for path in FILES:

@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, latent_coder, product, product3
+from corsa import cli, product3
 from corsa.codec import VariableRateCodec
 from corsa.datasets import LOADERS
 from corsa.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, ESC, M, PRECISION, StreamError, _Layout,

@@ -98,6 +98,14 @@ def receptive_radius(model: Codec, size: int = 128) -> dict:
     return {"encoder": enc, "decoder": max(reach)}
 
 
+def input_spec(stats: dict) -> dict:
+    """The card's "input" entry: what the encoder takes and how it scales it (fitted band statistics)."""
+    return {"dtype": "float32", "units": "L2A DN = surface reflectance x 10000 (baseline offset removed)",
+            "layout": "(n, band, y, x), y and x multiples of 4",
+            "scaling": "inside the encoder: DN clipped at 0, Yeo-Johnson per band, then standardised",
+            "yeo_johnson_lambda": stats["lmbda"], "mean": stats["yj_mean"], "std": stats["yj_std"]}
+
+
 def _record_files(card: dict, folder: Path, files: dict[str, str]) -> None:
     for key, name in files.items():
         path = folder / name
@@ -132,12 +140,7 @@ def export(run: Path, name: str, out_root: Path, description: str, figures: bool
         "format_version": 1,
         "description": description,
         "bands": list(BANDS),
-        "input": {
-            "dtype": "float32", "units": "L2A DN = surface reflectance x 10000 (baseline offset removed)",
-            "layout": "(n, band, y, x), y and x multiples of 4",
-            "scaling": "inside the encoder: DN clipped at 0, Yeo-Johnson per band, then standardised",
-            "yeo_johnson_lambda": st["lmbda"], "mean": st["yj_mean"], "std": st["yj_std"],
-        },
+        "input": input_spec(st),
         "output": {"dtype": "float32", "units": "DN (round and clip to uint16)"},
         "codebooks": {"k0": cfg.k0, "k1": cfg.k1, "dim0": cfg.dim0, "dim1": cfg.dim1},
         "grids": {

@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from corsa import product3
-from corsa.codec import VariableRateCodec, sha256_file
+from corsa.codec import VariableRateCodec
 from corsa.datasets import load_split
 from corsa.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, context_counts
 from corsa.metrics import compression_factor, psnr
 from corsa.scene import BANDS, Scene
 
 from .data import BandStats
-from .export import OPSET, _args_cli, _record_files
+from .export import OPSET, _args_cli, _record_files, input_spec
 from .model import parameter_count
 from .rate_model import RateCodec, RateConfig
 from .train import SPLIT_FILE
@@ -147,19 +147,13 @@ def export(run: Path, name: str, out_root: Path, description: str, notes: str = 
     overlap = int(math.ceil(max(reach.values()) / cfg.stride) * cfg.stride)
     coder, gain, inv_gain = fit_tables(model, out / "encoder.onnx", overlap)
     coder.save(out, gain=gain, inv_gain=inv_gain, lambdas=np.array(cfg.lambdas))
-    st = ckpt["stats"]
     card = {
         "id": name,
         "kind": "variable-rate",
         "format_version": 3,
         "description": description,
         "bands": list(BANDS),
-        "input": {
-            "dtype": "float32", "units": "L2A DN = surface reflectance x 10000 (baseline offset removed)",
-            "layout": "(n, band, y, x), y and x multiples of 4",
-            "scaling": "inside the encoder: DN clipped at 0, Yeo-Johnson per band, then standardised",
-            "yeo_johnson_lambda": st["lmbda"], "mean": st["yj_mean"], "std": st["yj_std"],
-        },
+        "input": input_spec(ckpt["stats"]),
         "output": {"dtype": "float32", "units": "DN (round and clip to uint16)"},
         "latent": {"stride": cfg.stride, "resolution_m": 10 * cfg.stride, "channels": cfg.latent,
                    "quantiser": "ints = round(y * gain[level]), clipped to int16; decoder input ints * inv_gain[level]",

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 import rasterio
 
-from .scene import BANDS, Scene, baseline_offset, remove_offset, to_uint16, upsample_nearest
+from .scene import BANDS, Scene, baseline_offset, remove_offset, to_uint16
 
 # 12-band L2A stacks (SSL4EO-S12, WorldStrat): B01..B12 without B10.
 L2A_12 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")

@@ -72,11 +72,3 @@ def to_uint16(dn: np.ndarray) -> np.ndarray:
     """Round and clip a float or signed DN array into uint16, NaN becoming 0 (nodata)."""
     arr = np.nan_to_num(np.asarray(dn, dtype=np.float64), nan=0.0)
     return np.clip(np.rint(arr), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-
-
-def upsample_nearest(band: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """Bring a coarse band onto the 10 m grid by pixel replication (openEO's default 'near')."""
-    up = np.repeat(np.repeat(band, factor, axis=0), factor, axis=1)
-    if up.shape[0] < shape[0] or up.shape[1] < shape[1]:
-        raise ValueError(f"band of shape {band.shape} x{factor} does not cover {shape}")
-    return up[: shape[0], : shape[1]]
