@@ -53,11 +53,20 @@ class _Decoder(_Encoder):
         return self.codec.synthesis(latent)
 
 
-def load_run(run: Path, which: str = "best.pt") -> tuple[RateCodec, dict]:
-    ckpt = torch.load(run / which, weights_only=False)
+def _from_checkpoint(ckpt: dict) -> RateCodec:
     model = build_model(RateConfig(**ckpt["config"]), BandStats(**ckpt["stats"]))
     model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    return model.eval()
+
+
+def load_run(run: Path, which: str = "best.pt") -> tuple[RateCodec, dict]:
+    ckpt = torch.load(run / which, weights_only=False)
+    return _from_checkpoint(ckpt), ckpt
+
+
+def load_state(path: Path) -> RateCodec:
+    """The torch model saved beside an export (torch_state.pt), for parity checks and fine-tuning."""
+    return _from_checkpoint(torch.load(path, weights_only=True))
 
 
 def _reach(grad: torch.Tensor, centre: int, scale: int) -> int:
