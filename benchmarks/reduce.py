@@ -24,7 +24,7 @@ from .rd import SPLIT_FILE
 
 
 def _bytes(codec: VariableRateCodec, ints: np.ndarray, quality: int, nodata: np.ndarray) -> int:
-    return len(product3.encode_date(codec.coder, ints, codec.level(quality), quality, nodata, None, None, "d",
+    return len(product3.encode_date(codec.coder, ints, codec.level(quality), quality, nodata, None, None, "undated",
                                     codec.model_id, codec.card["files"]["decoder"]["sha256"]))
 
 

@@ -81,11 +81,11 @@ def run(model: str, quality: int | None, repeats: int) -> dict:
         codec.encode(data[:, :64, :64], quality)
         t_enc, ints = _best(lambda: codec.encode(data, quality), repeats)
         t_ec, blob = _best(lambda: product3.encode_date(codec.coder, ints, level, quality, np.zeros(data.shape[1:], bool),
-                                                        None, None, "d", codec.model_id,
+                                                        None, None, "undated", codec.model_id,
                                                         codec.card["files"]["decoder"]["sha256"]), repeats)
         (tmp / "blob").mkdir()
-        product3.write_date(tmp / "blob", blob, "d")
-        t_ed, _ = _best(lambda: product3.read_date(tmp / "blob", "d", codec.coder, codec.level), repeats)
+        product3.write_date(tmp / "blob", blob, "undated")
+        t_ed, _ = _best(lambda: product3.read_date(tmp / "blob", "undated", codec.coder, codec.level), repeats)
         t_dec, _ = _best(lambda: codec.decode(ints, quality, data.shape[1:]), repeats)
     knob = jpeg2000_at(data, ours_cf)
     streams = [imagecodecs.jpeg2k_encode(b, level=knob, codecformat=imagecodecs.JPEG2K.CODEC.J2K,

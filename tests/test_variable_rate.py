@@ -212,3 +212,15 @@ def test_models_lists_quality_levels_with_figures(capsys):
     cfs = [t["cf"] for t in rate["test"]]
     assert cfs == sorted(cfs, reverse=True)             # higher quality, larger files
     assert models["corsa512"]["qualities"] == []
+
+
+def test_headers_cost_under_5_percent_on_a_120_px_patch_at_the_lowest_quality(codec, data_root):
+    """The issue's bound on small scenes, at its hardest point: a 120 px BigEarthNet patch (UTM,
+    georeferenced) at quality 1, where the whole file is about 1.2 kB."""
+    s = next(LOADERS["bigearthnet"](data_root))
+    q = codec.qualities[0]
+    data = product3.encode_date(codec.coder, codec.encode(s.data, q), codec.level(q), q, s.nodata_mask,
+                                Affine(*s.transform), s.crs, s.date, codec.model_id, codec.card["files"]["decoder"]["sha256"])
+    h = product3.read_header(data, "patch")
+    assert len(data) - sum(h["lengths"]) <= 0.05 * len(data), (len(data), sum(h["lengths"]))
+    assert (h["transform"], h["crs"], h["date"], h["shape"]) == (Affine(*s.transform), s.crs, s.date, s.data.shape[1:])

@@ -4,19 +4,21 @@
 
 A file is a small binary header, the latent's blocks (each an independent stream of
 ``corsa.latent_coder``, so a block can be decoded alone), the nodata mask when the input had
-nodata, and a CRC-32 of everything before it. The header is about 100 bytes plus the CRS text:
-on a 160 px scene at CF 30 (9 kB) that is about 1%, where the two GeoTIFF headers of format 2 cost
-several kB. All integers little-endian:
+nodata, and a CRC-32 of everything before it. The header is kept small because on a 120 px patch at
+CF 120 the whole file is about 1.3 kB: a georeferenced UTM date with an EPSG code costs 55-60 bytes
+(about 4%), where the two GeoTIFF headers of format 2 cost several kB. All integers little-endian;
+varint = LEB128:
 
     magic      b"CRS" + version byte (3)
-    u16        header length (bytes that follow up to the payload)
-    u8         quality level       u8  flags (1: nodata mask, 2: georeferenced)
-    u8 + str   model id            8 bytes: start of the decoder's sha256
-    u32 u32    input height, width (10 m pixels)
-    u16        block side (latent cells)
-    6 x f64    transform (if georeferenced)
-    u16 + str  CRS (EPSG:n or WKT; empty: none)
-    u8 + str   date (YYYY-MM-DD or "undated")
+    varint     header length (bytes that follow up to the payload)
+    u8         quality level       u8  flags (1 nodata mask, 2 georeferenced, 4 north-up,
+                                          8 pixel size fits float32, 16 CRS is an EPSG code)
+    u8 + str   model id            4 bytes: start of the decoder's sha256
+    varints    input height, width (10 m pixels), block side (latent cells)
+    transform  if georeferenced: north-up: f64 x origin, f64 y origin, pixel width and height
+               (f32 when exact, else f64); otherwise the 6 coefficients as f64
+    CRS        EPSG code as u32, or u16 + WKT text (length 0: none)
+    u16        date as days since 1970-01-01 (0xFFFF: undated)
     varints    byte length of each block stream (row-major), then of the mask
     payload    block streams, mask (zlib of packbits, 10 m grid)
     u32        CRC-32 of all bytes before it
@@ -40,7 +42,10 @@ VERSION = 3
 MAGIC = b"CRS" + bytes([VERSION])
 SUFFIX = ".corsa"
 BLOCK = 128                    # latent cells per block side: 512 px at 40 m cells
-HAS_MASK, GEOREFERENCED = 1, 2
+HAS_MASK, GEOREFERENCED, NORTH_UP, PIXEL_F32, EPSG = 1, 2, 4, 8, 16
+SHA_BYTES = 4                  # identifies the decoder; integrity is the CRC's job
+UNDATED = 0xFFFF
+EPOCH = np.datetime64("1970-01-01", "D")
 MAX_INPUT_PIXELS = 1 << 30     # as format 2: a corrupt header must not make us allocate without bound
 
 
@@ -60,7 +65,7 @@ class StreamDate:
     transform: Affine | None
     crs: str | None
     model_id: str
-    model_sha256_prefix: str       # hex, 16 characters
+    model_sha256_prefix: str       # hex, 8 characters
 
 
 def file_name(date: str) -> str:
@@ -99,16 +104,50 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
     if len(streams) != len(block_slices(latent_cells(shape), block)):
         raise ValueError(f"{len(streams)} block streams for an input grid of {shape} in blocks of {block} cells")
     mask = zlib.compress(np.packbits(nodata).tobytes(), 9) if nodata.any() else b""
-    ident, crs_text, label = model_id.encode(), (crs or "").encode(), date.encode()
-    flags = (HAS_MASK if mask else 0) | (GEOREFERENCED if transform is not None else 0)
-    head = struct.pack("<BBB", quality, flags, len(ident)) + ident + bytes.fromhex(model_sha256[:16])
-    head += struct.pack("<IIH", shape[0], shape[1], block)
+    ident = model_id.encode()
+    flags = HAS_MASK if mask else 0
+    grid = _varint(shape[0]) + _varint(shape[1]) + _varint(block)
     if transform is not None:
-        head += struct.pack("<6d", *list(transform)[:6])
-    head += struct.pack("<H", len(crs_text)) + crs_text + struct.pack("<B", len(label)) + label
+        flags |= GEOREFERENCED
+        a, b, c, d, e, f = list(transform)[:6]
+        if b == 0 and d == 0:
+            flags |= NORTH_UP
+            exact = float(np.float32(a)) == a and float(np.float32(e)) == e  # (NumPy 2 would compare in float32)
+            flags |= PIXEL_F32 if exact else 0
+            grid += struct.pack("<2d", c, f) + struct.pack("<2f" if exact else "<2d", a, e)
+        else:
+            grid += struct.pack("<6d", a, b, c, d, e, f)
+    code = _epsg(crs)
+    if code is not None:
+        flags |= EPSG
+        grid += struct.pack("<I", code)
+    else:
+        grid += struct.pack("<H", len((crs or "").encode())) + (crs or "").encode()
+    grid += struct.pack("<H", _days(date))
+    head = struct.pack("<BBB", quality, flags, len(ident)) + ident + bytes.fromhex(model_sha256[:2 * SHA_BYTES]) + grid
     head += b"".join(_varint(len(s)) for s in streams) + (_varint(len(mask)) if mask else b"")
-    body = MAGIC + struct.pack("<H", len(head)) + head + b"".join(streams) + mask
+    body = MAGIC + _varint(len(head)) + head + b"".join(streams) + mask
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _epsg(crs: str | None) -> int | None:
+    """The EPSG code of a CRS written as "EPSG:n" (what the readers give for UTM and WGS 84)."""
+    if crs and crs.upper().startswith("EPSG:") and crs[5:].isdigit() and int(crs[5:]) < 1 << 32:
+        return int(crs[5:])
+    return None
+
+
+def _days(date: str) -> int:
+    """A date label (YYYY-MM-DD or "undated", as product.date_label writes them) as u16 days."""
+    if date == "undated":
+        return UNDATED
+    try:
+        days = int((np.datetime64(date, "D") - EPOCH).astype(int))
+    except ValueError as e:
+        raise ValueError(f"a product date is YYYY-MM-DD or 'undated', not {date!r}") from e
+    if not 0 <= days < UNDATED or str(EPOCH + days) != date:
+        raise ValueError(f"a product date is YYYY-MM-DD between 1970 and 2149, not {date!r}")
+    return days
 
 
 def encode_date(coder, ints: np.ndarray, level: int, quality: int, nodata: np.ndarray,
@@ -172,23 +211,33 @@ def read_header(data: bytes, name: str) -> dict:
         raise ProductError(f"{name} does not match its CRC-32 (damaged or truncated file)")
     r = _Reader(data[:-4], name)
     r.take(len(MAGIC))
-    (head_len,) = r.unpack("<H")
+    head_len = r.varint()
+    start = r.pos
     quality, flags, n = r.unpack("<BBB")
     model_id = r.take(n).decode("utf-8", "replace")
-    sha_prefix = r.take(8).hex()
-    height, width, block = r.unpack("<IIH")
-    if not height or not width or height * width > MAX_INPUT_PIXELS or not block:
+    sha_prefix = r.take(SHA_BYTES).hex()
+    height, width, block = r.varint(), r.varint(), r.varint()
+    if not height or not width or height * width > MAX_INPUT_PIXELS or not block or block > 1 << 16:
         raise ProductError(f"{name} declares an input grid of {height} x {width} px in blocks of {block}")
-    transform = Affine(*r.unpack("<6d")) if flags & GEOREFERENCED else None
-    (n,) = r.unpack("<H")
-    crs = r.take(n).decode("utf-8", "replace") or None
-    (n,) = r.unpack("<B")
-    date = r.take(n).decode("ascii", "replace")
+    transform = None
+    if flags & GEOREFERENCED and flags & NORTH_UP:
+        c, f = r.unpack("<2d")
+        a, e = r.unpack("<2f" if flags & PIXEL_F32 else "<2d")
+        transform = Affine(a, 0.0, c, 0.0, e, f)
+    elif flags & GEOREFERENCED:
+        transform = Affine(*r.unpack("<6d"))
+    if flags & EPSG:
+        crs = f"EPSG:{r.unpack('<I')[0]}"
+    else:
+        (n,) = r.unpack("<H")
+        crs = r.take(n).decode("utf-8", "replace") or None
+    (days,) = r.unpack("<H")
+    date = "undated" if days == UNDATED else str(EPOCH + days)
     cells = latent_cells((height, width))
     blocks = block_slices(cells, block)
     lengths = [r.varint() for _ in blocks]
     mask_len = r.varint() if flags & HAS_MASK else 0
-    if r.pos != len(MAGIC) + 2 + head_len:
+    if r.pos != start + head_len:
         raise ProductError(f"{name}: header length field disagrees with its content")
     if r.pos + sum(lengths) + mask_len != len(data) - 4:
         raise ProductError(f"{name}: payload length disagrees with the header")
