@@ -496,13 +496,17 @@ def _codec(model: str) -> VariableRateCodec:
 
 
 @functools.lru_cache(maxsize=96)
-def _block_ints(path: str, stamp: tuple[int, int], model: str, level: int, index: int) -> np.ndarray:
-    """One block's integers, kept for a while: a chunk's overlap reads its neighbours' blocks too,
-    and the engine computes a few chunks at a time (96 blocks of a 64-channel model: 200 MB)."""
-    data = Path(path).read_bytes()
-    h = product3.read_header(data, Path(path).name)
-    start, n = product3.stream_offsets(h)[index]
-    return product3.decode_block(_codec(model).coder, data[start:start + n], level, h["blocks"][index], Path(path).name)
+def _block_ints(path: str, stamp: tuple[int, int], model: str, level: int, span: tuple[int, int],
+                cells: tuple[int, int, int, int]) -> np.ndarray:
+    """One block's integers from its byte span, kept for a while: a chunk's overlap reads its
+    neighbours' blocks too, and the engine computes a few chunks at a time (96 blocks of a
+    64-channel model: 200 MB). The file's CRC was checked when its cube was built; ``stamp``
+    (mtime, size) keys the cache to that version of the file."""
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        stream = f.read(span[1])
+    y0, y1, x0, x1 = cells
+    return product3.decode_block(_codec(model).coder, stream, level, (slice(y0, y1), slice(x0, x1)), Path(path).name)
 
 
 def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
@@ -524,12 +528,15 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
     mask = product3.read_mask(data, h, path.name)
     (hh, ww), side = h["shape"], 4 * h["block"]
     chunks = (tuple(min(side, hh - y) for y in range(0, hh, side)), tuple(min(side, ww - x) for x in range(0, ww, side)))
-    per_row, stat = len(chunks[1]), path.stat()
+    per_row, stat, spans = len(chunks[1]), path.stat(), product3.stream_offsets(h)
 
     def load(block_info=None) -> np.ndarray:
         info = block_info[None]
         iy, ix = info["chunk-location"][1:]
-        ints = _block_ints(str(path), (stat.st_mtime_ns, stat.st_size), str(codec.path), level, iy * per_row + ix)
+        k = iy * per_row + ix
+        ys, xs = h["blocks"][k]
+        ints = _block_ints(str(path), (stat.st_mtime_ns, stat.st_size), str(codec.path), level, spans[k],
+                           (ys.start, ys.stop, xs.start, xs.stop))
         (y0, y1), (x0, x1) = info["array-location"][1:]
         return np.repeat(np.repeat(ints, 4, 1), 4, 2)[:, : y1 - y0, : x1 - x0]
 
