@@ -1,4 +1,4 @@
-"""Scene classes straight from the compressed product: CLI -> corsa_classify graph -> class GeoTIFF."""
+"""Scene classes straight from the compressed product: CLI -> corsa_openeo_classify graph -> class GeoTIFF."""
 import json
 
 import numpy as np
@@ -107,7 +107,7 @@ def test_udf_classify_needs_a_classifier(codec):
 
 
 def test_decompress_clear_sets_cloud_pixels_to_zero(tmp_path, data_root, codec, classifier):
-    """corsa_decompress_clear (via corsa decompress --clear) = decoded bands, 0 where the classes say cloud/shadow."""
+    """corsa_openeo_decompress_clear (via corsa decompress --clear) = decoded bands, 0 where the classes say cloud/shadow."""
     s = next(x for x in LOADERS["worldstrat"](data_root) if x.name == "Landcover-461460-04-L2A")
     write_scene(tmp_path / "in.tif", s.data, Affine(*s.transform), s.crs, s.date)
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
@@ -122,10 +122,10 @@ def test_decompress_clear_sets_cloud_pixels_to_zero(tmp_path, data_root, codec, 
 
 
 def test_ready_service_classifies_like_the_product(tmp_path, scene, codec, classifier):
-    """corsa_classify_s2 (load, compress, classify, save) on the embedded engine gives the classes of the product's indices."""
+    """corsa_openeo_classify_s2 (load, compress, classify, save) on the embedded engine gives the classes of the product's indices."""
     write_scene(tmp_path / "in.tif", scene.data, Affine(*scene.transform), scene.crs, scene.date)
     engine = Engine(Catalogue({"SENTINEL2_L2A": tmp_path / "in.tif"}), output=tmp_path / "out")
-    engine.run(json.loads((GRAPHS_DIR / "corsa_classify_s2.json").read_text()), spatial_extent=None,
+    engine.run(json.loads((GRAPHS_DIR / "corsa_openeo_classify_s2.json").read_text()), spatial_extent=None,
                temporal_extent=None, model=str(codec.path), classifier=str(classifier.path))
     with rasterio.open(engine.written[0]) as src:
         out = src.read(1)

@@ -18,7 +18,7 @@ import rasterio
 import requests
 from rasterio.transform import Affine
 
-from corsa import jobs, product
+from corsa import jobs
 from corsa.codec import OnnxCodec
 from corsa.datasets import LOADERS
 from corsa.local import EngineConnection
@@ -223,21 +223,26 @@ def test_publish_and_read_back_unchanged(connection):
 # -- batch jobs ------------------------------------------------------------------------------------
 
 def test_compress_job_reaches_the_server_with_our_graph_and_options(server, connection):
-    cube = jobs.compress(connection, BBOX, DATES, max_cloud_cover=40)
-    assert connection.validate_process_graph(cube.save_result(format="GTiff")) == []
+    stored = jobs.compress(connection, BBOX, DATES, max_cloud_cover=40)
     options = jobs.job_options(model_archive="https://example.org/corsa512.zip",
                                onnxruntime_archive="https://example.org/onnxruntime.zip")
-    job = jobs.start(jobs.submit(cube, "corsa compress", options))
+    job = jobs.start(jobs.submit(stored, "corsa compress", options))
     received = job.describe()
     assert received["status"] == "running" and received["title"] == "corsa compress"
     graph = received["process"]["process_graph"]
-    [load], [udf], [save] = (_graph_nodes(graph, p) for p in ("load_collection", "run_udf", "save_result"))
+    assert connection.validate_process_graph(graph) == []
+    [load], [udf] = (_graph_nodes(graph, p) for p in ("load_collection", "run_udf"))
     assert load["arguments"]["id"] == "SENTINEL2_L2A" and load["arguments"]["spatial_extent"] == BBOX
     assert load["arguments"]["temporal_extent"] == DATES and len(load["arguments"]["bands"]) == 10
     assert load["arguments"]["properties"]["eo:cloud_cover"]["process_graph"]["lte1"]["arguments"]["y"] == 40
     assert udf["arguments"]["udf"] == UDF_CODE
     assert udf["arguments"]["context"]["model"] == jobs.REMOTE_MODEL == "models/corsa512"
-    assert save["arguments"]["format"] == "GTiff"
+    # several results: each stored layer saved on its own grid, all of them arriving as sent
+    saves = _graph_nodes(graph, "save_result")
+    assert sorted(s["arguments"]["options"]["filename_prefix"] for s in saves) == ["corsa_L0", "corsa_L1", "corsa_nodata"]
+    assert {s["arguments"]["format"] for s in saves} == {"GTiff"}
+    assert sorted(r["arguments"]["resolution"] for r in _graph_nodes(graph, "resample_spatial")) == [20.0, 40.0]
+    assert sum(bool(n.get("result")) for n in graph.values()) == 1
     assert server.job_options(job.job_id) == {
         "executor-memory": "2G", "executor-memoryOverhead": "3G", "python-memory": "3G",
         "udf-dependency-archives": ["https://example.org/corsa512.zip#models",
@@ -256,14 +261,19 @@ def udp_host():
     httpd.server_close()
 
 
-def test_udps_by_reference_to_their_json(server, connection, udp_host):
-    url = f"{udp_host}/corsa_compress.json"
-    job = jobs.submit(jobs.compress(connection, BBOX, DATES, namespace=url), "by reference")
-    [node] = _graph_nodes(job.describe()["process"], "corsa_compress")
+@pytest.mark.parametrize("pid", ["corsa_openeo_compress", "corsa_openeo_compress_s2"])
+def test_udps_by_reference_to_their_json(server, connection, udp_host, pid):
+    url = f"{udp_host}/{pid}.json"
+    make = jobs.compressed if pid == "corsa_openeo_compress" else jobs.compress
+    job = jobs.submit(make(connection, BBOX, DATES, namespace=url), "by reference")
+    graph = job.describe()["process"]["process_graph"]
+    [node] = _graph_nodes(graph, pid)
     assert node["namespace"] == url and node["arguments"]["model"] == jobs.REMOTE_MODEL
-    assert not _graph_nodes(job.describe()["process"], "run_udf")       # nothing inlined
+    assert not _graph_nodes(graph, "run_udf")       # nothing inlined
+    # the service saves its own results: the job adds no save_result of its own
+    assert len(_graph_nodes(graph, "save_result")) == (1 if make is jobs.compressed else 0)
     with pytest.raises(jobs.BackendError, match=r"HTTP 400 \[ProcessNamespaceInvalid\].*404"):
-        jobs.submit(jobs.compress(connection, BBOX, DATES, namespace=f"{udp_host}/nothing.json"), "bad reference")
+        jobs.submit(make(connection, BBOX, DATES, namespace=f"{udp_host}/nothing.json"), "bad reference")
 
 
 def test_server_error_on_job_creation(server, connection):
@@ -297,7 +307,7 @@ def crop(tmp_path_factory, data_root):
 
 @pytest.fixture(scope="module")
 def local_product(crop, tmp_path_factory):
-    """The crop's compressed product, made by the embedded engine through the client functions."""
+    """The crop's compress job files, made by the embedded engine through the client functions."""
     local = EngineConnection({"SENTINEL2_L2A": crop}, workdir=tmp_path_factory.mktemp("jobs"))
     job = jobs.follow(jobs.start(jobs.submit(jobs.compress(local, None, ["2022-07-01", "2022-07-10"]), "compress")))
     return jobs.download(job, tmp_path_factory.mktemp("product"))
@@ -309,12 +319,15 @@ def test_results_download_and_feed_the_decompress_job(server, connection, local_
     files = jobs.download(jobs.follow(job, poll_seconds=0.05), tmp_path / "out")
     assert sorted(p.name for p in files) == sorted(p.name for p in local_product)
     assert all(p.read_bytes() == q.read_bytes() for p, q in zip(sorted(files), sorted(local_product)))
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in files)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([p.name for p in files] + ["job.json"])
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["id"] == job.job_id
 
     decoded = jobs.decompress(connection, jobs.results_cube(job))
     graph = jobs.submit(decoded, "decompress").describe()["process"]["process_graph"]
-    [load] = _graph_nodes(graph, "load_stac")
-    assert load["arguments"]["url"] == f"{server.url}/openeo/1.2/jobs/{job.job_id}/results"
+    loads = _graph_nodes(graph, "load_stac")
+    assert {load["arguments"]["url"] for load in loads} == {f"{server.url}/openeo/1.2/jobs/{job.job_id}/results"}
+    assert sorted(load["arguments"]["bands"] for load in loads) == [["idx0"], ["idx1"], ["nodata"]]
+    assert len(_graph_nodes(graph, "resample_cube_spatial")) == 2 and len(_graph_nodes(graph, "merge_cubes")) == 2
     [udf] = _graph_nodes(graph, "run_udf")
     assert udf["arguments"]["context"]["mode"] == "decompress"
 
@@ -329,12 +342,12 @@ def test_failed_download_leaves_nothing(server, connection, local_product, tmp_p
 
 
 def test_editor_link_runs_the_udp_by_url():
-    link = jobs.editor_url("corsa_compress_s2", "https://example.org/process_graphs/corsa_compress_s2.json",
+    link = jobs.editor_url("corsa_openeo_compress_s2", "https://example.org/process_graphs/corsa_openeo_compress_s2.json",
                            "https://openeo.dataspace.copernicus.eu")
     parsed = urlparse(link)
     assert f"{parsed.scheme}://{parsed.netloc}/" == "https://editor.openeo.org/"
-    assert parse_qs(parsed.query) == {"wizard": ["UDP"], "wizard~process": ["corsa_compress_s2"],
-                                      "wizard~processUrl": ["https://example.org/process_graphs/corsa_compress_s2.json"],
+    assert parse_qs(parsed.query) == {"wizard": ["UDP"], "wizard~process": ["corsa_openeo_compress_s2"],
+                                      "wizard~processUrl": ["https://example.org/process_graphs/corsa_openeo_compress_s2.json"],
                                       "server": ["https://openeo.dataspace.copernicus.eu"]}
 
 
@@ -345,7 +358,8 @@ def test_embedded_engine_round_trip_through_the_client_functions(crop, tmp_path,
     local = EngineConnection({"SENTINEL2_L2A": crop}, workdir=tmp_path / "jobs")
     job = jobs.follow(jobs.start(jobs.submit(jobs.compress(local, None, ["2022-07-01", "2022-07-10"],
                                                            namespace=namespace), "compress")))
-    jobs.download(job, tmp_path / "product")
+    files = jobs.download(job, tmp_path / "files")
+    assert sorted(p.name for p in files) == [f"corsa_{layer}_2022-07-06.tif" for layer in ("L0", "L1", "nodata")]
     decoded_job = jobs.follow(jobs.start(jobs.submit(jobs.decompress(local, jobs.results_cube(job),
                                                                      namespace=namespace), "decompress")))
     [out] = jobs.download(decoded_job, tmp_path / "decoded")
@@ -353,10 +367,10 @@ def test_embedded_engine_round_trip_through_the_client_functions(crop, tmp_path,
     codec = OnnxCodec()
     with rasterio.open(crop) as src:
         data = src.read()
-    d = product.read_date(tmp_path / "product", "2022-07-06")
     idx0, idx1 = codec.encode(data)
-    np.testing.assert_array_equal(d.idx0, idx0)
-    np.testing.assert_array_equal(d.idx1, idx1)
+    for name, idx in (("L0", idx0), ("L1", idx1)):
+        with rasterio.open(tmp_path / "files" / f"corsa_{name}_2022-07-06.tif") as src:
+            np.testing.assert_array_equal(src.read(1), idx)
     with rasterio.open(out) as src:
         decoded = src.read()
     np.testing.assert_array_equal(decoded, codec.decode(idx0, idx1, data.shape[1:]))
@@ -393,3 +407,14 @@ def test_model_archive_unpacks_where_the_udf_looks(tmp_path):
     for name in ("encoder.onnx", "decoder.onnx"):
         assert (unpacked / name).read_bytes() == (model_dir("corsa512") / name).read_bytes()
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_native_processes_only_where_the_back_end_lists_them(connection, crop, tmp_path):
+    """VITO's own corsa_compress / corsa_decompress are opt-in and refused, by name, elsewhere."""
+    listed = {p["id"] for p in connection.list_processes()}
+    assert "corsa_compress" not in listed
+    with pytest.raises(jobs.BackendError, match="offers no process 'corsa_compress': use native=False"):
+        jobs.compress(connection, BBOX, DATES, native=True)
+    local = EngineConnection({"SENTINEL2_L2A": crop}, workdir=tmp_path)
+    with pytest.raises(jobs.BackendError, match="offers no process 'corsa_decompress'"):
+        jobs.decompress(local, jobs.compressed(local, None, None), native=True)

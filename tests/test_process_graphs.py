@@ -77,6 +77,66 @@ def test_chunk_overlap_covers_each_networks_reach():
     seen = set()
     for path in FILES:
         for mode, overlap in _neighborhoods(json.loads(path.read_text())):
+            if "compress_s2" in path.stem and mode == "compress":
+                continue  # a service overlaps by its own model's reach (test_compress_services_store_their_models_layers)
             assert overlap % 4 == 0 and reach[mode] <= overlap < reach[mode] + 4, (path.name, mode, overlap)
             seen.add(mode)
     assert seen == set(reach)
+
+
+def _upstream(graph: dict, node_id: str) -> list[dict]:
+    """The nodes ``node_id`` takes its data from, nearest first (one graph level, callbacks aside)."""
+    chain, current = [], graph[node_id]
+    while isinstance(current["arguments"].get("data"), dict) and "from_node" in current["arguments"]["data"]:
+        current = graph[current["arguments"]["data"]["from_node"]]
+        chain.append(current)
+    return chain
+
+
+def _is_compress(node: dict) -> bool:
+    return node["process_id"] == "apply_neighborhood" and any(
+        n["arguments"]["context"]["mode"] == "compress" for n in node["arguments"]["process"]["process_graph"].values()
+        if n["process_id"] == "run_udf")
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_no_graph_saves_a_replicated_compressed_cube(path):
+    """Whatever a graph saves of a compressed cube is one stored layer on its own grid: the nodata
+    band at 10 m, every other band resampled to its layer's coarser grid."""
+    graph = json.loads(path.read_text())["process_graph"]
+    for node_id, node in graph.items():
+        if node["process_id"] != "save_result":
+            continue
+        chain = _upstream(graph, node_id)
+        udfs = [n for n in chain if n["process_id"] == "apply_neighborhood"]
+        if not udfs or not _is_compress(udfs[0]):
+            continue  # no compressed cube (or one a UDF already turned into something else)
+        assert node["arguments"]["format"] == "GTiff"
+        steps = [n["process_id"] for n in chain[:chain.index(next(n for n in chain if _is_compress(n)))]]
+        bands = next(n["arguments"]["bands"] for n in chain if n["process_id"] == "filter_bands")
+        if bands == ["nodata"]:
+            assert steps == ["filter_bands"], path.name
+        else:
+            assert steps == ["resample_spatial", "filter_bands"], path.name
+            assert chain[0]["arguments"]["method"] == "near" and chain[0]["arguments"]["resolution"] > 10
+
+
+@pytest.mark.parametrize("pid, model", [("corsa_openeo_compress_s2", DEFAULT_MODEL), ("corsa2_openeo_compress_s2", "corsa2")])
+def test_compress_services_store_their_models_layers(pid, model):
+    """The layers a service saves are the model card's (bands, grid), under their file prefixes,
+    and its chunks overlap by that model's encoder reach."""
+    udp = json.loads((GRAPHS_DIR / f"{pid}.json").read_text())
+    _, card = read_card(model)
+    assert next(p for p in udp["parameters"] if p["name"] == "model")["default"] == f"models/{model}"
+    graph = udp["process_graph"]
+    saved = {}
+    for node_id, node in graph.items():
+        if node["process_id"] == "save_result":
+            chain = _upstream(graph, node_id)
+            bands = next(n["arguments"]["bands"] for n in chain if n["process_id"] == "filter_bands")
+            resample = [n["arguments"]["resolution"] for n in chain if n["process_id"] == "resample_spatial"]
+            saved[node["arguments"]["options"]["filename_prefix"]] = (bands, resample[0] if resample else 10)
+    assert saved == {f"corsa_{l['name']}": (l["bands"], l["resolution_m"]) for l in card["layers"]}
+    [(mode, overlap)] = list(_neighborhoods(udp))
+    assert mode == "compress" and card["receptive_radius_px"]["encoder"] <= overlap < card["receptive_radius_px"]["encoder"] + 4
+    assert ("quality" in {p["name"] for p in udp["parameters"]}) == (card.get("kind") == "variable-rate")

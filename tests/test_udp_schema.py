@@ -88,7 +88,7 @@ def test_nodes_call_specified_processes_correctly(pid):
 
 
 def test_the_checks_catch_a_broken_graph():
-    graph = json.loads(json.dumps(UDPS["corsa_compress_s2"]["process_graph"]))
+    graph = json.loads(json.dumps(UDPS["corsa_openeo_compress_s2"]["process_graph"]))
     load = next(n for n in graph.values() if n["process_id"] == "load_collection")
     load["arguments"]["collection"] = load["arguments"].pop("id")
     graph["extra"] = {"process_id": "corsa_teleport", "arguments": {}}

@@ -50,6 +50,15 @@ class _Features(_Encoder):
         return self.codec.features(idx0, idx1)
 
 
+
+# What a compress job stores, layer by layer, each on its own grid (stride in 10 m pixels): the
+# process graphs save one GeoTIFF per layer and date, and `corsa pack` reads them (DESIGN.md).
+def stored_layer(name: str, bands: list[str], stride: int) -> dict:
+    return {"name": name, "bands": bands, "stride": stride, "resolution_m": 10 * stride}
+
+
+NODATA_LAYER = stored_layer("nodata", ["nodata"], 1)
+
 def _from_checkpoint(ckpt: dict) -> Codec:
     model = build_model(CodecConfig(**ckpt["config"]), BandStats(**ckpt["stats"]))
     model.load_state_dict(ckpt["model"])
@@ -147,6 +156,8 @@ def export(run: Path, name: str, out_root: Path, description: str, figures: bool
             "level0": {"stride": cfg.stride0, "resolution_m": 10 * cfg.stride0, "bits": math.ceil(math.log2(cfg.k0))},
             "level1": {"stride": cfg.stride1, "resolution_m": 10 * cfg.stride1, "bits": math.ceil(math.log2(cfg.k1))},
         },
+        "layers": [stored_layer("L0", ["idx0"], cfg.stride0), stored_layer("L1", ["idx1"], cfg.stride1),
+                   NODATA_LAYER],
         "fixed_rate_bits_per_pixel": math.log2(cfg.k0) / cfg.stride0 ** 2 + math.log2(cfg.k1) / cfg.stride1 ** 2,
         "receptive_radius_px": reach,
         "tile": {"size": 512, "overlap": overlap},

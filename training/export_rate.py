@@ -32,7 +32,7 @@ from corsa.metrics import compression_factor, psnr
 from corsa.scene import BANDS, Scene
 
 from .data import BandStats
-from .export import OPSET, _args_cli, _record_files, input_spec
+from .export import NODATA_LAYER, OPSET, _args_cli, _record_files, input_spec, stored_layer
 from .model import parameter_count
 from .rate_model import RateCodec, RateConfig
 from .train import SPLIT_FILE
@@ -167,6 +167,7 @@ def export(run: Path, name: str, out_root: Path, description: str, notes: str = 
         "latent": {"stride": cfg.stride, "resolution_m": 10 * cfg.stride, "channels": cfg.latent,
                    "quantiser": "ints = round(y * gain[level]), clipped to int16; decoder input ints * inv_gain[level]",
                    "coder": "corsa.latent_coder: checkerboard contexts, integer tables (sum 2**16), range coder"},
+        "layers": [stored_layer("latent", [f"z{i:02d}" for i in range(cfg.latent)], cfg.stride), NODATA_LAYER],
         "qualities": [{"quality": i + 1, "lambda": lam} for i, lam in enumerate(cfg.lambdas)],
         "default_quality": default_quality or cfg.levels // 2 + 1,
         "receptive_radius_px": reach,

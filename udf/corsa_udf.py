@@ -11,6 +11,10 @@ Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. Th
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
 A variable-rate model (card kind "variable-rate", corsa2) compresses to its integer latent instead:
 bands z00, z01, ... (one per latent channel, on the 40 m grid) and nodata, replicated likewise.
+On a geopyspark back end the job option udf-dependency-archives unpacks "<URL>#onnx_deps" (onnxruntime,
+where the runtime lacks it) and "<URL>#models" into the working directory: onnx_deps goes on the
+Python path at import, and the model parameter's default ("models/<id>") points into models.
+apply_metadata tells the back end the bands a mode returns without running it.
 Both modes keep the cube's 10 m grid, as apply_neighborhood requires: the indices come out
 replicated over the 10 m pixels of their cell (2x2 for level 0, 4x4 for level 1), so a "near"
 resample to 20 m (or a [::2, ::2] / [::4, ::4] slice) recovers them exactly. The nodata band
@@ -24,11 +28,16 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import urllib.request
 
 import numpy as np
 import xarray as xr
+
+DEPENDENCY_FOLDER = "onnx_deps"
+if os.path.isdir(DEPENDENCY_FOLDER) and os.path.abspath(DEPENDENCY_FOLDER) not in sys.path:
+    sys.path.insert(0, os.path.abspath(DEPENDENCY_FOLDER))
 
 BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 INDEX_BANDS = ("idx0", "idx1", "nodata")
@@ -330,7 +339,25 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         else:
             out[t] = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)[:, : shape[0], : shape[1]]
         out[t][:, np.nan_to_num(nodata, nan=1) != 0] = 0
-    return _like(cube, np.clip(np.rint(out), 0, 65535), BANDS, had_t)
+    return _like(cube, np.clip(np.rint(out), 0, 65535).astype(np.uint16), BANDS, had_t)
+
+
+def output_bands(context: dict) -> tuple[str, ...]:
+    """The bands the UDF returns in the context's mode."""
+    mode = (context or {}).get("mode", "compress")
+    if mode == "decompress":
+        return BANDS
+    if mode == "classify":
+        return ("class",)
+    if mode != "compress":
+        raise UdfError(f"unknown mode {mode!r}: use 'compress', 'decompress' or 'classify'")
+    card = card_of(_settings(context)[0])
+    return latent_bands(card["latent"]["channels"]) if card.get("kind") == "variable-rate" else INDEX_BANDS
+
+
+def apply_metadata(metadata, context: dict):
+    """openEO UDF signature: the cube's metadata after this UDF (its bands change)."""
+    return metadata.rename_labels(dimension="bands", target=list(output_bands(context)))
 
 
 def apply_datacube(cube: xr.DataArray, context: dict) -> xr.DataArray:

@@ -1,10 +1,12 @@
-"""corsa compress | decompress | classify | info | models | reduce: the published process graphs,
-run on the embedded engine.
+"""corsa compress | decompress | pack | classify | info | models | reduce: the published process
+graphs, run on the embedded engine.
 
     corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
     corsa compress scene.tif -o product/ --model corsa2 --quality 6   # a variable-rate model at a quality level
     corsa compress --stac https://earth-search.aws.element84.com/v1 --bbox ... --dates ... -o product/
     corsa decompress product/ -o decoded.tif        # --clear: cloud and cloud-shadow pixels set to 0
+    corsa pack job_results/ -o product/             # a compress job's downloaded GeoTIFFs -> the product
+    corsa decompress job_results/ -o decoded/       # or decode those files directly
     corsa classify product/ -o classes.tif          # scene classes on the 20 m grid, without decoding
     corsa reduce product/ --quality 3 -o smaller/   # a lower quality without the source
     corsa info product/
@@ -24,18 +26,15 @@ import numpy as np
 from dask.diagnostics import ProgressBar
 from rasterio.transform import Affine
 
-from . import product, product3
+from . import pack, processes, product, product3
 from .classmap import DEFAULT_CLASSIFIER, Classifier, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
 from .engine import Engine, EngineError
 from .metrics import compression_factor
-from .processes import GRAPHS_DIR
 from .sources import Catalogue, SourceError
 from .stac import StacSource
 
-
-def _udp(pid: str) -> dict:
-    return json.loads((GRAPHS_DIR / f"{pid}.json").read_text())
+COLLECTION = "SENTINEL2_L2A"
 
 
 def _bbox(text: str | None) -> dict | None:
@@ -68,7 +67,15 @@ def _quality(codec: OnnxCodec | VariableRateCodec, quality: int | None) -> int |
     return None
 
 
+def _pixel_size(catalogue: Catalogue, bbox: dict | None, dates: list | None, cloud: float) -> tuple[float, float]:
+    """The input's (x, y) pixel size in CRS units: the stored layers' grids are whole multiples of it."""
+    tr = catalogue.load(COLLECTION, bbox, dates, None, cloud).rio.transform()
+    return float(abs(tr.a)), float(abs(tr.e))
+
+
 def compress(args: argparse.Namespace) -> str:
+    """The compress service run on the embedded engine (its generic save_result writes each
+    stored layer as GeoTIFF, as a back end does), then packed into the product."""
     codec = open_codec(args.model or DEFAULT_MODEL)
     quality = _quality(codec, args.quality)
     codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
@@ -78,11 +85,25 @@ def compress(args: argparse.Namespace) -> str:
         raise SourceError("give an INPUT file or folder, or --stac URL")
     else:
         source = args.input
-    engine = Engine(Catalogue({"SENTINEL2_L2A": source}), output=args.output, scheduler=args.scheduler)
-    with ProgressBar(minimum=2):
-        engine.run(_udp("corsa_compress_s2"), spatial_extent=_bbox(args.bbox), temporal_extent=_dates(args.dates),
-                   max_cloud_cover=args.max_cloud_cover, model=str(codec.path), quality=quality)
-    return _summary(engine.written)
+    catalogue = Catalogue({COLLECTION: source})
+    bbox, dates = _bbox(args.bbox), _dates(args.dates)
+    udp = processes.compress_s2_process(codec.card, _pixel_size(catalogue, bbox, dates, args.max_cloud_cover))
+    out = Path(args.output)
+    # The job's files go to a scratch folder outside the product: a killed run leaves nothing in it.
+    with tempfile.TemporaryDirectory(prefix="corsa-job-") as tmp:
+        engine = Engine(catalogue, output=Path(tmp), scheduler=args.scheduler)
+        with ProgressBar(minimum=2):
+            engine.run(udp, spatial_extent=bbox, temporal_extent=dates, max_cloud_cover=args.max_cloud_cover,
+                       model=str(codec.path), quality=quality)
+        written = [p for d in pack.job_dates(Path(tmp)) for p in pack.pack_date(Path(tmp), d, codec, quality, out)]
+    return _summary(written)
+
+
+def pack_files(args: argparse.Namespace) -> str:
+    """A compress job's downloaded files -> the entropy-coded product (the same integers)."""
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError("give another folder as -o than the job's files")
+    return _summary(pack.pack(args.input, args.output, args.model, args.quality))
 
 
 def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec, int] | None:
@@ -102,25 +123,32 @@ def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec,
 
 
 def decompress(args: argparse.Namespace) -> str:
-    stream = _stream_product(args.input, args.model)
-    codec, quality = stream if stream else (OnnxCodec(args.model or DEFAULT_MODEL), None)
+    job_files = bool(pack.job_dates(args.input)) and not (product.dates_in(args.input) or product3.dates_in(args.input))
+    stream = None if job_files else _stream_product(args.input, args.model)
+    if job_files:
+        codec, quality = pack.resolve(args.input, args.model, args.quality)
+    elif args.quality is not None:
+        raise ValueError(f"{args.input} is a product: it records its quality level (--quality is for job files)")
+    else:
+        codec, quality = stream if stream else (OnnxCodec(args.model or DEFAULT_MODEL), None)
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
-        "decode": {"process_id": "corsa_decompress", "arguments": {"data": {"from_node": "load"},
-                                                                   "model": str(codec.path), "quality": quality}},
-        "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff"},
+        "decode": {"process_id": "corsa_openeo_decompress", "arguments": {
+            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality}},
+        "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff",
+                                                            "options": {"filename_prefix": "corsa_decoded"}},
                  "result": True}}}
     if args.clear:
-        if stream:
+        if quality is not None:
             raise ValueError("--clear needs a codebook model's product (corsa512): no classifier reads corsa2 latents yet")
         clf = Classifier(args.classifier)
         clf.check_codec(codec)
-        graph["process_graph"]["decode"]["process_id"] = "corsa_decompress_clear"
+        graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_decompress_clear"
         graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
         del graph["process_graph"]["decode"]["arguments"]["quality"]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
-    if not stream:
+    if not stream and not job_files:
         dates = product.dates_in(args.input)
         if not dates:
             raise product.ProductError(f"{args.input} holds no complete compressed date "
@@ -170,7 +198,7 @@ def classify(args: argparse.Namespace) -> str:
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
-        "classify": {"process_id": "corsa_classify", "result": True, "arguments": {
+        "classify": {"process_id": "corsa_openeo_classify", "result": True, "arguments": {
             "data": {"from_node": "load"}, "model": str(codec.path), "classifier": str(clf.path)}}}}
     engine = Engine(Catalogue(), scheduler=args.scheduler)
     cube = engine.run(graph)
@@ -295,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="corsa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
-                              ("decompress", decompress, "decode a product folder to GeoTIFF"),
+                              ("decompress", decompress, "decode a product folder (or a compress job's files) to GeoTIFF"),
+                              ("pack", pack_files, "entropy-code a compress job's downloaded GeoTIFFs into the product"),
                               ("classify", classify, "scene classes of a product folder, without decoding"),
                               ("reduce", reduce, "bring a variable-rate product to a lower quality, without the source"),
                               ("info", info, "describe a product folder"),
@@ -312,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                            f"default {DEFAULT_MODEL}; otherwise the model the product names)")
         if name in ("compress", "decompress", "classify"):
             s.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: local threads)")
-        if name in ("compress", "reduce"):
+        if name in ("compress", "reduce", "pack", "decompress"):
             s.add_argument("--quality", type=int, required=name == "reduce",
                            help="quality level of a variable-rate model (higher is better; compress: default the "
-                           "model's default_quality, see corsa models)")
+                           "model's default_quality, see corsa models; pack / decompress of job files: the level "
+                           "the job used, default from its job.json)")
         if name == "decompress":
             s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
         if name in ("classify", "decompress"):

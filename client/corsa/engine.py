@@ -2,9 +2,11 @@
 
 openeo-processes-dask supplies the standard processes; we register the ones it lacks or gets
 wrong for these graphs (shared/TOOLCHAIN.md): load_collection over local files (GeoTIFF, openEO
-NetCDF) with extents and bands applied, apply_neighborhood, run_udf with named dims, save_result
-writing the compact product, and our UDPs by id. Parameter references nested in arguments
-(a UDF context naming a process parameter) are resolved too.
+NetCDF, job results, products) with extents and bands applied, apply_neighborhood, run_udf with
+named dims, resample_spatial by whole factors on the cube's own grid, save_result writing the cube
+it is given as a back end's generic GeoTIFF writer does (``corsa.results``), and our UDPs by id.
+Parameter references nested in arguments (a UDF context naming a process parameter) are resolved
+too. A graph may have several leaves (one save_result per stored layer): all of them run.
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ import dask.array as darr
 import numpy as np
 import pandas as pd
 import xarray as xr
+from affine import Affine
 from openeo_pg_parser_networkx import OpenEOProcessGraph, ProcessRegistry
 from openeo_pg_parser_networkx.pg_schema import ParameterReference
 from openeo_pg_parser_networkx.process_registry import Process
 from rasterio._err import CPLE_BaseError
+from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 
-from . import product
+from . import results
 from .processes import GRAPHS_DIR
 from .sources import Catalogue
 
@@ -84,6 +88,27 @@ def _udf_function(code: str) -> Callable:
 
 
 NEIGHBORHOOD = "corsa_apply_neighborhood"
+LEAVES = "corsa_all_leaves"
+
+
+def _referenced(nodes: dict) -> set[str]:
+    """Ids of the nodes of one graph level that another node of that level takes as input."""
+    found: set[str] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            if "from_node" in value:
+                found.add(value["from_node"])
+            elif "process_graph" not in value:  # a callback's references are its own nodes
+                for v in value.values():
+                    visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+
+    for node in nodes.values():
+        visit(node.get("arguments", {}))
+    return found
 
 
 def detach_callbacks(graph: dict) -> dict:
@@ -116,6 +141,36 @@ def cloud_cover_limit(properties: dict | None, named: dict) -> float | None:
     return None
 
 
+def _whole_factor(data: xr.DataArray, resolution) -> int | None:
+    """resolution / the cube's pixel size, when that is the same whole number on both axes."""
+    if "x" not in data.dims or "y" not in data.dims:
+        return None
+    try:
+        tr = data.rio.transform()  # the written transform: a side of 1 px has no spacing to recalc from
+    except Exception:
+        return None
+    res = resolution if isinstance(resolution, (list, tuple)) else (resolution, resolution)
+    factors = [float(r) / abs(s) for r, s in zip(res, (tr.a, tr.e)) if s]
+    k = round(factors[0]) if len(factors) == 2 else 0
+    return k if k >= 1 and all(abs(f - k) < 1e-6 * k for f in factors) else None
+
+
+def _decimate(arr, factor: int):
+    """Every ``factor``-th pixel over the last two axes, from index factor // 2 of each cell (the
+    last pixel of a partial cell at the edge), chunk by chunk: an output block comes from one input
+    block, so layers taken from one cube keep its block layout (``corsa.results`` writes them together)."""
+    side = {ax: max(factor, round(max(arr.chunks[ax]) / factor) * factor) for ax in (-2, -1)}
+    if any(c % factor for ax in (-2, -1) for c in arr.chunks[ax][:-1]):
+        arr = arr.rechunk({arr.ndim - 2: side[-2], arr.ndim - 1: side[-1]})
+
+    def pick(block: np.ndarray) -> np.ndarray:
+        ys, xs = (np.minimum(np.arange(-(-n // factor)) * factor + factor // 2, n - 1) for n in block.shape[-2:])
+        return block[..., ys[:, None], xs[None, :]]
+
+    chunks = arr.chunks[:-2] + tuple(tuple(-(-c // factor) for c in arr.chunks[ax]) for ax in (-2, -1))
+    return arr.map_blocks(pick, chunks=chunks, dtype=arr.dtype)
+
+
 def _spec(pid: str, params: list[str]) -> dict:
     return {"id": pid, "parameters": [{"name": p, "schema": {}} for p in params], "returns": {"schema": {}}}
 
@@ -128,6 +183,7 @@ class Engine:
         self.output = Path(output) if output else None
         self.scheduler = scheduler
         self.written: list[Path] = []
+        self._pending: list[results.PendingFile] = []
         self.registry = self._registry()
 
     # -- the processes we supply ------------------------------------------------------------
@@ -140,6 +196,8 @@ class Engine:
         reg["load_collection"] = Process(opd_specs.load_collection, self.load_collection)
         reg["run_udf"] = Process(opd_specs.run_udf, self.run_udf)
         reg["save_result"] = Process(opd_specs.save_result, self.save_result)
+        reg["resample_spatial"] = Process(opd_specs.resample_spatial, self.resample_spatial)
+        reg[LEAVES] = Process(_spec(LEAVES, ["values"]), lambda values, **_: list(values))
         reg[NEIGHBORHOOD] = Process(
             _spec(NEIGHBORHOOD, ["data", "process", "size", "overlap", "context"]), self.apply_neighborhood)
         for path in sorted(GRAPHS_DIR.glob("*.json")):
@@ -154,7 +212,7 @@ class Engine:
 
         def run(**kwargs):
             args = {**defaults, **{k: v for k, v in kwargs.items() if k not in ("named_parameters",)}}
-            return OpenEOProcessGraph(graph).to_callable(self.registry)(named_parameters=args)
+            return self._run_leaves(graph, args)
 
         return run
 
@@ -243,12 +301,34 @@ class Engine:
         # A side of 1 px has no coordinate spacing to compute the grid from: carry the transform.
         return out.rio.write_transform(cube.rio.transform()) if "spatial_ref" in cube.coords else out
 
+    def resample_spatial(self, data: xr.DataArray, resolution=0, projection=None, method: str = "near",
+                         align: str = "upper-left", **_) -> xr.DataArray:
+        """On the cube's own CRS, "near" to a whole multiple of its pixel size from the upper-left
+        corner: every factor-th pixel (the one GDAL's nearest picks, inside each new cell), with the
+        new grid's coordinates. Anything else goes to openeo-processes-dask (odc-geo)."""
+        factor = _whole_factor(data, resolution)
+        same_crs = projection is None or (data.rio.crs is not None and data.rio.crs == CRS.from_user_input(projection))
+        if factor is None or not same_crs or method != "near" or align != "upper-left":
+            return opd_impl.resample_spatial(data, projection=projection, resolution=resolution, method=method,
+                                             align=align)
+        tr = data.rio.transform()
+        dims = [d for d in data.dims if d not in ("y", "x")] + ["y", "x"]
+        cube = data.transpose(*dims)
+        values = _decimate(darr.asarray(cube.data), factor)
+        new = tr * Affine.scale(factor)
+        out = xr.DataArray(values, dims=dims, coords={
+            **{d: cube[d] for d in dims[:-2] if d in cube.coords},
+            "y": new.f + (np.arange(values.shape[-2]) + 0.5) * new.e,
+            "x": new.c + (np.arange(values.shape[-1]) + 0.5) * new.a}, attrs=data.attrs).transpose(*data.dims)
+        out = out.rio.write_crs(data.rio.crs) if data.rio.crs else out
+        return out.rio.write_transform(new)
+
     def save_result(self, data: xr.DataArray, format: str = "GTiff", options: dict | None = None, **_) -> bool:
         if self.output is None:
             raise EngineError("save_result needs an output folder (Engine(output=...))")
         if str(format).lower() not in ("gtiff", "geotiff"):
             raise EngineError(f"save_result format {format!r} is not supported here: use GTiff")
-        self.written += product.save_cube(data, self.output, self._compute)
+        self._pending += results.pending_files(data, self.output, options)
         return True
 
     # -- running ------------------------------------------------------------------------------
@@ -259,14 +339,36 @@ class Engine:
                 return dask.compute(*arrays, scheduler=client)
         return dask.compute(*arrays, scheduler="threads")
 
+    def _run_leaves(self, graph: dict, named: dict) -> Any:
+        """Run every leaf of a graph (several save_result nodes, say) in one parse, so what they
+        share upstream is built once; returns the value of the node flagged as result. (The parser
+        walks back from the result node only: a synthetic node gathering the leaves is the result.)"""
+        nodes = graph["process_graph"]
+        leaves = [n for n in nodes if n not in _referenced(nodes)]
+        if len(leaves) < 2:
+            return OpenEOProcessGraph(graph).to_callable(self.registry)(named_parameters=named)
+        result = next(n for n, node in nodes.items() if node.get("result"))
+        joined = {n: {**node, "result": False} for n, node in nodes.items()}
+        joined[LEAVES] = {"process_id": LEAVES, "arguments": {"values": [{"from_node": n} for n in leaves]},
+                          "result": True}
+        values = OpenEOProcessGraph({**graph, "process_graph": joined}).to_callable(self.registry)(
+            named_parameters=named)
+        return values[leaves.index(result)]
+
     def run(self, graph: dict, **parameters) -> Any:
-        """Run a process graph (a UDP JSON or a bare {"process_graph": ...}) with named parameters."""
+        """Run a process graph (a UDP JSON or a bare {"process_graph": ...}) with named parameters;
+        the files its save_result nodes make are written at the end, all or none."""
         pg = graph if "process_graph" in graph else {"process_graph": graph}
         defaults = {p["name"]: p["default"] for p in pg.get("parameters", []) if "default" in p}
         pg = {**pg, "process_graph": detach_callbacks(pg["process_graph"])}
+        self._pending = []
         try:
-            return OpenEOProcessGraph(pg).to_callable(self.registry)(named_parameters={**defaults, **parameters})
+            value = self._run_leaves(pg, {**defaults, **parameters})
+            self.written += results.write_all(self._pending, self._compute)
         except (RasterioError, CPLE_BaseError) as e:
             # GDAL opens a truncated or damaged file and fails only on the block it cannot read,
             # wherever the data is computed; its own message (the cause) names the file.
             raise EngineError(f"reading the data failed (truncated or corrupt file?): {e.__cause__ or e}") from e
+        finally:
+            self._pending = []
+        return value

@@ -1,13 +1,17 @@
 """CORSA on openEO back ends: cubes, batch jobs, results and published UDPs, from the openeo client.
 
     connection = jobs.connect("https://openeo.dataspace.copernicus.eu")   # or local.EngineConnection(...)
-    compressed = jobs.compress(connection, bbox, ["2023-06-01", "2023-07-01"])
-    job = jobs.submit(compressed, "corsa compress", jobs.job_options(model_archive=URL))
-    files = jobs.download(jobs.follow(jobs.start(job)), "product/")
+    stored = jobs.compress(connection, bbox, ["2023-06-01", "2023-07-01"])    # one save_result per stored layer
+    job = jobs.submit(stored, "corsa compress", jobs.job_options(model_archive=URL))
+    files = jobs.download(jobs.follow(jobs.start(job)), "job_results/")   # corsa_<layer>_<date>.tif + job.json
     decoded = jobs.decompress(connection, jobs.results_cube(job))
+    # corsa pack job_results/ -o product/: the entropy-coded product, losslessly
 
-A cube inlines the UDP's graph unless ``namespace`` is given: then it calls the published UDP
-by reference ("user" for the back end's user namespace, or the URL of the JSON file).
+A graph inlines the UDP's graph unless ``namespace`` is given: then it calls the published UDP
+by reference ("user" for the back end's user namespace, or the URL of the JSON file). With
+``native=True`` compress / decompress call the back end's own processes corsa_compress /
+corsa_decompress (VITO's, experimental) instead of our UDF, where the back end lists them: they
+need no UDF nor model archive, and write and read their own format.
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ import requests
 from openeo.rest import OpenEoApiError
 from openeo.rest.datacube import DataCube
 from openeo.rest.job import BatchJob
+from openeo.rest.multiresult import MultiResult
 
 from . import processes
-from .codec import DEFAULT_MODEL, model_dir
+from .codec import DEFAULT_MODEL, model_dir, read_card
 from .local import EngineConnection, LocalJob
+from .pack import JOB_FILE
 from .processes import GRAPHS_DIR
 
 # Where the UDF finds the model on a geopyspark back end: the model archive unpacks into
@@ -38,6 +44,7 @@ REMOTE_MODEL = f"models/{DEFAULT_MODEL}"
 Job = BatchJob | LocalJob
 Connection = openeo.Connection | EngineConnection
 ONNX_DEPS = "onnx_deps"
+NATIVE = {"compress": "corsa_compress", "decompress": "corsa_decompress"}
 EDITOR = "https://editor.openeo.org/"
 
 
@@ -80,32 +87,69 @@ def connect(url: str, user: str | None = None, password: str | None = None) -> o
 
 
 def _model(connection: Connection, model: str | None) -> str:
-    if model:
-        return model
-    return connection.model if isinstance(connection, EngineConnection) else REMOTE_MODEL
+    """Where the UDF finds the model: on the engine a local folder (a model name resolved under
+    models_onnx/), on a back end the path or URL given (default: the unpacked model archive)."""
+    if isinstance(connection, EngineConnection):
+        return str(model_dir(model)) if model else connection.model
+    return model or REMOTE_MODEL
 
 
-def compress(connection: Connection, spatial_extent: dict | None, temporal_extent: list | None, max_cloud_cover: float = 80,
-             model: str | None = None, namespace: str | None = None,
-             collection: str = "SENTINEL2_L2A", quality: int | None = None) -> DataCube:
-    """The compressed cube of ``collection`` over the extents: bands idx0, idx1, nodata (codebook
-    models) or z00, ..., nodata at ``quality`` (variable-rate models; None: the model's default)."""
+def _native(connection: Connection, mode: str) -> str:
+    """The back end's own process for ``mode``; refused where the back end does not list it."""
+    pid = NATIVE[mode]
+    if isinstance(connection, EngineConnection) or pid not in {p["id"] for p in connection.list_processes()}:
+        raise BackendError(f"{getattr(connection, 'root_url', connection)} offers no process {pid!r}: use native=False")
+    return pid
+
+
+def compressed(connection: Connection, spatial_extent: dict | None, temporal_extent: list | None,
+               max_cloud_cover: float = 80, model: str | None = None, namespace: str | None = None,
+               collection: str = "SENTINEL2_L2A", quality: int | None = None) -> DataCube:
+    """The compressed cube of ``collection`` over the extents, on its 10 m grid (to chain with
+    decompress or classify in one job): bands idx0, idx1, nodata (codebook models) or z00, ...,
+    nodata at ``quality`` (variable-rate models; None: the model's default). To store it, use
+    ``compress``: this cube's layers are replicated over their cells."""
     data = processes.load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
     if namespace is None:
         return processes.udf_over_chunks(data, "compress", _model(connection, model), quality=quality)
-    return data.process("corsa_compress", data=data, model=_model(connection, model), quality=quality,
+    return data.process("corsa_openeo_compress", data=data, model=_model(connection, model), quality=quality,
                         namespace=namespace)
 
 
+def compress(connection: Connection, spatial_extent: dict | None, temporal_extent: list | None,
+             max_cloud_cover: float = 80, model: str | None = None, namespace: str | None = None,
+             collection: str = "SENTINEL2_L2A", quality: int | None = None,
+             native: bool = False) -> MultiResult | DataCube:
+    """What a compress job stores: each layer of the model's card on its own grid, one
+    save_result each (corsa_<layer>_<date>.tif). ``namespace``: call the published
+    corsa_openeo_compress_s2 / corsa2_openeo_compress_s2 instead of inlining it (the model's
+    layers must be those of the UDP's default model)."""
+    if native:
+        data = processes.load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
+        return data.process(_native(connection, "compress"), data=data)
+    model_path = _model(connection, model)
+    _, card = read_card(Path(model_path).name if not Path(model_path).is_dir() else model_path)
+    variable = card.get("kind") == "variable-rate"
+    if namespace is not None:
+        pid = "corsa2_openeo_compress_s2" if variable else "corsa_openeo_compress_s2"
+        args = {"spatial_extent": spatial_extent, "temporal_extent": temporal_extent,
+                "max_cloud_cover": max_cloud_cover, "model": model_path, **({"quality": quality} if variable else {})}
+        return connection.datacube_from_process(pid, namespace=namespace, **args)
+    return MultiResult(processes.compress_s2_graph(connection, card, spatial_extent, temporal_extent, max_cloud_cover,
+                                                   model_path, quality, collection=collection))
+
+
 def decompress(connection: Connection, compressed: DataCube, model: str | None = None, namespace: str | None = None,
-               quality: int | None = None) -> DataCube:
-    """The 10 bands back from a compressed cube (from ``compress`` or ``results_cube``), at the
+               quality: int | None = None, native: bool = False) -> DataCube:
+    """The 10 bands back from a compressed cube (from ``compressed`` or ``results_cube``), at the
     quality it was compressed with."""
     if compressed.connection is not connection:
         raise BackendError("the compressed cube belongs to another connection than the one given")
+    if native:
+        return compressed.process(_native(connection, "decompress"), data=compressed)
     if namespace is None:
         return processes.udf_over_chunks(compressed, "decompress", _model(connection, model), quality=quality)
-    return compressed.process("corsa_decompress", data=compressed, model=_model(connection, model),
+    return compressed.process("corsa_openeo_decompress", data=compressed, model=_model(connection, model),
                              quality=quality, namespace=namespace)
 
 
@@ -136,11 +180,21 @@ def model_archive(out: Path, model: str = DEFAULT_MODEL) -> Path:
     return out
 
 
-def submit(cube: DataCube, title: str, options: dict | None = None) -> Job:
-    """Create (not start) a batch job that saves ``cube`` as GeoTIFF."""
-    connection = cube.connection
+def submit(result: DataCube | MultiResult, title: str, options: dict | None = None) -> Job:
+    """Create (not start) a batch job: a cube is saved as GeoTIFF; ``compress``'s layers (a
+    MultiResult, or a published service's call) save themselves."""
+    if isinstance(result, MultiResult):
+        connection = result._connection
+        try:
+            return result.create_job(title=title, job_options=options, validate=False)
+        except (requests.ConnectionError, OpenEoApiError) as e:
+            raise _api_error(f"creating job {title!r}", connection.root_url, e) from e
+    connection = result.connection
+    saves = result.result_node().process_id == "save_result" or "compress_s2" in result.result_node().process_id
     try:
-        return cube.create_job(out_format="GTiff", title=title, job_options=options, validate=False)
+        if saves:
+            return connection.create_job(result.flat_graph(), title=title, job_options=options, validate=False)
+        return result.create_job(out_format="GTiff", title=title, job_options=options, validate=False)
     except (requests.ConnectionError, OpenEoApiError) as e:
         raise _api_error(f"creating job {title!r}", connection.root_url, e) from e
 
@@ -175,7 +229,9 @@ def follow(job: Job, poll_seconds: float = 30, timeout_seconds: float | None = N
 
 
 def download(job: Job, folder: Path | str) -> list[Path]:
-    """Download a finished job's result files into ``folder``: all of them or none.
+    """Download a finished job's result files into ``folder``: all of them or none, with the
+    job's description beside them (job.json: its process graph says which model and quality
+    wrote them, for ``corsa pack`` and ``corsa decompress``).
 
     Files arrive in a temporary folder beside ``folder`` and are moved in only when every one
     is complete, so a failed download leaves nothing that looks like a result."""
@@ -196,15 +252,34 @@ def download(job: Job, folder: Path | str) -> list[Path]:
                 asset.download(Path(tmp) / name)
             except (requests.RequestException, OpenEoApiError, OSError) as e:
                 raise BackendError(f"downloading {asset.key} of job {job.job_id} failed, nothing kept: {e}") from e
-        return [Path(shutil.move(Path(tmp) / name, folder / name)) for name in names]
+        try:
+            description = job.describe()
+        except (requests.ConnectionError, OpenEoApiError) as e:
+            raise _api_error(f"describing job {job.job_id}", job.connection.root_url, e) from e
+        (Path(tmp) / JOB_FILE).write_text(json.dumps(description, indent=1, default=str))
+        files = [Path(shutil.move(Path(tmp) / name, folder / name)) for name in names]
+        shutil.move(Path(tmp) / JOB_FILE, folder / JOB_FILE)
+        return files
 
 
-def results_cube(job: Job) -> DataCube:
-    """A finished job's results as the input cube of the next job (load_stac on the results)."""
+def results_cube(job: Job, model: str | None = None) -> DataCube:
+    """A finished compress job's results as the input cube of a decompress job: each stored layer
+    of the model's card loaded (load_stac on the results) and brought back to the 10 m grid of
+    the nodata layer ("near": every value over its cell), merged into one cube."""
+    connection = job.connection
     try:
-        return job.connection.load_stac_from_job(job)
+        if isinstance(connection, EngineConnection):
+            return connection.load_stac_from_job(job)  # the engine reads the job's folder as one cube
+        _, card = read_card(Path(_model(connection, model)).name)
+        cubes = [connection.load_stac_from_job(job, bands=layer["bands"]) for layer in card["layers"]]
     except (requests.ConnectionError, OpenEoApiError) as e:
-        raise _api_error(f"reading the results of job {job.job_id}", job.connection.root_url, e) from e
+        raise _api_error(f"reading the results of job {job.job_id}", connection.root_url, e) from e
+    grid = cubes[-1]  # the nodata layer, on the input's 10 m grid (layers list it last)
+    out = grid
+    for layer, cube in zip(card["layers"][:-1], cubes[:-1]):
+        cube = cube.resample_cube_spatial(grid, method="near") if layer["stride"] > 1 else cube
+        out = cube.merge_cubes(out)
+    return out
 
 
 def udps(folder: Path = GRAPHS_DIR) -> dict[str, dict]:

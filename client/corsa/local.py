@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from openeo.internal.graph_building import PGNode, as_flat_graph
 from openeo.rest.capabilities import OpenEoCapabilities
 from openeo.rest.datacube import DataCube
 
@@ -106,7 +107,7 @@ class EngineConnection:
         return OpenEoCapabilities({"api_version": "1.2.0", "endpoints": []})
 
     def list_output_formats(self) -> dict:
-        return {"GTiff": {"title": "GeoTIFF (compressed: the CORSA product)", "gis_data_types": ["raster"]}}
+        return {"GTiff": {"title": "GeoTIFF", "gis_data_types": ["raster"]}}
 
     def load_collection(self, collection_id: str, spatial_extent: dict | None = None,
                         temporal_extent: list | None = None, bands: list[str] | None = None,
@@ -115,6 +116,10 @@ class EngineConnection:
                                         temporal_extent=temporal_extent, bands=bands,
                                         max_cloud_cover=max_cloud_cover, fetch_metadata=False)
 
+    def datacube_from_process(self, process_id: str, namespace: str | None = None, **kwargs) -> DataCube:
+        """A cube calling a process by id (our UDPs, which the engine knows by id)."""
+        return DataCube(graph=PGNode(process_id=process_id, namespace=namespace, arguments=kwargs), connection=self)
+
     def load_stac_from_job(self, job: LocalJob) -> DataCube:
         """A finished job's results as a cube: the engine reads a product folder as a collection."""
         return DataCube.load_collection(str(job.results), connection=self, fetch_metadata=False)
@@ -122,4 +127,4 @@ class EngineConnection:
     def create_job(self, process_graph: dict, *, title: str | None = None, job_options: dict | None = None,
                    **_) -> LocalJob:
         # job options size a back end's executors; the engine runs in this process and needs none
-        return LocalJob(self, process_graph, title)
+        return LocalJob(self, as_flat_graph(process_graph), title)

@@ -2,6 +2,17 @@
 
 process_graphs/*.json are generated from this module (`python -m corsa.processes`) and a test
 checks that they equal what it builds, so the files never drift from the code.
+
+Ids carry the prefix ``corsa_openeo_``: the openEO API wants a user-defined process id unique
+"including all pre-defined processes by the back-end", and VITO's back ends predefine
+``corsa_compress`` / ``corsa_decompress`` (native, experimental). Before 2026-11 ours were named
+corsa_compress, corsa_decompress, corsa_compress_s2, corsa_classify, corsa_classify_s2 and
+corsa_decompress_clear (RENAMED maps them).
+
+A compress service stores what the codec keeps, each layer of the model card's ``layers`` on its
+own grid, with standard processes only: filter_bands, resample_spatial ("near", to the layer's
+stride) and one save_result per layer, so a back end's generic GeoTIFF writer makes compact files
+(DESIGN.md); `corsa pack` then entropy-codes them into the product, losslessly.
 """
 from __future__ import annotations
 
@@ -12,9 +23,10 @@ from pathlib import Path
 import corsa_udf
 from openeo.api.process import Parameter
 from openeo.internal.graph_building import PGNode
-from openeo.rest.datacube import DataCube
+from openeo.rest.datacube import THIS, DataCube
 from openeo.rest.udp import build_process_dict
 
+from .codec import DEFAULT_MODEL, read_card
 from .scene import BANDS
 
 GRAPHS_DIR = Path(__file__).resolve().parents[2] / "process_graphs"
@@ -34,11 +46,23 @@ JOB_OPTIONS = {
 
 DATA = Parameter.raster_cube("data", description="A Sentinel-2 L2A cube with the bands "
                              + ", ".join(BANDS) + " (DN = reflectance x 10000) on one 10 m grid.")
-COMPRESSED = Parameter.raster_cube("data", description="A compressed cube from corsa_compress: bands idx0, "
-                                   "idx1 (codebook indices replicated over their 20 m / 40 m cells) and nodata.")
-MODEL = Parameter.string("model", default="models/corsa512",
-                         description="Folder or base URL of the model files (encoder.onnx, decoder.onnx). On "
-                         "geopyspark back ends the job option udf-dependency-archives unpacks them here.")
+COMPRESSED = Parameter.raster_cube("data", description="A compressed cube from corsa_openeo_compress on the 10 m "
+                                   "grid: bands idx0, idx1 (codebook indices replicated over their 20 m / 40 m cells) "
+                                   "and nodata, or z00, ..., nodata (a variable-rate model's latent).")
+PREFIX = "corsa_openeo_"
+RENAMED = {"corsa_compress": "corsa_openeo_compress", "corsa_decompress": "corsa_openeo_decompress",
+           "corsa_compress_s2": "corsa_openeo_compress_s2", "corsa_classify": "corsa_openeo_classify",
+           "corsa_classify_s2": "corsa_openeo_classify_s2", "corsa_decompress_clear": "corsa_openeo_decompress_clear"}
+VARIABLE_RATE_MODEL = "corsa2"
+
+
+def _model_parameter(model: str) -> Parameter:
+    return Parameter.string("model", default=f"models/{model}",
+                            description="Folder or base URL of the model files (model_card.json, encoder.onnx, decoder.onnx, "
+                            "...). On geopyspark back ends the job option udf-dependency-archives unpacks them here.")
+
+
+MODEL = _model_parameter(DEFAULT_MODEL)
 QUALITY = Parameter("quality", schema={"type": ["integer", "null"], "minimum": 1}, default=None,
                     description="Quality level of a variable-rate model (corsa2: 1 = smallest files, higher is "
                     "better; null: the model card's default_quality). Decompression must use the level the data "
@@ -54,12 +78,20 @@ def _value(v):
     return {"from_parameter": v.name} if isinstance(v, Parameter) else v
 
 
+def reach_overlap(card: dict, network: str) -> int:
+    """A network's receptive radius (model card) rounded up to whole level-1 cells."""
+    return -(-card["receptive_radius_px"][network] // 4) * 4
+
+
 def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = MODEL,
-                    extra: dict | None = None, quality: int | None | Parameter = QUALITY) -> DataCube:
+                    extra: dict | None = None, quality: int | None | Parameter = QUALITY,
+                    overlap: int | None = None) -> DataCube:
     """apply_neighborhood with the CORSA UDF over overlapping chunks of ``data`` (None: the
     process parameter "data"). ``model`` and ``quality`` are UDP parameters, or values when a job
-    inlines the graph; ``extra`` adds to the UDF context."""
-    context = {"mode": mode, "model": _value(model), "tile": UDF_TILE, "overlap": OVERLAP[mode]}
+    inlines the graph; ``extra`` adds to the UDF context; ``overlap`` (px) defaults to what the
+    farthest-reaching shipped model needs in this mode."""
+    overlap = OVERLAP[mode] if overlap is None else overlap
+    context = {"mode": mode, "model": _value(model), "tile": UDF_TILE, "overlap": overlap}
     if mode != "classify":
         context["quality"] = _value(quality)
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
@@ -68,49 +100,109 @@ def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = M
                   data=data.result_node() if data is not None else {"from_parameter": "data"},
                   process={"process_graph": udf},
                   size=[{"dimension": d, "value": CHUNK, "unit": "px"} for d in ("x", "y")],
-                  overlap=[{"dimension": d, "value": OVERLAP[mode], "unit": "px"} for d in ("x", "y")])
+                  overlap=[{"dimension": d, "value": overlap, "unit": "px"} for d in ("x", "y")])
     return DataCube(node, connection=data.connection if data is not None else None)
 
 
 def load_s2(connection, spatial_extent: dict | Parameter, temporal_extent: list | Parameter,
             max_cloud_cover: float | Parameter, collection: str = "SENTINEL2_L2A") -> DataCube:
-    """load_collection of the 10 bands, as corsa_compress_s2 does it (parameters or values)."""
+    """load_collection of the 10 bands, as corsa_openeo_compress_s2 does it (parameters or values)."""
     return DataCube.load_collection(collection, connection=connection, spatial_extent=spatial_extent,
                                     temporal_extent=temporal_extent, bands=list(BANDS),
                                     max_cloud_cover=max_cloud_cover, fetch_metadata=False)
 
 
-def corsa_compress() -> dict:
+def layer_prefix(layer: dict) -> str:
+    """The filename_prefix a layer's save_result gives its files: corsa_<layer>_<date>.tif."""
+    return f"corsa_{layer['name']}"
+
+
+def store_layers(compressed: DataCube, card: dict, pixel_size: float | tuple[float, float] = 10.0) -> list[DataCube]:
+    """One save_result per stored layer of ``card``, each on its own grid: the compressed cube's
+    bands of that layer, resampled "near" to stride x ``pixel_size`` (the input's pixel size in CRS
+    units, or its (x, y) sizes; 10 for Sentinel-2 on its UTM grid) from the upper-left corner, where
+    every value is constant over its cell, so the layer is kept exactly."""
+    saved = []
+    for layer in card["layers"]:
+        cube = compressed.filter_bands(layer["bands"])
+        if layer["stride"] > 1:
+            # align keeps its default, "upper-left" (openeo-processes-dask's copy of the spec lacks it)
+            s = layer["stride"]
+            resolution = [s * pixel_size[0], s * pixel_size[1]] if isinstance(pixel_size, tuple) else s * pixel_size
+            cube = cube.process("resample_spatial", data=THIS, resolution=resolution, method="near")
+        saved.append(cube.save_result(format="GTiff", options={"filename_prefix": layer_prefix(layer)}))
+    return saved
+
+
+def _layers_text(card: dict) -> str:
+    return "; ".join(f"{layer_prefix(l)}_<date>.tif: {', '.join(l['bands'][:2])}{', ...' if len(l['bands']) > 2 else ''} "
+                     f"at {l['resolution_m']} m" for l in card["layers"])
+
+
+def compress_s2_graph(connection, card: dict, spatial_extent: dict | Parameter = SPATIAL,
+                      temporal_extent: list | Parameter = TEMPORAL, max_cloud_cover: float | Parameter = CLOUD,
+                      model: str | Parameter = MODEL, quality: int | None | Parameter = QUALITY,
+                      pixel_size: float | tuple[float, float] = 10.0, collection: str = "SENTINEL2_L2A") -> list[DataCube]:
+    """load_collection, compress (chunks overlapping by the card's encoder reach), and the stored
+    layers of ``card`` saved on their own grids."""
+    cube = load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
+    compressed = udf_over_chunks(cube, "compress", model, quality=quality, overlap=reach_overlap(card, "encoder"))
+    return store_layers(compressed, card, pixel_size)
+
+
+def corsa_openeo_compress() -> dict:
     return build_process_dict(
-        udf_over_chunks(None, "compress"), process_id="corsa_compress",
-        summary="Compress a Sentinel-2 L2A cube into CORSA codebook indices",
-        description="Encodes the 10 bands with the CORSA encoder (ONNX, in a UDF) into level-0 indices on a "
-                    "20 m grid and level-1 indices on a 40 m grid, returned on the input's 10 m grid "
-                    "(each index replicated over its cell) as bands idx0, idx1, plus a nodata band.",
-        parameters=[DATA, MODEL, QUALITY], returns={**CUBE, "description": "bands idx0, idx1, nodata"},
+        udf_over_chunks(None, "compress"), process_id="corsa_openeo_compress",
+        summary="Compress a Sentinel-2 L2A cube into CORSA codes (indices or integer latents)",
+        description="Encodes the 10 bands with the CORSA encoder (ONNX, in a UDF). Codebook models (corsa512): level-0 "
+                    "indices on a 20 m grid and level-1 indices on a 40 m grid, returned on the input's 10 m grid "
+                    "(each index replicated over its cell) as bands idx0, idx1, plus a nodata band. Variable-rate "
+                    "models (corsa2): the integer latent at the quality level, bands z00, ..., replicated over its 40 m "
+                    "cells, plus nodata. To store it compactly, save each layer on its own grid as "
+                    "corsa_openeo_compress_s2 does.",
+        parameters=[DATA, MODEL, QUALITY], returns={**CUBE, "description": "bands idx0, idx1, nodata (or z00, ..., nodata)"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
-def corsa_decompress() -> dict:
+def corsa_openeo_decompress() -> dict:
     return build_process_dict(
-        udf_over_chunks(None, "decompress"), process_id="corsa_decompress",
-        summary="Decompress CORSA codebook indices into Sentinel-2 L2A reflectances",
-        description="Decodes a cube from corsa_compress back to the 10 bands " + ", ".join(BANDS)
-                    + " (DN = reflectance x 10000) on the 10 m grid; nodata pixels come back as 0.",
+        udf_over_chunks(None, "decompress"), process_id="corsa_openeo_decompress",
+        summary="Decompress CORSA codes into Sentinel-2 L2A reflectances",
+        description="Decodes a cube from corsa_openeo_compress (its stored layers brought back to the 10 m grid with "
+                    "resample_spatial \"near\") to the 10 bands " + ", ".join(BANDS)
+                    + " (DN = reflectance x 10000, uint16) on the 10 m grid; nodata pixels come back as 0.",
         parameters=[COMPRESSED, MODEL, QUALITY], returns={**CUBE, "description": "the 10 bands"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
-def corsa_compress_s2() -> dict:
-    compressed = udf_over_chunks(load_s2(None, SPATIAL, TEMPORAL, CLOUD), "compress")
-    saved = compressed.save_result(format="GTiff")
+def compress_s2_process(card: dict, pixel_size: float | tuple[float, float] = 10.0,
+                        process_id: str | None = None) -> dict:
+    """The compress service for models with ``card``'s stored layers: load_collection, compress,
+    and each layer saved on its own grid (``pixel_size``: the input's, in CRS units)."""
+    variable = card.get("kind") == "variable-rate"
+    model = _model_parameter(card["id"])
+    saved = compress_s2_graph(None, card, model=model, quality=QUALITY if variable else None, pixel_size=pixel_size)
+    what = f"corsa2-like variable-rate model {card['id']}, by quality level" if variable else \
+        f"codebook model {card['id']}, one rate"
     return build_process_dict(
-        saved, process_id="corsa_compress_s2",
-        summary="Compress Sentinel-2 L2A of an area and date range into compact GeoTIFFs",
+        saved, process_id=process_id or f"{PREFIX}compress_s2",
+        summary=f"Compress Sentinel-2 L2A of an area and date range into compact GeoTIFFs ({what})",
         description="Loads SENTINEL2_L2A (10 bands) for the area and dates, skips products above the cloud-cover "
-                    "limit, compresses each date with the CORSA encoder and saves the index maps as GeoTIFF.",
-        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL, QUALITY], returns={"schema": {"type": "boolean"}},
-        categories=["compression", "sentinel-2"], default_job_options=JOB_OPTIONS)
+                    f"limit, compresses each date with the CORSA model {card['id']} (or another with the same stored "
+                    "layers) and saves what it stores, each layer on its own grid, as GeoTIFF: "
+                    + _layers_text(card) + ". `corsa pack` turns a download of these files into the entropy-coded "
+                    "product; `corsa decompress` reads either.",
+        parameters=[SPATIAL, TEMPORAL, CLOUD, model] + ([QUALITY] if variable else []),
+        returns={"schema": {"type": "boolean"}}, categories=["compression", "sentinel-2"],
+        default_job_options=JOB_OPTIONS)
+
+
+def corsa_openeo_compress_s2() -> dict:
+    return compress_s2_process(read_card(DEFAULT_MODEL)[1], process_id="corsa_openeo_compress_s2")
+
+
+def corsa2_openeo_compress_s2() -> dict:
+    return compress_s2_process(read_card(VARIABLE_RATE_MODEL)[1], process_id="corsa2_openeo_compress_s2")
 
 
 CLASSIFIER = Parameter.string("classifier", default="models/corsa512-scl",
@@ -122,21 +214,21 @@ CLASSIFY_DESCRIPTION = ("Classes come from the codebook vectors of the indices (
                         "value (1..n, 0 = nodata), replicated over each 20 m cell on the 10 m grid.")
 
 
-def corsa_classify() -> dict:
+def corsa_openeo_classify() -> dict:
     return build_process_dict(
-        udf_over_chunks(None, "classify", extra=CLASSIFY), process_id="corsa_classify",
+        udf_over_chunks(None, "classify", extra=CLASSIFY), process_id="corsa_openeo_classify",
         summary="Classify a CORSA-compressed cube per pixel without decompressing it",
-        description="Maps a cube from corsa_compress (bands idx0, idx1, nodata) to Sen2Cor-like scene classes "
+        description="Maps a cube from corsa_openeo_compress (bands idx0, idx1, nodata) to Sen2Cor-like scene classes "
                     "(vegetation, not vegetated, water, snow/ice, cloud, cloud shadow/dark). " + CLASSIFY_DESCRIPTION,
         parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "band class (uint8)"},
         categories=["classification", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
-def corsa_classify_s2() -> dict:
+def corsa_openeo_classify_s2() -> dict:
     cube = load_s2(None, SPATIAL, TEMPORAL, CLOUD)
     classes = udf_over_chunks(udf_over_chunks(cube, "compress", quality=None), "classify", extra=CLASSIFY)
     return build_process_dict(
-        classes.save_result(format="GTiff"), process_id="corsa_classify_s2",
+        classes.save_result(format="GTiff"), process_id="corsa_openeo_classify_s2",
         summary="Scene classes of Sentinel-2 L2A over an area and date range, from CORSA features",
         description="Loads SENTINEL2_L2A (10 bands) for the area and dates, compresses each date with the CORSA "
                     "encoder and classifies the compressed cube. " + CLASSIFY_DESCRIPTION,
@@ -149,22 +241,22 @@ def corsa_classify_s2() -> dict:
 LAST_USABLE_CLASS = 4
 
 
-def corsa_decompress_clear() -> dict:
+def corsa_openeo_decompress_clear() -> dict:
     decoded = udf_over_chunks(None, "decompress", quality=None)  # classifiers read codebook models only
     unusable = udf_over_chunks(None, "classify", extra=CLASSIFY).reduce_dimension(
         dimension="bands", reducer=lambda x: x.array_element(index=0) > LAST_USABLE_CLASS)
     return build_process_dict(
-        decoded.mask(unusable, replacement=0), process_id="corsa_decompress_clear",
+        decoded.mask(unusable, replacement=0), process_id="corsa_openeo_decompress_clear",
         summary="Decompress CORSA codebook indices, with cloud and cloud-shadow pixels set to 0",
-        description="corsa_decompress, with the pixels that corsa_classify puts in the classes cloud or cloud "
-                    "shadow/dark (from the codebook vectors, no decoding needed for the mask) set to 0 like nodata.",
+        description="corsa_openeo_decompress, with the pixels that corsa_openeo_classify puts in the classes cloud or "
+                    "cloud shadow/dark (from the codebook vectors, no decoding needed for the mask) set to 0 like nodata.",
         parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "the 10 bands, unusable pixels 0"},
         categories=["compression", "cloud detection"], default_job_options=JOB_OPTIONS)
 
 
-PROCESSES = {"corsa_compress": corsa_compress, "corsa_decompress": corsa_decompress,
-             "corsa_compress_s2": corsa_compress_s2, "corsa_classify": corsa_classify,
-             "corsa_classify_s2": corsa_classify_s2, "corsa_decompress_clear": corsa_decompress_clear}
+PROCESSES = {f.__name__: f for f in (corsa_openeo_compress, corsa_openeo_decompress, corsa_openeo_compress_s2,
+                                     corsa2_openeo_compress_s2, corsa_openeo_classify, corsa_openeo_classify_s2,
+                                     corsa_openeo_decompress_clear)}
 
 
 def render(process: dict) -> str:

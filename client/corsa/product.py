@@ -338,7 +338,7 @@ def date_label(t) -> str:
     return "undated" if pd.isna(ts) else ts.strftime("%Y-%m-%d")
 
 
-def _grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, np.ndarray]:
+def grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, np.ndarray]:
     tr = transform or Affine.identity()
     return {"y": tr.f + (np.arange(shape[0]) + 0.5) * tr.e, "x": tr.c + (np.arange(shape[1]) + 0.5) * tr.a}
 
@@ -384,110 +384,11 @@ def date_cube(folder: Path, date: str):
     data = darr.stack([*rep, nodata.astype(np.uint16)])[None]
     t = pd.DatetimeIndex([pd.NaT if d.date == "undated" else pd.Timestamp(d.date)])
     cube = xr.DataArray(data, dims=("t", "bands", "y", "x"),
-                        coords={"t": t, "bands": list(INDEX_BANDS), **_grid_coords(d.shape, d.transform)},
+                        coords={"t": t, "bands": list(INDEX_BANDS), **grid_coords(d.shape, d.transform)},
                         attrs={"corsa_model_id": d.model_id, "corsa_decoder_sha256": d.model_sha256})
     cube = cube.rio.write_crs(d.crs) if d.crs else cube
     # A side of 1 px has no coordinate spacing to compute the grid from: carry the transform.
     return cube.rio.write_transform(d.transform) if d.transform is not None else cube
-
-
-def _transform_of(cube) -> Affine | None:
-    try:
-        return cube.rio.transform(recalc=True)
-    except Exception:  # coordinates without a regular grid
-        return None
-
-
-def save_cube(cube, folder: Path, compute) -> list[Path]:
-    """save_result of the embedded engine: a compressed cube becomes the product, a decoded
-    cube one 10-band uint16 GeoTIFF per date (corsa_decoded_<date>.tif). Both are computed a
-    few chunks at a time and written as they come, so memory is bounded by the chunk size."""
-    bands = [str(b) for b in cube["bands"].values]
-    cube = cube.transpose("t", "bands", "y", "x") if "t" in cube.dims else cube.expand_dims(t=[None])
-    transform, crs = _transform_of(cube), (cube.rio.crs.to_string() if cube.rio.crs else None)
-    written: list[Path] = []
-    for i in range(cube.sizes["t"]):
-        date = date_label(cube["t"].values[i] if "t" in cube.coords else None)
-        if is_latent(bands):
-            written.append(write_latents(folder, date, cube.isel(t=i).data, transform, crs, cube.attrs, compute))
-        elif bands == list(INDEX_BANDS):
-            model_id, sha = cube.attrs.get("corsa_model_id"), cube.attrs.get("corsa_decoder_sha256")
-            if not (model_id and sha):
-                raise ProductError("the compressed cube does not name its model (id and decoder sha256)")
-            one = cube.isel(t=i).sel(bands=list(INDEX_BANDS))
-            written += write_indices(DateWriter(folder, date, one.shape[1:], transform, crs, model_id, sha),
-                                     one.data, compute)
-        else:
-            written.append(write_geotiff(folder / f"corsa_decoded_{date}.tif", cube.isel(t=i).data, bands,
-                                         transform, crs, compute))
-    return written
-
-
-def _blocks(data, compute, parallel: int = 2):
-    """(y, x, values) of a (bands, y, x) dask array's blocks, all bands at once, row by row,
-    ``parallel`` blocks per compute."""
-    import dask
-    import dask.array as darr
-
-    # Optimised once: each compute below then handles this date's graph only, not every date's
-    # (a 3-date series decompressed 1.6x slower per date than one date).
-    (data,) = dask.optimize(darr.asarray(data).rechunk({0: -1}))
-    offsets = [np.cumsum((0,) + c) for c in data.chunks]
-    blocks = [(iy, ix) for iy in range(data.numblocks[1]) for ix in range(data.numblocks[2])]
-    for k in range(0, len(blocks), parallel):
-        batch = blocks[k:k + parallel]
-        for (iy, ix), v in zip(batch, compute(*[data.blocks[0, iy, ix] for iy, ix in batch])):
-            yield int(offsets[1][iy]), int(offsets[2][ix]), np.asarray(v)
-
-
-def write_indices(writer: DateWriter, data, compute) -> list[Path]:
-    """A compressed (idx0, idx1, nodata, y, x) cube of one date -> the product files."""
-    import dask.array as darr
-
-    data = darr.asarray(data)
-    if any(c % 4 for c in data.chunks[1][:-1] + data.chunks[2][:-1]):
-        data = data.rechunk({1: REPLICA_CHUNK, 2: REPLICA_CHUNK})  # blocks must start on level-1 cells
-    try:
-        for y, x, v in _blocks(data, compute):
-            # Cells past the input's last row/column (sizes not a multiple of 4) hold the index of
-            # the last cell inside, as the UDF's decompress pads them: both paths decode alike.
-            rep = np.pad(v[:2], ((0, 0), (0, -v.shape[1] % 4), (0, -v.shape[2] % 4)), mode="edge")
-            writer.add(y, x, rep[0, ::2, ::2], rep[1, ::4, ::4], v[2] != 0)
-    except BaseException:
-        writer.abort()
-        raise
-    return writer.finish()
-
-
-def is_latent(bands: list[str]) -> bool:
-    """Bands of a variable-rate model's compressed cube: z00, z01, ..., nodata."""
-    return len(bands) > 1 and bands[-1] == "nodata" and all(b[:1] == "z" and b[1:].isdigit() for b in bands[:-1])
-
-
-def write_latents(folder: Path, date: str, data, transform: Affine | None, crs: str | None, attrs: dict,
-                  compute) -> Path:
-    """A compressed (z.., nodata, y, x) cube of one date -> its format-3 file. Each 512 px block
-    is entropy-coded as it is computed; only the coded streams and the mask stay in memory."""
-    import dask.array as darr
-
-    if not attrs.get("corsa_model") or attrs.get("corsa_quality") is None:
-        raise ProductError("the compressed cube does not name its model and quality (corsa_model, corsa_quality)")
-    codec, quality = VariableRateCodec(attrs["corsa_model"]), int(attrs["corsa_quality"])
-    level = codec.level(quality)
-    data = darr.asarray(data)
-    side = 4 * product3.BLOCK
-    if any(c != side for c in data.chunks[1][:-1] + data.chunks[2][:-1]):
-        data = data.rechunk({1: side, 2: side})  # one dask block per stream block
-    shape = data.shape[1:]
-    streams, nodata = {}, np.zeros(shape, bool)
-    for y, x, v in _blocks(data, compute):
-        # Cells past the input's last row/column hold the last cell's value, as the UDF pads.
-        rep = np.pad(v[:-1], ((0, 0), (0, -v.shape[1] % 4), (0, -v.shape[2] % 4)), mode="edge")
-        streams[(y // 4, x // 4)] = codec.coder.encode(rep[:, ::4, ::4].astype(np.int16), level)
-        nodata[y:y + v.shape[1], x:x + v.shape[2]] = v[-1] != 0
-    ordered = [streams[(ys.start, xs.start)] for ys, xs in product3.block_slices(product3.latent_cells(shape))]
-    return product3.write_date(folder, product3.assemble(
-        ordered, nodata, quality, transform, crs, date, codec.model_id, codec.card["files"]["decoder"]["sha256"]), date)
 
 
 @functools.lru_cache(maxsize=4)
@@ -547,7 +448,7 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
     t = pd.DatetimeIndex([pd.NaT if date == "undated" else pd.Timestamp(date)])
     cube = xr.DataArray(cube_data, dims=("t", "bands", "y", "x"),
                         coords={"t": t, "bands": list(corsa_udf.latent_bands(codec.channels)),
-                                **_grid_coords(h["shape"], h["transform"])},
+                                **grid_coords(h["shape"], h["transform"])},
                         attrs={"corsa_model_id": h["model_id"], "corsa_quality": h["quality"]})
     cube = cube.rio.write_crs(h["crs"]) if h["crs"] else cube
     return cube.rio.write_transform(h["transform"]) if h["transform"] is not None else cube
@@ -569,28 +470,6 @@ def check_model_prefix(model_id: str, sha_prefix: str, codec: VariableRateCodec)
         raise ProductError(f"the product was written with model {_shown(model_id)} (decoder sha256 {sha_prefix}...), "
                            f"the available model {codec.model_id!r} has "
                            f"{codec.card['files']['decoder']['sha256'][:16]}...: decoding would give wrong reflectances")
-
-
-def write_geotiff(path: Path, data, bands: list[str], transform: Affine | None, crs: str | None,
-                  compute) -> Path:
-    """A (bands, y, x) uint16 GeoTIFF with band descriptions, from a dask array block by block;
-    written under a temporary name and renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    kw = _profile(data.shape[1:], transform, crs, count=len(bands), predictor=2, zstd_level=9, tiled=True,
-                  blockxsize=512, blockysize=512)
-    try:
-        with rasterio.open(part, "w", **kw) as dst:
-            for i, b in enumerate(bands, 1):
-                dst.set_band_description(i, b)
-            for y, x, v in _blocks(data, compute):
-                dst.write(np.clip(np.rint(np.nan_to_num(v)), 0, 65535).astype(np.uint16),
-                          window=Window(x, y, v.shape[2], v.shape[1]))
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    part.replace(path)
-    return path
 
 
 def check_model(d: ProductDate, decoder_sha256: str, model_id: str) -> None:

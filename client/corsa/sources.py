@@ -1,7 +1,7 @@
 """Where load_collection finds data on the embedded engine: local files as openEO cubes.
 
 A collection id is a path (a 10-band GeoTIFF, an openEO NetCDF cube, a folder of either, or a
-compressed product folder) or a name mapped to such a path or to a STAC source (SENTINEL2_L2A ->
+compressed product folder, or a folder of a compress job's files) or a name mapped to such a path or to a STAC source (SENTINEL2_L2A ->
 what the user configured). The result is a lazy (t, bands, y, x) cube with its CRS, the extents and bands applied.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
-from . import product, product3
+from . import pack, product, product3
 from .scene import BANDS
 from .stac import StacError, StacSource
 
@@ -101,7 +101,7 @@ def open_netcdf(path: Path) -> xr.DataArray:
 
 
 def open_product(folder: Path) -> xr.DataArray:
-    """A compressed product as the cube corsa_decompress takes: (t, [idx0, idx1, nodata], y, x) for
+    """A compressed product as the cube corsa_openeo_decompress takes: (t, [idx0, idx1, nodata], y, x) for
     a codebook model's product, (t, [z00, ..., nodata], y, x) for a variable-rate model's."""
     stream_dates = product3.dates_in(folder)
     if stream_dates:
@@ -135,6 +135,8 @@ class Catalogue:
         if path.is_dir():
             if product.dates_in(path) or product3.dates_in(path):
                 return open_product(path)
+            if pack.job_dates(path):
+                return pack.job_cube(path)
             files = sorted([*path.glob("*.tif"), *path.glob("*.tiff"), *path.glob("*.nc")])
             if not files:
                 raise SourceError(f"{path} holds no GeoTIFF, NetCDF or compressed product")

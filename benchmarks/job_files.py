@@ -1,0 +1,86 @@
+"""What a compress batch job downloads, run through ``corsa.jobs`` on the embedded engine (the same
+calls as on a back end), on the full-resolution 1068 px Major-TOM scene.
+
+    python -m benchmarks.job_files --out benchmarks/results/job_files.json
+
+For corsa512 and for corsa2 at every quality level: the CF of the job's files (each stored layer
+on its own grid, DEFLATE GeoTIFF as the engine's generic save_result and geopyspark back ends write
+them; job.json excluded), the CF of the product `corsa pack` makes of them, and whether
+`corsa decompress` of the job's files gives the same image as `corsa decompress` of the product.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import Affine
+
+from corsa import cli, jobs
+from corsa.codec import VariableRateCodec
+from corsa.datasets import LOADERS, default_data_root
+from corsa.local import EngineConnection
+from corsa.metrics import compression_factor, psnr
+from corsa.scene import BANDS
+
+
+def _scene_file(folder: Path) -> tuple[Path, np.ndarray]:
+    (scene,) = LOADERS["majortom"](default_data_root())
+    path = folder / "majortom.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=scene.data.shape[2], height=scene.data.shape[1],
+                       count=len(BANDS), dtype="uint16", transform=Affine(*scene.transform), crs=scene.crs) as dst:
+        dst.write(scene.data)
+        dst.descriptions = BANDS
+        dst.update_tags(TIFFTAG_DATETIME="2022:07:06 10:00:00")
+    return path, scene.data
+
+
+def _decoded(folder: Path) -> np.ndarray:
+    (path,) = folder.glob("*.tif")
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def measure(tmp: Path, scene: Path, data: np.ndarray, model: str, quality: int | None) -> dict:
+    label = f"{model}" + (f"-q{quality}" if quality else "")
+    connection = EngineConnection({"SENTINEL2_L2A": scene}, workdir=tmp / f"work-{label}")
+    job = jobs.follow(jobs.start(jobs.submit(jobs.compress(connection, None, None, model=model, quality=quality),
+                                             label)), poll_seconds=0)
+    files = jobs.download(job, tmp / f"files-{label}")
+    pixels = data.shape[1] * data.shape[2]
+    job_bytes = sum(p.stat().st_size for p in files)
+    assert cli.main(["pack", str(tmp / f"files-{label}"), "-o", str(tmp / f"product-{label}")]) == 0
+    product_bytes = sum(p.stat().st_size for p in (tmp / f"product-{label}").iterdir())
+    assert cli.main(["decompress", str(tmp / f"files-{label}"), "-o", str(tmp / f"dec-files-{label}")]) == 0
+    assert cli.main(["decompress", str(tmp / f"product-{label}"), "-o", str(tmp / f"dec-product-{label}")]) == 0
+    a, b = _decoded(tmp / f"dec-files-{label}"), _decoded(tmp / f"dec-product-{label}")
+    return {"model": model, "quality": quality, "files": sorted(p.name for p in files), "job_bytes": job_bytes,
+            "job_cf": round(compression_factor(pixels, job_bytes), 2), "product_bytes": product_bytes,
+            "product_cf": round(compression_factor(pixels, product_bytes), 2),
+            "decodes_equal": bool(np.array_equal(a, b)), "psnr_db": round(psnr(data, a), 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/job_files.json"))
+    p.add_argument("--qualities", default="all", help="corsa2 levels: 'all' or a comma list")
+    args = p.parse_args(argv)
+    levels = VariableRateCodec("corsa2").qualities if args.qualities == "all" else \
+        [int(q) for q in args.qualities.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scene, data = _scene_file(Path(tmp))
+        for model, quality in [("corsa512", None)] + [("corsa2", q) for q in levels]:
+            rows.append(measure(Path(tmp), scene, data, model, quality))
+            print(json.dumps(rows[-1]), flush=True)
+    out = {"scene": f"majortom {data.shape[2]} x {data.shape[1]} px", "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

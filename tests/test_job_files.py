@@ -1,0 +1,183 @@
+"""What a compress job writes with standard processes only (each stored layer on its own grid, by
+the engine's generic save_result, as a back end writes), and `corsa pack` / `corsa decompress` on
+those files: the same integers as the product, the same decoded image."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.shutil import copy as gdal_copy
+from rasterio.transform import Affine
+
+from corsa import cli, jobs, pack, processes, product3
+from corsa.codec import OnnxCodec, VariableRateCodec, read_card
+from corsa.engine import Engine
+from corsa.local import EngineConnection
+from corsa.sources import Catalogue
+from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
+
+DATE = "2022-07-06"
+QUALITY = 3
+SHAPE = (130, 122)  # not multiples of 4: the last cells are partial
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory, majortom):
+    """A crop of the Major-TOM scene with a nodata corner, as a dated 10-band GeoTIFF."""
+    data = majortom.data[:, 200:200 + SHAPE[0], 300:300 + SHAPE[1]].copy()
+    data[:, :20, :33] = 0
+    path = tmp_path_factory.mktemp("scene") / "scene.tif"
+    transform = Affine(*majortom.transform) * Affine.translation(300, 200)
+    write_scene(path, data, transform, majortom.crs, DATE)
+    return path, data, transform, majortom.crs
+
+
+def _run_service(model: str, scene_path: Path, out: Path) -> Path:
+    _, card = read_card(model)
+    udp = processes.compress_s2_process(card, 10.0)
+    Engine(Catalogue({"SENTINEL2_L2A": scene_path}), output=out).run(
+        udp, spatial_extent=None, temporal_extent=None, max_cloud_cover=80, model=str(read_card(model)[0]),
+        quality=QUALITY if card.get("kind") == "variable-rate" else None)
+    return out
+
+
+@pytest.fixture(scope="module", params=["corsa512", "corsa2"])
+def job(request, scene, tmp_path_factory):
+    """(model, folder of the service's files) for each model family."""
+    return request.param, _run_service(request.param, scene[0], tmp_path_factory.mktemp(f"job-{request.param}"))
+
+
+def test_each_stored_layer_is_saved_on_its_own_grid(job, scene):
+    model, folder = job
+    _, card = read_card(model)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"corsa_{l['name']}_{DATE}.tif" for l in card["layers"])
+    with rasterio.open(folder / f"corsa_nodata_{DATE}.tif") as src:
+        grid = src.transform
+        np.testing.assert_array_equal(src.read(1) != 0, (scene[1] == 0).all(0))
+    for layer in card["layers"]:
+        s = layer["stride"]
+        with rasterio.open(folder / f"corsa_{layer['name']}_{DATE}.tif") as src:
+            assert src.transform == grid * Affine.scale(s)
+            assert (src.height, src.width) == (-(-SHAPE[0] // s), -(-SHAPE[1] // s))
+            assert list(src.descriptions) == layer["bands"]
+            assert np.dtype(src.dtypes[0]).kind in "iu" and src.compression.name == "deflate"
+
+
+def test_stored_values_are_the_codecs_own(job, scene):
+    model, folder = job
+    data = scene[1]
+    with rasterio.open(folder / f"corsa_{'latent' if model == 'corsa2' else 'L0'}_{DATE}.tif") as src:
+        stored = src.read()
+    if model == "corsa2":
+        ints = VariableRateCodec(model).encode(data, QUALITY)
+        np.testing.assert_array_equal(stored, ints[:, : stored.shape[1], : stored.shape[2]])
+    else:
+        idx0, idx1 = OnnxCodec(model).encode(data)
+        np.testing.assert_array_equal(stored[0], idx0[: stored.shape[1], : stored.shape[2]])
+        with rasterio.open(folder / f"corsa_L1_{DATE}.tif") as src:
+            np.testing.assert_array_equal(src.read(1), idx1)
+
+
+def test_pack_gives_the_product_that_compress_writes(job, scene, tmp_path):
+    model, folder = job
+    args = ["--model", model] + (["--quality", str(QUALITY)] if model == "corsa2" else [])
+    assert cli.main(["pack", str(folder), "-o", str(tmp_path / "packed"), *args]) == 0
+    assert cli.main(["compress", str(scene[0]), "-o", str(tmp_path / "direct"), *args]) == 0
+    packed, direct = sorted((tmp_path / "packed").iterdir()), sorted((tmp_path / "direct").iterdir())
+    assert [p.name for p in packed] == [p.name for p in direct] and packed
+    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(packed, direct))
+    if model == "corsa2":  # format 3 is smaller than the job's GeoTIFFs (format 2 carries GeoTIFF headers too)
+        assert sum(p.stat().st_size for p in packed) < sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_decompress_reads_job_files_like_the_product(job, tmp_path):
+    model, folder = job
+    args = ["--model", model] + (["--quality", str(QUALITY)] if model == "corsa2" else [])
+    assert cli.main(["pack", str(folder), "-o", str(tmp_path / "product"), *args]) == 0
+    assert cli.main(["decompress", str(folder), "-o", str(tmp_path / "a.tif"), *args]) == 0
+    assert cli.main(["decompress", str(tmp_path / "product"), "-o", str(tmp_path / "b.tif")]) == 0
+    with rasterio.open(tmp_path / "a.tif") as a, rasterio.open(tmp_path / "b.tif") as b:
+        assert a.transform == b.transform and a.dtypes[0] == "uint16"
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_downloaded_job_names_its_model_and_quality(scene, tmp_path):
+    """jobs.download keeps the job's description: pack and decompress need no --model then."""
+    local = EngineConnection({"SENTINEL2_L2A": scene[0]}, workdir=tmp_path / "jobs")
+    job = jobs.follow(jobs.start(jobs.submit(jobs.compress(local, None, None, model="corsa2", quality=2), "c")))
+    files = jobs.download(job, tmp_path / "dl")
+    assert sorted(p.name for p in files) == [f"corsa_latent_{DATE}.tif", f"corsa_nodata_{DATE}.tif"]
+    assert pack.job_settings(tmp_path / "dl") == {"model": "corsa2", "quality": 2}
+    assert cli.main(["pack", str(tmp_path / "dl"), "-o", str(tmp_path / "product")]) == 0
+    header = product3.read_header((tmp_path / "product" / product3.file_name(DATE)).read_bytes(), "x")
+    assert header["quality"] == 2 and header["model_id"] == "corsa2"
+    assert cli.main(["decompress", str(tmp_path / "dl"), "-o", str(tmp_path / "dec")]) == 0
+    assert (tmp_path / "dec" / f"corsa_decoded_{DATE}.tif").is_file()
+
+
+@pytest.fixture(scope="module")
+def corsa2_files(scene, tmp_path_factory):
+    return _run_service("corsa2", scene[0], tmp_path_factory.mktemp("corsa2-files"))
+
+
+def test_damaged_job_files_are_refused_by_name(corsa2_files, tmp_path, capsys):
+    folder = tmp_path / "job"
+    shutil.copytree(corsa2_files, folder)
+    latent = folder / f"corsa_latent_{DATE}.tif"
+    args = ["--model", "corsa2", "--quality", str(QUALITY)]
+
+    def refused(match: str) -> None:
+        capsys.readouterr()
+        assert cli.main(["pack", str(folder), "-o", str(tmp_path / "p"), *args]) == 2
+        err = capsys.readouterr().err
+        assert match in err, err
+        assert not (tmp_path / "p").exists() or not list((tmp_path / "p").iterdir())
+
+    with rasterio.open(latent) as src:
+        profile, values = src.profile, src.read()
+        names = src.descriptions
+    # on another grid: shifted by one 10 m pixel
+    with rasterio.open(latent, "w", **{**profile, "transform": profile["transform"] * Affine.translation(0.25, 0)}) as dst:
+        dst.write(values)
+        dst.descriptions = names
+    refused(f"{latent.name} is not on the grid of corsa_nodata_{DATE}.tif")
+    # floats that are not whole numbers: not a compress job's output
+    with rasterio.open(latent, "w", **{**profile, "dtype": "float32"}) as dst:
+        dst.write(values.astype(np.float32) + 0.5)
+        dst.descriptions = names
+    refused("not whole numbers")
+    # a layer missing: no longer a compress job's output
+    latent.unlink()
+    refused("holds no compress job's files")
+
+
+def test_job_files_without_a_model_are_refused(corsa2_files, tmp_path, capsys):
+    shutil.copytree(corsa2_files, tmp_path / "job")
+    assert cli.main(["pack", str(tmp_path / "job"), "-o", str(tmp_path / "p")]) == 2
+    assert "no job.json naming its model: give --model" in capsys.readouterr().err
+    assert cli.main(["pack", str(tmp_path / "job"), "-o", str(tmp_path / "job"), "--model", "corsa2"]) == 2
+    assert "another folder" in capsys.readouterr().err
+
+
+def test_job_json_is_kept_with_the_download_and_read_back(tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps({"process": {"process_graph": {
+        "c": {"process_id": "corsa2_openeo_compress_s2", "namespace": "https://example.org/x.json",
+              "arguments": {"model": "https://example.org/models/corsa2/", "quality": 5}, "result": True}}}}))
+    assert pack.job_settings(tmp_path) == {"model": "corsa2", "quality": 5}
+
+
+def test_a_failing_job_leaves_no_file(scene, tmp_path):
+    """The generic writer computes every layer's blocks and renames its files only when all are
+    complete: a source that fails half way through leaves nothing that looks like a result."""
+    damaged = tmp_path / "damaged.tif"
+    # a copy writes the directory first (as COGs have it): GDAL opens the cut file, fails on a later block
+    gdal_copy(scene[0], damaged, driver="GTiff", compress="deflate", tiled=True, blockxsize=16, blockysize=16)
+    raw = damaged.read_bytes()
+    damaged.write_bytes(raw[: len(raw) * 2 // 3])
+    local = EngineConnection({"SENTINEL2_L2A": damaged}, workdir=tmp_path / "jobs")
+    job = jobs.start(jobs.submit(jobs.compress(local, None, None, model="corsa2"), "c"))
+    assert job.status() == "error" and "truncated or corrupt" in job.logs()[0]["message"]
+    left = list(job.results.rglob("*")) if job.results.exists() else []
+    assert not left, left
