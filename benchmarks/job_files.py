@@ -6,7 +6,8 @@ calls as on a back end), on the full-resolution 1068 px Major-TOM scene.
 For corsa512 and for corsa2 at every quality level: the CF of the job's files (each stored layer
 on its own grid, DEFLATE GeoTIFF as the engine's generic save_result and geopyspark back ends write
 them; job.json excluded), the CF of the product `corsa pack` makes of them, and whether
-`corsa decompress` of the job's files gives the same image as `corsa decompress` of the product.
+`corsa decompress` of the job's files gives the same image as `corsa decompress` of the product;
+and, for comparison, the replicated 10 m compressed cube saved as it is.
 """
 from __future__ import annotations
 
@@ -63,6 +64,18 @@ def measure(tmp: Path, scene: Path, data: np.ndarray, model: str, quality: int |
             "decodes_equal": bool(np.array_equal(a, b)), "psnr_db": round(psnr(data, a), 2)}
 
 
+def replicated(tmp: Path, scene: Path, data: np.ndarray, model: str, quality: int | None) -> dict:
+    """The files of saving the compressed cube as it is (what a back end made of the services before
+    issue 13: every layer replicated on the 10 m grid), with the same writer."""
+    label = f"replicated-{model}-{quality}"
+    connection = EngineConnection({"SENTINEL2_L2A": scene}, workdir=tmp / f"work-{label}")
+    cube = jobs.compressed(connection, None, None, model=model, quality=quality)
+    files = jobs.download(jobs.follow(jobs.start(jobs.submit(cube, label)), poll_seconds=0), tmp / label)
+    size = sum(p.stat().st_size for p in files)
+    return {"model": model, "quality": quality, "replicated_bytes": size,
+            "replicated_cf": round(compression_factor(data.shape[1] * data.shape[2], size), 2)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/job_files.json"))
@@ -76,7 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
         for model, quality in [("corsa512", None)] + [("corsa2", q) for q in levels]:
             rows.append(measure(Path(tmp), scene, data, model, quality))
             print(json.dumps(rows[-1]), flush=True)
-    out = {"scene": f"majortom {data.shape[2]} x {data.shape[1]} px", "rows": rows}
+        before = [replicated(Path(tmp), scene, data, "corsa512", None), replicated(Path(tmp), scene, data, "corsa2", 4)]
+        print(json.dumps(before), flush=True)
+    out = {"scene": f"majortom {data.shape[2]} x {data.shape[1]} px", "rows": rows, "replicated_cube": before}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     return out
