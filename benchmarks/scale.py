@@ -4,6 +4,7 @@ series of that tile.
 
     python -m benchmarks.scale --sizes 2745 5490 --out benchmarks/results/scale.jsonl
     python -m benchmarks.scale --sizes 10980 --dates 3 --out benchmarks/results/scale.jsonl
+    python -m benchmarks.scale --model corsa2 --sizes 2745 5490 10980 --out benchmarks/results/scale_corsa2.jsonl
 
 The mosaic repeats the Major-TOM scene (1068 x 1068 px) with alternating flips, so every chunk
 holds real Sentinel-2 texture; date k of a series turns the scene by k quarter turns, so each date
@@ -93,14 +94,15 @@ def timed(args: list[str]) -> dict:
             "rss_mb_by_quarter": quarters, "summary": summary}
 
 
-def measure(size: int, dates: int, scratch: Path) -> dict:
+def measure(size: int, dates: int, scratch: Path, model: str | None = None) -> dict:
     """Mosaics of ``dates`` dates -> product -> decoded GeoTIFFs, each step timed in its own process."""
     src, prod, dec = scratch / f"in{size}", scratch / f"p{size}", scratch / f"d{size}"
     src.mkdir()
     for k in range(dates):
         write_mosaic(src / f"date{k}.tif", size, k)
-    row = {"size_px": size, "dates": dates, "megapixels": dates * size * size / 1e6,
-           "compress": timed(["compress", str(src if dates > 1 else src / "date0.tif"), "-o", str(prod)]),
+    row = {"size_px": size, "dates": dates, "megapixels": dates * size * size / 1e6, "model": model or "corsa512",
+           "compress": timed(["compress", str(src if dates > 1 else src / "date0.tif"), "-o", str(prod)]
+                             + (["--model", model] if model else [])),
            "decompress": timed(["decompress", str(prod), "-o", str(dec)])}
     row["product_bytes"] = sum(f.stat().st_size for f in prod.iterdir())
     row["cf"] = 88 * dates * size * size / (8 * row["product_bytes"])
@@ -114,13 +116,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2745, 5490, 10980])
     p.add_argument("--dates", type=int, default=1, help="dates per mosaic (a time series of the same area)")
+    p.add_argument("--model", help="model for compress (default: the CLI's)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.jsonl"))
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in sorted(args.sizes):
-            row = measure(size, args.dates, Path(tmp))
+            row = measure(size, args.dates, Path(tmp), args.model)
             print(json.dumps(row), flush=True)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
