@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--max-cloud-cover", type=float, default=80.0)
     run.add_argument("--model-archive", help="URL of the model zip (python -m corsa.jobs archive)")
     run.add_argument("--namespace", help="call the published UDP: 'user' or the JSON's URL")
+    run.add_argument("--model", help=f"where the UDF finds the model on the back end (default {REMOTE_MODEL})")
+    run.add_argument("--quality", type=int, help="quality level of a variable-rate model (default: its card's)")
     run.add_argument("-o", "--output", type=Path, required=True)
     run.add_argument("--poll", type=float, default=30.0, help="seconds between status polls")
     arc = sub.add_parser("archive", help="write the model zip for udf-dependency-archives")
@@ -338,11 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         west, south, east, north = map(float, args.bbox.split(","))
         cube = compress(connection, {"west": west, "south": south, "east": east, "north": north},
-                        args.dates.split("/"), args.max_cloud_cover, namespace=args.namespace)
+                        args.dates.split("/"), args.max_cloud_cover, model=args.model, namespace=args.namespace,
+                        quality=args.quality)
         job = start(submit(cube, "corsa compress", job_options(args.model_archive)))
         print(f"job {job.job_id} started")
         for path in download(follow(job, args.poll), args.output):
             print(path)
+        print(f"corsa pack {args.output} -o <product folder>   # the entropy-coded product, losslessly")
     except BackendError as e:
         print(f"corsa {args.command}: error: {e}", file=sys.stderr)
         return 2
