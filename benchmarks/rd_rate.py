@@ -270,7 +270,7 @@ def render_markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="corsa2", help="model name under models_onnx/ or a model folder")
+    p.add_argument("--model", default="corsa2.1", help="model name under models_onnx/ or a model folder")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (0: its default)")
     p.add_argument("--scenes", nargs="+", help="only these test scenes (by name), for a quick look")
     p.add_argument("--curves", type=Path, default=baseline_curves.DEFAULT_CACHE)

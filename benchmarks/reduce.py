@@ -58,7 +58,7 @@ def run(model: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="corsa2")
+    p.add_argument("--model", default="corsa2.1")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/reduce.json"))
     args = p.parse_args(argv)
     result = run(args.model)

@@ -122,7 +122,7 @@ def _cpu() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="corsa2")
+    p.add_argument("--model", default="corsa2.1")
     p.add_argument("--quality", type=int)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))

@@ -53,7 +53,7 @@ PREFIX = "corsa_openeo_"
 RENAMED = {"corsa_compress": "corsa_openeo_compress", "corsa_decompress": "corsa_openeo_decompress",
            "corsa_compress_s2": "corsa_openeo_compress_s2", "corsa_classify": "corsa_openeo_classify",
            "corsa_classify_s2": "corsa_openeo_classify_s2", "corsa_decompress_clear": "corsa_openeo_decompress_clear"}
-VARIABLE_RATE_MODEL = "corsa2"
+VARIABLE_RATE_MODEL = "corsa2.1"
 
 
 def _model_parameter(model: str) -> Parameter:
