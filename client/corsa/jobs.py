@@ -45,6 +45,8 @@ Job = BatchJob | LocalJob
 Connection = openeo.Connection | EngineConnection
 ONNX_DEPS = "onnx_deps"
 NATIVE = {"compress": "corsa_compress", "decompress": "corsa_decompress"}
+# A job ending in one of these saves its own results (the services' graphs end in save_result).
+SAVING = {"save_result"} | {pid for pid in processes.PROCESSES if pid.endswith("_s2")}
 EDITOR = "https://editor.openeo.org/"
 
 
@@ -94,6 +96,12 @@ def _model(connection: Connection, model: str | None) -> str:
     return model or REMOTE_MODEL
 
 
+def _card(model: str) -> dict:
+    """The card of the model the UDF will read: a local folder, else the shipped model of that name
+    (a back end's "models/corsa2.1" or a URL ending in the model's name)."""
+    return read_card(model if Path(model).is_dir() else Path(model.rstrip("/")).name)[1]
+
+
 def _native(connection: Connection, mode: str) -> str:
     """The back end's own process for ``mode``; refused where the back end does not list it."""
     pid = NATIVE[mode]
@@ -128,7 +136,7 @@ def compress(connection: Connection, spatial_extent: dict | None, temporal_exten
         data = processes.load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
         return data.process(_native(connection, "compress"), data=data)
     model_path = _model(connection, model)
-    _, card = read_card(Path(model_path).name if not Path(model_path).is_dir() else model_path)
+    card = _card(model_path)
     variable = card.get("kind") == "variable-rate"
     if namespace is not None:
         pid = "corsa2_openeo_compress_s2" if variable else "corsa_openeo_compress_s2"
@@ -190,7 +198,7 @@ def submit(result: DataCube | MultiResult, title: str, options: dict | None = No
         except (requests.ConnectionError, OpenEoApiError) as e:
             raise _api_error(f"creating job {title!r}", connection.root_url, e) from e
     connection = result.connection
-    saves = result.result_node().process_id == "save_result" or "compress_s2" in result.result_node().process_id
+    saves = result.result_node().process_id in SAVING
     try:
         if saves:
             return connection.create_job(result.flat_graph(), title=title, job_options=options, validate=False)
@@ -270,7 +278,7 @@ def results_cube(job: Job, model: str | None = None) -> DataCube:
     try:
         if isinstance(connection, EngineConnection):
             return connection.load_stac_from_job(job)  # the engine reads the job's folder as one cube
-        _, card = read_card(Path(_model(connection, model)).name)
+        card = _card(_model(connection, model))
         cubes = [connection.load_stac_from_job(job, bands=layer["bands"]) for layer in card["layers"]]
     except (requests.ConnectionError, OpenEoApiError) as e:
         raise _api_error(f"reading the results of job {job.job_id}", connection.root_url, e) from e
