@@ -1,7 +1,8 @@
 """The compressed product: the one place that writes and reads it (format versions 1 to 3).
 
 Format 3 (variable-rate models, corsa2 onward) is one entropy-coded file a date; its byte layout
-lives in ``corsa.product3``, and this module turns engine cubes into it and back. Formats 1 and 2
+lives in ``corsa.product3``; ``corsa.pack`` writes it from a compress job's files, and this module
+reads it back as engine cubes. Formats 1 and 2
 (codebook models, corsa512) are GeoTIFF index grids:
 
 Per date, in one folder:
