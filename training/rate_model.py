@@ -69,11 +69,14 @@ class RateCodec(nn.Module):
     # -- the pieces the ONNX files are made of (quantisation itself runs in numpy) --------
     def analysis(self, dn: torch.Tensor) -> torch.Tensor:
         """DN (N, 10, H, W), H and W multiples of 4 -> latent y (N, L, H/4, W/4), before gains."""
-        return self.enc(self.transform(dn))
+        # The latent is quantised with unit bins: under bf16 autocast its last conv stays fp32,
+        # or bf16 rounding (1/128 relative) would be training noise the exported fp32 model never has.
+        return _full_precision(self.enc[-1], self.enc[:-1](self.transform(dn)))
 
     def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
         """Dequantised latent (ints * inv_gain) -> DN (N, 10, H, W) float."""
-        return self.dec(y_hat) * self.out_std + self.out_mean
+        # DN only to within bf16's 1/128 would cap the PSNR the loss sees
+        return _full_precision(self.dec[-1], self.dec[:-1](y_hat)) * self.out_std + self.out_mean
 
     def gains(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.log_gain.exp(), self.log_inv_gain.exp()
@@ -92,6 +95,13 @@ class RateCodec(nn.Module):
         return {"recon": recon, "bits": bits.flatten(1).sum(1), "ints": torch.round(s).detach()}
 
 
+def _full_precision(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    if not torch.is_autocast_enabled(h.device.type):
+        return layer(h)
+    with torch.autocast(h.device.type, enabled=False):
+        return layer(h.float())
+
+
 def laplace_mass(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Probability of the unit bin centred on x under Laplace(0, scale), stable in both tails."""
     def cdf(v: torch.Tensor) -> torch.Tensor:
@@ -101,3 +111,38 @@ def laplace_mass(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # Upper tail: 1 - cdf loses precision; use the mirrored lower-tail form there.
     upper = 0.5 * (torch.exp(-lo.clamp(min=0) / scale) - torch.exp(-hi.clamp(min=0) / scale))
     return torch.where(lo >= 0, upper, cdf(hi) - cdf(lo))
+
+
+def widen_state(old: dict[str, torch.Tensor], model: RateCodec) -> dict[str, torch.Tensor]:
+    """A trained model's weights placed in a model with more latent channels and / or more quality
+    levels, so that it starts as the trained one (function-preserving, up to small new weights).
+
+    New latent channels: encoder rows at their fresh init, decoder columns at 1/10 of theirs (the
+    decoder barely sees them at first), gains and prior as the mean of the trained channels. New
+    levels (appended at the top): gains extrapolated one step in log beyond the last trained level,
+    prior copied from it."""
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+    lat0, q0 = old["log_gain"].shape[1], old["log_gain"].shape[0]
+    lat, q = model.cfg.latent, model.cfg.levels
+    if lat < lat0 or q < q0:
+        raise ValueError(f"cannot narrow a model ({lat0} channels, {q0} levels) to {lat} channels, {q} levels")
+    for k, v in old.items():
+        if k not in new:
+            raise ValueError(f"the trained state has {k}, the new model does not")
+        if k == "lambdas":
+            continue
+        if new[k].shape == v.shape:
+            new[k] = v.clone()
+            continue
+        if new[k].dim() != v.dim():
+            raise ValueError(f"{k}: shape {tuple(v.shape)} cannot be widened to {tuple(new[k].shape)}")
+        if k.startswith("dec.0."):                       # the decoder's first conv reads the latent
+            new[k][:, lat0:] *= 0.1
+        new[k][tuple(slice(0, n) for n in v.shape)] = v
+    for k in ("log_gain", "log_inv_gain", "prior_mean", "prior_log_scale"):
+        t = new[k]
+        t[:q0, lat0:] = t[:q0, :lat0].mean(1, keepdim=True)
+        for level in range(q0, q):
+            step = (t[level - 1] - t[level - 2]) if k in ("log_gain", "log_inv_gain") and level >= 2 else 0.0
+            t[level] = t[level - 1] + step
+    return new

@@ -24,7 +24,7 @@ from corsa.scene import Scene
 
 from .data import BandStats, CropSampler, fit_band_stats
 from .model import InputTransform, parameter_count
-from .rate_model import RateCodec, RateConfig, laplace_mass
+from .rate_model import RateCodec, RateConfig, laplace_mass, widen_state
 from .train import SPLIT_FILE, lr_at, pad_to, run_arguments
 
 
@@ -83,9 +83,15 @@ def train(args: argparse.Namespace) -> Path:
     else:
         ckpt = None
         cfg = RateConfig(latent=args.latent, width=args.width, width20=args.width20,
-                         blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec)
-        st = fit_band_stats(train_scenes, seed=args.seed)
+                         blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec,
+                         **({"lambdas": args.lambdas} if args.lambdas else {}))
+        init = torch.load(args.init, weights_only=False) if args.init else None
+        # A warm start keeps the trained model's input statistics: its weights are fitted to them.
+        st = BandStats(**init["stats"]) if init else fit_band_stats(train_scenes, seed=args.seed)
     model = build_model(cfg, st)
+    if not ckpt and init:
+        model.load_state_dict(widen_state(init["model"], model))
+        print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = CropSampler(train_scenes, args.crop, args.seed, max_weight_px=args.max_weight_px)
     step, best, elapsed = 0, math.inf, 0.0
@@ -112,7 +118,8 @@ def train(args: argparse.Namespace) -> Path:
             grp["lr"] = lr_at(step, args.steps, args.lr)
         x = torch.from_numpy(sampler.batch(args.batch))
         level = torch.randint(0, cfg.levels, (args.batch,))
-        out = model(x, level)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(x, level)
         d = distortion(out["recon"], x, norm)
         bpp = out["bits"] / (x.shape[2] * x.shape[3])
         loss = (model.lambdas[level] * d + bpp).mean()
@@ -153,6 +160,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-weight-px", type=int, default=250_000,
                    help="a scene is drawn as if it had at most this many pixels (large L1C scenes would dominate)")
     p.add_argument("--val-stride", type=int, default=2, help="evaluate on every n-th val scene")
+    p.add_argument("--lambdas", type=float, nargs="+", help="one per quality level, lowest first (default: RateConfig's)")
+    p.add_argument("--init", help="warm start from a trained model (a torch_state.pt or checkpoint), widened to "
+                                  "--latent channels and the --lambdas levels")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16, slower elsewhere: see lscpu)")
     return p.parse_args(argv)
 
 

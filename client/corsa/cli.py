@@ -1,5 +1,7 @@
 """corsa compress | decompress | pack | classify | info | models | reduce: the published process
-graphs, run on the embedded engine.
+graphs, run on the embedded engine. Variable-rate models (corsa2 onward) compress and decompress
+through ``corsa.blockwise`` instead: the UDF's functions on the services' own chunks, without
+the engine around them (the same bytes; --engine or --scheduler runs the graphs).
 
     corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
     corsa compress scene.tif -o product/ --model corsa2 --quality 6   # a variable-rate model at a quality level
@@ -26,11 +28,11 @@ import numpy as np
 from dask.diagnostics import ProgressBar
 from rasterio.transform import Affine
 
-from . import pack, processes, product, product3
+from . import blockwise, pack, processes, product, product3
 from .classmap import DEFAULT_CLASSIFIER, Classifier, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
-from .engine import Engine, EngineError
 from .metrics import compression_factor
+from .scene import BANDS
 from .sources import Catalogue, SourceError
 from .stac import StacSource
 
@@ -87,16 +89,36 @@ def compress(args: argparse.Namespace) -> str:
         source = args.input
     catalogue = Catalogue({COLLECTION: source})
     bbox, dates = _bbox(args.bbox), _dates(args.dates)
+    if isinstance(codec, VariableRateCodec) and not _engine_asked(args):
+        cube = catalogue.load(COLLECTION, bbox, dates, list(BANDS), args.max_cloud_cover)
+        return _summary(blockwise.compress(cube, codec, quality, Path(args.output)))
     udp = processes.compress_s2_process(codec.card, _pixel_size(catalogue, bbox, dates, args.max_cloud_cover))
     out = Path(args.output)
     # The job's files go to a scratch folder outside the product: a killed run leaves nothing in it.
     with tempfile.TemporaryDirectory(prefix="corsa-job-") as tmp:
-        engine = Engine(catalogue, output=Path(tmp), scheduler=args.scheduler)
+        engine = _engine()(catalogue, output=Path(tmp), scheduler=args.scheduler)
         with ProgressBar(minimum=2):
             engine.run(udp, spatial_extent=bbox, temporal_extent=dates, max_cloud_cover=args.max_cloud_cover,
                        model=str(codec.path), quality=quality)
         written = [p for d in pack.job_dates(Path(tmp)) for p in pack.pack_date(Path(tmp), d, codec, quality, out)]
     return _summary(written)
+
+
+def _engine():
+    """The engine class, imported on first use: openeo-processes-dask takes a second or two to
+    import, which the block-by-block path does not need."""
+    from .engine import Engine
+    return Engine
+
+
+def _handled_errors() -> tuple[type, ...]:
+    """Errors reported as one line; the engine's only when it was imported (else it raised none)."""
+    engine = sys.modules.get(f"{__package__}.engine")
+    return (SourceError, ModelError, product.ProductError, ValueError) + ((engine.EngineError,) if engine else ())
+
+
+def _engine_asked(args: argparse.Namespace) -> bool:
+    return bool(args.engine or args.scheduler)
 
 
 def pack_files(args: argparse.Namespace) -> str:
@@ -131,6 +153,10 @@ def decompress(args: argparse.Namespace) -> str:
         raise ValueError(f"{args.input} is a product: it records its quality level (--quality is for job files)")
     else:
         codec, quality = stream if stream else (OnnxCodec(args.model or DEFAULT_MODEL), None)
+    out = Path(args.output)
+    if stream and not args.clear and not _engine_asked(args):
+        written = blockwise.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"))
+        return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
@@ -155,10 +181,9 @@ def decompress(args: argparse.Namespace) -> str:
                                        f"(corsa_<date>_L0.tif or corsa_<date>{product3.SUFFIX})")
         for d in dates:
             _check_date(args.input, d, codec)
-    out = Path(args.output)
     (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
-        engine = Engine(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
+        engine = _engine()(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
         with ProgressBar(minimum=2):
             engine.run(graph)
         if out.suffix.lower() in (".tif", ".tiff"):
@@ -200,7 +225,7 @@ def classify(args: argparse.Namespace) -> str:
                                                                 "temporal_extent": None}},
         "classify": {"process_id": "corsa_openeo_classify", "result": True, "arguments": {
             "data": {"from_node": "load"}, "model": str(codec.path), "classifier": str(clf.path)}}}}
-    engine = Engine(Catalogue(), scheduler=args.scheduler)
+    engine = _engine()(Catalogue(), scheduler=args.scheduler)
     cube = engine.run(graph)
     written = []
     for i, t in enumerate(cube["t"].values):
@@ -341,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                            f"default {DEFAULT_MODEL}; otherwise the model the product names)")
         if name in ("compress", "decompress", "classify"):
             s.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: local threads)")
+        if name in ("compress", "decompress"):
+            s.add_argument("--engine", action="store_true",
+                           help="run the published process graph on the embedded engine, also for a variable-rate "
+                           "model (which otherwise goes block by block, without it: the same bytes, faster)")
         if name in ("compress", "reduce", "pack", "decompress"):
             s.add_argument("--quality", type=int, required=name == "reduce",
                            help="quality level of a variable-rate model (higher is better; compress: default the "
@@ -361,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         line = args.func(args)
-    except (SourceError, EngineError, ModelError, product.ProductError, ValueError) as e:
+    except _handled_errors() as e:
         print(f"corsa {args.command}: error: {e}", file=sys.stderr)
         return 2
     # Listings stay parseable (models --json); work says how long it took.

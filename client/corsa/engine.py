@@ -41,6 +41,10 @@ import openeo_processes_dask.specs as opd_specs  # noqa: E402
 from openeo_processes_dask.process_implementations.core import process as opd_process  # noqa: E402
 
 
+def _join_thin_tail(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    return chunks[:-2] + (chunks[-2] + chunks[-1],) if len(chunks) > 1 and chunks[-1] < depth else chunks
+
+
 class EngineError(RuntimeError):
     """A process graph cannot run on the embedded engine; the message says why."""
 
@@ -248,6 +252,9 @@ class Engine:
         if "t" in axes:
             chunks[axes["t"]] = 1
         arr = darr.asarray(cube.data).rechunk(chunks)
+        # dask overlaps a chunk by at most its neighbours' size: a last chunk thinner than the
+        # overlap joins the one before, or every chunk would get that thinner context.
+        arr = arr.rechunk({axes[d]: _join_thin_tail(arr.chunks[axes[d]], depth.get(d, 0)) for d in ("y", "x")})
         dep = {axes[d]: min(depth.get(d, 0), min(arr.chunks[axes[d]])) for d in ("y", "x")}
         coords = {d: cube[d].values for d in cube.dims if d != "bands" and d in cube.coords}
         band_labels = list(cube["bands"].values)

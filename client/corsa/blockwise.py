@@ -1,0 +1,175 @@
+"""The CLI's local data path for variable-rate models, block by block, without the process-graph engine.
+
+    load -> 512 px blocks (+ the network's reach) -> encode -> entropy-code -> product file, and back:
+    product file -> entropy-decode the blocks a window needs -> decode -> GeoTIFF, window by window.
+
+It runs the UDF's own functions (``corsa_udf.analyse`` / ``synthesise``, quantised and masked as
+the UDF does) on exactly the windows the services' apply_neighborhood gives the UDF (chunks of
+``processes.CHUNK`` px overlapping by ``processes.OVERLAP`` / the encoder's reach), so a product
+and a decoded file are byte for byte those of the engine path (a test checks it). What it leaves
+out is the engine's cost around the networks: the latent replicated over the 10 m grid and
+resampled back, dask's scheduling, the job's intermediate GeoTIFFs, and the importing of
+openeo-processes-dask. Blocks are independent, so two run at a time (onnxruntime and the range
+coder release the GIL); memory stays flat in the area: a window's pixels, a few block rows of
+integers, the streams and the nodata mask.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import corsa_udf
+import numpy as np
+import rasterio
+import xarray as xr
+from rasterio.windows import Window
+
+from . import processes, product, product3, results
+from .codec import VariableRateCodec, checked_session
+from .scene import BANDS
+
+WORKERS = 2
+BLOCK_PX = 4 * product3.BLOCK       # a format-3 stream block, and the services' chunk
+if BLOCK_PX != processes.CHUNK:
+    raise ImportError("a format-3 block must be the services' apply_neighborhood chunk, or the paths differ")
+DECODED_PREFIX = "corsa_decoded"
+
+
+def _spans(n: int, overlap: int) -> Iterator[tuple[int, int, int, int]]:
+    """(block start, block stop, window start, window stop) along one axis of ``n`` px."""
+    for start in range(0, n, BLOCK_PX):
+        stop = min(start + BLOCK_PX, n)
+        yield start, stop, max(0, start - overlap), min(n, stop + overlap)
+
+
+def _sessions(codec: VariableRateCodec, name: str):
+    # One intra-op thread per session: the blocks, not the layers, are what runs in parallel.
+    return checked_session(codec.path, codec.card["files"][name], 1)
+
+
+def compress_date(scene: xr.DataArray, codec: VariableRateCodec, quality: int) -> tuple[list[bytes], np.ndarray]:
+    """One date (bands, y, x), lazy or not -> its block streams (``product3.block_slices`` order)
+    and its nodata mask, as the compress service and ``corsa pack`` make them."""
+    scene = scene.sel(bands=list(BANDS))
+    h, w = scene.sizes["y"], scene.sizes["x"]
+    overlap = processes.reach_overlap(codec.card, "encoder")
+    level, enc = codec.level(quality), _sessions(codec, "encoder")
+    nodata = np.zeros((h, w), bool)
+
+    def block(ys: tuple[int, ...], xs: tuple[int, ...]) -> bytes:
+        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+        win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).values.astype(np.float32)
+        # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
+        latent = corsa_udf.analyse(enc, win, processes.UDF_TILE, overlap)
+        cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
+        ints = codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality)
+        nodata[y0:y1, x0:x1] = corsa_udf.nodata_of(win[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
+        return codec.coder.encode(ints, level)
+
+    jobs = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        streams = list(pool.map(lambda j: block(*j), jobs))
+    return streams, nodata
+
+
+def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Path) -> list[Path]:
+    """A (t, bands, y, x) cube (``Catalogue.load``) -> one format-3 file a date in ``out``."""
+    transform = results.transform_of(cube)
+    crs = cube.rio.crs.to_string() if cube.rio.crs else None
+    sha = codec.card["files"]["decoder"]["sha256"]
+    written = []
+    for i in range(cube.sizes["t"]):
+        date = product.date_label(cube["t"].values[i])
+        streams, nodata = compress_date(cube.isel(t=i), codec, quality)
+        data = product3.assemble(streams, nodata, quality, transform, crs, date, codec.model_id, sha)
+        written.append(product3.write_date(Path(out), data, date))
+    return written
+
+
+class _Integers:
+    """A date's integers, entropy-decoded block by block on demand and kept for the block rows
+    that the next windows still need (a window reaches at most one block into its neighbours)."""
+
+    def __init__(self, path: Path, date: str, codec: VariableRateCodec):
+        if not path.is_file():
+            raise product.ProductError(f"{path.name} is missing from {path.parent}")
+        self.data = path.read_bytes()
+        self.name = path.name
+        self.head = product3.read_header(self.data, path.name)
+        if self.head["date"] != date:
+            raise product.ProductError(f"{path.name} holds date {self.head['date']!r}, not {date}")
+        product.check_model_prefix(self.head["model_id"], self.head["sha_prefix"], codec)
+        self.codec, self.level = codec, codec.level(self.head["quality"])
+        self.spans = product3.stream_offsets(self.head)
+        self.per_row = -(-self.head["cells"][1] // self.head["block"])
+        self.rows: dict[int, list[np.ndarray]] = {}
+
+    def _block(self, r: int, c: int, pool: ThreadPoolExecutor) -> np.ndarray:
+        if r not in self.rows:
+            ks = range(r * self.per_row, (r + 1) * self.per_row)
+            self.rows[r] = list(pool.map(lambda k: product3.decode_block(
+                self.codec.coder, self.data[self.spans[k][0]:sum(self.spans[k])], self.level,
+                self.head["blocks"][k], self.name), ks))
+        return self.rows[r][c]
+
+    def window(self, cells_y: slice, cells_x: slice, pool: ThreadPoolExecutor) -> np.ndarray:
+        """The integers of a window of latent cells, assembled from the blocks it touches."""
+        b = self.head["block"]
+        rows, cols = range(cells_y.start // b, (cells_y.stop - 1) // b + 1), range(cells_x.start // b, (cells_x.stop - 1) // b + 1)
+        for r in [r for r in self.rows if r < rows.start]:
+            del self.rows[r]
+        part = np.concatenate([np.concatenate([self._block(r, c, pool) for c in cols], axis=2) for r in rows], axis=1)
+        return part[:, cells_y.start - rows.start * b:cells_y.stop - rows.start * b,
+                    cells_x.start - cols.start * b:cells_x.stop - cols.start * b]
+
+
+def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path) -> Path:
+    """One date of a format-3 product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
+    decompress service's save_result writes it; under a temporary name until complete."""
+    path = Path(folder) / product3.file_name(date)
+    ints = _Integers(path, date, codec)
+    h = ints.head
+    (hh, ww), overlap = h["shape"], processes.OVERLAP["decompress"]
+    mask = product3.read_mask(ints.data, h, path.name)
+    dec = _sessions(codec, "decoder")
+
+    def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray) -> tuple[int, int, np.ndarray]:
+        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+        rec = corsa_udf.synthesise(dec, codec.dequantise(latent, h["quality"]), processes.UDF_TILE, overlap)
+        rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        if mask is not None:
+            rec[:, mask[y0:y1, x0:x1]] = 0
+        return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
+
+    profile = {**results.PROFILE, "count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
+    if h["transform"] is not None:
+        profile["transform"] = h["transform"]
+    if h["crs"]:
+        profile["crs"] = h["crs"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    try:
+        with rasterio.open(part, "w", **profile) as dst, ThreadPoolExecutor(WORKERS) as pool:
+            for i, b in enumerate(BANDS, 1):
+                dst.set_band_description(i, b)
+            for ys in _spans(hh, overlap):
+                cy = slice(ys[2] // 4, -(-ys[3] // 4))
+                jobs = [(ys, xs, ints.window(cy, slice(xs[2] // 4, -(-xs[3] // 4)), pool)) for xs in _spans(ww, overlap)]
+                for y0, x0, v in pool.map(lambda j: block(*j), jobs):
+                    dst.write(v, window=Window(x0, y0, v.shape[2], v.shape[1]))
+        part.replace(out)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool) -> list[Path]:
+    """Every date of a format-3 product: to the file ``out`` (``single``) or to
+    ``out/corsa_decoded_<date>.tif``, the engine path's names."""
+    dates = product3.dates_in(folder)
+    if single and len(dates) != 1:
+        raise ValueError(f"{folder} holds {len(dates)} dates: give a folder as -o")
+    return [decompress_date(folder, d, codec, out if single else out / results.file_name(DECODED_PREFIX, d))
+            for d in dates]

@@ -1,0 +1,74 @@
+"""The CLI's block-by-block path for variable-rate models against the engine path (the published
+process graphs): the same product bytes and the same decoded file, on a real scene of several
+blocks whose overlaps matter (odd size, nodata across a block border)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+
+from corsa import cli, product3
+from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
+
+DATE = "2022-07-06"
+SHAPE = (598, 1031)   # 2 x 3 blocks of 512 px, not multiples of 4
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory, majortom):
+    data = majortom.data[:, 7:7 + SHAPE[0], 11:11 + SHAPE[1]].copy()
+    data[:, 480:540, 500:530] = 0          # nodata over the corner of four blocks
+    path = tmp_path_factory.mktemp("scene") / "scene.tif"
+    write_scene(path, data, Affine(*majortom.transform) * Affine.translation(11, 7), majortom.crs, DATE)
+    return path, data
+
+
+@pytest.fixture(scope="module")
+def products(scene, tmp_path_factory):
+    out = tmp_path_factory.mktemp("products")
+    for name, extra in (("blockwise", []), ("engine", ["--engine"])):
+        assert cli.main(["compress", str(scene[0]), "-o", str(out / name), "--model", "corsa2.1",
+                         "--quality", "5", *extra]) == 0
+    return out
+
+
+def test_blockwise_compress_writes_the_engines_bytes(products):
+    (a,), (b,) = sorted((products / "blockwise").iterdir()), sorted((products / "engine").iterdir())
+    assert a.name == b.name == product3.file_name(DATE)
+    assert len(product3.read_header(a.read_bytes(), a.name)["blocks"]) == 6
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_blockwise_decompress_writes_the_engines_file(products, scene, tmp_path):
+    prod = products / "blockwise"
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "blockwise.tif")]) == 0
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "engine.tif"), "--engine"]) == 0
+    with rasterio.open(tmp_path / "blockwise.tif") as a, rasterio.open(tmp_path / "engine.tif") as b:
+        assert a.profile == b.profile and a.descriptions == b.descriptions
+        decoded = a.read()
+        np.testing.assert_array_equal(decoded, b.read())
+    nodata = (scene[1] == 0).all(0)
+    assert (decoded[:, nodata] == 0).all() and (decoded[:, ~nodata] > 0).any(0).mean() > 0.99
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_blockwise_decompress_of_several_dates_names_them(products, tmp_path):
+    prod = Path(products / "blockwise")
+    second = prod.parent / "two"
+    second.mkdir()
+    data = (prod / product3.file_name(DATE)).read_bytes()
+    (second / product3.file_name(DATE)).write_bytes(data)
+    # a second date with the same integers, re-assembled under another date
+    h = product3.read_header(data, "x")
+    streams = [data[s:s + n] for s, n in product3.stream_offsets(h)]
+    mask = product3.read_mask(data, h, "x")
+    (second / product3.file_name("2022-07-11")).write_bytes(product3.assemble(
+        streams, mask, h["quality"], h["transform"], h["crs"], "2022-07-11", h["model_id"],
+        h["sha_prefix"] + "0" * 56))
+    assert cli.main(["decompress", str(second), "-o", str(tmp_path / "one.tif")]) == 2
+    assert cli.main(["decompress", str(second), "-o", str(tmp_path / "out")]) == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["corsa_decoded_2022-07-06.tif", "corsa_decoded_2022-07-11.tif"]
+    with rasterio.open(tmp_path / "out" / names[0]) as a, rasterio.open(tmp_path / "out" / names[1]) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
