@@ -176,7 +176,8 @@ def export(run: Path, name: str, out_root: Path, description: str, notes: str = 
         "training": {
             "command": " ".join(["python -m training.train_rate", *_args_cli(ckpt["args"])]),
             "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1),
-            "machine": f"2 CPU cores ({_cpu()}), fp32, no GPU",
+            "machine": f"{ckpt['args'].get('threads', 2)} thread(s) of 2 CPU cores ({_cpu()}), "
+                       f"{'bf16 autocast' if ckpt['args'].get('bf16') else 'fp32'}, no GPU",
             "data": "shared/data/s2: every group with 10 bands (L2A and L1C)",
             "split": "training/split.json (by location; every source in test)",
             "best_val_loss": round(ckpt["best"], 4),
@@ -208,6 +209,9 @@ def card_markdown(card: dict) -> str:
         rows.append(f"| {q['quality']} | {q['lambda']:g} | {t['mean_over_sources']['cf']:.1f} / "
                     f"{t['mean_over_sources']['psnr_db']:.2f} | " + " | ".join(cells) + " |")
     table = "\n".join(rows)
+    temporal = card.get("temporal")
+    series = (f"- Time series: `temporal_model.npz` ({temporal['coder']}; a key date every {temporal['key_every']}; "
+              f"fitted on the {temporal['fitted_on']}, `python -m training.fit_temporal`).\n" if temporal else "")
     return f"""# Model card: {card['id']}
 
 {card['description']}
@@ -221,7 +225,7 @@ def card_markdown(card: dict) -> str:
 - Files: `encoder.onnx` (DN -> latent y), `decoder.onnx` (dequantised latent -> DN), `latent_model.npz`
   (gains, inverse gains, integer context tables); sha256 in `model_card.json`. `torch_state.pt` holds the
   weights for torch; run time never reads it.
-- Receptive radius: encoder {card['receptive_radius_px']['encoder']} px, decoder
+{series}- Receptive radius: encoder {card['receptive_radius_px']['encoder']} px, decoder
   {card['receptive_radius_px']['decoder']} px; tiles of {card['tile']['size']} px overlap by {card['tile']['overlap']} px.
 - Parameters: {a['parameters']:,}.
 - Training: `{tr['command']}`; {tr['steps']} steps, {tr['wall_time_s'] / 60:.0f} min on {tr['machine']};

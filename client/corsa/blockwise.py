@@ -25,7 +25,7 @@ import rasterio
 import xarray as xr
 from rasterio.windows import Window
 
-from . import processes, product, product3, results
+from . import processes, product, product3, results, series
 from .codec import VariableRateCodec, checked_session
 from .scene import BANDS
 
@@ -48,69 +48,77 @@ def _sessions(codec: VariableRateCodec, name: str):
     return checked_session(codec.path, codec.card["files"][name], 1)
 
 
-def compress_date(scene: xr.DataArray, codec: VariableRateCodec, quality: int) -> tuple[list[bytes], np.ndarray]:
-    """One date (bands, y, x), lazy or not -> its block streams (``product3.block_slices`` order)
-    and its nodata mask, as the compress service and ``corsa pack`` make them."""
-    scene = scene.sel(bands=list(BANDS))
-    h, w = scene.sizes["y"], scene.sizes["x"]
-    overlap = processes.reach_overlap(codec.card, "encoder")
-    level, enc = codec.level(quality), _sessions(codec, "encoder")
-    nodata = np.zeros((h, w), bool)
-
-    def block(ys: tuple[int, ...], xs: tuple[int, ...]) -> bytes:
-        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
-        win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).values.astype(np.float32)
-        # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
-        latent = corsa_udf.analyse(enc, win, processes.UDF_TILE, overlap)
-        cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
-        ints = codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality)
-        nodata[y0:y1, x0:x1] = corsa_udf.nodata_of(win[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
-        return codec.coder.encode(ints, level)
-
-    jobs = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        streams = list(pool.map(lambda j: block(*j), jobs))
-    return streams, nodata
+def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,
+                 ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them."""
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+    win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).values.astype(np.float32)
+    # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
+    latent = corsa_udf.analyse(enc, win, processes.UDF_TILE, overlap)
+    cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
+    ints = codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality)
+    return ints, corsa_udf.nodata_of(win[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
 
 
-def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Path) -> list[Path]:
-    """A (t, bands, y, x) cube (``Catalogue.load``) -> one format-3 file a date in ``out``."""
+def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Path, append: bool = False,
+             key_every: int = series.KEY_EVERY) -> list[Path]:
+    """A (t, bands, y, x) cube (``Catalogue.load``) -> one format-3 file a date in ``out``; the
+    dates of a series coded with references to earlier ones (``corsa.series``) where the model
+    has temporal tables. ``append``: after the dates already in ``out``, which stay as they are.
+    Block by block, every date of a block position together: a block's references are at hand."""
+    out = Path(out)
     transform = results.transform_of(cube)
     crs = cube.rio.crs.to_string() if cube.rio.crs else None
-    sha = codec.card["files"]["decoder"]["sha256"]
-    written = []
-    for i in range(cube.sizes["t"]):
-        date = product.date_label(cube["t"].values[i])
-        streams, nodata = compress_date(cube.isel(t=i), codec, quality)
-        data = product3.assemble(streams, nodata, quality, transform, crs, date, codec.model_id, sha)
-        written.append(product3.write_date(Path(out), data, date))
-    return written
+    new = [product.date_label(t) for t in cube["t"].values]
+    old = product3.dates_in(out) if append else []
+    heads = [series.header(out, d)[1] for d in old]
+    h, w = cube.sizes["y"], cube.sizes["x"]
+    for d, hd in zip(old, heads):
+        series.check_model_prefix(hd["model_id"], hd["sha_prefix"], codec)
+        if (hd["shape"], hd["transform"], hd["crs"]) != ((h, w), transform, crs):
+            raise ValueError(f"cannot append to {out}: its date {d} has the grid {hd['shape']} {hd['crs']} "
+                             f"{tuple(hd['transform'] or ())[:6]}, the input {(h, w)} {crs} {tuple(transform or ())[:6]}")
+    if old and new and min(new) <= old[-1]:
+        raise ValueError(f"appending adds dates after the product's last date ({old[-1]}), not {min(new)}")
+    planned = series.plan(old + new, [hd["quality"] for hd in heads] + [quality] * len(new),
+                          [hd["refs"] for hd in heads], key_every, temporal=codec.temporal_coder is not None)
+    fresh = list(range(len(old), len(planned)))
+    overlap = processes.reach_overlap(codec.card, "encoder")
+    enc = _sessions(codec, "encoder")
+    masks: dict[int, np.ndarray] = {}
+    scenes = [cube.isel(t=i).sel(bands=list(BANDS)) for i in range(len(new))]
+    positions = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
+
+    def ints_of(i: int, k: int) -> np.ndarray:
+        if i < len(old):
+            return series.block_ints(out, old[i], k, codec)
+        ys, xs = positions[k]
+        ints, nodata = _window_ints(scenes[i - len(old)], codec, quality, enc, overlap, ys, xs)
+        if nodata.any():
+            masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = nodata
+        return ints
+
+    coded = series.encode_dates(codec, planned, fresh, len(positions), ints_of, WORKERS)
+    return series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
 
 
 class _Integers:
-    """A date's integers, entropy-decoded block by block on demand and kept for the block rows
-    that the next windows still need (a window reaches at most one block into its neighbours)."""
+    """A date's integers, entropy-decoded block by block on demand (its references' blocks first,
+    ``corsa.series``) and kept for the block rows that the next windows still need (a window
+    reaches at most one block into its neighbours)."""
 
-    def __init__(self, path: Path, date: str, codec: VariableRateCodec):
-        if not path.is_file():
-            raise product.ProductError(f"{path.name} is missing from {path.parent}")
-        self.data = path.read_bytes()
-        self.name = path.name
-        self.head = product3.read_header(self.data, path.name)
-        if self.head["date"] != date:
-            raise product.ProductError(f"{path.name} holds date {self.head['date']!r}, not {date}")
-        product.check_model_prefix(self.head["model_id"], self.head["sha_prefix"], codec)
-        self.codec, self.level = codec, codec.level(self.head["quality"])
-        self.spans = product3.stream_offsets(self.head)
+    def __init__(self, folder: Path, date: str, codec: VariableRateCodec):
+        self.folder, self.date, self.codec = folder, date, codec
+        self.data, self.head = series.header(folder, date)
+        series.check_model_prefix(self.head["model_id"], self.head["sha_prefix"], codec)
+        codec.level(self.head["quality"])
         self.per_row = -(-self.head["cells"][1] // self.head["block"])
         self.rows: dict[int, list[np.ndarray]] = {}
 
     def _block(self, r: int, c: int, pool: ThreadPoolExecutor) -> np.ndarray:
         if r not in self.rows:
             ks = range(r * self.per_row, (r + 1) * self.per_row)
-            self.rows[r] = list(pool.map(lambda k: product3.decode_block(
-                self.codec.coder, self.data[self.spans[k][0]:sum(self.spans[k])], self.level,
-                self.head["blocks"][k], self.name), ks))
+            self.rows[r] = list(pool.map(lambda k: series.block_ints(self.folder, self.date, k, self.codec), ks))
         return self.rows[r][c]
 
     def window(self, cells_y: slice, cells_x: slice, pool: ThreadPoolExecutor) -> np.ndarray:
@@ -127,11 +135,10 @@ class _Integers:
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path) -> Path:
     """One date of a format-3 product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
     decompress service's save_result writes it; under a temporary name until complete."""
-    path = Path(folder) / product3.file_name(date)
-    ints = _Integers(path, date, codec)
+    ints = _Integers(folder, date, codec)
     h = ints.head
     (hh, ww), overlap = h["shape"], processes.OVERLAP["decompress"]
-    mask = product3.read_mask(ints.data, h, path.name)
+    mask = product3.read_mask(ints.data, h, product3.file_name(date))
     dec = _sessions(codec, "decoder")
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray) -> tuple[int, int, np.ndarray]:
@@ -165,10 +172,15 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
     return out
 
 
-def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool) -> list[Path]:
-    """Every date of a format-3 product: to the file ``out`` (``single``) or to
+def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool, date: str | None = None) -> list[Path]:
+    """Every date of a format-3 product (or only ``date``): to the file ``out`` (``single``) or to
     ``out/corsa_decoded_<date>.tif``, the engine path's names."""
     dates = product3.dates_in(folder)
+    if date is not None:
+        if date not in dates:
+            raise ValueError(f"{folder} does not hold the date {date} (it holds {', '.join(dates)}); "
+                             "rendering between stored dates is not available yet")
+        dates = [date]
     if single and len(dates) != 1:
         raise ValueError(f"{folder} holds {len(dates)} dates: give a folder as -o")
     return [decompress_date(folder, d, codec, out if single else out / results.file_name(DECODED_PREFIX, d))

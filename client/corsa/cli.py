@@ -28,7 +28,7 @@ import numpy as np
 from dask.diagnostics import ProgressBar
 from rasterio.transform import Affine
 
-from . import blockwise, pack, processes, product, product3
+from . import blockwise, pack, processes, product, product3, series
 from .classmap import DEFAULT_CLASSIFIER, Classifier, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
 from .metrics import compression_factor
@@ -91,7 +91,11 @@ def compress(args: argparse.Namespace) -> str:
     bbox, dates = _bbox(args.bbox), _dates(args.dates)
     if isinstance(codec, VariableRateCodec) and not _engine_asked(args):
         cube = catalogue.load(COLLECTION, bbox, dates, list(BANDS), args.max_cloud_cover)
-        return _summary(blockwise.compress(cube, codec, quality, Path(args.output)))
+        return _summary(blockwise.compress(cube, codec, quality, Path(args.output), append=args.append,
+                                           key_every=args.key_every))
+    if args.append:
+        raise ValueError("--append codes the new dates with the product's history: it needs a variable-rate model "
+                         "and the block-by-block path (not --engine or --scheduler)")
     udp = processes.compress_s2_process(codec.card, _pixel_size(catalogue, bbox, dates, args.max_cloud_cover))
     out = Path(args.output)
     # The job's files go to a scratch folder outside the product: a killed run leaves nothing in it.
@@ -100,7 +104,7 @@ def compress(args: argparse.Namespace) -> str:
         with ProgressBar(minimum=2):
             engine.run(udp, spatial_extent=bbox, temporal_extent=dates, max_cloud_cover=args.max_cloud_cover,
                        model=str(codec.path), quality=quality)
-        written = [p for d in pack.job_dates(Path(tmp)) for p in pack.pack_date(Path(tmp), d, codec, quality, out)]
+        written = pack.pack_dates(Path(tmp), pack.job_dates(Path(tmp)), codec, quality, out)
     return _summary(written)
 
 
@@ -155,8 +159,11 @@ def decompress(args: argparse.Namespace) -> str:
         codec, quality = stream if stream else (OnnxCodec(args.model or DEFAULT_MODEL), None)
     out = Path(args.output)
     if stream and not args.clear and not _engine_asked(args):
-        written = blockwise.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"))
+        written = blockwise.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
+                                       date=args.date)
         return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
+    if args.date:
+        raise ValueError("--date decodes one date of a variable-rate product (format 3) on the block-by-block path")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
@@ -252,7 +259,8 @@ def info(args: argparse.Namespace) -> str:
                      f"input grid {h['shape'][1]}x{h['shape'][0]} px {h['crs'] or 'no CRS'}, latent "
                      f"{h['cells'][1]}x{h['cells'][0]} in {len(h['blocks'])} block(s), {size:,} bytes, "
                      f"CF {compression_factor(h['shape'][0] * h['shape'][1], size):.1f}"
-                     + (", nodata mask" if h["mask_len"] else ""))
+                     + (", nodata mask" if h["mask_len"] else "")
+                     + (f", coded with references to {', '.join(h['refs'])}" if h["refs"] else ", coded alone"))
     for d in product.dates_in(args.input):
         pd_ = product.read_date(args.input, d)
         size = product.product_bytes(args.input, d)
@@ -327,7 +335,10 @@ def reduce(args: argparse.Namespace) -> str:
         raise ValueError("give another folder as -o: the product is read while the reduced one is written")
     written = []
     for d in product3.dates_in(args.input):
-        src = product3.read_date(args.input, d, codec.coder, codec.level)
+        src = series.read_date(args.input, d, codec)
+        if series.header(args.input, d)[1]["refs"]:
+            raise ValueError(f"{args.input} is a series coded with references between dates: reducing it is not "
+                             "available yet (decompress and compress it again at the lower quality)")
         ints = codec.requantise(src.ints, quality, args.quality)
         nodata = src.nodata if src.nodata is not None else np.zeros(src.shape, bool)
         written.append(product3.write_date(Path(args.output), product3.encode_date(
@@ -376,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                            "model's default_quality, see corsa models; pack / decompress of job files: the level "
                            "the job used, default from its job.json)")
         if name == "decompress":
+            s.add_argument("--date", help="decode only this stored date (YYYY-MM-DD) of a variable-rate product")
             s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
         if name in ("classify", "decompress"):
             s.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="classifier name under models_onnx/ or a folder")
@@ -386,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
                            "(a local item-collection .json can be given as INPUT)")
             s.add_argument("--collection", default="sentinel-2-l2a", help="STAC collection id (with --stac)")
             s.add_argument("--max-cloud-cover", type=float, default=80.0)
+            s.add_argument("--append", action="store_true",
+                           help="add the input's dates to the product in -o (after its last date), coded with its "
+                           "history; the dates already there stay as they are")
+            s.add_argument("--key-every", type=int, default=series.KEY_EVERY,
+                           help=f"a date coded alone every N dates of a series (default {series.KEY_EVERY}): decoding "
+                           "one date reads at most N-1 others; 1 codes every date alone")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:

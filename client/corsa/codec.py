@@ -16,7 +16,7 @@ import corsa_udf
 import numpy as np
 import onnxruntime as ort
 
-from .latent_coder import LatentCoder
+from .latent_coder import TEMPORAL_FILE_NAME, LatentCoder
 from .scene import BANDS, to_uint16
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models_onnx"
@@ -183,6 +183,21 @@ class VariableRateCodec:
     @property
     def coder(self) -> LatentCoder:
         return self._tables[2]
+
+    @cached_property
+    def temporal_coder(self) -> LatentCoder | None:
+        """The tables that code a date with references to earlier dates (``corsa.series``); None
+        for a model without them (its series are coded date by date)."""
+        entry = self.card["files"].get("temporal_model")
+        if entry is None:
+            return None
+        path = self.path / entry["path"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
+        coder = LatentCoder.load(self.path, TEMPORAL_FILE_NAME)
+        if not coder.temporal or coder.freq.shape[0] != len(self.qualities) or coder.channels != self.channels:
+            raise ModelError(f"{path} does not hold temporal tables of this model's levels and channels")
+        return coder
 
     def level(self, quality: int) -> int:
         """Index of a quality level in the model's tables."""

@@ -226,3 +226,16 @@ def load_split(split_file: Path, name: str, root: Path | None = None) -> list[Sc
     if missing:
         raise FileNotFoundError(f"locations of split {name!r} not found in the data: {sorted(missing)}")
     return scenes
+
+
+def revisit_series(scenes: list[Scene], min_dates: int = 2) -> list[list[Scene]]:
+    """The time series among ``scenes``: scenes of one group and location (one grid) that carry a
+    date or an order (``extra["t"]``: SSL4EO-S12's seasons, eo-learn's series), each series in
+    time order, those with at least ``min_dates`` members."""
+    by_place: dict[tuple[str, str, tuple], list[Scene]] = {}
+    for s in scenes:
+        if s.date or "t" in s.extra:
+            by_place.setdefault((s.group, s.location, s.data.shape), []).append(s)
+    series = [sorted(v, key=lambda s: (s.date or "", s.extra.get("t", 0)))
+              for _, v in sorted(by_place.items(), key=lambda kv: kv[0][:2])]
+    return [v for v in series if len(v) >= min_dates]

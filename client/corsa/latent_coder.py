@@ -14,6 +14,12 @@ Order (a checkerboard, every step one vectorised call per table):
     neighbours in the same channel: 6 buckets) x (activity of channels < c: 4 buckets).
 Symbols are ints clipped to [-M, M] plus an escape; escaped values follow at the end of the stream,
 16 bit each. The range coder is constriction's (exactly invertible fixed-point arithmetic).
+
+Temporal tables (a series of one place, ``corsa.series``): a cell may also see a reference, the
+integer of the same cell and channel on an earlier date. Its value clipped to [-REF_RANGE,
+REF_RANGE] is one more context dimension, bucket NO_REF meaning "no reference" (those tables are
+the stand-alone ones). The reference is an integer the decoder has already decoded, so the tables
+stay exactly the encoder's on any machine.
 """
 from __future__ import annotations
 
@@ -30,6 +36,10 @@ SPATIAL_BUCKETS, CHANNEL_BUCKETS = 6, 4
 CONTEXTS = ANCHOR_BUCKETS + SPATIAL_BUCKETS * CHANNEL_BUCKETS
 PRECISION = 16               # table frequencies sum to 2**PRECISION
 FILE_NAME = "latent_model.npz"
+TEMPORAL_FILE_NAME = "temporal_model.npz"
+REF_RANGE = 3
+NO_REF = 2 * REF_RANGE + 1     # the reference bucket of a cell without a reference
+REF_BUCKETS = NO_REF + 1
 INT16 = (-(1 << 15), (1 << 15) - 1)
 
 
@@ -99,17 +109,42 @@ def _walk(shape: tuple[int, int, int]):
             yield c, part, layout
 
 
-def context_counts(ints: np.ndarray) -> np.ndarray:
-    """(CONTEXTS, L, ALPHABET) symbol counts of one latent (L, h, w), as the coder sees them."""
+def reference_buckets(ref: np.ndarray | None, has_ref: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """(L, h*w) reference bucket of every cell: its reference clipped to +-REF_RANGE, or NO_REF
+    where ``has_ref`` (h, w) is False; None without a reference."""
+    if ref is None:
+        return None
+    if ref.shape != shape or has_ref is None or has_ref.shape != shape[1:]:
+        raise ValueError(f"a reference of shape {ref.shape} (mask {getattr(has_ref, 'shape', None)}) for a latent of {shape}")
+    rb = np.clip(ref.reshape(shape[0], -1).astype(np.int64), -REF_RANGE, REF_RANGE) + REF_RANGE
+    rb[:, ~has_ref.ravel()] = NO_REF
+    return rb
+
+
+def _table_ids(mag: np.ndarray, cum: np.ndarray, layout: _Layout, c: int, part: int, rb: np.ndarray | None) -> np.ndarray:
+    ctx = _contexts(mag, cum, layout, c, part)
+    return ctx if rb is None else rb[c, layout.cells[part]] * CONTEXTS + ctx
+
+
+def _symbol_tables(ints: np.ndarray, rb: np.ndarray | None):
+    """(channel, cells, table ids, symbols) of every coding step of one latent."""
     L = ints.shape[0]
     sym = symbols(ints).reshape(L, -1)
     mag = _magnitude(sym)
-    counts = np.zeros((CONTEXTS, L, ALPHABET), np.int64)
     cum = np.cumsum(mag, 0) - mag                         # activity of channels < c, every cell
     for c, part, layout in _walk(ints.shape):
-        ctx = _contexts(mag, cum[c], layout, c, part)
-        counts[:, c] += np.bincount(ctx * ALPHABET + sym[c, layout.cells[part]],
-                                    minlength=CONTEXTS * ALPHABET).reshape(CONTEXTS, ALPHABET)
+        cells = layout.cells[part]
+        yield c, cells, _table_ids(mag, cum[c], layout, c, part, rb), sym[c, cells]
+
+
+def context_counts(ints: np.ndarray, ref: np.ndarray | None = None, has_ref: np.ndarray | None = None) -> np.ndarray:
+    """(tables, L, ALPHABET) symbol counts of one latent (L, h, w), as the coder sees them: CONTEXTS
+    tables, or REF_BUCKETS * CONTEXTS with a reference (see ``reference_buckets``)."""
+    L = ints.shape[0]
+    n = CONTEXTS if ref is None else REF_BUCKETS * CONTEXTS
+    counts = np.zeros((n, L, ALPHABET), np.int64)
+    for c, _, ids, sym in _symbol_tables(ints, reference_buckets(ref, has_ref, ints.shape)):
+        counts[:, c] += np.bincount(ids * ALPHABET + sym, minlength=n * ALPHABET).reshape(n, ALPHABET)
     return counts
 
 
@@ -132,12 +167,14 @@ def quantise_tables(counts: np.ndarray, prior: np.ndarray | None = None, smoothi
 
 @dataclass
 class LatentCoder:
-    """Integer tables of one model: freq[level] is (CONTEXTS, L, ALPHABET), sums 2**PRECISION."""
+    """Integer tables of one model: freq[level] is (tables, L, ALPHABET), each sums 2**PRECISION;
+    CONTEXTS tables (stand-alone), or REF_BUCKETS * CONTEXTS (temporal: with a reference)."""
 
-    freq: np.ndarray         # (levels, CONTEXTS, L, ALPHABET) uint32
+    freq: np.ndarray         # (levels, tables, L, ALPHABET) uint32
 
     def __post_init__(self):
-        if self.freq.ndim != 4 or self.freq.shape[1] != CONTEXTS or self.freq.shape[3] != ALPHABET:
+        if self.freq.ndim != 4 or self.freq.shape[1] not in (CONTEXTS, REF_BUCKETS * CONTEXTS) \
+                or self.freq.shape[3] != ALPHABET:
             raise ValueError(f"latent tables of shape {self.freq.shape} do not fit this coder")
         if np.any(self.freq == 0) or np.any(self.freq.sum(-1, dtype=np.int64) != 1 << PRECISION):
             raise ValueError(f"latent tables must be non-zero and sum to 2**{PRECISION}")
@@ -150,6 +187,18 @@ class LatentCoder:
         marginal = (marginal + 1) / (marginal + 1).sum(-1, keepdims=True)
         return cls(quantise_tables(counts, np.broadcast_to(marginal, counts.shape)))
 
+    @classmethod
+    def temporal_from_counts(cls, counts: np.ndarray, alone: "LatentCoder", smoothing: float = 8.0) -> "LatentCoder":
+        """Temporal tables from (levels, REF_BUCKETS * CONTEXTS, L, ALPHABET) counts: rare contexts
+        lean on the stand-alone table of the same context, and NO_REF is that table exactly (a cell
+        without a reference costs what it costs alone)."""
+        if alone.temporal or counts.shape[1] != REF_BUCKETS * CONTEXTS:
+            raise ValueError("temporal tables are fitted on reference counts, next to stand-alone tables")
+        prior = np.tile(alone.freq.astype(np.float64) / (1 << PRECISION), (1, REF_BUCKETS, 1, 1))
+        freq = quantise_tables(counts, prior, smoothing)
+        freq[:, NO_REF * CONTEXTS:] = alone.freq
+        return cls(freq)
+
     @property
     def levels(self) -> int:
         return self.freq.shape[0]
@@ -158,10 +207,14 @@ class LatentCoder:
     def channels(self) -> int:
         return self.freq.shape[2]
 
+    @property
+    def temporal(self) -> bool:
+        return self.freq.shape[1] != CONTEXTS
+
     def _model(self, level: int, ctx: int, c: int):
         import constriction
 
-        models = self._models.setdefault(level, [None] * (CONTEXTS * self.channels))
+        models = self._models.setdefault(level, [None] * (self.freq.shape[1] * self.channels))
         key = ctx * self.channels + c
         if models[key] is None:
             # Exact dyadic probabilities (integers / 2**16): the same floats on every machine.
@@ -169,40 +222,41 @@ class LatentCoder:
             models[key] = constriction.stream.model.Categorical(probs, perfect=False)
         return models[key]
 
-    def _check(self, level: int, channels: int) -> None:
+    def _check(self, level: int, shape: tuple[int, int, int], ref: np.ndarray | None,
+               has_ref: np.ndarray | None) -> np.ndarray | None:
         if not 0 <= level < self.levels:
             raise ValueError(f"quality level index {level} out of range 0..{self.levels - 1}")
-        if channels != self.channels:
-            raise ValueError(f"latent has {channels} channels, the tables {self.channels}")
+        if shape[0] != self.channels:
+            raise ValueError(f"latent has {shape[0]} channels, the tables {self.channels}")
+        if (ref is not None) != self.temporal:
+            raise ValueError("temporal tables code a latent with a reference, stand-alone tables without one")
+        return reference_buckets(ref, has_ref, shape)
 
-    def encode(self, ints: np.ndarray, level: int) -> bytes:
-        """(L, h, w) integer latent -> bytes (the shape is not stored: the product holds it)."""
+    def encode(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
+               has_ref: np.ndarray | None = None) -> bytes:
+        """(L, h, w) integer latent -> bytes (the shape is not stored: the product holds it). Temporal
+        tables take ``ref`` (L, h, w), the reference integers, valid where ``has_ref`` (h, w)."""
         import constriction
 
-        self._check(level, ints.shape[0])
-        L = ints.shape[0]
-        sym = symbols(ints).reshape(L, -1)
-        mag = _magnitude(sym)
-        cum = np.cumsum(mag, 0) - mag
+        rb = self._check(level, ints.shape, ref, has_ref)
         enc = constriction.stream.queue.RangeEncoder()
-        for c, part, layout in _walk(ints.shape):
-            cells = layout.cells[part]
-            ctx = _contexts(mag, cum[c], layout, c, part)
-            s = sym[c, cells]
-            for k in np.unique(ctx):
-                enc.encode(s[ctx == k], self._model(level, int(k), c))
-        escaped = ints.reshape(L, -1)[sym == ESC].astype(np.int64)
+        for c, _, ids, s in _symbol_tables(ints, rb):
+            for k in np.unique(ids):
+                enc.encode(s[ids == k], self._model(level, int(k), c))
+        L = ints.shape[0]
+        escaped = ints.reshape(L, -1)[symbols(ints).reshape(L, -1) == ESC].astype(np.int64)
         if escaped.size:
             if escaped.min() < INT16[0] or escaped.max() > INT16[1]:
                 raise ValueError("latent values must fit in int16")
             enc.encode((escaped - INT16[0]).astype(np.int32), constriction.stream.model.Uniform(1 << 16))
         return enc.get_compressed().astype("<u4").tobytes()
 
-    def decode(self, stream: bytes, level: int, shape: tuple[int, int, int]) -> np.ndarray:
-        """bytes -> (L, h, w) int16 latent."""
+    def decode(self, stream: bytes, level: int, shape: tuple[int, int, int], ref: np.ndarray | None = None,
+               has_ref: np.ndarray | None = None) -> np.ndarray:
+        """bytes -> (L, h, w) int16 latent (with the reference it was coded with, if any)."""
         import constriction
 
-        self._check(level, shape[0])
+        rb = self._check(level, shape, ref, has_ref)
         if len(stream) % 4:
             raise StreamError("latent stream length is not a whole number of 32-bit words")
         L, h, w = shape
@@ -215,10 +269,10 @@ class LatentCoder:
                 if c == 0:
                     cum[:] = 0
                 cells = layout.cells[part]
-                ctx = _contexts(mag, cum, layout, c, part)
+                ids = _table_ids(mag, cum, layout, c, part, rb)
                 s = np.empty(cells.size, np.int32)
-                for k in np.unique(ctx):
-                    sel = ctx == k
+                for k in np.unique(ids):
+                    sel = ids == k
                     s[sel] = dec.decode(self._model(level, int(k), c), int(sel.sum()))
                 sym[c, cells] = s
                 mag[c, cells] = _magnitude(s)
@@ -231,23 +285,31 @@ class LatentCoder:
             raise StreamError(f"latent stream is corrupt: {e}") from e
         return ints.reshape(shape).astype(np.int16)
 
-    def bits(self, ints: np.ndarray, level: int) -> float:
+    def cell_bits(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
+                  has_ref: np.ndarray | None = None) -> np.ndarray:
+        """(h, w) ideal code length in bits of each cell, all channels (escapes at 16 bit more)."""
+        rb = self._check(level, ints.shape, ref, has_ref)
+        logp = -np.log2(self.freq[level].astype(np.float64) / (1 << PRECISION))
+        out = np.zeros(ints.shape[1] * ints.shape[2])
+        for c, cells, ids, s in _symbol_tables(ints, rb):
+            out[cells] += logp[ids, c, s] + 16 * (s == ESC)
+        return out.reshape(ints.shape[1:])
+
+    def bits(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
+             has_ref: np.ndarray | None = None) -> float:
         """Ideal code length in bits of one latent (what the range coder approaches)."""
-        counts = context_counts(ints)
-        p = self.freq[level].astype(np.float64) / (1 << PRECISION)
-        esc = int((symbols(ints) == ESC).sum())
-        return float(-(counts * np.log2(p)).sum() + 16 * esc)
+        return float(self.cell_bits(ints, level, ref, has_ref).sum())
 
     # -- storage ----------------------------------------------------------------------------
-    def save(self, folder: Path, **extra: np.ndarray) -> Path:
-        """The tables (and the model's ``extra`` arrays, e.g. its gains) in FILE_NAME."""
-        path = Path(folder) / FILE_NAME
+    def save(self, folder: Path, name: str = FILE_NAME, **extra: np.ndarray) -> Path:
+        """The tables (and the model's ``extra`` arrays, e.g. its gains) in ``name``."""
+        path = Path(folder) / name
         np.savez_compressed(path, freq=self.freq, precision=np.array(PRECISION), escape=np.array(M), **extra)
         return path
 
     @classmethod
-    def load(cls, folder: Path) -> "LatentCoder":
-        with np.load(Path(folder) / FILE_NAME) as z:
+    def load(cls, folder: Path, name: str = FILE_NAME) -> "LatentCoder":
+        with np.load(Path(folder) / name) as z:
             if int(z["precision"]) != PRECISION or int(z["escape"]) != M:
                 raise ValueError(f"latent tables in {folder} were made for another coder layout")
             return cls(z["freq"])

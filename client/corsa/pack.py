@@ -21,7 +21,7 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from . import product, product3
+from . import product, product3, series
 from .codec import OnnxCodec, VariableRateCodec, open_codec
 
 NODATA = "nodata"
@@ -115,9 +115,8 @@ def _windows(shape: tuple[int, int], side: int = BLOCK_PX):
             yield y, x, min(side, shape[0] - y), min(side, shape[1] - x)
 
 
-def pack_date(folder: Path, date: str, codec: OnnxCodec | VariableRateCodec, quality: int | None,
-              out: Path) -> list[Path]:
-    """One date's job files -> its product files in ``out`` (same integers, entropy-coded)."""
+def _checked_layers(folder: Path, date: str, codec: OnnxCodec | VariableRateCodec) -> tuple[dict[str, Layer], tuple[int, int], Affine, str | None]:
+    """One date's layers by name, checked against what the model stores."""
     layers, shape, transform, crs = layers_of(folder, date)
     by_name = {layer.name: layer for layer in layers}
     expected = {l["name"] for l in codec.card["layers"]}
@@ -128,20 +127,36 @@ def pack_date(folder: Path, date: str, codec: OnnxCodec | VariableRateCodec, qua
         if spec["name"] != NODATA and by_name[spec["name"]].bands != spec["bands"]:
             raise JobFilesError(f"{by_name[spec['name']].path.name} has bands {by_name[spec['name']].bands[:3]}..., "
                                 f"model {codec.model_id} stores {spec['bands'][:3]}...")
-    nodata_layer = by_name[NODATA]
-    sha = codec.card["files"]["decoder"]["sha256"]
-    if isinstance(codec, VariableRateCodec):
-        level = codec.level(quality)
-        nodata = np.zeros(shape, bool)
-        streams = {}
-        for y, x, h, w in _windows(shape):
-            nodata[y:y + h, x:x + w] = _read_cells(nodata_layer, y, x, h, w, 1)[0] != 0
-            ints = _integers(_read_cells(by_name["latent"], y, x, h, w), "int16", by_name["latent"].path)
-            streams[(y, x)] = codec.coder.encode(ints, level)
-        data = product3.assemble([streams[k] for k in sorted(streams)], nodata, quality, transform, crs, date,
-                                 codec.model_id, sha)
-        return [product3.write_date(Path(out), data, date)]
-    writer = product.DateWriter(Path(out), date, shape, transform, crs, codec.model_id, sha)
+    return by_name, shape, transform, crs
+
+
+def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, quality: int, out: Path) -> list[Path]:
+    """The dates of a variable-rate model's job files -> their product files, block by block; dates
+    on one grid are coded as a series (``corsa.series``) where the model has temporal tables."""
+    grids = [_checked_layers(folder, d, codec) for d in dates]
+    if len({(g[1], tuple(g[2]), g[3]) for g in grids}) > 1:
+        return [p for d in dates for p in pack_series(folder, [d], codec, quality, out)]
+    _, shape, transform, crs = grids[0]
+    planned = series.plan(dates, [quality] * len(dates), [], temporal=codec.temporal_coder is not None)
+    positions = list(_windows(shape))
+    masks: dict[int, np.ndarray] = {}
+
+    def ints_of(i: int, k: int) -> np.ndarray:
+        by_name, (y, x, h, w) = grids[i][0], positions[k]
+        nodata = _read_cells(by_name[NODATA], y, x, h, w, 1)[0] != 0
+        if nodata.any():
+            masks.setdefault(i, np.zeros(shape, bool))[y:y + h, x:x + w] = nodata
+        return _integers(_read_cells(by_name["latent"], y, x, h, w), "int16", by_name["latent"].path)
+
+    coded = series.encode_dates(codec, planned, list(range(len(dates))), len(positions), ints_of)
+    return series.write_dates(Path(out), codec, planned, list(range(len(dates))), coded, masks, shape, transform, crs)
+
+
+def pack_date(folder: Path, date: str, codec: OnnxCodec, out: Path) -> list[Path]:
+    """One date's job files of a codebook model -> its product files in ``out`` (same indices, entropy-coded)."""
+    by_name, shape, transform, crs = _checked_layers(folder, date, codec)
+    writer = product.DateWriter(Path(out), date, shape, transform, crs, codec.model_id,
+                                codec.card["files"]["decoder"]["sha256"])
     try:
         for y, x, h, w in _windows(shape):
             idx0 = _integers(_read_cells(by_name["L0"], y, x, h, w)[0], "uint16", by_name["L0"].path)
@@ -150,7 +165,7 @@ def pack_date(folder: Path, date: str, codec: OnnxCodec | VariableRateCodec, qua
                 codec.check_indices(idx0, idx1)
             except ValueError as e:
                 raise JobFilesError(f"date {date} of {folder}: {e}") from e
-            writer.add(y, x, idx0, idx1, _read_cells(nodata_layer, y, x, h, w, 1)[0] != 0)
+            writer.add(y, x, idx0, idx1, _read_cells(by_name[NODATA], y, x, h, w, 1)[0] != 0)
     except BaseException:
         writer.abort()
         raise
@@ -209,7 +224,15 @@ def pack(folder: Path, out: Path, model: str | None = None, quality: int | None 
         raise JobFilesError(f"{folder} holds no compress job's files (corsa_<layer>_<date>.tif with "
                             f"corsa_{NODATA}_<date>.tif)")
     codec, quality = resolve(folder, model, quality)
-    return [p for d in dates for p in pack_date(folder, d, codec, quality, out)]
+    return pack_dates(folder, dates, codec, quality, out)
+
+
+def pack_dates(folder: Path, dates: list[str], codec: OnnxCodec | VariableRateCodec, quality: int | None,
+               out: Path) -> list[Path]:
+    """The given dates of a folder of job files -> their product files in ``out``."""
+    if isinstance(codec, VariableRateCodec):
+        return pack_series(folder, dates, codec, quality, out)
+    return [p for d in dates for p in pack_date(folder, d, codec, out)]
 
 
 def _replicated(layer: Layer, dtype: np.dtype, block_info=None) -> np.ndarray:

@@ -19,7 +19,6 @@ Files are written under temporary names and renamed, L0 last: a date whose L0 ex
 """
 from __future__ import annotations
 
-import functools
 import json
 import zlib
 from dataclasses import dataclass
@@ -33,7 +32,9 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from . import product3
+from . import product3, series
+from .product3 import shown as _shown
+from .series import check_model_prefix
 from .codec import VariableRateCodec
 from .scene import BANDS
 
@@ -213,12 +214,6 @@ def level_shape(shape: tuple[int, int], level: str) -> tuple[int, int]:
     return cells[0] * k, cells[1] * k
 
 
-def _shown(value: str | None) -> str:
-    """A tag value as an error message quotes it: a corrupt tag may be long."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:80] + "..."
-
-
 def _input_grid(tags: dict, name: str) -> tuple[tuple[int, int], Affine | None]:
     """The input grid a product file's tags declare, checked before any pixel is read."""
     if tags.get("CORSA_FORMAT") != FORMAT:
@@ -392,25 +387,6 @@ def date_cube(folder: Path, date: str):
     return cube.rio.write_transform(d.transform) if d.transform is not None else cube
 
 
-@functools.lru_cache(maxsize=4)
-def _codec(model: str) -> VariableRateCodec:
-    return VariableRateCodec(model)
-
-
-@functools.lru_cache(maxsize=96)
-def _block_ints(path: str, stamp: tuple[int, int], model: str, level: int, span: tuple[int, int],
-                cells: tuple[int, int, int, int]) -> np.ndarray:
-    """One block's integers from its byte span, kept for a while: a chunk's overlap reads its
-    neighbours' blocks too, and the engine computes a few chunks at a time (96 blocks of a
-    64-channel model: 200 MB). The file's CRC was checked when its cube was built; ``stamp``
-    (mtime, size) keys the cache to that version of the file."""
-    with open(path, "rb") as f:
-        f.seek(span[0])
-        stream = f.read(span[1])
-    y0, y1, x0, x1 = cells
-    return product3.decode_block(_codec(model).coder, stream, level, (slice(y0, y1), slice(x0, x1)), Path(path).name)
-
-
 def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
     """One format-3 date as a lazy (t, [z.., nodata], y, x) cube on the 10 m input grid: blocks are
     entropy-decoded as chunks are computed, and their integers replicated over their 4 x 4 cells."""
@@ -419,26 +395,18 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
     import xarray as xr
 
     path = Path(folder) / product3.file_name(date)
-    if not path.is_file():
-        raise ProductError(f"{path.name} is missing from {folder}")
-    data = path.read_bytes()
-    h = product3.read_header(data, path.name)
-    if h["date"] != date:
-        raise ProductError(f"{path.name} holds date {_shown(h['date'])}, not {date}")
+    data, h = series.header(folder, date)
     check_model_prefix(h["model_id"], h["sha_prefix"], codec)
-    level = codec.level(h["quality"])
+    codec.level(h["quality"])
     mask = product3.read_mask(data, h, path.name)
     (hh, ww), side = h["shape"], 4 * h["block"]
     chunks = (tuple(min(side, hh - y) for y in range(0, hh, side)), tuple(min(side, ww - x) for x in range(0, ww, side)))
-    per_row, stat, spans = len(chunks[1]), path.stat(), product3.stream_offsets(h)
+    per_row, stat = len(chunks[1]), path.stat()
 
     def load(block_info=None) -> np.ndarray:
         info = block_info[None]
         iy, ix = info["chunk-location"][1:]
-        k = iy * per_row + ix
-        ys, xs = h["blocks"][k]
-        ints = _block_ints(str(path), (stat.st_mtime_ns, stat.st_size), str(codec.path), level, spans[k],
-                           (ys.start, ys.stop, xs.start, xs.stop))
+        ints = series.block_ints(folder, date, iy * per_row + ix, codec)
         (y0, y1), (x0, x1) = info["array-location"][1:]
         return np.repeat(np.repeat(ints, 4, 1), 4, 2)[:, : y1 - y0, : x1 - x0]
 
@@ -460,17 +428,9 @@ def stream_codec(folder: Path, date: str, model: str | Path | None = None) -> Va
     model the file names; refused unless its decoder is the one that wrote the file."""
     path = Path(folder) / product3.file_name(date)
     h = product3.read_header(path.read_bytes(), path.name)
-    codec = _codec(str(model)) if model is not None else _codec(h["model_id"])
+    codec = series.model_codec(str(model)) if model is not None else series.model_codec(h["model_id"])
     check_model_prefix(h["model_id"], h["sha_prefix"], codec)
     return codec
-
-
-def check_model_prefix(model_id: str, sha_prefix: str, codec: VariableRateCodec) -> None:
-    """Refuse to decode a format-3 date with a model other than the one that wrote it."""
-    if not codec.card["files"]["decoder"]["sha256"].startswith(sha_prefix):
-        raise ProductError(f"the product was written with model {_shown(model_id)} (decoder sha256 {sha_prefix}...), "
-                           f"the available model {codec.model_id!r} has "
-                           f"{codec.card['files']['decoder']['sha256'][:16]}...: decoding would give wrong reflectances")
 
 
 def check_model(d: ProductDate, decoder_sha256: str, model_id: str) -> None:

@@ -1,4 +1,4 @@
-"""Product format version 3: the entropy-coded stream of a variable-rate model, one file a date.
+"""Product format versions 3 and 4: the entropy-coded stream of a variable-rate model, one file a date.
 
     <folder>/corsa_<date>.corsa
 
@@ -19,6 +19,10 @@ varint = LEB128:
                (f32 when exact, else f64); otherwise the 6 coefficients as f64
     CRS        EPSG code as u32, or u16 + WKT text (length 0: none)
     u16        date as days since 1970-01-01 (0xFFFF: undated)
+    (version 4, a date of a series coded with references to earlier dates, ``corsa.series``:)
+    varint     number of reference dates n >= 1;  u16 x n  their dates (days, as above)
+    bytes      per block (row-major), per sub-block of SUB x SUB cells (row-major): the index of
+               the reference date its cells are coded with, 0xFF: none (coded alone)
     varints    byte length of each block stream (row-major), then of the mask
     payload    block streams, mask (zlib of packbits, 10 m grid)
     u32        CRC-32 of all bytes before it
@@ -39,7 +43,10 @@ from rasterio.transform import Affine
 from .latent_coder import StreamError
 
 VERSION = 3
+TEMPORAL_VERSION = 4           # a date coded with references (a series); otherwise the bytes of version 3
 MAGIC = b"CRS" + bytes([VERSION])
+SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
+NO_REFERENCE = 0xFF
 SUFFIX = ".corsa"
 BLOCK = 128                    # latent cells per block side: 512 px at 40 m cells
 HAS_MASK, GEOREFERENCED, NORTH_UP, PIXEL_F32, EPSG = 1, 2, 4, 8, 16
@@ -51,6 +58,12 @@ MAX_INPUT_PIXELS = 1 << 30     # as format 2: a corrupt header must not make us 
 
 class ProductError(ValueError):
     """A product file is missing, truncated, corrupt or inconsistent."""
+
+
+def shown(value: str | None) -> str:
+    """A stored value as an error message quotes it: a corrupt one may be long."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 @dataclass
@@ -96,13 +109,27 @@ def latent_cells(shape: tuple[int, int]) -> tuple[int, int]:
     return -(-shape[0] // 4), -(-shape[1] // 4)
 
 
+def sub_blocks(cells: tuple[slice, slice]) -> tuple[int, int]:
+    """Sub-blocks (rows, columns) of one block's cells."""
+    return -(-(cells[0].stop - cells[0].start) // SUB), -(-(cells[1].stop - cells[1].start) // SUB)
+
+
 def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: Affine | None, crs: str | None,
-             date: str, model_id: str, model_sha256: str, block: int = BLOCK) -> bytes:
+             date: str, model_id: str, model_sha256: str, block: int = BLOCK, refs: list[str] | None = None,
+             choices: list[np.ndarray] | None = None) -> bytes:
     """The bytes of one date's file from its block streams (in ``block_slices`` order) and the
-    nodata mask on the input grid (True = nodata), whose shape the file records."""
+    nodata mask on the input grid (True = nodata), whose shape the file records. A date coded with
+    references names their dates (``refs``) and, per block, the reference of each sub-block
+    (``choices``: uint8 (sub-block rows, columns), an index into refs or NO_REFERENCE)."""
     shape = nodata.shape
-    if len(streams) != len(block_slices(latent_cells(shape), block)):
+    blocks = block_slices(latent_cells(shape), block)
+    if len(streams) != len(blocks):
         raise ValueError(f"{len(streams)} block streams for an input grid of {shape} in blocks of {block} cells")
+    if bool(refs) != (choices is not None):
+        raise ValueError("a date coded with references needs its reference dates and the choice of each block")
+    if refs and (len(choices) != len(blocks) or any(c.shape != sub_blocks(b) for c, b in zip(choices, blocks))
+                 or any(((c >= len(refs)) & (c != NO_REFERENCE)).any() for c in choices) or len(refs) >= NO_REFERENCE):
+        raise ValueError(f"reference choices do not fit {len(blocks)} blocks and {len(refs)} reference dates")
     mask = zlib.compress(np.packbits(nodata).tobytes(), 9) if nodata.any() else b""
     ident = model_id.encode()
     flags = HAS_MASK if mask else 0
@@ -124,9 +151,13 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
     else:
         grid += struct.pack("<H", len((crs or "").encode())) + (crs or "").encode()
     grid += struct.pack("<H", _days(date))
+    if refs:
+        grid += _varint(len(refs)) + b"".join(struct.pack("<H", _days(r)) for r in refs)
+        grid += b"".join(c.astype(np.uint8).tobytes() for c in choices)
     head = struct.pack("<BBB", quality, flags, len(ident)) + ident + bytes.fromhex(model_sha256[:2 * SHA_BYTES]) + grid
     head += b"".join(_varint(len(s)) for s in streams) + (_varint(len(mask)) if mask else b"")
-    body = MAGIC + _varint(len(head)) + head + b"".join(streams) + mask
+    magic = MAGIC if not refs else MAGIC[:3] + bytes([TEMPORAL_VERSION])
+    body = magic + _varint(len(head)) + head + b"".join(streams) + mask
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -205,8 +236,8 @@ def read_header(data: bytes, name: str) -> dict:
     """The header fields and the payload's stream lengths, checked against the file's CRC-32."""
     if len(data) < len(MAGIC) + 6 or data[:3] != MAGIC[:3]:
         raise ProductError(f"{name} is not a corsa stream product (bad magic)")
-    if data[3] != VERSION:
-        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows {VERSION}")
+    if data[3] not in (VERSION, TEMPORAL_VERSION):
+        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows {VERSION} and {TEMPORAL_VERSION}")
     if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
         raise ProductError(f"{name} does not match its CRC-32 (damaged or truncated file)")
     r = _Reader(data[:-4], name)
@@ -231,10 +262,24 @@ def read_header(data: bytes, name: str) -> dict:
     else:
         (n,) = r.unpack("<H")
         crs = r.take(n).decode("utf-8", "replace") or None
-    (days,) = r.unpack("<H")
-    date = "undated" if days == UNDATED else str(EPOCH + days)
+    date = _date_of(r.unpack("<H")[0])
     cells = latent_cells((height, width))
     blocks = block_slices(cells, block)
+    refs, choices = [], None
+    if data[3] == TEMPORAL_VERSION:
+        n = r.varint()
+        if not 0 < n < NO_REFERENCE:
+            raise ProductError(f"{name} declares {n} reference dates")
+        refs = [_date_of(r.unpack("<H")[0]) for _ in range(n)]
+        choices = []
+        for b in blocks:
+            rows, cols = sub_blocks(b)
+            c = np.frombuffer(r.take(rows * cols), np.uint8).reshape(rows, cols)
+            if ((c >= n) & (c != NO_REFERENCE)).any():
+                raise ProductError(f"{name}: a block names a reference date it does not list")
+            choices.append(c)
+        if date == "undated" or any(ref == "undated" or ref >= date for ref in refs):
+            raise ProductError(f"{name}: a date refers to dates {refs}, which are not all before it ({date})")
     lengths = [r.varint() for _ in blocks]
     mask_len = r.varint() if flags & HAS_MASK else 0
     if r.pos != start + head_len:
@@ -243,7 +288,12 @@ def read_header(data: bytes, name: str) -> dict:
         raise ProductError(f"{name}: payload length disagrees with the header")
     return {"quality": quality, "model_id": model_id, "sha_prefix": sha_prefix, "shape": (height, width),
             "block": block, "transform": transform, "crs": crs, "date": date, "cells": cells,
-            "blocks": blocks, "lengths": lengths, "mask_len": mask_len, "payload": r.pos}
+            "blocks": blocks, "lengths": lengths, "mask_len": mask_len, "payload": r.pos,
+            "refs": refs, "choices": choices}
+
+
+def _date_of(days: int) -> str:
+    return "undated" if days == UNDATED else str(EPOCH + days)
 
 
 def stream_offsets(h: dict) -> list[tuple[int, int]]:
@@ -286,6 +336,8 @@ def read_date(folder: Path, date: str, coder, level_of) -> StreamDate:
     h = read_header(data, path.name)
     if h["date"] != date:
         raise ProductError(f"{path.name} holds date {h['date']!r}, not {date}")
+    if h["refs"]:
+        raise ProductError(f"{path.name} is coded with references to dates {h['refs']}: read it with corsa.series")
     level = level_of(h["quality"])
     ints = np.zeros((coder.channels,) + h["cells"], np.int16)
     for cells, (start, n) in zip(h["blocks"], stream_offsets(h)):

@@ -7,6 +7,7 @@ what the user configured). The result is a lazy (t, bands, y, x) cube with its C
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,25 @@ def _tiff_datetime(value: str | None) -> str | None:
     return day if len(day) == 10 else None
 
 
+_ISO_DAY = re.compile(r"(?<!\d)(\d{4})-(\d{2})-(\d{2})(?!\d)")          # openEO_2023-06-01Z.tif
+_SENTINEL_TIME = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})T\d{6}(?!\d)")  # S2A_MSIL2A_20220706T085611_...
+
+
+def date_from_name(name: str) -> str | None:
+    """The acquisition day a file name carries, as openEO back ends (``openEO_2023-06-01Z.tif``)
+    and Sentinel-2 products (``S2B_MSIL2A_20220706T085611_N0400_...``: the first time, the sensing
+    start) name files; None when it names none, or a day that does not exist."""
+    for pattern in (_ISO_DAY, _SENTINEL_TIME):
+        m = pattern.search(name)
+        if m:
+            day = "-".join(m.groups())
+            try:
+                return day if str(np.datetime64(day, "D")) == day else None
+            except ValueError:
+                return None
+    return None
+
+
 def open_geotiff(path: Path) -> xr.DataArray:
     da = rioxarray.open_rasterio(path, chunks={"band": -1, "y": CHUNK, "x": CHUNK})
     long_name = da.attrs.get("long_name") or ()
@@ -66,7 +86,7 @@ def open_geotiff(path: Path) -> xr.DataArray:
         missing = [b for b in BANDS if b not in names]
         raise SourceError(f"{path} has {da.sizes['band']} bands and lacks {', '.join(missing)}: it needs the "
                           f"10 bands {', '.join(BANDS)}, named by band descriptions or exactly 10 in that order")
-    date = da.attrs.get("CORSA_DATE") or _tiff_datetime(da.attrs.get("TIFFTAG_DATETIME"))
+    date = da.attrs.get("CORSA_DATE") or _tiff_datetime(da.attrs.get("TIFFTAG_DATETIME")) or date_from_name(path.name)
     da = da.rename(band="bands").assign_coords(bands=labels)
     nodata = da.attrs.get("_FillValue")
     if nodata not in (None, 0) and not np.isnan(nodata):
