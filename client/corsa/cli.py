@@ -160,10 +160,10 @@ def decompress(args: argparse.Namespace) -> str:
     out = Path(args.output)
     if stream and not args.clear and not _engine_asked(args):
         written = blockwise.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
-                                       date=args.date)
+                                       date=args.date, fill_gaps=args.fill)
         return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
-    if args.date:
-        raise ValueError("--date decodes one date of a variable-rate product (format 3) on the block-by-block path")
+    if args.date or args.fill:
+        raise ValueError("--date and --fill work on variable-rate products (format 3) on the block-by-block path")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                            "the job used, default from its job.json)")
         if name == "decompress":
             s.add_argument("--date", help="decode only this stored date (YYYY-MM-DD) of a variable-rate product")
+            s.add_argument("--fill", action="store_true",
+                           help="fill a date's gaps (its nodata pixels) with values predicted from the dates before and "
+                           "after it (a series of a model with fill.onnx, corsa3); other pixels are unchanged")
             s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
         if name in ("classify", "decompress"):
             s.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="classifier name under models_onnx/ or a folder")

@@ -239,3 +239,30 @@ def revisit_series(scenes: list[Scene], min_dates: int = 2) -> list[list[Scene]]
     series = [sorted(v, key=lambda s: (s.date or "", s.extra.get("t", 0)))
               for _, v in sorted(by_place.items(), key=lambda kv: kv[0][:2])]
     return [v for v in series if len(v) >= min_dates]
+
+
+CLOUD_CLASSES = (3, 8, 9, 10)   # Sen2Cor scene classes: cloud shadow, cloud medium / high probability, thin cirrus
+
+
+def cloud_fraction(scene: Scene) -> float:
+    """The share of a scene's pixels its scene classes (``extra["scl"]``) call cloud or shadow;
+    1 for a WorldStrat scene without them, 0 for the other sources (which come without classes)."""
+    scl = scene.extra.get("scl")
+    if not scl:
+        return 1.0 if scene.group == "worldstrat" else 0.0
+    with rasterio.open(scl) as f:
+        return float(np.isin(f.read(1), CLOUD_CLASSES).mean())
+
+
+def cloud_masks(root: Path, areas: set[str], low: float, high: float) -> list[np.ndarray]:
+    """Real cloud masks: the cloud / shadow pixels of the WorldStrat scenes of ``areas`` whose
+    cloud fraction lies between ``low`` and ``high``."""
+    out = []
+    for aoi in sorted((Path(root) / "worldstrat_l2a").iterdir()):
+        if aoi.name in areas:
+            for p in sorted(aoi.glob("*-SCL.tif")):
+                with rasterio.open(p) as f:
+                    m = np.isin(f.read(1), CLOUD_CLASSES)
+                if low < m.mean() < high:
+                    out.append(m)
+    return out
