@@ -29,7 +29,7 @@ from corsa.datasets import cloud_fraction, cloud_masks, default_data_root, load_
 from corsa.fill import CELL_CONTEXT, FILE_NAME, REACH_CELLS, day_planes, interpolate
 
 from .export import OPSET, _record_files
-from .export_rate import load_state
+from .export_rate import card_markdown, load_state
 from .model import ResBlock, parameter_count
 from .train import SPLIT_FILE, lr_at
 
@@ -193,6 +193,8 @@ def export(net: FillNet, folder: Path, about: dict) -> None:
                             "(corsa.fill); trained on cloud-shaped gaps of the train split's revisit series",
                     "reach_cells": REACH_CELLS, "context_cells": CELL_CONTEXT, **about}
     card_path.write_text(json.dumps(card, indent=1))
+    if all("test" in q for q in card["qualities"]):
+        (folder / "MODEL_CARD.md").write_text(card_markdown(card))
     print(f"{folder / FILE_NAME} ({sha256_file(folder / FILE_NAME)[:12]}), {about}")
 
 
