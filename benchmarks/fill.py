@@ -30,7 +30,7 @@ from corsa.codec import model_dir
 from corsa.datasets import cloud_fraction, cloud_masks, default_data_root, load_split, revisit_series
 from corsa.metrics import psnr
 
-from .series import _write_inputs
+from .series import write_inputs
 from .speed import _cpu
 
 SPLIT_FILE = Path(__file__).resolve().parents[1] / "training" / "split.json"
@@ -81,10 +81,10 @@ def run(model: str, quality: int, per_area: int, seed: int, split_name: str = "t
                 holed[:, m] = 0
                 case = tmp / f"c{n}_{t}"
                 src = case / "in"
-                _write_inputs([(d, x if i != t else dataclasses.replace(x, data=holed))
+                write_inputs([(d, x if i != t else dataclasses.replace(x, data=holed))
                                for i, (d, x) in enumerate(gapped)], src)
                 clean = case / "clean"
-                _write_inputs(gapped, clean)
+                write_inputs(gapped, clean)
                 for folder, name in ((src, "prod"), (clean, "prod_clean")):
                     assert cli.main(["compress", str(folder), "-o", str(case / name), "--model", model,
                                      "--quality", str(quality)]) == 0

@@ -43,7 +43,7 @@ def _dated(run: list[Scene]) -> list[tuple[str, Scene]]:
     return [(str(start + 91 * int(s.extra.get("t", i))), s) for i, s in enumerate(run)]
 
 
-def _write_inputs(run: list[tuple[str, Scene]], folder: Path) -> None:
+def write_inputs(run: list[tuple[str, Scene]], folder: Path) -> None:
     folder.mkdir(parents=True)
     for date, s in run:
         with rasterio.open(folder / f"{date}.tif", "w", driver="GTiff", width=s.data.shape[2], height=s.data.shape[1],
@@ -118,7 +118,7 @@ def run(model: str, qualities: list[int], x265: int | None) -> dict:
         tmp = Path(tmp)
         for n, r in enumerate(runs):
             src = tmp / f"in{n}"
-            _write_inputs(r, src)
+            write_inputs(r, src)
             pixels = sum(s.pixels for _, s in r)
             for q in qualities:
                 out = {}

@@ -26,7 +26,7 @@ from torch import nn
 
 from corsa.codec import model_dir, sha256_file
 from corsa.datasets import cloud_fraction, cloud_masks, default_data_root, load_split, revisit_series
-from corsa.fill import CELL_CONTEXT, FILE_NAME, REACH_CELLS, day_planes, interpolate
+from corsa.fill import FILE_NAME, REACH_CELLS, day_planes, interpolate
 
 from .export import OPSET, _record_files
 from .export_rate import card_markdown, load_state
@@ -191,7 +191,7 @@ def export(net: FillNet, folder: Path, about: dict) -> None:
     card["fill"] = {"what": "a date's gap pixels: interpolation in time of its previous and next decoded dates plus "
                             "a correction from the latents of the date around the gap and of its neighbours "
                             "(corsa.fill); trained on cloud-shaped gaps of the train split's revisit series",
-                    "reach_cells": REACH_CELLS, "context_cells": CELL_CONTEXT, **about}
+                    "reach_cells": REACH_CELLS, **about}
     card_path.write_text(json.dumps(card, indent=1))
     if all("test" in q for q in card["qualities"]):
         (folder / "MODEL_CARD.md").write_text(card_markdown(card))

@@ -135,7 +135,7 @@ class _Integers:
 class _Neighbours:
     """For --fill: the stored dates before and after a date, their integers and gap cells."""
 
-    def __init__(self, folder: Path, date: str, codec: VariableRateCodec):
+    def __init__(self, folder: Path, date: str, shape: tuple[int, int], codec: VariableRateCodec):
         if codec.fill_session is None:
             raise ValueError(f"model {codec.model_id} has no gap-filling network (fill.onnx): --fill needs corsa3 or later")
         dates = product3.dates_in(folder)
@@ -147,7 +147,6 @@ class _Neighbours:
         self.ints = [_Integers(folder, d, codec) for d in self.dates]
         self.masks = [product3.read_mask(n.data, n.head, product3.file_name(d)) for n, d in zip(self.ints, self.dates)]
         self.days = tuple(abs(int((np.datetime64(d) - np.datetime64(date)).astype(int))) for d in self.dates)
-        shape = series.header(folder, date)[1]["shape"]
         for n in self.ints:
             if n.head["shape"] != shape:
                 raise ValueError(f"{folder}: date {n.date} is on another grid than {date}: it cannot fill it")
@@ -178,7 +177,7 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
     (hh, ww), overlap = h["shape"], processes.OVERLAP["decompress"]
     mask = product3.read_mask(ints.data, h, product3.file_name(date))
     dec = _sessions(codec, "decoder")
-    around = _Neighbours(folder, date, codec) if fill_gaps and mask is not None else None
+    around = _Neighbours(folder, date, h["shape"], codec) if fill_gaps and mask is not None else None
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None
               ) -> tuple[int, int, np.ndarray]:

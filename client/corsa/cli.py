@@ -333,12 +333,13 @@ def reduce(args: argparse.Namespace) -> str:
         raise ValueError(f"{args.input} has quality {quality}: it can be reduced, not raised to {args.quality}")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError("give another folder as -o: the product is read while the reduced one is written")
+    dates = product3.dates_in(args.input)
+    if any(series.header(args.input, d)[1]["refs"] for d in dates):   # refused before any date is written
+        raise ValueError(f"{args.input} is a series coded with references between dates: reducing it is not "
+                         "available yet (decompress and compress it again at the lower quality)")
     written = []
-    for d in product3.dates_in(args.input):
+    for d in dates:
         src = series.read_date(args.input, d, codec)
-        if series.header(args.input, d)[1]["refs"]:
-            raise ValueError(f"{args.input} is a series coded with references between dates: reducing it is not "
-                             "available yet (decompress and compress it again at the lower quality)")
         ints = codec.requantise(src.ints, quality, args.quality)
         nodata = src.nodata if src.nodata is not None else np.zeros(src.shape, bool)
         written.append(product3.write_date(Path(args.output), product3.encode_date(

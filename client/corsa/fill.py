@@ -10,7 +10,6 @@ import numpy as np
 
 FILE_NAME = "fill.onnx"
 REACH_CELLS = 9          # the network's receptive radius in latent cells (a 3x3 conv and 4 residual blocks)
-CELL_CONTEXT = 12        # cells of context a window of the fill needs around what it keeps
 MAX_DAYS = 365
 
 

@@ -151,12 +151,18 @@ def _file(path: str, stamp: tuple[int, int]) -> tuple[bytes, dict]:
     return data, product3.read_header(data, Path(path).name)
 
 
-def header(folder: Path, date: str) -> tuple[bytes, dict]:
+def _stamped(folder: Path, date: str) -> tuple[Path, tuple[int, int]]:
+    """A date's file and its (mtime, size): the caches below are keyed to that version of it."""
     path = Path(folder) / product3.file_name(date)
     if not path.is_file():
         raise ProductError(f"{path.name} is missing from {folder}")
     st = path.stat()
-    data, h = _file(str(path), (st.st_mtime_ns, st.st_size))
+    return path, (st.st_mtime_ns, st.st_size)
+
+
+def header(folder: Path, date: str) -> tuple[bytes, dict]:
+    path, stamp = _stamped(folder, date)
+    data, h = _file(str(path), stamp)
     if h["date"] != date:
         raise ProductError(f"{path.name} holds date {h['date']!r}, not {date}")
     return data, h
@@ -164,11 +170,7 @@ def header(folder: Path, date: str) -> tuple[bytes, dict]:
 
 def block_ints(folder: Path, date: str, k: int, codec: VariableRateCodec) -> np.ndarray:
     """Block ``k`` of one date's integers, decoding the blocks of its references first."""
-    path = Path(folder) / product3.file_name(date)
-    if not path.is_file():
-        raise ProductError(f"{path.name} is missing from {folder}")
-    st = path.stat()
-    return _block_ints(str(folder), date, (st.st_mtime_ns, st.st_size), k, str(codec.path))
+    return _block_ints(str(folder), date, _stamped(folder, date)[1], k, str(codec.path))
 
 
 @functools.lru_cache(maxsize=64)
