@@ -10,9 +10,8 @@ nodata in the input. The series is compressed (corsa3, --quality), then decoded 
 (the gap predicted from the compressed data), and plainly (the neighbours decoded). PSNR over the gap
 pixels against the true reflectances for: the fill; linear interpolation in time of the two
 neighbouring decoded dates; the nearer decoded date copied; and, for reference, the plain decode of
-the same date compressed without the gap. With --split val the same on the validation areas, with the
-PSNR the fill would have at other strengths of its correction: the model card's correction_scale is
-chosen there, never on the test split.
+the same date compressed without the gap. With --split val the same on the validation areas, where
+the fill's sizes (``corsa_udf.FILL_*``) were chosen, never on the test split.
 """
 from __future__ import annotations
 
@@ -22,11 +21,11 @@ import json
 import tempfile
 from pathlib import Path
 
+import corsa_udf
 import numpy as np
 import rasterio
 
 from corsa import cli
-from corsa.codec import model_dir
 from corsa.datasets import cloud_fraction, cloud_masks, default_data_root, load_split, revisit_series
 from corsa.metrics import psnr
 
@@ -58,12 +57,12 @@ def _read(path: Path) -> np.ndarray:
         return f.read().astype(np.float64)
 
 
-SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+def fill_settings() -> dict:
+    return {k: getattr(corsa_udf, k) for k in dir(corsa_udf) if k.startswith("FILL_")}
 
 
 def run(model: str, quality: int, per_area: int, seed: int, split_name: str = "test") -> dict:
     rng = np.random.default_rng(seed)
-    scale = json.loads((model_dir(model) / "model_card.json").read_text()).get("fill", {}).get("correction_scale", 1.0)
     split = json.loads(SPLIT_FILE.read_text())
     masks = cloud_masks(default_data_root(), set(split["test"]) | set(split["val"]), 0.1, 0.7)
     runs = [r for r in revisit_series(load_split(SPLIT_FILE, split_name)) if r[0].group == "worldstrat"]
@@ -108,11 +107,7 @@ def run(model: str, quality: int, per_area: int, seed: int, split_name: str = "t
                        "days_before": db, "days_after": da,
                        "psnr_fill": psnr(truth, filled[:, gap]), "psnr_linear": psnr(truth, linear[:, gap]),
                        "psnr_nearest": psnr(truth, nearest[:, gap]), "psnr_decoded_without_gap": psnr(truth, ref[:, gap]),
-                       "outside_gap_unchanged": bool(np.array_equal(filled[:, ~m], plain_t[:, ~m])),
-                       # the network's correction at other strengths: what the model card's
-                       # correction_scale chooses from (on the validation split)
-                       "psnr_by_correction_scale": {str(k): psnr(truth, linear[:, gap] + k / scale * (filled[:, gap] - linear[:, gap]))
-                                                    for k in SCALES} if scale else None}
+                       "outside_gap_unchanged": bool(np.array_equal(filled[:, ~m], plain_t[:, ~m]))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     keys = ("psnr_fill", "psnr_linear", "psnr_nearest", "psnr_decoded_without_gap")
@@ -121,10 +116,7 @@ def run(model: str, quality: int, per_area: int, seed: int, split_name: str = "t
     summary["gain_over_nearest_db"] = summary["psnr_fill"] - summary["psnr_nearest"]
     summary["cases"] = len(rows)
     summary["outside_gap_unchanged"] = all(r["outside_gap_unchanged"] for r in rows)
-    if rows[0]["psnr_by_correction_scale"]:
-        summary["psnr_by_correction_scale"] = {k: float(np.mean([r["psnr_by_correction_scale"][k] for r in rows]))
-                                               for k in rows[0]["psnr_by_correction_scale"]}
-    return {"model": model, "quality": quality, "split": split_name, "correction_scale": scale, "cpu": _cpu(),
+    return {"model": model, "quality": quality, "split": split_name, "fill": fill_settings(), "cpu": _cpu(),
             "rows": rows, "summary": summary}
 
 
@@ -134,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quality", type=int, default=4)
     p.add_argument("--per-area", type=int, default=3, help="clear dates per test area that get a gap")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="test", help="test, or val to choose the model card's correction_scale")
+    p.add_argument("--split", default="test", help="test, or val (where the fill's sizes are chosen)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/fill.json"))
     args = p.parse_args(argv)
     result = run(args.model, args.quality, args.per_area, args.seed, args.split)

@@ -1,6 +1,7 @@
-"""Gap filling from the other dates (corsa decompress --fill, corsa.fill) on a real WorldStrat test
-series with a real cloud-shaped gap: only the gap's pixels change, and they come back close to the
-true reflectances; models or products that cannot fill are refused by name."""
+"""Gap filling from the other dates (corsa decompress --fill, corsa_udf.fill_date) on a real
+WorldStrat test series with a cloud-shaped gap: only the gap's pixels change, they come back close to
+the true reflectances, the decompress service's UDP (fill=true, on the engine) gives the same bytes,
+and products that cannot fill are refused by name."""
 import dataclasses
 
 import numpy as np
@@ -59,13 +60,37 @@ def test_dates_without_gaps_decode_as_without_fill(gapped, tmp_path):
     np.testing.assert_array_equal(_read(tmp_path / "a.tif"), _read(tmp_path / "b.tif"))
 
 
+def test_the_service_fills_the_same_pixels_over_several_chunks(data_root, tmp_path):
+    """The same three dates tiled 4 x 4 (636 x 628 px: the services' 512 px chunks with their overlap),
+    a gap across a chunk border: corsa_openeo_decompress with fill=true on the engine writes what the
+    block-by-block path writes, date for date."""
+    (run,) = revisit_series([s for s in LOADERS["worldstrat"](data_root) if s.location == AREA])
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, s in enumerate(run[2:5]):
+        data = np.tile(s.data, (1, 4, 4))
+        if i == 1:
+            data[:, 400:600, 380:560] = 0
+        write_scene(src / f"{s.date}.tif", data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "prod"), "--model", "corsa2.1", "--quality", "2"]) == 0
+    for out, extra in (("block", []), ("engine", ["--engine"])):
+        assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / out), "--fill"] + extra) == 0
+    names = sorted(p.name for p in (tmp_path / "block").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "engine").iterdir()) and len(names) == 3
+    for name in names:
+        np.testing.assert_array_equal(_read(tmp_path / "block" / name), _read(tmp_path / "engine" / name))
+    filled = _read(tmp_path / "block" / names[1])
+    assert (filled[:, 400:600, 380:560] > 0).any(0).all()
+
+
 def test_fill_is_refused_where_it_cannot_work(gapped, tmp_path, capsys):
     _, target, gap = gapped
     holed = target.data.copy()
     holed[:, gap] = 0
     src = write_scene(tmp_path / "one.tif", holed, Affine(*target.transform), target.crs, target.date) or tmp_path / "one.tif"
-    for model, message in (("corsa3", "holds no other dated date"), ("corsa2.1", "has no gap-filling network")):
-        assert cli.main(["compress", str(src), "-o", str(tmp_path / model), "--model", model]) == 0
-        assert cli.main(["decompress", str(tmp_path / model), "-o", str(tmp_path / f"{model}.tif"), "--fill"]) == 2
-        assert message in capsys.readouterr().err
-        assert not (tmp_path / f"{model}.tif").exists()
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "p"), "--model", "corsa3"]) == 0
+    for extra in ([], ["--engine"]):
+        assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "o.tif"), "--fill"] + extra) == 2
+        err = capsys.readouterr().err
+        assert "holds no other dated date" in err or "needs a dimension t with at least two dates" in err
+        assert not (tmp_path / "o.tif").exists()

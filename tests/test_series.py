@@ -129,3 +129,19 @@ def test_the_engine_path_packs_the_same_series(products, dates_folder, tmp_path)
     _compress(dates_folder, tmp_path / "engine", "--engine")
     assert {p.name: p.read_bytes() for p in (tmp_path / "engine").iterdir()} == \
         {p.name: p.read_bytes() for p in products[1].iterdir()}
+
+
+def test_a_reduced_series_is_a_series_of_the_reduced_dates(products, tmp_path):
+    """corsa reduce of a series: each date's integers at the lower level, coded again with the same
+    key and reference dates, so it decodes like the dates reduced one by one and stays smaller."""
+    alone, coded = products
+    for src, out in ((alone, "alone2"), (coded, "series2")):
+        assert cli.main(["reduce", str(src), "--quality", "2", "-o", str(tmp_path / out)]) == 0
+    heads = [series.header(tmp_path / "series2", d)[1] for d in product3.dates_in(tmp_path / "series2")]
+    assert {h["quality"] for h in heads} == {2} and all(h["refs"] for h in heads[1:])
+    assert not any(series.header(tmp_path / "alone2", d)[1]["refs"] for d in product3.dates_in(tmp_path / "alone2"))
+    assert _size(tmp_path / "alone2") > 1.2 * _size(tmp_path / "series2")
+    a, b = _decoded(tmp_path / "alone2", tmp_path / "a"), _decoded(tmp_path / "series2", tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == 8
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])

@@ -86,32 +86,3 @@ def test_variable_rate_train_resume_export(tmp_path, data_root):
     with torch.no_grad():
         ref = model.analysis(torch.from_numpy(pad_to(scene.data, 4).astype(np.float32))[None])[0].numpy()
     np.testing.assert_allclose(codec.latent(scene.data), ref, rtol=1e-4, atol=1e-4)
-
-
-def test_fill_network_trains_exports_and_fills(tmp_path, data_root):
-    """A few steps of training.train_fill on a copy of corsa3, whose exported fill.onnx then runs
-    inside corsa decompress --fill (the inputs the run time feeds are the ones it was exported with)."""
-    import shutil
-
-    from corsa import cli
-    from corsa.datasets import revisit_series
-    from rasterio.transform import Affine
-    from test_service import write_scene
-
-    model = tmp_path / "corsa3"
-    shutil.copytree(ROOT / "models_onnx" / "corsa3", model)
-    (model / "fill.onnx").unlink()
-    _run("training.train_fill", "--model", str(model), "--steps", "3", "--batch", "2", "--log-every", "1")
-    card = json.loads((model / "model_card.json").read_text())
-    assert card["fill"]["steps"] == 3 and (model / "fill.onnx").stat().st_size == card["files"]["fill"]["bytes"]
-    (run,) = revisit_series([s for s in LOADERS["worldstrat"](data_root) if s.location == "Landcover-31746"])
-    src = tmp_path / "in"
-    src.mkdir()
-    for i, s in enumerate(run[:3]):
-        data = s.data.copy()
-        if i == 1:
-            data[:, 40:80, 50:100] = 0
-        write_scene(src / f"{s.date}.tif", data, Affine(*s.transform), s.crs, s.date)
-    assert cli.main(["compress", str(src), "-o", str(tmp_path / "p"), "--model", str(model)]) == 0
-    assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "f.tif"), "--date", run[1].date, "--fill",
-                     "--model", str(model)]) == 0

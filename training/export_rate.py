@@ -212,11 +212,6 @@ def card_markdown(card: dict) -> str:
     temporal = card.get("temporal")
     series = (f"- Time series: `temporal_model.npz` ({temporal['coder']}; a key date every {temporal['key_every']}; "
               f"fitted on the {temporal['fitted_on']}, `python -m training.fit_temporal`).\n" if temporal else "")
-    gaps = card.get("fill")
-    if gaps:
-        series += (f"- Gap filling: `fill.onnx` ({gaps['what']}; correction scale {gaps.get('correction_scale', 1.0)}, "
-                   f"chosen on {gaps.get('correction_scale_chosen_on', 'no split')}; `{gaps['command']}`, "
-                   f"{gaps['wall_time_s'] / 60:.0f} min).\n")
     return f"""# Model card: {card['id']}
 
 {card['description']}

@@ -9,6 +9,8 @@ Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. Th
     classifier: folder or base URL holding classifier.onnx (mode "classify")
     sha256: {"encoder": ..., "decoder": ..., "features": ..., "classifier": ...} (optional) refuse files that differ
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
+    fill:   (mode "decompress") true: each date's nodata pixels get values from the other dates of
+            the cube (``fill_date``) instead of 0
 A variable-rate model (card kind "variable-rate", corsa2) compresses to its integer latent instead:
 bands z00, z01, ... (one per latent channel, on the 40 m grid) and nodata, replicated likewise.
 On a geopyspark back end the job option udf-dependency-archives unpacks "<URL>#onnx_deps" (onnxruntime,
@@ -177,6 +179,77 @@ def synthesise(decoder, latent: np.ndarray, tile: int = 512, overlap: int = 32) 
     return out
 
 
+# Gap filling (context "fill", the CLI's --fill): a date's gap pixels come from the other dates of
+# the series, each brought to this date's light by a per-band gain and offset fitted on the pixels
+# both show around the gap; per tile, the dates that fit best are averaged, weighted by their fit (a
+# date cloudy or changed there fits badly; averaging also averages out their coding noise). Sizes
+# chosen on the validation split's WorldStrat series (benchmarks.fill --split val).
+FILL_TILE = 64         # px: one fit per date and tile
+FILL_MARGIN = 32       # px around a tile that its fits also read
+FILL_BORDER = 4        # px next to a gap left out of the fits: the codec blurs the gap's edge into them
+FILL_DATES = 4         # the other dates nearest in time that may fill a date
+FILL_AVERAGED = 1.5    # dates whose fit error is within this factor of the best one are averaged
+FILL_MIN_PIXELS = 64   # fewer pixels seen by both: no fit, the date as it is, the nearest in time first
+FILL_GAIN = (0.5, 2.0)
+
+
+def fill_candidates(days: list[float], i: int, k: int = FILL_DATES) -> list[int]:
+    """The ``k`` dates (indices into ``days``, days since any origin) nearest in time to date ``i``,
+    nearest first, the earlier of two as near."""
+    return sorted((j for j in range(len(days)) if j != i), key=lambda j: (abs(days[j] - days[i]), days[j]))[:k]
+
+
+def _grown(mask: np.ndarray, r: int) -> np.ndarray:
+    """``mask`` grown by ``r`` px in every direction (a square), with numpy alone."""
+    c = np.pad(np.pad(mask.astype(np.int32), r).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    k = 2 * r + 1
+    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) > 0
+
+
+def _fit(target: np.ndarray, other: np.ndarray, both: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean squared error, gain and offset per band of ``target ~ gain * other + offset`` over ``both``."""
+    if both.sum() < FILL_MIN_PIXELS:
+        return np.inf, np.ones((len(target), 1, 1)), np.zeros((len(target), 1, 1))
+    x, y = other[:, both].astype(np.float64), target[:, both].astype(np.float64)
+    mx, my = x.mean(1, keepdims=True), y.mean(1, keepdims=True)
+    # The small constant keeps a flat patch (water, shadow) from getting an extreme gain.
+    gain = np.clip(((x - mx) * (y - my)).mean(1, keepdims=True) / (((x - mx) ** 2).mean(1, keepdims=True) + 100.0),
+                   *FILL_GAIN)
+    offset = my - gain * mx
+    return float(((gain * x + offset - y) ** 2).mean()), gain[:, :, None], offset[:, :, None]
+
+
+def fill_date(target: np.ndarray, gap: np.ndarray, others: list[np.ndarray], other_gaps: list[np.ndarray]) -> np.ndarray:
+    """A decoded date (bands, H, W) with its ``gap`` pixels (H, W) predicted from ``others`` (decoded
+    dates of the same window, nearest in time first) with their own gaps; tiles of FILL_TILE px
+    from the window's corner. Pixels no other date shows stay as they are."""
+    out = target.astype(np.float32, copy=True)
+    unfit = _grown(gap, FILL_BORDER)
+    h, w = gap.shape
+    for y0 in range(0, h, FILL_TILE):
+        for x0 in range(0, w, FILL_TILE):
+            tile = (slice(None), slice(y0, y0 + FILL_TILE), slice(x0, x0 + FILL_TILE))
+            todo = gap[tile[1:]].copy()
+            if not todo.any():
+                continue
+            near = (slice(None), slice(max(0, y0 - FILL_MARGIN), y0 + FILL_TILE + FILL_MARGIN),
+                    slice(max(0, x0 - FILL_MARGIN), x0 + FILL_TILE + FILL_MARGIN))
+            fits = sorted((_fit(target[near], o[near], ~unfit[near[1:]] & ~g[near[1:]]) + (n,)
+                           for n, (o, g) in enumerate(zip(others, other_gaps))), key=lambda f: (f[0], f[3]))
+            predicted = [(gain * others[n][tile] + offset, ~other_gaps[n][tile[1:]], err) for err, gain, offset, n in fits]
+            if np.isfinite(fits[0][0]):
+                close = [(v, shown / max(err, 1.0)) for v, shown, err in predicted if err <= FILL_AVERAGED * fits[0][0]]
+                weight = sum(wt for _, wt in close)
+                use = todo & (weight > 0)
+                out[tile][:, use] = (sum(v * wt for v, wt in close) / np.where(weight > 0, weight, 1))[:, use]
+                todo &= ~use
+            for v, shown, _ in predicted:   # pixels the best-fitting dates do not show
+                use = todo & shown
+                out[tile][:, use] = v[:, use]
+                todo &= ~use
+    return out
+
+
 def _replicate(idx: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(idx, factor, -2), factor, -1)[..., : shape[0], : shape[1]]
 
@@ -330,16 +403,35 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, "decoder")
     shape = data.shape[2:]
     out = np.empty((data.shape[0], len(BANDS)) + shape, np.float32)
+    gaps = np.nan_to_num(data[:, -1], nan=1) != 0
     for t, scene in enumerate(data):
-        nodata = scene[-1]
         if rate is not None:
             # One sample per 40 m cell; NaN (outside the data) counts as 0.
             ints = np.nan_to_num(_pad(scene[:-1], STRIDE1)[:, ::STRIDE1, ::STRIDE1])
             out[t] = synthesise(dec, (ints * rate[3]).astype(np.float32), tile, overlap)[:, : shape[0], : shape[1]]
         else:
             out[t] = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)[:, : shape[0], : shape[1]]
-        out[t][:, np.nan_to_num(nodata, nan=1) != 0] = 0
+    if context.get("fill") and gaps.any():
+        out = _filled(out, gaps, cube["t"].values)
+    else:
+        out[np.broadcast_to(gaps[:, None], out.shape)] = 0
     return _like(cube, np.clip(np.rint(out), 0, 65535).astype(np.uint16), BANDS, had_t)
+
+
+def _filled(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Every date's gaps (decoded, as the decoder gives them) filled from the other dates of the
+    chunk (``fill_date``); what no date shows is 0 (nodata)."""
+    if len(times) < 2 or any(t is None for t in times):
+        raise UdfError("'fill' fills a date's gaps from the other dates of the cube: it needs a dimension t "
+                       "with at least two dates")
+    days = [float(np.datetime64(t, "s").astype(np.int64)) / 86400 for t in times]
+    shown = decoded.copy()
+    shown[np.broadcast_to(gaps[:, None], shown.shape)] = 0
+    out = shown.copy()
+    for i in np.flatnonzero(gaps.any((1, 2))):
+        near = fill_candidates(days, i)
+        out[i] = fill_date(shown[i], gaps[i], [shown[j] for j in near], [gaps[j] for j in near])
+    return out
 
 
 def output_bands(context: dict) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ import rasterio
 import xarray as xr
 from rasterio.windows import Window
 
-from . import fill, processes, product, product3, results, series
+from . import processes, product, product3, results, series
 from .codec import VariableRateCodec, checked_session
 from .scene import BANDS
 
@@ -132,78 +132,60 @@ class _Integers:
                     cells_x.start - cols.start * b:cells_x.stop - cols.start * b]
 
 
-class _Neighbours:
-    """For --fill: the stored dates before and after a date, their integers and gap cells."""
+class _Candidates:
+    """For --fill: the stored dates that may fill a date's gaps (``corsa_udf.fill_candidates``),
+    their integers and nodata masks."""
 
     def __init__(self, folder: Path, date: str, shape: tuple[int, int], codec: VariableRateCodec):
-        if codec.fill_session is None:
-            raise ValueError(f"model {codec.model_id} has no gap-filling network (fill.onnx): --fill needs corsa3 or later")
-        dates = product3.dates_in(folder)
-        i = dates.index(date)
-        around = [d for d in (dates[i - 1] if i else None, dates[i + 1] if i + 1 < len(dates) else None) if d]
-        if not around or date == "undated" or "undated" in around:
-            raise ValueError(f"--fill predicts a date's gaps from the dates around it: {folder} holds no other dated date")
-        self.dates = (around[0], around[-1])
+        dates = [d for d in product3.dates_in(folder) if d != "undated"]
+        if date not in dates or len(dates) < 2:
+            raise ValueError(f"--fill predicts a date's gaps from the other dates: {folder} holds no other dated date")
+        days = [float(np.datetime64(d, "D").astype(np.int64)) for d in dates]
+        self.dates = [dates[j] for j in corsa_udf.fill_candidates(days, dates.index(date))]
         self.ints = [_Integers(folder, d, codec) for d in self.dates]
         self.masks = [product3.read_mask(n.data, n.head, product3.file_name(d)) for n, d in zip(self.ints, self.dates)]
-        self.days = tuple(abs(int((np.datetime64(d) - np.datetime64(date)).astype(int))) for d in self.dates)
         for n in self.ints:
             if n.head["shape"] != shape:
                 raise ValueError(f"{folder}: date {n.date} is on another grid than {date}: it cannot fill it")
 
-    def window(self, k: int, cy: slice, cx: slice, pool: ThreadPoolExecutor, codec: VariableRateCodec) -> tuple:
-        """(dequantised latent, gap cells) of neighbour ``k`` over a window of cells."""
-        n, mask = self.ints[k], self.masks[k]
-        z = codec.dequantise(n.window(cy, cx, pool), n.head["quality"])
-        gap = np.zeros(z.shape[1:], bool) if mask is None else fill.gap_cells(
-            mask[4 * cy.start:4 * cy.stop, 4 * cx.start:4 * cx.stop], z.shape[1:])
-        return z, gap
-
-
-def _padded(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    """A window's pixel mask on the decoder's output grid (whole cells); None: no gap."""
-    out = np.zeros(shape, bool)
-    if mask is not None:
-        out[: mask.shape[0], : mask.shape[1]] = mask
-    return out
+    def latents(self, cy: slice, cx: slice, pool: ThreadPoolExecutor, codec: VariableRateCodec) -> list[np.ndarray]:
+        """The dequantised latents of the candidates over a window of cells."""
+        return [codec.dequantise(n.window(cy, cx, pool), n.head["quality"]) for n in self.ints]
 
 
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False) -> Path:
     """One date of a format-3 product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
     decompress service's save_result writes it; under a temporary name until complete. ``fill_gaps``:
-    nodata pixels get values predicted from the dates around (``corsa.fill``), the others are kept."""
+    nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept."""
     ints = _Integers(folder, date, codec)
     h = ints.head
     (hh, ww), overlap = h["shape"], processes.OVERLAP["decompress"]
     mask = product3.read_mask(ints.data, h, product3.file_name(date))
     dec = _sessions(codec, "decoder")
-    around = _Neighbours(folder, date, h["shape"], codec) if fill_gaps and mask is not None else None
+    around = _Candidates(folder, date, h["shape"], codec) if fill_gaps and mask is not None else None
 
-    def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None
+    def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None
               ) -> tuple[int, int, np.ndarray]:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = codec.dequantise(latent, h["quality"])
-        rec = corsa_udf.synthesise(dec, z, processes.UDF_TILE, overlap)[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        rec = corsa_udf.synthesise(dec, z, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
         if mask is not None:
-            gap = mask[y0:y1, x0:x1]
+            win = mask[wy0:wy1, wx0:wx1]
+            rec[:, win] = 0
             if nearby is not None:
-                cells = fill.gap_cells(mask[wy0:wy1, wx0:wx1], z.shape[1:])
-                decoded = [corsa_udf.synthesise(dec, zn, processes.UDF_TILE, overlap) for zn, _ in nearby]
-                gaps = [_padded(m[wy0:wy1, wx0:wx1] if m is not None else None, decoded[0].shape[1:]) for m in around.masks]
-                interp = fill.interpolate(decoded[0], decoded[1], gaps[0], gaps[1], *around.days)
-                filled = fill.fill_pixels(codec.fill_session, z, cells, nearby[0], nearby[1], around.days, interp,
-                                          codec.card["fill"].get("correction_scale", 1.0))
-                rec[:, gap] = filled[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0][:, gap]
-            else:
-                rec[:, gap] = 0
+                # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
+                others = [corsa_udf.synthesise(dec, zn, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
+                          for zn in nearby]
+                gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in around.masks]
+                rec = corsa_udf.fill_date(rec, win, others, gaps)
+        rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
         return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
 
-    def nearby(ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple | None:
-        """The neighbours' latents and gap cells over a window whose block has gaps (--fill)."""
+    def nearby(ys: tuple[int, ...], xs: tuple[int, ...]) -> list | None:
+        """The candidates' latents over a window whose block has gaps (--fill)."""
         if around is None or not mask[ys[0]:ys[1], xs[0]:xs[1]].any():
             return None
-        cy, cx = slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4))
-        return around.window(0, cy, cx, pool, codec), around.window(1, cy, cx, pool, codec)
+        return around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec)
 
     profile = {**results.PROFILE, "count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
     if h["transform"] is not None:

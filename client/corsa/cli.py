@@ -162,13 +162,13 @@ def decompress(args: argparse.Namespace) -> str:
         written = blockwise.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
                                        date=args.date, fill_gaps=args.fill)
         return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
-    if args.date or args.fill:
-        raise ValueError("--date and --fill work on variable-rate products (format 3) on the block-by-block path")
+    if args.date:
+        raise ValueError("--date works on variable-rate products (format 3) on the block-by-block path")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
         "decode": {"process_id": "corsa_openeo_decompress", "arguments": {
-            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality}},
+            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality, "fill": args.fill}},
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff",
                                                             "options": {"filename_prefix": "corsa_decoded"}},
                  "result": True}}}
@@ -179,7 +179,10 @@ def decompress(args: argparse.Namespace) -> str:
         clf.check_codec(codec)
         graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_decompress_clear"
         graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
-        del graph["process_graph"]["decode"]["arguments"]["quality"]
+        if args.fill:
+            raise ValueError("--fill and --clear do not combine yet: --clear sets the cloud pixels to 0 after decoding")
+        for name in ("quality", "fill"):
+            del graph["process_graph"]["decode"]["arguments"][name]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
     if not stream and not job_files:
         dates = product.dates_in(args.input)
@@ -334,18 +337,21 @@ def reduce(args: argparse.Namespace) -> str:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError("give another folder as -o: the product is read while the reduced one is written")
     dates = product3.dates_in(args.input)
-    if any(series.header(args.input, d)[1]["refs"] for d in dates):   # refused before any date is written
-        raise ValueError(f"{args.input} is a series coded with references between dates: reducing it is not "
-                         "available yet (decompress and compress it again at the lower quality)")
-    written = []
-    for d in dates:
-        src = series.read_date(args.input, d, codec)
-        ints = codec.requantise(src.ints, quality, args.quality)
-        nodata = src.nodata if src.nodata is not None else np.zeros(src.shape, bool)
-        written.append(product3.write_date(Path(args.output), product3.encode_date(
-            codec.coder, ints, codec.level(args.quality), args.quality, nodata, src.transform, src.crs, d,
-            codec.model_id, codec.card["files"]["decoder"]["sha256"]), d))
-    return _summary(written)
+    heads = [series.header(args.input, d)[1] for d in dates]
+    grids = {(h["shape"], h["transform"], h["crs"]) for h in heads}
+    if len(grids) > 1:
+        raise ValueError(f"{args.input} holds dates on {len(grids)} different grids: reduce them one folder a grid")
+    # Coded again at the new level with the same key dates and reference dates (each sub-block's
+    # choice made afresh: the integers changed).
+    planned = series.plan(dates, [args.quality] * len(dates), [h["refs"] for h in heads])
+    blocks = -(-heads[0]["cells"][0] // heads[0]["block"]) * -(-heads[0]["cells"][1] // heads[0]["block"])
+    coded = series.encode_dates(codec, planned, list(range(len(dates))), blocks, lambda i, k: codec.requantise(
+        series.block_ints(args.input, dates[i], k, codec), quality, args.quality))
+    masks = {i: m for i, (d, h) in enumerate(zip(dates, heads))
+             if (m := product3.read_mask(series.header(args.input, d)[0], h, product3.file_name(d))) is not None}
+    h = heads[0]
+    return _summary(series.write_dates(Path(args.output), codec, planned, list(range(len(dates))), coded, masks,
+                                       h["shape"], h["transform"], h["crs"]))
 
 
 def _unraisable(info) -> None:
@@ -390,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "decompress":
             s.add_argument("--date", help="decode only this stored date (YYYY-MM-DD) of a variable-rate product")
             s.add_argument("--fill", action="store_true",
-                           help="fill a date's gaps (its nodata pixels) with values predicted from the dates before and "
-                           "after it (a series of a model with fill.onnx, corsa3); other pixels are unchanged")
+                           help="fill a date's gaps (its nodata pixels) from the other dates of the series, brought to "
+                           "the date's light; other pixels are unchanged")
             s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
         if name in ("classify", "decompress"):
             s.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="classifier name under models_onnx/ or a folder")

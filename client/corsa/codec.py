@@ -185,12 +185,6 @@ class VariableRateCodec:
         return self._tables[2]
 
     @cached_property
-    def fill_session(self) -> ort.InferenceSession | None:
-        """The gap-filling network (``corsa.fill``), None for a model without one."""
-        entry = self.card["files"].get("fill")
-        return checked_session(self.path, entry, self.threads) if entry else None
-
-    @cached_property
     def temporal_coder(self) -> LatentCoder | None:
         """The tables that code a date with references to earlier dates (``corsa.series``); None
         for a model without them (its series are coded date by date)."""

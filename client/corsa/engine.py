@@ -241,16 +241,19 @@ class Engine:
         computed up front to learn the output bands; chunks read their neighbours' border pixels
         (dask overlap) and the callback's result is trimmed back."""
         callback = json.loads(process)
-        sizes = {s["dimension"]: int(s["value"]) for s in size}
-        depth = {d["dimension"]: int(d["value"]) for d in (overlap or [])}
-        if set(sizes) - {"x", "y", "t"} or any(s.get("unit", "px") != "px" for s in size):
-            raise EngineError(f"apply_neighborhood supports pixel sizes over x and y, got {size}")
+        sizes = {s["dimension"]: s["value"] for s in size}
+        depth = {d["dimension"]: int(d["value"] or 0) for d in (overlap or [])}
+        if set(sizes) - {"x", "y", "t"} or any(s.get("unit", "px") != "px" for s in size) or \
+                any(not isinstance(sizes.get(d), (int, float)) for d in ("x", "y")) or set(depth) - {"x", "y"}:
+            raise EngineError(f"apply_neighborhood supports pixel sizes and overlaps over x and y (t: all dates or "
+                              f"a number of them), got size {size}, overlap {overlap}")
         cube = data.transpose(*[d for d in ("t", "bands", "y", "x") if d in data.dims])
         axes = {d: i for i, d in enumerate(cube.dims)}
-        chunks = {axes[d]: min(sizes[d], cube.sizes[d]) for d in ("y", "x")}
+        chunks = {axes[d]: min(int(sizes[d]), cube.sizes[d]) for d in ("y", "x")}
         chunks.update({axes[d]: -1 for d in cube.dims if d in ("bands",)})
         if "t" in axes:
-            chunks[axes["t"]] = 1
+            # openEO: a dimension not in size comes whole (the fill reads a date's neighbours).
+            chunks[axes["t"]] = -1 if sizes.get("t") is None else int(sizes["t"])
         arr = darr.asarray(cube.data).rechunk(chunks)
         # dask overlaps a chunk by at most its neighbours' size: a last chunk thinner than the
         # overlap joins the one before, or every chunk would get that thinner context.

@@ -67,6 +67,12 @@ QUALITY = Parameter("quality", schema={"type": ["integer", "null"], "minimum": 1
                     description="Quality level of a variable-rate model (corsa2: 1 = smallest files, higher is "
                     "better; null: the model card's default_quality). Decompression must use the level the data "
                     "was compressed with. Codebook models (corsa512) have one rate and ignore it.")
+FILL = Parameter.boolean("fill", default=False,
+                         description="Fill each date's nodata pixels (clouds masked before compression, missing data) "
+                         "from the other dates of the cube instead of leaving them 0: per 64 px tile, each of the 4 "
+                         "dates nearest in time brought to the date's light by a per-band gain and offset fitted on "
+                         "the pixels both show around the tile; the best-fitting ones averaged. Needs the cube's "
+                         "dimension t whole (not in apply_neighborhood's size).")
 SPATIAL = Parameter.spatial_extent("spatial_extent", description="Area to compress (bounding box).")
 TEMPORAL = Parameter.temporal_interval("temporal_extent", description="Dates to compress: [start, end).")
 CLOUD = Parameter.number("max_cloud_cover", default=80,
@@ -166,12 +172,14 @@ def corsa_openeo_compress() -> dict:
 
 def corsa_openeo_decompress() -> dict:
     return build_process_dict(
-        udf_over_chunks(None, "decompress"), process_id="corsa_openeo_decompress",
+        udf_over_chunks(None, "decompress", extra={"fill": {"from_parameter": "fill"}}),
+        process_id="corsa_openeo_decompress",
         summary="Decompress CORSA codes into Sentinel-2 L2A reflectances",
         description="Decodes a cube from corsa_openeo_compress (its stored layers brought back to the 10 m grid with "
                     "resample_spatial \"near\") to the 10 bands " + ", ".join(BANDS)
-                    + " (DN = reflectance x 10000, uint16) on the 10 m grid; nodata pixels come back as 0.",
-        parameters=[COMPRESSED, MODEL, QUALITY], returns={**CUBE, "description": "the 10 bands"},
+                    + " (DN = reflectance x 10000, uint16) on the 10 m grid; nodata pixels come back as 0, or "
+                    "filled from the other dates (fill).",
+        parameters=[COMPRESSED, MODEL, QUALITY, FILL], returns={**CUBE, "description": "the 10 bands"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
