@@ -1,6 +1,9 @@
 """Fuzzing of the decompress path: random and mutated products through `corsa decompress`.
 
-    python -m benchmarks.fuzz --cases 2000 --seed 1            # the BENCHMARKS.md run
+    python -m benchmarks.fuzz --cases 2000 --seed 1            # the BENCHMARKS.md run (format 2)
+    python -m benchmarks.fuzz --cases 15000 --format 3         # entropy-coded streams (corsa2.1)
+    python -m benchmarks.fuzz --cases 15000 --format 4         # temporal products (a corsa3 series)
+    python -m benchmarks.fuzz --cases 15000 --format packed    # a compress job's downloaded files
     python -m benchmarks.fuzz --cases 100 --seconds 60         # about what the test runs
 
 Seed products are compressed from crops of a real scene. Each case copies one, damages it (bytes
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .memory import peak_rss_mb
+from .speed import _cpu
 
 # Address space of the worker: the decoder, onnxruntime and dask need about 2 GB of it; a product
 # read must never need more than a few hundred MB.
@@ -128,12 +132,17 @@ MUTATIONS = {"flip": _flip_bytes, "truncate": _truncate, "delete": _delete, "ran
              "tag": _set_tag, "pixels": _set_pixels, "huge": _huge_header, "swap": _swap}
 
 
+def _damageable(folder: Path) -> list[Path]:
+    """The files decompress reads: not the STAC documents beside them (a job's job.json is read)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix != ".json" or p.name == "job.json"))
+
+
 def mutate(rng: random.Random, seed: Path, case: Path) -> list[str]:
     """Copy the product ``seed`` to ``case`` and damage it with 1-3 random mutations."""
     shutil.copytree(seed, case)
     done = []
     for _ in range(rng.choice((1, 1, 2, 3))):
-        files = sorted(case.glob("*.tif"))
+        files = _damageable(case)
         if not files:
             break
         name = rng.choice(sorted(MUTATIONS))
@@ -169,24 +178,65 @@ def mutate_isolated(rng: random.Random, seed: Path, case: Path, timeout: float =
     return json.loads(note.read_text()) if os.waitstatus_to_exitcode(status) == 0 else None
 
 
-def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str) -> list[Path]:
-    """Products of real crops: one with a nodata mask (3 files), one without, one of odd size."""
+def _write(path: Path, data: np.ndarray, transform, crs: str, date: str) -> Path:
     import rasterio
 
-    from corsa import cli
     from corsa.scene import BANDS
 
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=len(BANDS),
+                       dtype="uint16", transform=transform, crs=crs) as dst:
+        dst.write(data)
+        dst.update_tags(CORSA_DATE=date)
+    return path
+
+
+def _job_files(tif: Path, out: Path, model: str = "corsa2.1", quality: int = 3) -> Path:
+    """What a compress job of the corsa2 service over ``tif`` downloads: its layers and job.json."""
+    from corsa import processes
+    from corsa.codec import read_card
+    from corsa.engine import Engine
+    from corsa.pack import JOB_FILE
+    from corsa.sources import Catalogue
+
+    path, card = read_card(model)
+    Engine(Catalogue({"SENTINEL2_L2A": tif}), output=out).run(
+        processes.compress_s2_process(card, 10.0), spatial_extent=None, temporal_extent=None, max_cloud_cover=80,
+        model=str(path), quality=quality)
+    (out / JOB_FILE).write_text(json.dumps({"process": {"process_graph": {"c": {
+        "process_id": "corsa2_openeo_compress_s2", "arguments": {"model": f"models/{model}", "quality": quality},
+        "result": True}}}}))
+    return out
+
+
+def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = "2") -> list[Path]:
+    """Products of real crops: one with a nodata mask, one without, one of odd size (format 2: the
+    GeoTIFF product of corsa512; 3: corsa2.1's entropy-coded streams; packed: a compress job's
+    files of corsa2.1); format 4: a corsa3 series of three dates, one of them with nodata."""
+    from corsa import cli
+
     seeds = []
+    if fmt == "4":
+        for name, (h, w) in (("series", (64, 64)), ("odd", (13, 7))):
+            src = folder / f"{name}_in"
+            src.mkdir()
+            for k, date in enumerate(("2022-07-06", "2022-07-11", "2022-07-16")):
+                data = scene[:, 8 * k:8 * k + h, :w].copy()     # the place moves a little: dates differ
+                if k == 1:
+                    data[:, :9, :13] = 0
+                _write(src / f"{date}.tif", data, transform, crs, date)
+            if cli.main(["compress", str(src), "-o", str(folder / name), "--model", "corsa3", "--quality", "3"]) != 0:
+                raise RuntimeError(f"compressing the seed {name} failed")
+            seeds.append(folder / name)
+        return seeds
     for name, (h, w), nodata in (("mask", (64, 64), True), ("plain", (48, 80), False), ("odd", (13, 7), False)):
         data = scene[:, :h, :w].copy()
         if nodata:
             data[:, :9, :13] = 0
-        tif = folder / f"{name}.tif"
-        with rasterio.open(tif, "w", driver="GTiff", width=w, height=h, count=len(BANDS), dtype="uint16",
-                           transform=transform, crs=crs) as dst:
-            dst.write(data)
-            dst.update_tags(CORSA_DATE="2022-07-06")
-        if cli.main(["compress", str(tif), "-o", str(folder / name)]) != 0:
+        tif = _write(folder / f"{name}.tif", data, transform, crs, "2022-07-06")
+        if fmt == "packed":
+            _job_files(tif, folder / name)
+        elif cli.main(["compress", str(tif), "-o", str(folder / name)] + (["--model", "corsa2.1", "--quality", "3"]
+                                                                           if fmt == "3" else [])) != 0:
             raise RuntimeError(f"compressing the seed {name} failed")
         seeds.append(folder / name)
     return seeds
@@ -253,16 +303,20 @@ class Worker:
         self.proc.wait()
 
 
-def decoded_image(path: Path) -> tuple:
-    """What a decode gives a user: pixels, grid and CRS."""
+def decoded_image(folder: Path) -> dict[str, tuple]:
+    """What a decode gives a user, file by file: pixels, grid and CRS."""
     import rasterio
 
-    with rasterio.open(path) as src:
-        return src.read(), src.transform, src.crs
+    out = {}
+    for path in sorted(folder.glob("*.tif")):
+        with rasterio.open(path) as src:
+            out[path.name] = (src.read(), src.transform, src.crs)
+    return out
 
 
-def same_image(a: tuple, b: tuple) -> bool:
-    return a[0].shape == b[0].shape and bool((a[0] == b[0]).all()) and a[1:] == b[1:]
+def same_image(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(x[0].shape == y[0].shape and bool((x[0] == y[0]).all()) and x[1:] == y[1:]
+                                        for x, y in ((a[k], b[k]) for k in a))
 
 
 def seed_images(seeds: list[Path], folder: Path) -> dict[Path, tuple]:
@@ -271,7 +325,7 @@ def seed_images(seeds: list[Path], folder: Path) -> dict[Path, tuple]:
 
     images = {}
     for seed in seeds:
-        target = folder / f"{seed.name}_decoded.tif"
+        target = folder / f"{seed.name}_decoded"
         if cli.main(["decompress", str(seed), "-o", str(target)]) != 0:
             raise RuntimeError(f"decoding the seed {seed.name} failed")
         images[seed] = decoded_image(target)
@@ -285,15 +339,16 @@ def judge(result: dict, target: Path) -> str | None:
     if result["rc"] == 2:
         if "error:" not in result["stderr"] or "Traceback" in result["stderr"]:
             return f"exit 2 without a clear message: {result['stderr']!r}"
-        if target.exists() or list(target.parent.glob("*.part")):
+        if list(target.glob("*.tif*")) or list(target.parent.glob("*.part")):
             return "output left behind after an error"
         return None
     if result["rc"] == 0:
         import rasterio
 
-        with rasterio.open(target) as src:
-            if src.count != 10 or src.dtypes[0] != "uint16":
-                return f"decoded to {src.count} bands of {src.dtypes[0]}"
+        for path in target.glob("*.tif"):
+            with rasterio.open(path) as src:
+                if src.count != 10 or src.dtypes[0] != "uint16":
+                    return f"{path.name} decoded to {src.count} bands of {src.dtypes[0]}"
         return None
     return f"exit code {result['rc']}"
 
@@ -323,7 +378,7 @@ def fuzz(seeds: list[Path], work: Path, cases: int, seconds: float, seed: int = 
             if time.monotonic() - t0 > seconds:
                 break
             case_dir = work / f"case{i}"
-            case, target = case_dir / "product", case_dir / "out" / "decoded.tif"
+            case, target = case_dir / "product", case_dir / "out"
             rng = random.Random(f"{seed}-{i}")  # each case on its own: a run can be replayed case by case
             seed_product = rng.choice(seeds)
             what = mutate_isolated(rng, seed_product, case)
@@ -361,6 +416,10 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=3600.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--format", default="2", choices=("2", "3", "4", "packed"),
+                   help="the products fuzzed: 2 (corsa512 GeoTIFFs), 3 (entropy-coded streams), 4 (a temporal "
+                   "series), packed (a compress job's files)")
+    p.add_argument("--out", type=Path, help="also write the report here (JSON)")
     args = p.parse_args()
     if args.worker:
         worker()
@@ -371,9 +430,12 @@ def main() -> None:
 
     scene = next(LOADERS["majortom"](default_data_root()))
     with tempfile.TemporaryDirectory() as tmp:
-        seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs)
+        seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs, args.format)
         report = fuzz(seeds, Path(tmp), args.cases, args.seconds, args.seed)
-    print(json.dumps(report.__dict__, indent=1))
+    text = json.dumps({"format": args.format, "cpu": _cpu(), **report.__dict__}, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

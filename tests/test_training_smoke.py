@@ -86,3 +86,33 @@ def test_variable_rate_train_resume_export(tmp_path, data_root):
     with torch.no_grad():
         ref = model.analysis(torch.from_numpy(pad_to(scene.data, 4).astype(np.float32))[None])[0].numpy()
     np.testing.assert_allclose(codec.latent(scene.data), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_render_heads_train_export_and_render(tmp_path, data_root):
+    """A few steps of training.train_render and train_between on a copy of corsa3.1, whose exported
+    heads then run inside corsa decompress --scale and --date (the inputs the run time feeds are the
+    ones they were exported with)."""
+    import shutil
+
+    from corsa import cli
+    from corsa.datasets import revisit_series
+    from rasterio.transform import Affine
+    from test_service import write_scene
+
+    model = tmp_path / "corsa3.1"
+    shutil.copytree(ROOT / "models_onnx" / "corsa3.1", model)
+    for f in ("render.onnx", "between.onnx"):
+        (model / f).unlink()
+    _run("training.train_render", "--model", str(model), "--steps", "2", "--crops", "4", "--val-crops", "2")
+    _run("training.train_between", "--model", str(model), "--steps", "2", "--batch", "2")
+    card = json.loads((model / "model_card.json").read_text())
+    for key in ("render", "between"):
+        assert card[key]["steps"] == 2 and (model / f"{key}.onnx").stat().st_size == card["files"][key]["bytes"]
+    (run,) = revisit_series([s for s in LOADERS["worldstrat"](data_root) if s.location == "Landcover-31746"])
+    src = tmp_path / "in"
+    src.mkdir()
+    for s in (run[0], run[2]):
+        write_scene(src / f"{s.date}.tif", s.data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "p"), "--model", str(model)]) == 0
+    for extra in (["--date", run[1].date], ["--date", run[0].date, "--scale", "2"]):
+        assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "o.tif"), "--model", str(model)] + extra) == 0

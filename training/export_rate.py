@@ -212,6 +212,15 @@ def card_markdown(card: dict) -> str:
     temporal = card.get("temporal")
     series = (f"- Time series: `temporal_model.npz` ({temporal['coder']}; a key date every {temporal['key_every']}; "
               f"fitted on the {temporal['fitted_on']}, `python -m training.fit_temporal`).\n" if temporal else "")
+    for key, option in (("between", "--date between stored dates"), ("render", "--scale / --like")):
+        head = card.get(key)
+        if head:
+            v = head["validation"]
+            figures = (f"validation: {v['psnr_db']:.2f} dB against linear in time {v['linear_psnr_db']:.2f}" if key == "between"
+                       else "validation: " + ", ".join(f"{k} {f['psnr_db']:.2f} dB against bicubic {f['bicubic_psnr_db']:.2f}"
+                                                       for k, f in v.items()))
+            series += (f"- {option}: `{key}.onnx` ({head['what']}; {head['parameters']:,} parameters; {figures}; "
+                       f"`{head['command']}`, {head['wall_time_s'] / 60:.0f} min on {head['cpu']}).\n")
     return f"""# Model card: {card['id']}
 
 {card['description']}

@@ -11,6 +11,8 @@ Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. Th
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
     fill:   (mode "decompress") true: each date's nodata pixels get values from the other dates of
             the cube (``fill_date``) instead of 0
+    dates:  (mode "decompress") the dates (YYYY-MM-DD) to return, stored ones or dates between them,
+            rendered by the model's time head (between.onnx); the cube's t labels become these
 A variable-rate model (card kind "variable-rate", corsa2) compresses to its integer latent instead:
 bands z00, z01, ... (one per latent channel, on the 40 m grid) and nodata, replicated likewise.
 On a geopyspark back end the job option udf-dependency-archives unpacks "<URL>#onnx_deps" (onnxruntime,
@@ -250,6 +252,51 @@ def fill_date(target: np.ndarray, gap: np.ndarray, others: list[np.ndarray], oth
     return out
 
 
+# A date between stored dates (context "dates", the CLI's --date): the model's time head
+# (between.onnx) blends, pixel by pixel, the decodes of the stored dates around it.
+BETWEEN_DATES = 4
+BETWEEN_PRIOR_FLOOR = 0.02   # a candidate linear interpolation leaves out can still be chosen
+
+
+def linear_weights(dt: np.ndarray, shown: np.ndarray) -> np.ndarray:
+    """(K,) float32: linear interpolation's weights of candidates at ``dt`` days (signed) from the
+    query date, between the nearest shown ones before and after (all on the one side's nearest
+    when the other has none); 0 for the others."""
+    w = np.zeros(len(dt), np.float32)
+    before = [k for k in range(len(dt)) if shown[k] and dt[k] < 0]
+    after = [k for k in range(len(dt)) if shown[k] and dt[k] > 0]
+    if before and after:
+        b, a = max(before, key=lambda k: dt[k]), min(after, key=lambda k: dt[k])
+        w[b], w[a] = dt[a] / (dt[a] - dt[b]), -dt[b] / (dt[a] - dt[b])
+    elif before or after:
+        w[max(before, key=lambda k: dt[k]) if before else min(after, key=lambda k: dt[k])] = 1
+    return w
+
+
+def between_candidates(days: list[float], t: float, k: int = BETWEEN_DATES) -> list[int]:
+    """Indices of the stored dates (``days``, sorted) that render day ``t``: the k // 2 nearest
+    before and after it, the other side making up for a side with fewer; never a date at ``t``."""
+    before = [i for i in range(len(days)) if days[i] < t][::-1]
+    after = [i for i in range(len(days)) if days[i] > t]
+    nb = min(len(before), max(k // 2, k - len(after)))
+    na = min(len(after), k - nb)
+    return sorted(before[:nb] + after[:na])
+
+
+def between(head, decoded: np.ndarray, gaps: np.ndarray, days: list[float], t: float) -> np.ndarray:
+    """Day ``t`` rendered from decoded dates (n, bands, H, W) with their gaps (n, H, W) on ``days``
+    (sorted, t strictly inside): the time head's blend of the candidates, 0 where none shows a pixel."""
+    pick = between_candidates(days, t)
+    images = np.zeros((1, BETWEEN_DATES) + decoded.shape[1:], np.float32)
+    valid = np.zeros((1, BETWEEN_DATES) + decoded.shape[2:], np.float32)
+    dt = np.zeros((1, BETWEEN_DATES), np.float32)
+    for k, j in enumerate(pick):
+        images[0, k], valid[0, k], dt[0, k] = decoded[j], ~gaps[j], days[j] - t
+    prior = linear_weights(dt[0], np.arange(BETWEEN_DATES) < len(pick))[None]
+    (out,) = head.run(None, {"images": images, "dt": dt, "valid": valid, "prior": prior})
+    return np.where(valid[0].any(0), out[0], 0)
+
+
 def _replicate(idx: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(idx, factor, -2), factor, -1)[..., : shape[0], : shape[1]]
 
@@ -413,9 +460,41 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
             out[t] = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)[:, : shape[0], : shape[1]]
     if context.get("fill") and gaps.any():
         out = _filled(out, gaps, cube["t"].values)
+        gaps = gaps & (out == 0).all(1)
     else:
         out[np.broadcast_to(gaps[:, None], out.shape)] = 0
+    if context.get("dates"):
+        # Only the dates asked for, stored or in between: the cube's t labels change.
+        out = _at_dates(out, gaps, cube["t"].values, list(context["dates"]), model, context.get("sha256") or {})
+        coords = {k: v for k, v in cube.coords.items() if k not in ("bands", "t")}
+        return xr.DataArray(np.clip(np.rint(out), 0, 65535).astype(np.uint16), dims=cube.dims,
+                            coords={**coords, "t": np.array(context["dates"], "datetime64[ns]"), "bands": list(BANDS)})
     return _like(cube, np.clip(np.rint(out), 0, 65535).astype(np.uint16), BANDS, had_t)
+
+
+def _day(t) -> float:
+    return float(np.datetime64(t, "s").astype(np.int64)) / 86400
+
+
+def _at_dates(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray, dates: list, model: str, sha: dict) -> np.ndarray:
+    """The decoded dates (gaps 0) at ``dates``: a stored date as it is, a date between stored ones
+    from the time head (``between``)."""
+    if any(t is None for t in times):
+        raise UdfError("'dates' renders dates of a cube with a dimension t")
+    days = [_day(t) for t in times]
+    head = None
+    out = np.empty((len(dates),) + decoded.shape[1:], np.float32)
+    for n, d in enumerate(dates):
+        t = _day(np.datetime64(str(d)[:10], "D"))
+        if t in days:
+            out[n] = decoded[days.index(t)]
+        elif len(days) > 1 and days[0] < t < days[-1]:
+            head = head or session(_fetch(model, "between.onnx", sha.get("between")))
+            out[n] = between(head, decoded, gaps, days, t)
+        else:
+            raise UdfError(f"date {d} lies outside the cube's dates ({str(times[0])[:10]} .. {str(times[-1])[:10]}): "
+                           "no date is extrapolated")
+    return out
 
 
 def _filled(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -424,7 +503,7 @@ def _filled(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray) -> np.ndar
     if len(times) < 2 or any(t is None for t in times):
         raise UdfError("'fill' fills a date's gaps from the other dates of the cube: it needs a dimension t "
                        "with at least two dates")
-    days = [float(np.datetime64(t, "s").astype(np.int64)) / 86400 for t in times]
+    days = [_day(t) for t in times]
     shown = decoded.copy()
     shown[np.broadcast_to(gaps[:, None], shown.shape)] = 0
     out = shown.copy()

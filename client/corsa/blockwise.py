@@ -25,8 +25,9 @@ import rasterio
 import xarray as xr
 from rasterio.windows import Window
 
-from . import processes, product, product3, results, series
+from . import processes, product, product3, progress, results, series
 from .codec import VariableRateCodec, checked_session
+from .files import writing
 from .scene import BANDS
 
 WORKERS = 2
@@ -132,25 +133,35 @@ class _Integers:
                     cells_x.start - cols.start * b:cells_x.stop - cols.start * b]
 
 
-class _Candidates:
-    """For --fill: the stored dates that may fill a date's gaps (``corsa_udf.fill_candidates``),
-    their integers and nodata masks."""
+def dated(folder: Path) -> tuple[list[str], list[float]]:
+    """A product's dated dates and their day numbers."""
+    dates = [d for d in product3.dates_in(folder) if d != "undated"]
+    return dates, [float(np.datetime64(d, "D").astype(np.int64)) for d in dates]
 
-    def __init__(self, folder: Path, date: str, shape: tuple[int, int], codec: VariableRateCodec):
-        dates = [d for d in product3.dates_in(folder) if d != "undated"]
-        if date not in dates or len(dates) < 2:
-            raise ValueError(f"--fill predicts a date's gaps from the other dates: {folder} holds no other dated date")
-        days = [float(np.datetime64(d, "D").astype(np.int64)) for d in dates]
-        self.dates = [dates[j] for j in corsa_udf.fill_candidates(days, dates.index(date))]
-        self.ints = [_Integers(folder, d, codec) for d in self.dates]
-        self.masks = [product3.read_mask(n.data, n.head, product3.file_name(d)) for n, d in zip(self.ints, self.dates)]
+
+class StoredDates:
+    """Some stored dates of a product (those --fill or a date in between reads), their integers
+    and nodata masks."""
+
+    def __init__(self, folder: Path, dates: list[str], shape: tuple[int, int], codec: VariableRateCodec, why: str):
+        self.dates = dates
+        self.ints = [_Integers(folder, d, codec) for d in dates]
+        self.masks = [product3.read_mask(n.data, n.head, product3.file_name(d)) for n, d in zip(self.ints, dates)]
         for n in self.ints:
             if n.head["shape"] != shape:
-                raise ValueError(f"{folder}: date {n.date} is on another grid than {date}: it cannot fill it")
+                raise ValueError(f"{folder}: date {n.date} is on another grid than the others: it cannot {why}")
 
     def latents(self, cy: slice, cx: slice, pool: ThreadPoolExecutor, codec: VariableRateCodec) -> list[np.ndarray]:
-        """The dequantised latents of the candidates over a window of cells."""
+        """The dequantised latents of the dates over a window of cells."""
         return [codec.dequantise(n.window(cy, cx, pool), n.head["quality"]) for n in self.ints]
+
+
+def _fill_dates(folder: Path, date: str) -> list[str]:
+    """The stored dates that may fill a date's gaps (``corsa_udf.fill_candidates``)."""
+    dates, days = dated(folder)
+    if date not in dates or len(dates) < 2:
+        raise ValueError(f"--fill predicts a date's gaps from the other dates: {folder} holds no other dated date")
+    return [dates[j] for j in corsa_udf.fill_candidates(days, dates.index(date))]
 
 
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False) -> Path:
@@ -159,10 +170,11 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
     nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept."""
     ints = _Integers(folder, date, codec)
     h = ints.head
-    (hh, ww), overlap = h["shape"], processes.OVERLAP["decompress"]
+    overlap = processes.OVERLAP["decompress"]
     mask = product3.read_mask(ints.data, h, product3.file_name(date))
     dec = _sessions(codec, "decoder")
-    around = _Candidates(folder, date, h["shape"], codec) if fill_gaps and mask is not None else None
+    around = StoredDates(folder, _fill_dates(folder, date), h["shape"], codec, f"fill {date}") \
+        if fill_gaps and mask is not None else None
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None
               ) -> tuple[int, int, np.ndarray]:
@@ -181,51 +193,51 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
         rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
         return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
 
-    def nearby(ys: tuple[int, ...], xs: tuple[int, ...]) -> list | None:
+    def nearby(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor) -> list | None:
         """The candidates' latents over a window whose block has gaps (--fill)."""
         if around is None or not mask[ys[0]:ys[1], xs[0]:xs[1]].any():
             return None
         return around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec)
 
+    def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor) -> tuple:
+        return ints.window(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool), nearby(ys, xs, pool)
+
+    return write_blocks(out, h, overlap, inputs, block)
+
+
+def block_rows(shape: tuple[int, int]) -> int:
+    """Rows of blocks ``write_blocks`` writes for a grid of ``shape``."""
+    return -(-shape[0] // BLOCK_PX)
+
+
+def write_blocks(out: Path, head: dict, overlap: int, inputs, render) -> Path:
+    """A date's cloud-optimised GeoTIFF of the 10 bands (uint16 DN, nodata 0) on the grid of a
+    product's ``head``, block by block: ``inputs(ys, xs, pool)`` gathers a block's data (entropy
+    decoding in ``pool``), ``render(ys, xs, *data)`` -> (y0, x0, block) runs two blocks at a time;
+    each row of blocks done is a unit of progress (``block_rows``). Under a temporary name until complete."""
+    (hh, ww) = head["shape"]
     profile = {**results.PROFILE, "count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
-    if h["transform"] is not None:
-        profile["transform"] = h["transform"]
-    if h["crs"]:
-        profile["crs"] = h["crs"]
+    if head["transform"] is not None:
+        profile["transform"] = head["transform"]
+    if head["crs"]:
+        profile["crs"] = head["crs"]
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
-    # Entropy decoding of block rows (here, and for --fill the neighbours' in the blocks) shares the pool.
+    # Entropy decoding of block rows (the date's, and its neighbours' or candidates') shares the pool.
     pool = ThreadPoolExecutor(WORKERS)
     try:
-        with rasterio.open(part, "w", **profile) as dst:
+        with writing(out), rasterio.open(part, "w", **profile) as dst:
             for i, b in enumerate(BANDS, 1):
                 dst.set_band_description(i, b)
             for ys in _spans(hh, overlap):
-                cy = slice(ys[2] // 4, -(-ys[3] // 4))
-                jobs = [(ys, xs, ints.window(cy, slice(xs[2] // 4, -(-xs[3] // 4)), pool), nearby(ys, xs))
-                        for xs in _spans(ww, overlap)]
-                for y0, x0, v in pool.map(lambda j: block(*j), jobs):
-                    dst.write(v, window=Window(x0, y0, v.shape[2], v.shape[1]))
+                jobs = [(ys, xs) + tuple(inputs(ys, xs, pool)) for xs in _spans(ww, overlap)]
+                for y0, x0, v in pool.map(lambda j: render(*j), jobs):
+                    with writing(out):
+                        dst.write(v, window=Window(x0, y0, v.shape[2], v.shape[1]))
+                progress.advance()
         pool.shutdown()
-        part.replace(out)
     except BaseException:
         pool.shutdown(cancel_futures=True)
         part.unlink(missing_ok=True)
         raise
-    return out
-
-
-def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool, date: str | None = None,
-               fill_gaps: bool = False) -> list[Path]:
-    """Every date of a format-3 product (or only ``date``): to the file ``out`` (``single``) or to
-    ``out/corsa_decoded_<date>.tif``, the engine path's names."""
-    dates = product3.dates_in(folder)
-    if date is not None:
-        if date not in dates:
-            raise ValueError(f"{folder} does not hold the date {date} (it holds {', '.join(dates)}); "
-                             "rendering between stored dates is not available yet")
-        dates = [date]
-    if single and len(dates) != 1:
-        raise ValueError(f"{folder} holds {len(dates)} dates: give a folder as -o")
-    return [decompress_date(folder, d, codec, out if single else out / results.file_name(DECODED_PREFIX, d), fill_gaps)
-            for d in dates]
+    return results.as_cog(part, out)

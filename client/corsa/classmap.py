@@ -18,6 +18,7 @@ import rasterio
 from rasterio.transform import Affine
 
 from .codec import ModelError, OnnxCodec, checked_session, read_card
+from .files import writing
 
 DEFAULT_CLASSIFIER = "corsa512-scl"
 
@@ -69,7 +70,7 @@ def write_classes(path: Path, classes: np.ndarray, transform: Affine | None, crs
         kw["crs"] = crs
     table = {0: (0, 0, 0, 0), **{v: tuple(c) + (255,) for v, c in colors.items()}}
     try:
-        with rasterio.open(part, "w", **kw) as dst:
+        with writing(path), rasterio.open(part, "w", **kw) as dst:
             dst.write(classes.astype(np.uint8), 1)
             dst.write_colormap(1, table)
             dst.update_tags(CORSA_CLASSES=json.dumps({str(v): n for v, n in names.items()}))

@@ -17,20 +17,20 @@ the engine around them (the same bytes; --engine or --scheduler runs the graphs)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from dask.diagnostics import ProgressBar
 from rasterio.transform import Affine
 
-from . import blockwise, pack, processes, product, product3, series
+from . import blockwise, catalog, pack, processes, product, product3, progress, render, results, series
 from .classmap import DEFAULT_CLASSIFIER, Classifier, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
+from .files import WriteError, product_lock
 from .metrics import compression_factor
 from .scene import BANDS
 from .sources import Catalogue, SourceError
@@ -91,7 +91,7 @@ def compress(args: argparse.Namespace) -> str:
     bbox, dates = _bbox(args.bbox), _dates(args.dates)
     if isinstance(codec, VariableRateCodec) and not _engine_asked(args):
         cube = catalogue.load(COLLECTION, bbox, dates, list(BANDS), args.max_cloud_cover)
-        return _summary(blockwise.compress(cube, codec, quality, Path(args.output), append=args.append,
+        return _product_written(blockwise.compress(cube, codec, quality, Path(args.output), append=args.append,
                                            key_every=args.key_every))
     if args.append:
         raise ValueError("--append codes the new dates with the product's history: it needs a variable-rate model "
@@ -101,11 +101,10 @@ def compress(args: argparse.Namespace) -> str:
     # The job's files go to a scratch folder outside the product: a killed run leaves nothing in it.
     with tempfile.TemporaryDirectory(prefix="corsa-job-") as tmp:
         engine = _engine()(catalogue, output=Path(tmp), scheduler=args.scheduler)
-        with ProgressBar(minimum=2):
-            engine.run(udp, spatial_extent=bbox, temporal_extent=dates, max_cloud_cover=args.max_cloud_cover,
-                       model=str(codec.path), quality=quality)
+        engine.run(udp, spatial_extent=bbox, temporal_extent=dates, max_cloud_cover=args.max_cloud_cover,
+                   model=str(codec.path), quality=quality)
         written = pack.pack_dates(Path(tmp), pack.job_dates(Path(tmp)), codec, quality, out)
-    return _summary(written)
+    return _product_written(written)
 
 
 def _engine():
@@ -118,7 +117,7 @@ def _engine():
 def _handled_errors() -> tuple[type, ...]:
     """Errors reported as one line; the engine's only when it was imported (else it raised none)."""
     engine = sys.modules.get(f"{__package__}.engine")
-    return (SourceError, ModelError, product.ProductError, ValueError) + ((engine.EngineError,) if engine else ())
+    return (SourceError, ModelError, product.ProductError, ValueError, WriteError) + ((engine.EngineError,) if engine else ())
 
 
 def _engine_asked(args: argparse.Namespace) -> bool:
@@ -129,7 +128,7 @@ def pack_files(args: argparse.Namespace) -> str:
     """A compress job's downloaded files -> the entropy-coded product (the same integers)."""
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError("give another folder as -o than the job's files")
-    return _summary(pack.pack(args.input, args.output, args.model, args.quality))
+    return _product_written(pack.pack(args.input, args.output, args.model, args.quality))
 
 
 def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec, int] | None:
@@ -148,8 +147,21 @@ def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec,
     return codec, qualities[0]
 
 
+def _decoded_written(written: list[Path], dates: list[str | None], source: Path) -> str:
+    """A STAC Item beside each decoded file (``corsa.catalog``), and one line on them."""
+    for path, date in zip(written, dates):
+        catalog.write_decoded(path, date, source)
+    return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
+
+
 def decompress(args: argparse.Namespace) -> str:
+    if catalog.is_ours(args.input):      # a product found through its STAC Collection or Item
+        args.input, dates = catalog.product_of(args.input)
+        if len(dates) == 1 and not args.date:
+            args.date = dates[0] if dates[0] != catalog.UNDATED else None
     job_files = bool(pack.job_dates(args.input)) and not (product.dates_in(args.input) or product3.dates_in(args.input))
+    if not job_files:
+        catalog.check_complete(args.input)
     stream = None if job_files else _stream_product(args.input, args.model)
     if job_files:
         codec, quality = pack.resolve(args.input, args.model, args.quality)
@@ -159,16 +171,20 @@ def decompress(args: argparse.Namespace) -> str:
         codec, quality = stream if stream else (OnnxCodec(args.model or DEFAULT_MODEL), None)
     out = Path(args.output)
     if stream and not args.clear and not _engine_asked(args):
-        written = blockwise.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
-                                       date=args.date, fill_gaps=args.fill)
-        return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
-    if args.date:
-        raise ValueError("--date works on variable-rate products (format 3) on the block-by-block path")
+        written = render.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
+                                    date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like)
+        dates = [args.date] if args.date else product3.dates_in(args.input)
+        return _decoded_written(written, dates, args.input)
+    if args.scale is not None or args.like or (args.date and not stream):
+        raise ValueError("--scale and --like (and --date) work on variable-rate products (format 3) on the "
+                         "block-by-block path: without --engine, --scheduler or --clear" if stream else
+                         "--date, --scale and --like work on variable-rate products (format 3)")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
         "decode": {"process_id": "corsa_openeo_decompress", "arguments": {
-            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality, "fill": args.fill}},
+            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality, "fill": args.fill,
+            "dates": [args.date] if args.date else None}},
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff",
                                                             "options": {"filename_prefix": "corsa_decoded"}},
                  "result": True}}}
@@ -181,7 +197,7 @@ def decompress(args: argparse.Namespace) -> str:
         graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
         if args.fill:
             raise ValueError("--fill and --clear do not combine yet: --clear sets the cloud pixels to 0 after decoding")
-        for name in ("quality", "fill"):
+        for name in ("quality", "fill", "dates"):
             del graph["process_graph"]["decode"]["arguments"][name]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
     if not stream and not job_files:
@@ -194,17 +210,16 @@ def decompress(args: argparse.Namespace) -> str:
     (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
         engine = _engine()(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
-        with ProgressBar(minimum=2):
-            engine.run(graph)
+        engine.run(graph)
+        dates = [p.name.removeprefix(f"{blockwise.DECODED_PREFIX}_").removesuffix(".tif") for p in engine.written]
         if out.suffix.lower() in (".tif", ".tiff"):
             if len(engine.written) != 1:
                 raise SystemExit(f"{args.input} holds {len(engine.written)} dates: give a folder as -o")
-            shutil.move(engine.written[0], out)
-            written = [out]
+            written = [results.as_cog(engine.written[0], out)]
         else:
             out.mkdir(parents=True, exist_ok=True)
-            written = [Path(shutil.move(p, out / p.name)) for p in engine.written]
-    return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
+            written = [results.as_cog(p, out / p.name) for p in engine.written]
+    return _decoded_written(written, dates, args.input)
 
 
 def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
@@ -242,8 +257,7 @@ def classify(args: argparse.Namespace) -> str:
         d = product.read_date(args.input, product.date_label(t))
         product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
         # The UDF replicates each 20 m class over its 2 x 2 pixels; cells past the input stay 0 (nodata).
-        with ProgressBar(minimum=2):
-            (sub,) = engine._compute(cube.isel(t=i).sel(bands="class").data[::2, ::2])
+        (sub,) = engine._compute(cube.isel(t=i).sel(bands="class").data[::2, ::2])
         classes = np.zeros(d.idx0.shape, np.uint8)
         classes[: sub.shape[0], : sub.shape[1]] = sub
         transform = d.transform * Affine.scale(2) if d.transform is not None else None
@@ -253,34 +267,32 @@ def classify(args: argparse.Namespace) -> str:
 
 
 def info(args: argparse.Namespace) -> str:
+    records = catalog.describe(args.input)
+    if args.json:
+        return json.dumps({"product": str(args.input), "dates": records}, indent=1)
     lines = []
-    for d in product3.dates_in(args.input):
-        path = args.input / product3.file_name(d)
-        h = product3.read_header(path.read_bytes(), path.name)
-        size = path.stat().st_size
-        lines.append(f"{d}: model {h['model_id']} (decoder sha256 {h['sha_prefix'][:12]}...), quality {h['quality']}, "
-                     f"input grid {h['shape'][1]}x{h['shape'][0]} px {h['crs'] or 'no CRS'}, latent "
-                     f"{h['cells'][1]}x{h['cells'][0]} in {len(h['blocks'])} block(s), {size:,} bytes, "
-                     f"CF {compression_factor(h['shape'][0] * h['shape'][1], size):.1f}"
-                     + (", nodata mask" if h["mask_len"] else "")
-                     + (f", coded with references to {', '.join(h['refs'])}" if h["refs"] else ", coded alone"))
-    for d in product.dates_in(args.input):
-        pd_ = product.read_date(args.input, d)
-        size = product.product_bytes(args.input, d)
-        pixels = pd_.shape[0] * pd_.shape[1]
-        lines.append(f"{d}: model {pd_.model_id} (decoder sha256 {pd_.model_sha256[:12]}...), input grid "
-                     f"{pd_.shape[1]}x{pd_.shape[0]} px {pd_.crs or 'no CRS'}, level 0 {pd_.idx0.shape[1]}x"
-                     f"{pd_.idx0.shape[0]}, level 1 {pd_.idx1.shape[1]}x{pd_.idx1.shape[0]}, "
-                     f"{size:,} bytes, CF {compression_factor(pixels, size):.1f}"
-                     + (f", {int(pd_.nodata.sum())} nodata px" if pd_.nodata is not None else ""))
-    if not lines:
-        raise product.ProductError(f"{args.input} holds no complete compressed date")
+    for r in records:
+        h, w = r["shape"]
+        head = (f"{r['date']}: model {r['model_id']} (decoder sha256 "
+                f"{(r.get('decoder_sha256_prefix') or r.get('decoder_sha256'))[:12]}...)")
+        if r["format"] >= 3:
+            lines.append(f"{head}, quality {r['quality']}, input grid {w}x{h} px {r['crs'] or 'no CRS'}, latent "
+                         f"{r['latent_cells'][1]}x{r['latent_cells'][0]} in {r['blocks']} block(s), {r['bytes']:,} bytes, "
+                         f"CF {r['cf']:.1f}" + (", nodata mask" if r["nodata_mask"] else "")
+                         + (f", coded with references to {', '.join(r['references'])}" if r["references"] else ", coded alone"))
+        else:
+            lines.append(f"{head}, input grid {w}x{h} px {r['crs'] or 'no CRS'}, level 0 {r['level0'][1]}x{r['level0'][0]}, "
+                         f"level 1 {r['level1'][1]}x{r['level1'][0]}, {r['bytes']:,} bytes, CF {r['cf']:.1f}"
+                         + (f", {r['nodata_pixels']} nodata px" if r["nodata_pixels"] else ""))
     return "\n".join(lines)
 
 
-def _summary(written: list[Path]) -> str:
-    """One line on what compress wrote: files, dates, bytes and CF (against the input grids)."""
+def _product_written(written: list[Path]) -> str:
+    """The STAC Collection and Items of the product ``written`` went into (``corsa.catalog``), and
+    one line on what was written: files, dates, bytes and CF (against the input grids)."""
     folder = written[0].parent if written else Path(".")
+    if written:
+        catalog.write_product(folder)
     dates = sorted({p.name[len("corsa_"):].split("_")[0].removesuffix(product3.SUFFIX) for p in written})
     size = sum(p.stat().st_size for p in written)
     pixels = 0
@@ -350,8 +362,55 @@ def reduce(args: argparse.Namespace) -> str:
     masks = {i: m for i, (d, h) in enumerate(zip(dates, heads))
              if (m := product3.read_mask(series.header(args.input, d)[0], h, product3.file_name(d))) is not None}
     h = heads[0]
-    return _summary(series.write_dates(Path(args.output), codec, planned, list(range(len(dates))), coded, masks,
+    return _product_written(series.write_dates(Path(args.output), codec, planned, list(range(len(dates))), coded, masks,
                                        h["shape"], h["transform"], h["crs"]))
+
+
+INPUT_HELP = {
+    "compress": "a 10-band GeoTIFF (bands by description B02 ... B12, or exactly 10 in that order; DN = "
+                "reflectance x 10000), a folder of dated GeoTIFFs of one grid (a time series), an openEO NetCDF "
+                "cube, or a STAC item collection .json (omit with --stac)",
+    "decompress": "a product folder (from corsa compress or pack) or a compress job's downloaded files",
+    "pack": "a compress job's downloaded files (its job.json and layer GeoTIFFs)",
+    "classify": "a product folder of a codebook model (corsa512)",
+    "reduce": "a product folder of a variable-rate model",
+    "info": "a product folder",
+}
+OUTPUT_HELP = {
+    "compress": "the product folder to write (one file a date; created if missing)",
+    "decompress": "a .tif file for one date, or a folder for corsa_decoded_<date>.tif of every date",
+    "pack": "the product folder to write",
+    "classify": "the class GeoTIFF to write (uint8 on the 20 m grid, colour table)",
+    "reduce": "the folder of the reduced product (not INPUT)",
+}
+
+
+SERVE_SERVICE = "corsa2_openeo_compress_s2"
+WRITES_PRODUCT = ("compress", "pack", "reduce")     # one writer at a time into their -o folder
+
+
+def _collection(text: str) -> Path:
+    name, sep, path = text.partition("=")
+    if not sep or name != "SENTINEL2_L2A" or not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: give SENTINEL2_L2A=PATH with an existing file or folder")
+    return Path(path)
+
+
+def serve(args: argparse.Namespace) -> str:
+    from .serve import serve as run
+
+    run(args.port, args.collection, args.service, ready=lambda line: print(line, flush=True))
+    return "corsa serve: stopped"
+
+
+def _day(text: str) -> str:
+    """A --date: YYYY-MM-DD, a real day."""
+    try:
+        if len(text) == 10 and str(np.datetime64(text, "D")) == text:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD")
 
 
 def _unraisable(info) -> None:
@@ -371,15 +430,28 @@ def main(argv: list[str] | None = None) -> int:
                               ("classify", classify, "scene classes of a product folder, without decoding"),
                               ("reduce", reduce, "bring a variable-rate product to a lower quality, without the source"),
                               ("info", info, "describe a product folder"),
-                              ("models", models, "list the shipped models, their quality levels and test figures")):
+                              ("models", models, "list the shipped models, their quality levels and test figures"),
+                              ("serve", serve, "a local no-code page running a compress service on the embedded engine")):
         s = sub.add_parser(name, help=help_)
         s.set_defaults(func=func)
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (errors still go there)")
         if name == "models":
             s.add_argument("--json", action="store_true", help='machine-readable: {"models": [...]}')
             continue
-        s.add_argument("input", type=Path, nargs="?" if name == "compress" else None)
+        if name == "info":
+            s.add_argument("--json", action="store_true", help='machine-readable: {"product": ..., "dates": [...]}')
+        if name == "serve":
+            s.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one; default 8765)")
+            s.add_argument("--collection", metavar="SENTINEL2_L2A=PATH", type=_collection,
+                           help="the local data the service's load_collection reads (a GeoTIFF, a folder of them, a "
+                           "NetCDF cube; default the shared data's Major-TOM scene)")
+            s.add_argument("--service", default=SERVE_SERVICE, help=f"the UDP whose form the page shows (default "
+                           f"{SERVE_SERVICE}; a compress service of process_graphs/)")
+            continue
+        s.add_argument("input", type=Path, nargs="?" if name == "compress" else None, metavar="INPUT",
+                       help=INPUT_HELP[name])
         if name != "info":
-            s.add_argument("-o", "--output", type=Path, required=True)
+            s.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help=OUTPUT_HELP[name])
             s.add_argument("--model", default=None, help="model name under models_onnx/ or a folder (compress: "
                            f"default {DEFAULT_MODEL}; otherwise the model the product names)")
         if name in ("compress", "decompress", "classify"):
@@ -394,7 +466,10 @@ def main(argv: list[str] | None = None) -> int:
                            "model's default_quality, see corsa models; pack / decompress of job files: the level "
                            "the job used, default from its job.json)")
         if name == "decompress":
-            s.add_argument("--date", help="decode only this stored date (YYYY-MM-DD) of a variable-rate product")
+            s.add_argument("--date", type=_day, help="decode only this date (YYYY-MM-DD) of a variable-rate product: a "
+                           "stored date as stored, a date between stored dates rendered from those around it")
+            s.add_argument("--scale", type=float, help="render onto pixels S times smaller (S > 0) on the same bounds")
+            s.add_argument("--like", type=Path, help="render onto the grid and CRS of this raster (GRID.tif)")
             s.add_argument("--fill", action="store_true",
                            help="fill a date's gaps (its nodata pixels) from the other dates of the series, brought to "
                            "the date's light; other pixels are unchanged")
@@ -402,12 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("classify", "decompress"):
             s.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="classifier name under models_onnx/ or a folder")
         if name == "compress":
-            s.add_argument("--bbox", help="west,south,east,north[,EPSG] (default EPSG 4326)")
-            s.add_argument("--dates", help="start/end, e.g. 2021-01-01/2021-07-01 (end excluded)")
+            s.add_argument("--bbox", help="only this area of the input: west,south,east,north[,EPSG] (default EPSG 4326)")
+            s.add_argument("--dates", help="only these dates of the input: start/end, e.g. 2021-01-01/2021-07-01 "
+                           "(end excluded)")
             s.add_argument("--stac", help="a STAC API URL to load from instead of INPUT "
                            "(a local item-collection .json can be given as INPUT)")
             s.add_argument("--collection", default="sentinel-2-l2a", help="STAC collection id (with --stac)")
-            s.add_argument("--max-cloud-cover", type=float, default=80.0)
+            s.add_argument("--max-cloud-cover", type=float, default=80.0,
+                           help="with --stac: skip items whose eo:cloud_cover (%%) is above this (default 80)")
             s.add_argument("--append", action="store_true",
                            help="add the input's dates to the product in -o (after its last date), coded with its "
                            "history; the dates already there stay as they are")
@@ -417,12 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        line = args.func(args)
+        with progress.shown(f"corsa {args.command}", quiet=args.quiet or args.command in ("info", "models", "serve")), \
+                (product_lock(args.output) if args.command in WRITES_PRODUCT else contextlib.nullcontext()):
+            line = args.func(args)
     except _handled_errors() as e:
         print(f"corsa {args.command}: error: {e}", file=sys.stderr)
         return 2
     # Listings stay parseable (models --json); work says how long it took.
-    print(line if args.command in ("info", "models") else f"{line} ({time.perf_counter() - t0:.1f} s)")
+    print(line if args.command in ("info", "models", "serve") else f"{line} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 

@@ -30,7 +30,8 @@ from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 
-from . import results
+from . import catalog, results
+from .product import date_label as product_date_label
 from .processes import GRAPHS_DIR
 from .sources import Catalogue
 
@@ -198,6 +199,7 @@ class Engine:
             if callable(func) and isinstance(spec, dict):
                 reg[name] = Process(spec=spec, implementation=func)
         reg["load_collection"] = Process(opd_specs.load_collection, self.load_collection)
+        reg["load_stac"] = Process(opd_specs.load_stac, self.load_stac)
         reg["run_udf"] = Process(opd_specs.run_udf, self.run_udf)
         reg["save_result"] = Process(opd_specs.save_result, self.save_result)
         reg["resample_spatial"] = Process(opd_specs.resample_spatial, self.resample_spatial)
@@ -227,6 +229,18 @@ class Engine:
             temporal_extent = [None if v is None else pd.Timestamp(v.root).tz_convert(None).isoformat()
                                for v in temporal_extent.root]
         return self.catalogue.load(id, spatial_extent, temporal_extent, bands, limit)
+
+    def load_stac(self, url: str, spatial_extent=None, temporal_extent=None, bands=None, properties=None,
+                  parent_parameters: dict | None = None) -> xr.DataArray:
+        """A product's STAC Collection or Item (``corsa.catalog``): the product's cube (its dates, or
+        the Item's); any other STAC source as load_collection loads it."""
+        if not catalog.is_ours(url):
+            return self.load_collection(url, spatial_extent, temporal_extent, bands, properties, parent_parameters)
+        folder, dates = catalog.product_of(url)
+        cube = self.load_collection(str(folder), spatial_extent, temporal_extent, bands, properties, parent_parameters)
+        if "t" in cube.dims and len(dates) < cube.sizes["t"]:
+            cube = cube.isel(t=[i for i, t in enumerate(cube["t"].values) if product_date_label(t) in dates])
+        return cube
 
     def run_udf(self, data: xr.DataArray, udf: str, runtime: str, context: dict | None = None, **_) -> xr.DataArray:
         if not isinstance(data, xr.DataArray):
@@ -304,9 +318,15 @@ class Engine:
 
         out_chunks = list(arr.chunks)
         out_chunks[axes["bands"]] = (len(out_bands),)
+        out_coords = {d: cube[d] for d in cube.dims if d != "bands" and d in cube.coords}
+        if "t" in axes and first.sizes["t"] != cube.sizes["t"]:
+            # The callback returned other dates (openEO lets it change labels): only with t whole.
+            if len(arr.chunks[axes["t"]]) != 1:
+                raise EngineError("a callback that changes the dates needs the dimension t whole (not in size)")
+            out_chunks[axes["t"]] = (first.sizes["t"],)
+            out_coords["t"] = first["t"].values
         result = padded.map_blocks(func, dtype=first.dtype, chunks=tuple(out_chunks))
-        out = xr.DataArray(result, dims=cube.dims, coords={**{d: cube[d] for d in cube.dims if d != "bands" and d in cube.coords},
-                                                             "bands": out_bands}, attrs={**cube.attrs, **first.attrs})
+        out = xr.DataArray(result, dims=cube.dims, coords={**out_coords, "bands": out_bands}, attrs={**cube.attrs, **first.attrs})
         out = out.rio.write_crs(cube.rio.crs) if cube.rio.crs else out
         # A side of 1 px has no coordinate spacing to compute the grid from: carry the transform.
         return out.rio.write_transform(cube.rio.transform()) if "spatial_ref" in cube.coords else out

@@ -73,6 +73,10 @@ FILL = Parameter.boolean("fill", default=False,
                          "dates nearest in time brought to the date's light by a per-band gain and offset fitted on "
                          "the pixels both show around the tile; the best-fitting ones averaged. Needs the cube's "
                          "dimension t whole (not in apply_neighborhood's size).")
+DATES = Parameter("dates", schema={"type": ["array", "null"], "items": {"type": "string", "format": "date"}},
+                  default=None, description="The dates (YYYY-MM-DD) to return: stored dates as stored, dates between "
+                  "the first and last stored date rendered from the stored dates around them by the model's time head "
+                  "(between.onnx), pixel by pixel; null: every stored date. Needs the cube's dimension t whole.")
 SPATIAL = Parameter.spatial_extent("spatial_extent", description="Area to compress (bounding box).")
 TEMPORAL = Parameter.temporal_interval("temporal_extent", description="Dates to compress: [start, end).")
 CLOUD = Parameter.number("max_cloud_cover", default=80,
@@ -172,14 +176,14 @@ def corsa_openeo_compress() -> dict:
 
 def corsa_openeo_decompress() -> dict:
     return build_process_dict(
-        udf_over_chunks(None, "decompress", extra={"fill": {"from_parameter": "fill"}}),
+        udf_over_chunks(None, "decompress", extra={"fill": {"from_parameter": "fill"}, "dates": {"from_parameter": "dates"}}),
         process_id="corsa_openeo_decompress",
         summary="Decompress CORSA codes into Sentinel-2 L2A reflectances",
         description="Decodes a cube from corsa_openeo_compress (its stored layers brought back to the 10 m grid with "
                     "resample_spatial \"near\") to the 10 bands " + ", ".join(BANDS)
                     + " (DN = reflectance x 10000, uint16) on the 10 m grid; nodata pixels come back as 0, or "
-                    "filled from the other dates (fill).",
-        parameters=[COMPRESSED, MODEL, QUALITY, FILL], returns={**CUBE, "description": "the 10 bands"},
+                    "filled from the other dates (fill); at the stored dates or at any dates between them (dates).",
+        parameters=[COMPRESSED, MODEL, QUALITY, FILL, DATES], returns={**CUBE, "description": "the 10 bands"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
 

@@ -33,6 +33,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from . import product3, series
+from .files import writing
 from .product3 import shown as _shown
 from .series import check_model_prefix
 from .codec import VariableRateCodec
@@ -114,8 +115,9 @@ class DateWriter:
         self.idx0[y // 2:y // 2 + idx0.shape[0], x // 2:x // 2 + idx0.shape[1]] = idx0
         self.idx1[y // 4:y // 4 + idx1.shape[0], x // 4:x // 4 + idx1.shape[1]] = idx1
         if nodata.any():
-            self._mask_file().write(nodata.astype(np.uint8)[None],
-                                    window=Window(x, y, nodata.shape[1], nodata.shape[0]))
+            with writing(self.folder / self.names["nodata"]):
+                self._mask_file().write(nodata.astype(np.uint8)[None],
+                                        window=Window(x, y, nodata.shape[1], nodata.shape[0]))
 
     def _mask_file(self):
         if self._mask is None:
@@ -132,24 +134,28 @@ class DateWriter:
     def finish(self) -> list[Path]:
         """Write the index files, close the mask, rename everything into place; the final paths."""
         try:
-            has_mask = self._mask is not None
-            tags = {level: _tags(level, self.model_id, self.model_sha256, self.shape, self.transform, self.crs,
-                                 self.date, has_mask) for level in ("nodata", "L1", "L0")}
-            if has_mask:
-                self._mask.close()
-                # The mask went to disk block by block: its checksum is taken by reading it back.
-                with rasterio.open(self._mask_part, "r+") as dst:
-                    dst.update_tags(**tags["nodata"], CORSA_PIXELS_CRC32=_file_crc32(dst))
-            for level, idx, scale in (("L1", self.idx1, 4), ("L0", self.idx0, 2)):
-                tr = self.transform * Affine.scale(scale) if self.transform is not None else None
-                stored = idx.astype("uint8" if int(idx.max(initial=0)) < 256 else "<u2")
-                with rasterio.open(self._part(level), "w", **_profile(idx.shape, tr, self.crs,
-                                                                      dtype=stored.dtype.name)) as dst:
-                    dst.write(stored, 1)
-                    dst.update_tags(**tags[level], CORSA_PIXELS_CRC32=pixels_crc32(stored))
+            with writing(self.folder / self.names["L0"]):
+                return self._finish()
         except BaseException:
             self.abort()
             raise
+
+    def _finish(self) -> list[Path]:
+        has_mask = self._mask is not None
+        tags = {level: _tags(level, self.model_id, self.model_sha256, self.shape, self.transform, self.crs,
+                             self.date, has_mask) for level in ("nodata", "L1", "L0")}
+        if has_mask:
+            self._mask.close()
+            # The mask went to disk block by block: its checksum is taken by reading it back.
+            with rasterio.open(self._mask_part, "r+") as dst:
+                dst.update_tags(**tags["nodata"], CORSA_PIXELS_CRC32=_file_crc32(dst))
+        for level, idx, scale in (("L1", self.idx1, 4), ("L0", self.idx0, 2)):
+            tr = self.transform * Affine.scale(scale) if self.transform is not None else None
+            stored = idx.astype("uint8" if int(idx.max(initial=0)) < 256 else "<u2")
+            with rasterio.open(self._part(level), "w", **_profile(idx.shape, tr, self.crs,
+                                                                  dtype=stored.dtype.name)) as dst:
+                dst.write(stored, 1)
+                dst.update_tags(**tags[level], CORSA_PIXELS_CRC32=pixels_crc32(stored))
         for part, final in self._parts:  # in the order written: L0 last
             part.replace(final)
         if not has_mask:  # a mask of an earlier run of this date; read_date ignores it, as L0 says

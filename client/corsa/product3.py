@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from rasterio.transform import Affine
 
+from .files import writing
 from .latent_coder import StreamError
 
 VERSION = 3
@@ -198,8 +199,9 @@ def write_date(folder: Path, data: bytes, date: str) -> Path:
     final = folder / file_name(date)
     part = final.with_name(final.name + ".part")
     try:
-        part.write_bytes(data)
-        part.replace(final)
+        with writing(final):
+            part.write_bytes(data)
+            part.replace(final)
     except BaseException:
         part.unlink(missing_ok=True)
         raise

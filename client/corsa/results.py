@@ -21,11 +21,17 @@ import xarray as xr
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from .files import writing
 from .product import date_label
 
 PROFILE = {"driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
            "BIGTIFF": "IF_SAFER"}
 DEFAULT_PREFIX = "openEO"
+# Decoded reflectances as users read them remotely: GDAL's cloud-optimised layout (tiles, overviews
+# by averaging, the header first), DN = reflectance x 10000 said by each band's scale and offset.
+COG_OPTIONS = {"compress": "deflate", "predictor": 2, "blocksize": 512, "overviews": "auto", "resampling": "average",
+               "BIGTIFF": "IF_SAFER"}
+REFLECTANCE_SCALE = 1e-4
 
 
 @dataclass
@@ -44,6 +50,30 @@ def transform_of(cube: xr.DataArray) -> Affine | None:
         return cube.rio.transform()
     except Exception:  # coordinates without a regular grid
         return None
+
+
+def as_cog(part: Path, out: Path, bands: tuple[str, ...] | None = None) -> Path:
+    """The GeoTIFF ``part`` (decoded reflectances, uint16 DN) rewritten as a cloud-optimised GeoTIFF
+    at ``out``, with nodata 0, band descriptions ``bands`` (default: as they are) and the DN scale;
+    ``part`` is removed. Under a temporary name until complete."""
+    import rasterio.shutil
+
+    staged = out.with_name(out.name + ".cog.part")
+    try:
+        with writing(out), rasterio.open(part, "r+") as f:
+            f.nodata = 0
+            f.scales = (REFLECTANCE_SCALE,) * f.count
+            f.offsets = (0.0,) * f.count
+            for i, b in enumerate(bands or (), 1):
+                f.set_band_description(i, b)
+            f.update_tags(DN="reflectance x 10000")
+        with writing(out):
+            rasterio.shutil.copy(part, staged, driver="COG", **COG_OPTIONS)
+            staged.replace(out)
+    finally:
+        staged.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+    return out
 
 
 def file_name(prefix: str | None, date: str) -> str:
@@ -105,14 +135,17 @@ def write_all(files: list[PendingFile], compute: Callable) -> list[Path]:
                 kw["transform"] = f.transform
             if f.crs:
                 kw["crs"] = f.crs
-            dst = rasterio.open(part, "w", **kw)
+            with writing(f.path):
+                dst = rasterio.open(part, "w", **kw)
             handles.append(dst)
             for i, b in enumerate(f.bands, 1):
                 dst.set_band_description(i, b)
         for k, y, x, v in _blocks([f.data for f in files], compute):
-            handles[k].write(v, window=Window(x, y, v.shape[2], v.shape[1]))
-        for dst in handles:
-            dst.close()
+            with writing(files[k].path):
+                handles[k].write(v, window=Window(x, y, v.shape[2], v.shape[1]))
+        for f, dst in zip(files, handles):
+            with writing(f.path):
+                dst.close()
     except BaseException:
         for dst in handles:
             dst.close()

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import product3
+from . import product3, progress
 from .codec import VariableRateCodec
 from .latent_coder import LatentCoder
 
@@ -120,8 +120,14 @@ def encode_dates(codec: VariableRateCodec, planned: list[Planned], fresh: list[i
                  ints_of: Callable[[int, int], np.ndarray], workers: int = 2) -> list[dict[int, tuple[bytes, np.ndarray]]]:
     """``encode_block`` of every block position, ``workers`` positions at a time (onnxruntime and
     the range coder release the GIL)."""
+    def one(k: int) -> dict[int, tuple[bytes, np.ndarray]]:
+        coded = encode_block(codec, planned, fresh, k, ints_of)
+        progress.advance()
+        return coded
+
+    progress.grow(blocks)
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda k: encode_block(codec, planned, fresh, k, ints_of), range(blocks)))
+        return list(pool.map(one, range(blocks)))
 
 
 def write_dates(out: Path, codec: VariableRateCodec, planned: list[Planned], fresh: list[int],

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from affine import Affine
 import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
@@ -97,9 +98,10 @@ def open_geotiff(path: Path) -> xr.DataArray:
 
 def open_netcdf(path: Path) -> xr.DataArray:
     ds = xr.open_dataset(path, chunks={}, decode_coords="all", mask_and_scale=False)
-    crs = None
+    crs = geo = None
     if "crs" in ds.variables:
         crs = ds["crs"].attrs.get("spatial_ref") or ds["crs"].attrs.get("crs_wkt")
+        geo = ds["crs"].attrs.get("GeoTransform")
     variables = {v: _band_name(v) for v in ds.data_vars if ds[v].dims == ("t", "y", "x")}
     if not variables:
         raise SourceError(f"{path} has no (t, y, x) band variables")
@@ -117,6 +119,9 @@ def open_netcdf(path: Path) -> xr.DataArray:
     da = xr.merge(arrays, compat="override").to_dataarray("bands").transpose("t", "bands", "y", "x")
     if crs:
         da = da.rio.write_crs(crs)
+    if geo:
+        # GDAL's and openEO's writers record the grid itself: exact, where coordinates carry float error
+        da = da.rio.write_transform(Affine.from_gdal(*(float(v) for v in str(geo).split())))
     return da
 
 

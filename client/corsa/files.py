@@ -1,0 +1,55 @@
+"""Writing files: an OS or GDAL write error (disk full, I/O error, file size limit) becomes one
+error naming the file, for every writer of the package."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rasterio._err import CPLE_BaseError
+from rasterio.errors import RasterioError
+
+
+class WriteError(RuntimeError):
+    """A file could not be written (disk full, I/O error, file size limit); the message names it."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Writes of ``path`` (a file, or the product it belongs to) inside the block: an OS or GDAL
+    write error becomes a WriteError naming the file and the cause. Removing the partial file is
+    the writer's (they write under temporary names)."""
+    try:
+        yield
+    except (OSError, RasterioError, CPLE_BaseError) as e:
+        inner = e.__cause__ or e.__context__
+        cause = (e.strerror if isinstance(e, OSError) and e.strerror else
+                 str(inner if inner is not None and "previous exception" in str(e) else e).strip() or type(e).__name__)
+        raise WriteError(f"writing {path} failed: {cause}") from e
+
+
+LOCK_NAME = ".corsa.lock"
+
+
+@contextmanager
+def product_lock(folder: Path) -> Iterator[None]:
+    """One writer at a time in a product folder: an exclusive lock on ``folder/.corsa.lock`` (held
+    until the block ends or the process dies); a second writer stops with an error naming the folder."""
+    import fcntl
+    import os
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise WriteError(f"{folder} is being written by another corsa process (pid {holder}): "
+                             "wait for it to finish, or write elsewhere") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

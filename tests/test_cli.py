@@ -1,0 +1,64 @@
+"""The CLI explains itself: every argument of every command has a help text; progress is sparse lines
+when stderr is not a terminal and nothing with --quiet; the normal path prints no library warning."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+from rasterio.transform import Affine
+
+from corsa import cli
+from corsa.datasets import LOADERS
+from test_service import write_scene
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        captured["root"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["models"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    sub = next(a for a in captured["root"]._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_argument_is_described():
+    parsers = _parsers()
+    assert {"compress", "decompress", "pack", "classify", "reduce", "info", "models", "serve"} <= set(parsers)
+    for name, p in parsers.items():
+        for action in p._actions:
+            assert action.help and action.help != argparse.SUPPRESS, f"corsa {name}: {action.dest} has no help"
+
+
+@pytest.fixture(scope="module")
+def scene_file(data_root, tmp_path_factory):
+    s = next(LOADERS["worldstrat"](data_root))
+    path = tmp_path_factory.mktemp("cli") / "scene.tif"
+    write_scene(path, s.data, Affine(*s.transform), s.crs, s.date)
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "corsa.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_progress_lines_and_quiet_and_no_warnings(scene_file, tmp_path):
+    r = _run("compress", str(scene_file), "-o", str(tmp_path / "p"), "--model", "corsa2.1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines and all(line.startswith("corsa compress: ") and "%" in line for line in lines), r.stderr
+    assert "\r" not in r.stderr and len(lines) <= 11
+    r = _run("decompress", str(tmp_path / "p"), "-o", str(tmp_path / "d.tif"), "--quiet")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    for args in (["compress", str(scene_file), "-o", str(tmp_path / "e"), "--engine", "-q"],
+                 ["decompress", str(tmp_path / "e"), "-o", str(tmp_path / "e.tif"), "-q"]):
+        r = _run(*args)
+        assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr

@@ -1,0 +1,73 @@
+"""Decoded outputs are on the input's grid bit for bit (CRS and every digit of the geotransform), from
+every kind of input: a GeoTIFF in EPSG:4326 (float pixel sizes) through the block-by-block path, the
+engine and corsa512, an openEO-style NetCDF cube, a compress job's downloaded files (decoded directly
+and packed), and a time series' dates."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import xarray as xr
+from rasterio.crs import CRS
+from rasterio.transform import Affine
+
+from benchmarks.fuzz import _job_files
+from corsa import cli
+from corsa.datasets import LOADERS
+from corsa.scene import BANDS
+from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
+
+
+def _grid(path: Path) -> tuple:
+    with rasterio.open(path) as f:
+        return f.transform.to_gdal(), f.crs
+
+
+@pytest.fixture(scope="module")
+def geographic(data_root, tmp_path_factory):
+    """A WorldStrat scene: EPSG:4326, pixel sizes like 9.154661820492227e-05 degrees."""
+    s = next(LOADERS["worldstrat"](data_root))
+    path = tmp_path_factory.mktemp("grids") / "scene.tif"
+    write_scene(path, s.data, Affine(*s.transform), s.crs, s.date)
+    assert Affine(*s.transform).a != round(Affine(*s.transform).a, 12)
+    return path
+
+
+@pytest.mark.parametrize("model,compress_extra,decompress_extra", [
+    ("corsa2.1", [], []), ("corsa2.1", ["--engine"], ["--engine"]), ("corsa3.1", [], ["--scale", "1"]),
+    ("corsa512", [], [])])
+def test_geotiff_round_trip_keeps_the_grid(geographic, tmp_path, model, compress_extra, decompress_extra):
+    assert cli.main(["compress", str(geographic), "-o", str(tmp_path / "p"), "--model", model] + compress_extra) == 0
+    assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "d.tif")] + decompress_extra) == 0
+    assert _grid(tmp_path / "d.tif") == _grid(geographic)
+
+
+def test_netcdf_round_trip_keeps_the_grid(data_root, tmp_path):
+    """A cube as openEO back ends write it: one (t, y, x) variable a band, the grid in crs's GeoTransform."""
+    s = next(LOADERS["worldstrat"](data_root))
+    t = Affine(*s.transform)
+    h, w = s.data.shape[1:]
+    ds = xr.Dataset({b: (("t", "y", "x"), s.data[i][None]) for i, b in enumerate(BANDS)},
+                    coords={"t": [np.datetime64(s.date, "ns")], "x": t.c + t.a * (np.arange(w) + 0.5),
+                            "y": t.f + t.e * (np.arange(h) + 0.5)})
+    ds["crs"] = xr.DataArray(0, attrs={"spatial_ref": CRS.from_user_input(s.crs).to_wkt(),
+                                       "GeoTransform": " ".join(repr(v) for v in t.to_gdal())})
+    for b in BANDS:
+        ds[b].attrs["grid_mapping"] = "crs"
+    ds.to_netcdf(tmp_path / "cube.nc", engine="scipy")      # NetCDF3: uint16 stored with _Unsigned
+    assert cli.main(["compress", str(tmp_path / "cube.nc"), "-o", str(tmp_path / "p"), "--model", "corsa2.1"]) == 0
+    assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "d.tif")]) == 0
+    transform, crs = _grid(tmp_path / "d.tif")
+    assert transform == t.to_gdal() and crs == CRS.from_user_input(s.crs)
+
+
+def test_job_files_keep_the_grid(majortom, tmp_path):
+    """A compress job's files over a crop at a fractional offset of the Major-TOM scene (UTM)."""
+    data = majortom.data[:, 100:300, 200:420]
+    transform = Affine(*majortom.transform) * Affine.translation(200.5, 100.25)
+    write_scene(tmp_path / "s.tif", data, transform, majortom.crs, "2022-07-06")
+    files = _job_files(tmp_path / "s.tif", tmp_path / "job")
+    assert cli.main(["decompress", str(files), "-o", str(tmp_path / "direct.tif")]) == 0
+    assert cli.main(["pack", str(files), "-o", str(tmp_path / "packed")]) == 0
+    assert cli.main(["decompress", str(tmp_path / "packed"), "-o", str(tmp_path / "packed.tif")]) == 0
+    assert _grid(tmp_path / "direct.tif") == _grid(tmp_path / "packed.tif") == _grid(tmp_path / "s.tif")

@@ -1,0 +1,146 @@
+"""Rendering a compressed series off its stored dates and grid (corsa decompress --date / --scale /
+--like, corsa.render) on a real WorldStrat test series: a date in between is a per-pixel blend of
+the stored dates around it and the decompress UDP (dates) gives the same bytes; --scale and --like
+give the asked grid, the same pixels for the same grid, GDAL's average for coarser pixels; what
+cannot be rendered is refused by name with nothing written."""
+import numpy as np
+import pytest
+import rasterio
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
+from rasterio.warp import calculate_default_transform, reproject
+
+from rio_cogeo.cogeo import cog_validate
+
+from corsa import cli
+from corsa.scene import BANDS
+from corsa.datasets import LOADERS, revisit_series
+from corsa.metrics import psnr
+from test_service import write_scene
+
+MODEL = "corsa3.1"
+AREA = "Landcover-31746"      # test split, 8 clear revisits
+LEFT_OUT = 3
+
+
+def _read(path):
+    with rasterio.open(path) as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def series(data_root, tmp_path_factory):
+    """The area's dates but one, compressed as a series; and the left-out date."""
+    (run,) = revisit_series([s for s in LOADERS["worldstrat"](data_root) if s.location == AREA])
+    src = tmp_path_factory.mktemp("render") / "in"
+    src.mkdir()
+    for i, s in enumerate(run):
+        if i != LEFT_OUT:
+            write_scene(src / f"{s.date}.tif", s.data, Affine(*s.transform), s.crs, s.date)
+    prod = src.parent / "prod"
+    assert cli.main(["compress", str(src), "-o", str(prod), "--model", MODEL, "--quality", "4"]) == 0
+    return prod, run
+
+
+def test_a_date_in_between_blends_the_dates_around_it(series, tmp_path):
+    prod, run = series
+    date = run[LEFT_OUT].date
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "d.tif"), "--date", date]) == 0
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "all")]) == 0
+    rendered = _read(tmp_path / "d.tif").astype(np.int64)
+    around = np.stack([_read(tmp_path / "all" / f"corsa_decoded_{run[i].date}.tif")
+                       for i in (LEFT_OUT - 2, LEFT_OUT - 1, LEFT_OUT + 1, LEFT_OUT + 2)]).astype(np.int64)
+    # a convex blend of the four candidates, pixel by pixel (one DN of rounding)
+    assert (rendered >= around.min(0) - 1).all() and (rendered <= around.max(0) + 1).all()
+    assert psnr(run[LEFT_OUT].data, rendered) > 35
+    with rasterio.open(tmp_path / "d.tif") as f, rasterio.open(tmp_path / "all" / f"corsa_decoded_{run[0].date}.tif") as g:
+        assert (f.transform, f.crs, f.shape) == (g.transform, g.crs, g.shape)
+    # a stored date is its plain decode
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "s.tif"), "--date", run[1].date]) == 0
+    np.testing.assert_array_equal(_read(tmp_path / "s.tif"), _read(tmp_path / "all" / f"corsa_decoded_{run[1].date}.tif"))
+
+
+def test_the_decompress_service_renders_the_same_date(data_root, tmp_path):
+    """Four dates tiled 4 x 4 (636 x 628 px: several of the services' chunks): corsa_openeo_decompress
+    with dates=[the left-out one] on the engine writes the bytes of the block-by-block path."""
+    (run,) = revisit_series([s for s in LOADERS["worldstrat"](data_root) if s.location == AREA])
+    src = tmp_path / "in"
+    src.mkdir()
+    for s in run[:2] + run[3:5]:
+        write_scene(src / f"{s.date}.tif", np.tile(s.data, (1, 4, 4)), Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "p"), "--model", MODEL, "--quality", "2"]) == 0
+    for name, extra in (("block.tif", []), ("engine.tif", ["--engine"])):
+        assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / name), "--date", run[2].date] + extra) == 0
+    np.testing.assert_array_equal(_read(tmp_path / "block.tif"), _read(tmp_path / "engine.tif"))
+    for name in ("block.tif", "engine.tif"):    # both paths write cloud-optimised GeoTIFFs
+        assert cog_validate(str(tmp_path / name)) == (True, [], [])
+        with rasterio.open(tmp_path / name) as f:
+            assert f.overviews(1) and f.nodata == 0 and f.descriptions == BANDS and set(f.scales) == {1e-4}
+
+
+def test_scale_and_like_give_the_asked_grid(series, tmp_path):
+    prod, run = series
+    date = run[0].date
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "plain.tif"), "--date", date]) == 0
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "x2.tif"), "--date", date, "--scale", "2"]) == 0
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "like.tif"), "--date", date,
+                     "--like", str(tmp_path / "x2.tif")]) == 0
+    with rasterio.open(tmp_path / "plain.tif") as p, rasterio.open(tmp_path / "x2.tif") as f:
+        assert f.shape == (2 * p.height, 2 * p.width) and f.crs == p.crs
+        np.testing.assert_allclose(f.bounds, p.bounds, atol=1e-9)
+        fine = f.read()
+        plain = p.read()
+    np.testing.assert_array_equal(_read(tmp_path / "like.tif"), fine)
+    # 2 x 2 blocks of the finer render average back close to the plain decode
+    back = fine.reshape(10, plain.shape[1], 2, plain.shape[2], 2).astype(np.float64).mean((2, 4))
+    assert psnr(plain, back) > 45
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "half.tif"), "--date", date, "--scale", "0.5"]) == 0
+    with rasterio.open(tmp_path / "half.tif") as f:
+        assert f.shape == (round(plain.shape[1] / 2), round(plain.shape[2] / 2))
+        np.testing.assert_allclose(f.bounds, rasterio.open(tmp_path / "plain.tif").bounds, atol=1e-9)
+
+
+def test_like_onto_another_crs(series, tmp_path):
+    prod, run = series
+    date = run[0].date
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "plain.tif"), "--date", date]) == 0
+    with rasterio.open(tmp_path / "plain.tif") as p:
+        crs = CRS.from_epsg(3857)
+        transform, w, h = calculate_default_transform(p.crs, crs, p.width, p.height, *p.bounds)
+        grid = np.zeros((10, h, w), np.float32)
+        reproject(p.read().astype(np.float32), grid, src_transform=p.transform, src_crs=p.crs, dst_transform=transform,
+                  dst_crs=crs, resampling=Resampling.bilinear, src_nodata=0, dst_nodata=0)
+    with rasterio.open(tmp_path / "grid.tif", "w", driver="GTiff", width=w, height=h, count=1, dtype="uint8", crs=crs,
+                       transform=transform) as dst:
+        dst.write(np.zeros((1, h, w), np.uint8))
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "o.tif"), "--date", date,
+                     "--like", str(tmp_path / "grid.tif")]) == 0
+    with rasterio.open(tmp_path / "o.tif") as f:
+        assert f.crs == crs and f.transform == transform and f.shape == (h, w)
+        out = f.read()
+    both = (out != 0).any(0) & (grid != 0).any(0)
+    assert both.mean() > 0.5
+    assert psnr(grid[:, both], out[:, both]) > 35        # GDAL's bilinear warp of the plain decode, nearly
+
+
+def test_what_cannot_be_rendered_is_refused(series, tmp_path, capsys):
+    prod, run = series
+    cases = [(["--date", "2018-01-01"], "extrapolates no date"),
+             (["--date", run[LEFT_OUT].date, "--fill"], "--fill fills a stored date's gaps"),
+             (["--scale", "-1", "--date", run[0].date], "--scale must be a positive number"),
+             (["--like", str(tmp_path / "none.tif"), "--date", run[0].date], "not a raster GDAL can open"),
+             (["--date", "2019-02-30"], "is not a date YYYY-MM-DD"),
+             (["--scale", "2", "--engine"], "block-by-block path")]
+    for extra, message in cases:
+        assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "o.tif")] + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not list(tmp_path.glob("o.tif*"))
+    src = tmp_path / "one"
+    src.mkdir()
+    s = run[0]
+    write_scene(src / f"{s.date}.tif", s.data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "p2"), "--model", "corsa2.1"]) == 0
+    assert cli.main(["decompress", str(tmp_path / "p2"), "-o", str(tmp_path / "o.tif"), "--scale", "2"]) == 2
+    assert "has no space head" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o.tif*"))
