@@ -24,6 +24,7 @@ from corsa.codec import MODELS_DIR, sha256_file
 from corsa.datasets import LOADERS
 from corsa.metrics import psnr
 from corsa.scene import BANDS
+from conftest import stored_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = "2022-07-06"
@@ -70,8 +71,8 @@ class Ctx:
 # -- what the correct outputs are ----------------------------------------------------------------
 
 def same_product_as_reference(ctx: Ctx) -> None:
-    files = sorted(p.name for p in ctx.reference.iterdir())
-    assert sorted(p.name for p in (ctx.tmp / "out").iterdir()) == files
+    files = sorted(p.name for p in stored_files(ctx.reference))
+    assert sorted(p.name for p in stored_files(ctx.tmp / "out")) == files
     for name in files:
         assert (ctx.tmp / "out" / name).read_bytes() == (ctx.reference / name).read_bytes(), name
 

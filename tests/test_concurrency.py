@@ -41,7 +41,7 @@ def test_a_second_writer_is_refused_while_the_first_writes(dates, tmp_path):
                      ["reduce", str(out), "--quality", "1", "-o", str(out)]):
             r = _corsa(*args)
             assert r.returncode == 2, r.stderr
-            assert f"{out} is being written by another corsa process (pid {holder.pid})" in r.stderr
+            assert f"{out} is being written by another corsa process" in r.stderr
         assert not list(out.glob("corsa_*"))
     finally:
         holder.kill()

@@ -7,6 +7,7 @@ from corsa import demo
 from corsa.datasets import LOADERS
 from corsa.load import InputError, read_geotiff
 from corsa.scene import BANDS
+from conftest import stored_files
 
 
 def _write(path, data, names):
@@ -31,7 +32,7 @@ def test_demo_compresses_a_geotiff_named_by_band_descriptions(tmp_path, scene):
     # a 120 x 120 px scene: GeoTIFF headers weigh on the product's CF
     assert res["cf"] > 20
     assert (tmp_path / "out" / "in_quicklook.png").stat().st_size > 1000
-    assert sum(f.stat().st_size for f in (tmp_path / "out" / "in_product").iterdir()) == res["product_bytes"]
+    assert sum(f.stat().st_size for f in stored_files(tmp_path / "out" / "in_product")) == res["product_bytes"]
     assert not list((tmp_path / "out").rglob("*.part*"))
 
 

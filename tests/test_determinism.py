@@ -9,6 +9,7 @@ from corsa import blockwise, cli, engine
 from corsa.datasets import LOADERS
 
 from test_bad_inputs import write_tif
+from conftest import stored_files
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def threads(monkeypatch):
 
 
 def files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.name: p.read_bytes() for p in stored_files(folder)}
 
 
 @pytest.mark.parametrize("model, files_per_date", [("corsa512", 3), ("corsa2", 1)])

@@ -13,6 +13,7 @@ from corsa import cli
 from corsa.datasets import LOADERS, revisit_series
 from corsa.metrics import psnr
 from test_service import write_scene
+from conftest import stored_files
 
 AREA = "Landcover-31746"     # test split, 8 clear revisits
 GAP_DATE = 3
@@ -54,7 +55,7 @@ def test_fill_changes_only_the_gap_and_brings_it_back(gapped, tmp_path):
 
 def test_dates_without_gaps_decode_as_without_fill(gapped, tmp_path):
     prod, target, _ = gapped
-    other = sorted(p.name for p in prod.iterdir())[0].removeprefix("corsa_").removesuffix(".corsa")
+    other = stored_files(prod)[0].name.removeprefix("corsa_").removesuffix(".corsa")
     assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "a.tif"), "--date", other]) == 0
     assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "b.tif"), "--date", other, "--fill"]) == 0
     np.testing.assert_array_equal(_read(tmp_path / "a.tif"), _read(tmp_path / "b.tif"))
@@ -75,8 +76,8 @@ def test_the_service_fills_the_same_pixels_over_several_chunks(data_root, tmp_pa
     assert cli.main(["compress", str(src), "-o", str(tmp_path / "prod"), "--model", "corsa2.1", "--quality", "2"]) == 0
     for out, extra in (("block", []), ("engine", ["--engine"])):
         assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / out), "--fill"] + extra) == 0
-    names = sorted(p.name for p in (tmp_path / "block").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "engine").iterdir()) and len(names) == 3
+    names = sorted(p.name for p in stored_files(tmp_path / "block"))
+    assert names == sorted(p.name for p in stored_files(tmp_path / "engine")) and len(names) == 3
     for name in names:
         np.testing.assert_array_equal(_read(tmp_path / "block" / name), _read(tmp_path / "engine" / name))
     filled = _read(tmp_path / "block" / names[1])

@@ -17,6 +17,7 @@ from corsa.engine import Engine
 from corsa.local import EngineConnection
 from corsa.sources import Catalogue
 from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
+from conftest import stored_files
 
 DATE = "2022-07-06"
 QUALITY = 3
@@ -85,7 +86,7 @@ def test_pack_gives_the_product_that_compress_writes(job, scene, tmp_path):
     args = ["--model", model] + (["--quality", str(QUALITY)] if model == "corsa2" else [])
     assert cli.main(["pack", str(folder), "-o", str(tmp_path / "packed"), *args]) == 0
     assert cli.main(["compress", str(scene[0]), "-o", str(tmp_path / "direct"), *args]) == 0
-    packed, direct = sorted((tmp_path / "packed").iterdir()), sorted((tmp_path / "direct").iterdir())
+    packed, direct = stored_files(tmp_path / "packed"), stored_files(tmp_path / "direct")
     assert [p.name for p in packed] == [p.name for p in direct] and packed
     assert all(p.read_bytes() == q.read_bytes() for p, q in zip(packed, direct))
     if model == "corsa2":  # format 3 is smaller than the job's GeoTIFFs (format 2 carries GeoTIFF headers too)

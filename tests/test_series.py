@@ -14,6 +14,7 @@ from corsa import cli, product3, series
 from corsa.datasets import LOADERS, revisit_series
 from corsa.sources import date_from_name
 from test_service import write_scene
+from conftest import stored_files
 
 MODEL = "corsa3"
 AREA = "Landcover-31746"      # test split; 8 revisits
@@ -34,13 +35,13 @@ def _compress(src: Path, out: Path, *extra: str) -> None:
 
 
 def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir())
+    return sum(p.stat().st_size for p in stored_files(folder))
 
 
 def _decoded(folder: Path, out: Path, *extra: str) -> dict[str, np.ndarray]:
     assert cli.main(["decompress", str(folder), "-o", str(out), *extra]) == 0
     found = {}
-    for p in sorted(out.iterdir()):
+    for p in stored_files(out):
         with rasterio.open(p) as f:
             found[p.name] = f.read()
     return found
@@ -84,7 +85,7 @@ def test_appended_dates_give_the_bytes_of_one_run(products, dates_folder, tmp_pa
     for p in files[3:]:
         shutil.copy(p, later)
     _compress(first, tmp_path / "prod")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "prod").iterdir()}
+    before = {p.name: p.read_bytes() for p in stored_files(tmp_path / "prod")}
     _compress(later, tmp_path / "prod", "--append")
     after = {p.name: p.read_bytes() for p in (tmp_path / "prod").iterdir()}
     assert all(after[k] == v for k, v in before.items())                  # nothing re-coded
@@ -111,6 +112,10 @@ def test_a_missing_or_damaged_reference_is_refused_by_name(products, tmp_path, c
     assert cli.main(["decompress", str(coded), "-o", str(tmp_path / "damaged")]) == 2
     assert f"{first.name} does not match its CRC-32" in capsys.readouterr().err
     first.unlink()
+    assert cli.main(["decompress", str(coded), "-o", str(tmp_path / "missing")]) == 2
+    # the product's STAC Collection lists the date; without it, the reference is missed by name
+    assert "collection.json lists the date(s)" in capsys.readouterr().err
+    (coded / "collection.json").unlink()
     assert cli.main(["decompress", str(coded), "-o", str(tmp_path / "missing")]) == 2
     assert f"{first.name} is missing" in capsys.readouterr().err
     for out in (tmp_path / "damaged", tmp_path / "missing"):        # nothing half-written is left

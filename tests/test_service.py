@@ -12,6 +12,7 @@ from corsa.codec import OnnxCodec
 from corsa.datasets import LOADERS
 from corsa.metrics import psnr
 from corsa.scene import BANDS
+from conftest import stored_files
 
 
 def write_scene(path, data, transform, crs, date=None):
@@ -42,7 +43,7 @@ def test_round_trip_odd_size_with_nodata(tmp_path, majortom, codec):
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
 
     names = product.file_names("2022-07-06")
-    assert {p.name for p in (tmp_path / "prod").iterdir()} == set(names.values())
+    assert {p.name for p in stored_files(tmp_path / "prod")} == set(names.values())
     d = product.read_date(tmp_path / "prod", "2022-07-06")
     idx0, idx1 = codec.encode(data)
     # index maps read back bit-exact; cells past the last input row/column repeat the last cell
@@ -142,8 +143,8 @@ def test_dask_cluster_gives_byte_identical_products(tmp_path, majortom):
                       dashboard_address=None) as cluster:
         assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "cluster"),
                          "--scheduler", cluster.scheduler_address]) == 0
-    local = sorted((tmp_path / "local").iterdir())
-    assert [p.name for p in local] == sorted(p.name for p in (tmp_path / "cluster").iterdir())
+    local = stored_files(tmp_path / "local")
+    assert [p.name for p in local] == sorted(p.name for p in stored_files(tmp_path / "cluster"))
     for p in local:
         assert p.read_bytes() == (tmp_path / "cluster" / p.name).read_bytes(), p.name
 

@@ -103,7 +103,7 @@ def test_render_heads_train_export_and_render(tmp_path, data_root):
     shutil.copytree(ROOT / "models_onnx" / "corsa3.1", model)
     for f in ("render.onnx", "between.onnx"):
         (model / f).unlink()
-    _run("training.train_render", "--model", str(model), "--steps", "2", "--crops", "4", "--val-crops", "2")
+    _run("training.train_render", "--model", str(model), "--steps", "2", "--crops", "4", "--val-crops", "2", "--batch", "2")
     _run("training.train_between", "--model", str(model), "--steps", "2", "--batch", "2")
     card = json.loads((model / "model_card.json").read_text())
     for key in ("render", "between"):

@@ -18,6 +18,7 @@ from corsa.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, ESC, M, PRECISI
 from corsa.metrics import psnr
 
 from test_bad_inputs import write_tif
+from conftest import stored_files
 
 MODEL = "corsa2"
 
@@ -144,7 +145,7 @@ def crop(data_root):
 def test_cli_round_trip_small_scene_header_and_nodata(tmp_path, crop, codec):
     rc, _ = _compress(tmp_path, crop, "prod", "--quality", str(codec.qualities[-2]))
     assert rc == 0
-    (path,) = (tmp_path / "prod").iterdir()
+    (path,) = stored_files(tmp_path / "prod")
     h = product3.read_header(path.read_bytes(), path.name)
     overhead = path.stat().st_size - sum(h["lengths"])
     assert overhead <= 0.05 * path.stat().st_size, (overhead, path.stat().st_size)   # headers cost <= 5% of CF
@@ -193,7 +194,7 @@ def test_quality_errors_are_clear(tmp_path, crop, capsys):
 
 def test_damaged_product_is_refused(tmp_path, crop, capsys):
     assert _compress(tmp_path, crop, "prod")[0] == 0
-    (path,) = (tmp_path / "prod").iterdir()
+    (path,) = stored_files(tmp_path / "prod")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))

@@ -77,11 +77,11 @@ def _where(shape: tuple[int, int], transform: list | None, crs: str | None) -> t
     return {"type": "Polygon", "coordinates": [ring]}, [w, s, e, n], fields
 
 
-def _when(date: str, folder: Path) -> tuple[datetime, dict]:
+def _when(date: str) -> tuple[datetime | None, dict]:
+    """An Item's time: the date's day, or for an undated date any time (STAC needs one), said so."""
     if date == UNDATED:
-        # STAC needs a time: the product's, said to be such
-        stamp = datetime.fromtimestamp(folder.stat().st_mtime, timezone.utc).replace(microsecond=0)
-        return stamp, {"corsa:date": UNDATED}
+        return None, {"corsa:date": UNDATED, "start_datetime": "0001-01-01T00:00:00Z",
+                      "end_datetime": "9999-12-31T23:59:59Z"}
     return datetime.fromisoformat(date).replace(tzinfo=timezone.utc), {"corsa:date": date}
 
 
@@ -91,7 +91,7 @@ def product_items(folder: Path) -> list[pystac.Item]:
     items = []
     for r in describe(folder):
         geometry, bbox, proj = _where(tuple(r["shape"]), r["transform"], r["crs"])
-        when, extra = _when(r["date"], folder)
+        when, extra = _when(r["date"])
         props = {**proj, **extra, "corsa:model": r["model_id"], "corsa:quality": r["quality"],
                  "corsa:format": r["format"], "corsa:cf": round(r["cf"], 3), "corsa:bytes": r["bytes"]}
         if r.get("references"):
@@ -113,9 +113,11 @@ def write_product(folder: Path) -> Path:
         old.unlink()
     spatial = [i.bbox for i in items if i.bbox] or [[-180.0, -90.0, 180.0, 90.0]]
     box = [min(b[0] for b in spatial), min(b[1] for b in spatial), max(b[2] for b in spatial), max(b[3] for b in spatial)]
-    times = sorted(i.datetime for i in items)
+    times = sorted(i.datetime for i in items if i.datetime) or [None]
+    # Named by what it holds, not by its folder: the same product is the same bytes wherever it lies.
+    dates = [i.properties["corsa:date"] for i in items]
     collection = pystac.Collection(
-        f"corsa-{folder.name}", f"CORSA-compressed Sentinel-2 L2A: {len(items)} date(s)",
+        f"corsa-{dates[0]}-{dates[-1]}", f"CORSA-compressed Sentinel-2 L2A: {len(items)} date(s)",
         pystac.Extent(pystac.SpatialExtent([box]), pystac.TemporalExtent([[times[0], times[-1]]])),
         license="other", stac_extensions=[PROJECTION], extra_fields={"corsa:product": True})
     collection.add_items(items)
@@ -140,7 +142,7 @@ def write_decoded(path: Path, date: str | None, source: Path | None = None) -> P
         shape, transform, crs = f.shape, list(f.transform)[:6], f.crs.to_string() if f.crs else None
         scales, nodata = f.scales, f.nodata
     geometry, bbox, proj = _where(shape, transform, crs)
-    when, extra = _when(date or UNDATED, path.parent)
+    when, extra = _when(date or UNDATED)
     props = {**proj, **extra}
     if source is not None:
         props["corsa:decoded_from"] = str(source)
@@ -166,8 +168,9 @@ def check_complete(folder: Path) -> None:
         listed = {Path(link["href"]).stem.removeprefix("corsa_") for link in links if link.get("rel") == "item"}
     except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
         raise product.ProductError(f"{path} is damaged: {e}") from None
-    missing = sorted(listed - set(product3.dates_in(folder)) - set(product.dates_in(folder)))
-    if missing:
+    stored = set(product3.dates_in(folder)) | set(product.dates_in(folder))
+    missing = sorted(listed - stored)
+    if missing and stored:      # none stored: the reader says the folder holds no complete date
         raise product.ProductError(f"{folder}: its {COLLECTION} lists the date(s) {', '.join(missing)}, whose files "
                                    "are missing or incomplete")
 

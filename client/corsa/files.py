@@ -28,28 +28,23 @@ def writing(path: Path) -> Iterator[None]:
         raise WriteError(f"writing {path} failed: {cause}") from e
 
 
-LOCK_NAME = ".corsa.lock"
-
-
 @contextmanager
 def product_lock(folder: Path) -> Iterator[None]:
-    """One writer at a time in a product folder: an exclusive lock on ``folder/.corsa.lock`` (held
-    until the block ends or the process dies); a second writer stops with an error naming the folder."""
+    """One writer at a time in a product folder: an exclusive lock on the folder itself (flock of
+    its directory: no file to leave behind; released when the block ends or the process dies); a
+    second writer stops with an error naming the folder."""
     import fcntl
     import os
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise WriteError(f"{folder} is being written by another corsa process (pid {holder}): "
-                             "wait for it to finish, or write elsewhere") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+            raise WriteError(f"{folder} is being written by another corsa process: wait for it to finish, "
+                             "or write elsewhere") from None
         yield
     finally:
         os.close(fd)

@@ -74,7 +74,7 @@ def layers_of(folder: Path, date: str) -> tuple[list[Layer], tuple[int, int], Af
         path = files[name]
         with rasterio.open(path) as src:
             stride = round(src.transform.a / transform.a) if transform.a else 1
-            expected = (-(-shape[0] // stride), -(-shape[1] // stride))
+            expected = (-(-shape[0] // stride), -(-shape[1] // stride)) if stride >= 1 else None
             # a thousandth of a pixel: float rounding of the writer, never a shifted grid
             on_grid = np.allclose(tuple(src.transform)[:6], tuple(transform * Affine.scale(stride))[:6], rtol=0,
                                   atol=1e-3 * abs(transform.a))
