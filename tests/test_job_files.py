@@ -149,6 +149,15 @@ def test_damaged_job_files_are_refused_by_name(corsa2_files, tmp_path, capsys):
         dst.write(values.astype(np.float32) + 0.5)
         dst.descriptions = names
     refused("not whole numbers")
+    # a 10 m grid whose pixel size a damaged header made subnormal (found by benchmarks.fuzz --format packed)
+    nodata = folder / f"corsa_nodata_{DATE}.tif"
+    with rasterio.open(latent, "w", **profile) as dst:
+        dst.write(values)
+        dst.descriptions = names
+    with rasterio.open(nodata, "r+") as dst:
+        t = dst.transform
+        dst.transform = Affine(5e-311, t.b, t.c, t.d, t.e, t.f)
+    refused("has a pixel size of no grid")
     # a layer missing: no longer a compress job's output
     latent.unlink()
     refused("holds no compress job's files")

@@ -73,7 +73,11 @@ def layers_of(folder: Path, date: str) -> tuple[list[Layer], tuple[int, int], Af
     for name in sorted(files, key=lambda n: (n == NODATA, n)):
         path = files[name]
         with rasterio.open(path) as src:
-            stride = round(src.transform.a / transform.a) if transform.a else 1
+            ratio = src.transform.a / transform.a if transform.a else 1.0
+            if not np.isfinite(ratio):      # a damaged header: pixel sizes of no grid
+                raise JobFilesError(f"{path.name} has a pixel size of no grid ({src.transform.a} against "
+                                    f"{files[NODATA].name}'s {transform.a})")
+            stride = round(ratio)
             expected = (-(-shape[0] // stride), -(-shape[1] // stride)) if stride >= 1 else None
             # a thousandth of a pixel: float rounding of the writer, never a shifted grid
             on_grid = np.allclose(tuple(src.transform)[:6], tuple(transform * Affine.scale(stride))[:6], rtol=0,
