@@ -22,9 +22,11 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 from . import blockwise, catalog, pack, processes, product, product3, progress, render, results, series
@@ -420,8 +422,16 @@ def _unraisable(info) -> None:
         sys.__unraisablehook__(info)
 
 
+def _printed(kind, value, tb) -> None:
+    """The same failure, where the log handler runs inside a callback that prints what it raised."""
+    if not isinstance(value, UnicodeDecodeError):
+        sys.__excepthook__(kind, value, tb)
+
+
 def main(argv: list[str] | None = None) -> int:
-    sys.unraisablehook = _unraisable
+    sys.unraisablehook, sys.excepthook = _unraisable, _printed
+    # Whether a file is georeferenced as it must be is ours to check and say (grids are checked by name).
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     p = argparse.ArgumentParser(prog="corsa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
