@@ -46,11 +46,10 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path) -
         span = f"between {dates[0]} and {dates[-1]}" if len(dates) > 1 else "with two dated dates or more"
         raise ValueError(f"{folder} renders dates {span}, not {date}: it extrapolates no date")
     session = _head(codec, "between", "time head")
-    picked = [dates[j] for j in corsa_udf.between_candidates(days, t)]
-    stored = blockwise.StoredDates(folder, picked, blockwise._Integers(folder, picked[0], codec).head["shape"], codec,
-                                   f"render {date}")
+    pick = corsa_udf.between_candidates(days, t)
+    picked, picked_days = [dates[j] for j in pick], [days[j] for j in pick]
+    stored = blockwise.StoredDates(folder, picked, series.header(folder, picked[0])[1]["shape"], codec, f"render {date}")
     head = stored.ints[0].head
-    picked_days = [float(np.datetime64(d, "D").astype(np.int64)) for d in picked]
     dec = blockwise._sessions(codec, "decoder")
     overlap = processes.OVERLAP["decompress"]
 
