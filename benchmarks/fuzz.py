@@ -195,16 +195,16 @@ def _job_files(tif: Path, out: Path, model: str = "corsa2.1", quality: int = 3) 
     from corsa import processes
     from corsa.codec import read_card
     from corsa.engine import Engine
-    from corsa.pack import JOB_FILE
+    from corsa.pack import write_job_file
     from corsa.sources import Catalogue
 
     path, card = read_card(model)
     Engine(Catalogue({"SENTINEL2_L2A": tif}), output=out).run(
         processes.compress_s2_process(card, 10.0), spatial_extent=None, temporal_extent=None, max_cloud_cover=80,
         model=str(path), quality=quality)
-    (out / JOB_FILE).write_text(json.dumps({"process": {"process_graph": {"c": {
+    write_job_file(out, {"process": {"process_graph": {"c": {
         "process_id": "corsa2_openeo_compress_s2", "arguments": {"model": f"models/{model}", "quality": quality},
-        "result": True}}}}))
+        "result": True}}}}, sorted(out.glob("corsa_*.tif")))
     return out
 
 

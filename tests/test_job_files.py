@@ -104,11 +104,19 @@ def test_decompress_reads_job_files_like_the_product(job, tmp_path):
         np.testing.assert_array_equal(a.read(), b.read())
 
 
-def test_downloaded_job_names_its_model_and_quality(scene, tmp_path):
-    """jobs.download keeps the job's description: pack and decompress need no --model then."""
-    local = EngineConnection({"SENTINEL2_L2A": scene[0]}, workdir=tmp_path / "jobs")
+@pytest.fixture(scope="module")
+def downloaded(scene, tmp_path_factory) -> tuple[list[Path], Path]:
+    """A corsa2 quality-2 compress job of the scene on the embedded engine, downloaded."""
+    local = EngineConnection({"SENTINEL2_L2A": scene[0]}, workdir=tmp_path_factory.mktemp("jobs"))
     job = jobs.follow(jobs.start(jobs.submit(jobs.compress(local, None, None, model="corsa2", quality=2), "c")))
-    files = jobs.download(job, tmp_path / "dl")
+    folder = tmp_path_factory.mktemp("dl")
+    return jobs.download(job, folder), folder
+
+
+def test_downloaded_job_names_its_model_and_quality(downloaded, tmp_path):
+    """jobs.download keeps the job's description: pack and decompress need no --model then."""
+    files, folder = downloaded
+    shutil.copytree(folder, tmp_path / "dl")
     assert sorted(p.name for p in files) == [f"corsa_latent_{DATE}.tif", f"corsa_nodata_{DATE}.tif"]
     assert pack.job_settings(tmp_path / "dl") == {"model": "corsa2", "quality": 2}
     assert cli.main(["pack", str(tmp_path / "dl"), "-o", str(tmp_path / "product")]) == 0
@@ -116,6 +124,47 @@ def test_downloaded_job_names_its_model_and_quality(scene, tmp_path):
     assert header["quality"] == 2 and header["model_id"] == "corsa2"
     assert cli.main(["decompress", str(tmp_path / "dl"), "-o", str(tmp_path / "dec")]) == 0
     assert (tmp_path / "dec" / f"corsa_decoded_{DATE}.tif").is_file()
+
+
+def test_files_damaged_after_the_download_are_refused(downloaded, tmp_path, capsys):
+    """job.json's sha256 of each file: damage that still decodes (pixels overwritten with valid values,
+    another quality in the record) is refused by pack and decompress, naming the file."""
+    _, original = downloaded
+    latent = f"corsa_latent_{DATE}.tif"
+
+    def damaged(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(original, folder)
+        return folder
+
+    def refused(folder: Path, match: str) -> None:
+        for command in ("pack", "decompress"):
+            capsys.readouterr()
+            out = tmp_path / f"{folder.name}-{command}"
+            assert cli.main([command, str(folder), "-o", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert match in err and "Traceback" not in err, err
+            assert not out.exists() or stored_files(out) == []
+
+    folder = damaged("pixels")
+    with rasterio.open(folder / latent, "r+") as dst:
+        values = dst.read()
+        values[0, 5, 5] += 1
+        dst.write(values)
+    refused(folder, f"{latent} has changed since it was downloaded")
+    folder = damaged("record")
+    text = (folder / "job.json").read_text()
+    assert '"quality": 2' in text
+    (folder / "job.json").write_text(text.replace('"quality": 2', '"quality": 3'))
+    refused(folder, "job.json is damaged: its content does not match the sha256 recorded with it")
+    folder = damaged("gone")
+    (folder / latent).unlink()
+    refused(folder, f"{latent}, downloaded with the job (job.json), is missing")
+    folder = damaged("extra")
+    shutil.copy(folder / latent, folder / "corsa_latent_2022-07-11.tif")
+    refused(folder, "corsa_latent_2022-07-11.tif is not among the files the job's download recorded")
+    # the undamaged download still packs
+    assert cli.main(["pack", str(original), "-o", str(tmp_path / "product")]) == 0
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ class Server:
     def set_job(self, job_id: str, **body) -> None:
         requests.put(f"{self.url}/_test/jobs/{job_id}", json=body).raise_for_status()
 
-    def put_results(self, job_id: str, files: list[Path], listed: list[str] | None = None) -> None:
+    def put_results(self, job_id: str, files: list[Path], listed: list[str] | dict[str, dict] | None = None) -> None:
         folder = self.results / job_id
         folder.mkdir(parents=True)
         for f in files:
@@ -320,7 +320,7 @@ def test_results_download_and_feed_the_decompress_job(server, connection, local_
     assert sorted(p.name for p in files) == sorted(p.name for p in local_product)
     assert all(p.read_bytes() == q.read_bytes() for p, q in zip(sorted(files), sorted(local_product)))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([p.name for p in files] + ["job.json"])
-    assert json.loads((tmp_path / "out" / "job.json").read_text())["id"] == job.job_id
+    assert json.loads((tmp_path / "out" / "job.json").read_text())["job"]["id"] == job.job_id
 
     decoded = jobs.decompress(connection, jobs.results_cube(job))
     graph = jobs.submit(decoded, "decompress").describe()["process"]["process_graph"]
@@ -337,6 +337,17 @@ def test_failed_download_leaves_nothing(server, connection, local_product, tmp_p
     # the result listing names a file the back end has lost: the download fails half way
     server.put_results(job.job_id, local_product, listed=[p.name for p in local_product] + ["corsa_lost.tif"])
     with pytest.raises(jobs.BackendError, match=r"downloading corsa_lost.tif of job .* failed, nothing kept"):
+        jobs.download(job, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_download_cut_short_is_refused(server, connection, local_product, tmp_path):
+    job = jobs.start(jobs.submit(jobs.compress(connection, BBOX, DATES), "compress"))
+    # the back end lists one byte more than it serves, as when its copy of a file was cut
+    sizes = {p.name: {"file:size": p.stat().st_size + (p.suffix == ".tif")} for p in local_product}
+    server.put_results(job.job_id, local_product, listed=sizes)
+    with pytest.raises(jobs.BackendError, match=r"downloading corsa_\w+_2022-07-06.tif of job .* failed, nothing "
+                       r"kept: (\d+) bytes arrived, the back end lists \d+"):
         jobs.download(job, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 

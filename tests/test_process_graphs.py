@@ -5,7 +5,7 @@ import pytest
 
 from corsa.classmap import DEFAULT_CLASSIFIER
 from corsa.codec import DEFAULT_MODEL, MODELS_DIR, read_card
-from corsa.processes import GRAPHS_DIR, PROCESSES, UDF_CODE, render
+from corsa.processes import GRAPHS_DIR, PROCESSES, RENDER_EXACT_SCALE, UDF_CODE, render
 
 FILES = sorted(GRAPHS_DIR.glob("*.json"))
 
@@ -73,7 +73,8 @@ def test_chunk_overlap_covers_each_networks_reach():
     _, clf_card = read_card(DEFAULT_CLASSIFIER)
     reach = {"compress": max(c["receptive_radius_px"]["encoder"] for c in codecs),
              "decompress": max(c["receptive_radius_px"]["decoder"] for c in codecs),
-             "classify": clf_card["receptive_radius_px"]["grid10"]}
+             "classify": clf_card["receptive_radius_px"]["grid10"],
+             "render": (max(c["render"]["reach_px"] for c in cards if "render" in c) + 1) * RENDER_EXACT_SCALE}
     seen = set()
     for path in FILES:
         for mode, overlap in _neighborhoods(json.loads(path.read_text())):

@@ -101,6 +101,25 @@ def test_scale_and_like_give_the_asked_grid(series, tmp_path):
         np.testing.assert_allclose(f.bounds, rasterio.open(tmp_path / "plain.tif").bounds, atol=1e-9)
 
 
+def test_the_render_service_gives_the_pixels_of_scale(series, tmp_path, capsys):
+    """corsa_openeo_render on the engine (--scale with --engine: the decode with its positions,
+    resample_spatial "near" to the smaller pixels, the space head in chunks of 512 px) gives the
+    grid and the pixels of the block-by-block --scale, across the chunks' edges, for a date in between."""
+    prod, run = series
+    date = run[LEFT_OUT].date
+    for name, extra in (("block.tif", []), ("engine.tif", ["--engine"])):
+        assert cli.main(["decompress", str(prod), "-o", str(tmp_path / name), "--date", date, "--scale", "4"] + extra) == 0
+    with rasterio.open(tmp_path / "block.tif") as a, rasterio.open(tmp_path / "engine.tif") as b:
+        assert (a.shape, a.transform, a.crs) == (b.shape, b.transform, b.crs) and a.shape[0] > 512
+        diff = np.abs(a.read().astype(np.int64) - b.read().astype(np.int64))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01      # float rounding of other window sizes
+    assert cog_validate(str(tmp_path / "engine.tif")) == (True, [], [])
+    capsys.readouterr()
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "half.tif"), "--scale", "0.5", "--engine"]) == 2
+    assert "corsa_openeo_render makes pixels smaller" in capsys.readouterr().err
+    assert not (tmp_path / "half.tif").exists()
+
+
 def test_like_onto_another_crs(series, tmp_path):
     prod, run = series
     date = run[0].date
@@ -131,7 +150,8 @@ def test_what_cannot_be_rendered_is_refused(series, tmp_path, capsys):
              (["--scale", "-1", "--date", run[0].date], "--scale must be a positive number"),
              (["--like", str(tmp_path / "none.tif"), "--date", run[0].date], "not a raster GDAL can open"),
              (["--date", "2019-02-30"], "is not a date YYYY-MM-DD"),
-             (["--scale", "2", "--engine"], "block-by-block path")]
+             (["--like", str(tmp_path / "none.tif"), "--engine"], "block-by-block path"),
+             (["--scale", "2", "--engine"], "holds 7 dates: give a folder as -o")]
     for extra, message in cases:
         try:
             rc = cli.main(["decompress", str(prod), "-o", str(tmp_path / "o.tif")] + extra)

@@ -13,6 +13,9 @@ Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. Th
             the cube (``fill_date``) instead of 0
     dates:  (mode "decompress") the dates (YYYY-MM-DD) to return, stored ones or dates between them,
             rendered by the model's time head (between.onnx); the cube's t labels become these
+    positions: (mode "decompress") true: also the bands POSITION_BANDS, for mode "render"
+    mode "render": a decoded cube with positions, brought to smaller pixels by resample_spatial
+            "near", rendered there by the model's space head (render.onnx) -> the 10 bands
 A variable-rate model (card kind "variable-rate", corsa2) compresses to its integer latent instead:
 bands z00, z01, ... (one per latent channel, on the 40 m grid) and nodata, replicated likewise.
 On a geopyspark back end the job option udf-dependency-archives unpacks "<URL>#onnx_deps" (onnxruntime,
@@ -297,6 +300,95 @@ def between(head, decoded: np.ndarray, gaps: np.ndarray, days: list[float], t: f
     return np.where(valid[0].any(0), out[0], 0)
 
 
+# A decoded date at smaller pixels (mode "render", the CLI's --scale): the model's space head
+# (render.onnx) queried at each pixel's centre, in stored pixels, with its size there. The cube
+# comes from resample_spatial "near" of a decode with positions: each stored pixel's centre in
+# stored pixels, modulo a power of two of CRS units (exact in float32), and the stored pixel
+# size; "near" carries them to every smaller pixel it fills, so the stored grid is found again.
+POSITION_BANDS = ("stored_x", "stored_y", "stored_dx", "stored_dy")
+POSITION_PERIOD_PX = 1024
+
+
+def _period(step: float) -> float:
+    return float(2.0 ** np.ceil(np.log2(POSITION_PERIOD_PX * abs(step))))
+
+
+def _in_pixels(coords: np.ndarray, step: float) -> np.ndarray:
+    """Coordinates (CRS units) in pixels of ``step``, modulo ``_period(step)``: small numbers, exact."""
+    return np.mod(coords.astype(np.float64), _period(step)) / step
+
+
+def _wrapped(d: np.ndarray, step: float) -> np.ndarray:
+    period = _period(step) / abs(step)
+    return (d + period / 2) % period - period / 2
+
+
+def positions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(4, H, W) float32 POSITION_BANDS of a grid with pixel centres ``x`` (W,) and ``y`` (H,)."""
+    if len(x) < 2 or len(y) < 2:
+        raise UdfError("positions need chunks of at least 2 x 2 pixels")
+    dx, dy = (float(np.float32(v[1] - v[0])) for v in (x, y))
+    out = np.empty((4, len(y), len(x)), np.float32)
+    out[0], out[1] = _in_pixels(x, dx)[None, :], _in_pixels(y, dy)[:, None]
+    out[2], out[3] = dx, dy
+    return out
+
+
+def render_points(head, image: np.ndarray, coord: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """(10, N) uint16: the space head over ``image`` (10, h, w) at ``coord`` (N, 2: y, x in its
+    pixels, centres at i + 0.5) for output pixels of ``cell`` (N, 2) of its pixels. A query on a
+    nodata pixel (all bands 0) stays 0: the head would invent it from the zeros."""
+    (value,) = head.run(None, {"image": image[None].astype(np.float32), "coord": coord.astype(np.float32)[None],
+                               "cell": cell.astype(np.float32)[None]})
+    rows = np.clip(np.floor(coord[:, 0]).astype(int), 0, image.shape[1] - 1)
+    cols = np.clip(np.floor(coord[:, 1]).astype(int), 0, image.shape[2] - 1)
+    shown = (image[:, rows, cols] != 0).any(0)
+    return np.where(shown, np.clip(np.rint(value[0].T), 0, 65535), 0).astype(np.uint16)
+
+
+def render_scene(head, scene: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(10, H, W) uint16 from a scene of BANDS + POSITION_BANDS on a grid of centres ``x``, ``y``
+    (smaller pixels than the stored ones, or the same): the stored image found again, then the head."""
+    values, (bx, by, sdx, sdy) = scene[:len(BANDS)], scene[len(BANDS):]
+    out = np.zeros(values.shape, np.uint16)
+    shown = np.isfinite(bx) & np.isfinite(by) & np.isfinite(sdx) & (sdx != 0) & (sdy != 0)
+    if not shown.any():
+        return out
+    r0, c0 = np.argwhere(shown)[0]
+    dx, dy = float(sdx[r0, c0]), float(sdy[r0, c0])
+    cell = np.array([abs(y[1] - y[0]) / abs(dy) if len(y) > 1 else 1.0, abs(x[1] - x[0]) / abs(dx) if len(x) > 1 else 1.0])
+    if cell.max() > 1 + 1e-6:
+        raise UdfError(f"mode 'render' makes pixels smaller than the stored ones, not {cell.max():.3g} times larger: "
+                       "for larger pixels, resample_spatial (method 'average') the decoded cube")
+    # Each pixel's stored pixel, counted from the first one's; the offset of its centre in it.
+    col = np.rint(_wrapped(bx - bx[r0, c0], dx))
+    row = np.rint(_wrapped(by - by[r0, c0], dy))
+    off_x = _wrapped(_in_pixels(x, dx)[None, :] - bx, dx)
+    off_y = _wrapped(_in_pixels(y, dy)[:, None] - by, dy)
+    col, row = col[shown].astype(int), row[shown].astype(int)
+    col, row = col - col.min(), row - row.min()
+    image = np.zeros((len(BANDS), row.max() + 1, col.max() + 1), np.float32)
+    image[:, row, col] = np.nan_to_num(values[:, shown])
+    coord = np.stack([row + 0.5 + off_y[shown], col + 0.5 + off_x[shown]], -1)
+    out[:, shown] = render_points(head, image, coord, np.broadcast_to(cell, coord.shape))
+    return out
+
+
+def render_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
+    model, _, _, sha = _settings(context)
+    had_t = "t" in cube.dims
+    cube, _ = _per_date(cube)
+    missing = sorted(set(BANDS + POSITION_BANDS) - {str(b) for b in cube["bands"].values})
+    if missing:
+        raise UdfError(f"mode 'render' needs a decoded cube with positions (mode 'decompress', 'positions': true, "
+                       f"then resample_spatial 'near'); it lacks bands {missing}")
+    head = session(_fetch(model, "render.onnx", sha.get("render")), int(context.get("threads", 0)))
+    data = cube.sel(bands=list(BANDS + POSITION_BANDS)).values.astype(np.float32)
+    x, y = cube["x"].values.astype(np.float64), cube["y"].values.astype(np.float64)
+    out = np.stack([render_scene(head, scene, x, y) for scene in data])
+    return _like(cube, out, BANDS, had_t)
+
+
 def _replicate(idx: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(idx, factor, -2), factor, -1)[..., : shape[0], : shape[1]]
 
@@ -463,13 +555,19 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         gaps = gaps & (out == 0).all(1)
     else:
         out[np.broadcast_to(gaps[:, None], out.shape)] = 0
+    times = cube["t"].values
     if context.get("dates"):
         # Only the dates asked for, stored or in between: the cube's t labels change.
-        out = _at_dates(out, gaps, cube["t"].values, list(context["dates"]), model, context.get("sha256") or {})
-        coords = {k: v for k, v in cube.coords.items() if k not in ("bands", "t")}
-        return xr.DataArray(np.clip(np.rint(out), 0, 65535).astype(np.uint16), dims=cube.dims,
-                            coords={**coords, "t": np.array(context["dates"], "datetime64[ns]"), "bands": list(BANDS)})
-    return _like(cube, np.clip(np.rint(out), 0, 65535).astype(np.uint16), BANDS, had_t)
+        out = _at_dates(out, gaps, times, list(context["dates"]), model, context.get("sha256") or {})
+        times = np.array(context["dates"], "datetime64[ns]")
+    out, bands = np.clip(np.rint(out), 0, 65535).astype(np.uint16), BANDS
+    if context.get("positions"):
+        where = positions(cube["x"].values, cube["y"].values)
+        out = np.concatenate([out.astype(np.float32), np.broadcast_to(where, (len(out),) + where.shape)], 1)
+        bands = BANDS + POSITION_BANDS
+    coords = {k: v for k, v in cube.coords.items() if k not in ("bands", "t")}
+    result = xr.DataArray(out, dims=cube.dims, coords={**coords, "t": times, "bands": list(bands)})
+    return result if had_t else result.isel(t=0, drop=True)
 
 
 def _day(t) -> float:
@@ -517,11 +615,13 @@ def output_bands(context: dict) -> tuple[str, ...]:
     """The bands the UDF returns in the context's mode."""
     mode = (context or {}).get("mode", "compress")
     if mode == "decompress":
+        return BANDS + (POSITION_BANDS if context.get("positions") else ())
+    if mode == "render":
         return BANDS
     if mode == "classify":
         return ("class",)
     if mode != "compress":
-        raise UdfError(f"unknown mode {mode!r}: use 'compress', 'decompress' or 'classify'")
+        raise UdfError(f"unknown mode {mode!r}: use 'compress', 'decompress', 'render' or 'classify'")
     card = card_of(_settings(context)[0])
     return latent_bands(card["latent"]["channels"]) if card.get("kind") == "variable-rate" else INDEX_BANDS
 
@@ -537,6 +637,8 @@ def apply_datacube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         return compress_cube(cube, context)
     if mode == "decompress":
         return decompress_cube(cube, context)
+    if mode == "render":
+        return render_cube(cube, context)
     if mode == "classify":
         return classify_cube(cube, context)
-    raise UdfError(f"unknown mode {mode!r}: use 'compress', 'decompress' or 'classify'")
+    raise UdfError(f"unknown mode {mode!r}: use 'compress', 'decompress', 'render' or 'classify'")

@@ -177,9 +177,10 @@ def decompress(args: argparse.Namespace) -> str:
                                     date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like)
         dates = [args.date] if args.date else product3.dates_in(args.input)
         return _decoded_written(written, dates, args.input)
-    if args.scale is not None or args.like or (args.date and not stream):
-        raise ValueError("--scale and --like (and --date) work on variable-rate products (format 3) on the "
-                         "block-by-block path: without --engine, --scheduler or --clear" if stream else
+    on_engine = stream is not None and args.scale is not None and not args.like and not args.clear
+    if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
+        raise ValueError("--like works on variable-rate products (format 3) on the block-by-block path: without "
+                         "--engine, --scheduler or --clear (--scale also on the engine)" if stream else
                          "--date, --scale and --like work on variable-rate products (format 3)")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
@@ -190,6 +191,16 @@ def decompress(args: argparse.Namespace) -> str:
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff",
                                                             "options": {"filename_prefix": "corsa_decoded"}},
                  "result": True}}}
+    if on_engine:       # the service corsa_openeo_render: smaller pixels only, as resample_spatial "near" makes them
+        if not args.scale >= 1:
+            raise ValueError(f"--scale {args.scale} on the engine: corsa_openeo_render makes pixels smaller (a scale "
+                             "of 1 or more); without --engine, larger pixels are averaged")
+        head = series.header(args.input, product3.dates_in(args.input)[0])[1]
+        (h, w), stored = head["shape"], head["transform"]
+        graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_render"
+        # render.scaled's pixel size: a whole number of pixels on the stored bounds
+        graph["process_graph"]["decode"]["arguments"]["resolution"] = [
+            abs(stored.a) * w / max(1, round(w * args.scale)), abs(stored.e) * h / max(1, round(h * args.scale))]
     if args.clear:
         if quality is not None:
             raise ValueError("--clear needs a codebook model's product (corsa512): no classifier reads corsa2 latents yet")
@@ -202,21 +213,25 @@ def decompress(args: argparse.Namespace) -> str:
         for name in ("quality", "fill", "dates"):
             del graph["process_graph"]["decode"]["arguments"][name]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
+    stored = (pack.job_dates(args.input) if job_files else product3.dates_in(args.input) if stream
+              else product.dates_in(args.input))
     if not stream and not job_files:
-        dates = product.dates_in(args.input)
-        if not dates:
+        if not stored:
             raise product.ProductError(f"{args.input} holds no complete compressed date "
                                        f"(corsa_<date>_L0.tif or corsa_<date>{product3.SUFFIX})")
-        for d in dates:
+        for d in stored:
             _check_date(args.input, d, codec)
+    single = out.suffix.lower() in (".tif", ".tiff")
+    if single and not args.date and len(stored) > 1:
+        raise ValueError(f"{args.input} holds {len(stored)} dates: give a folder as -o")
     (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
         engine = _engine()(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
         engine.run(graph)
         dates = [p.name.removeprefix(f"{blockwise.DECODED_PREFIX}_").removesuffix(".tif") for p in engine.written]
-        if out.suffix.lower() in (".tif", ".tiff"):
+        if single:
             if len(engine.written) != 1:
-                raise SystemExit(f"{args.input} holds {len(engine.written)} dates: give a folder as -o")
+                raise ValueError(f"{args.input} gave {len(engine.written)} dates: give a folder as -o")
             written = [results.as_cog(engine.written[0], out)]
         else:
             out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +261,7 @@ def classify(args: argparse.Namespace) -> str:
     out = Path(args.output)
     single = out.suffix.lower() in (".tif", ".tiff")
     if single and len(dates) != 1:
-        raise SystemExit(f"{args.input} holds {len(dates)} dates: give a folder as -o")
+        raise ValueError(f"{args.input} holds {len(dates)} dates: give a folder as -o")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},

@@ -3,7 +3,7 @@
 openeo-processes-dask supplies the standard processes; we register the ones it lacks or gets
 wrong for these graphs (shared/TOOLCHAIN.md): load_collection over local files (GeoTIFF, openEO
 NetCDF, job results, products) with extents and bands applied, apply_neighborhood, run_udf with
-named dims, resample_spatial by whole factors on the cube's own grid, save_result writing the cube
+named dims, resample_spatial "near" by whole factors or to smaller pixels on the cube's own grid, save_result writing the cube
 it is given as a back end's generic GeoTIFF writer does (``corsa.results``), and our UDPs by id.
 Parameter references nested in arguments (a UDF context naming a process parameter) are resolved
 too. A graph may have several leaves (one save_result per stored layer): all of them run.
@@ -146,18 +146,49 @@ def cloud_cover_limit(properties: dict | None, named: dict) -> float | None:
     return None
 
 
-def _whole_factor(data: xr.DataArray, resolution) -> int | None:
-    """resolution / the cube's pixel size, when that is the same whole number on both axes."""
+def _sizes(data: xr.DataArray, resolution) -> tuple[Affine, tuple[float, float]] | None:
+    """(the cube's transform, the (x, y) pixel sizes asked for), or None."""
     if "x" not in data.dims or "y" not in data.dims:
         return None
     try:
         tr = data.rio.transform()  # the written transform: a side of 1 px has no spacing to recalc from
     except Exception:
         return None
-    res = resolution if isinstance(resolution, (list, tuple)) else (resolution, resolution)
-    factors = [float(r) / abs(s) for r, s in zip(res, (tr.a, tr.e)) if s]
-    k = round(factors[0]) if len(factors) == 2 else 0
+    res = tuple(resolution) if isinstance(resolution, (list, tuple)) else (resolution, resolution)
+    if len(res) != 2 or not all(isinstance(r, (int, float)) and r > 0 for r in res) or not (tr.a and tr.e):
+        return None
+    return tr, (float(res[0]), float(res[1]))
+
+
+def _whole_factor(data: xr.DataArray, resolution) -> int | None:
+    """resolution / the cube's pixel size, when that is the same whole number on both axes."""
+    sizes = _sizes(data, resolution)
+    if sizes is None:
+        return None
+    (tr, res) = sizes
+    factors = [r / abs(s) for r, s in zip(res, (tr.a, tr.e))]
+    k = round(factors[0])
     return k if k >= 1 and all(abs(f - k) < 1e-6 * k for f in factors) else None
+
+
+def _near_finer(data: xr.DataArray, resolution):
+    """(values, transform) of ``data`` "near" on pixels of ``resolution``, at most its own on both
+    axes, from the upper-left corner over the same bounds (as many whole new pixels as are nearest
+    them): each new pixel takes the one whose cell holds its centre. None for coarser ones."""
+    sizes = _sizes(data, resolution)
+    if sizes is None:
+        return None
+    tr, (rx, ry) = sizes
+    if rx > abs(tr.a) * (1 + 1e-9) or ry > abs(tr.e) * (1 + 1e-9):
+        return None
+
+    def picks(n: int, step: float, r: float) -> np.ndarray:
+        m = max(1, round(n * step / r))
+        return np.minimum(((np.arange(m) + 0.5) * r / step).astype(int), n - 1)
+
+    values = darr.asarray(data.data)
+    values = values[..., picks(values.shape[-2], abs(tr.e), ry), :][..., picks(values.shape[-1], abs(tr.a), rx)]
+    return values, Affine(np.sign(tr.a) * rx, 0, tr.c, 0, np.sign(tr.e) * ry, tr.f)
 
 
 def _decimate(arr, factor: int):
@@ -335,17 +366,20 @@ class Engine:
                          align: str = "upper-left", **_) -> xr.DataArray:
         """On the cube's own CRS, "near" to a whole multiple of its pixel size from the upper-left
         corner: every factor-th pixel (the one GDAL's nearest picks, inside each new cell), with the
-        new grid's coordinates. Anything else goes to openeo-processes-dask (odc-geo)."""
-        factor = _whole_factor(data, resolution)
-        same_crs = projection is None or (data.rio.crs is not None and data.rio.crs == CRS.from_user_input(projection))
-        if factor is None or not same_crs or method != "near" or align != "upper-left":
-            return opd_impl.resample_spatial(data, projection=projection, resolution=resolution, method=method,
-                                             align=align)
-        tr = data.rio.transform()
+        new grid's coordinates; to smaller pixels: each new one takes the pixel that holds its
+        centre, over the same bounds. Anything else goes to openeo-processes-dask (odc-geo)."""
         dims = [d for d in data.dims if d not in ("y", "x")] + ["y", "x"]
         cube = data.transpose(*dims)
-        values = _decimate(darr.asarray(cube.data), factor)
-        new = tr * Affine.scale(factor)
+        factor = _whole_factor(cube, resolution)
+        finer = None if factor is not None else _near_finer(cube, resolution)
+        same_crs = projection is None or (data.rio.crs is not None and data.rio.crs == CRS.from_user_input(projection))
+        if (factor is None and finer is None) or not same_crs or method != "near" or align != "upper-left":
+            return opd_impl.resample_spatial(data, projection=projection, resolution=resolution, method=method,
+                                             align=align)
+        if factor is not None:
+            values, new = _decimate(darr.asarray(cube.data), factor), cube.rio.transform() * Affine.scale(factor)
+        else:
+            values, new = finer
         out = xr.DataArray(values, dims=dims, coords={
             **{d: cube[d] for d in dims[:-2] if d in cube.coords},
             "y": new.f + (np.arange(values.shape[-2]) + 0.5) * new.e,

@@ -35,7 +35,7 @@ from openeo.rest.multiresult import MultiResult
 from . import processes
 from .codec import DEFAULT_MODEL, model_dir, read_card
 from .local import EngineConnection, LocalJob
-from .pack import JOB_FILE
+from .pack import write_job_file
 from .processes import GRAPHS_DIR
 
 # Where the UDF finds the model on a geopyspark back end: the model archive unpacks into
@@ -239,7 +239,8 @@ def follow(job: Job, poll_seconds: float = 30, timeout_seconds: float | None = N
 def download(job: Job, folder: Path | str) -> list[Path]:
     """Download a finished job's result files into ``folder``: all of them or none, with the
     job's description beside them (job.json: its process graph says which model and quality
-    wrote them, for ``corsa pack`` and ``corsa decompress``).
+    wrote them, for ``corsa pack`` and ``corsa decompress``, which also check each file against the
+    sha256 recorded there). A file whose size differs from the back end's ``file:size`` is refused.
 
     Files arrive in a temporary folder beside ``folder`` and are moved in only when every one
     is complete, so a failed download leaves nothing that looks like a result."""
@@ -260,13 +261,17 @@ def download(job: Job, folder: Path | str) -> list[Path]:
                 asset.download(Path(tmp) / name)
             except (requests.RequestException, OpenEoApiError, OSError) as e:
                 raise BackendError(f"downloading {asset.key} of job {job.job_id} failed, nothing kept: {e}") from e
+            size = asset.metadata.get("file:size")
+            if isinstance(size, int) and (Path(tmp) / name).stat().st_size != size:
+                raise BackendError(f"downloading {asset.key} of job {job.job_id} failed, nothing kept: "
+                                   f"{(Path(tmp) / name).stat().st_size} bytes arrived, the back end lists {size}")
         try:
             description = job.describe()
         except (requests.ConnectionError, OpenEoApiError) as e:
             raise _api_error(f"describing job {job.job_id}", job.connection.root_url, e) from e
-        (Path(tmp) / JOB_FILE).write_text(json.dumps(description, indent=1, default=str))
+        record = write_job_file(Path(tmp), description, [Path(tmp) / name for name in names])
         files = [Path(shutil.move(Path(tmp) / name, folder / name)) for name in names]
-        shutil.move(Path(tmp) / JOB_FILE, folder / JOB_FILE)
+        shutil.move(record, folder / record.name)
         return files
 
 

@@ -33,6 +33,7 @@ class LocalAsset:
     def __init__(self, path: Path):
         self.path = path
         self.key = path.name  # as openeo.rest.job.ResultAsset.key
+        self.metadata = {"href": str(path), "file:size": path.stat().st_size}  # as ResultAsset.metadata
 
     def download(self, target: Path) -> Path:
         target = Path(target)

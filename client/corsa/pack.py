@@ -11,6 +11,7 @@ description (``job.json``, which ``corsa.jobs.download`` saves beside them) or f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -43,6 +44,64 @@ class Layer:
     dtype: str
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _seal(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_job_file(folder: Path, description: dict, files: list[Path]) -> Path:
+    """``folder``/job.json: a job's description and the sha256 of each of its downloaded files."""
+    record = json.loads(json.dumps({"job": description, "files": {p.name: _sha256(p) for p in files}}, default=str))
+    path = Path(folder) / JOB_FILE
+    path.write_text(json.dumps({**record, "sha256": _seal(record)}, indent=1))
+    return path
+
+
+def _job_record(folder: Path) -> tuple[dict, dict[str, str] | None]:
+    """(the job's description, {file name: sha256} or None when the download recorded none) from
+    ``folder``'s job.json; ({}, None) without one."""
+    path = Path(folder) / JOB_FILE
+    if not path.is_file():
+        return {}, None
+    try:
+        doc = json.loads(path.read_bytes())
+    except ValueError as e:     # UnicodeDecodeError included
+        raise JobFilesError(f"{path} is damaged: not JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise JobFilesError(f"{path} is damaged: not a job's description")
+    if not {"job", "files", "sha256"} & doc.keys():
+        return doc, None
+    record = {"job": doc.get("job"), "files": doc.get("files")}
+    if (doc.get("sha256") != _seal(record) or not isinstance(record["job"], dict)
+            or not isinstance(record["files"], dict)):
+        raise JobFilesError(f"{path} is damaged: its content does not match the sha256 recorded with it")
+    return record["job"], record["files"]
+
+
+def _check_downloaded(folder: Path, files: dict[str, Path], date: str | None = None) -> None:
+    """``files`` (name -> path; those of ``date``, or all) are those the download recorded, unchanged."""
+    _, sums = _job_record(folder)
+    if sums is None:
+        return
+    for name in sums:
+        m = _NAME.match(name)
+        if m and (date is None or m["date"] == date) and name not in files:
+            raise JobFilesError(f"{Path(folder) / name}, downloaded with the job (job.json), is missing")
+    for name, path in files.items():
+        if name not in sums:
+            raise JobFilesError(f"{path} is not among the files the job's download recorded (job.json)")
+        if date is not None and _sha256(path) != sums[name]:
+            raise JobFilesError(f"{path} has changed since it was downloaded (its sha256 is not the one job.json "
+                                "recorded): damaged; download the job's results again")
+
+
 def _layer_files(folder: Path) -> dict[str, dict[str, Path]]:
     """{date: {layer: path}} of the corsa_<layer>_<date>.tif files in ``folder``."""
     out: dict[str, dict[str, Path]] = {}
@@ -54,8 +113,11 @@ def _layer_files(folder: Path) -> dict[str, dict[str, Path]]:
 
 
 def job_dates(folder: Path) -> list[str]:
-    """Dates with a nodata layer and at least one other layer: a compress job's output."""
-    return [d for d, layers in _layer_files(folder).items() if NODATA in layers and len(layers) > 1]
+    """Dates with a nodata layer and at least one other layer: a compress job's output (every file
+    its download recorded present)."""
+    dates = _layer_files(folder)
+    _check_downloaded(folder, {p.name: p for layers in dates.values() for p in layers.values()})
+    return [d for d, layers in dates.items() if NODATA in layers and len(layers) > 1]
 
 
 def _grid(path: Path) -> tuple[tuple[int, int], Affine, str | None]:
@@ -68,6 +130,7 @@ def layers_of(folder: Path, date: str) -> tuple[list[Layer], tuple[int, int], Af
     files = _layer_files(folder).get(date, {})
     if NODATA not in files:
         raise JobFilesError(f"{folder} has no corsa_{NODATA}_{date}.tif (the 10 m grid of the date)")
+    _check_downloaded(folder, {p.name: p for p in files.values()}, date)
     shape, transform, crs = _grid(files[NODATA])
     layers = []
     for name in sorted(files, key=lambda n: (n == NODATA, n)):
@@ -179,20 +242,23 @@ def pack_date(folder: Path, date: str, codec: OnnxCodec, out: Path) -> list[Path
 def job_settings(folder: Path) -> dict:
     """{"model": id, "quality": int or None} of the compress job whose files ``folder`` holds, read
     from its description (job.json); {} when there is none."""
-    path = Path(folder) / JOB_FILE
-    if not path.is_file():
+    description, _ = _job_record(folder)
+    if not description:
         return {}
-    graph = (json.loads(path.read_text()).get("process") or {}).get("process_graph") or {}
+    process = description.get("process")
+    graph = process.get("process_graph") if isinstance(process, dict) else None
+    graph = graph if isinstance(graph, dict) else {}
     found: dict = {}
 
     def visit(nodes: dict) -> None:
         for node in nodes.values():
-            args = node.get("arguments", {})
+            node = node if isinstance(node, dict) else {}   # a description of corsa before the checksums may be damaged
+            args = node.get("arguments") if isinstance(node.get("arguments"), dict) else {}
             context = args.get("context") if node.get("process_id") == "run_udf" else None
             if isinstance(context, dict) and context.get("mode") == "compress":
                 found.setdefault("model", context.get("model"))
                 found.setdefault("quality", context.get("quality"))
-            elif "compress" in node.get("process_id", "") and "model" in args:
+            elif "compress" in str(node.get("process_id", "")) and "model" in args:
                 found.setdefault("model", args.get("model"))
                 found.setdefault("quality", args.get("quality"))
             for value in args.values():

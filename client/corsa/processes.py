@@ -38,7 +38,10 @@ UDF_CODE = Path(corsa_udf.__file__).read_text()
 # would nearly double the pixels each chunk runs through the network. Inside a chunk the UDF
 # works in one piece.
 CHUNK, UDF_TILE = 512, 1024
-OVERLAP = {"compress": 56, "decompress": 44, "classify": 4}
+# render: the space head's reach (its card's reach_px, 11, plus one) in stored pixels, at up to
+# RENDER_EXACT_SCALE output pixels per stored one.
+RENDER_EXACT_SCALE = 8
+OVERLAP = {"compress": 56, "decompress": 44, "classify": 4, "render": 96}
 JOB_OPTIONS = {
     "executor-memory": "2G", "executor-memoryOverhead": "3G", "python-memory": "3G",
     "udf-dependency-archives": [],
@@ -54,6 +57,7 @@ RENAMED = {"corsa_compress": "corsa_openeo_compress", "corsa_decompress": "corsa
            "corsa_compress_s2": "corsa_openeo_compress_s2", "corsa_classify": "corsa_openeo_classify",
            "corsa_classify_s2": "corsa_openeo_classify_s2", "corsa_decompress_clear": "corsa_openeo_decompress_clear"}
 VARIABLE_RATE_MODEL = "corsa2.1"
+RENDER_MODEL = "corsa3.1"       # the first model with a space and a time head
 
 
 def _model_parameter(model: str) -> Parameter:
@@ -63,6 +67,7 @@ def _model_parameter(model: str) -> Parameter:
 
 
 MODEL = _model_parameter(DEFAULT_MODEL)
+RENDER_MODEL_PARAMETER = _model_parameter(RENDER_MODEL)
 QUALITY = Parameter("quality", schema={"type": ["integer", "null"], "minimum": 1}, default=None,
                     description="Quality level of a variable-rate model (corsa2: 1 = smallest files, higher is "
                     "better; null: the model card's default_quality). Decompression must use the level the data "
@@ -102,7 +107,7 @@ def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = M
     farthest-reaching shipped model needs in this mode."""
     overlap = OVERLAP[mode] if overlap is None else overlap
     context = {"mode": mode, "model": _value(model), "tile": UDF_TILE, "overlap": overlap}
-    if mode != "classify":
+    if mode in ("compress", "decompress"):
         context["quality"] = _value(quality)
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
                  context={**context, **(extra or {})})
@@ -209,6 +214,32 @@ def compress_s2_process(card: dict, pixel_size: float | tuple[float, float] = 10
         default_job_options=JOB_OPTIONS)
 
 
+RESOLUTION = Parameter.number("resolution", description="The output pixel size, in the cube's CRS units (for "
+                              "10 m data, 5: 5 m pixels, twice as many per side), at most the stored one: the "
+                              "decoded cube is brought to it with resample_spatial \"near\" and each pixel "
+                              "rendered by the model's space head (render.onnx) at its centre and size. Exact "
+                              "for up to 8 output pixels per stored one and side (the chunks' overlap). For "
+                              "larger pixels, resample_spatial the decoded cube with method \"average\"; onto "
+                              "another grid, resample_cube_spatial the rendered cube at that grid's pixel size.")
+
+
+def corsa_openeo_render() -> dict:
+    decoded = udf_over_chunks(None, "decompress", model=RENDER_MODEL_PARAMETER, extra={
+        "fill": {"from_parameter": "fill"}, "dates": {"from_parameter": "dates"}, "positions": True})
+    finer = decoded.process("resample_spatial", data=THIS, resolution=RESOLUTION, method="near")
+    return build_process_dict(
+        udf_over_chunks(finer, "render", model=RENDER_MODEL_PARAMETER), process_id="corsa_openeo_render",
+        summary="Decompress CORSA codes at a smaller pixel size (any scale) and at any dates",
+        description="corsa_openeo_decompress of a variable-rate model's cube (its time head for dates between "
+                    "stored ones), rendered at the pixel size resolution by the model's space head, LIIF-style: "
+                    "each output pixel from the decode's features around its centre, its offset there and its "
+                    "size; the 10 bands " + ", ".join(BANDS) + " (DN, uint16), nodata 0. `corsa decompress "
+                    "--scale` does the same on a product.",
+        parameters=[COMPRESSED, RENDER_MODEL_PARAMETER, QUALITY, FILL, DATES, RESOLUTION],
+        returns={**CUBE, "description": "the 10 bands at the pixel size resolution"},
+        categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
+
+
 def corsa_openeo_compress_s2() -> dict:
     return compress_s2_process(read_card(DEFAULT_MODEL)[1], process_id="corsa_openeo_compress_s2")
 
@@ -266,7 +297,8 @@ def corsa_openeo_decompress_clear() -> dict:
         categories=["compression", "cloud detection"], default_job_options=JOB_OPTIONS)
 
 
-PROCESSES = {f.__name__: f for f in (corsa_openeo_compress, corsa_openeo_decompress, corsa_openeo_compress_s2,
+PROCESSES = {f.__name__: f for f in (corsa_openeo_compress, corsa_openeo_decompress, corsa_openeo_render,
+                                     corsa_openeo_compress_s2,
                                      corsa2_openeo_compress_s2, corsa_openeo_classify, corsa_openeo_classify_s2,
                                      corsa_openeo_decompress_clear)}
 

@@ -161,12 +161,8 @@ def _render_block(src, session, reach: int, coord: np.ndarray, cell: np.ndarray)
     q, c = coord[inside], cell[inside]
     r0, c0 = (max(0, int(np.floor(q[:, k].min())) - reach) for k in (0, 1))
     r1, c1 = min(src.height, int(np.ceil(q[:, 0].max())) + reach), min(src.width, int(np.ceil(q[:, 1].max())) + reach)
-    image = src.read(window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float32)
-    (value,) = session.run(None, {"image": image[None], "coord": (q - [r0, c0]).astype(np.float32)[None],
-                                  "cell": c.astype(np.float32)[None]})
-    # A query on a stored nodata pixel stays nodata: the head would invent it from the zeros.
-    shown = (image[:, np.floor(q[:, 0]).astype(int) - r0, np.floor(q[:, 1]).astype(int) - c0] != 0).any(0)
-    out[:, inside] = np.where(shown, np.clip(np.rint(value[0].T), 0, 65535), 0).astype(np.uint16)
+    image = src.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+    out[:, inside] = corsa_udf.render_points(session, image, q - [r0, c0], c)
     return out
 
 

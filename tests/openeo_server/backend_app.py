@@ -3,7 +3,8 @@
 Three additions make it stand in for a geopyspark back end in these tests:
 - the collection SENTINEL2_L2A with our 10 bands, as Terrascope and CDSE name it;
 - a finished job's results are the files a test puts in $CORSA_JOB_RESULTS/<job id>/, listed in
-  that folder's assets.json (so a listed file can go missing, as on a broken back end);
+  that folder's assets.json (so a listed file can go missing, as on a broken back end), a name or a
+  name with asset metadata of its own (a wrong file:size, as a back end serving a cut file lists);
 - PUT /_test/jobs/<job id> {"status": ..., "logs": [...]} sets a job's status and logs, since the
   dummy back end's jobs never finish by themselves; GET there shows the job options it received,
   which the openEO API does not return.
@@ -39,9 +40,10 @@ class Jobs(DummyBatchJobs):
             raise JobNotFinishedException
         folder = Path(os.environ["CORSA_JOB_RESULTS"]) / job_id
         manifest = folder / "assets.json"
-        names = json.loads(manifest.read_text()) if manifest.exists() else []
+        listed = json.loads(manifest.read_text()) if manifest.exists() else []
+        listed = listed if isinstance(listed, dict) else {name: {} for name in listed}
         return {name: {"output_dir": str(folder), "href": str(folder / name), "roles": ["data"],
-                       "type": "image/tiff; application=geotiff"} for name in names}
+                       "type": "image/tiff; application=geotiff", **metadata} for name, metadata in listed.items()}
 
 
 def create_app() -> flask.Flask:
