@@ -1,8 +1,10 @@
-"""Writes that fail, for real, in subprocesses: a file size limit (RLIMIT_FSIZE: EFBIG) and a full
-disk (a date's temporary file on /dev/full: ENOSPC). Each stops with one clear error naming the
-file, leaves no file that looks complete, and keeps the dates already complete readable."""
+"""Writes that fail, for real, in subprocesses: a file size limit (RLIMIT_FSIZE: EFBIG), a full
+disk (a date's temporary file on /dev/full: ENOSPC) and an I/O error (EIO from the write calls, by
+the LD_PRELOAD shim tests/faults/eio.c). Each stops with one clear error naming the file, leaves no
+file that looks complete, and keeps the dates already complete readable."""
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +28,21 @@ def _limited(size: int):
     return setup
 
 
-def _corsa(*args: str, limit: int | None = None) -> subprocess.CompletedProcess:
+def _corsa(*args: str, limit: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "corsa.cli", *args, "-q"], capture_output=True, text=True, cwd=ROOT,
-                          preexec_fn=_limited(limit) if limit else None, timeout=300)
+                          preexec_fn=_limited(limit) if limit else None, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def eio(tmp_path_factory) -> Path:
+    """The shim that fails writes to files whose path holds $CORSA_EIO_PATH with EIO, built here."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build tests/faults/eio.c")
+    lib = tmp_path_factory.mktemp("eio") / "eio.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(ROOT / "tests" / "faults" / "eio.c"), "-ldl"],
+                   check=True)
+    return lib
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +101,21 @@ def test_a_file_size_limit_stops_decompress_cleanly(dates, tmp_path):
     r = _corsa("decompress", str(tmp_path / "p"), "-o", str(tmp_path / "out" / "d.tif"), limit=20000)
     assert r.returncode == 2 and "corsa decompress: error: writing " in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not list((tmp_path / "out").glob("*"))
+
+
+def test_an_io_error_stops_compress_append_and_decompress_cleanly(dates, eio, tmp_path):
+    out = tmp_path / "series"
+    assert _corsa("compress", str(dates[0]), "-o", str(out), "--model", "corsa3").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.corsa")}
+    failing = {"LD_PRELOAD": str(eio), "CORSA_EIO_PATH": ".corsa.part"}     # the new date's bytes (Python's writes)
+    r = _corsa("compress", str(dates[1]), "-o", str(out), "--model", "corsa3", "--append", env=failing)
+    assert r.returncode == 2, r.stderr
+    assert f"writing {out / f'corsa_{dates[1].stem}.corsa'} failed: Input/output error" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("*.corsa")} == before and not list(out.glob("*.part"))
+    decoded = tmp_path / "decoded"
+    failing = {"LD_PRELOAD": str(eio), "CORSA_EIO_PATH": str(decoded)}        # GDAL's writes of the GeoTIFF
+    r = _corsa("decompress", str(out), "-o", str(decoded / "d.tif"), env=failing)
+    assert r.returncode == 2 and f"corsa decompress: error: writing {decoded / 'd.tif'} failed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not list(decoded.glob("*"))
+    assert _corsa("decompress", str(out), "-o", str(decoded / "d.tif")).returncode == 0
