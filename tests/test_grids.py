@@ -1,7 +1,7 @@
 """Decoded outputs are on the input's grid bit for bit (CRS and every digit of the geotransform), from
 every kind of input: a GeoTIFF in EPSG:4326 (float pixel sizes) through the block-by-block path, the
-engine and corsa512, an openEO-style NetCDF cube, a compress job's downloaded files (decoded directly
-and packed), and a time series' dates."""
+engine and corsa512, an openEO-style NetCDF cube, a STAC item collection, a compress job's downloaded
+files (decoded directly and packed), and a time series' dates."""
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +71,26 @@ def test_job_files_keep_the_grid(majortom, tmp_path):
     assert cli.main(["pack", str(files), "-o", str(tmp_path / "packed")]) == 0
     assert cli.main(["decompress", str(tmp_path / "packed"), "-o", str(tmp_path / "packed.tif")]) == 0
     assert _grid(tmp_path / "direct.tif") == _grid(tmp_path / "packed.tif") == _grid(tmp_path / "s.tif")
+
+
+def test_stac_round_trip_keeps_the_grid(data_root, tmp_path):
+    """A static STAC item collection of the Major-TOM scene's band files (odc-stac onto the 10 m grid),
+    cut to a bounding box: the decode is on the grid that load gives, bit for bit."""
+    from datetime import datetime
+
+    import pystac
+
+    from corsa.stac import StacSource, item_from_files
+
+    folder = next((data_root / "majortom_core_s2l2a").glob("*/*/S2*"))
+    item = item_from_files(folder.name, datetime(2022, 7, 6, 8, 56), {b: folder / f"{b}.tif" for b in BANDS},
+                           {"s2:processing_baseline": "04.00", "eo:cloud_cover": 3.0})
+    pystac.ItemCollection([item]).save_object(dest_href=str(tmp_path / "items.json"))
+    bbox = "17.901,0.0213,17.9137,0.0341"
+    loaded = StacSource(str(tmp_path / "items.json")).load(dict(zip(("west", "south", "east", "north", "crs"),
+                                                                    [*map(float, bbox.split(",")), 4326])), None)
+    assert cli.main(["compress", str(tmp_path / "items.json"), "-o", str(tmp_path / "p"), "--bbox", bbox,
+                     "--model", "corsa2.1"]) == 0
+    assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "d.tif")]) == 0
+    transform, crs = _grid(tmp_path / "d.tif")
+    assert transform == loaded.rio.transform().to_gdal() and crs == loaded.rio.crs
