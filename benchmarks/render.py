@@ -14,7 +14,8 @@ compressed, and rendered back to the original grid with --scale; PSNR against th
 GDAL's cubic upsampling (rasterio reproject, Resampling.cubic) of the plain decode.
 
 Throughput: the Major-TOM scene (1068 px) decoded, then rendered at x1 and x2 with the space head;
-output Mpx per second on the machine's cores (best of 2).
+output Mpx per second on the machine's cores (best of 2); and x2 from the product, decode included,
+through the CLI and through the service corsa_openeo_render on the engine (--engine; one run each).
 """
 from __future__ import annotations
 
@@ -123,6 +124,13 @@ def throughput(model: str, quality: int, tmp: Path) -> dict:
         with rasterio.open(tmp / f"mt_x{s}.tif") as f:
             px = f.width * f.height
         out[f"x{s}"] = {"output_mpx": px / 1e6, "seconds": best, "mpx_per_s": px / 1e6 / best}
+    # From the product, decode included: the CLI's block-by-block path and the service
+    # (corsa_openeo_render on the engine: 512 px chunks with the head's overlap).
+    for name, extra in (("cli", []), ("service", ["--engine"])):
+        t = time.perf_counter()
+        assert cli.main(["decompress", str(tmp / "mt_prod"), "-o", str(tmp / f"mt_{name}.tif"), "--scale", "2"] + extra) == 0
+        seconds = time.perf_counter() - t
+        out[f"x2_from_product_{name}"] = {"seconds": seconds, "mpx_per_s": out["x2"]["output_mpx"] / seconds}
     return out
 
 
