@@ -55,12 +55,8 @@ class BetweenNet(nn.Module):
         self.own = nn.Sequential(nn.Conv2d(bands + 2, width, 3, padding=1), nn.GELU(),
                                  nn.Conv2d(width, width, 3, padding=1), nn.GELU())
         self.weigh = nn.Sequential(nn.Conv2d(3 * width, width, 1), nn.GELU(), nn.Conv2d(width, 1, 1))
-        # A change no stored date shows (a trend between them, the codec's error common to them) is
-        # a correction of the blend, bounded to a tenth of a band's spread, starting at 0.
-        self.correct = nn.Sequential(nn.Conv2d(width + bands, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, bands, 1))
-        for last in (self.weigh[-1], self.correct[-1]):
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+        nn.init.zeros_(self.weigh[-1].weight)
+        nn.init.zeros_(self.weigh[-1].bias)
 
     def forward(self, images: torch.Tensor, dt: torch.Tensor, valid: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         b, k, c, h, w = images.shape
@@ -73,9 +69,7 @@ class BetweenNet(nn.Module):
         # Starts as linear interpolation in time (``prior``): the network learns where to leave it.
         logit = self.weigh(g).reshape(b, k, 1, h, w) + torch.log(prior + corsa_udf.BETWEEN_PRIOR_FLOOR)[:, :, None, None, None]
         weight = torch.softmax(logit - (1 - v) * 1e4, 1)
-        blend = (weight * x).sum(1)
-        blend = blend + 0.1 * torch.tanh(self.correct(torch.cat([(weight * f).sum(1), blend], 1)))
-        return blend * self.std[:, 0] + self.mean[:, 0]
+        return (weight * images).sum(1)
 
 
 class Series:
