@@ -196,7 +196,7 @@ def test_server_down_is_named():
 def test_udp_graph_validates_on_the_server(connection, pid):
     udp = jobs.udps()[pid]
     values = {"spatial_extent": BBOX, "temporal_extent": DATES, "max_cloud_cover": 50, "model": jobs.REMOTE_MODEL,
-              "data": {"from_node": "load"}}
+              "data": {"from_node": "load"}, "resolution": 5}
     graph = _bind(udp, values)
     if "data" in {p["name"] for p in udp["parameters"]}:
         result = next(k for k, n in graph.items() if n.get("result"))
