@@ -41,9 +41,7 @@ FILE_NAME = "render.onnx"
 SCALES = (1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 QUALITIES = (2, 4, 6)
 CROP = 144                  # px of a 10 m crop
-PATCH = 40                  # coarse pixels per side of a training window (the encoder's cost)
-MARGIN = 6                  # coarse pixels at a window's edge that no query falls in: the features
-                            # there see the window's zero padding, which a whole image does not have
+PATCH = 32                  # coarse pixels per side of a training window (the encoder's cost)
 QUERIES = 1024              # target pixels per window and step
 
 
@@ -114,15 +112,11 @@ class Pairs:
         for i in self.rng.choice(len(self.hr), n, replace=False):
             lr, hr = self.lr[s][i], self.hr[i]
             coord, cell = queries_of(hr.shape[1:], lr.shape[1:])
-            side = min(PATCH, *lr.shape[1:])      # one scale a batch: every crop's side is the same
-            oy, ox = (int(self.rng.integers(0, lr.shape[k] - side + 1)) for k in (1, 2))
-            inside = np.ones(len(coord), bool)
-            for k, o in ((0, oy), (1, ox)):     # a margin only where the window's edge is inside the crop
-                lo, hi = o + MARGIN * (o > 0), o + side - MARGIN * (o + side < lr.shape[k + 1])
-                inside &= (coord[:, k] >= lo) & (coord[:, k] < hi)
-            inside = np.flatnonzero(inside)
+            oy, ox = (int(self.rng.integers(0, lr.shape[k] - PATCH + 1)) for k in (1, 2))
+            inside = np.flatnonzero((coord[:, 0] >= oy) & (coord[:, 0] < oy + PATCH) &
+                                    (coord[:, 1] >= ox) & (coord[:, 1] < ox + PATCH))
             pick = self.rng.choice(inside, QUERIES, replace=len(inside) < QUERIES)
-            lrs.append(lr[:, oy:oy + side, ox:ox + side])
+            lrs.append(lr[:, oy:oy + PATCH, ox:ox + PATCH])
             coords.append(coord[pick] - np.float32([oy, ox]))
             cells.append(cell[pick])
             targets.append(hr.reshape(hr.shape[0], -1)[:, pick].T)
