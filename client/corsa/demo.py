@@ -9,6 +9,7 @@ otherwise a 1024 x 1024 px crop of the same place from Earth Search's public STA
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -56,8 +57,16 @@ def default_scene() -> Scene:
         return next(LOADERS["majortom"](root))
     from .stac import StacSource
 
+    import requests
+    from pystac_client.exceptions import APIError
+
     print(f"shared data not at {root}: loading the scene from {EARTH_SEARCH}")
-    cube = StacSource(EARTH_SEARCH).load(DEFAULT_PLACE, DEFAULT_DATES, list(BANDS)).isel(t=0)
+    try:
+        cube = StacSource(EARTH_SEARCH).load(DEFAULT_PLACE, DEFAULT_DATES, list(BANDS)).isel(t=0)
+    except (APIError, requests.RequestException, OSError) as e:
+        print(f"corsa demo: error: no shared data at {root} (set CORSA_DATA, or clone beside shared/) and "
+              f"{EARTH_SEARCH} cannot be read: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     data = to_uint16(cube.values[:, :1024, :1024])
     tr = cube.rio.transform()
     return Scene("earth-search-S2-20220706", "stac", "earth-search", data, str(cube.rio.crs), tuple(tr)[:6],
