@@ -196,11 +196,11 @@ def decompress(args: argparse.Namespace) -> str:
             raise ValueError(f"--scale {args.scale} on the engine: corsa_openeo_render makes pixels smaller (a scale "
                              "of 1 or more); without --engine, larger pixels are averaged")
         head = series.header(args.input, product3.dates_in(args.input)[0])[1]
-        (h, w), stored = head["shape"], head["transform"]
+        (h, w), transform = head["shape"], head["transform"]
         graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_render"
         # render.scaled's pixel size: a whole number of pixels on the stored bounds
         graph["process_graph"]["decode"]["arguments"]["resolution"] = [
-            abs(stored.a) * w / max(1, round(w * args.scale)), abs(stored.e) * h / max(1, round(h * args.scale))]
+            abs(transform.a) * w / max(1, round(w * args.scale)), abs(transform.e) * h / max(1, round(h * args.scale))]
     if args.clear:
         if quality is not None:
             raise ValueError("--clear needs a codebook model's product (corsa512): no classifier reads corsa2 latents yet")

@@ -3,8 +3,9 @@
 openeo-processes-dask supplies the standard processes; we register the ones it lacks or gets
 wrong for these graphs (shared/TOOLCHAIN.md): load_collection over local files (GeoTIFF, openEO
 NetCDF, job results, products) with extents and bands applied, apply_neighborhood, run_udf with
-named dims, resample_spatial "near" by whole factors or to smaller pixels on the cube's own grid, save_result writing the cube
-it is given as a back end's generic GeoTIFF writer does (``corsa.results``), and our UDPs by id.
+named dims, resample_spatial "near" by whole factors or to smaller pixels on the cube's own grid,
+save_result writing the cube it is given as a back end's generic GeoTIFF writer does
+(``corsa.results``), and our UDPs by id.
 Parameter references nested in arguments (a UDF context naming a process parameter) are resolved
 too. A graph may have several leaves (one save_result per stored layer): all of them run.
 """
@@ -165,13 +166,13 @@ def _whole_factor(data: xr.DataArray, resolution) -> int | None:
     sizes = _sizes(data, resolution)
     if sizes is None:
         return None
-    (tr, res) = sizes
+    tr, res = sizes
     factors = [r / abs(s) for r, s in zip(res, (tr.a, tr.e))]
     k = round(factors[0])
     return k if k >= 1 and all(abs(f - k) < 1e-6 * k for f in factors) else None
 
 
-def _near_finer(data: xr.DataArray, resolution):
+def _near_finer(data: xr.DataArray, resolution) -> tuple | None:
     """(values, transform) of ``data`` "near" on pixels of ``resolution``, at most its own on both
     axes, from the upper-left corner over the same bounds (as many whole new pixels as are nearest
     them): each new pixel takes the one whose cell holds its centre. None for coarser ones."""
