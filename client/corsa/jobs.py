@@ -261,10 +261,10 @@ def download(job: Job, folder: Path | str) -> list[Path]:
                 asset.download(Path(tmp) / name)
             except (requests.RequestException, OpenEoApiError, OSError) as e:
                 raise BackendError(f"downloading {asset.key} of job {job.job_id} failed, nothing kept: {e}") from e
-            size = asset.metadata.get("file:size")
-            if isinstance(size, int) and (Path(tmp) / name).stat().st_size != size:
+            size, arrived = asset.metadata.get("file:size"), (Path(tmp) / name).stat().st_size
+            if isinstance(size, int) and arrived != size:
                 raise BackendError(f"downloading {asset.key} of job {job.job_id} failed, nothing kept: "
-                                   f"{(Path(tmp) / name).stat().st_size} bytes arrived, the back end lists {size}")
+                                   f"{arrived} bytes arrived, the back end lists {size}")
         try:
             description = job.describe()
         except (requests.ConnectionError, OpenEoApiError) as e:

@@ -23,7 +23,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from . import product, product3, series
-from .codec import OnnxCodec, VariableRateCodec, open_codec
+from .codec import OnnxCodec, VariableRateCodec, open_codec, sha256_file
 
 NODATA = "nodata"
 JOB_FILE = "job.json"
@@ -44,21 +44,13 @@ class Layer:
     dtype: str
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _seal(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_job_file(folder: Path, description: dict, files: list[Path]) -> Path:
     """``folder``/job.json: a job's description and the sha256 of each of its downloaded files."""
-    record = json.loads(json.dumps({"job": description, "files": {p.name: _sha256(p) for p in files}}, default=str))
+    record = json.loads(json.dumps({"job": description, "files": {p.name: sha256_file(p) for p in files}}, default=str))
     path = Path(folder) / JOB_FILE
     path.write_text(json.dumps({**record, "sha256": _seal(record)}, indent=1))
     return path
@@ -97,7 +89,7 @@ def _check_downloaded(folder: Path, files: dict[str, Path], date: str | None = N
     for name, path in files.items():
         if name not in sums:
             raise JobFilesError(f"{path} is not among the files the job's download recorded (job.json)")
-        if date is not None and _sha256(path) != sums[name]:
+        if date is not None and sha256_file(path) != sums[name]:
             raise JobFilesError(f"{path} has changed since it was downloaded (its sha256 is not the one job.json "
                                 "recorded): damaged; download the job's results again")
 
