@@ -3,6 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh engine,train,bench,test || exit 1   # torch (CPU build) for the training tests
+bash scripts/setup_udf38.sh || exit 1   # the oldest UDF runtime of the back ends, for tests/test_backend_chunks.py
 # The no-code page's test drives a real browser: headless Chromium from the system packages.
 if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

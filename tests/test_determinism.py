@@ -2,6 +2,7 @@
 (onnxruntime's intra-op threads and dask's workers on the engine, the block workers of the
 block-by-block path); decompression is deterministic too."""
 import dask
+from openeo.udf import UdfData
 import pytest
 from rasterio.transform import Affine
 
@@ -15,18 +16,15 @@ from conftest import stored_files
 @pytest.fixture
 def threads(monkeypatch):
     """Run the engine with ``n`` threads: dask workers, and the UDF's onnxruntime sessions."""
-    udf = engine._udf_function
+    run_udf_code = engine.run_udf_code
     seen = set()
 
     def use(n: int):
-        def with_threads(code: str):
-            apply = udf(code)
-
-            def run(cube, context):
-                seen.add(n)
-                return apply(cube, {**context, "threads": n})
-            return run
-        monkeypatch.setattr(engine, "_udf_function", with_threads)
+        def with_threads(code, data):
+            seen.add(n)
+            return run_udf_code(code, UdfData(datacube_list=data.get_datacube_list(),
+                                              user_context={**data.user_context, "threads": n}))
+        monkeypatch.setattr(engine, "run_udf_code", with_threads)
         return dask.config.set(num_workers=n)
     use.seen = seen
     return use

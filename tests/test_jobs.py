@@ -19,7 +19,7 @@ import requests
 from rasterio.transform import Affine
 
 from corsa import jobs
-from corsa.codec import OnnxCodec
+from corsa.codec import MODELS_URL, UNPACKED_MODELS, OnnxCodec
 from corsa.datasets import LOADERS
 from corsa.local import EngineConnection
 from corsa.metrics import psnr
@@ -236,7 +236,7 @@ def test_compress_job_reaches_the_server_with_our_graph_and_options(server, conn
     assert load["arguments"]["temporal_extent"] == DATES and len(load["arguments"]["bands"]) == 10
     assert load["arguments"]["properties"]["eo:cloud_cover"]["process_graph"]["lte1"]["arguments"]["y"] == 40
     assert udf["arguments"]["udf"] == UDF_CODE
-    assert udf["arguments"]["context"]["model"] == jobs.REMOTE_MODEL == "models/corsa512"
+    assert udf["arguments"]["context"]["model"] == jobs.REMOTE_MODEL == f"{MODELS_URL}/corsa512"
     # several results: each stored layer saved on its own grid, all of them arriving as sent
     saves = _graph_nodes(graph, "save_result")
     assert sorted(s["arguments"]["options"]["filename_prefix"] for s in saves) == ["corsa_L0", "corsa_L1", "corsa_nodata"]
@@ -414,7 +414,7 @@ def test_model_archive_unpacks_where_the_udf_looks(tmp_path):
     assert jobs.main(["archive", "-o", str(tmp_path / "corsa512.zip")]) == 0
     with zipfile.ZipFile(tmp_path / "corsa512.zip") as z:
         z.extractall(tmp_path / "models")           # what "URL#models" does on the back end
-    unpacked = tmp_path / jobs.REMOTE_MODEL
+    unpacked = tmp_path / UNPACKED_MODELS / "corsa512"    # the model parameter to give with the archive
     for name in ("encoder.onnx", "decoder.onnx"):
         assert (unpacked / name).read_bytes() == (model_dir("corsa512") / name).read_bytes()
     assert not list(tmp_path.glob("*.part"))

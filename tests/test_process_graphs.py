@@ -4,7 +4,7 @@ import json
 import pytest
 
 from corsa.classmap import DEFAULT_CLASSIFIER
-from corsa.codec import DEFAULT_MODEL, MODELS_DIR, read_card
+from corsa.codec import DEFAULT_MODEL, MODELS_DIR, MODELS_URL, read_card
 from corsa.processes import GRAPHS_DIR, PROCESSES, RENDER_EXACT_SCALE, UDF_CODE, render
 
 FILES = sorted(GRAPHS_DIR.glob("*.json"))
@@ -114,11 +114,12 @@ def test_no_graph_saves_a_replicated_compressed_cube(path):
             continue  # no compressed cube (or one a UDF already turned into something else)
         assert node["arguments"]["format"] == "GTiff"
         steps = [n["process_id"] for n in chain[:chain.index(next(n for n in chain if _is_compress(n)))]]
-        bands = next(n["arguments"]["bands"] for n in chain if n["process_id"] == "filter_bands")
+        bands = next((n["arguments"]["bands"] for n in chain if n["process_id"] == "filter_bands"), None)
         if bands == ["nodata"]:
             assert steps == ["filter_bands"], path.name
         else:
-            assert steps == ["resample_spatial", "filter_bands"], path.name
+            # a latent saved whole (every channel, whatever the model) or a codebook model's indices
+            assert steps == ["resample_spatial"] + (["filter_bands"] if bands else []), path.name
             assert chain[0]["arguments"]["method"] == "near" and chain[0]["arguments"]["resolution"] > 10
 
 
@@ -128,16 +129,18 @@ def test_compress_services_store_their_models_layers(pid, model):
     and its chunks overlap by that model's encoder reach."""
     udp = json.loads((GRAPHS_DIR / f"{pid}.json").read_text())
     _, card = read_card(model)
-    assert next(p for p in udp["parameters"] if p["name"] == "model")["default"] == f"models/{model}"
+    assert next(p for p in udp["parameters"] if p["name"] == "model")["default"] == f"{MODELS_URL}/{model}"
     graph = udp["process_graph"]
     saved = {}
     for node_id, node in graph.items():
         if node["process_id"] == "save_result":
             chain = _upstream(graph, node_id)
-            bands = next(n["arguments"]["bands"] for n in chain if n["process_id"] == "filter_bands")
+            bands = next((n["arguments"]["bands"] for n in chain if n["process_id"] == "filter_bands"), "every band")
             resample = [n["arguments"]["resolution"] for n in chain if n["process_id"] == "resample_spatial"]
             saved[node["arguments"]["options"]["filename_prefix"]] = (bands, resample[0] if resample else 10)
-    assert saved == {f"corsa_{l['name']}": (l["bands"], l["resolution_m"]) for l in card["layers"]}
+    whole = card.get("kind") == "variable-rate"    # the latent layer: no band list that could miss a channel
+    assert saved == {f"corsa_{l['name']}": ("every band" if whole and l["name"] == "latent" else l["bands"],
+                                            l["resolution_m"]) for l in card["layers"]}
     [(mode, overlap)] = list(_neighborhoods(udp))
     assert mode == "compress" and card["receptive_radius_px"]["encoder"] <= overlap < card["receptive_radius_px"]["encoder"] + 4
     assert ("quality" in {p["name"] for p in udp["parameters"]}) == (card.get("kind") == "variable-rate")

@@ -28,8 +28,6 @@ resample to 20 m (or a [::2, ::2] / [::4, ::4] slice) recovers them exactly. The
 (1 where the input had NaN or all bands 0) comes back as 0 after decompression. Classes are
 computed on the 20 m grid from the codebook vectors alone (no decoding) and replicated likewise.
 """
-from __future__ import annotations
-
 import ctypes
 import functools
 import hashlib
@@ -38,6 +36,7 @@ import os
 import sys
 import tempfile
 import urllib.request
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import xarray as xr
@@ -55,7 +54,7 @@ class UdfError(ValueError):
     """The cube or the context does not fit the CORSA UDF."""
 
 
-def _fetch(model: str, name: str, sha256: str | None) -> str:
+def _fetch(model: str, name: str, sha256: Optional[str]) -> str:
     """Local path of a model file; a URL is downloaded once into a cache folder."""
     if "://" in model:
         cache = os.path.join(tempfile.gettempdir(), "corsa_models", hashlib.sha1(model.encode()).hexdigest()[:16])
@@ -122,7 +121,7 @@ def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(x, pads, mode="edge")
 
 
-def encode(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def encode(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 64) -> Tuple[np.ndarray, np.ndarray]:
     """(10, H, W) DN -> idx0 (H'/2, W'/2), idx1 (H'/4, W'/4), H' = H rounded up to a multiple of 4.
 
     Tiles of ``tile`` px are encoded with ``overlap`` px of context on each side, so the indices
@@ -198,7 +197,7 @@ FILL_MIN_PIXELS = 64   # fewer pixels seen by both: no fit, the date as it is, t
 FILL_GAIN = (0.5, 2.0)
 
 
-def fill_candidates(days: list[float], i: int, k: int = FILL_DATES) -> list[int]:
+def fill_candidates(days: List[float], i: int, k: int = FILL_DATES) -> List[int]:
     """The ``k`` dates (indices into ``days``, days since any origin) nearest in time to date ``i``,
     nearest first, the earlier of two as near."""
     return sorted((j for j in range(len(days)) if j != i), key=lambda j: (abs(days[j] - days[i]), days[j]))[:k]
@@ -211,7 +210,7 @@ def _grown(mask: np.ndarray, r: int) -> np.ndarray:
     return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) > 0
 
 
-def _fit(target: np.ndarray, other: np.ndarray, both: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+def _fit(target: np.ndarray, other: np.ndarray, both: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
     """Mean squared error, gain and offset per band of ``target ~ gain * other + offset`` over ``both``."""
     if both.sum() < FILL_MIN_PIXELS:
         return np.inf, np.ones((len(target), 1, 1)), np.zeros((len(target), 1, 1))
@@ -224,7 +223,7 @@ def _fit(target: np.ndarray, other: np.ndarray, both: np.ndarray) -> tuple[float
     return float(((gain * x + offset - y) ** 2).mean()), gain[:, :, None], offset[:, :, None]
 
 
-def fill_date(target: np.ndarray, gap: np.ndarray, others: list[np.ndarray], other_gaps: list[np.ndarray]) -> np.ndarray:
+def fill_date(target: np.ndarray, gap: np.ndarray, others: List[np.ndarray], other_gaps: List[np.ndarray]) -> np.ndarray:
     """A decoded date (bands, H, W) with its ``gap`` pixels (H, W) predicted from ``others`` (decoded
     dates of the same window, nearest in time first) with their own gaps; tiles of FILL_TILE px
     from the window's corner. Pixels no other date shows stay as they are."""
@@ -276,7 +275,7 @@ def linear_weights(dt: np.ndarray, shown: np.ndarray) -> np.ndarray:
     return w
 
 
-def between_candidates(days: list[float], t: float, k: int = BETWEEN_DATES) -> list[int]:
+def between_candidates(days: List[float], t: float, k: int = BETWEEN_DATES) -> List[int]:
     """Indices of the stored dates (``days``, sorted) that render day ``t``: the k // 2 nearest
     before and after it, the other side making up for a side with fewer; never a date at ``t``."""
     before = [i for i in range(len(days)) if days[i] < t][::-1]
@@ -286,7 +285,7 @@ def between_candidates(days: list[float], t: float, k: int = BETWEEN_DATES) -> l
     return sorted(before[:nb] + after[:na])
 
 
-def between(head, decoded: np.ndarray, gaps: np.ndarray, days: list[float], t: float) -> np.ndarray:
+def between(head, decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: float) -> np.ndarray:
     """Day ``t`` rendered from decoded dates (n, bands, H, W) with their gaps (n, H, W) on ``days``
     (sorted, t strictly inside): the time head's blend of the candidates, 0 where none shows a pixel."""
     pick = between_candidates(days, t)
@@ -323,10 +322,23 @@ def _wrapped(d: np.ndarray, step: float) -> np.ndarray:
     return (d + period / 2) % period - period / 2
 
 
+def regular(coords: np.ndarray) -> np.ndarray:
+    """Pixel centres of a regular grid (float64) from coordinates that may be rounded: the line
+    through them. openeo-geopyspark-driver hands float32 coordinates; at UTM eastings their
+    spacing is off by up to 0.3% of a 10 m pixel, in degrees by a few percent, which the positions
+    (thousands of pixels modulo a period) would multiply."""
+    c = np.asarray(coords, np.float64)
+    if len(c) < 2:
+        return c
+    i = np.arange(len(c), dtype=np.float64) - (len(c) - 1) / 2
+    return c.mean() + i * (i @ (c - c.mean())) / (i @ i)
+
+
 def positions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(4, H, W) float32 POSITION_BANDS of a grid with pixel centres ``x`` (W,) and ``y`` (H,)."""
     if len(x) < 2 or len(y) < 2:
         raise UdfError("positions need chunks of at least 2 x 2 pixels")
+    x, y = regular(x), regular(y)
     dx, dy = (float(np.float32(v[1] - v[0])) for v in (x, y))
     out = np.empty((4, len(y), len(x)), np.float32)
     out[0], out[1] = _in_pixels(x, dx)[None, :], _in_pixels(y, dy)[:, None]
@@ -384,12 +396,12 @@ def render_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
                        f"then resample_spatial 'near'); it lacks bands {missing}")
     head = session(_fetch(model, "render.onnx", sha.get("render")), int(context.get("threads", 0)))
     data = cube.sel(bands=list(BANDS + POSITION_BANDS)).values.astype(np.float32)
-    x, y = cube["x"].values.astype(np.float64), cube["y"].values.astype(np.float64)
+    x, y = regular(cube["x"].values), regular(cube["y"].values)
     out = np.stack([render_scene(head, scene, x, y) for scene in data])
     return _like(cube, out, BANDS, had_t)
 
 
-def _replicate(idx: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+def _replicate(idx: np.ndarray, factor: int, shape: Tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(idx, factor, -2), factor, -1)[..., : shape[0], : shape[1]]
 
 
@@ -400,17 +412,17 @@ def card_of(model: str) -> dict:
         return json.load(f)
 
 
-def latent_bands(channels: int) -> tuple[str, ...]:
+def latent_bands(channels: int) -> Tuple[str, ...]:
     return tuple(f"z{i:02d}" for i in range(channels)) + ("nodata",)
 
 
 @functools.lru_cache(maxsize=8)
-def _gains(model: str, sha256: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _gains(model: str, sha256: Optional[str]) -> Tuple[np.ndarray, np.ndarray]:
     with np.load(_fetch(model, "latent_model.npz", sha256)) as z:
         return z["gain"].astype(np.float32), z["inv_gain"].astype(np.float32)
 
 
-def _variable_rate(model: str, context: dict) -> tuple[dict, int, np.ndarray, np.ndarray] | None:
+def _variable_rate(model: str, context: dict) -> Optional[Tuple[dict, int, np.ndarray, np.ndarray]]:
     """(card, level index, gain, inverse gain) of a variable-rate model at the context's quality;
     None for a codebook model."""
     card = card_of(model)
@@ -425,7 +437,7 @@ def _variable_rate(model: str, context: dict) -> tuple[dict, int, np.ndarray, np
     return card, level, gain[level][:, None, None], inv_gain[level][:, None, None]
 
 
-def _settings(context: dict) -> tuple[str, int, int, dict]:
+def _settings(context: dict) -> Tuple[str, int, int, dict]:
     model = context.get("model")
     if not model:
         raise UdfError("the UDF context needs 'model': a folder or URL with encoder.onnx and decoder.onnx")
@@ -435,7 +447,7 @@ def _settings(context: dict) -> tuple[str, int, int, dict]:
     return model, tile, overlap, context.get("sha256") or {}
 
 
-def _per_date(cube: xr.DataArray) -> tuple[xr.DataArray, list]:
+def _per_date(cube: xr.DataArray) -> Tuple[xr.DataArray, list]:
     """Cube as (t, bands, y, x); a cube without t gets a single date."""
     dims = ("t", "bands", "y", "x") if "t" in cube.dims else ("bands", "y", "x")
     missing = set(dims) - set(cube.dims)
@@ -450,7 +462,7 @@ def nodata_of(scene: np.ndarray) -> np.ndarray:
     return np.isnan(scene).any(0) | (np.nan_to_num(scene) == 0).all(0)
 
 
-def _like(cube: xr.DataArray, data: np.ndarray, bands: tuple[str, ...], had_t: bool) -> xr.DataArray:
+def _like(cube: xr.DataArray, data: np.ndarray, bands: Tuple[str, ...], had_t: bool) -> xr.DataArray:
     coords = {k: v for k, v in cube.coords.items() if k != "bands"}
     out = xr.DataArray(data, dims=cube.dims, coords={**coords, "bands": list(bands)})
     return out if had_t else out.isel(t=0, drop=True)
@@ -466,46 +478,68 @@ def _model_identity(model: str, context: dict) -> dict:
     return {"corsa_model_id": os.path.basename(model.rstrip("/")), "corsa_decoder_sha256": sha or ""}
 
 
-def _prepare(cube: xr.DataArray, context: dict, bands: tuple[str, ...], model_file: str):
-    """Common start of both modes: settings, the cube as (t, bands, y, x) float32, the session."""
+def _prepare(cube: xr.DataArray, context: dict, bands: Tuple[str, ...], model_file: str):
+    """Common start of the modes: settings, the cube as (t, bands, y, x) float32, the session."""
     model, tile, overlap, sha = _settings(context)
     had_t = "t" in cube.dims
     cube, _ = _per_date(cube)
     missing = sorted(set(bands) - {str(b) for b in cube["bands"].values})
     if missing:
         raise UdfError(f"the cube lacks bands {missing}; it needs {', '.join(bands)}")
+    if cube.dtype.kind not in "iuf":
+        raise UdfError(f"the cube holds {cube.dtype} values; it needs integers or floats (DN or codes)")
     sess = session(_fetch(model, f"{model_file}.onnx", sha.get(model_file)), int(context.get("threads", 0)))
     return cube, had_t, cube.sel(bands=list(bands)).values.astype(np.float32), sess, (model, tile, overlap)
 
 
+def data_window(data: np.ndarray) -> Optional[Tuple[slice, slice]]:
+    """The part (rows, columns) of a chunk (..., y, x) that holds data, None if none does.
+
+    openeo-geopyspark-driver pads the chunks at its cube's border to full size with NoData, NaN
+    once converted to float32 (``apply_tiles_spatiotemporal``); the networks would read it as
+    dark ground and damage the image's edge. Rows and columns at the chunk's sides that are NaN in
+    every band and date are that padding and are left out, as the CLI ends its windows at the
+    scene's edge. The window starts on a whole 40 m cell of the chunk (STRIDE1), where the codes'
+    cells lie."""
+    finite = np.isfinite(data).reshape((-1,) + data.shape[-2:]).any(0)
+    rows, cols = np.flatnonzero(finite.any(1)), np.flatnonzero(finite.any(0))
+    if not len(rows):
+        return None
+    return (slice(rows[0] // STRIDE1 * STRIDE1, rows[-1] + 1), slice(cols[0] // STRIDE1 * STRIDE1, cols[-1] + 1))
+
+
 def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     cube, had_t, data, enc, (model, tile, overlap) = _prepare(cube, context, BANDS, "encoder")
-    shape = data.shape[2:]
+    window = data_window(data)
     rate = _variable_rate(model, context)
     if rate is not None:
         card, level, gain, _ = rate
         bands = latent_bands(card["latent"]["channels"])
-        out = np.empty((data.shape[0], len(bands)) + shape, np.int16)
-        for t, scene in enumerate(data):
+        out = np.zeros((data.shape[0], len(bands)) + data.shape[2:], np.int16)
+        out[:, -1] = 1      # outside the window: nodata
+        for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
+            shape = scene.shape[1:]
             ints = np.clip(np.rint(analyse(enc, scene, tile, overlap) * gain), -(1 << 15), (1 << 15) - 1)
-            out[t, :-1] = _replicate(ints.astype(np.int16), STRIDE1, shape)
-            out[t, -1] = nodata_of(scene)
+            out[(t, slice(0, -1)) + window] = _replicate(ints.astype(np.int16), STRIDE1, shape)
+            out[(t, -1) + window] = nodata_of(scene)
         result = _like(cube, out, bands, had_t)
         result.attrs.update(_model_identity(model, context), corsa_model=model,
                             corsa_quality=card["qualities"][level]["quality"])
         return result
-    out = np.empty((data.shape[0], len(INDEX_BANDS)) + shape, np.uint16)
-    for t, scene in enumerate(data):
+    out = np.zeros((data.shape[0], len(INDEX_BANDS)) + data.shape[2:], np.uint16)
+    out[:, -1] = 1
+    for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
+        shape = scene.shape[1:]
         idx0, idx1 = encode(enc, scene, tile, overlap)
-        out[t, 0] = _replicate(idx0, STRIDE0, shape)
-        out[t, 1] = _replicate(idx1, STRIDE1, shape)
-        out[t, 2] = nodata_of(scene)
+        out[(t, 0) + window] = _replicate(idx0, STRIDE0, shape)
+        out[(t, 1) + window] = _replicate(idx1, STRIDE1, shape)
+        out[(t, 2) + window] = nodata_of(scene)
     result = _like(cube, out, INDEX_BANDS, had_t)
     result.attrs.update(_model_identity(model, context))
     return result
 
 
-def _indices(rep0: np.ndarray, rep1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _indices(rep0: np.ndarray, rep1: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Replicated indices: one sample per cell; NaN (outside the data) counts as index 0."""
     idx0 = np.nan_to_num(_pad(rep0, STRIDE1)[::STRIDE0, ::STRIDE0]).astype(np.uint16)
     idx1 = np.nan_to_num(_pad(rep1, STRIDE1)[::STRIDE1, ::STRIDE1]).astype(np.uint16)
@@ -527,11 +561,12 @@ def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         raise UdfError("mode 'classify' needs 'classifier': a folder or URL with classifier.onnx")
     clf = session(_fetch(context["classifier"], "classifier.onnx", (context.get("sha256") or {}).get("classifier")),
                   int(context.get("threads", 0)))
-    shape = data.shape[2:]
-    out = np.empty((data.shape[0], 1) + shape, np.uint8)
-    for t, (rep0, rep1, nodata) in enumerate(data):
-        out[t, 0] = _replicate(classify(feats, clf, *_indices(rep0, rep1)), STRIDE0, shape)
-        out[t, 0][np.nan_to_num(nodata, nan=1) != 0] = 0
+    out = np.zeros((data.shape[0], 1) + data.shape[2:], np.uint8)
+    window = data_window(data)
+    for t, (rep0, rep1, nodata) in enumerate(data[(Ellipsis,) + window] if window else ()):
+        classes = _replicate(classify(feats, clf, *_indices(rep0, rep1)), STRIDE0, rep0.shape)
+        classes[np.nan_to_num(nodata, nan=1) != 0] = 0
+        out[(t, 0) + window] = classes
     return _like(cube, out, ("class",), had_t)
 
 
@@ -540,16 +575,21 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     rate = _variable_rate(model, context)
     bands = latent_bands(rate[0]["latent"]["channels"]) if rate is not None else INDEX_BANDS
     cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, "decoder")
-    shape = data.shape[2:]
-    out = np.empty((data.shape[0], len(BANDS)) + shape, np.float32)
+    window = data_window(data) or (slice(0, 0), slice(0, 0))
+    # Everything from here on the window: the fill's tiles and the time head start at its corner,
+    # as the CLI's start at the scene's.
+    data = data[(Ellipsis,) + window]
+    out = np.zeros((data.shape[0], len(BANDS)) + data.shape[2:], np.float32)
     gaps = np.nan_to_num(data[:, -1], nan=1) != 0
-    for t, scene in enumerate(data):
+    for t, scene in enumerate(data if data.size else ()):
+        shape = scene.shape[1:]
         if rate is not None:
-            # One sample per 40 m cell; NaN (outside the data) counts as 0.
+            # One sample per 40 m cell; NaN inside the window counts as 0.
             ints = np.nan_to_num(_pad(scene[:-1], STRIDE1)[:, ::STRIDE1, ::STRIDE1])
-            out[t] = synthesise(dec, (ints * rate[3]).astype(np.float32), tile, overlap)[:, : shape[0], : shape[1]]
+            decoded = synthesise(dec, (ints * rate[3]).astype(np.float32), tile, overlap)
         else:
-            out[t] = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)[:, : shape[0], : shape[1]]
+            decoded = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)
+        out[t] = decoded[:, : shape[0], : shape[1]]
     if context.get("fill") and gaps.any():
         out = _filled(out, gaps, cube["t"].values)
         gaps = gaps & (out == 0).all(1)
@@ -560,6 +600,9 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         # Only the dates asked for, stored or in between: the cube's t labels change.
         out = _at_dates(out, gaps, times, list(context["dates"]), model, context.get("sha256") or {})
         times = np.array(context["dates"], "datetime64[ns]")
+    whole = np.zeros(out.shape[:2] + (cube.sizes["y"], cube.sizes["x"]), np.float32)
+    whole[(Ellipsis,) + window] = out
+    out = whole
     out, bands = np.clip(np.rint(out), 0, 65535).astype(np.uint16), BANDS
     if context.get("positions"):
         where = positions(cube["x"].values, cube["y"].values)
@@ -611,7 +654,7 @@ def _filled(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray) -> np.ndar
     return out
 
 
-def output_bands(context: dict) -> tuple[str, ...]:
+def output_bands(context: dict) -> Tuple[str, ...]:
     """The bands the UDF returns in the context's mode."""
     mode = (context or {}).get("mode", "compress")
     if mode == "decompress":

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .codec import model_dir
+from .codec import MODELS_URL, local_model
 from .jobs import editor_url
 from .processes import GRAPHS_DIR
 from .results import file_name
@@ -46,8 +46,6 @@ GCMD = "https://gcmd.earthdata.nasa.gov/kms/concepts/concept_scheme/sciencekeywo
 LANGUAGE = {"code": "en-US", "name": "English (United States)"}
 JOB_RESULTS = "job-results.json"
 GEOTIFF = "image/tiff; application=geotiff"
-# Where a UDP's model defaults point on a back end (the unpacked model archive); here: models_onnx/.
-REMOTE_MODELS = "models/"
 
 # The scenarios' area: 256 x 256 px (2.56 km) in the middle of the Major-TOM cell 0U_199R, Sentinel-2
 # tile 33NZA, product of 2022-07-06 (corsa.datasets LOADERS["majortom"], which the tests use).
@@ -120,15 +118,11 @@ def reference_names(udp: dict) -> list[str]:
     return sorted([file_name(p, SCENE_DATE) for p in prefixes] + [JOB_RESULTS])
 
 
-def models_url(name: str) -> str:
-    return f"{RAW_BASE}/models_onnx/{name}"
-
-
 def scenario_arguments(service: Service) -> dict:
     """The UDP's arguments in the scenario. Model parameters name the shipped model's folder in this
     repository by URL (the UDF fetches its files from there), so the scenario needs no model archive."""
-    models = {p["name"]: models_url(p["default"][len(REMOTE_MODELS):]) for p in read_udp(service.id)["parameters"]
-              if isinstance(p.get("default"), str) and p["default"].startswith(REMOTE_MODELS)}
+    models = {p["name"]: p["default"] for p in read_udp(service.id)["parameters"]
+              if isinstance(p.get("default"), str) and p["default"].startswith(MODELS_URL)}
     return {"spatial_extent": BBOX, "temporal_extent": TEMPORAL_EXTENT, "max_cloud_cover": MAX_CLOUD_COVER,
             **models, **service.arguments}
 
@@ -239,12 +233,10 @@ def write_source(folder: Path) -> tuple[Path, str]:
     return path, scene.name
 
 
-def local_arguments(udp: dict, arguments: dict) -> dict:
+def local_arguments(arguments: dict) -> dict:
     """The scenario's arguments for the embedded engine: a model named by its URL in this repository
     is read from the same folder here (models_onnx/<name>)."""
-    prefix = models_url("")
-    return {k: str(model_dir(v[len(prefix):])) if isinstance(v, str) and v.startswith(prefix) else v
-            for k, v in arguments.items()}
+    return {k: local_model(v) if isinstance(v, str) else v for k, v in arguments.items()}
 
 
 def job_results(scenario_: dict, names: list[str], product_id: str) -> dict:
@@ -273,7 +265,7 @@ def run_scenario(scenario_: dict, source: Path, out: Path, product_id: str) -> l
 
     graph = json.loads(json.dumps(scenario_["process_graph"]))
     for node in graph.values():
-        node["arguments"] = local_arguments(read_udp(node["process_id"]), node["arguments"])
+        node["arguments"] = local_arguments(node["arguments"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     Engine(Catalogue({"SENTINEL2_L2A": source}), output=out).run({"process_graph": graph})

@@ -20,6 +20,11 @@ from .latent_coder import TEMPORAL_FILE_NAME, LatentCoder
 from .scene import BANDS, to_uint16
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models_onnx"
+# Where the services' model parameters point by default: this repository's model folders on main,
+# whose files a back end's UDF fetches by URL; and where a model archive given in the job options
+# (udf-dependency-archives "URL#models") unpacks on a back end.
+MODELS_URL = "https://raw.githubusercontent.com/corsa-openeo/corsa-openeo/refs/heads/main/models_onnx"
+UNPACKED_MODELS = "models/"
 DEFAULT_MODEL = "corsa512"
 
 
@@ -39,6 +44,16 @@ def model_dir(model: str | Path) -> Path:
     """A model folder given by path, or by name under models_onnx/."""
     path = Path(model)
     return path if path.is_dir() else MODELS_DIR / str(model)
+
+
+def local_model(location: str) -> str:
+    """A model location as the services name it (this repository's URL of a model folder, or a back
+    end's unpacked archive "models/<id>") as the folder here holding the same files; any other
+    location as it is."""
+    for prefix in (MODELS_URL + "/", UNPACKED_MODELS):
+        if location.startswith(prefix) and (MODELS_DIR / location[len(prefix):].rstrip("/")).is_dir():
+            return str(MODELS_DIR / location[len(prefix):].rstrip("/"))
+    return location
 
 
 def read_card(model: str | Path) -> tuple[Path, dict]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from functools import lru_cache, wraps
+from functools import wraps
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from affine import Affine
+from openeo.udf import UdfData, XarrayDataCube
+from openeo.udf.run_code import run_udf_code
 from openeo_pg_parser_networkx import OpenEOProcessGraph, ProcessRegistry
 from openeo_pg_parser_networkx.pg_schema import ParameterReference
 from openeo_pg_parser_networkx.process_registry import Process
@@ -32,6 +34,7 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 
 from . import catalog, results
+from .codec import local_model
 from .product import date_label as product_date_label
 from .processes import GRAPHS_DIR
 from .sources import Catalogue
@@ -41,10 +44,6 @@ logging.getLogger("openeo_processes_dask.process_implementations").setLevel(logg
 import openeo_processes_dask.process_implementations as opd_impl  # noqa: E402
 import openeo_processes_dask.specs as opd_specs  # noqa: E402
 from openeo_processes_dask.process_implementations.core import process as opd_process  # noqa: E402
-
-
-def _join_thin_tail(chunks: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    return chunks[:-2] + (chunks[-2] + chunks[-1],) if len(chunks) > 1 and chunks[-1] < depth else chunks
 
 
 class EngineError(RuntimeError):
@@ -82,15 +81,6 @@ def _resolving(f: Callable) -> Callable:
         return inner(*args, positional_parameters=positional_parameters, named_parameters=named_parameters, **kwargs)
 
     return wrapper
-
-
-@lru_cache(maxsize=8)
-def _udf_function(code: str) -> Callable:
-    namespace: dict = {}
-    exec(compile(code, "<udf>", "exec"), namespace)  # the UDF code is ours, from the process graph
-    if "apply_datacube" not in namespace:
-        raise EngineError("the UDF defines no apply_datacube(cube, context)")
-    return namespace["apply_datacube"]
 
 
 NEIGHBORHOOD = "corsa_apply_neighborhood"
@@ -275,17 +265,29 @@ class Engine:
         return cube
 
     def run_udf(self, data: xr.DataArray, udf: str, runtime: str, context: dict | None = None, **_) -> xr.DataArray:
+        """The UDF run as openeo-geopyspark-driver runs it: its code text through the openeo client's
+        ``run_udf_code`` (which finds ``apply_datacube`` by its signature), one cube in a UdfData."""
         if not isinstance(data, xr.DataArray):
             raise EngineError("run_udf needs a data cube with named dimensions")
-        return _udf_function(udf)(data, context or {})
+        # Model files a back end's UDF would fetch from this repository (or find unpacked from a
+        # model archive) are read from the same folders here: this machine reaches no network.
+        context = {k: local_model(v) if isinstance(v, str) else v for k, v in (context or {}).items()}
+        result = run_udf_code(udf, UdfData(datacube_list=[XarrayDataCube(data)], user_context=context))
+        (cube,) = result.get_datacube_list()
+        return cube.get_array()
 
     def apply_neighborhood(self, data: xr.DataArray, process: str, size: list, overlap: list | None = None,
                            context: dict | None = None, parent_parameters: dict | None = None) -> xr.DataArray:
-        """Run ``process`` on chunks of ``size`` px with ``overlap`` px of context, lazily on dask.
+        """Run ``process`` on chunks of ``size`` px with ``overlap`` px of context, lazily on dask,
+        the way openeo-geopyspark-driver does (``GeopysparkDataCube.apply_neighborhood`` ->
+        ``apply_tiles_spatiotemporal``; chunks cut by ``OpenEOProcesses.retile``): the cube as
+        float32 (its nodata NaN); chunks of size + 2 x overlap on a grid from its upper-left corner,
+        padded with NaN beyond the cube; dims (t, bands, y, x) with cell-centre coordinates over the
+        whole chunk and t as a DatetimeIndex; the callback's result cropped of its overlap and
+        stored as float32, whatever dtype the UDF returned.
 
         ``process`` is the callback as JSON text (see detach_callbacks). The first chunk is
-        computed up front to learn the output bands; chunks read their neighbours' border pixels
-        (dask overlap) and the callback's result is trimmed back."""
+        computed up front to learn the output bands and dates."""
         callback = json.loads(process)
         sizes = {s["dimension"]: s["value"] for s in size}
         depth = {d["dimension"]: int(d["value"] or 0) for d in (overlap or [])}
@@ -294,59 +296,67 @@ class Engine:
             raise EngineError(f"apply_neighborhood supports pixel sizes and overlaps over x and y (t: all dates or "
                               f"a number of them), got size {size}, overlap {overlap}")
         cube = data.transpose(*[d for d in ("t", "bands", "y", "x") if d in data.dims])
+        if "bands" not in cube.dims or set(cube.dims) - {"t", "bands", "y", "x"}:
+            raise EngineError(f"apply_neighborhood needs a cube with dims (t,) bands, y, x; got {data.dims}")
         axes = {d: i for i, d in enumerate(cube.dims)}
-        chunks = {axes[d]: min(int(sizes[d]), cube.sizes[d]) for d in ("y", "x")}
-        chunks.update({axes[d]: -1 for d in cube.dims if d in ("bands",)})
+        step = {d: int(sizes[d]) for d in ("y", "x")}
+        dep = {d: depth.get(d, 0) for d in ("y", "x")}
+        if any(dep[d] > step[d] for d in dep):
+            raise EngineError(f"apply_neighborhood's overlap {overlap} exceeds its size {size}")
+        shape = {d: cube.sizes[d] for d in ("y", "x")}
+        transform = results.transform_of(cube)
+        if transform is None:
+            raise EngineError("apply_neighborhood needs a cube on a regular x / y grid")
+        nodata = cube.rio.nodata if cube.rio.nodata is not None else cube.attrs.get("_FillValue")
+        arr = darr.asarray(cube.data)
+        arr = (darr.where(arr == nodata, np.nan, arr) if nodata is not None else arr).astype(np.float32)
+        for d in ("y", "x"):   # NaN to whole chunks (not darr.pad: it cuts the padding into chunks of the last one's size)
+            if shape[d] % step[d]:
+                fill = list(arr.shape)
+                fill[axes[d]] = -shape[d] % step[d]
+                arr = darr.concatenate([arr, darr.full(fill, np.nan, dtype=np.float32)], axis=axes[d])
+        chunks = {axes[d]: step[d] for d in ("y", "x")}
+        chunks[axes["bands"]] = -1
         if "t" in axes:
             # openEO: a dimension not in size comes whole (the fill reads a date's neighbours).
             chunks[axes["t"]] = -1 if sizes.get("t") is None else int(sizes["t"])
-        arr = darr.asarray(cube.data).rechunk(chunks)
-        # dask overlaps a chunk by at most its neighbours' size: a last chunk thinner than the
-        # overlap joins the one before, or every chunk would get that thinner context.
-        arr = arr.rechunk({axes[d]: _join_thin_tail(arr.chunks[axes[d]], depth.get(d, 0)) for d in ("y", "x")})
-        dep = {axes[d]: min(depth.get(d, 0), min(arr.chunks[axes[d]])) for d in ("y", "x")}
-        coords = {d: cube[d].values for d in cube.dims if d != "bands" and d in cube.coords}
+        arr = arr.rechunk(chunks)
+        margins = {axes[d]: dep[d] for d in ("y", "x")}
+        padded = darr.overlap.overlap(arr, depth=margins, boundary=np.nan) if any(dep.values()) else arr
         band_labels = list(cube["bands"].values)
+        times = pd.DatetimeIndex(cube["t"].values) if "t" in axes else None
+        t_starts = np.cumsum((0,) + arr.chunks[axes["t"]]) if "t" in axes else None
 
-        def call(block: np.ndarray, y0: int, x0: int, t0: int) -> xr.DataArray:
-            sel = {"y": slice(y0, y0 + block.shape[axes["y"]]), "x": slice(x0, x0 + block.shape[axes["x"]])}
-            c = {d: coords[d][sel[d]] for d in ("y", "x") if d in coords}
-            if "t" in coords:
-                c["t"] = coords["t"][t0:t0 + block.shape[axes["t"]]]
-            blk = xr.DataArray(block, dims=cube.dims, coords={**c, "bands": band_labels})
+        def centres(d: str, start: int, n: int) -> np.ndarray:
+            a, off = (transform.e, transform.f) if d == "y" else (transform.a, transform.c)
+            return (off + (np.arange(start, start + n) + 0.5) * a).astype(np.float32)
+
+        def call(block: np.ndarray, location: tuple) -> xr.DataArray:
+            coords = {d: centres(d, location[axes[d]] * step[d] - dep[d], block.shape[axes[d]]) for d in ("y", "x")}
+            if times is not None:
+                t0 = t_starts[location[axes["t"]]]
+                coords["t"] = times[t0:t0 + block.shape[axes["t"]]]
+            blk = xr.DataArray(block, dims=cube.dims, coords={**coords, "bands": band_labels})
             named = {**(parent_parameters or {}), "data": blk, "context": context or {}}
             out = OpenEOProcessGraph(callback).to_callable(self.registry)(named_parameters=named)
-            return out.transpose(*cube.dims)
-
-        starts = {ax: np.cumsum((0,) + c) for ax, c in enumerate(arr.chunks)}
-
-        def offsets(info) -> tuple[int, int, int]:
-            # chunk-location indexes the original chunks; array-location would be in the
-            # overlapped array, whose blocks are larger
-            cl = info[0]["chunk-location"]
-            y0 = starts[axes["y"]][cl[axes["y"]]] - (dep[axes["y"]] if cl[axes["y"]] else 0)
-            x0 = starts[axes["x"]][cl[axes["x"]]] - (dep[axes["x"]] if cl[axes["x"]] else 0)
-            t0 = starts[axes["t"]][cl[axes["t"]]] if "t" in axes else 0
-            return y0, x0, t0
-
-        padded = darr.overlap.overlap(arr, depth=dep, boundary="none") if any(dep.values()) else arr
-
-        def trim(res: np.ndarray, info) -> np.ndarray:
-            nchunks = info[0]["num-chunks"]
-            cl = info[0]["chunk-location"]
-            out = res
-            for d in ("y", "x"):
-                ax, dp = axes[d], dep[axes[d]]
-                lo = dp if cl[ax] > 0 else 0
-                hi = dp if cl[ax] < nchunks[ax] - 1 else 0
-                out = out.take(range(lo, out.shape[ax] - hi), axis=ax)
+            if not isinstance(out, xr.DataArray) or set(out.dims) != set(cube.dims):
+                raise EngineError(f"apply_neighborhood's callback returned {type(out).__name__} "
+                                  f"{getattr(out, 'dims', '')}, not a cube with dims {cube.dims}")
+            out = out.transpose(*cube.dims)
+            if any(out.sizes[d] != blk.sizes[d] for d in ("y", "x")):
+                raise EngineError(f"apply_neighborhood's callback returned {out.sizes['y']} x {out.sizes['x']} px "
+                                  f"for a chunk of {blk.sizes['y']} x {blk.sizes['x']}: it must keep the chunk's grid")
             return out
 
-        first = call(np.asarray(padded.blocks[(0,) * padded.ndim]), 0, 0, 0)
+        first = call(np.asarray(padded.blocks[(0,) * padded.ndim]), (0,) * padded.ndim)
         out_bands = list(first["bands"].values)
 
         def func(block, block_info=None):
-            return trim(call(block, *offsets(block_info)).values.astype(first.dtype), block_info)
+            out = call(block, block_info[0]["chunk-location"]).values.astype(np.float32)
+            index = [slice(None)] * out.ndim
+            for d in ("y", "x"):
+                index[axes[d]] = slice(dep[d], dep[d] + step[d])
+            return out[tuple(index)]
 
         out_chunks = list(arr.chunks)
         out_chunks[axes["bands"]] = (len(out_bands),)
@@ -357,11 +367,15 @@ class Engine:
                 raise EngineError("a callback that changes the dates needs the dimension t whole (not in size)")
             out_chunks[axes["t"]] = (first.sizes["t"],)
             out_coords["t"] = first["t"].values
-        result = padded.map_blocks(func, dtype=first.dtype, chunks=tuple(out_chunks))
-        out = xr.DataArray(result, dims=cube.dims, coords={**out_coords, "bands": out_bands}, attrs={**cube.attrs, **first.attrs})
+        result = padded.map_blocks(func, dtype=np.float32, chunks=tuple(out_chunks))
+        crop = [slice(None)] * result.ndim
+        for d in ("y", "x"):
+            crop[axes[d]] = slice(0, shape[d])
+        out = xr.DataArray(result[tuple(crop)], dims=cube.dims, coords={**out_coords, "bands": out_bands},
+                           attrs={**cube.attrs, **first.attrs})
         out = out.rio.write_crs(cube.rio.crs) if cube.rio.crs else out
         # A side of 1 px has no coordinate spacing to compute the grid from: carry the transform.
-        return out.rio.write_transform(cube.rio.transform()) if "spatial_ref" in cube.coords else out
+        return out.rio.write_transform(transform)
 
     def resample_spatial(self, data: xr.DataArray, resolution=0, projection=None, method: str = "near",
                          align: str = "upper-left", **_) -> xr.DataArray:

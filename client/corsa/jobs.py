@@ -33,17 +33,15 @@ from openeo.rest.job import BatchJob
 from openeo.rest.multiresult import MultiResult
 
 from . import processes
-from .codec import DEFAULT_MODEL, model_dir, read_card
+from .codec import DEFAULT_MODEL, MODELS_URL, model_dir, read_card
 from .local import EngineConnection, LocalJob
 from .pack import write_job_file
 from .processes import GRAPHS_DIR
 
-# Where the UDF finds the model on a geopyspark back end: the model archive unpacks into
-# "models" (udf-dependency-archives "URL#models"), holding one folder per model.
-REMOTE_MODEL = f"models/{DEFAULT_MODEL}"
+# Where the UDF finds the model on a back end by default: the model's folder in this repository.
+REMOTE_MODEL = f"{MODELS_URL}/{DEFAULT_MODEL}"
 Job = BatchJob | LocalJob
 Connection = openeo.Connection | EngineConnection
-ONNX_DEPS = "onnx_deps"
 NATIVE = {"compress": "corsa_compress", "decompress": "corsa_decompress"}
 # A job ending in one of these saves its own results (the services' graphs end in save_result).
 SAVING = {"save_result"} | {pid for pid in processes.PROCESSES if pid.endswith("_s2")}
@@ -161,16 +159,16 @@ def decompress(connection: Connection, compressed: DataCube, model: str | None =
                              quality=quality, namespace=namespace)
 
 
-def job_options(model_archive: str | None = None, onnxruntime_archive: str | None = None,
+def job_options(model_archive: str | None = None, onnxruntime_archive: str | None = processes.ONNXRUNTIME_ARCHIVE,
                 executor_memory: str = "2G", executor_memory_overhead: str = "3G",
                 python_memory: str = "3G") -> dict:
     """Job options of a geopyspark back end (Terrascope, CDSE) for the ONNX UDF.
 
-    ``model_archive``: URL of the zip written by ``model_archive`` (unpacked into "models", where
-    the model parameter's default points); ``onnxruntime_archive``: URL of a zip of onnxruntime
-    for back ends whose UDF runtime lacks it (unpacked into "onnx_deps", which the UDF's Python
-    path must then include)."""
-    archives = [f"{url}#{name}" for url, name in ((model_archive, "models"), (onnxruntime_archive, ONNX_DEPS)) if url]
+    ``model_archive``: URL of the zip written by ``model_archive`` (unpacked into "models": give the
+    model as models/<id>; without it the UDF fetches the model's files from this repository);
+    ``onnxruntime_archive``: URL of a zip of onnxruntime (default: CDSE's for its Python 3.11 UDF
+    runtime, which lacks it), unpacked into "onnx_deps", which the UDF puts on its Python path."""
+    archives = [f"{url}#{name}" for url, name in ((model_archive, "models"), (onnxruntime_archive, processes.ONNX_DEPS)) if url]
     return {**processes.JOB_OPTIONS, "executor-memory": executor_memory,
             "executor-memoryOverhead": executor_memory_overhead, "python-memory": python_memory,
             "udf-dependency-archives": archives}

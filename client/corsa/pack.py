@@ -143,6 +143,8 @@ def layers_of(folder: Path, date: str) -> tuple[list[Layer], tuple[int, int], Af
             if src.crs != (rasterio.crs.CRS.from_user_input(crs) if crs else None):
                 raise JobFilesError(f"{path.name} has CRS {src.crs}, {files[NODATA].name} has {crs}")
             bands = [d or "" for d in src.descriptions]
+            if name != NODATA and len(bands) > 1 and bands[-1] == NODATA:
+                bands = bands[:-1]   # a latent layer saved whole (corsa.processes.store_layers): nodata at 40 m
             if name != NODATA and not all(bands):
                 raise JobFilesError(f"{path.name} does not name its bands (GeoTIFF band descriptions)")
             layers.append(Layer(name, path, bands if name != NODATA else [NODATA], stride, src.dtypes[0]))
@@ -163,7 +165,7 @@ def _read_cells(layer: Layer, y: int, x: int, h: int, w: int, pad_to: int = 4) -
     s = layer.stride
     rows, cols = -(-(y + h) // s) - y // s, -(-(x + w) // s) - x // s
     with rasterio.open(layer.path) as src:
-        v = src.read(window=Window(x // s, y // s, cols, rows))
+        v = src.read(list(range(1, len(layer.bands) + 1)), window=Window(x // s, y // s, cols, rows))
     want = (-(-h // pad_to) * pad_to // s, -(-w // pad_to) * pad_to // s)
     return np.pad(v, ((0, 0), (0, want[0] - v.shape[1]), (0, want[1] - v.shape[2])), mode="edge")
 

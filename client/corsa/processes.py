@@ -26,7 +26,7 @@ from openeo.internal.graph_building import PGNode
 from openeo.rest.datacube import THIS, DataCube
 from openeo.rest.udp import build_process_dict
 
-from .codec import DEFAULT_MODEL, read_card
+from .codec import DEFAULT_MODEL, MODELS_URL, read_card
 from .scene import BANDS
 
 GRAPHS_DIR = Path(__file__).resolve().parents[2] / "process_graphs"
@@ -42,9 +42,13 @@ CHUNK, UDF_TILE = 512, 1024
 # RENDER_EXACT_SCALE output pixels per stored one.
 RENDER_EXACT_SCALE = 8
 OVERLAP = {"compress": 56, "decompress": 44, "classify": 4, "render": 96}
+# onnxruntime for the UDF on CDSE / Terrascope, whose Python 3.11 UDF runtime lacks it: the archive
+# CDSE documents for ONNX models in UDFs, unpacked into "onnx_deps", which the UDF puts on its path.
+ONNX_DEPS = "onnx_deps"
+ONNXRUNTIME_ARCHIVE = "https://s3.waw3-1.cloudferro.com/swift/v1/project_dependencies/onnx_deps_python311.zip"
 JOB_OPTIONS = {
     "executor-memory": "2G", "executor-memoryOverhead": "3G", "python-memory": "3G",
-    "udf-dependency-archives": [],
+    "udf-dependency-archives": [f"{ONNXRUNTIME_ARCHIVE}#{ONNX_DEPS}"],
 }
 
 DATA = Parameter.raster_cube("data", description="A Sentinel-2 L2A cube with the bands "
@@ -61,9 +65,11 @@ RENDER_MODEL = "corsa3.1"       # the first model with a space and a time head
 
 
 def _model_parameter(model: str) -> Parameter:
-    return Parameter.string("model", default=f"models/{model}",
-                            description="Folder or base URL of the model files (model_card.json, encoder.onnx, decoder.onnx, "
-                            "...). On geopyspark back ends the job option udf-dependency-archives unpacks them here.")
+    return Parameter.string("model", default=f"{MODELS_URL}/{model}",
+                            description="Base URL or folder of the model files (model_card.json, encoder.onnx, decoder.onnx, "
+                            "...); default: the model's folder in the corsa-openeo repository, fetched by the UDF. A "
+                            "model archive given in the job option udf-dependency-archives (URL#models) is read as "
+                            "models/<model id>.")
 
 
 MODEL = _model_parameter(DEFAULT_MODEL)
@@ -127,19 +133,26 @@ def load_s2(connection, spatial_extent: dict | Parameter, temporal_extent: list 
                                     max_cloud_cover=max_cloud_cover, fetch_metadata=False)
 
 
+LATENT_LAYER = "latent"
+
+
 def layer_prefix(layer: dict) -> str:
     """The filename_prefix a layer's save_result gives its files: corsa_<layer>_<date>.tif."""
     return f"corsa_{layer['name']}"
 
 
 def store_layers(compressed: DataCube, card: dict, pixel_size: float | tuple[float, float] = 10.0) -> list[DataCube]:
-    """One save_result per stored layer of ``card``, each on its own grid: the compressed cube's
-    bands of that layer, resampled "near" to stride x ``pixel_size`` (the input's pixel size in CRS
-    units, or its (x, y) sizes; 10 for Sentinel-2 on its UTM grid) from the upper-left corner, where
-    every value is constant over its cell, so the layer is kept exactly."""
+    """One save_result per stored layer of ``card``, each on its own grid, resampled "near" to
+    stride x ``pixel_size`` (the input's pixel size in CRS units, or its (x, y) sizes; 10 for
+    Sentinel-2 on its UTM grid) from the upper-left corner, where every value is constant over its
+    cell, so the layer is kept exactly. A variable-rate model's latent layer is the whole
+    compressed cube (every channel, then its nodata band sampled at 40 m): no band list in the
+    graph, so a job with a model of more channels than ``card``'s keeps all of them; the other
+    layers are the bands the card names (nodata, a codebook model's indices)."""
     saved = []
     for layer in card["layers"]:
-        cube = compressed.filter_bands(layer["bands"])
+        whole = card.get("kind") == "variable-rate" and layer["name"] == LATENT_LAYER
+        cube = compressed if whole else compressed.filter_bands(layer["bands"])
         if layer["stride"] > 1:
             # align keeps its default, "upper-left" (openeo-processes-dask's copy of the spec lacks it)
             s = layer["stride"]
@@ -150,7 +163,7 @@ def store_layers(compressed: DataCube, card: dict, pixel_size: float | tuple[flo
 
 
 def _layers_text(card: dict) -> str:
-    return "; ".join(f"{layer_prefix(l)}_<date>.tif: {', '.join(l['bands'][:2])}{', ...' if len(l['bands']) > 2 else ''} "
+    return "; ".join(f"{layer_prefix(l)}_<date>.tif: {', '.join(l['bands'][:2])}{', ... (every channel), nodata' if len(l['bands']) > 2 else ''} "
                      f"at {l['resolution_m']} m" for l in card["layers"])
 
 
@@ -248,8 +261,8 @@ def corsa2_openeo_compress_s2() -> dict:
     return compress_s2_process(read_card(VARIABLE_RATE_MODEL)[1], process_id="corsa2_openeo_compress_s2")
 
 
-CLASSIFIER = Parameter.string("classifier", default="models/corsa512-scl",
-                              description="Folder or base URL of the classifier (classifier.onnx, made for the "
+CLASSIFIER = Parameter.string("classifier", default=f"{MODELS_URL}/corsa512-scl",
+                              description="Base URL or folder of the classifier (classifier.onnx, made for the "
                               "codec given as model; its model card lists the class values and names).")
 CLASSIFY = {"classifier": {"from_parameter": "classifier"}}
 CLASSIFY_DESCRIPTION = ("Classes come from the codebook vectors of the indices (the codec's features.onnx) through "

@@ -52,14 +52,35 @@ def transform_of(cube: xr.DataArray) -> Affine | None:
         return None
 
 
+def _to_uint16(part: Path) -> None:
+    """``part`` rewritten as uint16 DN if it holds floats (the float32 a back end stores a UDF's
+    output as): rounded, clipped, NaN 0; block row by block row."""
+    with rasterio.open(part) as src:
+        if src.dtypes[0] == "uint16":
+            return
+        staged = part.with_name(part.name + ".u16")
+        try:
+            with rasterio.open(staged, "w", **{**src.profile, "dtype": "uint16", "nodata": None}) as dst:
+                for i in range(1, src.count + 1):
+                    dst.set_band_description(i, src.descriptions[i - 1])
+                dst.update_tags(**src.tags())
+                for _, window in src.block_windows(1):
+                    v = np.nan_to_num(src.read(window=window), nan=0.0)
+                    dst.write(np.clip(np.rint(v), 0, 65535).astype(np.uint16), window=window)
+            staged.replace(part)
+        finally:
+            staged.unlink(missing_ok=True)
+
+
 def as_cog(part: Path, out: Path, bands: tuple[str, ...] | None = None) -> Path:
-    """The GeoTIFF ``part`` (decoded reflectances, uint16 DN) rewritten as a cloud-optimised GeoTIFF
+    """The GeoTIFF ``part`` (decoded reflectances, DN) rewritten as a cloud-optimised uint16 GeoTIFF
     at ``out``, with nodata 0, band descriptions ``bands`` (default: as they are) and the DN scale;
     ``part`` is removed. Under a temporary name until complete."""
     import rasterio.shutil
 
     staged = out.with_name(out.name + ".cog.part")
     try:
+        _to_uint16(part)
         with writing(out), rasterio.open(part, "r+") as f:
             f.nodata = 0
             f.scales = (REFLECTANCE_SCALE,) * f.count

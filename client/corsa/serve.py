@@ -30,7 +30,6 @@ import rasterio.warp
 
 from . import catalog, pack, product, product3, progress, render
 from .apex import local_arguments, read_udp
-from .codec import model_dir
 from .demo import default_scene, quicklook, write_input
 from .metrics import compression_factor, psnr
 from .scene import BANDS
@@ -173,10 +172,7 @@ class Jobs:
 
         files = folder / "job_files"
         cat = Catalogue({COLLECTION: self.source})
-        args = local_arguments(self.udp, args)
-        if not Path(args.get("model", "")).exists() and str(args.get("model", "")).startswith("models/"):
-            # the back ends' folder of unpacked models is models_onnx/ here
-            args["model"] = str(model_dir(args["model"].split("/", 1)[1]))
+        args = local_arguments(args)
         node = {"process_id": self.udp["id"], "arguments": args, "result": True}
         Engine(cat, output=files).run({"process_graph": {"job": node}})
         model, quality = node["arguments"].get("model"), args.get("quality")
