@@ -60,7 +60,7 @@ def run(classifier: str) -> dict:
     codec = OnnxCodec(clf.card["codec"]["id"], threads=1)
     clf.check_codec(codec)
     cache = ROOT / "runs" / "scl_cache"
-    test = load_split(cache, cache_scenes(codec.model_id, cache), "test")
+    test = load_split(cache / codec.model_id, cache_scenes(codec.model_id, cache), "test")
     sessions = {"features": clf.session,
                 "bands": _session(clf.path / clf.card["files"]["reference_bands"]["path"])}
     out: dict = {"scenes": len(test), "locations": sorted({s["location"] for s in test}), "classes": clf.names}

@@ -62,7 +62,7 @@ class Ctx:
                                     ignore=shutil.ignore_patterns("torch_state.pt", "*.npz", "*.md")))
 
     def compress(self, src: Path, *extra: str) -> list[str]:
-        return ["compress", str(src), "-o", str(self.tmp / "out"), *extra]
+        return ["compress", str(src), "-o", str(self.tmp / "out"), "--model", "corsa512", *extra]
 
     def decompress(self, prod: Path, *extra: str) -> list[str]:
         return ["decompress", str(prod), "-o", str(self.tmp / "out" / "decoded.tif"), *extra]
@@ -215,7 +215,7 @@ def other_crs_in_header(prod: Path, files: dict) -> None:
 def foreign_l1(prod: Path, files: dict) -> None:
     other = prod.parent / "other"
     write_tif(prod.parent / "other.tif", np.full((10, 40, 40), 900, np.uint16), Affine.identity(), "EPSG:32633")
-    assert cli.main(["compress", str(prod.parent / "other.tif"), "-o", str(other)]) == 0
+    assert cli.main(["compress", str(prod.parent / "other.tif"), "-o", str(other), "--model", "corsa512"]) == 0
     shutil.copyfile(other / files["L1"].name, files["L1"])
 
 
@@ -351,7 +351,7 @@ def scene(data_root):
 @pytest.fixture(scope="module")
 def reference(scene, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("reference")
-    assert cli.main(["compress", str(write_tif(tmp / "in.tif", *scene)), "-o", str(tmp / "prod")]) == 0
+    assert cli.main(["compress", str(write_tif(tmp / "in.tif", *scene)), "-o", str(tmp / "prod"), "--model", "corsa512"]) == 0
     return tmp / "prod"
 
 

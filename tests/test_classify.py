@@ -9,9 +9,9 @@ import xarray as xr
 from rasterio.transform import Affine
 
 import corsa_udf
-from corsa import cli, product
+from corsa import cli, product, series
 from corsa.classmap import Classifier
-from corsa.codec import ModelError, OnnxCodec
+from corsa.codec import DEFAULT_MODEL, ModelError, OnnxCodec, VariableRateCodec
 from corsa.engine import Engine
 from corsa.processes import GRAPHS_DIR
 from corsa.sources import Catalogue
@@ -30,7 +30,7 @@ def scene(data_root):
 
 @pytest.fixture(scope="module")
 def codec():
-    return OnnxCodec(threads=1)
+    return OnnxCodec("corsa512", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_classify_cli_on_a_real_product(tmp_path, scene, codec, classifier):
     data = scene.data.copy()
     data[:, :10, :13] = 0                                           # a nodata corner
     write_scene(tmp_path / "in.tif", data, Affine(*scene.transform), scene.crs, scene.date)
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
     assert cli.main(["classify", str(tmp_path / "prod"), "-o", str(tmp_path / "classes.tif")]) == 0
     assert not list(tmp_path.glob("*.part"))
 
@@ -100,7 +100,7 @@ def test_classifier_refuses_other_models(codec):
         Classifier("corsa512")
 
 
-def test_udf_classify_needs_a_classifier(codec):
+def test_udf_classify_of_a_codebook_model_needs_a_classifier(codec):
     cube = xr.DataArray(np.zeros((3, 8, 8)), dims=("bands", "y", "x"), coords={"bands": ["idx0", "idx1", "nodata"]})
     with pytest.raises(corsa_udf.UdfError, match="classifier"):
         corsa_udf.apply_datacube(cube, {"mode": "classify", "model": str(codec.path)})
@@ -110,7 +110,7 @@ def test_decompress_clear_sets_cloud_pixels_to_zero(tmp_path, data_root, codec, 
     """corsa_openeo_decompress_clear (via corsa decompress --clear) = decoded bands, 0 where the classes say cloud/shadow."""
     s = next(x for x in LOADERS["worldstrat"](data_root) if x.name == "Landcover-461460-04-L2A")
     write_scene(tmp_path / "in.tif", s.data, Affine(*s.transform), s.crs, s.date)
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
     assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "clear.tif"), "--clear"]) == 0
     with rasterio.open(tmp_path / "clear.tif") as src:
         out = src.read()
@@ -129,7 +129,39 @@ def test_ready_service_classifies_like_the_product(tmp_path, scene, codec, class
                temporal_extent=None, model=str(codec.path), classifier=str(classifier.path))
     with rasterio.open(engine.written[0]) as src:
         out = src.read(1)
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
     d = product.read_date(tmp_path / "prod", scene.date)
     classes = classifier.predict(codec, d.idx0, d.idx1)
     np.testing.assert_array_equal(out, np.repeat(np.repeat(classes, 2, 0), 2, 1)[: out.shape[0], : out.shape[1]])
+
+
+# -- the default model's own head ---------------------------------------------------------------
+
+def test_classify_and_clear_of_the_default_models_product(tmp_path, scene):
+    """`corsa classify` of a product of the default model (no --model anywhere): its own head on the
+    stored latent, through corsa_openeo_classify; --clear masks what that head calls cloud/shadow."""
+    vr = VariableRateCodec(DEFAULT_MODEL)
+    write_scene(tmp_path / "in.tif", scene.data, Affine(*scene.transform), scene.crs, scene.date)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["classify", str(tmp_path / "prod"), "-o", str(tmp_path / "classes.tif")]) == 0
+    assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "clear.tif"), "--clear"]) == 0
+    assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "all.tif")]) == 0
+    stored = series.read_date(tmp_path / "prod", scene.date, vr)
+    head = corsa_udf.session(str(vr.path / vr.card["heads"]["scl"]["path"]), 1)
+    (logits,) = head.run(None, {"latent": vr.dequantise(stored.ints, stored.quality)[None]})
+    direct = logits[0].argmax(0) + 1
+    with rasterio.open(tmp_path / "classes.tif") as src:
+        classes = src.read(1)
+        names = json.loads(src.tags()["CORSA_CLASSES"])
+    assert names == {str(v): n for v, n, *_ in CLASSES}
+    h, w = -(-scene.data.shape[1] // 2), -(-scene.data.shape[2] // 2)
+    np.testing.assert_array_equal(classes[:h, :w], np.where(stored.nodata[::2, ::2], 0, direct[:h, :w])
+                                  if stored.nodata is not None else direct[:h, :w])
+    with rasterio.open(scene.extra["scl"]) as s:
+        label = to_grid20(merge_scl(s.read(1)))
+    keep = (label > 0) & (classes > 0)
+    assert (classes[keep] == label[keep]).mean() > 0.6 and len(np.unique(classes[keep])) > 1
+    with rasterio.open(tmp_path / "clear.tif") as a, rasterio.open(tmp_path / "all.tif") as b:
+        clear, everything = a.read(), b.read()
+    unusable = np.repeat(np.repeat(np.isin(classes, (5, 6)), 2, 0), 2, 1)[: clear.shape[1], : clear.shape[2]]
+    np.testing.assert_array_equal(clear, np.where(unusable, 0, everything))

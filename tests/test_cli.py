@@ -62,3 +62,23 @@ def test_progress_lines_and_quiet_and_no_warnings(scene_file, tmp_path):
                  ["decompress", str(tmp_path / "e"), "-o", str(tmp_path / "e.tif"), "-q"]):
         r = _run(*args)
         assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
+
+
+def test_one_default_model_the_one_with_the_best_gain(tmp_path, data_root, capsys):
+    """The cards name one default; it is the shipped model with the best measured gain over the
+    classical codecs, and `corsa compress` without --model writes its product."""
+    import json
+
+    from corsa import product3, series
+    from corsa.codec import DEFAULT_MODEL
+
+    assert cli.main(["models", "--json"]) == 0
+    models = json.loads(capsys.readouterr().out)["models"]
+    assert [m["id"] for m in models if m["default"]] == [DEFAULT_MODEL]
+    gains = {m["id"]: m["gain_db"] for m in models if m["gain_db"] is not None}
+    assert len(gains) >= 4 and max(gains, key=gains.get) == DEFAULT_MODEL
+    s = next(LOADERS["bigearthnet"](data_root))
+    write_scene(tmp_path / "in.tif", s.data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "-q"]) == 0
+    [date] = product3.dates_in(tmp_path / "prod")
+    assert series.header(tmp_path / "prod", date)[1]["model_id"] == DEFAULT_MODEL

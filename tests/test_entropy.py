@@ -9,7 +9,7 @@ from corsa.entropy import EntropyModel, StreamError, pack_fixed
 
 @pytest.fixture(scope="module")
 def coded(data_root):
-    codec = OnnxCodec()
+    codec = OnnxCodec("corsa512")
     entropy = EntropyModel.load(codec.path)
     scenes = [next(LOADERS["terracodec"](data_root)), next(LOADERS["bigearthnet"](data_root))]
     return codec, entropy, [codec.encode(s.data) for s in scenes]

@@ -22,7 +22,7 @@ def test_killed_compress_leaves_nothing_that_looks_finished(tmp_path, data_root,
     src = write_tif(tmp_path / "in.tif", data, Affine(*s.transform), s.crs)
     out = tmp_path / "prod"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([sys.executable, "-m", "corsa.cli", "compress", str(src), "-o", str(out)], env=env,
+    job = subprocess.Popen([sys.executable, "-m", "corsa.cli", "compress", str(src), "-o", str(out), "--model", "corsa512"], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list(out.glob("*.part")) and job.poll() is None and time.monotonic() < deadline:
@@ -39,7 +39,7 @@ def test_killed_compress_leaves_nothing_that_looks_finished(tmp_path, data_root,
     assert capsys.readouterr().err.count("holds no complete compressed date") == 2
     assert not (tmp_path / "decoded.tif").exists()
 
-    assert cli.main(["compress", str(src), "-o", str(out)]) == 0
+    assert cli.main(["compress", str(src), "-o", str(out), "--model", "corsa512"]) == 0
     assert sorted(p.name for p in stored_files(out)) == sorted(product.file_names(DATE).values())
     d = product.read_date(out, DATE)
     np.testing.assert_array_equal(d.nodata, (data == 0).all(0))

@@ -19,7 +19,7 @@ import requests
 from rasterio.transform import Affine
 
 from corsa import jobs
-from corsa.codec import MODELS_URL, UNPACKED_MODELS, OnnxCodec
+from corsa.codec import DEFAULT_MODEL, MODELS_URL, UNPACKED_MODELS, OnnxCodec, VariableRateCodec, read_card
 from corsa.datasets import LOADERS
 from corsa.local import EngineConnection
 from corsa.metrics import psnr
@@ -236,12 +236,12 @@ def test_compress_job_reaches_the_server_with_our_graph_and_options(server, conn
     assert load["arguments"]["temporal_extent"] == DATES and len(load["arguments"]["bands"]) == 10
     assert load["arguments"]["properties"]["eo:cloud_cover"]["process_graph"]["lte1"]["arguments"]["y"] == 40
     assert udf["arguments"]["udf"] == UDF_CODE
-    assert udf["arguments"]["context"]["model"] == jobs.REMOTE_MODEL == f"{MODELS_URL}/corsa512"
+    assert udf["arguments"]["context"]["model"] == jobs.REMOTE_MODEL == f"{MODELS_URL}/{DEFAULT_MODEL}"
     # several results: each stored layer saved on its own grid, all of them arriving as sent
     saves = _graph_nodes(graph, "save_result")
-    assert sorted(s["arguments"]["options"]["filename_prefix"] for s in saves) == ["corsa_L0", "corsa_L1", "corsa_nodata"]
+    assert sorted(s["arguments"]["options"]["filename_prefix"] for s in saves) == ["corsa_latent", "corsa_nodata"]
     assert {s["arguments"]["format"] for s in saves} == {"GTiff"}
-    assert sorted(r["arguments"]["resolution"] for r in _graph_nodes(graph, "resample_spatial")) == [20.0, 40.0]
+    assert sorted(r["arguments"]["resolution"] for r in _graph_nodes(graph, "resample_spatial")) == [40.0]
     assert sum(bool(n.get("result")) for n in graph.values()) == 1
     assert server.job_options(job.job_id) == {
         "executor-memory": "2G", "executor-memoryOverhead": "3G", "python-memory": "3G",
@@ -326,8 +326,9 @@ def test_results_download_and_feed_the_decompress_job(server, connection, local_
     graph = jobs.submit(decoded, "decompress").describe()["process"]["process_graph"]
     loads = _graph_nodes(graph, "load_stac")
     assert {load["arguments"]["url"] for load in loads} == {f"{server.url}/openeo/1.2/jobs/{job.job_id}/results"}
-    assert sorted(load["arguments"]["bands"] for load in loads) == [["idx0"], ["idx1"], ["nodata"]]
-    assert len(_graph_nodes(graph, "resample_cube_spatial")) == 2 and len(_graph_nodes(graph, "merge_cubes")) == 2
+    layers = read_card(DEFAULT_MODEL)[1]["layers"]
+    assert sorted(load["arguments"]["bands"] for load in loads) == sorted(l["bands"] for l in layers)
+    assert len(_graph_nodes(graph, "resample_cube_spatial")) == len(_graph_nodes(graph, "merge_cubes")) == len(layers) - 1
     [udf] = _graph_nodes(graph, "run_udf")
     assert udf["arguments"]["context"]["mode"] == "decompress"
 
@@ -370,21 +371,21 @@ def test_embedded_engine_round_trip_through_the_client_functions(crop, tmp_path,
     job = jobs.follow(jobs.start(jobs.submit(jobs.compress(local, None, ["2022-07-01", "2022-07-10"],
                                                            namespace=namespace), "compress")))
     files = jobs.download(job, tmp_path / "files")
-    assert sorted(p.name for p in files) == [f"corsa_{layer}_2022-07-06.tif" for layer in ("L0", "L1", "nodata")]
+    assert sorted(p.name for p in files) == [f"corsa_{layer}_2022-07-06.tif" for layer in ("latent", "nodata")]
     decoded_job = jobs.follow(jobs.start(jobs.submit(jobs.decompress(local, jobs.results_cube(job),
                                                                      namespace=namespace), "decompress")))
     [out] = jobs.download(decoded_job, tmp_path / "decoded")
 
-    codec = OnnxCodec()
+    codec = VariableRateCodec(DEFAULT_MODEL)        # the services' default
     with rasterio.open(crop) as src:
         data = src.read()
-    idx0, idx1 = codec.encode(data)
-    for name, idx in (("L0", idx0), ("L1", idx1)):
-        with rasterio.open(tmp_path / "files" / f"corsa_{name}_2022-07-06.tif") as src:
-            np.testing.assert_array_equal(src.read(1), idx)
+    ints = codec.encode(data, codec.default_quality)
+    with rasterio.open(tmp_path / "files" / "corsa_latent_2022-07-06.tif") as src:
+        np.testing.assert_array_equal(src.read()[:-1], ints)       # every channel, then nodata at 40 m
     with rasterio.open(out) as src:
         decoded = src.read()
-    np.testing.assert_array_equal(decoded, codec.decode(idx0, idx1, data.shape[1:]))
+    expected = codec.decode(ints, codec.default_quality, data.shape[1:])
+    np.testing.assert_array_equal(decoded, np.where((data == 0).all(0), 0, expected))
     assert psnr(data, decoded) > 30
 
 
@@ -411,7 +412,7 @@ def test_model_archive_unpacks_where_the_udf_looks(tmp_path):
 
     from corsa.codec import model_dir
 
-    assert jobs.main(["archive", "-o", str(tmp_path / "corsa512.zip")]) == 0
+    assert jobs.main(["archive", "-o", str(tmp_path / "corsa512.zip"), "--model", "corsa512"]) == 0
     with zipfile.ZipFile(tmp_path / "corsa512.zip") as z:
         z.extractall(tmp_path / "models")           # what "URL#models" does on the back end
     unpacked = tmp_path / UNPACKED_MODELS / "corsa512"    # the model parameter to give with the archive

@@ -123,7 +123,7 @@ def test_no_graph_saves_a_replicated_compressed_cube(path):
             assert chain[0]["arguments"]["method"] == "near" and chain[0]["arguments"]["resolution"] > 10
 
 
-@pytest.mark.parametrize("pid, model", [("corsa_openeo_compress_s2", DEFAULT_MODEL), ("corsa2_openeo_compress_s2", "corsa2.1")])
+@pytest.mark.parametrize("pid, model", [("corsa_openeo_compress_s2", DEFAULT_MODEL), ("corsa2_openeo_compress_s2", DEFAULT_MODEL)])
 def test_compress_services_store_their_models_layers(pid, model):
     """The layers a service saves are the model card's (bands, grid), under their file prefixes,
     and its chunks overlap by that model's encoder reach."""

@@ -32,7 +32,7 @@ def majortom(data_root):
 
 @pytest.fixture(scope="module")
 def codec():
-    return OnnxCodec()
+    return OnnxCodec("corsa512")
 
 
 def test_round_trip_odd_size_with_nodata(tmp_path, majortom, codec):
@@ -40,7 +40,7 @@ def test_round_trip_odd_size_with_nodata(tmp_path, majortom, codec):
     data[:, :20, :35] = 0                                       # a nodata corner
     tr = Affine(*majortom.transform) * Affine.translation(200, 100)
     write_scene(tmp_path / "in.tif", data, tr, majortom.crs, "2022-07-06")
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
 
     names = product.file_names("2022-07-06")
     assert {p.name for p in stored_files(tmp_path / "prod")} == set(names.values())
@@ -69,7 +69,7 @@ def test_several_dates_in_a_folder(tmp_path, data_root, codec):
     scenes = [s for s in LOADERS["worldstrat"](data_root) if s.location == "Landcover-769486"][:3]
     for s in scenes:
         write_scene(tmp_path / f"{s.name}.tif", s.data, Affine(*s.transform), s.crs, s.date)
-    assert cli.main(["compress", str(tmp_path), "-o", str(tmp_path / "prod"), "--dates", "2000-01-01/2030-01-01"]) == 0
+    assert cli.main(["compress", str(tmp_path), "-o", str(tmp_path / "prod"), "--dates", "2000-01-01/2030-01-01", "--model", "corsa512"]) == 0
     dates = product.dates_in(tmp_path / "prod")
     assert dates == sorted(s.date for s in scenes)
     for s in scenes:
@@ -82,7 +82,7 @@ def test_chunk_borders_leave_no_seam(tmp_path, majortom, codec):
     """The engine works in 512 px chunks, each with only its network's reach of context: the
     indices must equal a whole-scene encode, and the decoded bands a decode in one piece."""
     write_scene(tmp_path / "in.tif", majortom.data, Affine(*majortom.transform), majortom.crs, "2022-07-06")
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
     d = product.read_date(tmp_path / "prod", "2022-07-06")
     whole0, whole1 = corsa_udf.encode(codec.encoder, majortom.data, tile=2048)
     assert np.mean(d.idx0 == whole0) > 0.999 and np.mean(d.idx1 == whole1) > 0.999
@@ -111,7 +111,7 @@ def test_wrong_inputs_get_clear_errors(tmp_path, majortom, capsys):
 
 def test_truncated_product_and_foreign_model_are_refused(tmp_path, majortom, capsys):
     write_scene(tmp_path / "in.tif", majortom.data[:, :64, :64], Affine(*majortom.transform), majortom.crs)
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
     l0 = next((tmp_path / "prod").glob("*_L0.tif"))
     for f in (tmp_path / "prod").glob("*.tif"):
         with rasterio.open(f, "r+") as dst:
@@ -126,7 +126,7 @@ def test_truncated_product_and_foreign_model_are_refused(tmp_path, majortom, cap
 
 def test_info_reports_model_and_cf(tmp_path, majortom, capsys):
     write_scene(tmp_path / "in.tif", majortom.data[:, :128, :128], Affine(*majortom.transform), majortom.crs, "2022-07-06")
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
     capsys.readouterr()
     assert cli.main(["info", str(tmp_path / "prod")]) == 0
     out = capsys.readouterr().out
@@ -138,11 +138,11 @@ def test_dask_cluster_gives_byte_identical_products(tmp_path, majortom):
 
     data = majortom.data[:, :700, :600]                         # two chunks by two
     write_scene(tmp_path / "in.tif", data, Affine(*majortom.transform), majortom.crs, "2022-07-06")
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "local")]) == 0
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "local"), "--model", "corsa512"]) == 0
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster:
         assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "cluster"),
-                         "--scheduler", cluster.scheduler_address]) == 0
+                         "--model", "corsa512", "--scheduler", cluster.scheduler_address]) == 0
     local = stored_files(tmp_path / "local")
     assert [p.name for p in local] == sorted(p.name for p in stored_files(tmp_path / "cluster"))
     for p in local:
@@ -168,6 +168,6 @@ def test_stac_item_collection_loads_the_canonical_scene(tmp_path, data_root, maj
     assert cli.main(["compress", str(tmp_path / "items.json"), "-o", str(tmp_path / "cloudy"),
                      "--max-cloud-cover", "1"]) == 2
     assert cli.main(["compress", str(tmp_path / "items.json"), "-o", str(tmp_path / "prod"),
-                     "--bbox", "17.90,0.02,17.92,0.04"]) == 0
+                     "--bbox", "17.90,0.02,17.92,0.04", "--model", "corsa512"]) == 0
     d = product.read_date(tmp_path / "prod", "2022-07-06")
     assert d.crs == "EPSG:32633" and d.idx0.size > 0

@@ -1,17 +1,24 @@
-"""Train the per-pixel SCL classifier on codec features and, as the reference, on raw bands; export ONNX.
+"""Train the per-pixel SCL classifier on codec features and, as references, on raw (and decoded)
+bands; export ONNX.
 
-    python -m training.classify --codec corsa512 --name corsa512-scl
+    python -m training.classify --codec corsa512 --name corsa512-scl     # a codebook model: its own folder
+    python -m training.classify --codec corsa3.1                         # a variable-rate model: scl.onnx in it
 
-Both classifiers have the same architecture (a 3 x 3 convolution and two 1 x 1 layers on the 20 m
-grid) and the same training (seeded, class-weighted cross entropy, model selection by validation
-macro F1); they differ only in their input: the codebook vectors [f0, f1 upsampled to 20 m] (128
-values) or the 10 bands averaged over each 2 x 2 cell. Labels: training/scl_labels.py. Split:
-training/split.json (WorldStrat locations). Features and labels are cached in runs/scl_cache/.
+The classifiers of one codec have the same architecture and training (seeded, class-weighted cross
+entropy, model selection by validation macro F1); they differ only in their input. Codebook models:
+a 3 x 3 convolution and two 1 x 1 layers on the 20 m grid over the codebook vectors [f0, f1 upsampled]
+or the 10 bands averaged over each 2 x 2 cell. Variable-rate models: two 3 x 3 convolutions and a
+1 x 1 on the 40 m latent grid, the latent dequantised at a level drawn per crop (any level the
+product has), its classes on the 20 m grid by a pixel shuffle; the references see the 10 bands
+(raw, or decoded at the default level) through the same layers on 4 x 4 means. Labels:
+training/scl_labels.py. Split: training/split.json (WorldStrat locations). Inputs and labels are
+cached in runs/scl_cache/<codec>/.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -21,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from corsa.codec import OnnxCodec, sha256_file
+from corsa.codec import OnnxCodec, VariableRateCodec, read_card, sha256_file
 from corsa.datasets import default_data_root, load_worldstrat
 
 from .scl_labels import CLASSES, mean_grid20, merge_scl, to_grid20
@@ -29,18 +36,40 @@ from .scl_labels import CLASSES, mean_grid20, merge_scl, to_grid20
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_FILE = ROOT / "training" / "split.json"
 OPSET = 17
-KINDS = ("features", "bands")
+KINDS = {"codebook": ("features", "bands"), "variable-rate": ("latent", "bands", "decoded")}
+HEAD_FILE = "scl.onnx"     # a variable-rate model's scene-class head, in the model's folder
+
+
+def open_any(codec_name: str):
+    """The codec of a model id: its kind decides the classifier's input."""
+    _, card = read_card(codec_name)
+    if card.get("kind") == "variable-rate":
+        return VariableRateCodec(codec_name, threads=1)
+    return OnnxCodec(codec_name, threads=1)
+
+
+def _inputs(codec, scene) -> dict:
+    """What the classifiers of ``codec`` read of one scene (float16 where large)."""
+    if isinstance(codec, VariableRateCodec):
+        latent = codec.latent(scene.data)
+        decoded = codec.decode(codec.quantise(latent, codec.default_quality), codec.default_quality, scene.data.shape[1:])
+        decoded = np.where((scene.data == 0).all(0), 0, decoded)
+        return {"latent": latent.astype(np.float16), "decoded": mean_grid20(decoded)}
+    f0, f1 = codec.features(*codec.encode(scene.data))
+    return {"f0": f0.astype(np.float16), "f1": f1.astype(np.float16)}
 
 
 def cache_scenes(codec_name: str, cache: Path) -> list[dict]:
-    """Every WorldStrat scene with an SCL file: codec features, 20 m band means and labels (cached)."""
+    """Every WorldStrat scene with an SCL file: codec inputs, 20 m band means and labels (cached
+    under ``cache``/<codec>, rebuilt when the codec's encoder changes)."""
+    cache = cache / codec_name
     cache.mkdir(parents=True, exist_ok=True)
     index_path = cache / "index.json"
-    codec = OnnxCodec(codec_name, threads=1)
-    features_sha = codec.card["files"]["features"]["sha256"]
+    codec = open_any(codec_name)
+    encoder_sha = codec.card["files"]["encoder"]["sha256"]
     if index_path.is_file():
         cached = json.loads(index_path.read_text())
-        if isinstance(cached, dict) and cached.get("features_sha256") == features_sha:  # else rebuilt
+        if isinstance(cached, dict) and cached.get("encoder_sha256") == encoder_sha:  # else rebuilt
             return cached["scenes"]
     index = []
     for scene in load_worldstrat(default_data_root()):
@@ -51,14 +80,13 @@ def cache_scenes(codec_name: str, cache: Path) -> list[dict]:
             scl = src.read(1)
         with rasterio.open(scl_path.replace("-SCL.tif", "-CLM.tif")) as src:
             clm = src.read(1)
-        f0, f1 = codec.features(*codec.encode(scene.data))
         label = to_grid20(merge_scl(scl))
         # A 20 m cell is cloudy in the CLM when at least 2 of its 4 pixels are.
         clm20 = to_grid20(np.where(clm > 0, 5, 1).astype(np.uint8), min_votes=0) == 5
-        np.savez_compressed(cache / f"{scene.name}.npz", f0=f0.astype(np.float16), f1=f1.astype(np.float16),
-                            bands=mean_grid20(scene.data), label=label, clm=clm20)
+        np.savez_compressed(cache / f"{scene.name}.npz", **_inputs(codec, scene), bands=mean_grid20(scene.data),
+                            label=label, clm=clm20)
         index.append({"name": scene.name, "location": scene.location})
-    index_path.write_text(json.dumps({"features_sha256": features_sha, "scenes": index}, indent=1))
+    index_path.write_text(json.dumps({"encoder_sha256": encoder_sha, "scenes": index}, indent=1))
     return index
 
 
@@ -108,25 +136,59 @@ class BandClassifier(nn.Module):
         return self.head(bands)
 
 
-def inputs_of(scene: dict, kind: str) -> tuple[torch.Tensor, ...]:
+class GridHead(nn.Module):
+    """Standardise; conv 3x3 -> ReLU -> conv 3x3 -> ReLU -> conv 1x1 on the 40 m grid; a pixel
+    shuffle gives the logits on the 20 m grid. ``unshuffle``: the input lies on the 20 m grid (band
+    means), its 2 x 2 cells stacked into channels first."""
+
+    def __init__(self, channels: int, classes: int, width: int = 64, unshuffle: bool = False):
+        super().__init__()
+        self.unshuffle = unshuffle
+        self.register_buffer("mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("std", torch.ones(1, channels, 1, 1))
+        inner = channels * 4 if unshuffle else channels
+        self.net = nn.Sequential(nn.Conv2d(inner, width, 3, padding=1, padding_mode="replicate"), nn.ReLU(),
+                                 nn.Conv2d(width, width, 3, padding=1, padding_mode="replicate"), nn.ReLU(),
+                                 nn.Conv2d(width, 4 * classes, 1), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        return self.net(F.pixel_unshuffle(x, 2) if self.unshuffle else x)
+
+
+def dequantised(latent: np.ndarray, gain: np.ndarray, inv_gain: np.ndarray) -> np.ndarray:
+    """A float latent as a product at one level gives it to the decoder (and to the head)."""
+    return (np.rint(latent.astype(np.float32) * gain[:, None, None]) * inv_gain[:, None, None]).astype(np.float32)
+
+
+def inputs_of(scene: dict, kind: str, levels=None) -> tuple[torch.Tensor, ...]:
+    """The classifier's inputs of a cached scene; ``levels``: (gain, inv_gain) of the latent's level."""
     if kind == "features":
         return (torch.from_numpy(scene["f0"].astype(np.float32))[None],
                 torch.from_numpy(scene["f1"].astype(np.float32))[None])
-    return (torch.from_numpy(scene["bands"])[None],)
+    if kind == "latent":
+        return (torch.from_numpy(dequantised(scene["latent"], *levels))[None],)
+    return (torch.from_numpy(scene[kind].astype(np.float32))[None],)
 
 
-def build(kind: str, scenes: list[dict], width: int) -> nn.Module:
+def build(kind: str, scenes: list[dict], width: int, levels=None) -> nn.Module:
     n = len(CLASSES)
     if kind == "features":
         model = FeatureClassifier(scenes[0]["f0"].shape[0], scenes[0]["f1"].shape[0], n, width)
         stack = np.concatenate([np.concatenate([s["f0"].reshape(s["f0"].shape[0], -1),
                                                 np.repeat(np.repeat(s["f1"], 2, 1), 2, 2).reshape(s["f1"].shape[0], -1)])
                                 for s in scenes], 1).astype(np.float32)
-    else:
+        head = model.head
+    elif levels is None:
         model = BandClassifier(scenes[0]["bands"].shape[0], n, width)
         stack = np.concatenate([s["bands"].reshape(s["bands"].shape[0], -1) for s in scenes], 1)
-    model.head.mean[:] = torch.from_numpy(stack.mean(1))[None, :, None, None]
-    model.head.std[:] = torch.from_numpy(stack.std(1) + 1e-6)[None, :, None, None]
+        head = model.head
+    else:
+        data = [inputs_of(s, kind, levels)[0][0].numpy() for s in scenes]
+        model = head = GridHead(data[0].shape[0], n, width, unshuffle=kind != "latent")
+        stack = np.concatenate([d.reshape(d.shape[0], -1) for d in data], 1)
+    head.mean[:] = torch.from_numpy(stack.mean(1))[None, :, None, None]
+    head.std[:] = torch.from_numpy(stack.std(1) + 1e-6)[None, :, None, None]
     return model
 
 
@@ -147,21 +209,35 @@ def scores(cm: np.ndarray) -> dict:
             "f1": {CLASSES[i][1]: round(float(f1[i]), 4) for i in range(len(CLASSES)) if present[i]}}
 
 
-def predict_torch(model: nn.Module, scene: dict, kind: str) -> np.ndarray:
+def predict_torch(model: nn.Module, scene: dict, kind: str, levels=None) -> np.ndarray:
     with torch.no_grad():
-        return model(*inputs_of(scene, kind))[0].argmax(0).numpy().astype(np.uint8) + 1
+        logits = model(*inputs_of(scene, kind, levels))[0]
+    h, w = scene["label"].shape
+    return logits[:, :h, :w].argmax(0).numpy().astype(np.uint8) + 1
 
 
-def evaluate(model: nn.Module, scenes: list[dict], kind: str) -> dict:
-    cm = sum(confusion(predict_torch(model, s, kind), s["label"]) for s in scenes)
+def evaluate(model: nn.Module, scenes: list[dict], kind: str, levels=None) -> dict:
+    cm = sum(confusion(predict_torch(model, s, kind, levels), s["label"]) for s in scenes)
     return {**scores(cm), "confusion": cm.tolist()}
 
 
+def _crop(s: dict, kind: str, y0: int, x0: int, crop: int, levels) -> tuple[np.ndarray, ...]:
+    """One training crop's inputs: ``crop`` 20 m cells from (y0, x0), even."""
+    if kind == "features":
+        return (s["f0"][:, y0:y0 + crop, x0:x0 + crop], s["f1"][:, y0 // 2:(y0 + crop) // 2, x0 // 2:(x0 + crop) // 2])
+    if kind == "latent":
+        return (dequantised(s["latent"][:, y0 // 2:(y0 + crop) // 2, x0 // 2:(x0 + crop) // 2], *levels),)
+    return (s[kind][:, y0:y0 + crop, x0:x0 + crop],)
+
+
 def train(kind: str, train_set: list[dict], val_set: list[dict], steps: int, batch: int, crop: int,
-          width: int, seed: int) -> tuple[nn.Module, dict]:
+          width: int, seed: int, tables=None) -> tuple[nn.Module, dict]:
+    """``tables``: (gain, inv_gain, default level) of a variable-rate codec: its heads are GridHeads,
+    the latent dequantised at a level drawn per crop and validated at the default level."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build(kind, train_set, width)
+    default = (tables[0][tables[2]], tables[1][tables[2]]) if tables else None
+    model = build(kind, train_set, width, default)
     counts = np.bincount(np.concatenate([s["label"].ravel() for s in train_set]), minlength=len(CLASSES) + 1)[1:]
     weight = 1 / np.sqrt(np.maximum(counts, 1))
     weight = torch.tensor(weight / weight.mean(), dtype=torch.float32)
@@ -176,11 +252,8 @@ def train(kind: str, train_set: list[dict], val_set: list[dict], steps: int, bat
             y0 = 2 * rng.integers((h - crop) // 2 + 1)
             x0 = 2 * rng.integers((w - crop) // 2 + 1)
             ys.append(torch.from_numpy(s["label"][y0:y0 + crop, x0:x0 + crop].astype(np.int64) - 1))
-            if kind == "features":
-                xs.append((s["f0"][:, y0:y0 + crop, x0:x0 + crop],
-                           s["f1"][:, y0 // 2:(y0 + crop) // 2, x0 // 2:(x0 + crop) // 2]))
-            else:
-                xs.append((s["bands"][:, y0:y0 + crop, x0:x0 + crop],))
+            level = int(rng.integers(len(tables[0]))) if tables else None
+            xs.append(_crop(s, kind, y0, x0, crop, (tables[0][level], tables[1][level]) if tables else None))
         args = [torch.from_numpy(np.stack([x[j] for x in xs]).astype(np.float32)) for j in range(len(xs[0]))]
         loss = F.cross_entropy(model(*args), torch.stack(ys), weight=weight, ignore_index=-1)
         opt.zero_grad()
@@ -189,7 +262,7 @@ def train(kind: str, train_set: list[dict], val_set: list[dict], steps: int, bat
         sched.step()
         if step % 250 == 0 or step == steps:
             model.eval()
-            val = evaluate(model, val_set, kind)
+            val = evaluate(model, val_set, kind, default)
             model.train()
             log.append({"step": step, "loss": round(loss.item(), 4), "val_macro_f1": round(val["macro_f1"], 4)})
             print(kind, log[-1], flush=True)
@@ -205,8 +278,10 @@ def export_onnx(model: nn.Module, kind: str, path: Path) -> None:
         args = (torch.zeros(1, model.head.mean.shape[1] // 2, 40, 40), torch.zeros(1, model.head.mean.shape[1] // 2, 20, 20))
         names, axes = ["f0", "f1"], {"f0": {2: "h0", 3: "w0"}, "f1": {2: "h1", 3: "w1"}, "logits": {2: "h0", 3: "w0"}}
     else:
-        args = (torch.zeros(1, model.head.mean.shape[1], 40, 40),)
-        names, axes = ["bands"], {"bands": {2: "h0", 3: "w0"}, "logits": {2: "h0", 3: "w0"}}
+        head = model if isinstance(model, GridHead) else model.head
+        name = "latent" if kind == "latent" else "bands"
+        args = (torch.zeros(1, head.mean.shape[1], 40, 40),)
+        names, axes = [name], {name: {2: "h", 3: "w"}, "logits": {2: "h0", 3: "w0"}}
     # The TorchScript exporter writes one self-contained file with dynamic H, W.
     torch.onnx.export(model, args, str(path), input_names=names, output_names=["logits"],
                       dynamic_axes=axes, opset_version=OPSET, dynamo=False)
@@ -247,6 +322,51 @@ Confusion matrices and throughput: BENCHMARKS.md (`python -m benchmarks.classify
 """
 
 
+def train_head(codec: VariableRateCodec, sets: dict, args: argparse.Namespace, t0: float) -> None:
+    """A variable-rate model's scene-class head (scl.onnx in its folder, listed in its card's
+    "heads"), with the raw- and decoded-band references' test figures beside it."""
+    gain, inv_gain, _ = codec._tables
+    level = codec.level(codec.default_quality)
+    width = args.width or 64
+    models, logs, test = {}, {}, {}
+    for kind in KINDS["variable-rate"]:
+        models[kind], logs[kind] = train(kind, sets["train"], sets["val"], args.steps, args.batch, args.crop,
+                                         width, args.seed, (gain, inv_gain, level))
+        per_level = {}
+        for q in codec.qualities if kind == "latent" else [codec.default_quality]:
+            k = codec.level(q)
+            res = evaluate(models[kind], sets["test"], kind, (gain[k], inv_gain[k]))
+            per_level[q] = {k2: res[k2] for k2 in ("overall_accuracy", "macro_f1", "f1")} | {
+                "cells": int(np.sum(res["confusion"])), "confusion": res["confusion"]}
+        test[kind] = {"default_quality": per_level[codec.default_quality],
+                      **({"by_quality": {q: {k2: v[k2] for k2 in ("overall_accuracy", "macro_f1")}
+                                         for q, v in per_level.items()}} if kind == "latent" else {})}
+        print(kind, json.dumps(test[kind]["default_quality"]["f1"]), test[kind]["default_quality"]["macro_f1"], flush=True)
+    path = codec.path / HEAD_FILE
+    export_onnx(models["latent"], "latent", path)
+    card = json.loads((codec.path / "model_card.json").read_text())
+    card.setdefault("heads", {})["scl"] = {
+        "path": HEAD_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+        "description": "Sen2Cor-like scene classes on the 20 m grid from the dequantised latent (any quality "
+                       "level), no decoding: input latent (1, channels, h, w) on the 40 m grid, output logits "
+                       "(1, classes, 2h, 2w); class value = argmax + 1, 0 = nodata.",
+        "classes": [{"value": v, "name": n, "scl": list(c), "color": list(rgb)} for v, n, c, rgb in CLASSES],
+        "architecture": f"standardise - conv 3x3 ({width}) - ReLU - conv 3x3 ({width}) - ReLU - conv 1x1 - pixel shuffle x2",
+        "receptive_radius_px": 12,
+        "training": {"command": f"python -m training.classify --codec {codec.model_id} --steps {args.steps} "
+                                f"--batch {args.batch} --crop {args.crop} --width {width} --seed {args.seed}",
+                     "wall_time_s": round(time.time() - t0, 1), "machine": platform.processor() or platform.machine(),
+                     "labels": "training/scl_labels.py (mode of merged SCL over each 2x2 cell), WorldStrat",
+                     "split": "training/split.json (WorldStrat locations)",
+                     "scenes": {k: len(v) for k, v in sets.items()}, "log": logs["latent"]},
+        "test": {k: {"overall_accuracy": v["default_quality"]["overall_accuracy"],
+                     "macro_f1": v["default_quality"]["macro_f1"], "f1": v["default_quality"]["f1"],
+                     **({"by_quality": v["by_quality"]} if "by_quality" in v else {})} for k, v in test.items()},
+    }
+    (codec.path / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    print(json.dumps(card["heads"]["scl"]["test"], indent=1), f"\n{time.time() - t0:.0f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--codec", default="corsa512")
@@ -256,17 +376,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=48)
-    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--width", type=int, default=None, help="hidden channels (default: 32 codebook, 64 variable-rate)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
     index = cache_scenes(args.codec, args.cache)
-    sets = {s: load_split(args.cache, index, s) for s in ("train", "val", "test")}
+    sets = {s: load_split(args.cache / args.codec, index, s) for s in ("train", "val", "test")}
+    codec = open_any(args.codec)
+    if isinstance(codec, VariableRateCodec):
+        train_head(codec, sets, args, t0)
+        return
+    args.width = args.width or 32
     out = args.out / args.name
     out.mkdir(parents=True, exist_ok=True)
     models, logs, test = {}, {}, {}
-    for kind in KINDS:
+    for kind in KINDS["codebook"]:
         models[kind], logs[kind] = train(kind, sets["train"], sets["val"], args.steps, args.batch, args.crop,
                                          args.width, args.seed)
         res = evaluate(models[kind], sets["test"], kind)
@@ -275,7 +400,6 @@ def main() -> None:
     export_onnx(models["features"], "features", out / files["classifier"])
     export_onnx(models["bands"], "bands", out / files["reference_bands"])
     torch.save({k: m.state_dict() for k, m in models.items()}, out / "torch_state.pt")
-    codec = OnnxCodec(args.codec)
     wall = time.time() - t0
     card = {
         "id": args.name, "format_version": 1,

@@ -2,11 +2,12 @@
 
 Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. The context says
     mode:   "compress" (10 bands -> idx0, idx1, nodata), "decompress" (back to 10 bands) or
-            "classify" (idx0, idx1, nodata -> band "class": class values, 0 = nodata)
+            "classify" (the codes -> band "class": class values, 0 = nodata; a variable-rate model's
+            own head, scl.onnx, or a codebook model's classifier)
     model:  folder or base URL holding model_card.json, encoder.onnx / decoder.onnx (/ features.onnx,
             latent_model.npz)
     quality: quality level of a variable-rate model (its card's "qualities"; default its default)
-    classifier: folder or base URL holding classifier.onnx (mode "classify")
+    classifier: folder or base URL holding classifier.onnx (mode "classify" of a codebook model)
     sha256: {"encoder": ..., "decoder": ..., "features": ..., "classifier": ...} (optional) refuse files that differ
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
     fill:   (mode "decompress") true: each date's nodata pixels get values from the other dates of
@@ -554,11 +555,13 @@ def classify(features, classifier, idx0: np.ndarray, idx1: np.ndarray) -> np.nda
 
 
 def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
-    if _variable_rate(_settings(context)[0], context) is not None:
-        raise UdfError("mode 'classify' needs a codebook model (corsa512): no classifier reads variable-rate latents yet")
+    model = _settings(context)[0]
+    rate = _variable_rate(model, context)
+    if rate is not None:
+        return _classify_latent(cube, context, model, rate)
     cube, had_t, data, feats, _ = _prepare(cube, context, INDEX_BANDS, "features")
     if not context.get("classifier"):
-        raise UdfError("mode 'classify' needs 'classifier': a folder or URL with classifier.onnx")
+        raise UdfError("mode 'classify' of a codebook model needs 'classifier': a folder or URL with classifier.onnx")
     clf = session(_fetch(context["classifier"], "classifier.onnx", (context.get("sha256") or {}).get("classifier")),
                   int(context.get("threads", 0)))
     out = np.zeros((data.shape[0], 1) + data.shape[2:], np.uint8)
@@ -566,6 +569,26 @@ def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     for t, (rep0, rep1, nodata) in enumerate(data[(Ellipsis,) + window] if window else ()):
         classes = _replicate(classify(feats, clf, *_indices(rep0, rep1)), STRIDE0, rep0.shape)
         classes[np.nan_to_num(nodata, nan=1) != 0] = 0
+        out[(t, 0) + window] = classes
+    return _like(cube, out, ("class",), had_t)
+
+
+def _classify_latent(cube: xr.DataArray, context: dict, model: str, rate) -> xr.DataArray:
+    """A variable-rate model's scene classes: its head (card "heads" -> "scl") on the dequantised
+    latent, classes on the 20 m grid replicated over the 10 m pixels."""
+    card, _, _, inv_gain = rate
+    head = (card.get("heads") or {}).get("scl")
+    if head is None:
+        raise UdfError(f"model {card['id']} ships no scene-class head (its card lists no heads.scl)")
+    name = head["path"][:-len(".onnx")]
+    cube, had_t, data, sess, _ = _prepare(cube, context, latent_bands(card["latent"]["channels"]), name)
+    out = np.zeros((data.shape[0], 1) + data.shape[2:], np.uint8)
+    window = data_window(data)
+    for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
+        ints = np.nan_to_num(_pad(scene[:-1], STRIDE1)[:, ::STRIDE1, ::STRIDE1])
+        (logits,) = sess.run(None, {"latent": (ints * inv_gain)[None].astype(np.float32)})
+        classes = _replicate((logits[0].argmax(0) + 1).astype(np.uint8), STRIDE0, scene.shape[1:])
+        classes[np.nan_to_num(scene[-1], nan=1) != 0] = 0
         out[(t, 0) + window] = classes
     return _like(cube, out, ("class",), had_t)
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import rasterio
 from rasterio.transform import Affine
 
-from .codec import ModelError, OnnxCodec, checked_session, read_card
+from .codec import ModelError, OnnxCodec, VariableRateCodec, checked_session, read_card
 from .files import writing
 
 DEFAULT_CLASSIFIER = "corsa512-scl"
@@ -55,6 +55,23 @@ class Classifier:
         """Index grids -> class values (uint8) on the level-0 grid, straight through onnxruntime."""
         codec.check_indices(idx0, idx1)
         return corsa_udf.classify(codec.features_session, self.session, idx0, idx1)
+
+
+def scene_classes(codec: OnnxCodec | VariableRateCodec, classifier: str | Path | None = None
+                  ) -> tuple[dict[int, str], dict[int, tuple[int, ...]], Path | None]:
+    """(class names, colours, classifier folder or None) of a codec's scene classes: a variable-rate
+    model's own head (its card's heads.scl), a codebook model's classifier (checked against it)."""
+    if isinstance(codec, VariableRateCodec):
+        head = codec.card.get("heads", {}).get("scl")
+        if head is None:
+            raise ModelError(f"model {codec.model_id} ships no scene-class head: train one with "
+                             f"python -m training.classify --codec {codec.model_id}")
+        checked_session(codec.path, head, codec.threads)
+        return ({c["value"]: c["name"] for c in head["classes"]},
+                {c["value"]: tuple(c["color"]) for c in head["classes"]}, None)
+    clf = Classifier(classifier or DEFAULT_CLASSIFIER)
+    clf.check_codec(codec)
+    return clf.names, clf.colors, clf.path
 
 
 def write_classes(path: Path, classes: np.ndarray, transform: Affine | None, crs: str | None,

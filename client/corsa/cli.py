@@ -30,7 +30,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 from . import blockwise, catalog, pack, processes, product, product3, progress, render, results, series
-from .classmap import DEFAULT_CLASSIFIER, Classifier, write_classes
+from .classmap import scene_classes, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
 from .files import WriteError, product_lock
 from .metrics import compression_factor
@@ -170,7 +170,7 @@ def decompress(args: argparse.Namespace) -> str:
     elif args.quality is not None:
         raise ValueError(f"{args.input} is a product: it records its quality level (--quality is for job files)")
     else:
-        codec, quality = stream if stream else (OnnxCodec(args.model or DEFAULT_MODEL), None)
+        codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
     out = Path(args.output)
     if stream and not args.clear and not _engine_asked(args):
         written = render.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
@@ -202,15 +202,12 @@ def decompress(args: argparse.Namespace) -> str:
         graph["process_graph"]["decode"]["arguments"]["resolution"] = [
             abs(transform.a) * w / max(1, round(w * args.scale)), abs(transform.e) * h / max(1, round(h * args.scale))]
     if args.clear:
-        if quality is not None:
-            raise ValueError("--clear needs a codebook model's product (corsa512): no classifier reads corsa2 latents yet")
-        clf = Classifier(args.classifier)
-        clf.check_codec(codec)
+        _, _, classifier = scene_classes(codec, args.classifier)
         graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_decompress_clear"
-        graph["process_graph"]["decode"]["arguments"]["classifier"] = str(clf.path)
+        graph["process_graph"]["decode"]["arguments"]["classifier"] = str(classifier) if classifier else None
         if args.fill:
             raise ValueError("--fill and --clear do not combine yet: --clear sets the cloud pixels to 0 after decoding")
-        for name in ("quality", "fill", "dates"):
+        for name in ("fill", "dates"):
             del graph["process_graph"]["decode"]["arguments"][name]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
     stored = (pack.job_dates(args.input) if job_files else product3.dates_in(args.input) if stream
@@ -250,14 +247,15 @@ def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
 
 
 def classify(args: argparse.Namespace) -> str:
-    if product3.dates_in(args.input):
-        raise ValueError(f"{args.input} is a variable-rate product: no classifier reads corsa2 latents yet "
-                         "(classify a corsa512 product)")
-    codec, clf = OnnxCodec(args.model or DEFAULT_MODEL), Classifier(args.classifier)
-    clf.check_codec(codec)
-    dates = product.dates_in(args.input)
+    stream = _stream_product(args.input, args.model)
+    codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
+    names, colors, classifier = scene_classes(codec, args.classifier)
+    dates = product3.dates_in(args.input) if stream else product.dates_in(args.input)
     if not dates:
         raise product.ProductError(f"{args.input} holds no complete compressed date")
+    if not stream:
+        for d in dates:
+            _check_date(args.input, d, codec)
     out = Path(args.output)
     single = out.suffix.lower() in (".tif", ".tiff")
     if single and len(dates) != 1:
@@ -266,20 +264,22 @@ def classify(args: argparse.Namespace) -> str:
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
         "classify": {"process_id": "corsa_openeo_classify", "result": True, "arguments": {
-            "data": {"from_node": "load"}, "model": str(codec.path), "classifier": str(clf.path)}}}}
+            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality,
+            "classifier": str(classifier) if classifier else None}}}}
     engine = _engine()(Catalogue(), scheduler=args.scheduler)
     cube = engine.run(graph)
     written = []
-    for i, t in enumerate(cube["t"].values):
-        d = product.read_date(args.input, product.date_label(t))
-        product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+    for i, date in enumerate(dates):
+        grid = series.header(args.input, date)[1] if stream else None
+        shape, transform, crs = ((grid["shape"], grid["transform"], grid["crs"]) if grid else
+                                 (lambda d: (d.shape, d.transform, d.crs))(product.read_date(args.input, date)))
         # The UDF replicates each 20 m class over its 2 x 2 pixels; cells past the input stay 0 (nodata).
         (sub,) = engine._compute(cube.isel(t=i).sel(bands="class").data[::2, ::2])
-        classes = np.zeros(d.idx0.shape, np.uint8)
+        classes = np.zeros((-(-shape[0] // 4) * 2, -(-shape[1] // 4) * 2), np.uint8)
         classes[: sub.shape[0], : sub.shape[1]] = sub
-        transform = d.transform * Affine.scale(2) if d.transform is not None else None
-        path = out if single else out / f"classes_{d.date}.tif"
-        written.append(write_classes(path, classes, transform, d.crs, clf.names, clf.colors))
+        path = out if single else out / f"classes_{date}.tif"
+        written.append(write_classes(path, classes, transform * Affine.scale(2) if transform is not None else None,
+                                     crs, names, colors))
     return f"{len(written)} class map(s) written: {', '.join(str(p) for p in written)}"
 
 
@@ -337,6 +337,8 @@ def models(args: argparse.Namespace) -> str:
             entry = {"id": card["id"], "kind": "codebook", "qualities": [], "default_quality": None,
                      "test": [{"quality": None, "cf": t.get("entropy_coded_cf"), "psnr_db": t.get("mean_psnr_db")}]}
         entry["default"] = card["id"] == DEFAULT_MODEL
+        entry["gain_db"] = (card.get("gain_over_classical_db") or {}).get("mean_over_levels_1_8")
+        entry["heads"] = sorted(card.get("heads", {}))
         entry["description"] = card.get("description", "")
         entries.append(entry)
     if args.json:
@@ -346,6 +348,10 @@ def models(args: argparse.Namespace) -> str:
         head = f"{e['id']}{' (default)' if e['default'] else ''}: {e['kind']}"
         if e["qualities"]:
             head += f", quality levels {e['qualities'][0]}-{e['qualities'][-1]} (default {e['default_quality']})"
+        if e["gain_db"] is not None:
+            head += f", {e['gain_db']:+.2f} dB over JPEG 2000 / JPEG XL (levels 1-8, test split)"
+        if e["heads"]:
+            head += f", heads: {', '.join(e['heads'])}"
         lines.append(head)
         for t in e["test"]:
             label = f"quality {t['quality']}" if t["quality"] is not None else "single rate"
@@ -500,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                            "the date's light; other pixels are unchanged")
             s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
         if name in ("classify", "decompress"):
-            s.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="classifier name under models_onnx/ or a folder")
+            s.add_argument("--classifier", help="a codebook model's classifier: name under models_onnx/ or a folder "
+                                                "(default corsa512-scl); a variable-rate model uses its own head")
         if name == "compress":
             s.add_argument("--bbox", help="only this area of the input: west,south,east,north[,EPSG] (default EPSG 4326)")
             s.add_argument("--dates", help="only these dates of the input: start/end, e.g. 2021-01-01/2021-07-01 "

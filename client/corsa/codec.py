@@ -25,7 +25,6 @@ MODELS_DIR = Path(__file__).resolve().parents[2] / "models_onnx"
 # (udf-dependency-archives "URL#models") unpacks on a back end.
 MODELS_URL = "https://raw.githubusercontent.com/corsa-openeo/corsa-openeo/refs/heads/main/models_onnx"
 UNPACKED_MODELS = "models/"
-DEFAULT_MODEL = "corsa512"
 
 
 class ModelError(RuntimeError):
@@ -44,6 +43,19 @@ def model_dir(model: str | Path) -> Path:
     """A model folder given by path, or by name under models_onnx/."""
     path = Path(model)
     return path if path.is_dir() else MODELS_DIR / str(model)
+
+
+def default_model(folder: Path = MODELS_DIR) -> str:
+    """The id of the one model whose card says "default": true (a newer model becomes the default by
+    its card alone)."""
+    marked = sorted(p.parent.name for p in folder.glob("*/model_card.json")
+                    if json.loads(p.read_text()).get("default") is True)
+    if len(marked) != 1:
+        raise ModelError(f"exactly one model card under {folder} must say \"default\": true, not {marked or 'none'}")
+    return marked[0]
+
+
+DEFAULT_MODEL = default_model()
 
 
 def local_model(location: str) -> str:
@@ -84,7 +96,7 @@ def checked_session(folder: Path, entry: dict, threads: int | None) -> ort.Infer
 class OnnxCodec:
     """Encoder, decoder and feature lookup of one model, sessions created on first use."""
 
-    def __init__(self, model: str | Path = DEFAULT_MODEL, threads: int | None = None):
+    def __init__(self, model: str | Path, threads: int | None = None):
         self.path, self.card = read_card(model)
         self.threads = threads
         if tuple(self.card["bands"]) != BANDS:

@@ -128,8 +128,8 @@ def compress(connection: Connection, spatial_extent: dict | None, temporal_exten
              native: bool = False) -> MultiResult | DataCube:
     """What a compress job stores: each layer of the model's card on its own grid, one
     save_result each (corsa_<layer>_<date>.tif). ``namespace``: call the published
-    corsa_openeo_compress_s2 / corsa2_openeo_compress_s2 instead of inlining it (the model's
-    layers must be those of the UDP's default model)."""
+    corsa_openeo_compress_s2 instead of inlining it (a variable-rate model: the service stores
+    every channel whatever the model)."""
     if native:
         data = processes.load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
         return data.process(_native(connection, "compress"), data=data)
@@ -137,7 +137,10 @@ def compress(connection: Connection, spatial_extent: dict | None, temporal_exten
     card = _card(model_path)
     variable = card.get("kind") == "variable-rate"
     if namespace is not None:
-        pid = "corsa2_openeo_compress_s2" if variable else "corsa_openeo_compress_s2"
+        if not variable:
+            raise BackendError(f"the published compress service stores a variable-rate model's layers, not those of "
+                               f"the codebook model {card['id']}: compress it inline (namespace=None)")
+        pid = "corsa_openeo_compress_s2"
         args = {"spatial_extent": spatial_extent, "temporal_extent": temporal_extent,
                 "max_cloud_cover": max_cloud_cover, "model": model_path, **({"quality": quality} if variable else {})}
         return connection.datacube_from_process(pid, namespace=namespace, **args)
@@ -338,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--poll", type=float, default=30.0, help="seconds between status polls")
     arc = sub.add_parser("archive", help="write the model zip for udf-dependency-archives")
     arc.add_argument("-o", "--output", type=Path, required=True)
+    arc.add_argument("--model", default=DEFAULT_MODEL, help=f"the model to pack (default {DEFAULT_MODEL})")
     args = p.parse_args(argv)
     try:
         if args.command == "archive":
-            print(model_archive(args.output))
+            print(model_archive(args.output, args.model))
             return 0
         connection = connect(args.backend, args.user, args.password)
         if args.user is None:

@@ -60,8 +60,6 @@ PREFIX = "corsa_openeo_"
 RENAMED = {"corsa_compress": "corsa_openeo_compress", "corsa_decompress": "corsa_openeo_decompress",
            "corsa_compress_s2": "corsa_openeo_compress_s2", "corsa_classify": "corsa_openeo_classify",
            "corsa_classify_s2": "corsa_openeo_classify_s2", "corsa_decompress_clear": "corsa_openeo_decompress_clear"}
-VARIABLE_RATE_MODEL = "corsa2.1"
-RENDER_MODEL = "corsa3.1"       # the first model with a space and a time head
 
 
 def _model_parameter(model: str) -> Parameter:
@@ -73,7 +71,6 @@ def _model_parameter(model: str) -> Parameter:
 
 
 MODEL = _model_parameter(DEFAULT_MODEL)
-RENDER_MODEL_PARAMETER = _model_parameter(RENDER_MODEL)
 QUALITY = Parameter("quality", schema={"type": ["integer", "null"], "minimum": 1}, default=None,
                     description="Quality level of a variable-rate model (corsa2: 1 = smallest files, higher is "
                     "better; null: the model card's default_quality). Decompression must use the level the data "
@@ -113,7 +110,7 @@ def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = M
     farthest-reaching shipped model needs in this mode."""
     overlap = OVERLAP[mode] if overlap is None else overlap
     context = {"mode": mode, "model": _value(model), "tile": UDF_TILE, "overlap": overlap}
-    if mode in ("compress", "decompress"):
+    if mode in ("compress", "decompress", "classify"):
         context["quality"] = _value(quality)
     udf = PGNode("run_udf", data={"from_parameter": "data"}, udf=UDF_CODE, runtime="Python",
                  context={**context, **(extra or {})})
@@ -237,18 +234,18 @@ RESOLUTION = Parameter.number("resolution", description="The output pixel size, 
 
 
 def corsa_openeo_render() -> dict:
-    decoded = udf_over_chunks(None, "decompress", model=RENDER_MODEL_PARAMETER, extra={
+    decoded = udf_over_chunks(None, "decompress", extra={
         "fill": {"from_parameter": "fill"}, "dates": {"from_parameter": "dates"}, "positions": True})
     finer = decoded.process("resample_spatial", data=THIS, resolution=RESOLUTION, method="near")
     return build_process_dict(
-        udf_over_chunks(finer, "render", model=RENDER_MODEL_PARAMETER), process_id="corsa_openeo_render",
+        udf_over_chunks(finer, "render"), process_id="corsa_openeo_render",
         summary="Decompress CORSA codes at a smaller pixel size (any scale) and at any dates",
         description="corsa_openeo_decompress of a variable-rate model's cube (its time head for dates between "
                     "stored ones), rendered at the pixel size resolution by the model's space head, LIIF-style: "
                     "each output pixel from the decode's features around its centre, its offset there and its "
                     "size; the 10 bands " + ", ".join(BANDS) + " (DN, uint16), nodata 0. `corsa decompress "
                     "--scale` does the same on a product.",
-        parameters=[COMPRESSED, RENDER_MODEL_PARAMETER, QUALITY, FILL, DATES, RESOLUTION],
+        parameters=[COMPRESSED, MODEL, QUALITY, FILL, DATES, RESOLUTION],
         returns={**CUBE, "description": "the 10 bands at the pixel size resolution"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
@@ -258,31 +255,36 @@ def corsa_openeo_compress_s2() -> dict:
 
 
 def corsa2_openeo_compress_s2() -> dict:
-    return compress_s2_process(read_card(VARIABLE_RATE_MODEL)[1], process_id="corsa2_openeo_compress_s2")
+    """The variable-rate compress service under the id it was published with first (corsa2.1's
+    time); today the same service as corsa_openeo_compress_s2."""
+    return compress_s2_process(read_card(DEFAULT_MODEL)[1], process_id="corsa2_openeo_compress_s2")
 
 
-CLASSIFIER = Parameter.string("classifier", default=f"{MODELS_URL}/corsa512-scl",
-                              description="Base URL or folder of the classifier (classifier.onnx, made for the "
-                              "codec given as model; its model card lists the class values and names).")
+CLASSIFIER = Parameter("classifier", schema={"type": ["string", "null"]}, default=None,
+                       description="null: the model's own scene-class head (a variable-rate model's scl.onnx, listed "
+                       "in its card). A codebook model (corsa512) needs the base URL or folder of its classifier "
+                       f"(classifier.onnx; {MODELS_URL}/corsa512-scl).")
 CLASSIFY = {"classifier": {"from_parameter": "classifier"}}
-CLASSIFY_DESCRIPTION = ("Classes come from the codebook vectors of the indices (the codec's features.onnx) through "
-                        "a small ONNX classifier on the 20 m grid, without decoding; band class holds the class "
-                        "value (1..n, 0 = nodata), replicated over each 20 m cell on the 10 m grid.")
+CLASSIFY_DESCRIPTION = ("Classes come from the codes without decoding: a variable-rate model's head reads the "
+                        "dequantised latent (40 m) and gives classes on the 20 m grid; a codebook model's classifier "
+                        "reads the codebook vectors of its indices. Band class holds the class value (1..n, "
+                        "0 = nodata), replicated over each 20 m cell on the 10 m grid.")
 
 
 def corsa_openeo_classify() -> dict:
     return build_process_dict(
         udf_over_chunks(None, "classify", extra=CLASSIFY), process_id="corsa_openeo_classify",
         summary="Classify a CORSA-compressed cube per pixel without decompressing it",
-        description="Maps a cube from corsa_openeo_compress (bands idx0, idx1, nodata) to Sen2Cor-like scene classes "
-                    "(vegetation, not vegetated, water, snow/ice, cloud, cloud shadow/dark). " + CLASSIFY_DESCRIPTION,
-        parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "band class (uint8)"},
+        description="Maps a cube from corsa_openeo_compress (z00, ..., nodata or idx0, idx1, nodata) to Sen2Cor-like "
+                    "scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow/dark). "
+                    + CLASSIFY_DESCRIPTION,
+        parameters=[COMPRESSED, MODEL, QUALITY, CLASSIFIER], returns={**CUBE, "description": "band class (uint8)"},
         categories=["classification", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
 def corsa_openeo_classify_s2() -> dict:
     cube = load_s2(None, SPATIAL, TEMPORAL, CLOUD)
-    classes = udf_over_chunks(udf_over_chunks(cube, "compress", quality=None), "classify", extra=CLASSIFY)
+    classes = udf_over_chunks(udf_over_chunks(cube, "compress", quality=None), "classify", extra=CLASSIFY, quality=None)
     return build_process_dict(
         classes.save_result(format="GTiff"), process_id="corsa_openeo_classify_s2",
         summary="Scene classes of Sentinel-2 L2A over an area and date range, from CORSA features",
@@ -298,15 +300,15 @@ LAST_USABLE_CLASS = 4
 
 
 def corsa_openeo_decompress_clear() -> dict:
-    decoded = udf_over_chunks(None, "decompress", quality=None)  # classifiers read codebook models only
+    decoded = udf_over_chunks(None, "decompress")
     unusable = udf_over_chunks(None, "classify", extra=CLASSIFY).reduce_dimension(
         dimension="bands", reducer=lambda x: x.array_element(index=0) > LAST_USABLE_CLASS)
     return build_process_dict(
         decoded.mask(unusable, replacement=0), process_id="corsa_openeo_decompress_clear",
-        summary="Decompress CORSA codebook indices, with cloud and cloud-shadow pixels set to 0",
+        summary="Decompress CORSA codes, with cloud and cloud-shadow pixels set to 0",
         description="corsa_openeo_decompress, with the pixels that corsa_openeo_classify puts in the classes cloud or "
-                    "cloud shadow/dark (from the codebook vectors, no decoding needed for the mask) set to 0 like nodata.",
-        parameters=[COMPRESSED, MODEL, CLASSIFIER], returns={**CUBE, "description": "the 10 bands, unusable pixels 0"},
+                    "cloud shadow/dark (from the codes, no decoding needed for the mask) set to 0 like nodata.",
+        parameters=[COMPRESSED, MODEL, QUALITY, CLASSIFIER], returns={**CUBE, "description": "the 10 bands, unusable pixels 0"},
         categories=["compression", "cloud detection"], default_job_options=JOB_OPTIONS)
 
 

@@ -324,6 +324,22 @@ def read_date(folder: Path, date: str) -> ProductDate:
                        tags0.get("CORSA_MODEL_ID", ""), tags0["CORSA_MODEL_SHA256"])
 
 
+def model_of(folder: Path) -> str:
+    """The model id a format-1/2 product's first date names (its L0 file's tag)."""
+    dates = dates_in(folder)
+    if not dates:
+        raise ProductError(f"{folder} holds no complete compressed date (corsa_<date>_L0.tif)")
+    path = Path(folder) / file_names(dates[0])["L0"]
+    try:
+        with rasterio.open(path) as src:
+            model = src.tags().get("CORSA_MODEL_ID")
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as e:
+        raise ProductError(f"{path.name} is not a readable GeoTIFF (truncated or corrupt?): {e}") from None
+    if not model:
+        raise ProductError(f"{Path(folder) / file_names(dates[0])['L0']} names no model (tag CORSA_MODEL_ID): give --model")
+    return model
+
+
 def product_bytes(folder: Path, date: str) -> int:
     """Bytes on disk of one date's files: what the CF is measured on."""
     return sum((folder / n).stat().st_size for n in file_names(date).values() if (folder / n).exists())
