@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +34,7 @@ from rasterio.transform import Affine
 from . import blockwise, catalog, pack, processes, product, product3, progress, render, results, series
 from .classmap import scene_classes, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
-from .files import WriteError, product_lock
+from .files import WriteError, exchange, product_lock
 from .metrics import compression_factor
 from .scene import BANDS
 from .sources import Catalogue, SourceError
@@ -412,6 +414,33 @@ SERVE_SERVICE = "corsa2_openeo_compress_s2"
 WRITES_PRODUCT = ("compress", "pack", "reduce")     # one writer at a time into their -o folder
 
 
+@contextlib.contextmanager
+def _into_product(args: argparse.Namespace):
+    """compress into -o: a folder already holding a product is refused unless --append (later dates
+    of the same place) or --overwrite, which writes the new product beside the old one and swaps
+    the folders when it is complete (``files.exchange``), so no folder ever mixes two products."""
+    out = Path(args.output)
+    held = sorted(product.dates_in(out) + product3.dates_in(out)) if out.is_dir() else []
+    if args.append and args.overwrite:
+        raise ValueError("--append and --overwrite exclude each other: add dates to the product, or replace it")
+    if not held or args.append:
+        yield lambda line: line
+        return
+    if not args.overwrite:
+        raise ValueError(f"{out} already holds a product ({len(held)} date(s): {', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}): --append adds later dates of the same place, "
+                         "--overwrite replaces the product, or give another folder")
+    staging = out.with_name(f".{out.name}.new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    args.output = staging
+    try:
+        yield lambda line: line.replace(str(staging), str(out))
+        exchange(staging, out)      # staging now holds the old product
+    finally:
+        args.output = out
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _collection(text: str) -> Path:
     name, sep, path = text.partition("=")
     if not sep or name != "SENTINEL2_L2A" or not Path(path).exists():
@@ -520,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--append", action="store_true",
                            help="add the input's dates to the product in -o (after its last date), coded with its "
                            "history; the dates already there stay as they are")
+            s.add_argument("--overwrite", action="store_true",
+                           help="replace the product already in -o, as a whole: the new one is written beside it and "
+                           "swapped in when complete")
             s.add_argument("--key-every", type=int, default=series.KEY_EVERY,
                            help=f"a date coded alone every N dates of a series (default {series.KEY_EVERY}): decoding "
                            "one date reads at most N-1 others; 1 codes every date alone")
@@ -527,8 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         with progress.shown(f"corsa {args.command}", quiet=args.quiet or args.command in ("info", "models", "serve")), \
-                (product_lock(args.output) if args.command in WRITES_PRODUCT else contextlib.nullcontext()):
-            line = args.func(args)
+                (product_lock(args.output) if args.command in WRITES_PRODUCT else contextlib.nullcontext()), \
+                (_into_product(args) if args.command == "compress" else contextlib.nullcontext(lambda line: line)) \
+                as shown:
+            line = shown(args.func(args))
     except _handled_errors() as e:
         print(f"corsa {args.command}: error: {e}", file=sys.stderr)
         return 2
