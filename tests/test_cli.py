@@ -82,3 +82,30 @@ def test_one_default_model_the_one_with_the_best_gain(tmp_path, data_root, capsy
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "-q"]) == 0
     [date] = product3.dates_in(tmp_path / "prod")
     assert series.header(tmp_path / "prod", date)[1]["model_id"] == DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("argument, words", [
+    (["--bbox", "1,2,3"], "argument --bbox: '1,2,3' is not west,south,east,north"),
+    (["--bbox", "a,b,c,d"], "argument --bbox: 'a,b,c,d' is not west,south,east,north"),
+    (["--bbox", "5,1,4,2"], "west < east"),
+    (["--key-every", "0"], "argument --key-every: '0' is not a whole number of at least 1"),
+    (["--key-every", "-2"], "argument --key-every: '-2' is not a whole number of at least 1"),
+    (["--dates", "2023-01-01"], "argument --dates: '2023-01-01' is not a date range START/END"),
+    (["--dates", "2023-02-01/2023-01-01"], "END excluded and after START"),
+    (["--dates", "2023-02-30/"], "is not a date range"),
+])
+def test_arguments_are_checked_where_they_are_parsed(tmp_path, capsys, argument, words):
+    """One line naming the argument and what it accepts, exit 2, nothing written."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out"), *argument])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "corsa compress: error: " in err and words in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_wrong_model_lists_the_models_there(tmp_path, data_root, capsys):
+    s = next(LOADERS["bigearthnet"](data_root))
+    write_scene(tmp_path / "in.tif", s.data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out"), "--model", "corsa9"]) == 2
+    err = capsys.readouterr().err
+    assert "no model 'corsa9'" in err and "corsa3.1" in err and "corsa512" in err and "Traceback" not in err

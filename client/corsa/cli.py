@@ -43,22 +43,38 @@ from .stac import StacSource
 COLLECTION = "SENTINEL2_L2A"
 
 
-def _bbox(text: str | None) -> dict | None:
-    if not text:
-        return None
+def _bbox(text: str) -> dict:
+    """A --bbox: west,south,east,north[,EPSG code], west < east and south < north."""
     parts = text.split(",")
-    if len(parts) not in (4, 5):
-        raise SystemExit(f"--bbox takes west,south,east,north[,EPSG code], got {text!r}")
-    west, south, east, north = map(float, parts[:4])
-    return {"west": west, "south": south, "east": east, "north": north,
-            "crs": f"EPSG:{parts[4]}" if len(parts) == 5 else "EPSG:4326"}
+    try:
+        west, south, east, north = (float(v) for v in parts[:4]) if len(parts) in (4, 5) else ()
+        epsg = int(parts[4]) if len(parts) == 5 else 4326
+    except ValueError:
+        west = None
+    if west is None or not (west < east and south < north) or epsg <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not west,south,east,north[,EPSG code]: four numbers with "
+                                         "west < east and south < north, then an optional EPSG code (default 4326)")
+    return {"west": west, "south": south, "east": east, "north": north, "crs": f"EPSG:{epsg}"}
 
 
-def _dates(text: str | None) -> list | None:
-    if not text:
-        return None
-    start, _, end = text.partition("/")
-    return [start or None, end or None]
+def _dates(text: str) -> list:
+    """A --dates range: start/end (YYYY-MM-DD, end excluded; either may be left out), start before end."""
+    start, slash, end = text.partition("/")
+    try:
+        days = [_day(v) if v else None for v in (start, end)]
+    except argparse.ArgumentTypeError:
+        days = []
+    if not slash or not days or (days[0] and days[1] and days[0] >= days[1]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date range START/END (YYYY-MM-DD, END excluded and "
+                                         "after START; either may be left out, e.g. 2021-01-01/)")
+    return days
+
+
+def _positive(text: str) -> int:
+    """A count of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def _quality(codec: OnnxCodec | VariableRateCodec, quality: int | None) -> int | None:
@@ -92,7 +108,7 @@ def compress(args: argparse.Namespace) -> str:
     else:
         source = args.input
     catalogue = Catalogue({COLLECTION: source})
-    bbox, dates = _bbox(args.bbox), _dates(args.dates)
+    bbox, dates = args.bbox, args.dates
     if isinstance(codec, VariableRateCodec) and not _engine_asked(args):
         cube = catalogue.load(COLLECTION, bbox, dates, list(BANDS), args.max_cloud_cover)
         return _product_written(blockwise.compress(cube, codec, quality, Path(args.output), append=args.append,
@@ -538,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--classifier", help="a codebook model's classifier: name under models_onnx/ or a folder "
                                                 "(default corsa512-scl); a variable-rate model uses its own head")
         if name == "compress":
-            s.add_argument("--bbox", help="only this area of the input: west,south,east,north[,EPSG] (default EPSG 4326)")
-            s.add_argument("--dates", help="only these dates of the input: start/end, e.g. 2021-01-01/2021-07-01 "
+            s.add_argument("--bbox", type=_bbox, help="only this area of the input: west,south,east,north[,EPSG] (default EPSG 4326)")
+            s.add_argument("--dates", type=_dates, help="only these dates of the input: start/end, e.g. 2021-01-01/2021-07-01 "
                            "(end excluded)")
             s.add_argument("--stac", help="a STAC API URL to load from instead of INPUT "
                            "(a local item-collection .json can be given as INPUT)")
@@ -552,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--overwrite", action="store_true",
                            help="replace the product already in -o, as a whole: the new one is written beside it and "
                            "swapped in when complete")
-            s.add_argument("--key-every", type=int, default=series.KEY_EVERY,
+            s.add_argument("--key-every", type=_positive, default=series.KEY_EVERY,
                            help=f"a date coded alone every N dates of a series (default {series.KEY_EVERY}): decoding "
                            "one date reads at most N-1 others; 1 codes every date alone")
     args = p.parse_args(argv)

@@ -73,7 +73,11 @@ def read_card(model: str | Path) -> tuple[Path, dict]:
     path = model_dir(model)
     card = path / "model_card.json"
     if not card.is_file():
-        raise ModelError(f"no model_card.json in {path}")
+        shipped = ", ".join(sorted(p.parent.name for p in MODELS_DIR.glob("*/model_card.json")))
+        if not Path(model).exists():
+            raise ModelError(f"no model {str(model)!r}: give a folder with model_card.json or one of the models under "
+                             f"{MODELS_DIR}: {shipped}")
+        raise ModelError(f"no model_card.json in {path} (the models under {MODELS_DIR}: {shipped})")
     try:
         return path, json.loads(card.read_text())
     except json.JSONDecodeError as e:
