@@ -245,3 +245,20 @@ def test_a_failing_job_leaves_no_file(scene, tmp_path):
     assert job.status() == "error" and "truncated or corrupt" in job.logs()[0]["message"]
     left = list(job.results.rglob("*")) if job.results.exists() else []
     assert not left, left
+
+
+@pytest.mark.parametrize("style", ["{layer}_{date}Z", "{layer}_{date}T00:00:00Z"])
+def test_pack_reads_the_back_ends_file_names(job, scene, tmp_path, style):
+    """CDSE and Terrascope name a dated result <prefix>_<date>Z.tif (or with the time): the same
+    product as from the engine's names."""
+    model, folder = job
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for p in folder.iterdir():
+        layer, date = p.stem[len("corsa_"):].rsplit("_", 1)
+        shutil.copyfile(p, renamed / f"corsa_{style.format(layer=layer, date=date)}.tif")
+    args = ["--model", model] + (["--quality", str(QUALITY)] if model == "corsa2" else [])
+    assert cli.main(["pack", str(renamed), "-o", str(tmp_path / "a"), *args]) == 0
+    assert cli.main(["pack", str(folder), "-o", str(tmp_path / "b"), *args]) == 0
+    a, b = stored_files(tmp_path / "a"), stored_files(tmp_path / "b")
+    assert [p.name for p in a] == [p.name for p in b] and all(p.read_bytes() == q.read_bytes() for p, q in zip(a, b))

@@ -27,7 +27,9 @@ from .codec import OnnxCodec, VariableRateCodec, open_codec, sha256_file
 
 NODATA = "nodata"
 JOB_FILE = "job.json"
-_NAME = re.compile(r"^corsa_(?P<layer>[A-Za-z0-9]+)_(?P<date>\d{4}-\d{2}-\d{2}|undated)\.tif$")
+# corsa_<layer>_<date>.tif as the embedded engine names them; CDSE and Terrascope add a time or a
+# "Z" to the date (corsa_latent_2022-07-06Z.tif, ..._2022-07-06T00:00:00Z.tif).
+_NAME = re.compile(r"^corsa_(?P<layer>[A-Za-z0-9]+)_(?P<date>\d{4}-\d{2}-\d{2}|undated)(T\d{2}:?\d{2}:?\d{2}(\.\d+)?)?Z?\.tiff?$")
 BLOCK_PX = 4 * product3.BLOCK  # 10 m pixels per block side: one format-3 stream block
 
 
@@ -97,7 +99,7 @@ def _check_downloaded(folder: Path, files: dict[str, Path], date: str | None = N
 def _layer_files(folder: Path) -> dict[str, dict[str, Path]]:
     """{date: {layer: path}} of the corsa_<layer>_<date>.tif files in ``folder``."""
     out: dict[str, dict[str, Path]] = {}
-    for path in sorted(Path(folder).glob("corsa_*.tif")):
+    for path in sorted(Path(folder).glob("corsa_*.tif*")):
         m = _NAME.match(path.name)
         if m:
             out.setdefault(m["date"], {})[m["layer"]] = path
@@ -285,8 +287,9 @@ def pack(folder: Path, out: Path, model: str | None = None, quality: int | None 
     """Every date of a folder of job files -> the product in ``out``."""
     dates = job_dates(folder)
     if not dates:
-        raise JobFilesError(f"{folder} holds no compress job's files (corsa_<layer>_<date>.tif with "
-                            f"corsa_{NODATA}_<date>.tif)")
+        raise JobFilesError(f"{folder} holds no compress job's files: corsa_<layer>_<date>.tif beside "
+                            f"corsa_{NODATA}_<date>.tif, the date as YYYY-MM-DD, optionally with a time and Z "
+                            "(as CDSE and Terrascope name them)")
     codec, quality = resolve(folder, model, quality)
     return pack_dates(folder, dates, codec, quality, out)
 
