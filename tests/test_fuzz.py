@@ -13,7 +13,8 @@ from rasterio.transform import Affine
 from benchmarks import fuzz
 from corsa.datasets import LOADERS
 
-CASES, SECONDS, SEED = 200, 20.0, 6
+# A fixed number of cases, not a time budget: a busy machine runs them slower, not fewer.
+CASES, SECONDS, SEED = 40, 300.0, 6
 
 
 @pytest.mark.parametrize("fmt", ["2", "3", "4", "packed"])
@@ -21,7 +22,7 @@ def test_decompress_survives_damaged_products(tmp_path, data_root, fmt):
     scene = next(LOADERS["majortom"](data_root))
     seeds = fuzz.make_seeds(tmp_path, scene.data, Affine(*scene.transform), scene.crs, fmt)
     report = fuzz.fuzz(seeds, tmp_path, CASES, SECONDS, SEED, case_timeout=30.0)
-    assert report.cases >= 40, f"only {report.cases} cases ran in {SECONDS} s"
+    assert report.cases == CASES, f"only {report.cases} cases ran in {SECONDS} s"
     assert not report.findings, "\n".join(str(f) for f in report.findings)
     assert report.refused > report.cases / 2      # most damage is noticed, not decoded
     # what decodes, decodes as if undamaged (packed files: through the sha256 of each that job.json records)
