@@ -353,7 +353,8 @@ def models(args: argparse.Namespace) -> str:
         else:
             t = card.get("test", {})
             entry = {"id": card["id"], "kind": "codebook", "qualities": [], "default_quality": None,
-                     "test": [{"quality": None, "cf": t.get("entropy_coded_cf"), "psnr_db": t.get("mean_psnr_db")}]}
+                     "test": [{"quality": None, "cf": t.get("product_cf"), "psnr_db": t.get("mean_psnr_db"),
+                               "cf_range_coded": t.get("entropy_coded_cf")}]}
         entry["default"] = card["id"] == DEFAULT_MODEL
         entry["gain_db"] = (card.get("gain_over_classical_db") or {}).get("mean_over_levels_1_8")
         entry["heads"] = sorted(card.get("heads", {}))
@@ -373,7 +374,9 @@ def models(args: argparse.Namespace) -> str:
         lines.append(head)
         for t in e["test"]:
             label = f"quality {t['quality']}" if t["quality"] is not None else "single rate"
-            lines.append(f"  {label}: test split CF {t['cf']}, PSNR {t['psnr_db']} dB")
+            extra = (f" (product files: GeoTIFF index grids; range-coded indices would give CF {t['cf_range_coded']})"
+                     if t.get("cf_range_coded") else "")
+            lines.append(f"  {label}: test split CF {t['cf']}, PSNR {t['psnr_db']} dB{extra}")
     return "\n".join(lines)
 
 
