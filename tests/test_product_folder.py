@@ -44,3 +44,26 @@ def test_a_second_place_never_joins_a_product(tmp_path, data_root, capsys):
     assert (prod / "collection.json").is_file() and not list(prod.glob(".*"))
     assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "out.tif"), "-q"]) == 0
     assert (tmp_path / "out.tif").stat().st_size > 0
+
+
+def test_pack_into_a_product_needs_overwrite(tmp_path, data_root, capsys):
+    from corsa import processes
+    from corsa.codec import DEFAULT_MODEL, read_card
+    from corsa.engine import Engine
+    from corsa.sources import Catalogue
+
+    s = next(LOADERS["majortom"](data_root))
+    write_scene(tmp_path / "a.tif", s.data[:, :200, :200], Affine(*s.transform), s.crs, "2022-07-06")
+    Engine(Catalogue({"SENTINEL2_L2A": tmp_path / "a.tif"}), output=tmp_path / "job").run(
+        processes.compress_s2_process(read_card(DEFAULT_MODEL)[1]), spatial_extent=None, temporal_extent=None,
+        model=str(read_card(DEFAULT_MODEL)[0]), quality=None)
+    assert cli.main(["pack", str(tmp_path / "job"), "-o", str(tmp_path / "prod"), "--model", DEFAULT_MODEL, "-q"]) == 0
+    before = _contents(tmp_path / "prod")
+    capsys.readouterr()
+    assert cli.main(["pack", str(tmp_path / "job"), "-o", str(tmp_path / "prod"), "--model", DEFAULT_MODEL, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a product" in err and "--overwrite" in err and "--append" not in err
+    assert _contents(tmp_path / "prod") == before
+    assert cli.main(["pack", str(tmp_path / "job"), "-o", str(tmp_path / "prod"), "--model", DEFAULT_MODEL,
+                     "--overwrite", "-q"]) == 0
+    assert _contents(tmp_path / "prod") == before       # the same job packs to the same bytes

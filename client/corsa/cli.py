@@ -435,20 +435,23 @@ WRITES_PRODUCT = ("compress", "pack", "reduce")     # one writer at a time into 
 
 @contextlib.contextmanager
 def _into_product(args: argparse.Namespace):
-    """compress into -o: a folder already holding a product is refused unless --append (later dates
-    of the same place) or --overwrite, which writes the new product beside the old one and swaps
-    the folders when it is complete (``files.exchange``), so no folder ever mixes two products."""
+    """compress / pack into -o: a folder already holding a product is refused unless --append
+    (compress: later dates of the same place) or --overwrite, which writes the new product beside
+    the old one and swaps the folders when it is complete (``files.exchange``), so no folder ever
+    mixes two products."""
     out = Path(args.output)
     held = sorted(product.dates_in(out) + product3.dates_in(out)) if out.is_dir() else []
-    if args.append and args.overwrite:
+    append = getattr(args, "append", False)
+    if append and args.overwrite:
         raise ValueError("--append and --overwrite exclude each other: add dates to the product, or replace it")
-    if not held or args.append:
+    if not held or append:
         yield lambda line: line
         return
     if not args.overwrite:
         raise ValueError(f"{out} already holds a product ({len(held)} date(s): {', '.join(held[:3])}"
-                         f"{', ...' if len(held) > 3 else ''}): --append adds later dates of the same place, "
-                         "--overwrite replaces the product, or give another folder")
+                         f"{', ...' if len(held) > 3 else ''}): "
+                         + ("--append adds later dates of the same place, " if args.command == "compress" else "")
+                         + "--overwrite replaces the product, or give another folder")
     staging = out.with_name(f".{out.name}.new-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     args.output = staging
@@ -556,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("classify", "decompress"):
             s.add_argument("--classifier", help="a codebook model's classifier: name under models_onnx/ or a folder "
                                                 "(default corsa512-scl); a variable-rate model uses its own head")
+        if name in ("compress", "pack"):
+            s.add_argument("--overwrite", action="store_true",
+                           help="replace the product already in -o, as a whole: the new one is written beside it and "
+                           "swapped in when complete")
         if name == "compress":
             s.add_argument("--bbox", type=_bbox, help="only this area of the input: west,south,east,north[,EPSG] (default EPSG 4326)")
             s.add_argument("--dates", type=_dates, help="only these dates of the input: start/end, e.g. 2021-01-01/2021-07-01 "
@@ -568,9 +575,6 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--append", action="store_true",
                            help="add the input's dates to the product in -o (after its last date), coded with its "
                            "history; the dates already there stay as they are")
-            s.add_argument("--overwrite", action="store_true",
-                           help="replace the product already in -o, as a whole: the new one is written beside it and "
-                           "swapped in when complete")
             s.add_argument("--key-every", type=_positive, default=series.KEY_EVERY,
                            help=f"a date coded alone every N dates of a series (default {series.KEY_EVERY}): decoding "
                            "one date reads at most N-1 others; 1 codes every date alone")
@@ -579,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with progress.shown(f"corsa {args.command}", quiet=args.quiet or args.command in ("info", "models", "serve")), \
                 (product_lock(args.output) if args.command in WRITES_PRODUCT else contextlib.nullcontext()), \
-                (_into_product(args) if args.command == "compress" else contextlib.nullcontext(lambda line: line)) \
+                (_into_product(args) if args.command in ("compress", "pack") else contextlib.nullcontext(lambda line: line)) \
                 as shown:
             line = shown(args.func(args))
     except _handled_errors() as e:
