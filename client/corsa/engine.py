@@ -351,12 +351,19 @@ class Engine:
         first = call(np.asarray(padded.blocks[(0,) * padded.ndim]), (0,) * padded.ndim)
         out_bands = list(first["bands"].values)
 
-        def func(block, block_info=None):
-            out = call(block, block_info[0]["chunk-location"]).values.astype(np.float32)
+        def cropped(out: np.ndarray) -> np.ndarray:
             index = [slice(None)] * out.ndim
             for d in ("y", "x"):
                 index[axes[d]] = slice(dep[d], dep[d] + step[d])
-            return out[tuple(index)]
+            return out[tuple(index)].astype(np.float32)
+
+        first_values = cropped(first.values)
+
+        def func(block, block_info=None):
+            location = tuple(block_info[0]["chunk-location"])
+            if not any(location):       # the first chunk ran above already
+                return first_values
+            return cropped(call(block, location).values)
 
         out_chunks = list(arr.chunks)
         out_chunks[axes["bands"]] = (len(out_bands),)
