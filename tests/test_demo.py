@@ -34,6 +34,8 @@ def test_demo_compresses_a_geotiff_named_by_band_descriptions(tmp_path, scene):
     assert (tmp_path / "out" / "in_quicklook.png").stat().st_size > 1000
     assert sum(f.stat().st_size for f in stored_files(tmp_path / "out" / "in_product")) == res["product_bytes"]
     assert not list((tmp_path / "out").rglob("*.part*"))
+    again = demo.main([str(tmp_path / "in.tif"), "-o", str(tmp_path / "out")])   # a second run rewrites its product
+    assert again["product_bytes"] == res["product_bytes"]
 
 
 def test_reader_takes_canonical_order_and_refuses_wrong_band_counts(tmp_path, scene):

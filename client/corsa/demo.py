@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         src = write_input(scene, args.out / f"{scene.name}.tif")
     prod, decoded_path = args.out / f"{scene.name}_product", args.out / f"{scene.name}_decoded.tif"
     t0 = time.perf_counter()
-    if cli.main(["compress", str(src), "-o", str(prod), "--model", str(args.model)]) != 0:
+    # the demo rewrites its own product on a second run
+    if cli.main(["compress", str(src), "-o", str(prod), "--model", str(args.model), "--overwrite"]) != 0:
         raise SystemExit(2)
     t1 = time.perf_counter()
     if cli.main(["decompress", str(prod), "-o", str(decoded_path)]) != 0:
