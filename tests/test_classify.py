@@ -165,3 +165,40 @@ def test_classify_and_clear_of_the_default_models_product(tmp_path, scene):
         clear, everything = a.read(), b.read()
     unusable = np.repeat(np.repeat(np.isin(classes, (5, 6)), 2, 0), 2, 1)[: clear.shape[1], : clear.shape[2]]
     np.testing.assert_array_equal(clear, np.where(unusable, 0, everything))
+
+
+# -- land cover from the default model's codes ---------------------------------------------------
+
+def test_land_cover_of_the_default_models_product(tmp_path, data_root):
+    """`corsa classify --classes landcover` of a TerraMesh cell's product: the model's land-cover
+    head on the stored latent (through corsa_openeo_classify), named classes in the GeoTIFF, and
+    agreement with the cell's land-cover map on its test quadrant."""
+    from training import landcover_labels
+
+    vr = VariableRateCodec(DEFAULT_MODEL)
+    scene = next(s for s in LOADERS["terramesh"](data_root) if s.location == "terramesh-38D_378R_2_3")
+    write_scene(tmp_path / "in.tif", scene.data, Affine(*scene.transform), scene.crs, scene.date)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod")]) == 0
+    assert cli.main(["classify", str(tmp_path / "prod"), "-o", str(tmp_path / "lc.tif"), "--classes", "landcover"]) == 0
+    stored = series.read_date(tmp_path / "prod", scene.date, vr)
+    head = corsa_udf.session(str(vr.path / vr.card["heads"]["landcover"]["path"]), 1)
+    (logits,) = head.run(None, {"latent": vr.dequantise(stored.ints, stored.quality)[None]})
+    with rasterio.open(tmp_path / "lc.tif") as src:
+        classes = src.read(1)
+        names = json.loads(src.tags()["CORSA_CLASSES"])
+        assert src.transform == Affine(*scene.transform) * Affine.scale(2)
+    assert names == {str(v): n for v, n, *_ in landcover_labels.CLASSES}
+    np.testing.assert_array_equal(classes, logits[0].argmax(0) + 1)
+    place = next(p for p in landcover_labels.places(data_root)
+                 if p["location"].startswith(scene.location) and p["split"] == "test")
+    rows, cols = (slice(s.start // 2, s.stop // 2) for s in place["window"])
+    label = to_grid20(place["label"], values=tuple(v for v, *_ in landcover_labels.CLASSES))
+    assert (classes[rows, cols] == label).mean() > 0.6 and len(np.unique(classes)) > 1
+
+
+def test_land_cover_is_refused_for_a_codebook_product(tmp_path, scene, capsys):
+    write_scene(tmp_path / "in.tif", scene.data, Affine(*scene.transform), scene.crs, scene.date)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "p"), "--model", "corsa512"]) == 0
+    assert cli.main(["classify", str(tmp_path / "p"), "-o", str(tmp_path / "lc.tif"), "--classes", "landcover"]) == 2
+    assert "scene classes only" in capsys.readouterr().err
+    assert not (tmp_path / "lc.tif").exists()

@@ -1,8 +1,9 @@
-"""Train the per-pixel SCL classifier on codec features and, as references, on raw (and decoded)
+"""Train the per-pixel classifiers on codec features and, as references, on raw (and decoded)
 bands; export ONNX.
 
     python -m training.classify --codec corsa512 --name corsa512-scl     # a codebook model: its own folder
     python -m training.classify --codec corsa3.1                         # a variable-rate model: scl.onnx in it
+    python -m training.classify --codec corsa3.1 --classes landcover     # its land-cover head, landcover.onnx
 
 The classifiers of one codec have the same architecture and training (seeded, class-weighted cross
 entropy, model selection by validation macro F1); they differ only in their input. Codebook models:
@@ -10,9 +11,10 @@ a 3 x 3 convolution and two 1 x 1 layers on the 20 m grid over the codebook vect
 or the 10 bands averaged over each 2 x 2 cell. Variable-rate models: two 3 x 3 convolutions and a
 1 x 1 on the 40 m latent grid, the latent dequantised at a level drawn per crop (any level the
 product has), its classes on the 20 m grid by a pixel shuffle; the references see the 10 bands
-(raw, or decoded at the default level) through the same layers on 4 x 4 means. Labels:
-training/scl_labels.py. Split: training/split.json (WorldStrat locations). Inputs and labels are
-cached in runs/scl_cache/<codec>/.
+(raw, or decoded at the default level) through the same layers on 4 x 4 means. Labels and split:
+scene classes, training/scl_labels.py and training/split.json (WorldStrat locations); land cover,
+training/landcover_labels.py (its places carry their split). Inputs and labels are cached in
+runs/<classes>_cache/<codec>/.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import rasterio
@@ -31,13 +34,24 @@ from torch.nn import functional as F
 from corsa.codec import OnnxCodec, VariableRateCodec, read_card, sha256_file
 from corsa.datasets import default_data_root, load_worldstrat
 
+from . import landcover_labels
 from .scl_labels import CLASSES, mean_grid20, merge_scl, to_grid20
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_FILE = ROOT / "training" / "split.json"
 OPSET = 17
 KINDS = {"codebook": ("features", "bands"), "variable-rate": ("latent", "bands", "decoded")}
-HEAD_FILE = "scl.onnx"     # a variable-rate model's scene-class head, in the model's folder
+# The class sets a variable-rate model's heads are trained for: classes, labels, description
+LABELS = {
+    "scl": (CLASSES, "training/scl_labels.py (mode of merged SCL over each 2x2 cell), WorldStrat",
+            "training/split.json (WorldStrat locations)",
+            "Sen2Cor-like scene classes"),
+    "landcover": (landcover_labels.CLASSES,
+                  "training/landcover_labels.py (mode over each 2x2 cell): TerraMesh LULC maps, the BigEarthNet "
+                  "CORINE reference map, BigEarthNet patches of one CORINE class",
+                  "training/landcover_labels.py (TerraMesh quadrants and BigEarthNet patches, turning per source)",
+                  "land-cover classes (Impact Observatory's 9)"),
+}
 
 
 def open_any(codec_name: str):
@@ -90,11 +104,45 @@ def cache_scenes(codec_name: str, cache: Path) -> list[dict]:
     return index
 
 
+def cache_landcover(codec_name: str, cache: Path) -> list[dict]:
+    """Every land-cover place (training/landcover_labels.py): codec inputs computed on the whole
+    scene it lies in, then cut to the place (cached as ``cache_scenes``)."""
+    cache = cache / codec_name
+    cache.mkdir(parents=True, exist_ok=True)
+    index_path = cache / "index.json"
+    codec = open_any(codec_name)
+    encoder_sha = codec.card["files"]["encoder"]["sha256"]
+    if index_path.is_file():
+        cached = json.loads(index_path.read_text())
+        if cached.get("encoder_sha256") == encoder_sha:
+            return cached["scenes"]
+    index, done = [], {}
+    values = tuple(v for v, *_ in landcover_labels.CLASSES)
+    for place in landcover_labels.places():
+        key = id(place["context"])
+        if key not in done:
+            done = {key: (_inputs(codec, SimpleNamespace(data=place["context"])), mean_grid20(place["context"]))}
+        inputs, bands = done[key]
+        rows, cols = place["window"]
+        cut = {k: v[:, _scaled(rows, 2 if k == "decoded" else 4), _scaled(cols, 2 if k == "decoded" else 4)]
+               for k, v in inputs.items()}
+        np.savez_compressed(cache / f"{place['name']}.npz", **cut, bands=bands[:, _scaled(rows, 2), _scaled(cols, 2)],
+                            label=to_grid20(place["label"], values=values))
+        index.append({k: place[k] for k in ("name", "location", "split", "source")})
+    index_path.write_text(json.dumps({"encoder_sha256": encoder_sha, "scenes": index}, indent=1))
+    return index
+
+
+def _scaled(s: slice, factor: int) -> slice:
+    """A 10 m window's slice on a grid ``factor`` times coarser (the window starts on a whole cell)."""
+    return slice(None if s.start is None else s.start // factor, None if s.stop is None else -(-s.stop // factor))
+
+
 def load_split(cache: Path, index: list[dict], split: str) -> list[dict]:
-    wanted = set(json.loads(SPLIT_FILE.read_text())[split])
+    wanted = None if all("split" in e for e in index) else set(json.loads(SPLIT_FILE.read_text())[split])
     out = []
     for entry in index:
-        if entry["location"] in wanted:
+        if (entry["split"] == split) if wanted is None else (entry["location"] in wanted):
             with np.load(cache / f"{entry['name']}.npz") as z:
                 out.append({**entry, **{k: z[k] for k in z.files}})
     return out
@@ -171,8 +219,8 @@ def inputs_of(scene: dict, kind: str, levels=None) -> tuple[torch.Tensor, ...]:
     return (torch.from_numpy(scene[kind].astype(np.float32))[None],)
 
 
-def build(kind: str, scenes: list[dict], width: int, levels=None) -> nn.Module:
-    n = len(CLASSES)
+def build(kind: str, scenes: list[dict], width: int, levels=None, n: int = len(CLASSES), all_levels=None) -> nn.Module:
+    """``levels``: (gain, inv_gain) of the default level; ``all_levels``: (gains, inv_gains) of every level."""
     if kind == "features":
         model = FeatureClassifier(scenes[0]["f0"].shape[0], scenes[0]["f1"].shape[0], n, width)
         stack = np.concatenate([np.concatenate([s["f0"].reshape(s["f0"].shape[0], -1),
@@ -184,7 +232,10 @@ def build(kind: str, scenes: list[dict], width: int, levels=None) -> nn.Module:
         stack = np.concatenate([s["bands"].reshape(s["bands"].shape[0], -1) for s in scenes], 1)
         head = model.head
     else:
-        data = [inputs_of(s, kind, levels)[0][0].numpy() for s in scenes]
+        # A latent's statistics over every level: channels that the low levels round to zero must
+        # not be blown up at the high ones.
+        every = [levels] if kind != "latent" or all_levels is None else list(zip(*all_levels))
+        data = [inputs_of(s, kind, lv)[0][0].numpy() for s in scenes for lv in every]
         model = head = GridHead(data[0].shape[0], n, width, unshuffle=kind != "latent")
         stack = np.concatenate([d.reshape(d.shape[0], -1) for d in data], 1)
     head.mean[:] = torch.from_numpy(stack.mean(1))[None, :, None, None]
@@ -192,21 +243,20 @@ def build(kind: str, scenes: list[dict], width: int, levels=None) -> nn.Module:
     return model
 
 
-def confusion(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """Rows: SCL class, columns: predicted class; labelled cells only (values 1..n)."""
-    n = len(CLASSES)
+def confusion(pred: np.ndarray, label: np.ndarray, n: int = len(CLASSES)) -> np.ndarray:
+    """Rows: labelled class, columns: predicted class; labelled cells only (values 1..n)."""
     keep = label > 0
     return np.bincount((label[keep].astype(int) - 1) * n + pred[keep].astype(int) - 1,
                        minlength=n * n).reshape(n, n)
 
 
-def scores(cm: np.ndarray) -> dict:
+def scores(cm: np.ndarray, classes: tuple = CLASSES) -> dict:
     """Overall accuracy, macro F1 over the classes present in the labels, per-class F1."""
     tp = np.diag(cm).astype(float)
     f1 = 2 * tp / np.maximum(cm.sum(0) + cm.sum(1), 1)
     present = cm.sum(1) > 0
     return {"overall_accuracy": float(tp.sum() / max(cm.sum(), 1)), "macro_f1": float(f1[present].mean()),
-            "f1": {CLASSES[i][1]: round(float(f1[i]), 4) for i in range(len(CLASSES)) if present[i]}}
+            "f1": {classes[i][1]: round(float(f1[i]), 4) for i in range(len(classes)) if present[i]}}
 
 
 def predict_torch(model: nn.Module, scene: dict, kind: str, levels=None) -> np.ndarray:
@@ -216,9 +266,9 @@ def predict_torch(model: nn.Module, scene: dict, kind: str, levels=None) -> np.n
     return logits[:, :h, :w].argmax(0).numpy().astype(np.uint8) + 1
 
 
-def evaluate(model: nn.Module, scenes: list[dict], kind: str, levels=None) -> dict:
-    cm = sum(confusion(predict_torch(model, s, kind, levels), s["label"]) for s in scenes)
-    return {**scores(cm), "confusion": cm.tolist()}
+def evaluate(model: nn.Module, scenes: list[dict], kind: str, levels=None, classes: tuple = CLASSES) -> dict:
+    cm = sum(confusion(predict_torch(model, s, kind, levels), s["label"], len(classes)) for s in scenes)
+    return {**scores(cm, classes), "confusion": cm.tolist()}
 
 
 def _crop(s: dict, kind: str, y0: int, x0: int, crop: int, levels) -> tuple[np.ndarray, ...]:
@@ -231,14 +281,14 @@ def _crop(s: dict, kind: str, y0: int, x0: int, crop: int, levels) -> tuple[np.n
 
 
 def train(kind: str, train_set: list[dict], val_set: list[dict], steps: int, batch: int, crop: int,
-          width: int, seed: int, tables=None) -> tuple[nn.Module, dict]:
+          width: int, seed: int, tables=None, classes: tuple = CLASSES) -> tuple[nn.Module, dict]:
     """``tables``: (gain, inv_gain, default level) of a variable-rate codec: its heads are GridHeads,
     the latent dequantised at a level drawn per crop and validated at the default level."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     default = (tables[0][tables[2]], tables[1][tables[2]]) if tables else None
-    model = build(kind, train_set, width, default)
-    counts = np.bincount(np.concatenate([s["label"].ravel() for s in train_set]), minlength=len(CLASSES) + 1)[1:]
+    model = build(kind, train_set, width, default, len(classes), tables[:2] if tables else None)
+    counts = np.bincount(np.concatenate([s["label"].ravel() for s in train_set]), minlength=len(classes) + 1)[1:]
     weight = 1 / np.sqrt(np.maximum(counts, 1))
     weight = torch.tensor(weight / weight.mean(), dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -262,7 +312,7 @@ def train(kind: str, train_set: list[dict], val_set: list[dict], steps: int, bat
         sched.step()
         if step % 250 == 0 or step == steps:
             model.eval()
-            val = evaluate(model, val_set, kind, default)
+            val = evaluate(model, val_set, kind, default, classes)
             model.train()
             log.append({"step": step, "loss": round(loss.item(), 4), "val_macro_f1": round(val["macro_f1"], 4)})
             print(kind, log[-1], flush=True)
@@ -322,56 +372,80 @@ Confusion matrices and throughput: BENCHMARKS.md (`python -m benchmarks.classify
 """
 
 
+def cpu_name() -> str:
+    """The CPU model (what figures are stated beside), from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def train_head(codec: VariableRateCodec, sets: dict, args: argparse.Namespace, t0: float) -> None:
-    """A variable-rate model's scene-class head (scl.onnx in its folder, listed in its card's
-    "heads"), with the raw- and decoded-band references' test figures beside it."""
+    """A variable-rate model's head for one class set (``args.classes``: <classes>.onnx in its
+    folder, listed in its card's "heads"), with the raw- and decoded-band references' test figures
+    beside it, over the test split and per source."""
+    classes, labels, split, what = LABELS[args.classes]
     gain, inv_gain, _ = codec._tables
     level = codec.level(codec.default_quality)
     width = args.width or 64
     models, logs, test = {}, {}, {}
     for kind in KINDS["variable-rate"]:
         models[kind], logs[kind] = train(kind, sets["train"], sets["val"], args.steps, args.batch, args.crop,
-                                         width, args.seed, (gain, inv_gain, level))
+                                         width, args.seed, (gain, inv_gain, level), classes)
         per_level = {}
         for q in codec.qualities if kind == "latent" else [codec.default_quality]:
             k = codec.level(q)
-            res = evaluate(models[kind], sets["test"], kind, (gain[k], inv_gain[k]))
+            res = evaluate(models[kind], sets["test"], kind, (gain[k], inv_gain[k]), classes)
             per_level[q] = {k2: res[k2] for k2 in ("overall_accuracy", "macro_f1", "f1")} | {
                 "cells": int(np.sum(res["confusion"])), "confusion": res["confusion"]}
-        test[kind] = {"default_quality": per_level[codec.default_quality],
+        k = codec.level(codec.default_quality)
+        by_source = {}
+        for source in sorted({s.get("source") or s["location"] for s in sets["test"]}):
+            part = [s for s in sets["test"] if (s.get("source") or s["location"]) == source]
+            res = evaluate(models[kind], part, kind, (gain[k], inv_gain[k]), classes)
+            by_source[source] = {k2: res[k2] for k2 in ("overall_accuracy", "macro_f1", "f1")}
+        test[kind] = {"default_quality": per_level[codec.default_quality], "by_source": by_source,
                       **({"by_quality": {q: {k2: v[k2] for k2 in ("overall_accuracy", "macro_f1")}
                                          for q, v in per_level.items()}} if kind == "latent" else {})}
         print(kind, json.dumps(test[kind]["default_quality"]["f1"]), test[kind]["default_quality"]["macro_f1"], flush=True)
-    path = codec.path / HEAD_FILE
+    file = f"{args.classes}.onnx"
+    path = codec.path / file
     export_onnx(models["latent"], "latent", path)
     card = json.loads((codec.path / "model_card.json").read_text())
-    card.setdefault("heads", {})["scl"] = {
-        "path": HEAD_FILE, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-        "description": "Sen2Cor-like scene classes on the 20 m grid from the dequantised latent (any quality "
-                       "level), no decoding: input latent (1, channels, h, w) on the 40 m grid, output logits "
-                       "(1, classes, 2h, 2w); class value = argmax + 1, 0 = nodata.",
-        "classes": [{"value": v, "name": n, "scl": list(c), "color": list(rgb)} for v, n, c, rgb in CLASSES],
+    card.setdefault("heads", {})[args.classes] = {
+        "path": file, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+        "description": f"{what} on the 20 m grid from the dequantised latent (any quality level), no decoding: "
+                       "input latent (1, channels, h, w) on the 40 m grid, output logits (1, classes, 2h, 2w); "
+                       "class value = argmax + 1, 0 = nodata.",
+        "classes": [{"value": v, "name": n, "codes" if args.classes != "scl" else "scl": list(c), "color": list(rgb)}
+                    for v, n, c, rgb in classes],
         "architecture": f"standardise - conv 3x3 ({width}) - ReLU - conv 3x3 ({width}) - ReLU - conv 1x1 - pixel shuffle x2",
         "receptive_radius_px": 12,
-        "training": {"command": f"python -m training.classify --codec {codec.model_id} --steps {args.steps} "
-                                f"--batch {args.batch} --crop {args.crop} --width {width} --seed {args.seed}",
-                     "wall_time_s": round(time.time() - t0, 1), "machine": platform.processor() or platform.machine(),
-                     "labels": "training/scl_labels.py (mode of merged SCL over each 2x2 cell), WorldStrat",
-                     "split": "training/split.json (WorldStrat locations)",
+        "training": {"command": f"python -m training.classify --codec {codec.model_id} --classes {args.classes} "
+                                f"--steps {args.steps} --batch {args.batch} --crop {args.crop} --width {width} "
+                                f"--seed {args.seed}",
+                     "wall_time_s": round(time.time() - t0, 1), "machine": f"{cpu_name()}, torch 1 thread",
+                     "labels": labels, "split": split,
                      "scenes": {k: len(v) for k, v in sets.items()}, "log": logs["latent"]},
         "test": {k: {"overall_accuracy": v["default_quality"]["overall_accuracy"],
                      "macro_f1": v["default_quality"]["macro_f1"], "f1": v["default_quality"]["f1"],
+                     "cells": v["default_quality"]["cells"], "by_source": v["by_source"],
                      **({"by_quality": v["by_quality"]} if "by_quality" in v else {})} for k, v in test.items()},
     }
     (codec.path / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    print(json.dumps(card["heads"]["scl"]["test"], indent=1), f"\n{time.time() - t0:.0f} s")
+    print(json.dumps(card["heads"][args.classes]["test"], indent=1), f"\n{time.time() - t0:.0f} s")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--codec", default="corsa512")
     p.add_argument("--name", default="corsa512-scl")
-    p.add_argument("--cache", type=Path, default=ROOT / "runs" / "scl_cache")
+    p.add_argument("--classes", choices=sorted(LABELS), default="scl",
+                   help="the class set of a variable-rate model's head (codebook models: scl only)")
+    p.add_argument("--cache", type=Path, default=None, help="default: runs/<classes>_cache")
     p.add_argument("--out", type=Path, default=ROOT / "models_onnx")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=8)
@@ -381,9 +455,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
-    index = cache_scenes(args.codec, args.cache)
-    sets = {s: load_split(args.cache / args.codec, index, s) for s in ("train", "val", "test")}
+    cache = args.cache or ROOT / "runs" / f"{args.classes}_cache"
+    index = (cache_landcover if args.classes == "landcover" else cache_scenes)(args.codec, cache)
+    sets = {s: load_split(cache / args.codec, index, s) for s in ("train", "val", "test")}
     codec = open_any(args.codec)
+    if args.classes != "scl" and not isinstance(codec, VariableRateCodec):
+        raise SystemExit(f"--classes {args.classes}: only variable-rate models get such a head")
     if isinstance(codec, VariableRateCodec):
         train_head(codec, sets, args, t0)
         return

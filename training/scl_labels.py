@@ -33,14 +33,16 @@ def merge_scl(scl: np.ndarray) -> np.ndarray:
     return lut[scl]
 
 
-def to_grid20(classes: np.ndarray, min_votes: int = 3) -> np.ndarray:
-    """(H, W) class values on the 10 m grid -> (ceil(H/4)*2, ceil(W/4)*2) mode per 2 x 2 cell."""
+def to_grid20(classes: np.ndarray, min_votes: int = 3, values: tuple[int, ...] | None = None) -> np.ndarray:
+    """(H, W) class values on the 10 m grid -> (ceil(H/4)*2, ceil(W/4)*2) mode per 2 x 2 cell;
+    ``values``: the class values (default: the scene classes')."""
+    values = values or tuple(v for v, *_ in CLASSES)
     h, w = classes.shape
     padded = np.pad(classes, ((0, -h % PAD), (0, -w % PAD)))
     cells = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2)
-    votes = np.stack([(cells == v).sum((1, 3)) for v, *_ in CLASSES])
+    votes = np.stack([(cells == v).sum((1, 3)) for v in values])
     best = votes.argmax(0)
-    out = np.array([v for v, *_ in CLASSES], np.uint8)[best]
+    out = np.array(values, np.uint8)[best]
     out[votes.sum(0) < min_votes] = 0
     return out
 

@@ -3,11 +3,13 @@
 Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. The context says
     mode:   "compress" (10 bands -> idx0, idx1, nodata), "decompress" (back to 10 bands) or
             "classify" (the codes -> band "class": class values, 0 = nodata; a variable-rate model's
-            own head, scl.onnx, or a codebook model's classifier)
+            own head, scl.onnx or landcover.onnx, or a codebook model's classifier)
     model:  folder or base URL holding model_card.json, encoder.onnx / decoder.onnx (/ features.onnx,
             latent_model.npz)
     quality: quality level of a variable-rate model (its card's "qualities"; default its default)
     classifier: folder or base URL holding classifier.onnx (mode "classify" of a codebook model)
+    classes: (mode "classify") "scl" (scene classes, the default) or "landcover": the head of a
+            variable-rate model's card ("heads") that gives them
     sha256: {"encoder": ..., "decoder": ..., "features": ..., "classifier": ...} (optional) refuse files that differ
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
     fill:   (mode "decompress") true: each date's nodata pixels get values from the other dates of
@@ -559,6 +561,8 @@ def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     rate = _variable_rate(model, context)
     if rate is not None:
         return _classify_latent(cube, context, model, rate)
+    if (context.get("classes") or "scl") != "scl":
+        raise UdfError(f"model {model} is a codebook model: it gives scene classes only, not {context['classes']!r}")
     cube, had_t, data, feats, _ = _prepare(cube, context, INDEX_BANDS, "features")
     if not context.get("classifier"):
         raise UdfError("mode 'classify' of a codebook model needs 'classifier': a folder or URL with classifier.onnx")
@@ -574,12 +578,15 @@ def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
 
 
 def _classify_latent(cube: xr.DataArray, context: dict, model: str, rate) -> xr.DataArray:
-    """A variable-rate model's scene classes: its head (card "heads" -> "scl") on the dequantised
-    latent, classes on the 20 m grid replicated over the 10 m pixels."""
+    """A variable-rate model's classes: its head for the context's class set (card "heads" ->
+    "scl" or "landcover") on the dequantised latent, classes on the 20 m grid replicated over the
+    10 m pixels."""
     card, _, _, inv_gain = rate
-    head = (card.get("heads") or {}).get("scl")
+    classes = context.get("classes") or "scl"
+    head = (card.get("heads") or {}).get(classes)
     if head is None:
-        raise UdfError(f"model {card['id']} ships no scene-class head (its card lists no heads.scl)")
+        raise UdfError(f"model {card['id']} ships no head for classes {classes!r} (its card lists heads: "
+                       f"{', '.join(sorted(card.get('heads') or {})) or 'none'})")
     name = head["path"][:-len(".onnx")]
     cube, had_t, data, sess, _ = _prepare(cube, context, latent_bands(card["latent"]["channels"]), name)
     out = np.zeros((data.shape[0], 1) + data.shape[2:], np.uint8)

@@ -57,18 +57,25 @@ class Classifier:
         return corsa_udf.classify(codec.features_session, self.session, idx0, idx1)
 
 
-def scene_classes(codec: OnnxCodec | VariableRateCodec, classifier: str | Path | None = None
+CLASS_SETS = ("scl", "landcover")   # what a variable-rate model's heads give: scene classes, land cover
+
+
+def scene_classes(codec: OnnxCodec | VariableRateCodec, classifier: str | Path | None = None, classes: str = "scl"
                   ) -> tuple[dict[int, str], dict[int, tuple[int, ...]], Path | None]:
-    """(class names, colours, classifier folder or None) of a codec's scene classes: a variable-rate
-    model's own head (its card's heads.scl), a codebook model's classifier (checked against it)."""
+    """(class names, colours, classifier folder or None) of a codec's classes: a variable-rate
+    model's own head for ``classes`` (its card's heads), a codebook model's classifier (scene
+    classes only, checked against it)."""
     if isinstance(codec, VariableRateCodec):
-        head = codec.card.get("heads", {}).get("scl")
+        head = codec.card.get("heads", {}).get(classes)
         if head is None:
-            raise ModelError(f"model {codec.model_id} ships no scene-class head: train one with "
-                             f"python -m training.classify --codec {codec.model_id}")
+            raise ModelError(f"model {codec.model_id} ships no {classes} head (it has: "
+                             f"{', '.join(sorted(codec.card.get('heads', {}))) or 'none'}); train one with "
+                             f"python -m training.classify --codec {codec.model_id} --classes {classes}")
         checked_session(codec.path, head, codec.threads)
         return ({c["value"]: c["name"] for c in head["classes"]},
                 {c["value"]: tuple(c["color"]) for c in head["classes"]}, None)
+    if classes != "scl":
+        raise ModelError(f"model {codec.model_id} (a codebook model) gives scene classes only, not {classes}")
     clf = Classifier(classifier or DEFAULT_CLASSIFIER)
     clf.check_codec(codec)
     return clf.names, clf.colors, clf.path

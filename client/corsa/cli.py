@@ -32,7 +32,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 from . import blockwise, catalog, pack, processes, product, product3, progress, render, results, series
-from .classmap import scene_classes, write_classes
+from .classmap import CLASS_SETS, scene_classes, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
 from .files import WriteError, exchange, product_lock
 from .metrics import compression_factor
@@ -267,7 +267,7 @@ def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
 def classify(args: argparse.Namespace) -> str:
     stream = _stream_product(args.input, args.model)
     codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
-    names, colors, classifier = scene_classes(codec, args.classifier)
+    names, colors, classifier = scene_classes(codec, args.classifier, args.classes)
     dates = product3.dates_in(args.input) if stream else product.dates_in(args.input)
     if not dates:
         raise product.ProductError(f"{args.input} holds no complete compressed date")
@@ -283,7 +283,7 @@ def classify(args: argparse.Namespace) -> str:
                                                                 "temporal_extent": None}},
         "classify": {"process_id": "corsa_openeo_classify", "result": True, "arguments": {
             "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality,
-            "classifier": str(classifier) if classifier else None}}}}
+            "classifier": str(classifier) if classifier else None, "classes": args.classes}}}}
     engine = _engine()(Catalogue(), scheduler=args.scheduler)
     cube = engine.run(graph)
     written = []
@@ -556,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
                            help="fill a date's gaps (its nodata pixels) from the other dates of the series, brought to "
                            "the date's light; other pixels are unchanged")
             s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
+        if name == "classify":
+            s.add_argument("--classes", choices=CLASS_SETS, default="scl",
+                           help="scl: scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow); "
+                           "landcover: land cover (water, trees, flooded vegetation, crops, built area, bare ground, "
+                           "snow/ice, clouds, rangeland; variable-rate models)")
         if name in ("classify", "decompress"):
             s.add_argument("--classifier", help="a codebook model's classifier: name under models_onnx/ or a folder "
                                                 "(default corsa512-scl); a variable-rate model uses its own head")

