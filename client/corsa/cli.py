@@ -1,7 +1,8 @@
 """corsa compress | decompress | pack | classify | info | models | reduce: the published process
 graphs, run on the embedded engine. Variable-rate models (corsa2 onward) compress and decompress
 through ``corsa.blockwise`` instead: the UDF's functions on the services' own chunks, without
-the engine around them (the same bytes; --engine or --scheduler runs the graphs).
+the engine around them (the same bytes; --engine runs the graphs), on two local threads or, with
+--scheduler, on the workers of a dask cluster (``corsa.cluster``).
 
     corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
     corsa compress scene.tif -o product/ --model corsa2 --quality 6   # a variable-rate model at a quality level
@@ -31,7 +32,7 @@ import numpy as np
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
-from . import blockwise, catalog, pack, processes, product, product3, progress, render, results, series
+from . import blockwise, catalog, cluster, pack, processes, product, product3, progress, render, results, series
 from .classmap import CLASS_SETS, scene_classes, write_classes
 from .codec import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
 from .files import WriteError, exchange, product_lock
@@ -109,13 +110,14 @@ def compress(args: argparse.Namespace) -> str:
         source = args.input
     catalogue = Catalogue({COLLECTION: source})
     bbox, dates = args.bbox, args.dates
-    if isinstance(codec, VariableRateCodec) and not _engine_asked(args):
+    if isinstance(codec, VariableRateCodec) and not args.engine:
         cube = catalogue.load(COLLECTION, bbox, dates, list(BANDS), args.max_cloud_cover)
-        return _product_written(blockwise.compress(cube, codec, quality, Path(args.output), append=args.append,
-                                           key_every=args.key_every))
+        with _cluster(args) as run:
+            return _product_written(blockwise.compress(cube, codec, quality, Path(args.output), append=args.append,
+                                                       key_every=args.key_every, run=run))
     if args.append:
         raise ValueError("--append codes the new dates with the product's history: it needs a variable-rate model "
-                         "and the block-by-block path (not --engine or --scheduler)")
+                         "and the block-by-block path (not --engine)")
     udp = processes.compress_s2_process(codec.card, _pixel_size(catalogue, bbox, dates, args.max_cloud_cover))
     out = Path(args.output)
     # The job's files go to a scratch folder outside the product: a killed run leaves nothing in it.
@@ -125,6 +127,11 @@ def compress(args: argparse.Namespace) -> str:
                    model=str(codec.path), quality=quality)
         written = pack.pack_dates(Path(tmp), pack.job_dates(Path(tmp)), codec, quality, out)
     return _product_written(written)
+
+
+def _cluster(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The dask cluster of --scheduler for the block-by-block path (None: this machine's threads)."""
+    return cluster.runner(args.scheduler) if getattr(args, "scheduler", None) else contextlib.nullcontext()
 
 
 def _engine():
@@ -138,10 +145,6 @@ def _handled_errors() -> tuple[type, ...]:
     """Errors reported as one line; the engine's only when it was imported (else it raised none)."""
     engine = sys.modules.get(f"{__package__}.engine")
     return (SourceError, ModelError, product.ProductError, ValueError, WriteError) + ((engine.EngineError,) if engine else ())
-
-
-def _engine_asked(args: argparse.Namespace) -> bool:
-    return bool(args.engine or args.scheduler)
 
 
 def pack_files(args: argparse.Namespace) -> str:
@@ -190,15 +193,17 @@ def decompress(args: argparse.Namespace) -> str:
     else:
         codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
     out = Path(args.output)
-    if stream and not args.clear and not _engine_asked(args):
-        written = render.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
-                                    date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like)
+    if stream and not args.clear and not args.engine:
+        with _cluster(args) as run:
+            written = render.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
+                                        date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like,
+                                        run=run)
         dates = [args.date] if args.date else product3.dates_in(args.input)
         return _decoded_written(written, dates, args.input)
     on_engine = stream is not None and args.scale is not None and not args.like and not args.clear
     if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
         raise ValueError("--like works on variable-rate products (format 3) on the block-by-block path: without "
-                         "--engine, --scheduler or --clear (--scale also on the engine)" if stream else
+                         "--engine or --clear (--scale also on the engine)" if stream else
                          "--date, --scale and --like work on variable-rate products (format 3)")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
@@ -278,6 +283,15 @@ def classify(args: argparse.Namespace) -> str:
     single = out.suffix.lower() in (".tif", ".tiff")
     if single and len(dates) != 1:
         raise ValueError(f"{args.input} holds {len(dates)} dates: give a folder as -o")
+    if stream:      # block by block, the classify service's own windows (on a cluster with --scheduler)
+        written = []
+        with _cluster(args) as run:
+            for date in dates:
+                grid = series.header(args.input, date)[1]
+                sub = blockwise.classify_date(args.input, date, codec, args.classes, run)
+                written.append(_class_file(out if single else out / f"classes_{date}.tif", sub, grid["shape"],
+                                           grid["transform"], grid["crs"], names, colors))
+        return f"{len(written)} class map(s) written: {', '.join(str(p) for p in written)}"
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
@@ -288,17 +302,20 @@ def classify(args: argparse.Namespace) -> str:
     cube = engine.run(graph)
     written = []
     for i, date in enumerate(dates):
-        grid = series.header(args.input, date)[1] if stream else None
-        shape, transform, crs = ((grid["shape"], grid["transform"], grid["crs"]) if grid else
-                                 (lambda d: (d.shape, d.transform, d.crs))(product.read_date(args.input, date)))
-        # The UDF replicates each 20 m class over its 2 x 2 pixels; cells past the input stay 0 (nodata).
+        d = product.read_date(args.input, date)
+        # The UDF replicates each 20 m class over its 2 x 2 pixels.
         (sub,) = engine._compute(cube.isel(t=i).sel(bands="class").data[::2, ::2])
-        classes = np.zeros((-(-shape[0] // 4) * 2, -(-shape[1] // 4) * 2), np.uint8)
-        classes[: sub.shape[0], : sub.shape[1]] = sub
-        path = out if single else out / f"classes_{date}.tif"
-        written.append(write_classes(path, classes, transform * Affine.scale(2) if transform is not None else None,
-                                     crs, names, colors))
+        written.append(_class_file(out if single else out / f"classes_{date}.tif", sub, d.shape, d.transform, d.crs,
+                                   names, colors))
     return f"{len(written)} class map(s) written: {', '.join(str(p) for p in written)}"
+
+
+def _class_file(path: Path, sub: np.ndarray, shape: tuple[int, int], transform, crs, names: dict, colors: dict) -> Path:
+    """The class GeoTIFF of a date on the 20 m grid of a product's input grid ``shape``; cells past
+    the input stay 0 (nodata)."""
+    classes = np.zeros((-(-shape[0] // 4) * 2, -(-shape[1] // 4) * 2), np.uint8)
+    classes[: sub.shape[0], : sub.shape[1]] = sub
+    return write_classes(path, classes, transform * Affine.scale(2) if transform is not None else None, crs, names, colors)
 
 
 def info(args: argparse.Namespace) -> str:
@@ -401,8 +418,10 @@ def reduce(args: argparse.Namespace) -> str:
     # choice made afresh: the integers changed).
     planned = series.plan(dates, [args.quality] * len(dates), [h["refs"] for h in heads])
     blocks = -(-heads[0]["cells"][0] // heads[0]["block"]) * -(-heads[0]["cells"][1] // heads[0]["block"])
-    coded = series.encode_dates(codec, planned, list(range(len(dates))), blocks, lambda i, k: codec.requantise(
-        series.block_ints(args.input, dates[i], k, codec), quality, args.quality))
+    folder, to = args.input, args.quality
+    with _cluster(args) as run:
+        coded = series.encode_dates(codec, planned, list(range(len(dates))), blocks, lambda i, k: codec.requantise(
+            series.block_ints(folder, dates[i], k, codec), quality, to), run)
     masks = {i: m for i, (d, h) in enumerate(zip(dates, heads))
              if (m := product3.read_mask(series.header(args.input, d)[0], h, product3.file_name(d))) is not None}
     h = heads[0]
@@ -536,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help=OUTPUT_HELP[name])
             s.add_argument("--model", default=None, help="model name under models_onnx/ or a folder (compress: "
                            f"default {DEFAULT_MODEL}; otherwise the model the product names)")
-        if name in ("compress", "decompress", "classify"):
-            s.add_argument("--scheduler", help="address of a dask.distributed scheduler (default: local threads)")
+        if name in ("compress", "decompress", "classify", "reduce"):
+            s.add_argument("--scheduler", metavar="ADDRESS", help="run the blocks on the workers of this dask.distributed "
+                           "scheduler, e.g. tcp://127.0.0.1:8786 (default: this machine's threads); the workers must "
+                           "see INPUT and the models at the same paths")
         if name in ("compress", "decompress"):
             s.add_argument("--engine", action="store_true",
                            help="run the published process graph on the embedded engine, also for a variable-rate "

@@ -189,6 +189,10 @@ class VariableRateCodec:
         self.qualities: list[int] = [q["quality"] for q in self.card["qualities"]]
         self.default_quality: int = self.card["default_quality"]
 
+    def __reduce__(self):
+        # Sent to a dask worker as its folder: the worker opens (and checks) its own sessions.
+        return type(self), (str(self.path), self.threads)
+
     @property
     def model_id(self) -> str:
         return self.card["id"]

@@ -51,11 +51,13 @@ def exchange(a: Path, b: Path) -> None:
 def product_lock(folder: Path) -> Iterator[None]:
     """One writer at a time in a product folder: an exclusive lock on the folder itself (flock of
     its directory: no file to leave behind; released when the block ends or the process dies); a
-    second writer stops with an error naming the folder."""
+    second writer stops with an error naming the folder. A folder made here and left empty (the
+    command failed before writing) is removed again."""
     import fcntl
     import os
 
     folder = Path(folder)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -67,3 +69,5 @@ def product_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

@@ -22,7 +22,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform as warp_points
 from rasterio.windows import Window
 
-from . import blockwise, processes, product3, progress, results, series
+from . import blockwise, cluster, processes, product3, progress, results, series
 from .codec import VariableRateCodec, checked_session
 from .files import writing
 from .scene import BANDS
@@ -37,24 +37,26 @@ def _head(codec: VariableRateCodec, name: str, what: str):
     return checked_session(codec.path, entry, blockwise.WORKERS)
 
 
-def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path) -> Path:
+def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
+                 run: cluster.Cluster | None = None) -> Path:
     """A date between a product's first and last stored dates, rendered from the decodes of the
-    stored dates around it (``corsa_udf.between_candidates``) with the time head, on the stored grid, block by block."""
+    stored dates around it (``corsa_udf.between_candidates``) with the time head, on the stored grid,
+    block by block (``run``: on a cluster's workers)."""
     dates, days = blockwise.dated(folder)
     t = float(np.datetime64(date, "D").astype(np.int64))
     if len(dates) < 2 or not days[0] < t < days[-1]:
         span = f"between {dates[0]} and {dates[-1]}" if len(dates) > 1 else "with two dated dates or more"
         raise ValueError(f"{folder} renders dates {span}, not {date}: it extrapolates no date")
-    session = _head(codec, "between", "time head")
+    _head(codec, "between", "time head")
     pick = corsa_udf.between_candidates(days, t)
     picked, picked_days = [dates[j] for j in pick], [days[j] for j in pick]
     stored = blockwise.StoredDates(folder, picked, series.header(folder, picked[0])[1]["shape"], codec, f"render {date}")
     head = stored.ints[0].head
-    dec = blockwise._sessions(codec, "decoder")
     overlap = processes.OVERLAP["decompress"]
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], latents: list[np.ndarray]) -> tuple[int, int, np.ndarray]:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+        dec, session = blockwise._sessions(codec, "decoder"), blockwise._sessions(codec, "between")
         decoded = np.stack([corsa_udf.synthesise(dec, z, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
                             for z in latents])
         gaps = np.stack([np.zeros(decoded.shape[2:], bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])
@@ -64,7 +66,7 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path) -
     def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool) -> tuple:
         return (stored.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec),)
 
-    return blockwise.write_blocks(out, {**head, "date": date}, overlap, inputs, block)
+    return blockwise.write_blocks(out, {**head, "date": date}, overlap, inputs, block, run)
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,12 @@ def _render_block(src, session, reach: int, coord: np.ndarray, cell: np.ndarray)
 
 
 def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool, date: str | None = None,
-               fill_gaps: bool = False, scale: float | None = None, like_path: Path | None = None) -> list[Path]:
+               fill_gaps: bool = False, scale: float | None = None, like_path: Path | None = None,
+               run: cluster.Cluster | None = None) -> list[Path]:
     """Every date of a format-3 product (or only ``date``, stored or between stored dates) to the file
     ``out`` (``single``) or to ``out/corsa_decoded_<date>.tif`` (the engine path's names); on the
-    stored grid, or on the grid of ``scale`` (pixels that many times smaller) or of ``like_path``."""
+    stored grid, or on the grid of ``scale`` (pixels that many times smaller) or of ``like_path``.
+    ``run``: a cluster whose workers decode the stored grid's blocks."""
     dates = product3.dates_in(folder)
     between = date is not None and date not in dates
     if between and fill_gaps:
@@ -189,9 +193,9 @@ def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool, 
         plain = target if scale is None and like_path is None else target.with_name(target.name + ".stored.tif")
         try:
             if between:
-                between_date(folder, d, codec, plain)
+                between_date(folder, d, codec, plain, run)
             else:
-                blockwise.decompress_date(folder, d, codec, plain, fill_gaps)
+                blockwise.decompress_date(folder, d, codec, plain, fill_gaps, run)
             if plain != target:
                 render_file(plain, codec, grid or scaled(plain, scale), target)
         finally:

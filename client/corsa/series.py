@@ -16,14 +16,14 @@ What each date stores and decodes to is unchanged: only the entropy coding sees 
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import product3, progress
+from . import cluster, product3, progress
 from .codec import VariableRateCodec
 from .latent_coder import LatentCoder
 
@@ -117,17 +117,20 @@ def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int
 
 
 def encode_dates(codec: VariableRateCodec, planned: list[Planned], fresh: list[int], blocks: int,
-                 ints_of: Callable[[int, int], np.ndarray], workers: int = 2) -> list[dict[int, tuple[bytes, np.ndarray]]]:
-    """``encode_block`` of every block position, ``workers`` positions at a time (onnxruntime and
-    the range coder release the GIL)."""
+                 ints_of: Callable[[int, int], np.ndarray], run: cluster.Local | cluster.Cluster | None = None
+                 ) -> list[dict[int, tuple[bytes, np.ndarray]]]:
+    """``encode_block`` of every block position, on ``run`` (``corsa.cluster``; default: two local
+    threads)."""
     def one(k: int) -> dict[int, tuple[bytes, np.ndarray]]:
-        coded = encode_block(codec, planned, fresh, k, ints_of)
-        progress.advance()
-        return coded
+        return encode_block(codec, planned, fresh, k, ints_of)
 
     progress.grow(blocks)
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, range(blocks)))
+    with nullcontext(run) if run is not None else cluster.runner() as where:
+        coded = []
+        for c in where.map(one, range(blocks)):
+            coded.append(c)
+            progress.advance()
+    return coded
 
 
 def write_dates(out: Path, codec: VariableRateCodec, planned: list[Planned], fresh: list[int],
