@@ -3,10 +3,6 @@ user starts them (``dask scheduler``, ``dask worker``), and stopped afterwards. 
 the bytes of the local path; the workers read their own windows and open their own sessions, so
 what the client sends stays small."""
 import dataclasses
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,40 +15,11 @@ from corsa.datasets import LOADERS, revisit_series
 from conftest import stored_files
 from test_service import write_scene
 
-BIN = Path(sys.executable).parent
-
-
 @pytest.fixture(scope="module")
-def scheduler(tmp_path_factory):
+def scheduler():
     """The address of a scheduler with two single-threaded worker processes."""
-    folder = tmp_path_factory.mktemp("cluster")
-    address_file = folder / "scheduler.json"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                               "--no-dashboard", "--scheduler-file", str(address_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
-    try:
-        for _ in range(300):
-            if address_file.is_file() and address_file.stat().st_size:
-                break
-            time.sleep(0.1)
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(address_file),
-                                       "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
-                                       "--local-directory", str(folder)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=folder))
-        from dask.distributed import Client
-        with Client(scheduler_file=str(address_file), timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
-            address = client.scheduler.address
+    with cluster.processes(2) as address:
         yield address
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def _same_files(a: Path, b: Path) -> None:

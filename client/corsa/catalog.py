@@ -158,21 +158,44 @@ def write_decoded(path: Path, date: str | None, source: Path | None = None) -> P
 
 
 def check_complete(folder: Path) -> None:
-    """Refuse a product whose ``collection.json`` lists a date whose files are gone (a reader cannot
-    otherwise tell a lost date from one never written); a folder without one is not checked."""
-    path = Path(folder) / COLLECTION
-    if not path.is_file():
-        return
-    try:
-        links = json.loads(path.read_text()).get("links", [])
-        listed = {Path(link["href"]).stem.removeprefix("corsa_") for link in links if link.get("rel") == "item"}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        raise product.ProductError(f"{path} is damaged: {e}") from None
+    """Refuse, by name, a folder that holds no product, and a product whose ``collection.json``
+    lists a date whose files are gone (a reader cannot otherwise tell a lost date from one never
+    written): the date and the files its STAC Item names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise product.ProductError(f"{folder} is not a folder: give a product folder (from corsa compress or pack)")
     stored = set(product3.dates_in(folder)) | set(product.dates_in(folder))
-    missing = sorted(listed - stored)
-    if missing and stored:      # none stored: the reader says the folder holds no complete date
-        raise product.ProductError(f"{folder}: its {COLLECTION} lists the date(s) {', '.join(missing)}, whose files "
-                                   "are missing or incomplete")
+    path = folder / COLLECTION
+    if path.is_file():
+        try:
+            links = json.loads(path.read_text()).get("links", [])
+            listed = {Path(link["href"]).stem.removeprefix("corsa_") for link in links if link.get("rel") == "item"}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+            raise product.ProductError(f"{path} is damaged: {e}") from None
+        missing = sorted(listed - stored)
+        if missing:
+            named = [f for d in missing for f in _item_files(folder, d)]
+            files = [f for f in named if not (folder / f).is_file()] or named
+            raise product.ProductError(f"{folder}: its {COLLECTION} lists the date(s) {', '.join(missing)}, but "
+                                       f"{', '.join(files)} {'is' if len(files) == 1 else 'are'} missing or incomplete "
+                                       "(deleted, or not copied whole?)")
+    if not stored:
+        present = sorted(p.name for p in folder.iterdir())
+        if not present:
+            raise product.ProductError(f"{folder} is empty: give a product folder (from corsa compress or pack)")
+        raise product.ProductError(f"{folder} holds no CORSA product (corsa_<date>{product3.SUFFIX}, or "
+                                   f"corsa_<date>_L0.tif and _L1.tif): it holds {', '.join(present[:4])}"
+                                   + (f" and {len(present) - 4} more" if len(present) > 4 else ""))
+
+
+def _item_files(folder: Path, date: str) -> list[str]:
+    """The product files the STAC Item of ``date`` names (the format-3 name if it cannot be read)."""
+    try:
+        doc = json.loads((folder / f"corsa_{date}.json").read_text())
+        names = [Path(a["href"]).name for a in doc.get("assets", {}).values() if PRODUCT_ROLE in a.get("roles", [])]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        names = []
+    return names or [product3.file_name(date)]
 
 
 def product_of(href: str | Path) -> tuple[Path, list[str]]:

@@ -270,6 +270,7 @@ def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
 
 
 def classify(args: argparse.Namespace) -> str:
+    catalog.check_complete(args.input)
     stream = _stream_product(args.input, args.model)
     codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
     names, colors, classifier = scene_classes(codec, args.classifier, args.classes)
@@ -319,6 +320,7 @@ def _class_file(path: Path, sub: np.ndarray, shape: tuple[int, int], transform, 
 
 
 def info(args: argparse.Namespace) -> str:
+    catalog.check_complete(args.input)
     records = catalog.describe(args.input)
     if args.json:
         return json.dumps({"product": str(args.input), "dates": records}, indent=1)
@@ -400,6 +402,7 @@ def models(args: argparse.Namespace) -> str:
 def reduce(args: argparse.Namespace) -> str:
     """A format-3 product brought to a lower quality without the source: its integers are
     dequantised and quantised again at the lower level (no network runs)."""
+    catalog.check_complete(args.input)
     stream = _stream_product(args.input, args.model)
     if stream is None:
         raise product.ProductError(f"{args.input} holds no variable-rate product (corsa_<date>{product3.SUFFIX})")

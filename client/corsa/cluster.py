@@ -13,10 +13,16 @@ in order and are released as they are taken, so the client holds a row of blocks
 """
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 THREADS = 2
@@ -91,3 +97,37 @@ def runner(scheduler: str | None = None) -> Iterator[Local | Cluster]:
         run.close(cancel=True)
         raise
     run.close()
+
+
+@contextmanager
+def processes(workers: int = 2, threads: int = 1) -> Iterator[str]:
+    """A scheduler and ``workers`` worker processes on 127.0.0.1, started as a user starts them
+    (``dask scheduler``, ``dask worker``) and stopped on leaving; yields the scheduler's address."""
+    from dask.distributed import Client
+
+    dask_cli = str(Path(sys.executable).with_name("dask"))
+    with tempfile.TemporaryDirectory(prefix="corsa-cluster-") as folder:
+        address_file = Path(folder) / "scheduler.json"
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": folder, "env": dict(os.environ)}
+        procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                   "--scheduler-file", str(address_file)], **quiet)]
+        try:
+            for _ in range(600):
+                if address_file.is_file() and address_file.stat().st_size:
+                    break
+                time.sleep(0.1)
+            procs.append(subprocess.Popen([dask_cli, "worker", "--scheduler-file", str(address_file), "--nworkers",
+                                           str(workers), "--nthreads", str(threads), "--host", "127.0.0.1",
+                                           "--no-dashboard", "--local-directory", folder], **quiet))
+            with Client(scheduler_file=str(address_file), timeout="60s") as client:
+                client.wait_for_workers(workers, timeout=120)
+                address = client.scheduler.address
+            yield address
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()

@@ -164,7 +164,9 @@ class Catalogue:
                 return pack.job_cube(path)
             files = sorted([*path.glob("*.tif"), *path.glob("*.tiff"), *path.glob("*.nc")])
             if not files:
-                raise SourceError(f"{path} holds no GeoTIFF, NetCDF or compressed product")
+                raise SourceError(f"{path} is empty: give a 10-band GeoTIFF, a folder of dated GeoTIFFs or an openEO "
+                                  "NetCDF cube" if not any(path.iterdir()) else
+                                  f"{path} holds no GeoTIFF (.tif), NetCDF (.nc) or compressed product")
             cubes = [self._open_file(f) for f in files]
             crs = {str(c.rio.crs) for c in cubes}
             if len(crs) > 1:
