@@ -251,6 +251,29 @@ def error(message: str) -> str:
     return f"exit 2: `{message}`"
 
 
+def empty_folder(ctx: Ctx) -> Path:
+    (ctx.tmp / "empty").mkdir()
+    return ctx.tmp / "empty"
+
+
+def other_files(ctx: Ctx) -> Path:
+    folder = empty_folder(ctx)
+    (folder / "notes.txt").write_text("not a product")
+    return folder
+
+
+def variable_rate_product(ctx: Ctx) -> Path:
+    """The scene compressed with the default model (a single .corsa file a date)."""
+    assert cli.main(["compress", str(ctx.tif()), "-o", str(ctx.tmp / "vr"), "-q"]) == 0
+    return ctx.tmp / "vr"
+
+
+def without_corsa_file(ctx: Ctx) -> list[str]:
+    prod = variable_rate_product(ctx)
+    (prod / f"corsa_{DATE}.corsa").unlink()
+    return ctx.decompress(prod)
+
+
 def saturated(ctx: Ctx) -> np.ndarray:
     data = ctx.data.copy()
     data[:, 28:36, 28:36] = 65535
@@ -326,8 +349,24 @@ CATALOGUE: list[tuple[str, str, Callable[[Ctx], list[str]], Callable[[Ctx], None
      edit_product(as_version_1), same_decode_as_reference),
     ("product written by another model (sha256 differs)", error("was written with model"),
      edit_product(set_tags("", CORSA_MODEL_SHA256="0" * 64)), None),
-    ("product folder with only unfinished .part files", error("holds no complete compressed date"),
+    ("product folder with only unfinished .part files", error(f"corsa_{DATE}_L0.tif, corsa_{DATE}_L1.tif"),
      edit_product(only_part_files), None),
+    ("decompress of an empty folder", error("is empty: give a product folder"),
+     lambda c: c.decompress(empty_folder(c)), None),
+    ("decompress of a folder of other files", error("holds no CORSA product"),
+     lambda c: c.decompress(other_files(c)), None),
+    ("compress of an empty folder", error("is empty: give a 10-band GeoTIFF"),
+     lambda c: c.compress(empty_folder(c)), None),
+    ("variable-rate product whose .corsa file was deleted", error(f"corsa_{DATE}.corsa is missing"),
+     without_corsa_file, None),
+    ("info of a folder of other files", error("holds no CORSA product"),
+     lambda c: ["info", str(other_files(c))], None),
+    ("land cover of a corsa512 product", error("gives scene classes only"),
+     lambda c: ["classify", str(c.reference), "-o", str(c.tmp / "out" / "lc.tif"), "--classes", "landcover"], None),
+    ("--scheduler where no scheduler answers", error("no dask scheduler answers there"),
+     lambda c: c.decompress(variable_rate_product(c), "--scheduler", "tcp://127.0.0.1:9"), None),
+    ("--model naming no shipped model", error("no model 'corsa9': give a folder with model_card.json or one of"),
+     lambda c: c.compress(c.tif(), "--model", "corsa9"), None),
     ("decompress -o to a folder that does not exist", "the folder is created",
      lambda c: ["decompress", str(c.reference), "-o", str(c.tmp / "new" / "folder")], output_folder_created),
     ("encoder.onnx missing", error("encoder.onnx is missing"), edit_model("encoder.onnx", Path.unlink), None),

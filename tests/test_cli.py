@@ -109,3 +109,20 @@ def test_a_wrong_model_lists_the_models_there(tmp_path, data_root, capsys):
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out"), "--model", "corsa9"]) == 2
     err = capsys.readouterr().err
     assert "no model 'corsa9'" in err and "corsa3.1" in err and "corsa512" in err and "Traceback" not in err
+
+
+def test_help_speaks_to_users(capsys):
+    """Every command's help in users' words: the overview lists every command, no module or UDF
+    names, and each --quality says what it means for that command."""
+    helps = {}
+    for command in ([], ["compress"], ["decompress"], ["classify"], ["reduce"], ["pack"], ["serve"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(command + ["--help"])
+        assert e.value.code == 0
+        helps[" ".join(command)] = capsys.readouterr().out
+    for name in ("compress", "decompress", "classify", "reduce", "pack", "info", "models", "serve"):
+        assert f"corsa {name}" in helps[""], name
+    for text in helps.values():
+        assert "blockwise" not in text and "UDF" not in text and "corsa." not in text
+    assert "job" not in helps["compress"].rsplit("--quality QUALITY", 1)[1].split("--")[0]
+    assert "job" in helps["pack"].rsplit("--quality QUALITY", 1)[1].split("--")[0]

@@ -1,5 +1,4 @@
-"""corsa compress | decompress | pack | classify | info | models | reduce: the published process
-graphs, run on the embedded engine. Variable-rate models (corsa2 onward) compress and decompress
+"""The ``corsa`` command line: the published process graphs, run on the embedded engine. Variable-rate models (corsa2 onward) compress and decompress
 through ``corsa.blockwise`` instead: the UDF's functions on the services' own chunks, without
 the engine around them (the same bytes; --engine runs the graphs), on two local threads or, with
 --scheduler, on the workers of a dask cluster (``corsa.cluster``).
@@ -42,6 +41,30 @@ from .sources import Catalogue, SourceError
 from .stac import StacSource
 
 COLLECTION = "SENTINEL2_L2A"
+OVERVIEW = """Compress Sentinel-2 L2A scenes (10 bands) with a learned codec, and decode, classify or reduce the
+compressed products, on this machine or a dask cluster; the same services run on openEO back ends.
+
+  corsa compress scene.tif -o product/             a GeoTIFF, a folder of dated GeoTIFFs (a time series),
+                                                   an openEO NetCDF cube, or --stac URL
+  corsa compress scene.tif -o product/ --quality 6 higher is better and larger (corsa models lists the levels)
+  corsa decompress product/ -o decoded.tif         10-band GeoTIFF on the input's grid (--date, --fill, --clear)
+  corsa classify product/ -o classes.tif           scene classes (--classes landcover: land cover), no decoding
+  corsa reduce product/ --quality 3 -o smaller/    a lower quality without the source scene
+  corsa pack job_results/ -o product/              a back end's compress job download -> a product
+  corsa info product/                              dates, grids, quality, compression factor
+  corsa models                                     the shipped models, their quality levels and figures
+  corsa serve                                      a local web page to run a compress job from a form
+
+Add --scheduler tcp://HOST:PORT to run on a dask cluster; corsa COMMAND --help for each command's options.
+"""
+QUALITY_HELP = {
+    "compress": "quality level of a variable-rate model, higher is better and larger (default: the model's default; "
+                "corsa models lists the levels)",
+    "reduce": "the lower quality level to bring the product to",
+    "pack": "the quality level the compress job used (default: from its job.json)",
+    "decompress": "for a compress job's downloaded files only: the quality level the job used (default: from its "
+                  "job.json); a product records its own",
+}
 
 
 def _bbox(text: str) -> dict:
@@ -438,7 +461,7 @@ INPUT_HELP = {
                 "cube, or a STAC item collection .json (omit with --stac)",
     "decompress": "a product folder (from corsa compress or pack) or a compress job's downloaded files",
     "pack": "a compress job's downloaded files (its job.json and layer GeoTIFFs)",
-    "classify": "a product folder of a codebook model (corsa512)",
+    "classify": "a product folder",
     "reduce": "a product folder of a variable-rate model",
     "info": "a product folder",
 }
@@ -526,17 +549,17 @@ def main(argv: list[str] | None = None) -> int:
     sys.unraisablehook, sys.excepthook = _unraisable, _printed
     # Whether a file is georeferenced as it must be is ours to check and say (grids are checked by name).
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-    p = argparse.ArgumentParser(prog="corsa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="corsa", description=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
                               ("decompress", decompress, "decode a product folder (or a compress job's files) to GeoTIFF"),
-                              ("pack", pack_files, "entropy-code a compress job's downloaded GeoTIFFs into the product"),
-                              ("classify", classify, "scene classes of a product folder, without decoding"),
+                              ("pack", pack_files, "turn a back end's compress job download into a product (smaller, the same pixels)"),
+                              ("classify", classify, "scene classes or land cover of a product folder, without decoding"),
                               ("reduce", reduce, "bring a variable-rate product to a lower quality, without the source"),
                               ("info", info, "describe a product folder"),
                               ("models", models, "list the shipped models, their quality levels and test figures"),
-                              ("serve", serve, "a local no-code page running a compress service on the embedded engine")):
-        s = sub.add_parser(name, help=help_)
+                              ("serve", serve, "a local web page to run a compress job from a form, on this machine")):
+        s = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
         s.set_defaults(func=func)
         s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (errors still go there)")
         if name == "models":
@@ -564,13 +587,10 @@ def main(argv: list[str] | None = None) -> int:
                            "see INPUT and the models at the same paths")
         if name in ("compress", "decompress"):
             s.add_argument("--engine", action="store_true",
-                           help="run the published process graph on the embedded engine, also for a variable-rate "
-                           "model (which otherwise goes block by block, without it: the same bytes, faster)")
+                           help="run the published openEO process graph on the embedded engine, as a back end would "
+                           "(the same bytes as without it, slower)")
         if name in ("compress", "reduce", "pack", "decompress"):
-            s.add_argument("--quality", type=int, required=name == "reduce",
-                           help="quality level of a variable-rate model (higher is better; compress: default the "
-                           "model's default_quality, see corsa models; pack / decompress of job files: the level "
-                           "the job used, default from its job.json)")
+            s.add_argument("--quality", type=int, required=name == "reduce", help=QUALITY_HELP[name])
         if name == "decompress":
             s.add_argument("--date", type=_day, help="decode only this date (YYYY-MM-DD) of a variable-rate product: a "
                            "stored date as stored, a date between stored dates rendered from those around it")
@@ -579,15 +599,16 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--fill", action="store_true",
                            help="fill a date's gaps (its nodata pixels) from the other dates of the series, brought to "
                            "the date's light; other pixels are unchanged")
-            s.add_argument("--clear", action="store_true", help="set cloud and cloud-shadow pixels (by the classifier) to 0")
+            s.add_argument("--clear", action="store_true", help="set the pixels the scene classes call cloud or "
+                           "cloud shadow to 0 (nodata)")
         if name == "classify":
             s.add_argument("--classes", choices=CLASS_SETS, default="scl",
                            help="scl: scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow); "
                            "landcover: land cover (water, trees, flooded vegetation, crops, built area, bare ground, "
                            "snow/ice, clouds, rangeland; variable-rate models)")
         if name in ("classify", "decompress"):
-            s.add_argument("--classifier", help="a codebook model's classifier: name under models_onnx/ or a folder "
-                                                "(default corsa512-scl); a variable-rate model uses its own head")
+            s.add_argument("--classifier", help="for corsa512 products only: the classifier's name under models_onnx/ "
+                           "or its folder (default corsa512-scl); other models carry their own")
         if name in ("compress", "pack"):
             s.add_argument("--overwrite", action="store_true",
                            help="replace the product already in -o, as a whole: the new one is written beside it and "
