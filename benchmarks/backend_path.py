@@ -26,7 +26,7 @@ import rasterio
 from corsa import cli
 from corsa.codec import MODELS_DIR, OnnxCodec, read_card
 from corsa.datasets import LOADERS, default_data_root
-from corsa.demo import write_input
+from corsa.sample import write_input
 from corsa.metrics import psnr
 
 EDGE = 8

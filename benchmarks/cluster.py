@@ -21,7 +21,7 @@ import cloudpickle
 
 from corsa import cli, cluster
 from corsa.datasets import LOADERS, default_data_root
-from corsa.demo import write_input
+from corsa.sample import write_input
 from training.classify import cpu_name
 
 

@@ -18,7 +18,7 @@ import rasterio
 
 from corsa import cli
 from corsa.datasets import LOADERS, default_data_root
-from corsa.demo import write_input
+from corsa.sample import write_input
 from corsa.metrics import band_psnr, psnr
 from corsa.processes import CHUNK
 from corsa.scene import BANDS

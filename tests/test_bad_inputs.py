@@ -2,7 +2,7 @@
 
 Every case runs the CLI on a crop of a real scene (or a product or model folder damaged on
 purpose). An error must be exit 2 with "corsa <cmd>: error: <what is wrong>", no traceback, and
-no output file left that could pass for a finished one. README.md's troubleshooting section
+no output file left that could pass for a finished one. docs/operations.md's troubleshooting section
 lists this same table; the last test checks that it does, row by row.
 """
 from __future__ import annotations
@@ -413,8 +413,8 @@ def test_catalogue(problem, answer, make, check, tmp_path, scene, reference, cap
     assert not left, f"files left after an error: {left}"
 
 
-def test_readme_lists_the_catalogue():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_list_the_catalogue():
+    doc = (ROOT / "docs" / "operations.md").read_text()
     missing = [f"| {problem} | {answer} |" for problem, answer, _, _ in CATALOGUE
-               if f"| {problem} | {answer} |" not in readme]
-    assert not missing, "README.md's troubleshooting table lacks:\n" + "\n".join(missing)
+               if f"| {problem} | {answer} |" not in doc]
+    assert not missing, "docs/operations.md's troubleshooting table lacks:\n" + "\n".join(missing)

@@ -3,11 +3,13 @@ when stderr is not a terminal and nothing with --quiet; the normal path prints n
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from rasterio.transform import Affine
 
 from corsa import cli
+from corsa.codec import DEFAULT_MODEL
 from corsa.datasets import LOADERS
 from test_service import write_scene
 
@@ -126,3 +128,11 @@ def test_help_speaks_to_users(capsys):
         assert "blockwise" not in text and "UDF" not in text and "corsa." not in text
     assert "job" not in helps["compress"].rsplit("--quality QUALITY", 1)[1].split("--")[0]
     assert "job" in helps["pack"].rsplit("--quality QUALITY", 1)[1].split("--")[0]
+
+
+def test_the_readme_shows_the_default_models_figures(capsys):
+    """The README's figures table is the default model's card (corsa models --table): it follows the default."""
+    assert cli.main(["models", "--table"]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table.startswith(f"| {DEFAULT_MODEL} quality |") and table.count("\n") >= 5
+    assert table in (Path(__file__).resolve().parents[1] / "README.md").read_text()

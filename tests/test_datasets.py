@@ -47,9 +47,11 @@ def test_every_loaded_scene_is_canonical(data_root):
     for group, loader in LOADERS.items():
         for scene in loader(data_root):
             assert scene.data.dtype == np.uint16 and scene.data.shape[0] == len(BANDS), group
-            # reflectance x 10000: medians in the hundreds to thousands of DN (bright cloud or snow up to ~2.0)
+            # reflectance x 10000: medians in the hundreds to thousands of DN (bright cloud or snow up to ~2.0);
+            # open sea is dark (red at 1 DN over a whole patch) but not at 0-1 reflectance in every visible band
             med = np.median(scene.data.reshape(10, -1), axis=1)
-            assert np.all(med < 25000) and np.all(med[[0, 1, 2]] > 10), (scene.name, med)
+            top = np.percentile(scene.data[[0, 1, 2]].reshape(3, -1), 99, axis=1)
+            assert np.all(med < 25000) and top.max() > 10, (scene.name, med, top)
 
 
 def test_baseline_offset_from_product_id():

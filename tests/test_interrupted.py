@@ -36,7 +36,7 @@ def test_killed_compress_leaves_nothing_that_looks_finished(tmp_path, data_root,
     capsys.readouterr()
     assert cli.main(["info", str(out)]) == 2
     assert cli.main(["decompress", str(out), "-o", str(tmp_path / "decoded.tif")]) == 2
-    assert capsys.readouterr().err.count("holds no complete compressed date") == 2
+    assert capsys.readouterr().err.count("holds no CORSA product") == 2
     assert not (tmp_path / "decoded.tif").exists()
 
     assert cli.main(["compress", str(src), "-o", str(out), "--model", "corsa512"]) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from browser import Browser, binary
+from corsa.codec import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 UDP = json.loads((ROOT / "process_graphs" / "corsa2_openeo_compress_s2.json").read_text())
@@ -44,6 +45,11 @@ def test_the_form_is_the_services_parameters(server):
     assert legends == [p["name"] for p in UDP["parameters"]]
     for p in UDP["parameters"]:
         assert html.escape(p["description"]) in page
+    # the model: a choice among the shipped variable-rate models, from their cards, the default chosen
+    options = re.findall(r'<option value="[^"]*/models_onnx/([^"]+)"( selected)?>([^<]+)</option>', page)
+    assert options[0][:2] == (DEFAULT_MODEL, " selected") and "(default)" in options[0][2]
+    assert {o[0] for o in options} == {p.parent.name for p in (ROOT / "models_onnx").glob("*/model_card.json")
+                                       if json.loads(p.read_text()).get("kind") == "variable-rate"}
 
 
 def test_a_job_runs_from_the_page(server, browser):

@@ -404,6 +404,8 @@ def models(args: argparse.Namespace) -> str:
         entries.append(entry)
     if args.json:
         return json.dumps({"models": entries}, indent=1)
+    if args.table:
+        return figures_table(next(e for e in entries if e["default"]))
     lines = []
     for e in entries:
         head = f"{e['id']}{' (default)' if e['default'] else ''}: {e['kind']}"
@@ -420,6 +422,16 @@ def models(args: argparse.Namespace) -> str:
                      if t.get("cf_range_coded") else "")
             lines.append(f"  {label}: test split CF {t['cf']}, PSNR {t['psnr_db']} dB{extra}")
     return "\n".join(lines)
+
+
+def figures_table(entry: dict) -> str:
+    """The default model's test figures as a Markdown table (the README's, from the card)."""
+    _, card = read_card(entry["id"])
+    gains = (card.get("gain_over_classical_db") or {}).get("by_quality", {})
+    rows = [f"| {t['quality']}{' (default)' if t['quality'] == entry['default_quality'] else ''} | {t['cf']:.1f} | "
+            f"{t['psnr_db']:.2f} | {gains[str(t['quality'])]:+.2f} |" for t in entry["test"] if str(t["quality"]) in gains]
+    return "\n".join([f"| {entry['id']} quality | CF | PSNR (dB) | gain over the best of JPEG 2000 / JPEG XL at the same CF (dB) |",
+                      "|---|---|---|---|", *rows])
 
 
 def reduce(args: argparse.Namespace) -> str:
@@ -564,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (errors still go there)")
         if name == "models":
             s.add_argument("--json", action="store_true", help='machine-readable: {"models": [...]}')
+            s.add_argument("--table", action="store_true", help="the default model's figures as a Markdown table")
             continue
         if name == "info":
             s.add_argument("--json", action="store_true", help='machine-readable: {"product": ..., "dates": [...]}')

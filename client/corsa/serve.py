@@ -30,7 +30,8 @@ import rasterio.warp
 
 from . import catalog, pack, product, product3, progress, render
 from .apex import local_arguments, read_udp
-from .demo import default_scene, quicklook, write_input
+from .codec import MODELS_DIR, MODELS_URL
+from .sample import default_scene, quicklook, write_input
 from .metrics import compression_factor, psnr
 from .scene import BANDS
 from .sources import Catalogue
@@ -60,14 +61,35 @@ def _types(param: dict) -> set[str]:
     return out
 
 
+def model_choices() -> list[tuple[str, str]]:
+    """(value, label) of each shipped variable-rate model, as its card describes it, the default first:
+    the value is the location the services name it by (``codec.MODELS_URL``)."""
+    out = []
+    for card_path in sorted(MODELS_DIR.glob("*/model_card.json")):
+        card = json.loads(card_path.read_text())
+        if card.get("kind") != "variable-rate":
+            continue
+        gain = (card.get("gain_over_classical_db") or {}).get("mean_over_levels_1_8")
+        label = card["id"] + (" (default)" if card.get("default") else "") + (
+            f": {gain:+.1f} dB over JPEG 2000 / JPEG XL at the same size" if gain is not None else "")
+        out.append((f"{MODELS_URL}/{card['id']}", label, not card.get("default")))
+    return [(v, label) for v, label, _ in sorted(out, key=lambda c: c[2])]
+
+
 def form_fields(udp: dict, defaults: dict) -> str:
-    """The form's inputs, one group per UDP parameter, from its schema."""
+    """The form's inputs, one group per UDP parameter, from its schema; the model as a choice
+    among the shipped models (their cards)."""
     parts = []
     for p in udp["parameters"]:
         name, label = p["name"], html.escape(p.get("description", p["name"]))
         value = defaults.get(name, p.get("default"))
         sub, types = _subtype(p), _types(p)
-        if sub == "bounding-box":
+        choices = model_choices() if name == "model" else []
+        if choices:
+            inputs = f'<select name="{name}">' + "".join(
+                f'<option value="{html.escape(v)}"{" selected" if v == value else ""}>{html.escape(t)}</option>'
+                for v, t in choices) + "</select>"
+        elif sub == "bounding-box":
             inputs = "".join(f'<label>{k} <input type="number" step="any" name="{name}.{k}" value="{(value or {}).get(k, "")}"'
                              f' required></label>' for k in ("west", "south", "east", "north"))
             inputs += f'<input type="hidden" name="{name}.crs" value="{(value or {}).get("crs", "EPSG:4326")}">'
