@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from corsa import cli
-from corsa.codec import MODELS_DIR, OnnxCodec, read_card
-from corsa.datasets import LOADERS, default_data_root
-from corsa.sample import write_input
-from corsa.metrics import psnr
+from corsa.app import cli
+from corsa.codec.models import MODELS_DIR, OnnxCodec, read_card
+from corsa.formats.datasets import LOADERS, default_data_root
+from corsa.app.sample import write_input
+from corsa.core.metrics import psnr
 
 EDGE = 8
 

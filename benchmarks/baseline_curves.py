@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from corsa.datasets import load_split
-from corsa.metrics import compression_factor, psnr
-from corsa.scene import Scene, nodata_mask, to_uint16
+from corsa.formats.datasets import load_split
+from corsa.core.metrics import compression_factor, psnr
+from corsa.core.scene import Scene, nodata_mask, to_uint16
 
 from .baselines import CODECS, code_scene
 from .rd import SPLIT_FILE

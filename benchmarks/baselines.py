@@ -14,8 +14,8 @@ import imagecodecs
 import numpy as np
 from scipy import ndimage
 
-from corsa.metrics import compression_factor, psnr
-from corsa.scene import BANDS, BANDS_20M, to_uint16
+from corsa.core.metrics import compression_factor, psnr
+from corsa.core.scene import BANDS, BANDS_20M, to_uint16
 
 IS_20M = np.array([b in BANDS_20M for b in BANDS])
 

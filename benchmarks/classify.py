@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from corsa.classmap import DEFAULT_CLASSIFIER, Classifier
-from corsa.codec import OnnxCodec
+from corsa.blocks.classmap import DEFAULT_CLASSIFIER, Classifier
+from corsa.codec.models import OnnxCodec
 from training.classify import ROOT, cache_scenes, confusion, load_split, scores
 from training.scl_labels import CLASSES, CLOUD_CLASSES
 
@@ -39,7 +39,7 @@ def mask_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
 
 def throughput(codec: OnnxCodec, clf: Classifier, size: int = 1024, repeats: int = 3) -> float:
     """Megapixels (10 m) per second, index grids -> class values, on a real index map tiled to size."""
-    from corsa.datasets import LOADERS, default_data_root
+    from corsa.formats.datasets import LOADERS, default_data_root
 
     scene = next(LOADERS["majortom"](default_data_root()))
     idx0, idx1 = codec.encode(scene.data[:, :512, :512])

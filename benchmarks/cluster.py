@@ -1,6 +1,6 @@
 """The CLI on a real dask cluster against its local path: the largest real scene here (18SVG, 1947 x
 1933 px, L1C: fine for bytes and speed), compressed, decoded and classified with the default model
-through a scheduler and two single-threaded worker processes on 127.0.0.1 (``corsa.cluster.processes``),
+through a scheduler and two single-threaded worker processes on 127.0.0.1 (``corsa.core.cluster.processes``),
 and on this machine's two threads. Whether the files are identical, the bytes the client sends to
 the cluster (each ``Cluster.map``: the function, sent once, and the block positions), wall times.
 
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import cloudpickle
 
-from corsa import cli, cluster
-from corsa.datasets import LOADERS, default_data_root
-from corsa.sample import write_input
+from corsa.app import cli
+from corsa.core import cluster
+from corsa.formats.datasets import LOADERS, default_data_root
+from corsa.app.sample import write_input
 from training.classify import cpu_name
 
 

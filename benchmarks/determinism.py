@@ -16,9 +16,9 @@ import corsa_udf
 import numpy as np
 import onnxruntime as ort
 
-from corsa import processes
-from corsa.codec import VariableRateCodec
-from corsa.datasets import LOADERS, default_data_root
+from corsa.openeo import processes
+from corsa.codec.models import VariableRateCodec
+from corsa.formats.datasets import LOADERS, default_data_root
 
 from .speed import _cpu
 

@@ -25,9 +25,9 @@ import corsa_udf
 import numpy as np
 import rasterio
 
-from corsa import cli
-from corsa.datasets import cloud_fraction, cloud_masks, default_data_root, load_split, revisit_series
-from corsa.metrics import psnr
+from corsa.app import cli
+from corsa.formats.datasets import cloud_fraction, cloud_masks, default_data_root, load_split, revisit_series
+from corsa.core.metrics import psnr
 
 from .series import write_inputs
 from .speed import _cpu

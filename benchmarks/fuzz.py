@@ -182,7 +182,7 @@ def mutate_isolated(rng: random.Random, seed: Path, case: Path, timeout: float =
 def _write(path: Path, data: np.ndarray, transform, crs: str, date: str) -> Path:
     import rasterio
 
-    from corsa.scene import BANDS
+    from corsa.core.scene import BANDS
 
     with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=len(BANDS),
                        dtype="uint16", transform=transform, crs=crs) as dst:
@@ -193,11 +193,11 @@ def _write(path: Path, data: np.ndarray, transform, crs: str, date: str) -> Path
 
 def _job_files(tif: Path, out: Path, model: str = "corsa2.1", quality: int = 3) -> Path:
     """What a compress job of the corsa2 service over ``tif`` downloads: its layers and job.json."""
-    from corsa import processes
-    from corsa.codec import read_card
-    from corsa.engine import Engine
-    from corsa.pack import write_job_file
-    from corsa.sources import Catalogue
+    from corsa.openeo import processes
+    from corsa.codec.models import read_card
+    from corsa.openeo.engine import Engine
+    from corsa.formats.job_files import write_job_file
+    from corsa.formats.sources import Catalogue
 
     path, card = read_card(model)
     Engine(Catalogue({"SENTINEL2_L2A": tif}), output=out).run(
@@ -213,7 +213,7 @@ def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = 
     """Products of real crops: one with a nodata mask, one without, one of odd size (format 2: the
     GeoTIFF product of corsa512; 3: corsa2.1's entropy-coded streams; packed: a compress job's
     files of corsa2.1); format 4: a corsa3 series of three dates, one of them with nodata."""
-    from corsa import cli
+    from corsa.app import cli
 
     seeds = []
     if fmt == "4":
@@ -251,7 +251,7 @@ def worker() -> None:
     import contextlib
     import io
 
-    from corsa import cli
+    from corsa.app import cli
 
     # Our lines go to the real stdout; whatever else writes to fd 1 (progress bars, C libraries) to stderr.
     out = os.fdopen(os.dup(1), "w")
@@ -322,7 +322,7 @@ def same_image(a: dict, b: dict) -> bool:
 
 def seed_images(seeds: list[Path], folder: Path) -> dict[Path, tuple]:
     """The decode of each undamaged seed product."""
-    from corsa import cli
+    from corsa.app import cli
 
     images = {}
     for seed in seeds:
@@ -428,7 +428,7 @@ def main() -> None:
         return
     from rasterio.transform import Affine
 
-    from corsa.datasets import LOADERS, default_data_root
+    from corsa.formats.datasets import LOADERS, default_data_root
 
     scene = next(LOADERS["majortom"](default_data_root()))
     with tempfile.TemporaryDirectory() as tmp:

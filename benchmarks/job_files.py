@@ -1,4 +1,4 @@
-"""What a compress batch job downloads, run through ``corsa.jobs`` on the embedded engine (the same
+"""What a compress batch job downloads, run through ``corsa.openeo.jobs`` on the embedded engine (the same
 calls as on a back end), on the full-resolution 1068 px Major-TOM scene.
 
     python -m benchmarks.job_files --out benchmarks/results/job_files.json
@@ -20,12 +20,13 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, jobs
-from corsa.codec import VariableRateCodec
-from corsa.datasets import LOADERS, default_data_root
-from corsa.local import EngineConnection
-from corsa.metrics import compression_factor, psnr
-from corsa.scene import BANDS
+from corsa.app import cli
+from corsa.openeo import jobs
+from corsa.codec.models import VariableRateCodec
+from corsa.formats.datasets import LOADERS, default_data_root
+from corsa.openeo.local import EngineConnection
+from corsa.core.metrics import compression_factor, psnr
+from corsa.core.scene import BANDS
 
 
 def _scene_file(folder: Path) -> tuple[Path, np.ndarray]:

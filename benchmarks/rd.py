@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from rasterio.transform import Affine
 
-from corsa import product
-from corsa.codec import OnnxCodec
-from corsa.datasets import LOADERS, default_data_root, load_split
-from corsa.entropy import EntropyModel, pack_fixed
-from corsa.metrics import band_rmse, compression_factor, psnr
-from corsa.scene import BANDS, RAW_BITS_PER_PIXEL
+from corsa.formats import product
+from corsa.codec.models import OnnxCodec
+from corsa.formats.datasets import LOADERS, default_data_root, load_split
+from corsa.codec.index_coder import EntropyModel, pack_fixed
+from corsa.core.metrics import band_rmse, compression_factor, psnr
+from corsa.core.scene import BANDS, RAW_BITS_PER_PIXEL
 
 from .baselines import CODECS, at_cf
 

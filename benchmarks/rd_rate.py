@@ -4,7 +4,7 @@
     python -m benchmarks.rd_rate --model /tmp/corsa2_pre  # any model folder
 
 For each test scene and quality level: our CF from the bytes of the format-3 product file
-(``corsa.product3``), our PSNR on what that file decodes to (nodata set to 0), and the best classical
+(``corsa.formats.stream_format``), our PSNR on what that file decodes to (nodata set to 0), and the best classical
 PSNR at the same CF, read off the cached sweeps of ``benchmarks.baseline_curves`` (computed here for
 scenes missing from the cache). gain = ours - best classical, scene by scene.
 
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from rasterio.transform import Affine
 
-from corsa import product3
-from corsa.codec import VariableRateCodec
-from corsa.datasets import load_split
-from corsa.metrics import compression_factor, psnr
-from corsa.scene import RAW_BITS_PER_PIXEL, Scene
+from corsa.formats import stream_format
+from corsa.codec.models import VariableRateCodec
+from corsa.formats.datasets import load_split
+from corsa.core.metrics import compression_factor, psnr
+from corsa.core.scene import RAW_BITS_PER_PIXEL, Scene
 
 from . import baseline_curves
 from .baselines import CODECS
@@ -62,12 +62,12 @@ def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
         date = s.date or "undated"
         for q in codec.qualities:
             ints = codec.quantise(latent, q)
-            data = product3.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, transform, s.crs,
+            data = stream_format.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, transform, s.crs,
                                         date, codec.model_id, sha)
             # Decode what the file holds, so the PSNR is that of the product and the coding is checked lossless.
             with tempfile.TemporaryDirectory() as tmp:
-                product3.write_date(Path(tmp), data, date)
-                stored = product3.read_date(Path(tmp), date, codec.coder, codec.level)
+                stream_format.write_date(Path(tmp), data, date)
+                stored = stream_format.read_date(Path(tmp), date, codec.coder, codec.level)
             if not np.array_equal(stored.ints, ints):
                 raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its latent")
             rec = codec.decode(stored.ints, q, shape=s.data.shape[1:])

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from corsa import product3
-from corsa.codec import VariableRateCodec
-from corsa.datasets import load_split
-from corsa.metrics import psnr
+from corsa.formats import stream_format
+from corsa.codec.models import VariableRateCodec
+from corsa.formats.datasets import load_split
+from corsa.core.metrics import psnr
 
 from .rd import SPLIT_FILE
 
 
 def _bytes(codec: VariableRateCodec, ints: np.ndarray, quality: int, nodata: np.ndarray) -> int:
-    return len(product3.encode_date(codec.coder, ints, codec.level(quality), quality, nodata, None, None, "undated",
+    return len(stream_format.encode_date(codec.coder, ints, codec.level(quality), quality, nodata, None, None, "undated",
                                     codec.model_id, codec.card["files"]["decoder"]["sha256"]))
 
 

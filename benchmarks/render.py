@@ -31,11 +31,11 @@ from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
-from corsa import cli
-from corsa.codec import VariableRateCodec
-from corsa.datasets import LOADERS, cloud_fraction, default_data_root, load_split, revisit_series
-from corsa.metrics import psnr
-from corsa.render import render_file, scaled
+from corsa.app import cli
+from corsa.codec.models import VariableRateCodec
+from corsa.formats.datasets import LOADERS, cloud_fraction, default_data_root, load_split, revisit_series
+from corsa.core.metrics import psnr
+from corsa.blocks.render import render_file, scaled
 
 from .fill import SPLIT_FILE, _read
 from .series import write_inputs

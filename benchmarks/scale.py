@@ -29,8 +29,8 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from corsa.datasets import LOADERS, default_data_root
-from corsa.scene import BANDS
+from corsa.formats.datasets import LOADERS, default_data_root
+from corsa.core.scene import BANDS
 
 FIRST_DATE = np.datetime64("2022-07-06")
 
@@ -55,7 +55,7 @@ def write_mosaic(path: Path, size: int, date_index: int = 0) -> None:
                 dst.write(np.ascontiguousarray(block[:, :h, :w]), window=Window(x, y, w, h))
 
 
-PEAK_WRAPPER = ("import sys; from benchmarks.memory import peak_rss_mb; from corsa.cli import main; "
+PEAK_WRAPPER = ("import sys; from benchmarks.memory import peak_rss_mb; from corsa.app.cli import main; "
                 "rc = main(sys.argv[1:]); print('peak_rss_mb', peak_rss_mb()); sys.exit(rc)")
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from corsa import cli
-from corsa.datasets import LOADERS, default_data_root
-from corsa.sample import write_input
-from corsa.metrics import band_psnr, psnr
-from corsa.processes import CHUNK
-from corsa.scene import BANDS
+from corsa.app import cli
+from corsa.formats.datasets import LOADERS, default_data_root
+from corsa.app.sample import write_input
+from corsa.core.metrics import band_psnr, psnr
+from corsa.openeo.processes import CHUNK
+from corsa.core.scene import BANDS
 
 
 def border_mask(shape: tuple[int, int], chunk: int = CHUNK, width: int = 8) -> np.ndarray:

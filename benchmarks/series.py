@@ -1,4 +1,4 @@
-"""Time series coded with their history (corsa.series) against their dates coded alone, on the
+"""Time series coded with their history (corsa.formats.series) against their dates coded alone, on the
 test split's series, through `corsa compress` / `corsa decompress`.
 
     python -m benchmarks.series --model corsa3 --out benchmarks/results/series.json
@@ -26,10 +26,11 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, product3
-from corsa.datasets import load_split, revisit_series
-from corsa.metrics import compression_factor, psnr
-from corsa.scene import BANDS, Scene
+from corsa.app import cli
+from corsa.formats import stream_format
+from corsa.formats.datasets import load_split, revisit_series
+from corsa.core.metrics import compression_factor, psnr
+from corsa.core.scene import BANDS, Scene
 
 from .speed import _cpu
 
@@ -65,7 +66,7 @@ def _decode_all(folder: Path, out: Path) -> dict[str, np.ndarray]:
 
 
 def _bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob(f"*{product3.SUFFIX}"))
+    return sum(p.stat().st_size for p in folder.glob(f"*{stream_format.SUFFIX}"))
 
 
 def x265_psnr_at(run: list[tuple[str, Scene]], target_bytes: int, tmp: Path) -> dict | None:

@@ -25,9 +25,9 @@ import imagecodecs
 import numpy as np
 import rasterio
 
-from corsa import product3
-from corsa.codec import VariableRateCodec
-from corsa.metrics import compression_factor, psnr
+from corsa.formats import stream_format
+from corsa.codec.models import VariableRateCodec
+from corsa.core.metrics import compression_factor, psnr
 
 from .baselines import CODECS, code_scene
 from .scale import write_mosaic
@@ -46,7 +46,7 @@ def _best(f, repeats: int) -> tuple[float, object]:
 
 
 def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "corsa.cli", *args], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "corsa.app.cli", *args], check=True, capture_output=True)
 
 
 def jpeg2000_at(data: np.ndarray, target_cf: float) -> float:
@@ -80,12 +80,12 @@ def run(model: str, quality: int | None, repeats: int) -> dict:
         level = codec.level(quality)
         codec.encode(data[:, :64, :64], quality)
         t_enc, ints = _best(lambda: codec.encode(data, quality), repeats)
-        t_ec, blob = _best(lambda: product3.encode_date(codec.coder, ints, level, quality, np.zeros(data.shape[1:], bool),
+        t_ec, blob = _best(lambda: stream_format.encode_date(codec.coder, ints, level, quality, np.zeros(data.shape[1:], bool),
                                                         None, None, "undated", codec.model_id,
                                                         codec.card["files"]["decoder"]["sha256"]), repeats)
         (tmp / "blob").mkdir()
-        product3.write_date(tmp / "blob", blob, "undated")
-        t_ed, _ = _best(lambda: product3.read_date(tmp / "blob", "undated", codec.coder, codec.level), repeats)
+        stream_format.write_date(tmp / "blob", blob, "undated")
+        t_ed, _ = _best(lambda: stream_format.read_date(tmp / "blob", "undated", codec.coder, codec.level), repeats)
         t_dec, _ = _best(lambda: codec.decode(ints, quality, data.shape[1:]), repeats)
     knob = jpeg2000_at(data, ours_cf)
     streams = [imagecodecs.jpeg2k_encode(b, level=knob, codecformat=imagecodecs.JPEG2K.CODEC.J2K,

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m corsa.demo "$@"
+.venv/bin/python -m corsa.app.demo "$@"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from corsa.datasets import default_data_root
+from corsa.formats.datasets import default_data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_FILE = ROOT / "training" / "split.json"

@@ -1,7 +1,7 @@
-"""The APEx algorithm catalogue entries in apex/ (corsa.apex): what the catalogue checks, offline.
+"""The APEx algorithm catalogue entries in apex/ (corsa.openeo.apex): what the catalogue checks, offline.
 
 Records and scenarios against the catalogue's JSON schemas (reference copies in ../shared/apex/schemas;
-they hold only internal $refs, so no cross-file registry is needed), the files against what corsa.apex
+they hold only internal $refs, so no cross-file registry is needed), the files against what corsa.openeo.apex
 generates, the UDP JSON files against the catalogue's lint rules, and one scenario run on the
 embedded engine against its stored reference output, with the catalogue's comparison and tolerances.
 """
@@ -16,8 +16,8 @@ import pytest
 import rasterio
 from openeo.testing.results import assert_job_results_allclose
 
-from corsa import apex
-from corsa.processes import GRAPHS_DIR
+from corsa.openeo import apex
+from corsa.openeo.processes import GRAPHS_DIR
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "apex" / "schemas"
 SERVICE_IDS = [s.id for s in apex.SERVICES]
@@ -102,9 +102,9 @@ def test_every_service_has_a_record_and_a_scenario():
 def test_files_equal_what_corsa_apex_generates():
     generated = apex.generate()
     on_disk = {p for p in apex.CATALOG.rglob("*.json") if "reference" not in p.relative_to(apex.CATALOG).parts}
-    assert on_disk == set(generated), "stale or missing files: run python -m corsa.apex"
+    assert on_disk == set(generated), "stale or missing files: run python -m corsa.openeo.apex"
     for path, text in generated.items():
-        assert path.read_text() == text, f"{path} differs from what corsa.apex generates: run python -m corsa.apex"
+        assert path.read_text() == text, f"{path} differs from what corsa.openeo.apex generates: run python -m corsa.openeo.apex"
     assert apex.generate() == generated  # deterministic
 
 

@@ -23,11 +23,13 @@ from openeo.udf import UdfData, XarrayDataCube
 from openeo.udf.run_code import run_udf_code
 from rasterio.transform import Affine
 
-from corsa import cli, series, sources
-from corsa.codec import MODELS_DIR
-from corsa.datasets import LOADERS
-from corsa.processes import OVERLAP, UDF_CODE, UDF_TILE
-from corsa.scene import BANDS
+from corsa.app import cli
+from corsa.formats import series
+from corsa.formats import sources
+from corsa.codec.models import MODELS_DIR
+from corsa.formats.datasets import LOADERS
+from corsa.openeo.processes import OVERLAP, UDF_CODE, UDF_TILE
+from corsa.core.scene import BANDS
 
 from test_service import write_scene
 
@@ -205,8 +207,8 @@ def test_the_udf_fetches_a_model_by_url_as_the_services_default_does(place):
 def test_the_engine_hands_the_udf_driver_chunks(place, tmp_path, monkeypatch):
     """Each call of the published compress service's UDF: the code text the graph embeds, through
     run_udf_code, a chunk of 512 + 2 x overlap px in float32 with NaN beyond the scene."""
-    from corsa import engine
-    from corsa.sources import Catalogue
+    from corsa.openeo import engine
+    from corsa.formats.sources import Catalogue
 
     seen = []
     real = engine.run_udf_code
@@ -235,9 +237,9 @@ def test_the_engine_hands_the_udf_driver_chunks(place, tmp_path, monkeypatch):
 def test_a_job_with_a_wider_model_stores_every_channel(data_root, tmp_path):
     """corsa2_openeo_compress_s2 is built from corsa2.1's card (64 channels); run with corsa3.1
     (96), its latent file holds all 96 and packs to the CLI's product, bit for bit."""
-    from corsa import pack
-    from corsa.engine import Engine
-    from corsa.sources import Catalogue
+    from corsa.formats import job_files
+    from corsa.openeo.engine import Engine
+    from corsa.formats.sources import Catalogue
 
     s = next(LOADERS["majortom"](data_root))
     write_scene(tmp_path / "in.tif", s.data[:, 300:560, 200:500], Affine(*s.transform) * Affine.translation(200, 300),
@@ -250,7 +252,7 @@ def test_a_job_with_a_wider_model_stores_every_channel(data_root, tmp_path):
         udp, spatial_extent=None, temporal_extent=None, model=str(MODELS_DIR / MODEL), quality=stored.quality)
     with rasterio.open(tmp_path / "job" / f"corsa_latent_{s.date}.tif") as src:
         assert src.count == 97 and src.descriptions[-2:] == ("z95", "nodata")
-    pack.pack(tmp_path / "job", tmp_path / "product", MODEL, stored.quality)
+    job_files.pack(tmp_path / "job", tmp_path / "product", MODEL, stored.quality)
     np.testing.assert_array_equal(series.read_date(tmp_path / "product", s.date, codec).ints, stored.ints)
 
 

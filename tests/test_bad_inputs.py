@@ -19,11 +19,12 @@ import rasterio
 from rasterio.shutil import copy as gdal_copy
 from rasterio.transform import Affine
 
-from corsa import cli, product
-from corsa.codec import MODELS_DIR, sha256_file
-from corsa.datasets import LOADERS
-from corsa.metrics import psnr
-from corsa.scene import BANDS
+from corsa.app import cli
+from corsa.formats import product
+from corsa.codec.models import MODELS_DIR, sha256_file
+from corsa.formats.datasets import LOADERS
+from corsa.core.metrics import psnr
+from corsa.core.scene import BANDS
 from conftest import stored_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, product3
+from corsa.app import cli
+from corsa.formats import stream_format
 from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
 
 DATE = "2022-07-06"
@@ -35,8 +36,8 @@ def products(scene, tmp_path_factory):
 
 def test_blockwise_compress_writes_the_engines_bytes(products):
     (a,), (b,) = sorted((products / "blockwise").glob("*.corsa")), sorted((products / "engine").glob("*.corsa"))
-    assert a.name == b.name == product3.file_name(DATE)
-    assert len(product3.read_header(a.read_bytes(), a.name)["blocks"]) == 6
+    assert a.name == b.name == stream_format.file_name(DATE)
+    assert len(stream_format.read_header(a.read_bytes(), a.name)["blocks"]) == 6
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -57,13 +58,13 @@ def test_blockwise_decompress_of_several_dates_names_them(products, tmp_path):
     prod = Path(products / "blockwise")
     second = prod.parent / "two"
     second.mkdir()
-    data = (prod / product3.file_name(DATE)).read_bytes()
-    (second / product3.file_name(DATE)).write_bytes(data)
+    data = (prod / stream_format.file_name(DATE)).read_bytes()
+    (second / stream_format.file_name(DATE)).write_bytes(data)
     # a second date with the same integers, re-assembled under another date
-    h = product3.read_header(data, "x")
-    streams = [data[s:s + n] for s, n in product3.stream_offsets(h)]
-    mask = product3.read_mask(data, h, "x")
-    (second / product3.file_name("2022-07-11")).write_bytes(product3.assemble(
+    h = stream_format.read_header(data, "x")
+    streams = [data[s:s + n] for s, n in stream_format.stream_offsets(h)]
+    mask = stream_format.read_mask(data, h, "x")
+    (second / stream_format.file_name("2022-07-11")).write_bytes(stream_format.assemble(
         streams, mask, h["quality"], h["transform"], h["crs"], "2022-07-11", h["model_id"],
         h["sha_prefix"] + "0" * 56))
     assert cli.main(["decompress", str(second), "-o", str(tmp_path / "one.tif")]) == 2

@@ -1,4 +1,4 @@
-"""STAC for what corsa writes (corsa.catalog) on a real WorldStrat test series: the product's
+"""STAC for what corsa writes (corsa.formats.stac_catalog) on a real WorldStrat test series: the product's
 Collection and Items read with pystac, their assets exist, load_stac of the Collection on the
 embedded engine gives the product's cube (its decode equals the product's), a product found through
 an Item decodes, decoded files carry an Item of their own; and corsa info --json says the same."""
@@ -10,10 +10,11 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, product3
-from corsa.datasets import LOADERS, revisit_series
-from corsa.engine import Engine
-from corsa.sources import Catalogue
+from corsa.app import cli
+from corsa.formats import stream_format
+from corsa.formats.datasets import LOADERS, revisit_series
+from corsa.openeo.engine import Engine
+from corsa.formats.sources import Catalogue
 from test_service import write_scene
 
 AREA = "Landcover-31746"
@@ -48,7 +49,7 @@ def test_the_product_has_a_collection_of_items(prod, capsys):
         asset = item.assets["product"]
         assert "corsa-product" in asset.roles
         path = asset.get_absolute_href()
-        assert path.endswith(product3.file_name(record["date"])) and (out / record["files"][0]).stat().st_size == record["bytes"]
+        assert path.endswith(stream_format.file_name(record["date"])) and (out / record["files"][0]).stat().st_size == record["bytes"]
         assert item.properties["corsa:cf"] == pytest.approx(record["cf"], rel=1e-3)
         assert item.properties["proj:shape"] == record["shape"] and item.properties["corsa:quality"] == 3
         west, south, east, north = item.bbox

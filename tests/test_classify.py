@@ -9,13 +9,15 @@ import xarray as xr
 from rasterio.transform import Affine
 
 import corsa_udf
-from corsa import cli, product, series
-from corsa.classmap import Classifier
-from corsa.codec import DEFAULT_MODEL, ModelError, OnnxCodec, VariableRateCodec
-from corsa.engine import Engine
-from corsa.processes import GRAPHS_DIR
-from corsa.sources import Catalogue
-from corsa.datasets import LOADERS
+from corsa.app import cli
+from corsa.formats import product
+from corsa.formats import series
+from corsa.blocks.classmap import Classifier
+from corsa.codec.models import DEFAULT_MODEL, ModelError, OnnxCodec, VariableRateCodec
+from corsa.openeo.engine import Engine
+from corsa.openeo.processes import GRAPHS_DIR
+from corsa.formats.sources import Catalogue
+from corsa.formats.datasets import LOADERS
 from training.classify import BandClassifier, FeatureClassifier
 from training.scl_labels import CLASSES, mean_grid20, merge_scl, to_grid20
 

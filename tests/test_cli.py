@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from rasterio.transform import Affine
 
-from corsa import cli
-from corsa.codec import DEFAULT_MODEL
-from corsa.datasets import LOADERS
+from corsa.app import cli
+from corsa.codec.models import DEFAULT_MODEL
+from corsa.formats.datasets import LOADERS
 from test_service import write_scene
 
 
@@ -49,7 +49,7 @@ def scene_file(data_root, tmp_path_factory):
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corsa.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "corsa.app.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_progress_lines_and_quiet_and_no_warnings(scene_file, tmp_path):
@@ -71,8 +71,9 @@ def test_one_default_model_the_one_with_the_best_gain(tmp_path, data_root, capsy
     classical codecs, and `corsa compress` without --model writes its product."""
     import json
 
-    from corsa import product3, series
-    from corsa.codec import DEFAULT_MODEL
+    from corsa.formats import stream_format
+    from corsa.formats import series
+    from corsa.codec.models import DEFAULT_MODEL
 
     assert cli.main(["models", "--json"]) == 0
     models = json.loads(capsys.readouterr().out)["models"]
@@ -82,7 +83,7 @@ def test_one_default_model_the_one_with_the_best_gain(tmp_path, data_root, capsy
     s = next(LOADERS["bigearthnet"](data_root))
     write_scene(tmp_path / "in.tif", s.data, Affine(*s.transform), s.crs, s.date)
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "-q"]) == 0
-    [date] = product3.dates_in(tmp_path / "prod")
+    [date] = stream_format.dates_in(tmp_path / "prod")
     assert series.header(tmp_path / "prod", date)[1]["model_id"] == DEFAULT_MODEL
 
 

@@ -10,8 +10,9 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, cluster
-from corsa.datasets import LOADERS, revisit_series
+from corsa.app import cli
+from corsa.core import cluster
+from corsa.formats.datasets import LOADERS, revisit_series
 from conftest import stored_files
 from test_service import write_scene
 
@@ -62,8 +63,8 @@ def test_compress_decompress_classify_reduce_on_the_cluster(scheduler, scene_fil
 def test_classes_block_by_block_are_the_services(scene_file, tmp_path):
     """The CLI classifies a product block by block; the classify service on the engine (its UDF on
     apply_neighborhood's chunks) gives the same classes over the 2 x 2 blocks."""
-    from corsa.engine import Engine
-    from corsa.sources import Catalogue
+    from corsa.openeo.engine import Engine
+    from corsa.formats.sources import Catalogue
 
     assert cli.main(["compress", str(scene_file), "-o", str(tmp_path / "p")]) == 0
     assert cli.main(["classify", str(tmp_path / "p"), "-o", str(tmp_path / "c.tif")]) == 0
@@ -114,9 +115,9 @@ def test_what_is_sent_to_the_cluster_stays_small(scheduler, scene_file, monkeypa
         return real(self, fn, items)
 
     monkeypatch.setattr(cluster.Cluster, "map", counting)
-    from corsa.blockwise import compress
-    from corsa.codec import DEFAULT_MODEL, VariableRateCodec
-    from corsa.sources import Catalogue
+    from corsa.blocks.blockwise import compress
+    from corsa.codec.models import DEFAULT_MODEL, VariableRateCodec
+    from corsa.formats.sources import Catalogue
     cube = Catalogue({"S2": scene_file}).load("S2", None, None, None, None)
     with cluster.runner(scheduler) as run:
         compress(cube, VariableRateCodec(DEFAULT_MODEL), 4, tmp_path / "p", run=run)

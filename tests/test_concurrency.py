@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from rasterio.transform import Affine
 
-from corsa.datasets import LOADERS, revisit_series
+from corsa.formats.datasets import LOADERS, revisit_series
 from test_service import write_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _corsa(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corsa.cli", *args, "-q"], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "corsa.app.cli", *args, "-q"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
 
 
@@ -32,7 +32,7 @@ def dates(data_root, tmp_path_factory):
 
 def test_a_second_writer_is_refused_while_the_first_writes(dates, tmp_path):
     out = tmp_path / "p"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom corsa.files import product_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom corsa.core.files import product_lock\n"
                                f"with product_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -52,9 +52,9 @@ def test_a_second_writer_is_refused_while_the_first_writes(dates, tmp_path):
 def test_a_reader_sees_only_complete_dates_while_dates_are_appended(dates, tmp_path):
     out = tmp_path / "series"
     assert _corsa("compress", str(dates[0]), "-o", str(out), "--model", "corsa3").returncode == 0
-    script = "".join(f"corsa.cli.main(['compress', {str(d)!r}, '-o', {str(out)!r}, '--model', 'corsa3', '--append', '-q'])\n"
+    script = "".join(f"corsa.app.cli.main(['compress', {str(d)!r}, '-o', {str(out)!r}, '--model', 'corsa3', '--append', '-q'])\n"
                      for d in dates[1:])
-    writer = subprocess.Popen([sys.executable, "-c", "import corsa.cli\n" + script], cwd=ROOT)
+    writer = subprocess.Popen([sys.executable, "-c", "import corsa.app.cli\n" + script], cwd=ROOT)
     seen, reads = set(), 0
     try:
         while writer.poll() is None or reads < 2:

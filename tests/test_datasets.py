@@ -4,8 +4,8 @@ import json
 import numpy as np
 import rasterio
 
-from corsa.datasets import LOADERS, load_split
-from corsa.scene import BANDS, baseline_offset, remove_offset
+from corsa.formats.datasets import LOADERS, load_split
+from corsa.core.scene import BANDS, baseline_offset, remove_offset
 
 from conftest import SPLIT_FILE
 

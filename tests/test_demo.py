@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import rasterio
 
-from corsa import demo
-from corsa.codec import DEFAULT_MODEL
-from corsa.datasets import LOADERS
-from corsa.load import InputError, read_geotiff
-from corsa.scene import BANDS
+from corsa.app import demo
+from corsa.codec.models import DEFAULT_MODEL
+from corsa.formats.datasets import LOADERS
+from corsa.formats.load import InputError, read_geotiff
+from corsa.core.scene import BANDS
 from conftest import stored_files
 
 

@@ -6,8 +6,10 @@ from openeo.udf import UdfData
 import pytest
 from rasterio.transform import Affine
 
-from corsa import blockwise, cli, engine
-from corsa.datasets import LOADERS
+from corsa.blocks import blockwise
+from corsa.app import cli
+from corsa.openeo import engine
+from corsa.formats.datasets import LOADERS
 
 from test_bad_inputs import write_tif
 from conftest import stored_files

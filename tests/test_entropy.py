@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from corsa.codec import OnnxCodec
-from corsa.datasets import LOADERS
-from corsa.entropy import EntropyModel, StreamError, pack_fixed
+from corsa.codec.models import OnnxCodec
+from corsa.formats.datasets import LOADERS
+from corsa.codec.index_coder import EntropyModel, StreamError, pack_fixed
 
 
 @pytest.fixture(scope="module")

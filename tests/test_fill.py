@@ -9,9 +9,9 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli
-from corsa.datasets import LOADERS, revisit_series
-from corsa.metrics import psnr
+from corsa.app import cli
+from corsa.formats.datasets import LOADERS, revisit_series
+from corsa.core.metrics import psnr
 from test_service import write_scene
 from conftest import stored_files
 

@@ -11,7 +11,7 @@ import pytest
 from rasterio.transform import Affine
 
 from benchmarks import fuzz
-from corsa.datasets import LOADERS
+from corsa.formats.datasets import LOADERS
 
 # A fixed number of cases, not a time budget: a busy machine runs them slower, not fewer.
 CASES, SECONDS, SEED = 40, 300.0, 6

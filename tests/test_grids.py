@@ -12,9 +12,9 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from benchmarks.fuzz import _job_files
-from corsa import cli
-from corsa.datasets import LOADERS
-from corsa.scene import BANDS
+from corsa.app import cli
+from corsa.formats.datasets import LOADERS
+from corsa.core.scene import BANDS
 from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
 
 
@@ -80,7 +80,7 @@ def test_stac_round_trip_keeps_the_grid(data_root, tmp_path):
 
     import pystac
 
-    from corsa.stac import StacSource, item_from_files
+    from corsa.formats.stac_source import StacSource, item_from_files
 
     folder = next((data_root / "majortom_core_s2l2a").glob("*/*/S2*"))
     item = item_from_files(folder.name, datetime(2022, 7, 6, 8, 56), {b: folder / f"{b}.tif" for b in BANDS},

@@ -1,9 +1,11 @@
-"""The package's imports run one way: no module of corsa imports, at its top or inside a function, one
-that imports it back (directly or through others)."""
+"""The package's imports run one way: down the layers (app -> blocks -> openeo -> formats -> codec ->
+core), and no module of corsa imports, at its top or inside a function, one that imports it back
+(directly or through others)."""
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "client" / "corsa"
+LAYERS = ("core", "codec", "formats", "openeo", "blocks", "app")     # bottom to top
 
 
 def imports_of(path: Path) -> set[str]:
@@ -52,4 +54,12 @@ def test_no_import_circle():
 
 def test_the_graph_is_read():
     g = graph()
-    assert "corsa.codec" in g["corsa.cli"] and "corsa.cli" in g["corsa.demo"] and len(g) > 20
+    assert "corsa.codec.models" in g["corsa.app.cli"] and "corsa.app.cli" in g["corsa.app.demo"] and len(g) > 20
+
+
+def test_imports_run_down_the_layers():
+    g = graph()
+    assert {m.split(".")[1] for m in g if m.count(".") == 2} == set(LAYERS)
+    upward = [f"{m} -> {n}" for m, deps in g.items() if m.count(".") == 2 for n in deps
+              if LAYERS.index(n.split(".")[1]) > LAYERS.index(m.split(".")[1])]
+    assert not upward, "imports from a layer above: " + "; ".join(sorted(upward))

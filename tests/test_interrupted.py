@@ -8,8 +8,9 @@ import time
 import numpy as np
 from rasterio.transform import Affine
 
-from corsa import cli, product
-from corsa.datasets import LOADERS
+from corsa.app import cli
+from corsa.formats import product
+from corsa.formats.datasets import LOADERS
 
 from test_bad_inputs import DATE, write_tif
 from conftest import stored_files
@@ -22,7 +23,7 @@ def test_killed_compress_leaves_nothing_that_looks_finished(tmp_path, data_root,
     src = write_tif(tmp_path / "in.tif", data, Affine(*s.transform), s.crs)
     out = tmp_path / "prod"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([sys.executable, "-m", "corsa.cli", "compress", str(src), "-o", str(out), "--model", "corsa512"], env=env,
+    job = subprocess.Popen([sys.executable, "-m", "corsa.app.cli", "compress", str(src), "-o", str(out), "--model", "corsa512"], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list(out.glob("*.part")) and job.poll() is None and time.monotonic() < deadline:

@@ -11,11 +11,15 @@ import rasterio
 from rasterio.shutil import copy as gdal_copy
 from rasterio.transform import Affine
 
-from corsa import cli, jobs, pack, processes, product3
-from corsa.codec import OnnxCodec, VariableRateCodec, read_card
-from corsa.engine import Engine
-from corsa.local import EngineConnection
-from corsa.sources import Catalogue
+from corsa.app import cli
+from corsa.openeo import jobs
+from corsa.formats import job_files
+from corsa.openeo import processes
+from corsa.formats import stream_format
+from corsa.codec.models import OnnxCodec, VariableRateCodec, read_card
+from corsa.openeo.engine import Engine
+from corsa.openeo.local import EngineConnection
+from corsa.formats.sources import Catalogue
 from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
 from conftest import stored_files
 
@@ -123,9 +127,9 @@ def test_downloaded_job_names_its_model_and_quality(downloaded, tmp_path):
     files, folder = downloaded
     shutil.copytree(folder, tmp_path / "dl")
     assert sorted(p.name for p in files) == [f"corsa_latent_{DATE}.tif", f"corsa_nodata_{DATE}.tif"]
-    assert pack.job_settings(tmp_path / "dl") == {"model": "corsa2", "quality": 2}
+    assert job_files.job_settings(tmp_path / "dl") == {"model": "corsa2", "quality": 2}
     assert cli.main(["pack", str(tmp_path / "dl"), "-o", str(tmp_path / "product")]) == 0
-    header = product3.read_header((tmp_path / "product" / product3.file_name(DATE)).read_bytes(), "x")
+    header = stream_format.read_header((tmp_path / "product" / stream_format.file_name(DATE)).read_bytes(), "x")
     assert header["quality"] == 2 and header["model_id"] == "corsa2"
     assert cli.main(["decompress", str(tmp_path / "dl"), "-o", str(tmp_path / "dec")]) == 0
     assert (tmp_path / "dec" / f"corsa_decoded_{DATE}.tif").is_file()
@@ -229,7 +233,7 @@ def test_job_json_is_kept_with_the_download_and_read_back(tmp_path):
     (tmp_path / "job.json").write_text(json.dumps({"process": {"process_graph": {
         "c": {"process_id": "corsa2_openeo_compress_s2", "namespace": "https://example.org/x.json",
               "arguments": {"model": "https://example.org/models/corsa2/", "quality": 5}, "result": True}}}}))
-    assert pack.job_settings(tmp_path) == {"model": "corsa2", "quality": 5}
+    assert job_files.job_settings(tmp_path) == {"model": "corsa2", "quality": 5}
 
 
 def test_a_failing_job_leaves_no_file(scene, tmp_path):

@@ -18,12 +18,12 @@ import rasterio
 import requests
 from rasterio.transform import Affine
 
-from corsa import jobs
-from corsa.codec import DEFAULT_MODEL, MODELS_URL, UNPACKED_MODELS, OnnxCodec, VariableRateCodec, read_card
-from corsa.datasets import LOADERS
-from corsa.local import EngineConnection
-from corsa.metrics import psnr
-from corsa.processes import GRAPHS_DIR, UDF_CODE
+from corsa.openeo import jobs
+from corsa.codec.models import DEFAULT_MODEL, MODELS_URL, UNPACKED_MODELS, OnnxCodec, VariableRateCodec, read_card
+from corsa.formats.datasets import LOADERS
+from corsa.openeo.local import EngineConnection
+from corsa.core.metrics import psnr
+from corsa.openeo.processes import GRAPHS_DIR, UDF_CODE
 from test_service import write_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,7 +410,7 @@ def test_command_line_publishes_and_explains_refusals(server, connection, capsys
 def test_model_archive_unpacks_where_the_udf_looks(tmp_path):
     import zipfile
 
-    from corsa.codec import model_dir
+    from corsa.codec.models import model_dir
 
     assert jobs.main(["archive", "-o", str(tmp_path / "corsa512.zip"), "--model", "corsa512"]) == 0
     with zipfile.ZipFile(tmp_path / "corsa512.zip") as z:

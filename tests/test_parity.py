@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from corsa.codec import OnnxCodec, VariableRateCodec
-from corsa.datasets import LOADERS
+from corsa.codec.models import OnnxCodec, VariableRateCodec
+from corsa.formats.datasets import LOADERS
 from training import export_rate
 from training.export import load_state
 from training.train import pad_to

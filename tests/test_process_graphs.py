@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from corsa.classmap import DEFAULT_CLASSIFIER
-from corsa.codec import DEFAULT_MODEL, MODELS_DIR, MODELS_URL, read_card
-from corsa.processes import GRAPHS_DIR, PROCESSES, RENDER_EXACT_SCALE, UDF_CODE, render
+from corsa.blocks.classmap import DEFAULT_CLASSIFIER
+from corsa.codec.models import DEFAULT_MODEL, MODELS_DIR, MODELS_URL, read_card
+from corsa.openeo.processes import GRAPHS_DIR, PROCESSES, RENDER_EXACT_SCALE, UDF_CODE, render
 
 FILES = sorted(GRAPHS_DIR.glob("*.json"))
 
@@ -17,7 +17,7 @@ def test_every_process_has_its_file_and_no_stray_files():
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 def test_file_equals_generated(path):
     assert path.read_text() == render(PROCESSES[path.stem]()), \
-        f"{path.name} is stale: run python -m corsa.processes"
+        f"{path.name} is stale: run python -m corsa.openeo.processes"
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])

@@ -2,8 +2,10 @@
 dates of the same place and grid) or --overwrite (the new product swapped in whole)."""
 from rasterio.transform import Affine
 
-from corsa import cli, product3, series
-from corsa.datasets import LOADERS
+from corsa.app import cli
+from corsa.formats import stream_format
+from corsa.formats import series
+from corsa.formats.datasets import LOADERS
 
 from conftest import stored_files
 from test_service import write_scene
@@ -38,7 +40,7 @@ def test_a_second_place_never_joins_a_product(tmp_path, data_root, capsys):
     # --overwrite: the new product replaces the old one whole, nothing left beside it
     assert cli.main(["compress", str(tmp_path / "b.tif"), "-o", str(prod), "--overwrite", "-q"]) == 0
     assert str(prod) in capsys.readouterr().out
-    assert product3.dates_in(prod) == ["2022-07-16"]
+    assert stream_format.dates_in(prod) == ["2022-07-16"]
     assert series.header(prod, "2022-07-16")[1]["shape"] == (200, 300)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif", "prod"]
     assert (prod / "collection.json").is_file() and not list(prod.glob(".*"))
@@ -47,10 +49,10 @@ def test_a_second_place_never_joins_a_product(tmp_path, data_root, capsys):
 
 
 def test_pack_into_a_product_needs_overwrite(tmp_path, data_root, capsys):
-    from corsa import processes
-    from corsa.codec import DEFAULT_MODEL, read_card
-    from corsa.engine import Engine
-    from corsa.sources import Catalogue
+    from corsa.openeo import processes
+    from corsa.codec.models import DEFAULT_MODEL, read_card
+    from corsa.openeo.engine import Engine
+    from corsa.formats.sources import Catalogue
 
     s = next(LOADERS["majortom"](data_root))
     write_scene(tmp_path / "a.tif", s.data[:, :200, :200], Affine(*s.transform), s.crs, "2022-07-06")

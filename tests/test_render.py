@@ -1,5 +1,5 @@
 """Rendering a compressed series off its stored dates and grid (corsa decompress --date / --scale /
---like, corsa.render) on a real WorldStrat test series: a date in between is a per-pixel blend of
+--like, corsa.blocks.render) on a real WorldStrat test series: a date in between is a per-pixel blend of
 the stored dates around it and the decompress UDP (dates) gives the same bytes; --scale and --like
 give the asked grid, the same pixels for the same grid, GDAL's average for coarser pixels; what
 cannot be rendered is refused by name with nothing written."""
@@ -13,10 +13,10 @@ from rasterio.warp import calculate_default_transform, reproject
 
 from rio_cogeo.cogeo import cog_validate
 
-from corsa import cli
-from corsa.scene import BANDS
-from corsa.datasets import LOADERS, revisit_series
-from corsa.metrics import psnr
+from corsa.app import cli
+from corsa.core.scene import BANDS
+from corsa.formats.datasets import LOADERS, revisit_series
+from corsa.core.metrics import psnr
 from test_service import write_scene
 
 MODEL = "corsa3.1"

@@ -1,4 +1,4 @@
-"""A time series of one place coded with references to earlier dates (corsa.series, format 4), on a
+"""A time series of one place coded with references to earlier dates (corsa.formats.series, format 4), on a
 real WorldStrat test area: smaller than its dates coded alone, every date decoded to exactly what
 it decodes to alone, one date decoded on its own, dates appended later giving the same bytes,
 key dates, and damage refused by name."""
@@ -10,9 +10,11 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, product3, series
-from corsa.datasets import LOADERS, revisit_series
-from corsa.sources import date_from_name
+from corsa.app import cli
+from corsa.formats import stream_format
+from corsa.formats import series
+from corsa.formats.datasets import LOADERS, revisit_series
+from corsa.formats.sources import date_from_name
 from test_service import write_scene
 from conftest import stored_files
 
@@ -58,9 +60,9 @@ def products(dates_folder):
 def test_series_is_smaller_and_decodes_like_its_dates_alone(products, tmp_path):
     alone, coded = products
     assert _size(alone) > 1.2 * _size(coded)
-    heads = [series.header(coded, d)[1] for d in product3.dates_in(coded)]
+    heads = [series.header(coded, d)[1] for d in stream_format.dates_in(coded)]
     assert not heads[0]["refs"] and all(h["refs"] for h in heads[1:])
-    assert (coded / product3.file_name(product3.dates_in(coded)[1])).read_bytes()[3] == product3.TEMPORAL_VERSION
+    assert (coded / stream_format.file_name(stream_format.dates_in(coded)[1])).read_bytes()[3] == stream_format.TEMPORAL_VERSION
     a, b = _decoded(alone, tmp_path / "a"), _decoded(coded, tmp_path / "b")
     assert a.keys() == b.keys() and len(a) == 8
     for name in a:
@@ -69,7 +71,7 @@ def test_series_is_smaller_and_decodes_like_its_dates_alone(products, tmp_path):
 
 def test_one_date_decodes_alone(products, tmp_path):
     _, coded = products
-    last = product3.dates_in(coded)[-1]
+    last = stream_format.dates_in(coded)[-1]
     (one,) = _decoded(coded, tmp_path / "one", "--date", last).values()
     (full,) = [v for k, v in _decoded(coded, tmp_path / "all").items() if last in k]
     np.testing.assert_array_equal(one, full)
@@ -97,7 +99,7 @@ def test_appended_dates_give_the_bytes_of_one_run(products, dates_folder, tmp_pa
 
 def test_key_dates_bound_the_dates_one_date_reads(dates_folder, tmp_path):
     _compress(dates_folder, tmp_path / "k3", "--key-every", "3")
-    dates = product3.dates_in(tmp_path / "k3")
+    dates = stream_format.dates_in(tmp_path / "k3")
     refs = [series.header(tmp_path / "k3", d)[1]["refs"] for d in dates]
     assert [i for i, r in enumerate(refs) if not r] == [0, 3, 6]
     assert all(set(r) <= set(dates[3 * (i // 3):i]) for i, r in enumerate(refs))
@@ -105,7 +107,7 @@ def test_key_dates_bound_the_dates_one_date_reads(dates_folder, tmp_path):
 
 def test_a_missing_or_damaged_reference_is_refused_by_name(products, tmp_path, capsys):
     coded = Path(shutil.copytree(products[1], tmp_path / "p"))
-    first = coded / product3.file_name(product3.dates_in(coded)[0])
+    first = coded / stream_format.file_name(stream_format.dates_in(coded)[0])
     data = bytearray(first.read_bytes())
     data[len(data) // 2] ^= 0xFF
     first.write_bytes(bytes(data))
@@ -142,9 +144,9 @@ def test_a_reduced_series_is_a_series_of_the_reduced_dates(products, tmp_path):
     alone, coded = products
     for src, out in ((alone, "alone2"), (coded, "series2")):
         assert cli.main(["reduce", str(src), "--quality", "2", "-o", str(tmp_path / out)]) == 0
-    heads = [series.header(tmp_path / "series2", d)[1] for d in product3.dates_in(tmp_path / "series2")]
+    heads = [series.header(tmp_path / "series2", d)[1] for d in stream_format.dates_in(tmp_path / "series2")]
     assert {h["quality"] for h in heads} == {2} and all(h["refs"] for h in heads[1:])
-    assert not any(series.header(tmp_path / "alone2", d)[1]["refs"] for d in product3.dates_in(tmp_path / "alone2"))
+    assert not any(series.header(tmp_path / "alone2", d)[1]["refs"] for d in stream_format.dates_in(tmp_path / "alone2"))
     assert _size(tmp_path / "alone2") > 1.2 * _size(tmp_path / "series2")
     a, b = _decoded(tmp_path / "alone2", tmp_path / "a"), _decoded(tmp_path / "series2", tmp_path / "b")
     assert a.keys() == b.keys() and len(a) == 8

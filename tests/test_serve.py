@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from browser import Browser, binary
-from corsa.codec import DEFAULT_MODEL
+from corsa.codec.models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 UDP = json.loads((ROOT / "process_graphs" / "corsa2_openeo_compress_s2.json").read_text())
@@ -20,7 +20,7 @@ UDP = json.loads((ROOT / "process_graphs" / "corsa2_openeo_compress_s2.json").re
 
 @pytest.fixture(scope="module")
 def server():
-    proc = subprocess.Popen([sys.executable, "-m", "corsa.cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "corsa.app.cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
                             text=True, cwd=ROOT)
     line = proc.stdout.readline()
     m = re.search(r"http://127\.0\.0\.1:\d+/", line)

@@ -7,11 +7,12 @@ import corsa_udf
 from rasterio.transform import Affine
 
 from benchmarks.seams import border_mask, seam_figures
-from corsa import cli, product
-from corsa.codec import OnnxCodec
-from corsa.datasets import LOADERS
-from corsa.metrics import psnr
-from corsa.scene import BANDS
+from corsa.app import cli
+from corsa.formats import product
+from corsa.codec.models import OnnxCodec
+from corsa.formats.datasets import LOADERS
+from corsa.core.metrics import psnr
+from corsa.core.scene import BANDS
 from conftest import stored_files
 
 
@@ -155,7 +156,7 @@ def test_stac_item_collection_loads_the_canonical_scene(tmp_path, data_root, maj
 
     import pystac
 
-    from corsa.stac import StacSource, item_from_files
+    from corsa.formats.stac_source import StacSource, item_from_files
 
     folder = next((data_root / "majortom_core_s2l2a").glob("*/*/S2*"))
     item = item_from_files(folder.name, datetime(2022, 7, 6, 8, 56), {b: folder / f"{b}.tif" for b in BANDS},

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import torch
 
-from corsa.codec import OnnxCodec
-from corsa.datasets import LOADERS
+from corsa.codec.models import OnnxCodec
+from corsa.formats.datasets import LOADERS
 from training.export import load_state
 from training.train import pad_to
 
@@ -59,8 +59,8 @@ TINY_RATE = ["--latent", "8", "--width", "16", "--width20", "8", "--blocks-enc",
 
 def test_variable_rate_train_resume_export(tmp_path, data_root):
     """corsa2's command: seeded, resumable; its export holds integer tables and matches torch."""
-    from corsa.codec import VariableRateCodec
-    from corsa.latent_coder import PRECISION
+    from corsa.codec.models import VariableRateCodec
+    from corsa.codec.latent_coder import PRECISION
     from training.export_rate import load_run
 
     runs = tmp_path / "runs"
@@ -94,8 +94,8 @@ def test_render_heads_train_export_and_render(tmp_path, data_root):
     ones they were exported with)."""
     import shutil
 
-    from corsa import cli
-    from corsa.datasets import revisit_series
+    from corsa.app import cli
+    from corsa.formats.datasets import revisit_series
     from rasterio.transform import Affine
     from test_service import write_scene
 

@@ -6,9 +6,9 @@ import sys
 from openeo.metadata import Band, BandDimension, CubeMetadata, SpatialDimension, TemporalDimension
 
 import corsa_udf
-from corsa.codec import MODELS_DIR
-from corsa.processes import UDF_CODE
-from corsa.scene import BANDS
+from corsa.codec.models import MODELS_DIR
+from corsa.openeo.processes import UDF_CODE
+from corsa.core.scene import BANDS
 
 PROBE = ("exec(compile(open({udf!r}).read(), '<udf>', 'exec'), {{}}); "
          "import corsa_probe_dependency; print(corsa_probe_dependency.ANSWER)")

@@ -42,7 +42,7 @@ print(mapped, rss_mib() - before)
 
 def probe(mode: str) -> tuple[int, int]:
     """(MiB of the 8 MiB block that glibc mmapped, MiB of RSS kept after it was freed)."""
-    from corsa.codec import MODELS_DIR
+    from corsa.codec.models import MODELS_DIR
 
     code = PROBE.format(model=MODELS_DIR / "corsa512" / "decoder.onnx")
     # glibc's defaults: a dask LocalCluster started earlier in this process put MALLOC_TRIM_THRESHOLD_

@@ -12,7 +12,7 @@ import jsonschema
 import openeo_processes_dask
 import pytest
 
-from corsa.jobs import udps
+from corsa.openeo.jobs import udps
 
 SPECS = Path(openeo_processes_dask.__file__).parent / "specs" / "openeo-processes"
 # (one shipped spec file, missing-processes/export_collection.json, is empty)

@@ -10,12 +10,13 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa import cli, product3
-from corsa.codec import VariableRateCodec
-from corsa.datasets import LOADERS
-from corsa.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, ESC, M, PRECISION, StreamError, _Layout,
+from corsa.app import cli
+from corsa.formats import stream_format
+from corsa.codec.models import VariableRateCodec
+from corsa.formats.datasets import LOADERS
+from corsa.codec.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, ESC, M, PRECISION, StreamError, _Layout,
                                 _contexts, _magnitude, symbols)
-from corsa.metrics import psnr
+from corsa.core.metrics import psnr
 
 from test_bad_inputs import write_tif
 from conftest import stored_files
@@ -146,7 +147,7 @@ def test_cli_round_trip_small_scene_header_and_nodata(tmp_path, crop, codec):
     rc, _ = _compress(tmp_path, crop, "prod", "--quality", str(codec.qualities[-2]))
     assert rc == 0
     (path,) = stored_files(tmp_path / "prod")
-    h = product3.read_header(path.read_bytes(), path.name)
+    h = stream_format.read_header(path.read_bytes(), path.name)
     overhead = path.stat().st_size - sum(h["lengths"])
     assert overhead <= 0.05 * path.stat().st_size, (overhead, path.stat().st_size)   # headers cost <= 5% of CF
     assert h["quality"] == codec.qualities[-2] and h["shape"] == crop.data.shape[1:]
@@ -166,9 +167,9 @@ def test_reduce_matches_compressing_at_the_lower_quality(tmp_path, crop, codec):
     assert _compress(tmp_path, crop, "hi", "--quality", str(hi))[0] == 0
     assert _compress(tmp_path, crop, "lo", "--quality", str(lo))[0] == 0
     assert cli.main(["reduce", str(tmp_path / "hi"), "--quality", str(lo), "-o", str(tmp_path / "reduced")]) == 0
-    date = product3.dates_in(tmp_path / "lo")[0]
-    direct = product3.read_date(tmp_path / "lo", date, codec.coder, codec.level)
-    reduced = product3.read_date(tmp_path / "reduced", date, codec.coder, codec.level)
+    date = stream_format.dates_in(tmp_path / "lo")[0]
+    direct = stream_format.read_date(tmp_path / "lo", date, codec.coder, codec.level)
+    reduced = stream_format.read_date(tmp_path / "reduced", date, codec.coder, codec.level)
     assert reduced.quality == lo and reduced.shape == direct.shape
     differ = float(np.mean(reduced.ints != direct.ints))
     assert differ < 0.02, differ                        # the measured difference (BENCHMARKS.md) is far below
@@ -178,7 +179,7 @@ def test_reduce_matches_compressing_at_the_lower_quality(tmp_path, crop, codec):
     # Requantising the decoded latent is not the source's rounding: a measured, small difference
     # either way (BENCHMARKS.md, "Reducing a product"), not a worse product.
     assert psnr(crop.data[:, valid], b[:, valid]) > psnr(crop.data[:, valid], a[:, valid]) - 0.5
-    size = {k: (tmp_path / k / product3.file_name(date)).stat().st_size for k in ("lo", "reduced")}
+    size = {k: (tmp_path / k / stream_format.file_name(date)).stat().st_size for k in ("lo", "reduced")}
     assert abs(size["reduced"] / size["lo"] - 1) < 0.1, size
     assert cli.main(["reduce", str(tmp_path / "lo"), "--quality", str(hi), "-o", str(tmp_path / "up")]) == 2
 
@@ -220,8 +221,8 @@ def test_headers_cost_under_5_percent_on_a_120_px_patch_at_the_lowest_quality(co
     georeferenced) at quality 1, where the whole file is about 1.2 kB."""
     s = next(LOADERS["bigearthnet"](data_root))
     q = codec.qualities[0]
-    data = product3.encode_date(codec.coder, codec.encode(s.data, q), codec.level(q), q, s.nodata_mask,
+    data = stream_format.encode_date(codec.coder, codec.encode(s.data, q), codec.level(q), q, s.nodata_mask,
                                 Affine(*s.transform), s.crs, s.date, codec.model_id, codec.card["files"]["decoder"]["sha256"])
-    h = product3.read_header(data, "patch")
+    h = stream_format.read_header(data, "patch")
     assert len(data) - sum(h["lengths"]) <= 0.05 * len(data), (len(data), sum(h["lengths"]))
     assert (h["transform"], h["crs"], h["date"], h["shape"]) == (Affine(*s.transform), s.crs, s.date, s.data.shape[1:])

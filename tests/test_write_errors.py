@@ -15,7 +15,7 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from corsa.datasets import LOADERS, revisit_series
+from corsa.formats.datasets import LOADERS, revisit_series
 from test_service import write_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def _limited(size: int):
 
 
 def _corsa(*args: str, limit: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corsa.cli", *args, "-q"], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "corsa.app.cli", *args, "-q"], capture_output=True, text=True, cwd=ROOT,
                           preexec_fn=_limited(limit) if limit else None, timeout=300, env={**os.environ, **(env or {})})
 
 

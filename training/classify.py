@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from corsa.codec import OnnxCodec, VariableRateCodec, read_card, sha256_file
-from corsa.datasets import default_data_root, load_worldstrat
+from corsa.codec.models import OnnxCodec, VariableRateCodec, read_card, sha256_file
+from corsa.formats.datasets import default_data_root, load_worldstrat
 
 from . import landcover_labels
 from .scl_labels import CLASSES, mean_grid20, merge_scl, to_grid20
@@ -73,64 +73,68 @@ def _inputs(codec, scene) -> dict:
     return {"f0": f0.astype(np.float16), "f1": f1.astype(np.float16)}
 
 
-def cache_scenes(codec_name: str, cache: Path) -> list[dict]:
-    """Every WorldStrat scene with an SCL file: codec inputs, 20 m band means and labels (cached
-    under ``cache``/<codec>, rebuilt when the codec's encoder changes)."""
-    cache = cache / codec_name
-    cache.mkdir(parents=True, exist_ok=True)
-    index_path = cache / "index.json"
+def _cached(codec_name: str, cache: Path, build) -> list[dict]:
+    """The index of the cache folder ``cache``/<codec>: its scenes' .npz files, made by
+    ``build(codec, folder)`` (which returns the index) and made again when the codec's encoder changes."""
+    folder = cache / codec_name
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / "index.json"
     codec = open_any(codec_name)
     encoder_sha = codec.card["files"]["encoder"]["sha256"]
     if index_path.is_file():
         cached = json.loads(index_path.read_text())
-        if isinstance(cached, dict) and cached.get("encoder_sha256") == encoder_sha:  # else rebuilt
+        if isinstance(cached, dict) and cached.get("encoder_sha256") == encoder_sha:
             return cached["scenes"]
-    index = []
-    for scene in load_worldstrat(default_data_root()):
-        scl_path = scene.extra.get("scl")
-        if not scl_path:
-            continue
-        with rasterio.open(scl_path) as src:
-            scl = src.read(1)
-        with rasterio.open(scl_path.replace("-SCL.tif", "-CLM.tif")) as src:
-            clm = src.read(1)
-        label = to_grid20(merge_scl(scl))
-        # A 20 m cell is cloudy in the CLM when at least 2 of its 4 pixels are.
-        clm20 = to_grid20(np.where(clm > 0, 5, 1).astype(np.uint8), min_votes=0) == 5
-        np.savez_compressed(cache / f"{scene.name}.npz", **_inputs(codec, scene), bands=mean_grid20(scene.data),
-                            label=label, clm=clm20)
-        index.append({"name": scene.name, "location": scene.location})
+    index = build(codec, folder)
     index_path.write_text(json.dumps({"encoder_sha256": encoder_sha, "scenes": index}, indent=1))
     return index
+
+
+def cache_scenes(codec_name: str, cache: Path) -> list[dict]:
+    """Every WorldStrat scene with an SCL file: codec inputs, 20 m band means and labels (cached
+    under ``cache``/<codec>)."""
+    def build(codec, folder: Path) -> list[dict]:
+        index = []
+        for scene in load_worldstrat(default_data_root()):
+            scl_path = scene.extra.get("scl")
+            if not scl_path:
+                continue
+            with rasterio.open(scl_path) as src:
+                scl = src.read(1)
+            with rasterio.open(scl_path.replace("-SCL.tif", "-CLM.tif")) as src:
+                clm = src.read(1)
+            label = to_grid20(merge_scl(scl))
+            # A 20 m cell is cloudy in the CLM when at least 2 of its 4 pixels are.
+            clm20 = to_grid20(np.where(clm > 0, 5, 1).astype(np.uint8), min_votes=0) == 5
+            np.savez_compressed(folder / f"{scene.name}.npz", **_inputs(codec, scene), bands=mean_grid20(scene.data),
+                                label=label, clm=clm20)
+            index.append({"name": scene.name, "location": scene.location})
+        return index
+
+    return _cached(codec_name, cache, build)
 
 
 def cache_landcover(codec_name: str, cache: Path) -> list[dict]:
     """Every land-cover place (training/landcover_labels.py): codec inputs computed on the whole
     scene it lies in, then cut to the place (cached as ``cache_scenes``)."""
-    cache = cache / codec_name
-    cache.mkdir(parents=True, exist_ok=True)
-    index_path = cache / "index.json"
-    codec = open_any(codec_name)
-    encoder_sha = codec.card["files"]["encoder"]["sha256"]
-    if index_path.is_file():
-        cached = json.loads(index_path.read_text())
-        if cached.get("encoder_sha256") == encoder_sha:
-            return cached["scenes"]
-    index, done = [], {}
-    values = tuple(v for v, *_ in landcover_labels.CLASSES)
-    for place in landcover_labels.places():
-        key = id(place["context"])
-        if key not in done:
-            done = {key: (_inputs(codec, SimpleNamespace(data=place["context"])), mean_grid20(place["context"]))}
-        inputs, bands = done[key]
-        rows, cols = place["window"]
-        cut = {k: v[:, _scaled(rows, 2 if k == "decoded" else 4), _scaled(cols, 2 if k == "decoded" else 4)]
-               for k, v in inputs.items()}
-        np.savez_compressed(cache / f"{place['name']}.npz", **cut, bands=bands[:, _scaled(rows, 2), _scaled(cols, 2)],
-                            label=to_grid20(place["label"], values=values))
-        index.append({k: place[k] for k in ("name", "location", "split", "source")})
-    index_path.write_text(json.dumps({"encoder_sha256": encoder_sha, "scenes": index}, indent=1))
-    return index
+    def build(codec, folder: Path) -> list[dict]:
+        index, done = [], {}
+        values = tuple(v for v, *_ in landcover_labels.CLASSES)
+        for place in landcover_labels.places():
+            key = id(place["context"])
+            if key not in done:
+                done = {key: (_inputs(codec, SimpleNamespace(data=place["context"])), mean_grid20(place["context"]))}
+            inputs, bands = done[key]
+            rows, cols = place["window"]
+            cut = {k: v[:, _scaled(rows, 2 if k == "decoded" else 4), _scaled(cols, 2 if k == "decoded" else 4)]
+                   for k, v in inputs.items()}
+            np.savez_compressed(folder / f"{place['name']}.npz", **cut,
+                                bands=bands[:, _scaled(rows, 2), _scaled(cols, 2)],
+                                label=to_grid20(place["label"], values=values))
+            index.append({k: place[k] for k in ("name", "location", "split", "source")})
+        return index
+
+    return _cached(codec_name, cache, build)
 
 
 def _scaled(s: slice, factor: int) -> slice:

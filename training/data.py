@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from corsa.scene import Scene
+from corsa.core.scene import Scene
 
 
 @dataclass

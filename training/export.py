@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from corsa.codec import OnnxCodec, sha256_file
-from corsa.entropy import FILE_NAME as ENTROPY_FILE, EntropyModel
-from corsa.datasets import load_split
-from corsa.metrics import compression_factor, psnr
-from corsa.scene import BANDS, RAW_BITS_PER_PIXEL
+from corsa.codec.models import OnnxCodec, sha256_file
+from corsa.codec.index_coder import FILE_NAME as ENTROPY_FILE, EntropyModel
+from corsa.formats.datasets import load_split
+from corsa.core.metrics import compression_factor, psnr
+from corsa.core.scene import BANDS, RAW_BITS_PER_PIXEL
 
 from .model import Codec, CodecConfig, parameter_count
 from .train import SPLIT_FILE, build_model
@@ -59,20 +59,21 @@ def stored_layer(name: str, bands: list[str], stride: int) -> dict:
 
 NODATA_LAYER = stored_layer("nodata", ["nodata"], 1)
 
-def _from_checkpoint(ckpt: dict) -> Codec:
-    model = build_model(CodecConfig(**ckpt["config"]), BandStats(**ckpt["stats"]))
+def restore(ckpt: dict, config=CodecConfig, build=build_model) -> nn.Module:
+    """A model of the family ``config`` / ``build`` from a checkpoint or torch_state.pt, in eval mode."""
+    model = build(config(**ckpt["config"]), BandStats(**ckpt["stats"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
 
-def load_run(run: Path, which: str = "best.pt") -> tuple[Codec, dict]:
+def load_run(run: Path, which: str = "best.pt", config=CodecConfig, build=build_model) -> tuple[nn.Module, dict]:
     ckpt = torch.load(run / which, weights_only=False)
-    return _from_checkpoint(ckpt), ckpt
+    return restore(ckpt, config, build), ckpt
 
 
-def load_state(path: Path) -> Codec:
+def load_state(path: Path, config=CodecConfig, build=build_model) -> nn.Module:
     """The torch model saved beside an export (torch_state.pt), for parity checks and fine-tuning."""
-    return _from_checkpoint(torch.load(path, weights_only=True))
+    return restore(torch.load(path, weights_only=True), config, build)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],

@@ -2,7 +2,7 @@
 
     python -m training.export_rate --run runs/corsa2 --name corsa2
 
-The latent tables (``corsa.latent_coder``: integer frequencies per quality level, context and
+The latent tables (``corsa.codec.latent_coder``: integer frequencies per quality level, context and
 channel) are counted on the train split's latents as the exported encoder computes them. The card
 records bands, scaling, latent grid, quality levels with their gains' lambdas, receptive field,
 training command and time, and per-level test figures measured on the exported files: CF from the
@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from corsa import product3
-from corsa.codec import VariableRateCodec
-from corsa.datasets import load_split
-from corsa.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, context_counts
-from corsa.metrics import compression_factor, psnr
-from corsa.scene import BANDS, Scene
+from corsa.formats import stream_format
+from corsa.codec.models import VariableRateCodec
+from corsa.formats.datasets import load_split
+from corsa.codec.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, context_counts
+from corsa.core.metrics import compression_factor, psnr
+from corsa.core.scene import BANDS, Scene
 
-from .data import BandStats
+from . import export as base_export
 from .export import NODATA_LAYER, OPSET, _args_cli, _record_files, input_spec, stored_layer
 from .model import parameter_count
 from .rate_model import RateCodec, RateConfig
@@ -53,20 +53,13 @@ class _Decoder(_Encoder):
         return self.codec.synthesis(latent)
 
 
-def _from_checkpoint(ckpt: dict) -> RateCodec:
-    model = build_model(RateConfig(**ckpt["config"]), BandStats(**ckpt["stats"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
-
-
 def load_run(run: Path, which: str = "best.pt") -> tuple[RateCodec, dict]:
-    ckpt = torch.load(run / which, weights_only=False)
-    return _from_checkpoint(ckpt), ckpt
+    return base_export.load_run(run, which, RateConfig, build_model)
 
 
 def load_state(path: Path) -> RateCodec:
     """The torch model saved beside an export (torch_state.pt), for parity checks and fine-tuning."""
-    return _from_checkpoint(torch.load(path, weights_only=True))
+    return base_export.load_state(path, RateConfig, build_model)
 
 
 def _reach(grad: torch.Tensor, centre: int, scale: int) -> int:
@@ -108,7 +101,7 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
         rows = defaultdict(list)
         for s, y in zip(scenes, latents):
             ints = codec.quantise(y, q)
-            data = product3.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, None, s.crs,
+            data = stream_format.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, None, s.crs,
                                         s.date or "undated", codec.model_id,
                                         codec.card["files"]["decoder"]["sha256"])
             rec = codec.decode(ints, q, shape=s.data.shape[1:])
@@ -166,7 +159,7 @@ def export(run: Path, name: str, out_root: Path, description: str, notes: str = 
         "output": {"dtype": "float32", "units": "DN (round and clip to uint16)"},
         "latent": {"stride": cfg.stride, "resolution_m": 10 * cfg.stride, "channels": cfg.latent,
                    "quantiser": "ints = round(y * gain[level]), clipped to int16; decoder input ints * inv_gain[level]",
-                   "coder": "corsa.latent_coder: checkerboard contexts, integer tables (sum 2**16), range coder"},
+                   "coder": "corsa.codec.latent_coder: checkerboard contexts, integer tables (sum 2**16), range coder"},
         "layers": [stored_layer("latent", [f"z{i:02d}" for i in range(cfg.latent)], cfg.stride), NODATA_LAYER],
         "qualities": [{"quality": i + 1, "lambda": lam} for i, lam in enumerate(cfg.lambdas)],
         "default_quality": default_quality or cfg.levels // 2 + 1,

@@ -1,4 +1,4 @@
-"""Fit a variable-rate model's temporal tables (``corsa.latent_coder``, ``corsa.series``) on the
+"""Fit a variable-rate model's temporal tables (``corsa.codec.latent_coder``, ``corsa.formats.series``) on the
 revisit series of the train split, and add them to the model's folder and card.
 
     python -m training.fit_temporal --model corsa3
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from corsa import series
-from corsa.codec import VariableRateCodec, model_dir
-from corsa.datasets import load_split, revisit_series
-from corsa.latent_coder import REF_BUCKETS, CONTEXTS, ALPHABET, TEMPORAL_FILE_NAME, LatentCoder, context_counts
+from corsa.formats import series
+from corsa.codec.models import VariableRateCodec, model_dir
+from corsa.formats.datasets import load_split, revisit_series
+from corsa.codec.latent_coder import REF_BUCKETS, CONTEXTS, ALPHABET, TEMPORAL_FILE_NAME, LatentCoder, context_counts
 
 from .export import _record_files
 from .export_rate import card_markdown
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> Path:
     card = json.loads(card_path.read_text())
     _record_files(card, folder, {"temporal_model": TEMPORAL_FILE_NAME})
     card["temporal"] = {
-        "coder": "corsa.series: a key date every key_every dates coded alone; the others with references to earlier "
-                 "dates of their group, chosen per sub-block of 32 x 32 latent cells; corsa.latent_coder temporal tables",
+        "coder": "corsa.formats.series: a key date every key_every dates coded alone; the others with references to earlier "
+                 "dates of their group, chosen per sub-block of 32 x 32 latent cells; corsa.codec.latent_coder temporal tables",
         "key_every": series.KEY_EVERY, "fitted_on": f"train split revisit series: {about}",
         "fit_seconds": round(time.time() - t0, 1)}
     card_path.write_text(json.dumps(card, indent=1))

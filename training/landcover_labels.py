@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from corsa.datasets import default_data_root, load_bigearthnet_v1, load_configilm, load_terramesh
+from corsa.formats.datasets import default_data_root, load_bigearthnet_v1, load_configilm, load_terramesh
 
 # value, name, the CORINE level-3 codes mapped onto it, colour (RGB): Impact Observatory's palette
 CLASSES = (

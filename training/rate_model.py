@@ -8,7 +8,7 @@ quantiser, per quality level q: ``round(y * gain[q])`` (integers, what the produ
 decoder: latent -> residual conv net at 40 m -> pixel shuffle to 20 m -> light conv -> 10 m.
 rate during training: each (level, channel) has a Laplace prior; the loss is
   lambda[q] * MSE / var(DN) + bits per pixel, with a random level per crop. At run time a counted,
-  integer context model codes the ints (``corsa.latent_coder``), never this float prior.
+  integer context model codes the ints (``corsa.codec.latent_coder``), never this float prior.
 """
 from __future__ import annotations
 

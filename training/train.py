@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from corsa.datasets import load_split
-from corsa.metrics import psnr
-from corsa.scene import Scene
+from corsa.formats.datasets import load_split
+from corsa.core.metrics import psnr
+from corsa.core.scene import Scene
 
 from .data import BandStats, CropSampler, fit_band_stats
 from .model import Codec, CodecConfig, InputTransform, parameter_count

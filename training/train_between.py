@@ -1,4 +1,4 @@
-"""Train and export the time head of a variable-rate model (``between.onnx``, ``corsa.render``): a
+"""Train and export the time head of a variable-rate model (``between.onnx``, ``corsa.blocks.render``): a
 date between a series' stored dates rendered from the decodes of the dates around it.
 
     python -m training.train_between --model corsa3.1 --steps 3000   # seeded; writes models_onnx/corsa3.1/between.onnx
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from corsa.codec import VariableRateCodec, model_dir
-from corsa.datasets import cloud_fraction, load_split, revisit_series
-from corsa.metrics import psnr
+from corsa.codec.models import VariableRateCodec, model_dir
+from corsa.formats.datasets import cloud_fraction, load_split, revisit_series
+from corsa.core.metrics import psnr
 
 from . import heads
 from .export import OPSET

@@ -1,4 +1,4 @@
-"""Train and export the space head of a variable-rate model (``render.onnx``, ``corsa.render``): a
+"""Train and export the space head of a variable-rate model (``render.onnx``, ``corsa.blocks.render``): a
 decoded date queried at any point and pixel size, LIIF-style.
 
     python -m training.train_render --model corsa3 --steps 3000     # seeded; writes models_onnx/corsa3/render.onnx
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corsa.codec import VariableRateCodec, model_dir
-from corsa.datasets import load_split
-from corsa.metrics import psnr
+from corsa.codec.models import VariableRateCodec, model_dir
+from corsa.formats.datasets import load_split
+from corsa.core.metrics import psnr
 
 from .data import CropSampler
 from . import heads

@@ -1,0 +1,1 @@
+"""The applications: the command line, the demo, the local no-code page."""

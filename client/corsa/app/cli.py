@@ -1,0 +1,671 @@
+"""The ``corsa`` command line: the published process graphs, run on the embedded engine. Variable-rate models (corsa2 onward) compress and decompress
+through ``corsa.blocks.blockwise`` instead: the UDF's functions on the services' own chunks, without
+the engine around them (the same bytes; --engine runs the graphs), on two local threads or, with
+--scheduler, on the workers of a dask cluster (``corsa.core.cluster``).
+
+    corsa compress scene.tif -o product/            # a 10-band GeoTIFF or an openEO NetCDF cube
+    corsa compress scene.tif -o product/ --model corsa2 --quality 6   # a variable-rate model at a quality level
+    corsa compress --stac https://earth-search.aws.element84.com/v1 --bbox ... --dates ... -o product/
+    corsa decompress product/ -o decoded.tif        # --clear: cloud and cloud-shadow pixels set to 0
+    corsa pack job_results/ -o product/             # a compress job's downloaded GeoTIFFs -> the product
+    corsa decompress job_results/ -o decoded/       # or decode those files directly
+    corsa classify product/ -o classes.tif          # scene classes on the 20 m grid, without decoding
+    corsa reduce product/ --quality 3 -o smaller/   # a lower quality without the source
+    corsa info product/
+    corsa models [--json]                           # the shipped models, their quality levels and test figures
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+
+from corsa.blocks import blockwise
+from corsa.formats import stac_catalog
+from corsa.core import cluster
+from corsa.formats import job_files
+from corsa.openeo import processes
+from corsa.formats import product
+from corsa.formats import stream_format
+from corsa.core import progress
+from corsa.blocks import render
+from corsa.formats import results
+from corsa.formats import series
+from corsa.blocks.classmap import CLASS_SETS, scene_classes, write_classes
+from corsa.codec.models import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
+from corsa.core.files import WriteError, exchange, product_lock
+from corsa.core.metrics import compression_factor
+from corsa.core.scene import BANDS
+from corsa.formats.sources import Catalogue, SourceError
+from corsa.formats.stac_source import StacSource
+
+COLLECTION = "SENTINEL2_L2A"
+OVERVIEW = """Compress Sentinel-2 L2A scenes (10 bands) with a learned codec, and decode, classify or reduce the
+compressed products, on this machine or a dask cluster; the same services run on openEO back ends.
+
+  corsa compress scene.tif -o product/             a GeoTIFF, a folder of dated GeoTIFFs (a time series),
+                                                   an openEO NetCDF cube, or --stac URL
+  corsa compress scene.tif -o product/ --quality 6 higher is better and larger (corsa models lists the levels)
+  corsa decompress product/ -o decoded.tif         10-band GeoTIFF on the input's grid (--date, --fill, --clear)
+  corsa classify product/ -o classes.tif           scene classes (--classes landcover: land cover), no decoding
+  corsa reduce product/ --quality 3 -o smaller/    a lower quality without the source scene
+  corsa pack job_results/ -o product/              a back end's compress job download -> a product
+  corsa info product/                              dates, grids, quality, compression factor
+  corsa models                                     the shipped models, their quality levels and figures
+  corsa serve                                      a local web page to run a compress job from a form
+
+Add --scheduler tcp://HOST:PORT to run on a dask cluster; corsa COMMAND --help for each command's options.
+"""
+QUALITY_HELP = {
+    "compress": "quality level of a variable-rate model, higher is better and larger (default: the model's default; "
+                "corsa models lists the levels)",
+    "reduce": "the lower quality level to bring the product to",
+    "pack": "the quality level the compress job used (default: from its job.json)",
+    "decompress": "for a compress job's downloaded files only: the quality level the job used (default: from its "
+                  "job.json); a product records its own",
+}
+
+
+def _bbox(text: str) -> dict:
+    """A --bbox: west,south,east,north[,EPSG code], west < east and south < north."""
+    parts = text.split(",")
+    try:
+        west, south, east, north = (float(v) for v in parts[:4]) if len(parts) in (4, 5) else ()
+        epsg = int(parts[4]) if len(parts) == 5 else 4326
+    except ValueError:
+        west = None
+    if west is None or not (west < east and south < north) or epsg <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not west,south,east,north[,EPSG code]: four numbers with "
+                                         "west < east and south < north, then an optional EPSG code (default 4326)")
+    return {"west": west, "south": south, "east": east, "north": north, "crs": f"EPSG:{epsg}"}
+
+
+def _dates(text: str) -> list:
+    """A --dates range: start/end (YYYY-MM-DD, end excluded; either may be left out), start before end."""
+    start, slash, end = text.partition("/")
+    try:
+        days = [_day(v) if v else None for v in (start, end)]
+    except argparse.ArgumentTypeError:
+        days = []
+    if not slash or not days or (days[0] and days[1] and days[0] >= days[1]):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date range START/END (YYYY-MM-DD, END excluded and "
+                                         "after START; either may be left out, e.g. 2021-01-01/)")
+    return days
+
+
+def _positive(text: str) -> int:
+    """A count of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _quality(codec: OnnxCodec | VariableRateCodec, quality: int | None) -> int | None:
+    """The quality level a run uses: the one asked for (checked), else the model's default."""
+    if isinstance(codec, VariableRateCodec):
+        if quality is None:
+            return codec.default_quality
+        codec.level(quality)
+        return quality
+    if quality is not None:
+        raise ValueError(f"model {codec.model_id} has a single rate: --quality needs a variable-rate model (corsa2)")
+    return None
+
+
+def _pixel_size(catalogue: Catalogue, bbox: dict | None, dates: list | None, cloud: float) -> tuple[float, float]:
+    """The input's (x, y) pixel size in CRS units: the stored layers' grids are whole multiples of it."""
+    tr = catalogue.load(COLLECTION, bbox, dates, None, cloud).rio.transform()
+    return float(abs(tr.a)), float(abs(tr.e))
+
+
+def compress(args: argparse.Namespace) -> str:
+    """The compress service run on the embedded engine (its generic save_result writes each
+    stored layer as GeoTIFF, as a back end does), then packed into the product."""
+    codec = open_codec(args.model or DEFAULT_MODEL)
+    quality = _quality(codec, args.quality)
+    codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
+    if args.stac or str(args.input).endswith(".json"):
+        source = StacSource(str(args.stac or args.input), args.collection)
+    elif args.input is None:
+        raise SourceError("give an INPUT file or folder, or --stac URL")
+    else:
+        source = args.input
+    catalogue = Catalogue({COLLECTION: source})
+    bbox, dates = args.bbox, args.dates
+    if isinstance(codec, VariableRateCodec) and not args.engine:
+        cube = catalogue.load(COLLECTION, bbox, dates, list(BANDS), args.max_cloud_cover)
+        with _cluster(args) as run:
+            return _product_written(blockwise.compress(cube, codec, quality, Path(args.output), append=args.append,
+                                                       key_every=args.key_every, run=run))
+    if args.append:
+        raise ValueError("--append codes the new dates with the product's history: it needs a variable-rate model "
+                         "and the block-by-block path (not --engine)")
+    udp = processes.compress_s2_process(codec.card, _pixel_size(catalogue, bbox, dates, args.max_cloud_cover))
+    out = Path(args.output)
+    # The job's files go to a scratch folder outside the product: a killed run leaves nothing in it.
+    with tempfile.TemporaryDirectory(prefix="corsa-job-") as tmp:
+        engine = _engine()(catalogue, output=Path(tmp), scheduler=args.scheduler)
+        engine.run(udp, spatial_extent=bbox, temporal_extent=dates, max_cloud_cover=args.max_cloud_cover,
+                   model=str(codec.path), quality=quality)
+        written = job_files.pack_dates(Path(tmp), job_files.job_dates(Path(tmp)), codec, quality, out)
+    return _product_written(written)
+
+
+def _cluster(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The dask cluster of --scheduler for the block-by-block path (None: this machine's threads)."""
+    return cluster.runner(args.scheduler) if getattr(args, "scheduler", None) else contextlib.nullcontext()
+
+
+def _engine():
+    """The engine class, imported on first use: openeo-processes-dask takes a second or two to
+    import, which the block-by-block path does not need."""
+    from corsa.openeo.engine import Engine
+    return Engine
+
+
+def _handled_errors() -> tuple[type, ...]:
+    """Errors reported as one line; the engine's only when it was imported (else it raised none)."""
+    engine = sys.modules.get("corsa.openeo.engine")
+    return (SourceError, ModelError, product.ProductError, ValueError, WriteError) + ((engine.EngineError,) if engine else ())
+
+
+def pack_files(args: argparse.Namespace) -> str:
+    """A compress job's downloaded files -> the entropy-coded product (the same integers)."""
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError("give another folder as -o than the job's files")
+    return _product_written(job_files.pack(args.input, args.output, args.model, args.quality))
+
+
+def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec, int] | None:
+    """The model and quality of a format-3 product (None for a format 1 or 2 product). Its dates are
+    checked now, before the engine runs; one decompression takes one quality level."""
+    dates = stream_format.dates_in(folder)
+    if not dates:
+        return None
+    heads = [stream_format.read_header((folder / stream_format.file_name(d)).read_bytes(), stream_format.file_name(d)) for d in dates]
+    qualities = sorted({h["quality"] for h in heads})
+    if len(qualities) > 1:
+        raise product.ProductError(f"{folder} mixes quality levels {qualities}: decompress its dates separately "
+                                   "(or bring them to one level with corsa reduce)")
+    codec = product.stream_codec(folder, dates[0], model)
+    codec.level(qualities[0])
+    return codec, qualities[0]
+
+
+def _decoded_written(written: list[Path], dates: list[str | None], source: Path) -> str:
+    """A STAC Item beside each decoded file (``corsa.formats.stac_catalog``), and one line on them."""
+    for path, date in zip(written, dates):
+        stac_catalog.write_decoded(path, date, source)
+    return f"{len(written)} file(s) written: {', '.join(str(p) for p in written)}"
+
+
+def decompress(args: argparse.Namespace) -> str:
+    if stac_catalog.is_ours(args.input):      # a product found through its STAC Collection or Item
+        args.input, dates = stac_catalog.product_of(args.input)
+        if len(dates) == 1 and not args.date:
+            args.date = dates[0] if dates[0] != stac_catalog.UNDATED else None
+    from_job = bool(job_files.job_dates(args.input)) and not (product.dates_in(args.input) or stream_format.dates_in(args.input))
+    if not from_job:
+        stac_catalog.check_complete(args.input)
+    stream = None if from_job else _stream_product(args.input, args.model)
+    if from_job:
+        codec, quality = job_files.resolve(args.input, args.model, args.quality)
+    elif args.quality is not None:
+        raise ValueError(f"{args.input} is a product: it records its quality level (--quality is for job files)")
+    else:
+        codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
+    out = Path(args.output)
+    if stream and not args.clear and not args.engine:
+        with _cluster(args) as run:
+            written = render.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
+                                        date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like,
+                                        run=run)
+        dates = [args.date] if args.date else stream_format.dates_in(args.input)
+        return _decoded_written(written, dates, args.input)
+    on_engine = stream is not None and args.scale is not None and not args.like and not args.clear
+    if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
+        raise ValueError("--like works on variable-rate products (format 3) on the block-by-block path: without "
+                         "--engine or --clear (--scale also on the engine)" if stream else
+                         "--date, --scale and --like work on variable-rate products (format 3)")
+    graph = {"process_graph": {
+        "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
+                                                                "temporal_extent": None}},
+        "decode": {"process_id": "corsa_openeo_decompress", "arguments": {
+            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality, "fill": args.fill,
+            "dates": [args.date] if args.date else None}},
+        "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff",
+                                                            "options": {"filename_prefix": "corsa_decoded"}},
+                 "result": True}}}
+    if on_engine:       # the service corsa_openeo_render: smaller pixels only, as resample_spatial "near" makes them
+        if not args.scale >= 1:
+            raise ValueError(f"--scale {args.scale} on the engine: corsa_openeo_render makes pixels smaller (a scale "
+                             "of 1 or more); without --engine, larger pixels are averaged")
+        head = series.header(args.input, stream_format.dates_in(args.input)[0])[1]
+        (h, w), transform = head["shape"], head["transform"]
+        graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_render"
+        # render.scaled's pixel size: a whole number of pixels on the stored bounds
+        graph["process_graph"]["decode"]["arguments"]["resolution"] = [
+            abs(transform.a) * w / max(1, round(w * args.scale)), abs(transform.e) * h / max(1, round(h * args.scale))]
+    if args.clear:
+        _, _, classifier = scene_classes(codec, args.classifier)
+        graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_decompress_clear"
+        graph["process_graph"]["decode"]["arguments"]["classifier"] = str(classifier) if classifier else None
+        if args.fill:
+            raise ValueError("--fill and --clear do not combine yet: --clear sets the cloud pixels to 0 after decoding")
+        for name in ("fill", "dates"):
+            del graph["process_graph"]["decode"]["arguments"][name]
+    codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
+    stored = (job_files.job_dates(args.input) if from_job else stream_format.dates_in(args.input) if stream
+              else product.dates_in(args.input))
+    if not stream and not from_job:
+        if not stored:
+            raise product.ProductError(f"{args.input} holds no complete compressed date "
+                                       f"(corsa_<date>_L0.tif or corsa_<date>{stream_format.SUFFIX})")
+        for d in stored:
+            _check_date(args.input, d, codec)
+    single = out.suffix.lower() in (".tif", ".tiff")
+    if single and not args.date and len(stored) > 1:
+        raise ValueError(f"{args.input} holds {len(stored)} dates: give a folder as -o")
+    (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
+        engine = _engine()(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
+        engine.run(graph)
+        dates = [p.name.removeprefix(f"{blockwise.DECODED_PREFIX}_").removesuffix(".tif") for p in engine.written]
+        if single:
+            if len(engine.written) != 1:
+                raise ValueError(f"{args.input} gave {len(engine.written)} dates: give a folder as -o")
+            written = [results.as_cog(engine.written[0], out)]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            written = [results.as_cog(p, out / p.name) for p in engine.written]
+    return _decoded_written(written, dates, args.input)
+
+
+def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
+    """Refuse a date the codec cannot decode, before the engine runs (its grids are then freed)."""
+    d = product.read_date(folder, date)
+    product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+    try:
+        codec.check_indices(d.idx0, d.idx1)
+    except ValueError as e:
+        raise product.ProductError(f"date {date} of {folder}: {e} (corrupt product?)") from e
+
+
+def classify(args: argparse.Namespace) -> str:
+    stac_catalog.check_complete(args.input)
+    stream = _stream_product(args.input, args.model)
+    codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
+    names, colors, classifier = scene_classes(codec, args.classifier, args.classes)
+    dates = stream_format.dates_in(args.input) if stream else product.dates_in(args.input)
+    if not dates:
+        raise product.ProductError(f"{args.input} holds no complete compressed date")
+    if not stream:
+        for d in dates:
+            _check_date(args.input, d, codec)
+    out = Path(args.output)
+    single = out.suffix.lower() in (".tif", ".tiff")
+    if single and len(dates) != 1:
+        raise ValueError(f"{args.input} holds {len(dates)} dates: give a folder as -o")
+    if stream:      # block by block, the classify service's own windows (on a cluster with --scheduler)
+        written = []
+        with _cluster(args) as run:
+            for date in dates:
+                grid = series.header(args.input, date)[1]
+                sub = blockwise.classify_date(args.input, date, codec, args.classes, run)
+                written.append(_class_file(out if single else out / f"classes_{date}.tif", sub, grid["shape"],
+                                           grid["transform"], grid["crs"], names, colors))
+        return f"{len(written)} class map(s) written: {', '.join(str(p) for p in written)}"
+    graph = {"process_graph": {
+        "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
+                                                                "temporal_extent": None}},
+        "classify": {"process_id": "corsa_openeo_classify", "result": True, "arguments": {
+            "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality,
+            "classifier": str(classifier) if classifier else None, "classes": args.classes}}}}
+    engine = _engine()(Catalogue(), scheduler=args.scheduler)
+    cube = engine.run(graph)
+    written = []
+    for i, date in enumerate(dates):
+        d = product.read_date(args.input, date)
+        # The UDF replicates each 20 m class over its 2 x 2 pixels.
+        (sub,) = engine._compute(cube.isel(t=i).sel(bands="class").data[::2, ::2])
+        written.append(_class_file(out if single else out / f"classes_{date}.tif", sub, d.shape, d.transform, d.crs,
+                                   names, colors))
+    return f"{len(written)} class map(s) written: {', '.join(str(p) for p in written)}"
+
+
+def _class_file(path: Path, sub: np.ndarray, shape: tuple[int, int], transform, crs, names: dict, colors: dict) -> Path:
+    """The class GeoTIFF of a date on the 20 m grid of a product's input grid ``shape``; cells past
+    the input stay 0 (nodata)."""
+    classes = np.zeros((-(-shape[0] // 4) * 2, -(-shape[1] // 4) * 2), np.uint8)
+    classes[: sub.shape[0], : sub.shape[1]] = sub
+    return write_classes(path, classes, transform * Affine.scale(2) if transform is not None else None, crs, names, colors)
+
+
+def info(args: argparse.Namespace) -> str:
+    stac_catalog.check_complete(args.input)
+    records = stac_catalog.describe(args.input)
+    if args.json:
+        return json.dumps({"product": str(args.input), "dates": records}, indent=1)
+    lines = []
+    for r in records:
+        h, w = r["shape"]
+        head = (f"{r['date']}: model {r['model_id']} (decoder sha256 "
+                f"{(r.get('decoder_sha256_prefix') or r.get('decoder_sha256'))[:12]}...)")
+        if r["format"] >= 3:
+            lines.append(f"{head}, quality {r['quality']}, input grid {w}x{h} px {r['crs'] or 'no CRS'}, latent "
+                         f"{r['latent_cells'][1]}x{r['latent_cells'][0]} in {r['blocks']} block(s), {r['bytes']:,} bytes, "
+                         f"CF {r['cf']:.1f}" + (", nodata mask" if r["nodata_mask"] else "")
+                         + (f", coded with references to {', '.join(r['references'])}" if r["references"] else ", coded alone"))
+        else:
+            lines.append(f"{head}, input grid {w}x{h} px {r['crs'] or 'no CRS'}, level 0 {r['level0'][1]}x{r['level0'][0]}, "
+                         f"level 1 {r['level1'][1]}x{r['level1'][0]}, {r['bytes']:,} bytes, CF {r['cf']:.1f}"
+                         + (f", {r['nodata_pixels']} nodata px" if r["nodata_pixels"] else ""))
+    return "\n".join(lines)
+
+
+def _product_written(written: list[Path]) -> str:
+    """The STAC Collection and Items of the product ``written`` went into (``corsa.formats.stac_catalog``), and
+    one line on what was written: files, dates, bytes and CF (against the input grids)."""
+    folder = written[0].parent if written else Path(".")
+    if written:
+        stac_catalog.write_product(folder)
+    dates = sorted({p.name[len("corsa_"):].split("_")[0].removesuffix(stream_format.SUFFIX) for p in written})
+    size = sum(p.stat().st_size for p in written)
+    pixels = 0
+    for d in dates:
+        path = folder / stream_format.file_name(d)
+        pixels += int(np.prod(stream_format.read_header(path.read_bytes(), path.name)["shape"] if path.exists()
+                              else product.read_date(folder, d).shape))
+    return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
+
+
+def models(args: argparse.Namespace) -> str:
+    """The shipped models with their quality levels and measured test figures."""
+    entries = []
+    for card_path in sorted(MODELS_DIR.glob("*/model_card.json")):
+        _, card = read_card(card_path.parent)
+        if "encoder" not in card.get("files", {}):
+            continue  # a classifier, not a codec
+        if card.get("kind") == "variable-rate":
+            qualities = [{"quality": q["quality"], **{k: q["test"]["mean_over_sources"][k] for k in ("cf", "psnr_db")}}
+                         for q in card["qualities"]]
+            entry = {"id": card["id"], "kind": "variable-rate", "qualities": [q["quality"] for q in qualities],
+                     "default_quality": card["default_quality"], "test": qualities}
+        else:
+            t = card.get("test", {})
+            entry = {"id": card["id"], "kind": "codebook", "qualities": [], "default_quality": None,
+                     "test": [{"quality": None, "cf": t.get("product_cf"), "psnr_db": t.get("mean_psnr_db"),
+                               "cf_range_coded": t.get("entropy_coded_cf")}]}
+        entry["default"] = card["id"] == DEFAULT_MODEL
+        entry["gain_db"] = (card.get("gain_over_classical_db") or {}).get("mean_over_levels_1_8")
+        entry["heads"] = sorted(card.get("heads", {}))
+        entry["description"] = card.get("description", "")
+        entries.append(entry)
+    if args.json:
+        return json.dumps({"models": entries}, indent=1)
+    if args.table:
+        return figures_table(next(e for e in entries if e["default"]))
+    lines = []
+    for e in entries:
+        head = f"{e['id']}{' (default)' if e['default'] else ''}: {e['kind']}"
+        if e["qualities"]:
+            head += f", quality levels {e['qualities'][0]}-{e['qualities'][-1]} (default {e['default_quality']})"
+        if e["gain_db"] is not None:
+            head += f", {e['gain_db']:+.2f} dB over JPEG 2000 / JPEG XL (levels 1-8, test split)"
+        if e["heads"]:
+            head += f", heads: {', '.join(e['heads'])}"
+        lines.append(head)
+        for t in e["test"]:
+            label = f"quality {t['quality']}" if t["quality"] is not None else "single rate"
+            extra = (f" (product files: GeoTIFF index grids; range-coded indices would give CF {t['cf_range_coded']})"
+                     if t.get("cf_range_coded") else "")
+            lines.append(f"  {label}: test split CF {t['cf']}, PSNR {t['psnr_db']} dB{extra}")
+    return "\n".join(lines)
+
+
+def figures_table(entry: dict) -> str:
+    """The default model's test figures as a Markdown table (the README's, from the card)."""
+    _, card = read_card(entry["id"])
+    gains = (card.get("gain_over_classical_db") or {}).get("by_quality", {})
+    rows = [f"| {t['quality']}{' (default)' if t['quality'] == entry['default_quality'] else ''} | {t['cf']:.1f} | "
+            f"{t['psnr_db']:.2f} | {gains[str(t['quality'])]:+.2f} |" for t in entry["test"] if str(t["quality"]) in gains]
+    return "\n".join([f"| {entry['id']} quality | CF | PSNR (dB) | gain over the best of JPEG 2000 / JPEG XL at the same CF (dB) |",
+                      "|---|---|---|---|", *rows])
+
+
+def reduce(args: argparse.Namespace) -> str:
+    """A format-3 product brought to a lower quality without the source: its integers are
+    dequantised and quantised again at the lower level (no network runs)."""
+    stac_catalog.check_complete(args.input)
+    stream = _stream_product(args.input, args.model)
+    if stream is None:
+        raise product.ProductError(f"{args.input} holds no variable-rate product (corsa_<date>{stream_format.SUFFIX})")
+    codec, quality = stream
+    codec.level(args.quality)
+    if args.quality > quality:
+        raise ValueError(f"{args.input} has quality {quality}: it can be reduced, not raised to {args.quality}")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError("give another folder as -o: the product is read while the reduced one is written")
+    dates = stream_format.dates_in(args.input)
+    heads = [series.header(args.input, d)[1] for d in dates]
+    grids = {(h["shape"], h["transform"], h["crs"]) for h in heads}
+    if len(grids) > 1:
+        raise ValueError(f"{args.input} holds dates on {len(grids)} different grids: reduce them one folder a grid")
+    # Coded again at the new level with the same key dates and reference dates (each sub-block's
+    # choice made afresh: the integers changed).
+    planned = series.plan(dates, [args.quality] * len(dates), [h["refs"] for h in heads])
+    blocks = -(-heads[0]["cells"][0] // heads[0]["block"]) * -(-heads[0]["cells"][1] // heads[0]["block"])
+    folder, to = args.input, args.quality
+    with _cluster(args) as run:
+        coded = series.encode_dates(codec, planned, list(range(len(dates))), blocks, lambda i, k: codec.requantise(
+            series.block_ints(folder, dates[i], k, codec), quality, to), run)
+    masks = {i: m for i, (d, h) in enumerate(zip(dates, heads))
+             if (m := stream_format.read_mask(series.header(args.input, d)[0], h, stream_format.file_name(d))) is not None}
+    h = heads[0]
+    return _product_written(series.write_dates(Path(args.output), codec, planned, list(range(len(dates))), coded, masks,
+                                       h["shape"], h["transform"], h["crs"]))
+
+
+INPUT_HELP = {
+    "compress": "a 10-band GeoTIFF (bands by description B02 ... B12, or exactly 10 in that order; DN = "
+                "reflectance x 10000), a folder of dated GeoTIFFs of one grid (a time series), an openEO NetCDF "
+                "cube, or a STAC item collection .json (omit with --stac)",
+    "decompress": "a product folder (from corsa compress or pack) or a compress job's downloaded files",
+    "pack": "a compress job's downloaded files (its job.json and layer GeoTIFFs)",
+    "classify": "a product folder",
+    "reduce": "a product folder of a variable-rate model",
+    "info": "a product folder",
+}
+OUTPUT_HELP = {
+    "compress": "the product folder to write (one file a date; created if missing)",
+    "decompress": "a .tif file for one date, or a folder for corsa_decoded_<date>.tif of every date",
+    "pack": "the product folder to write",
+    "classify": "the class GeoTIFF to write (uint8 on the 20 m grid, colour table)",
+    "reduce": "the folder of the reduced product (not INPUT)",
+}
+
+
+SERVE_SERVICE = "corsa2_openeo_compress_s2"
+WRITES_PRODUCT = ("compress", "pack", "reduce")     # one writer at a time into their -o folder
+
+
+@contextlib.contextmanager
+def _into_product(args: argparse.Namespace):
+    """compress / pack into -o: a folder already holding a product is refused unless --append
+    (compress: later dates of the same place) or --overwrite, which writes the new product beside
+    the old one and swaps the folders when it is complete (``files.exchange``), so no folder ever
+    mixes two products."""
+    out = Path(args.output)
+    held = sorted(product.dates_in(out) + stream_format.dates_in(out)) if out.is_dir() else []
+    append = getattr(args, "append", False)
+    if append and args.overwrite:
+        raise ValueError("--append and --overwrite exclude each other: add dates to the product, or replace it")
+    if not held or append:
+        yield lambda line: line
+        return
+    if not args.overwrite:
+        raise ValueError(f"{out} already holds a product ({len(held)} date(s): {', '.join(held[:3])}"
+                         f"{', ...' if len(held) > 3 else ''}): "
+                         + ("--append adds later dates of the same place, " if args.command == "compress" else "")
+                         + "--overwrite replaces the product, or give another folder")
+    staging = out.with_name(f".{out.name}.new-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    args.output = staging
+    try:
+        yield lambda line: line.replace(str(staging), str(out))
+        exchange(staging, out)      # staging now holds the old product
+    finally:
+        args.output = out
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _collection(text: str) -> Path:
+    name, sep, path = text.partition("=")
+    if not sep or name != "SENTINEL2_L2A" or not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: give SENTINEL2_L2A=PATH with an existing file or folder")
+    return Path(path)
+
+
+def serve(args: argparse.Namespace) -> str:
+    from corsa.app.serve import serve as run
+
+    run(args.port, args.collection, args.service, ready=lambda line: print(line, flush=True))
+    return "corsa serve: stopped"
+
+
+def _day(text: str) -> str:
+    """A --date: YYYY-MM-DD, a real day."""
+    try:
+        if len(text) == 10 and str(np.datetime64(text, "D")) == text:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD")
+
+
+def _unraisable(info) -> None:
+    """rasterio's GDAL log handler fails to decode a message that quotes a damaged file's non-UTF-8
+    bytes and would print its traceback; the GDAL error itself still reaches us as an exception."""
+    if not isinstance(info.exc_value, UnicodeDecodeError):
+        sys.__unraisablehook__(info)
+
+
+def _printed(kind, value, tb) -> None:
+    """The same failure, where the log handler runs inside a callback that prints what it raised."""
+    if not isinstance(value, UnicodeDecodeError):
+        sys.__excepthook__(kind, value, tb)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.unraisablehook, sys.excepthook = _unraisable, _printed
+    # Whether a file is georeferenced as it must be is ours to check and say (grids are checked by name).
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+    p = argparse.ArgumentParser(prog="corsa", description=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, func, help_ in (("compress", compress, "compress a scene into a product folder"),
+                              ("decompress", decompress, "decode a product folder (or a compress job's files) to GeoTIFF"),
+                              ("pack", pack_files, "turn a back end's compress job download into a product (smaller, the same pixels)"),
+                              ("classify", classify, "scene classes or land cover of a product folder, without decoding"),
+                              ("reduce", reduce, "bring a variable-rate product to a lower quality, without the source"),
+                              ("info", info, "describe a product folder"),
+                              ("models", models, "list the shipped models, their quality levels and test figures"),
+                              ("serve", serve, "a local web page to run a compress job from a form, on this machine")):
+        s = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")
+        s.set_defaults(func=func)
+        s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (errors still go there)")
+        if name == "models":
+            s.add_argument("--json", action="store_true", help='machine-readable: {"models": [...]}')
+            s.add_argument("--table", action="store_true", help="the default model's figures as a Markdown table")
+            continue
+        if name == "info":
+            s.add_argument("--json", action="store_true", help='machine-readable: {"product": ..., "dates": [...]}')
+        if name == "serve":
+            s.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0: any free one; default 8765)")
+            s.add_argument("--collection", metavar="SENTINEL2_L2A=PATH", type=_collection,
+                           help="the local data the service's load_collection reads (a GeoTIFF, a folder of them, a "
+                           "NetCDF cube; default the shared data's Major-TOM scene)")
+            s.add_argument("--service", default=SERVE_SERVICE, help=f"the UDP whose form the page shows (default "
+                           f"{SERVE_SERVICE}; a compress service of process_graphs/)")
+            continue
+        s.add_argument("input", type=Path, nargs="?" if name == "compress" else None, metavar="INPUT",
+                       help=INPUT_HELP[name])
+        if name != "info":
+            s.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help=OUTPUT_HELP[name])
+            s.add_argument("--model", default=None, help="model name under models_onnx/ or a folder (compress: "
+                           f"default {DEFAULT_MODEL}; otherwise the model the product names)")
+        if name in ("compress", "decompress", "classify", "reduce"):
+            s.add_argument("--scheduler", metavar="ADDRESS", help="run the blocks on the workers of this dask.distributed "
+                           "scheduler, e.g. tcp://127.0.0.1:8786 (default: this machine's threads); the workers must "
+                           "see INPUT and the models at the same paths")
+        if name in ("compress", "decompress"):
+            s.add_argument("--engine", action="store_true",
+                           help="run the published openEO process graph on the embedded engine, as a back end would "
+                           "(the same bytes as without it, slower)")
+        if name in ("compress", "reduce", "pack", "decompress"):
+            s.add_argument("--quality", type=int, required=name == "reduce", help=QUALITY_HELP[name])
+        if name == "decompress":
+            s.add_argument("--date", type=_day, help="decode only this date (YYYY-MM-DD) of a variable-rate product: a "
+                           "stored date as stored, a date between stored dates rendered from those around it")
+            s.add_argument("--scale", type=float, help="render onto pixels S times smaller (S > 0) on the same bounds")
+            s.add_argument("--like", type=Path, help="render onto the grid and CRS of this raster (GRID.tif)")
+            s.add_argument("--fill", action="store_true",
+                           help="fill a date's gaps (its nodata pixels) from the other dates of the series, brought to "
+                           "the date's light; other pixels are unchanged")
+            s.add_argument("--clear", action="store_true", help="set the pixels the scene classes call cloud or "
+                           "cloud shadow to 0 (nodata)")
+        if name == "classify":
+            s.add_argument("--classes", choices=CLASS_SETS, default="scl",
+                           help="scl: scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow); "
+                           "landcover: land cover (water, trees, flooded vegetation, crops, built area, bare ground, "
+                           "snow/ice, clouds, rangeland; variable-rate models)")
+        if name in ("classify", "decompress"):
+            s.add_argument("--classifier", help="for corsa512 products only: the classifier's name under models_onnx/ "
+                           "or its folder (default corsa512-scl); other models carry their own")
+        if name in ("compress", "pack"):
+            s.add_argument("--overwrite", action="store_true",
+                           help="replace the product already in -o, as a whole: the new one is written beside it and "
+                           "swapped in when complete")
+        if name == "compress":
+            s.add_argument("--bbox", type=_bbox, help="only this area of the input: west,south,east,north[,EPSG] (default EPSG 4326)")
+            s.add_argument("--dates", type=_dates, help="only these dates of the input: start/end, e.g. 2021-01-01/2021-07-01 "
+                           "(end excluded)")
+            s.add_argument("--stac", help="a STAC API URL to load from instead of INPUT "
+                           "(a local item-collection .json can be given as INPUT)")
+            s.add_argument("--collection", default="sentinel-2-l2a", help="STAC collection id (with --stac)")
+            s.add_argument("--max-cloud-cover", type=float, default=80.0,
+                           help="with --stac: skip items whose eo:cloud_cover (%%) is above this (default 80)")
+            s.add_argument("--append", action="store_true",
+                           help="add the input's dates to the product in -o (after its last date), coded with its "
+                           "history; the dates already there stay as they are")
+            s.add_argument("--key-every", type=_positive, default=series.KEY_EVERY,
+                           help=f"a date coded alone every N dates of a series (default {series.KEY_EVERY}): decoding "
+                           "one date reads at most N-1 others; 1 codes every date alone")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        with progress.shown(f"corsa {args.command}", quiet=args.quiet or args.command in ("info", "models", "serve")), \
+                (product_lock(args.output) if args.command in WRITES_PRODUCT else contextlib.nullcontext()), \
+                (_into_product(args) if args.command in ("compress", "pack") else contextlib.nullcontext(lambda line: line)) \
+                as shown:
+            line = shown(args.func(args))
+    except _handled_errors() as e:
+        print(f"corsa {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    # Listings stay parseable (models --json); work says how long it took.
+    print(line if args.command in ("info", "models", "serve") else f"{line} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The CLI's local data path for variable-rate models, block by block, without the process-graph engine.
+
+    load -> 512 px blocks (+ the network's reach) -> encode -> entropy-code -> product file, and back:
+    product file -> entropy-decode the blocks a window needs -> decode -> GeoTIFF, window by window.
+
+It runs the UDF's own functions (``corsa_udf.analyse`` / ``synthesise``, quantised and masked as
+the UDF does) on exactly the windows the services' apply_neighborhood gives the UDF (chunks of
+``processes.CHUNK`` px overlapping by ``processes.OVERLAP`` / the encoder's reach), so a product
+and a decoded file are byte for byte those of the engine path (a test checks it). What it leaves
+out is the engine's cost around the networks: the latent replicated over the 10 m grid and
+resampled back, dask's scheduling, the job's intermediate GeoTIFFs, and the importing of
+openeo-processes-dask. Blocks are independent, so two run at a time (onnxruntime and the range
+coder release the GIL), or each on a worker of a dask cluster (``corsa.core.cluster``: the worker reads
+its own window and opens its own sessions); memory stays flat in the area: a window's pixels, a
+few block rows of integers, the streams and the nodata mask.
+"""
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property, partial
+from pathlib import Path
+from contextlib import nullcontext
+from typing import Iterator
+
+import corsa_udf
+import numpy as np
+import rasterio
+import xarray as xr
+from rasterio.windows import Window
+
+from corsa.core import cluster
+from corsa.openeo import processes
+from corsa.formats import product
+from corsa.formats import stream_format
+from corsa.core import progress
+from corsa.formats import results
+from corsa.formats import series
+from corsa.codec.models import VariableRateCodec, checked_session
+from corsa.core.files import writing
+from corsa.core.scene import BANDS
+
+WORKERS = 2
+BLOCK_PX = 4 * stream_format.BLOCK       # a format-3 stream block, and the services' chunk
+if BLOCK_PX != processes.CHUNK:
+    raise ImportError("a format-3 block must be the services' apply_neighborhood chunk, or the paths differ")
+DECODED_PREFIX = "corsa_decoded"
+
+
+def _spans(n: int, overlap: int) -> Iterator[tuple[int, int, int, int]]:
+    """(block start, block stop, window start, window stop) along one axis of ``n`` px."""
+    for start in range(0, n, BLOCK_PX):
+        stop = min(start + BLOCK_PX, n)
+        yield start, stop, max(0, start - overlap), min(n, stop + overlap)
+
+
+@functools.lru_cache(maxsize=8)
+def _session(model: str, entry: str):
+    """A model's network by its card's files entry (or heads entry "heads/<name>"), opened once per
+    process: where the block runs, on this machine or a worker. One intra-op thread: the blocks,
+    not the layers, are what runs in parallel."""
+    codec = series.model_codec(model)
+    kind, _, name = entry.rpartition("/")
+    return checked_session(codec.path, (codec.card["heads"] if kind else codec.card["files"])[name], 1)
+
+
+def _sessions(codec: VariableRateCodec, name: str):
+    return _session(str(codec.path), name)
+
+
+def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,
+                 ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them."""
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+    win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).values.astype(np.float32)
+    # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
+    latent = corsa_udf.analyse(enc, win, processes.UDF_TILE, overlap)
+    cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
+    ints = codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality)
+    return ints, corsa_udf.nodata_of(win[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
+
+
+def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Path, append: bool = False,
+             key_every: int = series.KEY_EVERY, run: cluster.Local | cluster.Cluster | None = None) -> list[Path]:
+    """A (t, bands, y, x) cube (``Catalogue.load``) -> one format-3 file a date in ``out``; the
+    dates of a series coded with references to earlier ones (``corsa.formats.series``) where the model
+    has temporal tables. ``append``: after the dates already in ``out``, which stay as they are.
+    Block by block, every date of a block position together: a block's references are at hand.
+    ``run``: where the blocks run (``corsa.core.cluster``; default two local threads)."""
+    out = Path(out)
+    transform = results.transform_of(cube)
+    crs = cube.rio.crs.to_string() if cube.rio.crs else None
+    new = [product.date_label(t) for t in cube["t"].values]
+    old = stream_format.dates_in(out) if append else []
+    heads = [series.header(out, d)[1] for d in old]
+    h, w = cube.sizes["y"], cube.sizes["x"]
+    for d, hd in zip(old, heads):
+        series.check_model_prefix(hd["model_id"], hd["sha_prefix"], codec)
+        if (hd["shape"], hd["transform"], hd["crs"]) != ((h, w), transform, crs):
+            raise ValueError(f"cannot append to {out}: its date {d} has the grid {hd['shape']} {hd['crs']} "
+                             f"{tuple(hd['transform'] or ())[:6]}, the input {(h, w)} {crs} {tuple(transform or ())[:6]}")
+    if old and new and min(new) <= old[-1]:
+        raise ValueError(f"appending adds dates after the product's last date ({old[-1]}), not {min(new)}")
+    planned = series.plan(old + new, [hd["quality"] for hd in heads] + [quality] * len(new),
+                          [hd["refs"] for hd in heads], key_every, temporal=codec.temporal_coder is not None)
+    fresh = list(range(len(old), len(planned)))
+    overlap = processes.reach_overlap(codec.card, "encoder")
+    _sessions(codec, "encoder")       # checked here, before any block runs
+    scenes = [cube.isel(t=i).sel(bands=list(BANDS)) for i in range(len(new))]
+    positions = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
+
+    def position(k: int) -> tuple[dict, dict[int, np.ndarray]]:
+        """A block position of every new date: its streams, and the nodata of the dates that have some."""
+        nodata = {}
+
+        def ints_of(i: int, kk: int) -> np.ndarray:
+            if i < len(old):
+                return series.block_ints(out, old[i], kk, codec)
+            ints, nodata_i = _window_ints(scenes[i - len(old)], codec, quality, _sessions(codec, "encoder"), overlap,
+                                          *positions[kk])
+            if nodata_i.any():
+                nodata[i] = nodata_i
+            return ints
+
+        return series.encode_block(codec, planned, fresh, k, ints_of), nodata
+
+    masks: dict[int, np.ndarray] = {}
+    coded = []
+    progress.grow(len(positions))
+    with cluster.runner() if run is None else nullcontext(run) as where:
+        for (ys, xs), (streams, nodata) in zip(positions, where.map(position, range(len(positions)))):
+            coded.append(streams)
+            for i, m in nodata.items():
+                masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = m
+            progress.advance()
+    return series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
+
+
+class _Integers:
+    """A date's integers, entropy-decoded block by block on demand (its references' blocks first,
+    ``corsa.formats.series``) and kept for the block rows that the next windows still need (a window
+    reaches at most one block into its neighbours). Sent to a dask worker as its names: there it
+    reads the file itself, and each block's window decodes its own blocks (no pool, no row cache
+    shared between tasks; ``series.block_ints`` caches per process)."""
+
+    def __init__(self, folder: Path, date: str, codec: VariableRateCodec):
+        self.folder, self.date, self.codec = folder, date, codec
+        self.data, self.head = series.header(folder, date)
+        series.check_model_prefix(self.head["model_id"], self.head["sha_prefix"], codec)
+        codec.level(self.head["quality"])
+        self.per_row = -(-self.head["cells"][1] // self.head["block"])
+        self.rows: dict[int, list[np.ndarray]] = {}
+
+    def __reduce__(self):
+        return type(self), (self.folder, self.date, self.codec)
+
+    @cached_property
+    def mask(self) -> np.ndarray | None:
+        """The date's nodata mask on its 10 m grid (None: no nodata)."""
+        return stream_format.read_mask(self.data, self.head, stream_format.file_name(self.date))
+
+    def _block(self, r: int, c: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
+        if pool is None:
+            return series.block_ints(self.folder, self.date, r * self.per_row + c, self.codec)
+        if r not in self.rows:
+            ks = range(r * self.per_row, (r + 1) * self.per_row)
+            self.rows[r] = list(pool.map(lambda k: series.block_ints(self.folder, self.date, k, self.codec), ks))
+        return self.rows[r][c]
+
+    def window(self, cells_y: slice, cells_x: slice, pool: ThreadPoolExecutor | None) -> np.ndarray:
+        """The integers of a window of latent cells, assembled from the blocks it touches
+        (``pool`` None: on a worker, as said above)."""
+        b = self.head["block"]
+        rows, cols = range(cells_y.start // b, (cells_y.stop - 1) // b + 1), range(cells_x.start // b, (cells_x.stop - 1) // b + 1)
+        for r in [r for r in self.rows if r < rows.start]:
+            del self.rows[r]
+        part = np.concatenate([np.concatenate([self._block(r, c, pool) for c in cols], axis=2) for r in rows], axis=1)
+        return part[:, cells_y.start - rows.start * b:cells_y.stop - rows.start * b,
+                    cells_x.start - cols.start * b:cells_x.stop - cols.start * b]
+
+
+def dated(folder: Path) -> tuple[list[str], list[float]]:
+    """A product's dated dates and their day numbers."""
+    dates = [d for d in stream_format.dates_in(folder) if d != "undated"]
+    return dates, [float(np.datetime64(d, "D").astype(np.int64)) for d in dates]
+
+
+class StoredDates:
+    """Some stored dates of a product (those --fill or a date in between reads), their integers
+    and nodata masks."""
+
+    def __init__(self, folder: Path, dates: list[str], shape: tuple[int, int], codec: VariableRateCodec, why: str):
+        self.dates, self.args = dates, (folder, dates, shape, codec, why)
+        self.ints = [_Integers(folder, d, codec) for d in dates]
+        for n in self.ints:
+            if n.head["shape"] != shape:
+                raise ValueError(f"{folder}: date {n.date} is on another grid than the others: it cannot {why}")
+
+    def __reduce__(self):
+        return type(self), self.args
+
+    @property
+    def masks(self) -> list[np.ndarray | None]:
+        return [n.mask for n in self.ints]
+
+    def latents(self, cy: slice, cx: slice, pool: ThreadPoolExecutor | None, codec: VariableRateCodec) -> list[np.ndarray]:
+        """The dequantised latents of the dates over a window of cells."""
+        return [codec.dequantise(n.window(cy, cx, pool), n.head["quality"]) for n in self.ints]
+
+
+def _fill_dates(folder: Path, date: str) -> list[str]:
+    """The stored dates that may fill a date's gaps (``corsa_udf.fill_candidates``)."""
+    dates, days = dated(folder)
+    if date not in dates or len(dates) < 2:
+        raise ValueError(f"--fill predicts a date's gaps from the other dates: {folder} holds no other dated date")
+    return [dates[j] for j in corsa_udf.fill_candidates(days, dates.index(date))]
+
+
+def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False,
+                    run: cluster.Cluster | None = None) -> Path:
+    """One date of a format-3 product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
+    decompress service's save_result writes it; under a temporary name until complete. ``fill_gaps``:
+    nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept.
+    ``run``: a cluster whose workers decode the blocks (default: local threads)."""
+    ints = _Integers(folder, date, codec)
+    h = ints.head
+    overlap = processes.OVERLAP["decompress"]
+    _sessions(codec, "decoder")
+    around = StoredDates(folder, _fill_dates(folder, date), h["shape"], codec, f"fill {date}") \
+        if fill_gaps and ints.mask is not None else None
+
+    def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None
+              ) -> tuple[int, int, np.ndarray]:
+        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+        z = codec.dequantise(latent, h["quality"])
+        dec, mask = _sessions(codec, "decoder"), ints.mask
+        rec = corsa_udf.synthesise(dec, z, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
+        if mask is not None:
+            win = mask[wy0:wy1, wx0:wx1]
+            rec[:, win] = 0
+            if nearby is not None:
+                # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
+                others = [corsa_udf.synthesise(dec, zn, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
+                          for zn in nearby]
+                gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in around.masks]
+                rec = corsa_udf.fill_date(rec, win, others, gaps)
+        rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
+
+    def nearby(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> list | None:
+        """The candidates' latents over a window whose block has gaps (--fill)."""
+        if around is None or not ints.mask[ys[0]:ys[1], xs[0]:xs[1]].any():
+            return None
+        return around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec)
+
+    def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple:
+        return ints.window(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool), nearby(ys, xs, pool)
+
+    return write_blocks(out, h, overlap, inputs, block, run)
+
+
+def classify_date(folder: Path, date: str, codec: VariableRateCodec, classes: str = "scl",
+                  run: cluster.Cluster | None = None) -> np.ndarray:
+    """One date of a format-3 product -> its classes (uint8, 0 = nodata) on the 20 m grid by the
+    model's head for ``classes``, no decoding: block by block over the windows the classify
+    service's apply_neighborhood gives its UDF (``processes.OVERLAP["classify"]``), so the classes
+    are those of the service. ``run``: a cluster whose workers classify the blocks."""
+    ints = _Integers(folder, date, codec)
+    h = ints.head
+    overlap = processes.OVERLAP["classify"]
+    entry = f"heads/{classes}"
+    _sessions(codec, entry)
+
+    def block(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple[int, int, np.ndarray]:
+        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+        z = codec.dequantise(ints.window(slice(wy0 // 4, -(-wy1 // 4)), slice(wx0 // 4, -(-wx1 // 4)), pool), h["quality"])
+        (logits,) = _sessions(codec, entry).run(None, {"latent": z[None]})
+        out = (logits[0].argmax(0) + 1).astype(np.uint8)
+        out = out[(y0 - wy0) // 2:(y0 - wy0) // 2 + -(-(y1 - y0) // 2), (x0 - wx0) // 2:(x0 - wx0) // 2 + -(-(x1 - x0) // 2)]
+        if ints.mask is not None:      # the service zeroes a 10 m pixel of nodata; a 20 m cell is its first pixel
+            out[ints.mask[y0:y1:2, x0:x1:2]] = 0
+        return y0 // 2, x0 // 2, out
+
+    hh, ww = h["shape"]
+    result = np.zeros((-(-hh // 2), -(-ww // 2)), np.uint8)
+    jobs = [(ys, xs) for ys in _spans(hh, overlap) for xs in _spans(ww, overlap)]
+    with cluster.runner() if run is None else nullcontext(run) as where:
+        for r0, c0, v in where.map(partial(_without_pool, block), jobs):
+            result[r0:r0 + v.shape[0], c0:c0 + v.shape[1]] = v
+    return result
+
+
+def _without_pool(fn, job: tuple):
+    """``fn(*job, None)``: each block decodes the integers it needs itself (``_Integers``)."""
+    return fn(*job, None)
+
+
+def block_rows(shape: tuple[int, int]) -> int:
+    """Rows of blocks ``write_blocks`` writes for a grid of ``shape``."""
+    return -(-shape[0] // BLOCK_PX)
+
+
+def _remote(inputs, render, job: tuple):
+    """A block entirely where it runs (a worker): its inputs, then its pixels."""
+    return render(*job, *inputs(*job, None))
+
+
+def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: cluster.Cluster | None = None) -> Path:
+    """A date's cloud-optimised GeoTIFF of the 10 bands (uint16 DN, nodata 0) on the grid of a
+    product's ``head``, block by block: ``inputs(ys, xs, pool)`` gathers a block's data (entropy
+    decoding in ``pool``), ``render(ys, xs, *data)`` -> (y0, x0, block) runs two blocks at a time;
+    each row of blocks done is a unit of progress (``block_rows``). Under a temporary name until
+    complete. ``run``: a cluster, whose workers gather and render whole blocks."""
+    (hh, ww) = head["shape"]
+    profile = {**results.PROFILE, "count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
+    if head["transform"] is not None:
+        profile["transform"] = head["transform"]
+    if head["crs"]:
+        profile["crs"] = head["crs"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    # Entropy decoding of block rows (the date's, and its neighbours' or candidates') shares the pool.
+    pool = ThreadPoolExecutor(WORKERS)
+    try:
+        with writing(out), rasterio.open(part, "w", **profile) as dst:
+            for i, b in enumerate(BANDS, 1):
+                dst.set_band_description(i, b)
+            for ys in _spans(hh, overlap):
+                if run is None:
+                    jobs = [(ys, xs) + tuple(inputs(ys, xs, pool)) for xs in _spans(ww, overlap)]
+                    done = pool.map(lambda j: render(*j), jobs)
+                else:
+                    done = run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)])
+                for y0, x0, v in done:
+                    with writing(out):
+                        dst.write(v, window=Window(x0, y0, v.shape[2], v.shape[1]))
+                progress.advance()
+        pool.shutdown()
+    except BaseException:
+        pool.shutdown(cancel_futures=True)
+        part.unlink(missing_ok=True)
+        raise
+    return results.as_cog(part, out)

@@ -1,0 +1,348 @@
+"""Product format versions 3 and 4: the entropy-coded stream of a variable-rate model, one file a date.
+
+    <folder>/corsa_<date>.corsa
+
+A file is a small binary header, the latent's blocks (each an independent stream of
+``corsa.codec.latent_coder``, so a block can be decoded alone), the nodata mask when the input had
+nodata, and a CRC-32 of everything before it. The header is kept small because on a 120 px patch at
+CF 120 the whole file is about 1.3 kB: a georeferenced UTM date with an EPSG code costs 55-60 bytes
+(about 4%), where the two GeoTIFF headers of format 2 cost several kB. All integers little-endian;
+varint = LEB128:
+
+    magic      b"CRS" + version byte (3)
+    varint     header length (bytes that follow up to the payload)
+    u8         quality level       u8  flags (1 nodata mask, 2 georeferenced, 4 north-up,
+                                          8 pixel size fits float32, 16 CRS is an EPSG code)
+    u8 + str   model id            4 bytes: start of the decoder's sha256
+    varints    input height, width (10 m pixels), block side (latent cells)
+    transform  if georeferenced: north-up: f64 x origin, f64 y origin, pixel width and height
+               (f32 when exact, else f64); otherwise the 6 coefficients as f64
+    CRS        EPSG code as u32, or u16 + WKT text (length 0: none)
+    u16        date as days since 1970-01-01 (0xFFFF: undated)
+    (version 4, a date of a series coded with references to earlier dates, ``corsa.formats.series``:)
+    varint     number of reference dates n >= 1;  u16 x n  their dates (days, as above)
+    bytes      per block (row-major), per sub-block of SUB x SUB cells (row-major): the index of
+               the reference date its cells are coded with, 0xFF: none (coded alone)
+    varints    byte length of each block stream (row-major), then of the mask
+    payload    block streams, mask (zlib of packbits, 10 m grid)
+    u32        CRC-32 of all bytes before it
+
+Format 1 and 2 products (GeoTIFF index grids of codebook models) are read by ``corsa.formats.product``.
+Files are written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rasterio.transform import Affine
+
+from corsa.core.files import writing
+from corsa.codec.latent_coder import StreamError
+
+VERSION = 3
+TEMPORAL_VERSION = 4           # a date coded with references (a series); otherwise the bytes of version 3
+MAGIC = b"CRS" + bytes([VERSION])
+SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
+NO_REFERENCE = 0xFF
+SUFFIX = ".corsa"
+BLOCK = 128                    # latent cells per block side: 512 px at 40 m cells
+HAS_MASK, GEOREFERENCED, NORTH_UP, PIXEL_F32, EPSG = 1, 2, 4, 8, 16
+SHA_BYTES = 4                  # identifies the decoder; integrity is the CRC's job
+UNDATED = 0xFFFF
+EPOCH = np.datetime64("1970-01-01", "D")
+MAX_INPUT_PIXELS = 1 << 30     # as format 2: a corrupt header must not make us allocate without bound
+
+
+class ProductError(ValueError):
+    """A product file is missing, truncated, corrupt or inconsistent."""
+
+
+def shown(value: str | None) -> str:
+    """A stored value as an error message quotes it: a corrupt one may be long."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+@dataclass
+class StreamDate:
+    """One date of a format-3 product, decoded down to the stored integers."""
+
+    date: str
+    quality: int
+    ints: np.ndarray               # (L, ceil(H/4), ceil(W/4)) int16
+    nodata: np.ndarray | None      # True where the input was nodata, on the input grid
+    shape: tuple[int, int]
+    transform: Affine | None
+    crs: str | None
+    model_id: str
+    model_sha256_prefix: str       # hex, 8 characters
+
+
+def file_name(date: str) -> str:
+    return f"corsa_{date}{SUFFIX}"
+
+
+def dates_in(folder: Path) -> list[str]:
+    return sorted(p.name[len("corsa_"):-len(SUFFIX)] for p in Path(folder).glob(f"corsa_*{SUFFIX}"))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def block_slices(cells: tuple[int, int], block: int = BLOCK) -> list[tuple[slice, slice]]:
+    """The blocks of a latent grid, row-major: the order their streams have in a file."""
+    return [(slice(y, min(y + block, cells[0])), slice(x, min(x + block, cells[1])))
+            for y in range(0, cells[0], block) for x in range(0, cells[1], block)]
+
+
+def latent_cells(shape: tuple[int, int]) -> tuple[int, int]:
+    """The latent grid (4 px cells) covering an input grid."""
+    return -(-shape[0] // 4), -(-shape[1] // 4)
+
+
+def sub_blocks(cells: tuple[slice, slice]) -> tuple[int, int]:
+    """Sub-blocks (rows, columns) of one block's cells."""
+    return -(-(cells[0].stop - cells[0].start) // SUB), -(-(cells[1].stop - cells[1].start) // SUB)
+
+
+def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: Affine | None, crs: str | None,
+             date: str, model_id: str, model_sha256: str, block: int = BLOCK, refs: list[str] | None = None,
+             choices: list[np.ndarray] | None = None) -> bytes:
+    """The bytes of one date's file from its block streams (in ``block_slices`` order) and the
+    nodata mask on the input grid (True = nodata), whose shape the file records. A date coded with
+    references names their dates (``refs``) and, per block, the reference of each sub-block
+    (``choices``: uint8 (sub-block rows, columns), an index into refs or NO_REFERENCE)."""
+    shape = nodata.shape
+    blocks = block_slices(latent_cells(shape), block)
+    if len(streams) != len(blocks):
+        raise ValueError(f"{len(streams)} block streams for an input grid of {shape} in blocks of {block} cells")
+    if bool(refs) != (choices is not None):
+        raise ValueError("a date coded with references needs its reference dates and the choice of each block")
+    if refs and (len(choices) != len(blocks) or any(c.shape != sub_blocks(b) for c, b in zip(choices, blocks))
+                 or any(((c >= len(refs)) & (c != NO_REFERENCE)).any() for c in choices) or len(refs) >= NO_REFERENCE):
+        raise ValueError(f"reference choices do not fit {len(blocks)} blocks and {len(refs)} reference dates")
+    mask = zlib.compress(np.packbits(nodata).tobytes(), 9) if nodata.any() else b""
+    ident = model_id.encode()
+    flags = HAS_MASK if mask else 0
+    grid = _varint(shape[0]) + _varint(shape[1]) + _varint(block)
+    if transform is not None:
+        flags |= GEOREFERENCED
+        a, b, c, d, e, f = list(transform)[:6]
+        if b == 0 and d == 0:
+            flags |= NORTH_UP
+            exact = float(np.float32(a)) == a and float(np.float32(e)) == e  # (NumPy 2 would compare in float32)
+            flags |= PIXEL_F32 if exact else 0
+            grid += struct.pack("<2d", c, f) + struct.pack("<2f" if exact else "<2d", a, e)
+        else:
+            grid += struct.pack("<6d", a, b, c, d, e, f)
+    code = _epsg(crs)
+    if code is not None:
+        flags |= EPSG
+        grid += struct.pack("<I", code)
+    else:
+        grid += struct.pack("<H", len((crs or "").encode())) + (crs or "").encode()
+    grid += struct.pack("<H", _days(date))
+    if refs:
+        grid += _varint(len(refs)) + b"".join(struct.pack("<H", _days(r)) for r in refs)
+        grid += b"".join(c.astype(np.uint8).tobytes() for c in choices)
+    head = struct.pack("<BBB", quality, flags, len(ident)) + ident + bytes.fromhex(model_sha256[:2 * SHA_BYTES]) + grid
+    head += b"".join(_varint(len(s)) for s in streams) + (_varint(len(mask)) if mask else b"")
+    magic = MAGIC if not refs else MAGIC[:3] + bytes([TEMPORAL_VERSION])
+    body = magic + _varint(len(head)) + head + b"".join(streams) + mask
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _epsg(crs: str | None) -> int | None:
+    """The EPSG code of a CRS written as "EPSG:n" (what the readers give for UTM and WGS 84)."""
+    if crs and crs.upper().startswith("EPSG:") and crs[5:].isdigit() and int(crs[5:]) < 1 << 32:
+        return int(crs[5:])
+    return None
+
+
+def _days(date: str) -> int:
+    """A date label (YYYY-MM-DD or "undated", as product.date_label writes them) as u16 days."""
+    if date == "undated":
+        return UNDATED
+    try:
+        days = int((np.datetime64(date, "D") - EPOCH).astype(int))
+    except ValueError as e:
+        raise ValueError(f"a product date is YYYY-MM-DD or 'undated', not {date!r}") from e
+    if not 0 <= days < UNDATED or str(EPOCH + days) != date:
+        raise ValueError(f"a product date is YYYY-MM-DD between 1970 and 2149, not {date!r}")
+    return days
+
+
+def encode_date(coder, ints: np.ndarray, level: int, quality: int, nodata: np.ndarray,
+                transform: Affine | None, crs: str | None, date: str, model_id: str, model_sha256: str,
+                block: int = BLOCK) -> bytes:
+    """The bytes of one date's file from its whole latent. ``coder`` is the model's LatentCoder,
+    ``level`` the index of ``quality`` in its tables."""
+    if ints.shape[1:] != latent_cells(nodata.shape):
+        raise ValueError(f"latent grid {ints.shape[1:]} does not cover the input grid {nodata.shape} in 4 px cells")
+    streams = [coder.encode(ints[:, ys, xs], level) for ys, xs in block_slices(ints.shape[1:], block)]
+    return assemble(streams, nodata, quality, transform, crs, date, model_id, model_sha256, block)
+
+
+def write_date(folder: Path, data: bytes, date: str) -> Path:
+    """Write one date's bytes under a temporary name, then rename: a .corsa file is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / file_name(date)
+    part = final.with_name(final.name + ".part")
+    try:
+        with writing(final):
+            part.write_bytes(data)
+            part.replace(final)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return final
+
+
+class _Reader:
+    def __init__(self, data: bytes, name: str):
+        self.data, self.pos, self.name = data, 0, name
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ProductError(f"{self.name} is truncated (header or payload ends early)")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+    def varint(self) -> int:
+        n, shift = 0, 0
+        while True:
+            (byte,) = self.unpack("<B")
+            n |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return n
+            shift += 7
+            if shift > 63:
+                raise ProductError(f"{self.name}: a length field is corrupt")
+
+
+def read_header(data: bytes, name: str) -> dict:
+    """The header fields and the payload's stream lengths, checked against the file's CRC-32."""
+    if len(data) < len(MAGIC) + 6 or data[:3] != MAGIC[:3]:
+        raise ProductError(f"{name} is not a corsa stream product (bad magic)")
+    if data[3] not in (VERSION, TEMPORAL_VERSION):
+        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows {VERSION} and {TEMPORAL_VERSION}")
+    if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
+        raise ProductError(f"{name} does not match its CRC-32 (damaged or truncated file)")
+    r = _Reader(data[:-4], name)
+    r.take(len(MAGIC))
+    head_len = r.varint()
+    start = r.pos
+    quality, flags, n = r.unpack("<BBB")
+    model_id = r.take(n).decode("utf-8", "replace")
+    sha_prefix = r.take(SHA_BYTES).hex()
+    height, width, block = r.varint(), r.varint(), r.varint()
+    if not height or not width or height * width > MAX_INPUT_PIXELS or not block or block > 1 << 16:
+        raise ProductError(f"{name} declares an input grid of {height} x {width} px in blocks of {block}")
+    transform = None
+    if flags & GEOREFERENCED and flags & NORTH_UP:
+        c, f = r.unpack("<2d")
+        a, e = r.unpack("<2f" if flags & PIXEL_F32 else "<2d")
+        transform = Affine(a, 0.0, c, 0.0, e, f)
+    elif flags & GEOREFERENCED:
+        transform = Affine(*r.unpack("<6d"))
+    if flags & EPSG:
+        crs = f"EPSG:{r.unpack('<I')[0]}"
+    else:
+        (n,) = r.unpack("<H")
+        crs = r.take(n).decode("utf-8", "replace") or None
+    date = _date_of(r.unpack("<H")[0])
+    cells = latent_cells((height, width))
+    blocks = block_slices(cells, block)
+    refs, choices = [], None
+    if data[3] == TEMPORAL_VERSION:
+        n = r.varint()
+        if not 0 < n < NO_REFERENCE:
+            raise ProductError(f"{name} declares {n} reference dates")
+        refs = [_date_of(r.unpack("<H")[0]) for _ in range(n)]
+        choices = []
+        for b in blocks:
+            rows, cols = sub_blocks(b)
+            c = np.frombuffer(r.take(rows * cols), np.uint8).reshape(rows, cols)
+            if ((c >= n) & (c != NO_REFERENCE)).any():
+                raise ProductError(f"{name}: a block names a reference date it does not list")
+            choices.append(c)
+        if date == "undated" or any(ref == "undated" or ref >= date for ref in refs):
+            raise ProductError(f"{name}: a date refers to dates {refs}, which are not all before it ({date})")
+    lengths = [r.varint() for _ in blocks]
+    mask_len = r.varint() if flags & HAS_MASK else 0
+    if r.pos != start + head_len:
+        raise ProductError(f"{name}: header length field disagrees with its content")
+    if r.pos + sum(lengths) + mask_len != len(data) - 4:
+        raise ProductError(f"{name}: payload length disagrees with the header")
+    return {"quality": quality, "model_id": model_id, "sha_prefix": sha_prefix, "shape": (height, width),
+            "block": block, "transform": transform, "crs": crs, "date": date, "cells": cells,
+            "blocks": blocks, "lengths": lengths, "mask_len": mask_len, "payload": r.pos,
+            "refs": refs, "choices": choices}
+
+
+def _date_of(days: int) -> str:
+    return "undated" if days == UNDATED else str(EPOCH + days)
+
+
+def stream_offsets(h: dict) -> list[tuple[int, int]]:
+    """(start, length) of each block stream in the file, in ``block_slices`` order."""
+    starts = np.cumsum([h["payload"]] + h["lengths"][:-1]).tolist() if h["lengths"] else []
+    return list(zip(starts, h["lengths"]))
+
+
+def read_mask(data: bytes, h: dict, name: str) -> np.ndarray | None:
+    """The nodata mask on the input grid (True = nodata), None when the input had none."""
+    if not h["mask_len"]:
+        return None
+    start = h["payload"] + sum(h["lengths"])
+    try:
+        bits = np.frombuffer(zlib.decompress(data[start:start + h["mask_len"]]), np.uint8)
+    except zlib.error as e:
+        raise ProductError(f"{name}: nodata mask is corrupt: {e}") from e
+    size = h["shape"][0] * h["shape"][1]
+    if bits.size != -(-size // 8):
+        raise ProductError(f"{name}: nodata mask has {bits.size * 8} bits for {size} pixels")
+    return np.unpackbits(bits)[:size].reshape(h["shape"]).astype(bool)
+
+
+def decode_block(coder, stream: bytes, level: int, cells: tuple[slice, slice], name: str) -> np.ndarray:
+    """One block's integers (L, h, w) from its stream."""
+    shape = (coder.channels, cells[0].stop - cells[0].start, cells[1].stop - cells[1].start)
+    try:
+        return coder.decode(stream, level, shape)
+    except StreamError as e:
+        raise ProductError(f"{name}: {e}") from e
+
+
+def read_date(folder: Path, date: str, coder, level_of) -> StreamDate:
+    """Decode one date down to its integers, all blocks at once. ``level_of(quality)`` maps the
+    stored quality to the index of the model's tables (and refuses a quality it does not have)."""
+    path = Path(folder) / file_name(date)
+    if not path.is_file():
+        raise ProductError(f"{path.name} is missing from {folder}")
+    data = path.read_bytes()
+    h = read_header(data, path.name)
+    if h["date"] != date:
+        raise ProductError(f"{path.name} holds date {h['date']!r}, not {date}")
+    if h["refs"]:
+        raise ProductError(f"{path.name} is coded with references to dates {h['refs']}: read it with corsa.formats.series")
+    level = level_of(h["quality"])
+    ints = np.zeros((coder.channels,) + h["cells"], np.int16)
+    for cells, (start, n) in zip(h["blocks"], stream_offsets(h)):
+        ints[:, cells[0], cells[1]] = decode_block(coder, data[start:start + n], level, cells, path.name)
+    return StreamDate(date, h["quality"], ints, read_mask(data, h, path.name), h["shape"], h["transform"],
+                      h["crs"], h["model_id"], h["sha_prefix"])
