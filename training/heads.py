@@ -66,3 +66,15 @@ def record(folder: Path, key: str, file_name: str, net: torch.nn.Module, log: li
     card_path.write_text(json.dumps(card, indent=1))
     (folder / "MODEL_CARD.md").write_text(card_markdown(card))
     return card[key]
+
+
+def train_and_record(net: torch.nn.Module, batch: Callable[[], tuple], loss_of: Callable[..., torch.Tensor],
+                     args: argparse.Namespace, start: float, validate: Callable[[torch.nn.Module], dict],
+                     export: Callable[[torch.nn.Module, Path], None], folder: Path, key: str, file_name: str,
+                     script: str, prepared: float, entry: dict) -> dict:
+    """``fit``, then the validation figures, the ONNX file and the card entry (``record``) of a head."""
+    log = fit(net, batch, loss_of, args, start)
+    figures = validate(net)
+    print(json.dumps(figures), flush=True)
+    export(net, folder / file_name)
+    return record(folder, key, file_name, net, log, args, script, start, prepared, {**entry, "validation": figures})

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,52 +63,95 @@ def lr_at(step: int, total: int, base: float, warmup: int = 500) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+class Run:
+    """A training run's folder (runs/NAME) and what its checkpoints carry, resumed from its ckpt.pt
+    where there is one: the model, optimiser and crop sampler states, the torch RNG, the step, the
+    best validation score and the wall time so far. Both codec families train through it."""
+
+    def __init__(self, args: argparse.Namespace, config_class):
+        self.args, self.dir = args, Path(args.runs) / args.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "ckpt.pt"
+        self.ckpt = torch.load(self.path, weights_only=False) if self.path.exists() else None
+        if self.ckpt:
+            print(f"resuming {self.dir} at step {self.ckpt['step']}")
+        self.config = config_class(**self.ckpt["config"]) if self.ckpt else None
+        self.stats = BandStats(**self.ckpt["stats"]) if self.ckpt else None
+
+    def bind(self, model: torch.nn.Module, opt: torch.optim.Optimizer, sampler: CropSampler, cfg, st: BandStats,
+             best: float, **extra) -> int:
+        """The run's model and what trains it, restored from the checkpoint; returns the step to start at."""
+        self.model, self.opt, self.sampler, self.cfg, self.st, self.extra = model, opt, sampler, cfg, st, extra
+        self.step, self.best, self.elapsed = 0, best, 0.0
+        if self.ckpt:
+            model.load_state_dict(self.ckpt["model"])
+            opt.load_state_dict(self.ckpt["opt"])
+            sampler.restore(self.ckpt["sampler"])
+            torch.set_rng_state(self.ckpt["torch_rng"])
+            self.step, self.best, self.elapsed = self.ckpt["step"], self.ckpt["best"], self.ckpt["elapsed"]
+        print(f"{self.args.name}: {parameter_count(model) / 1e6:.2f} M parameters, config {cfg.to_dict()}", flush=True)
+        self.log = (self.dir / "log.jsonl").open("a")
+        self.t0 = time.time() - self.elapsed
+        return self.step
+
+    def save(self, path: Path) -> None:
+        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "config": self.cfg.to_dict(),
+                    "stats": asdict(self.st), "step": self.step, "best": self.best, "elapsed": self.elapsed,
+                    "sampler": self.sampler.state(), "torch_rng": torch.get_rng_state(), "args": vars(self.args),
+                    **self.extra}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    def after(self, step: int, validate: Callable[[], tuple[dict, float]], better: Callable[[float, float], bool]) -> None:
+        """After a training step: every --val-every steps ``validate()`` gives the log record and the
+        score (best.pt kept when ``better(score, best)``); every --ckpt-every steps ckpt.pt."""
+        self.step, a = step, self.args
+        if step % a.val_every == 0 or step == a.steps:
+            self.elapsed = time.time() - self.t0
+            record, score = validate()
+            record = {"step": step, "elapsed_s": round(self.elapsed, 1), **record}
+            print(json.dumps(record), flush=True)
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+            if better(score, self.best):
+                self.best = score
+                self.save(self.dir / "best.pt")
+        if step % a.ckpt_every == 0 or step == a.steps:
+            self.elapsed = time.time() - self.t0
+            self.save(self.path)
+
+    def close(self) -> Path:
+        self.log.close()
+        return self.dir
+
+
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    run = Path(args.runs) / args.name
-    run.mkdir(parents=True, exist_ok=True)
+    run = Run(args, CodecConfig)
     train_scenes = load_split(SPLIT_FILE, "train")
     val_scenes = load_split(SPLIT_FILE, "val")
     if args.val_scenes:
         val_scenes = val_scenes[:: max(1, len(val_scenes) // args.val_scenes)]
-
-    ckpt_path = run / "ckpt.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        cfg, st = CodecConfig(**ckpt["config"]), BandStats(**ckpt["stats"])
-        print(f"resuming {run} at step {ckpt['step']}")
-    else:
-        ckpt = None
-        cfg = CodecConfig(k0=args.k0, k1=args.k1, dim0=args.dim, dim1=args.dim, width10=args.width10,
-                          width20=args.width20, width40=args.width40, blocks_dec=args.blocks_dec)
-        st = fit_band_stats(train_scenes, seed=args.seed)
+    cfg = run.config or CodecConfig(k0=args.k0, k1=args.k1, dim0=args.dim, dim1=args.dim, width10=args.width10,
+                                    width20=args.width20, width40=args.width40, blocks_dec=args.blocks_dec)
+    st = run.stats or fit_band_stats(train_scenes, seed=args.seed)
     model = build_model(cfg, st)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
-    sampler = CropSampler(train_scenes, args.crop, args.seed)
-    step, best, elapsed = 0, -1.0, 0.0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sampler.restore(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["elapsed"]
-    print(f"{args.name}: {parameter_count(model) / 1e6:.2f} M parameters, config {cfg.to_dict()}")
-
-    def save(path: Path) -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "config": cfg.to_dict(),
-                    "stats": asdict(st), "step": step, "best": best, "elapsed": elapsed,
-                    "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
-                    "args": vars(args)}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-
+    step = run.bind(model, opt, CropSampler(train_scenes, args.crop, args.seed), cfg, st, best=-1.0)
     norm = float(np.mean(np.square(st.dn_std)))
-    log = (run / "log.jsonl").open("a")
-    t0, loss_acc = time.time() - elapsed, 0.0
+    loss_acc = 0.0
+
+    def validate() -> tuple[dict, float]:
+        nonlocal loss_acc
+        ev = evaluate(model, val_scenes)
+        record = {"train_psnr_est": round(10 * math.log10(1e8 / (loss_acc / args.val_every * norm)), 2), **ev}
+        loss_acc = 0.0
+        return record, ev["psnr"]
+
     while step < args.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
-        x = torch.from_numpy(sampler.batch(args.batch))
+        x = torch.from_numpy(run.sampler.batch(args.batch))
         # bf16 autocast: about 3.5x faster on this CPU (AMX); quantisation stays float32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(x)
@@ -120,23 +164,8 @@ def train(args: argparse.Namespace) -> Path:
         opt.step()
         step += 1
         loss_acc += rec.item()
-        if step % args.val_every == 0 or step == args.steps:
-            elapsed = time.time() - t0
-            ev = evaluate(model, val_scenes)
-            rec = {"step": step, "elapsed_s": round(elapsed, 1), "train_psnr_est":
-                   round(10 * math.log10(1e8 / (loss_acc / args.val_every * norm)), 2), **ev}
-            loss_acc = 0.0
-            print(json.dumps(rec), flush=True)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if ev["psnr"] > best:
-                best = ev["psnr"]
-                save(run / "best.pt")
-        if step % args.ckpt_every == 0 or step == args.steps:
-            elapsed = time.time() - t0
-            save(ckpt_path)
-    log.close()
-    return run
+        run.after(step, validate, lambda score, best: score > best)
+    return run.close()
 
 
 def run_arguments(p: argparse.ArgumentParser, name: str, steps: int, batch: int, lr: float) -> None:

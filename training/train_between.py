@@ -19,7 +19,6 @@ PSNR beside linear interpolation in time of the two neighbouring decodes.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -162,15 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
         ok = (target != 0).any(1, keepdim=True).float()
         return (((net(images, dt, valid, prior) - target) / std) ** 2 * ok).sum() / (ok.sum() * 10).clamp(min=1)
 
-    log = heads.fit(net, lambda: train.batch(args.batch), loss_of, args, start)
-    figures = evaluate(net, val)
-    print(json.dumps(figures), flush=True)
-    export(net, folder / FILE_NAME)
-    return heads.record(folder, "between", FILE_NAME, net, log, args, "train_between", start, prepared, {
+    return heads.train_and_record(net, lambda: train.batch(args.batch), loss_of, args, start,
+                                  lambda n: evaluate(n, val), export, folder, "between", FILE_NAME,
+                                  "train_between", prepared, {
         "what": "a date between stored dates: a per-pixel softmax blend of the decodes of the candidates (the two "
                 "stored dates before and after it), weighted by a small network on top of linear interpolation's weights",
-        "candidates": corsa_udf.BETWEEN_DATES, "reach_px": 2, "qualities_trained": list(QUALITIES),
-        "validation": figures})
+        "candidates": corsa_udf.BETWEEN_DATES, "reach_px": 2, "qualities_trained": list(QUALITIES)})
+
 
 if __name__ == "__main__":
     main()

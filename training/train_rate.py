@@ -9,10 +9,7 @@ with the lowest validation loss (mean over levels) is kept as best.pt. Log: runs
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +20,9 @@ from corsa.core.metrics import psnr
 from corsa.core.scene import Scene
 
 from .data import BandStats, CropSampler, fit_band_stats
-from .model import InputTransform, parameter_count
+from .model import InputTransform
 from .rate_model import RateCodec, RateConfig, laplace_mass, widen_state
-from .train import SPLIT_FILE, lr_at, pad_to, run_arguments
+from .train import SPLIT_FILE, Run, lr_at, pad_to, run_arguments
 
 
 def build_model(cfg: RateConfig, st: BandStats) -> RateCodec:
@@ -70,49 +67,32 @@ def evaluate(model: RateCodec, scenes: list[Scene], norm: float) -> dict:
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    run = Path(args.runs) / args.name
-    run.mkdir(parents=True, exist_ok=True)
+    run = Run(args, RateConfig)
     train_scenes = load_split(SPLIT_FILE, "train")
     val_scenes = load_split(SPLIT_FILE, "val")[:: args.val_stride]
-
-    ckpt_path = run / "ckpt.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        cfg, st = RateConfig(**ckpt["config"]), BandStats(**ckpt["stats"])
-        print(f"resuming {run} at step {ckpt['step']}")
-    else:
-        ckpt = None
-        cfg = RateConfig(latent=args.latent, width=args.width, width20=args.width20,
-                         blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec,
-                         **({"lambdas": args.lambdas} if args.lambdas else {}))
-        init = torch.load(args.init, weights_only=False) if args.init else None
-        # A warm start keeps the trained model's input statistics: its weights are fitted to them.
-        st = BandStats(**init["stats"]) if init else fit_band_stats(train_scenes, seed=args.seed)
+    init = torch.load(args.init, weights_only=False) if args.init and not run.ckpt else None
+    cfg = run.config or RateConfig(latent=args.latent, width=args.width, width20=args.width20,
+                                   blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec,
+                                   **({"lambdas": args.lambdas} if args.lambdas else {}))
+    # A warm start keeps the trained model's input statistics: its weights are fitted to them.
+    st = run.stats or (BandStats(**init["stats"]) if init else fit_band_stats(train_scenes, seed=args.seed))
     model = build_model(cfg, st)
-    if not ckpt and init:
+    if init:
         model.load_state_dict(widen_state(init["model"], model))
         print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = CropSampler(train_scenes, args.crop, args.seed, max_weight_px=args.max_weight_px)
-    step, best, elapsed = 0, math.inf, 0.0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sampler.restore(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        step, best, elapsed = ckpt["step"], ckpt["best"], ckpt["elapsed"]
-    print(f"{args.name}: {parameter_count(model) / 1e6:.2f} M parameters, config {cfg.to_dict()}", flush=True)
-
-    def save(path: Path) -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "config": cfg.to_dict(),
-                    "stats": asdict(st), "step": step, "best": best, "elapsed": elapsed,
-                    "sampler": sampler.state(), "torch_rng": torch.get_rng_state(),
-                    "args": vars(args), "kind": "rate"}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-
+    step = run.bind(model, opt, sampler, cfg, st, best=math.inf, kind="rate")
     norm = float(np.mean(np.square(st.dn_std)))
-    log = (run / "log.jsonl").open("a")
-    t0, acc = time.time() - elapsed, {"d": 0.0, "bpp": 0.0}
+    acc = {"d": 0.0, "bpp": 0.0}
+
+    def validate() -> tuple[dict, float]:
+        nonlocal acc
+        ev = evaluate(model, val_scenes, norm)
+        record = {"train_d": round(acc["d"] / args.val_every, 5), "train_bpp": round(acc["bpp"] / args.val_every, 3), **ev}
+        acc = {"d": 0.0, "bpp": 0.0}
+        return record, ev["val_loss"]
+
     while step < args.steps:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.steps, args.lr)
@@ -130,23 +110,8 @@ def train(args: argparse.Namespace) -> Path:
         step += 1
         acc["d"] += float(d.detach().mean())
         acc["bpp"] += float(bpp.detach().mean())
-        if step % args.val_every == 0 or step == args.steps:
-            elapsed = time.time() - t0
-            ev = evaluate(model, val_scenes, norm)
-            rec = {"step": step, "elapsed_s": round(elapsed, 1), "train_d": round(acc["d"] / args.val_every, 5),
-                   "train_bpp": round(acc["bpp"] / args.val_every, 3), **ev}
-            acc = {"d": 0.0, "bpp": 0.0}
-            print(json.dumps(rec), flush=True)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            if ev["val_loss"] < best:
-                best = ev["val_loss"]
-                save(run / "best.pt")
-        if step % args.ckpt_every == 0 or step == args.steps:
-            elapsed = time.time() - t0
-            save(ckpt_path)
-    log.close()
-    return run
+        run.after(step, validate, lambda score, best: score < best)
+    return run.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ and x4, PSNR against the 10 m truth, beside bicubic of the same decode.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -176,15 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
         std = net.std[:, :, 0, 0][:, None]
         return (((net(lr_img, coord, cell) - target) / std) ** 2 * valid).sum() / (valid.sum() * 10).clamp(min=1)
 
-    log = heads.fit(net, lambda: train.batch(args.batch), loss_of, args, start)
-    figures = evaluate(net, val)
-    print(json.dumps(figures), flush=True)
-    export(net, folder / FILE_NAME)
-    return heads.record(folder, "render", FILE_NAME, net, log, args, "train_render", start, prepared, {
+    return heads.train_and_record(net, lambda: train.batch(args.batch), loss_of, args, start,
+                                  lambda n: evaluate(n, val), export, folder, "render", FILE_NAME,
+                                  "train_render", prepared, {
         "what": "a decoded date queried at any point and pixel size (LIIF-style: bicubic of the decode plus an MLP on "
                 "a feature grid, the query's offset in its pixel and its cell size); corsa decompress --scale / --like",
-        "reach_px": reach_px(args.blocks), "scales_trained": list(SCALES), "qualities_trained": list(QUALITIES),
-        "validation": figures})
+        "reach_px": reach_px(args.blocks), "scales_trained": list(SCALES), "qualities_trained": list(QUALITIES)})
+
 
 if __name__ == "__main__":
     main()
