@@ -1,4 +1,6 @@
-"""The shipped ONNX files compute what the torch model they were exported from computes.
+"""The shipped ONNX files compute what the torch model they were exported from computes: the torch
+model rebuilt from the weights in the folder's ONNX files and the card's architecture (the folder
+keeps no torch state; training.export.load_model), run as torch.
 
 Tolerances: at least 99.9% of indices (or of a variable-rate model's integers) identical (a near-tie
 between two codebook vectors, or a latent next to a rounding boundary, may flip with float summation
@@ -14,7 +16,7 @@ import torch
 from corsa.codec.models import OnnxCodec, VariableRateCodec
 from corsa.formats.datasets import LOADERS
 from training import export_rate
-from training.export import load_state
+from training.export import load_model
 from training.train import pad_to
 
 # Codec folders only (a classifier folder has no encoder), by kind.
@@ -32,7 +34,7 @@ def _scenes(root):
 @pytest.mark.parametrize("model_path", MODELS, ids=[p.name for p in MODELS])
 def test_onnx_matches_torch_on_real_scenes(model_path, data_root):
     codec = OnnxCodec(model_path)
-    model = load_state(model_path / "torch_state.pt")
+    model = load_model(model_path)
     for scene in _scenes(data_root):
         idx0, idx1 = codec.encode(scene.data)
         with torch.no_grad():
@@ -51,7 +53,7 @@ def test_onnx_matches_torch_on_real_scenes(model_path, data_root):
 def test_features_are_the_codebook_vectors(model_path, data_root):
     """features.onnx gives downstream models the codebook vectors without the decoder."""
     codec = OnnxCodec(model_path)
-    model = load_state(model_path / "torch_state.pt")
+    model = load_model(model_path)
     idx0, idx1 = codec.encode(next(LOADERS["bigearthnet"](data_root)).data)
     f0, f1 = codec.features(idx0, idx1)
     np.testing.assert_allclose(f0, model.vq0.embed[torch.from_numpy(idx0.astype(np.int64))].permute(2, 0, 1).numpy(), atol=1e-6)
@@ -61,7 +63,7 @@ def test_features_are_the_codebook_vectors(model_path, data_root):
 @pytest.mark.parametrize("model_path", RATE, ids=[p.name for p in RATE])
 def test_variable_rate_onnx_matches_torch(model_path, data_root):
     codec = VariableRateCodec(model_path)
-    model = export_rate.load_state(model_path / "torch_state.pt")
+    model = export_rate.load_model(model_path)
     gain, inv_gain = (g.detach() for g in model.gains())
     q = codec.default_quality
     for scene in _scenes(data_root):

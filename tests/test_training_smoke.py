@@ -41,13 +41,14 @@ def test_train_resume_export(tmp_path, data_root):
     card = json.loads((model_dir / "model_card.json").read_text())
     assert set(card["files"]) == {"encoder", "decoder", "features", "entropy_model"}
     assert not list(model_dir.glob("*.data")), "ONNX weights must be inside the .onnx files"
+    assert not (model_dir / "torch_state.pt").exists(), "training state stays with the run"
     assert card["codebooks"] == {"k0": 32, "k1": 8, "dim0": 8, "dim1": 8}
 
     scene = next(LOADERS["bigearthnet"](data_root))
     codec = OnnxCodec(model_dir)
     idx0, idx1 = codec.encode(scene.data)
     with torch.no_grad():
-        t0, t1 = load_state(model_dir / "torch_state.pt").encode(
+        t0, t1 = load_state(runs / "smoke" / "torch_state.pt").encode(
             torch.from_numpy(pad_to(scene.data, 4).astype(np.float32))[None])
     assert np.mean(idx0 == t0[0].numpy()) >= 0.999 and np.mean(idx1 == t1[0].numpy()) >= 0.999
 

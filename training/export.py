@@ -26,6 +26,7 @@ from corsa.core.scene import BANDS, RAW_BITS_PER_PIXEL
 
 from .model import Codec, CodecConfig, parameter_count
 from .train import SPLIT_FILE, build_model
+from . import weights
 from .data import BandStats
 
 OPSET = 17
@@ -72,8 +73,13 @@ def load_run(run: Path, which: str = "best.pt", config=CodecConfig, build=build_
 
 
 def load_state(path: Path, config=CodecConfig, build=build_model) -> nn.Module:
-    """The torch model saved beside an export (torch_state.pt), for parity checks and fine-tuning."""
+    """The torch model an export saved in its run folder (torch_state.pt), for fine-tuning."""
     return restore(torch.load(path, weights_only=True), config, build)
+
+
+def load_model(folder: Path) -> Codec:
+    """A shipped codebook model as torch, rebuilt from its ONNX files (``training.weights``)."""
+    return weights.load_model(folder, CodecConfig, build_model)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
@@ -128,8 +134,10 @@ def export(run: Path, name: str, out_root: Path, description: str, figures: bool
     cfg: CodecConfig = model.cfg
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
+    # Fine-tuning state stays with the run; the model folder holds what run time reads (load_model
+    # rebuilds the torch model from it).
     torch.save({"config": cfg.to_dict(), "stats": ckpt["stats"], "model": model.state_dict()},
-               out / "torch_state.pt")
+               run / "torch_state.pt")
     dn = torch.rand(1, len(BANDS), 64, 64) * 3000
     idx0, idx1 = model.encode(dn)
     spatial = {2: "y", 3: "x"}
@@ -248,7 +256,7 @@ def card_markdown(card: dict) -> str:
   (CF {t['fixed_rate_cf']} against 88 bit).
 - Files: `encoder.onnx` (DN -> idx0, idx1), `decoder.onnx` (idx0, idx1 -> DN),
   `features.onnx` (idx0, idx1 -> codebook vectors f0, f1); sha256 in `model_card.json`.
-  `torch_state.pt` holds the same weights for torch (parity test, fine-tuning); run time never reads it.
+  The torch model is rebuilt from these files (`training.weights`, the parity test); training state stays in the run folder.
 - Receptive radius: encoder {card['receptive_radius_px']['encoder']} px, decoder
   {card['receptive_radius_px']['decoder']} px; tiles of {card['tile']['size']} px need an overlap of
   {card['tile']['overlap']} px for seamless output.

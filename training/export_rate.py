@@ -31,7 +31,7 @@ from corsa.codec.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, cont
 from corsa.core.metrics import compression_factor, psnr
 from corsa.core.scene import BANDS, Scene
 
-from . import export as base_export
+from . import export as base_export, weights
 from .export import NODATA_LAYER, OPSET, _args_cli, _record_files, input_spec, stored_layer
 from .model import parameter_count
 from .rate_model import RateCodec, RateConfig
@@ -58,8 +58,14 @@ def load_run(run: Path, which: str = "best.pt") -> tuple[RateCodec, dict]:
 
 
 def load_state(path: Path) -> RateCodec:
-    """The torch model saved beside an export (torch_state.pt), for parity checks and fine-tuning."""
+    """The torch model an export saved in its run folder (torch_state.pt), for fine-tuning."""
     return base_export.load_state(path, RateConfig, build_model)
+
+
+def load_model(folder: Path) -> RateCodec:
+    """A shipped variable-rate model as torch, rebuilt from its ONNX files and its gains
+    (``training.weights``): what the parity test compares the ONNX files with."""
+    return weights.load_model(folder, RateConfig, build_model, weights.rate_gains(folder))
 
 
 def _reach(grad: torch.Tensor, centre: int, scale: int) -> int:
@@ -134,7 +140,7 @@ def export(run: Path, name: str, out_root: Path, description: str, notes: str = 
     cfg: RateConfig = model.cfg
     out = out_root / name
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": cfg.to_dict(), "stats": ckpt["stats"], "model": model.state_dict()}, out / "torch_state.pt")
+    torch.save({"config": cfg.to_dict(), "stats": ckpt["stats"], "model": model.state_dict()}, run / "torch_state.pt")
     spatial = {2: "y", 3: "x"}
     dn = torch.rand(1, len(BANDS), 64, 64) * 3000
     with torch.no_grad():
@@ -225,8 +231,8 @@ def card_markdown(card: dict) -> str:
 - Quality levels 1-{len(card['qualities'])} (higher is better), default {card['default_quality']}: one network,
   a learned gain vector per level (trained for lambda x MSE + bits).
 - Files: `encoder.onnx` (DN -> latent y), `decoder.onnx` (dequantised latent -> DN), `latent_model.npz`
-  (gains, inverse gains, integer context tables); sha256 in `model_card.json`. `torch_state.pt` holds the
-  weights for torch; run time never reads it.
+  (gains, inverse gains, integer context tables); sha256 in `model_card.json`. The torch model is rebuilt
+  from these files (`training.weights`); training state stays in the run folder.
 {series}- Receptive radius: encoder {card['receptive_radius_px']['encoder']} px, decoder
   {card['receptive_radius_px']['decoder']} px; tiles of {card['tile']['size']} px overlap by {card['tile']['overlap']} px.
 - Parameters: {a['parameters']:,}.

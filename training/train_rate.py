@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from corsa.core.scene import Scene
 from .data import BandStats, CropSampler, fit_band_stats
 from .model import InputTransform
 from .rate_model import RateCodec, RateConfig, laplace_mass, widen_state
+from . import weights
 from .train import SPLIT_FILE, Run, lr_at, pad_to, run_arguments
 
 
@@ -64,13 +66,22 @@ def evaluate(model: RateCodec, scenes: list[Scene], norm: float) -> dict:
     return out
 
 
+def _init_state(path: Path) -> dict:
+    """A warm start's torch state and band statistics: a checkpoint, a run's torch_state.pt, or a
+    shipped model folder (rebuilt from its ONNX files)."""
+    if path.is_dir():
+        model = weights.load_model(path, RateConfig, build_model, weights.rate_gains(path))
+        return {"stats": asdict(model.band_stats), "model": model.state_dict()}
+    return torch.load(path, weights_only=False)
+
+
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = Run(args, RateConfig)
     train_scenes = load_split(SPLIT_FILE, "train")
     val_scenes = load_split(SPLIT_FILE, "val")[:: args.val_stride]
-    init = torch.load(args.init, weights_only=False) if args.init and not run.ckpt else None
+    init = _init_state(Path(args.init)) if args.init and not run.ckpt else None
     cfg = run.config or RateConfig(latent=args.latent, width=args.width, width20=args.width20,
                                    blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec,
                                    **({"lambdas": args.lambdas} if args.lambdas else {}))
@@ -126,7 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a scene is drawn as if it had at most this many pixels (large L1C scenes would dominate)")
     p.add_argument("--val-stride", type=int, default=2, help="evaluate on every n-th val scene")
     p.add_argument("--lambdas", type=float, nargs="+", help="one per quality level, lowest first (default: RateConfig's)")
-    p.add_argument("--init", help="warm start from a trained model (a torch_state.pt or checkpoint), widened to "
+    p.add_argument("--init", help="warm start from a trained model (a model folder such as models_onnx/corsa2.1, a "
+                                  "run's torch_state.pt or a checkpoint), widened to "
                                   "--latent channels and the --lambdas levels")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16, slower elsewhere: see lscpu)")
