@@ -134,22 +134,6 @@ def test_info_reports_model_and_cf(tmp_path, majortom, capsys):
     assert "2022-07-06" in out and "corsa512" in out and "CF" in out
 
 
-def test_dask_cluster_gives_byte_identical_products(tmp_path, majortom):
-    from dask.distributed import LocalCluster
-
-    data = majortom.data[:, :700, :600]                         # two chunks by two
-    write_scene(tmp_path / "in.tif", data, Affine(*majortom.transform), majortom.crs, "2022-07-06")
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "local"), "--model", "corsa512"]) == 0
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster:
-        assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "cluster"),
-                         "--model", "corsa512", "--scheduler", cluster.scheduler_address]) == 0
-    local = stored_files(tmp_path / "local")
-    assert [p.name for p in local] == sorted(p.name for p in stored_files(tmp_path / "cluster"))
-    for p in local:
-        assert p.read_bytes() == (tmp_path / "cluster" / p.name).read_bytes(), p.name
-
-
 def test_stac_item_collection_loads_the_canonical_scene(tmp_path, data_root, majortom, codec):
     """The STAC path (as users with internet use it) on a static catalogue of the shared files."""
     from datetime import datetime
