@@ -312,7 +312,7 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
     each row of blocks done is a unit of progress (``block_rows``). Under a temporary name until
     complete. ``run``: a cluster, whose workers gather and render whole blocks."""
     (hh, ww) = head["shape"]
-    profile = {**results.PROFILE, "count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
+    profile = {**results.SCRATCH, "count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
     if head["transform"] is not None:
         profile["transform"] = head["transform"]
     if head["crs"]:

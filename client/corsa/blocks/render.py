@@ -135,7 +135,7 @@ def render_file(source: Path, codec: VariableRateCodec, grid: Grid, out: Path) -
         coarser = bool(centre.max() > 1 + 1e-6)
         session = None if coarser else _head(codec, "render", "space head")
         reach = codec.card.get("render", {}).get("reach_px", 0) + 1
-        profile = {**results.PROFILE, "count": len(BANDS), "dtype": "uint16", "height": grid.shape[0],
+        profile = {**results.SCRATCH, "count": len(BANDS), "dtype": "uint16", "height": grid.shape[0],
                    "width": grid.shape[1], "transform": grid.transform, "crs": grid.crs or src.crs}
         out.parent.mkdir(parents=True, exist_ok=True)
         part = out.with_name(out.name + ".part")

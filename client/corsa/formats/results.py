@@ -30,7 +30,9 @@ DEFAULT_PREFIX = "openEO"
 # Decoded reflectances as users read them remotely: GDAL's cloud-optimised layout (tiles, overviews
 # by averaging, the header first), DN = reflectance x 10000 said by each band's scale and offset.
 COG_OPTIONS = {"compress": "deflate", "predictor": 2, "blocksize": 512, "overviews": "auto", "resampling": "average",
-               "BIGTIFF": "IF_SAFER"}
+               "BIGTIFF": "IF_SAFER", "NUM_THREADS": "ALL_CPUS"}   # tiles compressed side by side: the same bytes
+# A file written only to be made a COG at once: compressed fast (ZSTD level 1), the COG compresses for good.
+SCRATCH = {**PROFILE, "compress": "zstd", "ZSTD_LEVEL": 1}
 REFLECTANCE_SCALE = 1e-4
 
 
