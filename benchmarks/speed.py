@@ -71,8 +71,8 @@ def run(model: str, quality: int | None, repeats: int) -> dict:
             data = f.read()
         mp = data.shape[1] * data.shape[2] / 1e6
         t_cli_c, _ = _best(lambda: _cli("compress", str(src), "-o", str(tmp / "prod"), "--model", model,
-                                        "--quality", str(quality)), repeats)
-        (path,) = (tmp / "prod").iterdir()
+                                        "--quality", str(quality), "--overwrite"), repeats)
+        (path,) = (tmp / "prod").glob(f"*{stream_format.SUFFIX}")
         ours_cf = compression_factor(data.shape[1] * data.shape[2], path.stat().st_size)
         t_cli_d, _ = _best(lambda: _cli("decompress", str(tmp / "prod"), "-o", str(tmp / "out.tif")), repeats)
         with rasterio.open(tmp / "out.tif") as f:
