@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from rasterio.transform import Affine
 
-from corsa.formats import product
+from corsa.formats import codebook_product
 from corsa.codec.models import OnnxCodec
 from corsa.formats.datasets import LOADERS, default_data_root, load_split
 from corsa.codec.index_coder import EntropyModel, pack_fixed
@@ -52,9 +52,9 @@ def run_model(name: str, scenes: list) -> dict:
         if not (np.array_equal(back0, idx0) and np.array_equal(back1, idx1)):
             raise AssertionError(f"entropy coding of {s.name} is not lossless")
         with tempfile.TemporaryDirectory() as tmp:
-            product.write_date(Path(tmp), "d", idx0, idx1, s.nodata_mask, Affine(*s.transform) if s.transform else None,
+            codebook_product.write_date(Path(tmp), "d", idx0, idx1, s.nodata_mask, Affine(*s.transform) if s.transform else None,
                                s.crs, codec.model_id, codec.card["files"]["decoder"]["sha256"])
-            product_bytes = product.product_bytes(Path(tmp), "d")
+            product_bytes = codebook_product.product_bytes(Path(tmp), "d")
         used0 += np.bincount(idx0.ravel(), minlength=used0.size)
         used1 += np.bincount(idx1.ravel(), minlength=used1.size)
         rows.append({"scene": s.name, "pixels": s.pixels, "psnr": psnr(s.data, rec),

@@ -20,7 +20,7 @@ from rasterio.shutil import copy as gdal_copy
 from rasterio.transform import Affine
 
 from corsa.app import cli
-from corsa.formats import product
+from corsa.formats import codebook_product
 from corsa.codec.models import MODELS_DIR, sha256_file
 from corsa.formats.datasets import LOADERS
 from corsa.core.metrics import psnr
@@ -86,13 +86,13 @@ def decoded(ctx: Ctx) -> np.ndarray:
 
 
 def all_nodata_back(ctx: Ctx) -> None:
-    assert product.read_date(ctx.tmp / "out", DATE).nodata.all()
+    assert codebook_product.read_date(ctx.tmp / "out", DATE).nodata.all()
     assert not decoded(ctx).any()
 
 
 def nan_is_nodata(ctx: Ctx) -> None:
     out = decoded(ctx)
-    mask = product.read_date(ctx.tmp / "out", DATE).nodata
+    mask = codebook_product.read_date(ctx.tmp / "out", DATE).nodata
     assert mask[:10].all() and not mask[10:].any()
     assert not out[:, :10].any() and out[:, 10:].all()
 
@@ -154,7 +154,7 @@ def two_crs(ctx: Ctx) -> list[str]:
 def edit_product(edit: Callable[[Path, dict], None]) -> Callable[[Ctx], list[str]]:
     def make(ctx: Ctx) -> list[str]:
         prod = ctx.product_copy()
-        edit(prod, {k: prod / v for k, v in product.file_names(DATE).items()})
+        edit(prod, {k: prod / v for k, v in codebook_product.file_names(DATE).items()})
         return ctx.decompress(prod)
     return make
 
@@ -187,7 +187,7 @@ def indices_past_codebook(prod: Path, files: dict) -> None:
     """Out-of-range indices with a matching checksum, as a faulty writer would leave them."""
     with rasterio.open(files["L1"], "r+") as dst:
         dst.write(np.full((1, 4, 4), 255, np.uint8), window=rasterio.windows.Window(0, 0, 4, 4))
-        dst.update_tags(CORSA_PIXELS_CRC32=product.pixels_crc32(dst.read(1)))
+        dst.update_tags(CORSA_PIXELS_CRC32=codebook_product.pixels_crc32(dst.read(1)))
 
 
 def flipped_index_bit(prod: Path, files: dict) -> None:

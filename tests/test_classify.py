@@ -10,7 +10,7 @@ from rasterio.transform import Affine
 
 import corsa_udf
 from corsa.app import cli
-from corsa.formats import product
+from corsa.formats import codebook_product
 from corsa.formats import series
 from corsa.blocks.classmap import Classifier
 from corsa.codec.models import DEFAULT_MODEL, ModelError, OnnxCodec, VariableRateCodec
@@ -48,8 +48,8 @@ def test_classify_cli_on_a_real_product(tmp_path, scene, codec, classifier):
     assert cli.main(["classify", str(tmp_path / "prod"), "-o", str(tmp_path / "classes.tif")]) == 0
     assert not list(tmp_path.glob("*.part"))
 
-    d = product.read_date(tmp_path / "prod", scene.date)
-    with rasterio.open(tmp_path / "prod" / product.file_names(scene.date)["L0"]) as l0, \
+    d = codebook_product.read_date(tmp_path / "prod", scene.date)
+    with rasterio.open(tmp_path / "prod" / codebook_product.file_names(scene.date)["L0"]) as l0, \
             rasterio.open(tmp_path / "classes.tif") as src:
         assert (src.transform, src.shape, src.crs) == (l0.transform, l0.shape, l0.crs)
         assert src.dtypes[0] == "uint8" and src.nodata == 0
@@ -116,7 +116,7 @@ def test_decompress_clear_sets_cloud_pixels_to_zero(tmp_path, data_root, codec, 
     assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "clear.tif"), "--clear"]) == 0
     with rasterio.open(tmp_path / "clear.tif") as src:
         out = src.read()
-    d = product.read_date(tmp_path / "prod", s.date)
+    d = codebook_product.read_date(tmp_path / "prod", s.date)
     classes = classifier.predict(codec, d.idx0, d.idx1)
     unusable = np.repeat(np.repeat(np.isin(classes, (5, 6)), 2, 0), 2, 1)[: out.shape[1], : out.shape[2]]
     assert 0 < unusable.mean() < 1
@@ -132,7 +132,7 @@ def test_ready_service_classifies_like_the_product(tmp_path, scene, codec, class
     with rasterio.open(engine.written[0]) as src:
         out = src.read(1)
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
-    d = product.read_date(tmp_path / "prod", scene.date)
+    d = codebook_product.read_date(tmp_path / "prod", scene.date)
     classes = classifier.predict(codec, d.idx0, d.idx1)
     np.testing.assert_array_equal(out, np.repeat(np.repeat(classes, 2, 0), 2, 1)[: out.shape[0], : out.shape[1]])
 

@@ -9,7 +9,7 @@ import numpy as np
 from rasterio.transform import Affine
 
 from corsa.app import cli
-from corsa.formats import product
+from corsa.formats import codebook_product
 from corsa.formats.datasets import LOADERS
 
 from test_bad_inputs import DATE, write_tif
@@ -33,7 +33,7 @@ def test_killed_compress_leaves_nothing_that_looks_finished(tmp_path, data_root,
     assert job.returncode == -signal.SIGKILL, "the job finished before it could be killed"
     left = sorted(p.name for p in stored_files(out))
     assert left and all(name.endswith(".part") for name in left), left
-    assert product.dates_in(out) == []
+    assert codebook_product.dates_in(out) == []
     capsys.readouterr()
     assert cli.main(["info", str(out)]) == 2
     assert cli.main(["decompress", str(out), "-o", str(tmp_path / "decoded.tif")]) == 2
@@ -41,7 +41,7 @@ def test_killed_compress_leaves_nothing_that_looks_finished(tmp_path, data_root,
     assert not (tmp_path / "decoded.tif").exists()
 
     assert cli.main(["compress", str(src), "-o", str(out), "--model", "corsa512"]) == 0
-    assert sorted(p.name for p in stored_files(out)) == sorted(product.file_names(DATE).values())
-    d = product.read_date(out, DATE)
+    assert sorted(p.name for p in stored_files(out)) == sorted(codebook_product.file_names(DATE).values())
+    d = codebook_product.read_date(out, DATE)
     np.testing.assert_array_equal(d.nodata, (data == 0).all(0))
     assert d.idx0.shape == (384, 384) and d.idx1.shape == (192, 192)

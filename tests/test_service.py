@@ -8,7 +8,7 @@ from rasterio.transform import Affine
 
 from benchmarks.seams import border_mask, seam_figures
 from corsa.app import cli
-from corsa.formats import product
+from corsa.formats import codebook_product
 from corsa.codec.models import OnnxCodec
 from corsa.formats.datasets import LOADERS
 from corsa.core.metrics import psnr
@@ -43,9 +43,9 @@ def test_round_trip_odd_size_with_nodata(tmp_path, majortom, codec):
     write_scene(tmp_path / "in.tif", data, tr, majortom.crs, "2022-07-06")
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
 
-    names = product.file_names("2022-07-06")
+    names = codebook_product.file_names("2022-07-06")
     assert {p.name for p in stored_files(tmp_path / "prod")} == set(names.values())
-    d = product.read_date(tmp_path / "prod", "2022-07-06")
+    d = codebook_product.read_date(tmp_path / "prod", "2022-07-06")
     idx0, idx1 = codec.encode(data)
     # index maps read back bit-exact; cells past the last input row/column repeat the last cell
     np.testing.assert_array_equal(d.idx0[:151, :129], idx0[:151, :129])
@@ -71,10 +71,10 @@ def test_several_dates_in_a_folder(tmp_path, data_root, codec):
     for s in scenes:
         write_scene(tmp_path / f"{s.name}.tif", s.data, Affine(*s.transform), s.crs, s.date)
     assert cli.main(["compress", str(tmp_path), "-o", str(tmp_path / "prod"), "--dates", "2000-01-01/2030-01-01", "--model", "corsa512"]) == 0
-    dates = product.dates_in(tmp_path / "prod")
+    dates = codebook_product.dates_in(tmp_path / "prod")
     assert dates == sorted(s.date for s in scenes)
     for s in scenes:
-        d = product.read_date(tmp_path / "prod", s.date)
+        d = codebook_product.read_date(tmp_path / "prod", s.date)
         h, w = -(-s.data.shape[1] // 2), -(-s.data.shape[2] // 2)     # level-0 cells inside the scene
         np.testing.assert_array_equal(d.idx0[:h, :w], codec.encode(s.data)[0][:h, :w])
 
@@ -84,7 +84,7 @@ def test_chunk_borders_leave_no_seam(tmp_path, majortom, codec):
     indices must equal a whole-scene encode, and the decoded bands a decode in one piece."""
     write_scene(tmp_path / "in.tif", majortom.data, Affine(*majortom.transform), majortom.crs, "2022-07-06")
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "prod"), "--model", "corsa512"]) == 0
-    d = product.read_date(tmp_path / "prod", "2022-07-06")
+    d = codebook_product.read_date(tmp_path / "prod", "2022-07-06")
     whole0, whole1 = corsa_udf.encode(codec.encoder, majortom.data, tile=2048)
     assert np.mean(d.idx0 == whole0) > 0.999 and np.mean(d.idx1 == whole1) > 0.999
 
@@ -154,5 +154,5 @@ def test_stac_item_collection_loads_the_canonical_scene(tmp_path, data_root, maj
                      "--max-cloud-cover", "1"]) == 2
     assert cli.main(["compress", str(tmp_path / "items.json"), "-o", str(tmp_path / "prod"),
                      "--bbox", "17.90,0.02,17.92,0.04", "--model", "corsa512"]) == 0
-    d = product.read_date(tmp_path / "prod", "2022-07-06")
+    d = codebook_product.read_date(tmp_path / "prod", "2022-07-06")
     assert d.crs == "EPSG:32633" and d.idx0.size > 0

@@ -36,7 +36,7 @@ from corsa.formats import stac_catalog
 from corsa.core import cluster
 from corsa.formats import job_files
 from corsa.openeo import processes
-from corsa.formats import product
+from corsa.formats import codebook_product, product
 from corsa.formats import stream_format
 from corsa.core import progress
 from corsa.blocks import render
@@ -215,7 +215,7 @@ def decompress(args: argparse.Namespace) -> str:
         args.input, dates = stac_catalog.product_of(args.input)
         if len(dates) == 1 and not args.date:
             args.date = dates[0] if dates[0] != stac_catalog.UNDATED else None
-    from_job = bool(job_files.job_dates(args.input)) and not (product.dates_in(args.input) or stream_format.dates_in(args.input))
+    from_job = bool(job_files.job_dates(args.input)) and not (codebook_product.dates_in(args.input) or stream_format.dates_in(args.input))
     if not from_job:
         stac_catalog.check_complete(args.input)
     stream = None if from_job else _stream_product(args.input, args.model)
@@ -224,7 +224,7 @@ def decompress(args: argparse.Namespace) -> str:
     elif args.quality is not None:
         raise ValueError(f"{args.input} is a product: it records its quality level (--quality is for job files)")
     else:
-        codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
+        codec, quality = stream if stream else (OnnxCodec(args.model or codebook_product.model_of(args.input)), None)
     out = Path(args.output)
     if stream and not args.clear and not args.engine:
         with _cluster(args) as run:
@@ -267,7 +267,7 @@ def decompress(args: argparse.Namespace) -> str:
             del graph["process_graph"]["decode"]["arguments"][name]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
     stored = (job_files.job_dates(args.input) if from_job else stream_format.dates_in(args.input) if stream
-              else product.dates_in(args.input))
+              else codebook_product.dates_in(args.input))
     if not stream and not from_job:
         if not stored:
             raise product.ProductError(f"{args.input} holds no complete compressed date "
@@ -294,8 +294,8 @@ def decompress(args: argparse.Namespace) -> str:
 
 def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
     """Refuse a date the codec cannot decode, before the engine runs (its grids are then freed)."""
-    d = product.read_date(folder, date)
-    product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+    d = codebook_product.read_date(folder, date)
+    codebook_product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
     try:
         codec.check_indices(d.idx0, d.idx1)
     except ValueError as e:
@@ -305,9 +305,9 @@ def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
 def classify(args: argparse.Namespace) -> str:
     stac_catalog.check_complete(args.input)
     stream = _stream_product(args.input, args.model)
-    codec, quality = stream if stream else (OnnxCodec(args.model or product.model_of(args.input)), None)
+    codec, quality = stream if stream else (OnnxCodec(args.model or codebook_product.model_of(args.input)), None)
     names, colors, classifier = scene_classes(codec, args.classifier, args.classes)
-    dates = stream_format.dates_in(args.input) if stream else product.dates_in(args.input)
+    dates = stream_format.dates_in(args.input) if stream else codebook_product.dates_in(args.input)
     if not dates:
         raise product.ProductError(f"{args.input} holds no complete compressed date")
     if not stream:
@@ -336,7 +336,7 @@ def classify(args: argparse.Namespace) -> str:
     cube = engine.run(graph)
     written = []
     for i, date in enumerate(dates):
-        d = product.read_date(args.input, date)
+        d = codebook_product.read_date(args.input, date)
         # The UDF replicates each 20 m class over its 2 x 2 pixels.
         (sub,) = engine._compute(cube.isel(t=i).sel(bands="class").data[::2, ::2])
         written.append(_class_file(out if single else out / f"classes_{date}.tif", sub, d.shape, d.transform, d.crs,
@@ -386,7 +386,7 @@ def _product_written(written: list[Path]) -> str:
     for d in dates:
         path = folder / stream_format.file_name(d)
         pixels += int(np.prod(stream_format.read_header(path.read_bytes(), path.name)["shape"] if path.exists()
-                              else product.read_date(folder, d).shape))
+                              else codebook_product.read_date(folder, d).shape))
     return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
 
 
@@ -507,7 +507,7 @@ def _into_product(args: argparse.Namespace):
     the old one and swaps the folders when it is complete (``files.exchange``), so no folder ever
     mixes two products."""
     out = Path(args.output)
-    held = sorted(product.dates_in(out) + stream_format.dates_in(out)) if out.is_dir() else []
+    held = sorted(codebook_product.dates_in(out) + stream_format.dates_in(out)) if out.is_dir() else []
     append = getattr(args, "append", False)
     if append and args.overwrite:
         raise ValueError("--append and --overwrite exclude each other: add dates to the product, or replace it")

@@ -22,7 +22,7 @@ import rasterio
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from corsa.formats import product
+from corsa.formats import codebook_product, product
 from corsa.formats import stream_format
 from corsa.formats import series
 from corsa.codec.models import OnnxCodec, VariableRateCodec, open_codec, sha256_file
@@ -220,7 +220,7 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
 def pack_date(folder: Path, date: str, codec: OnnxCodec, out: Path) -> list[Path]:
     """One date's job files of a codebook model -> its product files in ``out`` (same indices, entropy-coded)."""
     by_name, shape, transform, crs = _checked_layers(folder, date, codec)
-    writer = product.DateWriter(Path(out), date, shape, transform, crs, codec.model_id,
+    writer = codebook_product.DateWriter(Path(out), date, shape, transform, crs, codec.model_id,
                                 codec.card["files"]["decoder"]["sha256"])
     try:
         for y, x, h, w in _windows(shape):

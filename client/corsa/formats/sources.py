@@ -18,7 +18,7 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
 from corsa.formats import job_files
-from corsa.formats import product
+from corsa.formats import codebook_product, product
 from corsa.formats import stream_format
 from corsa.core.scene import BANDS
 from corsa.formats.stac_source import StacError, StacSource
@@ -134,10 +134,10 @@ def open_product(folder: Path) -> xr.DataArray:
     if stream_dates:
         return xr.concat([product.latent_date_cube(folder, d, product.stream_codec(folder, d)) for d in stream_dates],
                          dim="t", combine_attrs="drop_conflicts")
-    dates = product.dates_in(folder)
+    dates = codebook_product.dates_in(folder)
     if not dates:
         raise SourceError(f"{folder} holds no complete compressed date (corsa_<date>_L0.tif)")
-    return xr.concat([product.date_cube(folder, d) for d in dates], dim="t")
+    return xr.concat([codebook_product.date_cube(folder, d) for d in dates], dim="t")
 
 
 @dataclass
@@ -160,7 +160,7 @@ class Catalogue:
     def open(self, collection_id: str) -> xr.DataArray:
         path = self.resolve(collection_id)
         if path.is_dir():
-            if product.dates_in(path) or stream_format.dates_in(path):
+            if codebook_product.dates_in(path) or stream_format.dates_in(path):
                 return open_product(path)
             if job_files.job_dates(path):
                 return job_files.job_cube(path)

@@ -21,7 +21,7 @@ import pystac
 import rasterio
 import rasterio.warp
 
-from corsa.formats import product
+from corsa.formats import codebook_product, product
 from corsa.formats import stream_format
 from corsa.core.metrics import compression_factor
 from corsa.core.scene import BANDS
@@ -46,9 +46,9 @@ def describe(folder: Path) -> list[dict]:
                         "latent_cells": list(h["cells"]), "blocks": len(h["blocks"]), "bytes": size,
                         "cf": compression_factor(h["shape"][0] * h["shape"][1], size), "nodata_mask": bool(h["mask_len"]),
                         "references": list(h["refs"])})
-    for d in product.dates_in(folder):
-        pd_ = product.read_date(folder, d)
-        size = product.product_bytes(folder, d)
+    for d in codebook_product.dates_in(folder):
+        pd_ = codebook_product.read_date(folder, d)
+        size = codebook_product.product_bytes(folder, d)
         records.append({"date": d, "format": 2, "files": sorted(p.name for p in folder.glob(f"corsa_{d}_*.tif")),
                         "model_id": pd_.model_id, "decoder_sha256": pd_.model_sha256, "quality": None,
                         "shape": list(pd_.shape), "crs": pd_.crs,
@@ -165,7 +165,7 @@ def check_complete(folder: Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         raise product.ProductError(f"{folder} is not a folder: give a product folder (from corsa compress or pack)")
-    stored = set(stream_format.dates_in(folder)) | set(product.dates_in(folder))
+    stored = set(stream_format.dates_in(folder)) | set(codebook_product.dates_in(folder))
     path = folder / COLLECTION
     if path.is_file():
         try:
@@ -210,7 +210,7 @@ def product_of(href: str | Path) -> tuple[Path, list[str]]:
         return folder, [doc["properties"]["corsa:date"]]
     if not doc.get("corsa:product"):
         raise product.ProductError(f"{href} is no STAC Collection of a CORSA product")
-    dates = [d for d in (stream_format.dates_in(folder) or product.dates_in(folder))]
+    dates = [d for d in (stream_format.dates_in(folder) or codebook_product.dates_in(folder))]
     return folder, dates
 
 

@@ -27,7 +27,7 @@ varint = LEB128:
     payload    block streams, mask (zlib of packbits, 10 m grid)
     u32        CRC-32 of all bytes before it
 
-Format 1 and 2 products (GeoTIFF index grids of codebook models) are read by ``corsa.formats.product``.
+Format 1 and 2 products (GeoTIFF index grids of codebook models) are read by ``corsa.formats.codebook_product``.
 Files are written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
