@@ -43,7 +43,7 @@ from corsa.blocks import render
 from corsa.formats import results
 from corsa.formats import series
 from corsa.blocks.classmap import CLASS_SETS, scene_classes, write_classes
-from corsa.codec.models import DEFAULT_MODEL, MODELS_DIR, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card
+from corsa.codec.models import DEFAULT_MODEL, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card, shipped_cards
 from corsa.core.files import WriteError, exchange, product_lock
 from corsa.core.metrics import compression_factor
 from corsa.core.scene import BANDS
@@ -393,8 +393,7 @@ def _product_written(written: list[Path]) -> str:
 def models(args: argparse.Namespace) -> str:
     """The shipped models with their quality levels and measured test figures."""
     entries = []
-    for card_path in sorted(MODELS_DIR.glob("*/model_card.json")):
-        _, card = read_card(card_path.parent)
+    for card in shipped_cards():
         if "encoder" not in card.get("files", {}):
             continue  # a classifier, not a codec
         if card.get("kind") == "variable-rate":

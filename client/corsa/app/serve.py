@@ -35,7 +35,7 @@ from corsa.formats import stream_format
 from corsa.core import progress
 from corsa.blocks import render
 from corsa.openeo.apex import local_arguments, read_udp
-from corsa.codec.models import MODELS_DIR, MODELS_URL
+from corsa.codec.models import MODELS_URL, shipped_cards
 from corsa.app.sample import default_scene, quicklook, write_input
 from corsa.core.metrics import compression_factor, psnr
 from corsa.core.scene import BANDS
@@ -70,15 +70,12 @@ def model_choices() -> list[tuple[str, str]]:
     """(value, label) of each shipped variable-rate model, as its card describes it, the default first:
     the value is the location the services name it by (``codec.MODELS_URL``)."""
     out = []
-    for card_path in sorted(MODELS_DIR.glob("*/model_card.json")):
-        card = json.loads(card_path.read_text())
-        if card.get("kind") != "variable-rate":
-            continue
-        gain = (card.get("gain_over_classical_db") or {}).get("mean_over_levels_1_8")
-        label = card["id"] + (" (default)" if card.get("default") else "") + (
-            f": {gain:+.1f} dB over JPEG 2000 / JPEG XL at the same size" if gain is not None else "")
-        out.append((f"{MODELS_URL}/{card['id']}", label, not card.get("default")))
-    return [(v, label) for v, label, _ in sorted(out, key=lambda c: c[2])]
+    for card in sorted(shipped_cards(), key=lambda c: not c.get("default")):
+        if card.get("kind") == "variable-rate":
+            gain = (card.get("gain_over_classical_db") or {}).get("mean_over_levels_1_8")
+            out.append((f"{MODELS_URL}/{card['id']}", card["id"] + (" (default)" if card.get("default") else "") + (
+                f": {gain:+.1f} dB over JPEG 2000 / JPEG XL at the same size" if gain is not None else "")))
+    return out
 
 
 def form_fields(udp: dict, defaults: dict) -> str:

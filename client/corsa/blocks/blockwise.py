@@ -40,7 +40,6 @@ from corsa.codec.models import VariableRateCodec, checked_session
 from corsa.core.files import writing
 from corsa.core.scene import BANDS
 
-WORKERS = 2
 BLOCK_PX = 4 * stream_format.BLOCK       # a format-3 stream block, and the services' chunk
 if BLOCK_PX != processes.CHUNK:
     raise ImportError("a format-3 block must be the services' apply_neighborhood chunk, or the paths differ")
@@ -320,7 +319,7 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
     # Entropy decoding of block rows (the date's, and its neighbours' or candidates') shares the pool.
-    pool = ThreadPoolExecutor(WORKERS)
+    pool = ThreadPoolExecutor(cluster.THREADS)
     try:
         with writing(out), rasterio.open(part, "w", **profile) as dst:
             for i, b in enumerate(BANDS, 1):

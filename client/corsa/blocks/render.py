@@ -36,11 +36,15 @@ from corsa.core.scene import BANDS
 BLOCK = 256         # output px per side the space head renders at once
 
 
-def _head(codec: VariableRateCodec, name: str, what: str):
+def _entry(codec: VariableRateCodec, name: str, what: str) -> dict:
     entry = codec.card["files"].get(name)
     if entry is None:
         raise ValueError(f"model {codec.model_id} has no {what} ({name}.onnx): it renders stored dates on their grid only")
-    return checked_session(codec.path, entry, blockwise.WORKERS)
+    return entry
+
+
+def _head(codec: VariableRateCodec, name: str, what: str):
+    return checked_session(codec.path, _entry(codec, name, what), cluster.THREADS)
 
 
 def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
@@ -53,7 +57,8 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
     if len(dates) < 2 or not days[0] < t < days[-1]:
         span = f"between {dates[0]} and {dates[-1]}" if len(dates) > 1 else "with two dated dates or more"
         raise ValueError(f"{folder} renders dates {span}, not {date}: it extrapolates no date")
-    _head(codec, "between", "time head")
+    _entry(codec, "between", "time head")
+    blockwise._sessions(codec, "between")     # checked here, before any block runs
     pick = corsa_udf.between_candidates(days, t)
     picked, picked_days = [dates[j] for j in pick], [days[j] for j in pick]
     stored = blockwise.StoredDates(folder, picked, series.header(folder, picked[0])[1]["shape"], codec, f"render {date}")

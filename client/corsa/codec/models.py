@@ -45,6 +45,11 @@ def model_dir(model: str | Path) -> Path:
     return path if path.is_dir() else MODELS_DIR / str(model)
 
 
+def shipped_cards(folder: Path = MODELS_DIR) -> list[dict]:
+    """The model cards under ``folder`` (codecs and classifiers), by folder name."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/model_card.json"))]
+
+
 def default_model(folder: Path = MODELS_DIR) -> str:
     """The id of the one model whose card says "default": true (a newer model becomes the default by
     its card alone)."""

@@ -13,7 +13,6 @@ in order and are released as they are taken, so the client holds a row of blocks
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -108,7 +107,7 @@ def processes(workers: int = 2, threads: int = 1) -> Iterator[str]:
     dask_cli = str(Path(sys.executable).with_name("dask"))
     with tempfile.TemporaryDirectory(prefix="corsa-cluster-") as folder:
         address_file = Path(folder) / "scheduler.json"
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": folder, "env": dict(os.environ)}
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": folder}
         procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                    "--scheduler-file", str(address_file)], **quiet)]
         try:
