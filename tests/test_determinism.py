@@ -6,7 +6,7 @@ from openeo.udf import UdfData
 import pytest
 from rasterio.transform import Affine
 
-from corsa.blocks import blockwise
+from corsa.core import cluster
 from corsa.app import cli
 from corsa.openeo import engine
 from corsa.formats.datasets import LOADERS
@@ -46,7 +46,7 @@ def test_products_and_decoding_are_byte_identical(tmp_path, data_root, threads, 
     for name, n, path in (("first", 1, "--engine"), ("again", 1, "--engine"), ("two_threads", 2, "--engine"),
                           ("blocks_one_worker", 1, None), ("blocks_two_workers", 2, None)):
         with threads(n), monkeypatch.context() as m:
-            m.setattr(blockwise, "WORKERS", n)
+            m.setattr(cluster, "THREADS", n)
             extra = [path] if path else []
             assert cli.main(["compress", str(src), "-o", str(tmp_path / name), "--model", model, *extra]) == 0
             assert cli.main(["decompress", str(tmp_path / name), "-o", str(tmp_path / f"{name}_decoded"), *extra]) == 0

@@ -38,8 +38,8 @@ def _in_worker(fn: Callable, item: Any) -> Any:
 class Local:
     """Items on this machine's threads (onnxruntime and the range coder release the GIL)."""
 
-    def __init__(self, threads: int = THREADS):
-        self.pool = ThreadPoolExecutor(threads)
+    def __init__(self, threads: int | None = None):
+        self.pool = ThreadPoolExecutor(threads or THREADS)
 
     def map(self, fn: Callable, items: Iterable) -> Iterator:
         return self.pool.map(fn, items)
