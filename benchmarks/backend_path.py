@@ -24,7 +24,8 @@ import numpy as np
 import rasterio
 
 from corsa.app import cli
-from corsa.codec.models import MODELS_DIR, OnnxCodec, read_card
+from corsa.codec.codebook import CodebookCodec
+from corsa.codec.models import MODELS_DIR, read_card
 from corsa.formats.datasets import LOADERS, default_data_root
 from corsa.app.sample import write_input
 from corsa.core.metrics import psnr
@@ -80,7 +81,7 @@ def run(models: list[str]) -> dict:
                 reference = _round_trip(src, Path(tmp) / model / "cli", model, engine=False)
                 row["reference"] = "CLI, block by block"
             else:
-                codec = OnnxCodec(model)
+                codec = CodebookCodec(model)
                 idx0, idx1 = codec.encode(scene.data)
                 reference = np.where((scene.data == 0).all(0), 0, codec.decode(idx0, idx1, scene.data.shape[1:]))
                 row["reference"] = "the codec on the whole scene in one piece"

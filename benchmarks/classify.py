@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from corsa.blocks.classmap import DEFAULT_CLASSIFIER, Classifier
-from corsa.codec.models import OnnxCodec
+from corsa.codec.codebook import CodebookCodec
 from training.classify import ROOT, cache_scenes, confusion, load_split, scores
 from training.scl_labels import CLASSES, CLOUD_CLASSES
 
@@ -37,7 +37,7 @@ def mask_scores(pred: np.ndarray, truth: np.ndarray) -> dict:
             "accuracy": float((pred == truth).mean()), "positives": int(truth.sum()), "cells": int(truth.size)}
 
 
-def throughput(codec: OnnxCodec, clf: Classifier, size: int = 1024, repeats: int = 3) -> float:
+def throughput(codec: CodebookCodec, clf: Classifier, size: int = 1024, repeats: int = 3) -> float:
     """Megapixels (10 m) per second, index grids -> class values, on a real index map tiled to size."""
     from corsa.formats.datasets import LOADERS, default_data_root
 
@@ -57,7 +57,7 @@ def _timed(f) -> float:
 
 def run(classifier: str) -> dict:
     clf = Classifier(classifier, threads=1)
-    codec = OnnxCodec(clf.card["codec"]["id"], threads=1)
+    codec = CodebookCodec(clf.card["codec"]["id"], threads=1)
     clf.check_codec(codec)
     cache = ROOT / "runs" / "scl_cache"
     test = load_split(cache / codec.model_id, cache_scenes(codec.model_id, cache), "test")

@@ -23,7 +23,7 @@ from corsa.app import cli
 from corsa.core import cluster
 from corsa.formats.datasets import LOADERS, default_data_root
 from corsa.app.sample import write_input
-from training.classify import cpu_name
+from corsa.core.machine import cpu_name
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -9,7 +9,6 @@ build or CPU would pick), and with 1 and 2 threads.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import corsa_udf
@@ -20,7 +19,8 @@ from corsa.openeo import processes
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import LOADERS, default_data_root
 
-from .speed import _cpu
+from corsa.core.machine import cpu_name
+from . import report
 
 
 def _session(path: Path, threads: int, optimise: bool) -> ort.InferenceSession:
@@ -48,17 +48,14 @@ def main(argv: list[str] | None = None) -> dict:
         rec = corsa_udf.synthesise(_session(decoder, threads, optimise), z, processes.UDF_TILE, processes.OVERLAP["decompress"])
         runs[name] = (rec, np.clip(np.rint(rec), 0, 65535).astype(np.uint16))
     ref_f, ref_u = runs["default_2_threads"]
-    result = {"model": args.model, "quality": args.quality, "cpu": _cpu(), "onnxruntime": ort.__version__,
+    result = {"model": args.model, "quality": args.quality, "cpu": cpu_name(), "onnxruntime": ort.__version__,
               "pixels": int(ref_u[0].size), "against_default_2_threads": {}}
     for name, (rec, u) in runs.items():
         diff = np.abs(u.astype(np.int32) - ref_u)
         result["against_default_2_threads"][name] = {
             "max_float_difference_dn": float(np.abs(rec - ref_f).max()), "max_dn_difference": int(diff.max()),
             "values_differing": int((diff > 0).sum()), "share_differing": float((diff > 0).mean())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    return result
+    return report.save(result, args.out)
 
 
 if __name__ == "__main__":

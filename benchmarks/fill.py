@@ -30,7 +30,7 @@ from corsa.formats.datasets import cloud_fraction, cloud_masks, default_data_roo
 from corsa.core.metrics import psnr
 
 from .series import write_inputs
-from .speed import _cpu
+from corsa.core.machine import cpu_name
 
 SPLIT_FILE = Path(__file__).resolve().parents[1] / "training" / "split.json"
 
@@ -116,7 +116,7 @@ def run(model: str, quality: int, per_area: int, seed: int, split_name: str = "t
     summary["gain_over_nearest_db"] = summary["psnr_fill"] - summary["psnr_nearest"]
     summary["cases"] = len(rows)
     summary["outside_gap_unchanged"] = all(r["outside_gap_unchanged"] for r in rows)
-    return {"model": model, "quality": quality, "split": split_name, "fill": fill_settings(), "cpu": _cpu(),
+    return {"model": model, "quality": quality, "split": split_name, "fill": fill_settings(), "cpu": cpu_name(),
             "rows": rows, "summary": summary}
 
 

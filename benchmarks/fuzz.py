@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .memory import peak_rss_mb
-from .speed import _cpu
+from corsa.core.machine import cpu_name
 
 # Address space of the worker: the decoder, onnxruntime and dask need about 2 GB of it; a product
 # read must never need more than a few hundred MB.
@@ -434,7 +434,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs, args.format)
         report = fuzz(seeds, Path(tmp), args.cases, args.seconds, args.seed)
-    text = json.dumps({"format": args.format, "cpu": _cpu(), **report.__dict__}, indent=1)
+    text = json.dumps({"format": args.format, "cpu": cpu_name(), **report.__dict__}, indent=1)
     if args.out:
         args.out.write_text(text)
     print(text)

@@ -22,7 +22,7 @@ import numpy as np
 from rasterio.transform import Affine
 
 from corsa.formats import codebook_product
-from corsa.codec.models import OnnxCodec
+from corsa.codec.codebook import CodebookCodec
 from corsa.formats.datasets import LOADERS, default_data_root, load_split
 from corsa.codec.index_coder import EntropyModel, pack_fixed
 from corsa.core.metrics import band_rmse, compression_factor, psnr
@@ -39,7 +39,7 @@ def split_cf(pixels: list[int], sizes: list[int]) -> float:
 
 
 def run_model(name: str, scenes: list) -> dict:
-    codec = OnnxCodec(name)
+    codec = CodebookCodec(name)
     entropy = EntropyModel.load(codec.path)
     rows, used0, used1 = [], np.zeros(codec.card["codebooks"]["k0"], int), np.zeros(codec.card["codebooks"]["k1"], int)
     for s in scenes:
@@ -95,7 +95,7 @@ def throughput(model: str, threads: int, size: int = 1024, repeats: int = 3) -> 
     """Megapixels (10 m) per second for encode and decode of a real crop (Major-TOM scene)."""
     (scene,) = LOADERS["majortom"](default_data_root())
     data = scene.data[:, :size, :size]
-    codec = OnnxCodec(model, threads=threads)
+    codec = CodebookCodec(model, threads=threads)
     codec.decode(*codec.encode(data[:, :64, :64]))  # create sessions outside the timing
     t_enc, t_dec = [], []
     for _ in range(repeats):

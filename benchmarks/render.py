@@ -39,7 +39,8 @@ from corsa.blocks.render import render_file, scaled
 
 from .fill import SPLIT_FILE, _read
 from .series import write_inputs
-from .speed import _cpu
+from corsa.core.machine import cpu_name
+from . import report
 
 
 def _compress(src: Path, out: Path, model: str, quality: int) -> None:
@@ -166,12 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"x{f}": {"mean": {k: float(np.mean([r[k] for r in scales if r["factor"] == f])) for k in keys}
                       | {"cases": sum(r["factor"] == f for r in scales)},
                       "by_group": _means([r for r in scales if r["factor"] == f], keys, "group")} for f in factors}
-    result = {"model": args.model, "quality": args.quality, "cpu": _cpu(), "summary": summary, "any_date": dates,
+    result = {"model": args.model, "quality": args.quality, "cpu": cpu_name(), "summary": summary, "any_date": dates,
               "any_scale": scales}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary, indent=1))
-    return result
+    return report.save(result, args.out, summary)
 
 
 if __name__ == "__main__":

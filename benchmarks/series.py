@@ -32,7 +32,7 @@ from corsa.formats.datasets import load_split, revisit_series
 from corsa.core.metrics import compression_factor, psnr
 from corsa.core.scene import BANDS, Scene
 
-from .speed import _cpu
+from corsa.core.machine import cpu_name
 
 SPLIT_FILE = Path(__file__).resolve().parents[1] / "training" / "split.json"
 
@@ -148,7 +148,7 @@ def run(model: str, qualities: list[int], x265: int | None) -> dict:
         summary[q] = {"worldstrat_mean_ratio": float(np.mean([r["ratio"] for r in ws])),
                       "worldstrat_total_ratio": sum(r["bytes_alone"] for r in ws) / sum(r["bytes_series"] for r in ws),
                       "all_decodes_identical": all(r["decodes_identical"] for r in rows if r["quality"] == q)}
-    return {"model": model, "cpu": _cpu(), "rows": rows, "summary": summary, "random_access": access}
+    return {"model": model, "cpu": cpu_name(), "rows": rows, "summary": summary, "random_access": access}
 
 
 def _random_access(runs: list, tmp: Path, model: str, q: int) -> dict:

@@ -12,9 +12,7 @@ BENCHMARKS.md reports (absolute times drift on this shared machine).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,12 +23,14 @@ import imagecodecs
 import numpy as np
 import rasterio
 
+from corsa.core.machine import cpu_name
 from corsa.formats import stream_format
 from corsa.codec.models import VariableRateCodec
 from corsa.core.metrics import compression_factor, psnr
 
 from .baselines import CODECS, code_scene
 from .scale import write_mosaic
+from . import report
 
 SIZE = 2136
 THREADS = 2
@@ -96,7 +96,7 @@ def run(model: str, quality: int | None, repeats: int) -> dict:
     t_j2k_d, dec = _best(lambda: [imagecodecs.jpeg2k_decode(s, numthreads=THREADS) for s in streams], repeats)
     result = {
         "scene_px": [int(data.shape[1]), int(data.shape[2])], "model": codec.model_id, "quality": quality,
-        "cpu": _cpu(), "threads": THREADS, "repeats": repeats,
+        "cpu": cpu_name(), "threads": THREADS, "repeats": repeats,
         "ours": {"cf": ours_cf, "psnr_db": ours_psnr, "cli_compress_s": t_cli_c, "cli_decompress_s": t_cli_d,
                  "encode_network_s": t_enc, "entropy_encode_s": t_ec, "entropy_decode_s": t_ed,
                  "decode_network_s": t_dec},
@@ -112,14 +112,6 @@ def run(model: str, quality: int | None, repeats: int) -> dict:
     return result
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="corsa2.1")
@@ -129,10 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     result = run(args.model, args.quality, args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    return result
+    return report.save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from corsa.app import cli
 from corsa.formats import codebook_product
 from corsa.formats import series
 from corsa.blocks.classmap import Classifier
-from corsa.codec.models import DEFAULT_MODEL, ModelError, OnnxCodec, VariableRateCodec
+from corsa.codec.codebook import CodebookCodec
+from corsa.codec.models import DEFAULT_MODEL, ModelError, VariableRateCodec
 from corsa.openeo.engine import Engine
 from corsa.openeo.processes import GRAPHS_DIR
 from corsa.formats.sources import Catalogue
@@ -32,7 +33,7 @@ def scene(data_root):
 
 @pytest.fixture(scope="module")
 def codec():
-    return OnnxCodec("corsa512", threads=1)
+    return CodebookCodec("corsa512", threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 
-from corsa.codec.models import OnnxCodec
+from corsa.codec.codebook import CodebookCodec
 from corsa.formats.datasets import LOADERS
 from corsa.codec.index_coder import EntropyModel, StreamError, pack_fixed
 
 
 @pytest.fixture(scope="module")
 def coded(data_root):
-    codec = OnnxCodec("corsa512")
+    codec = CodebookCodec("corsa512")
     entropy = EntropyModel.load(codec.path)
     scenes = [next(LOADERS["terracodec"](data_root)), next(LOADERS["bigearthnet"](data_root))]
     return codec, entropy, [codec.encode(s.data) for s in scenes]

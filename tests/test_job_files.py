@@ -16,7 +16,8 @@ from corsa.openeo import jobs
 from corsa.formats import job_files
 from corsa.openeo import processes
 from corsa.formats import stream_format
-from corsa.codec.models import OnnxCodec, VariableRateCodec, read_card
+from corsa.codec.codebook import CodebookCodec
+from corsa.codec.models import VariableRateCodec, read_card
 from corsa.openeo.engine import Engine
 from corsa.openeo.local import EngineConnection
 from corsa.formats.sources import Catalogue
@@ -84,7 +85,7 @@ def test_stored_values_are_the_codecs_own(job, scene):
         ints = VariableRateCodec(model).encode(data, QUALITY)
         np.testing.assert_array_equal(stored, ints[:, : stored.shape[1], : stored.shape[2]])
     else:
-        idx0, idx1 = OnnxCodec(model).encode(data)
+        idx0, idx1 = CodebookCodec(model).encode(data)
         np.testing.assert_array_equal(stored[0], idx0[: stored.shape[1], : stored.shape[2]])
         with rasterio.open(folder / f"corsa_L1_{DATE}.tif") as src:
             np.testing.assert_array_equal(src.read(1), idx1)

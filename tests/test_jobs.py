@@ -19,7 +19,7 @@ import requests
 from rasterio.transform import Affine
 
 from corsa.openeo import jobs
-from corsa.codec.models import DEFAULT_MODEL, MODELS_URL, UNPACKED_MODELS, OnnxCodec, VariableRateCodec, read_card
+from corsa.codec.models import DEFAULT_MODEL, MODELS_URL, UNPACKED_MODELS, VariableRateCodec, read_card
 from corsa.formats.datasets import LOADERS
 from corsa.openeo.local import EngineConnection
 from corsa.core.metrics import psnr

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from corsa.codec.models import OnnxCodec, VariableRateCodec
+from corsa.codec.codebook import CodebookCodec
+from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import LOADERS
 from training import export_rate
 from training.export import load_model
@@ -33,7 +34,7 @@ def _scenes(root):
 
 @pytest.mark.parametrize("model_path", MODELS, ids=[p.name for p in MODELS])
 def test_onnx_matches_torch_on_real_scenes(model_path, data_root):
-    codec = OnnxCodec(model_path)
+    codec = CodebookCodec(model_path)
     model = load_model(model_path)
     for scene in _scenes(data_root):
         idx0, idx1 = codec.encode(scene.data)
@@ -52,7 +53,7 @@ def test_onnx_matches_torch_on_real_scenes(model_path, data_root):
 @pytest.mark.parametrize("model_path", MODELS, ids=[p.name for p in MODELS])
 def test_features_are_the_codebook_vectors(model_path, data_root):
     """features.onnx gives downstream models the codebook vectors without the decoder."""
-    codec = OnnxCodec(model_path)
+    codec = CodebookCodec(model_path)
     model = load_model(model_path)
     idx0, idx1 = codec.encode(next(LOADERS["bigearthnet"](data_root)).data)
     f0, f1 = codec.features(idx0, idx1)

@@ -9,7 +9,7 @@ from rasterio.transform import Affine
 from benchmarks.seams import border_mask, seam_figures
 from corsa.app import cli
 from corsa.formats import codebook_product
-from corsa.codec.models import OnnxCodec
+from corsa.codec.codebook import CodebookCodec
 from corsa.formats.datasets import LOADERS
 from corsa.core.metrics import psnr
 from corsa.core.scene import BANDS
@@ -33,7 +33,7 @@ def majortom(data_root):
 
 @pytest.fixture(scope="module")
 def codec():
-    return OnnxCodec("corsa512")
+    return CodebookCodec("corsa512")
 
 
 def test_round_trip_odd_size_with_nodata(tmp_path, majortom, codec):

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from corsa.codec.models import OnnxCodec
+from corsa.codec.codebook import CodebookCodec
 from corsa.formats.datasets import LOADERS
 from training.export import load_state
 from training.train import pad_to
@@ -27,13 +27,20 @@ def _run(*args: str) -> str:
     return out.stdout
 
 
-def test_train_resume_export(tmp_path, data_root):
-    runs = tmp_path / "runs"
-    _run("training.train", "--name", "smoke", "--runs", str(runs), "--steps", "2", *TINY)
-    out = _run("training.train", "--name", "smoke", "--runs", str(runs), "--steps", "4", *TINY)
+def _train_twice(module: str, runs, options: list[str]) -> list[dict]:
+    """Two steps, then two more resumed from the checkpoint: the log holds both validations."""
+    _run(module, "--name", "smoke", "--runs", str(runs), "--steps", "2", *options)
+    out = _run(module, "--name", "smoke", "--runs", str(runs), "--steps", "4", *options)
     assert "resuming" in out and "at step 2" in out
     log = [json.loads(line) for line in (runs / "smoke" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["psnr"]) for r in log)
+    assert [r["step"] for r in log] == [2, 4]
+    return log
+
+
+def test_train_resume_export(tmp_path, data_root):
+    runs = tmp_path / "runs"
+    log = _train_twice("training.train", runs, TINY)
+    assert all(np.isfinite(r["psnr"]) for r in log)
 
     _run("training.export", "--run", str(runs / "smoke"), "--name", "smoke", "--out", str(tmp_path / "models"),
          "--no-figures", "--entropy-every", "40")
@@ -45,7 +52,7 @@ def test_train_resume_export(tmp_path, data_root):
     assert card["codebooks"] == {"k0": 32, "k1": 8, "dim0": 8, "dim1": 8}
 
     scene = next(LOADERS["bigearthnet"](data_root))
-    codec = OnnxCodec(model_dir)
+    codec = CodebookCodec(model_dir)
     idx0, idx1 = codec.encode(scene.data)
     with torch.no_grad():
         t0, t1 = load_state(runs / "smoke" / "torch_state.pt").encode(
@@ -65,11 +72,8 @@ def test_variable_rate_train_resume_export(tmp_path, data_root):
     from training.export_rate import load_run
 
     runs = tmp_path / "runs"
-    _run("training.train_rate", "--name", "smoke", "--runs", str(runs), "--steps", "2", *TINY_RATE)
-    out = _run("training.train_rate", "--name", "smoke", "--runs", str(runs), "--steps", "4", *TINY_RATE)
-    assert "resuming" in out and "at step 2" in out
-    log = [json.loads(line) for line in (runs / "smoke" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["val_loss"]) for r in log)
+    log = _train_twice("training.train_rate", runs, TINY_RATE)
+    assert all(np.isfinite(r["val_loss"]) for r in log)
     assert all(len(r["psnr"]) == len(r["bpp"]) == 8 for r in log)
 
     _run("training.export_rate", "--run", str(runs / "smoke"), "--name", "smoke", "--out", str(tmp_path / "models"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from corsa.codec.models import OnnxCodec, VariableRateCodec, read_card, sha256_file
+from corsa.core.machine import cpu_name
+from corsa.codec.codebook import CodebookCodec
+from corsa.codec.models import VariableRateCodec, read_card, sha256_file
 from corsa.formats.datasets import default_data_root, load_worldstrat
 
 from . import landcover_labels
@@ -59,7 +60,7 @@ def open_any(codec_name: str):
     _, card = read_card(codec_name)
     if card.get("kind") == "variable-rate":
         return VariableRateCodec(codec_name, threads=1)
-    return OnnxCodec(codec_name, threads=1)
+    return CodebookCodec(codec_name, threads=1)
 
 
 def _inputs(codec, scene) -> dict:
@@ -374,17 +375,6 @@ def card_markdown(card: dict) -> str:
 
 Confusion matrices and throughput: BENCHMARKS.md (`python -m benchmarks.classify`).
 """
-
-
-def cpu_name() -> str:
-    """The CPU model (what figures are stated beside), from /proc/cpuinfo where there is one."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def train_head(codec: VariableRateCodec, sets: dict, args: argparse.Namespace, t0: float) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from corsa.codec.models import OnnxCodec, sha256_file
+from corsa.codec.codebook import CodebookCodec
+from corsa.codec.models import sha256_file
 from corsa.codec.index_coder import FILE_NAME as ENTROPY_FILE, EntropyModel
 from corsa.formats.datasets import load_split
 from corsa.core.metrics import compression_factor, psnr
@@ -171,15 +172,10 @@ def export(run: Path, name: str, out_root: Path, description: str, figures: bool
         "receptive_radius_px": reach,
         "tile": {"size": 512, "overlap": overlap},
         "architecture": {**cfg.to_dict(), "parameters": parameter_count(model)},
-        "training": {
-            "command": " ".join(["python -m training.train", *_args_cli(ckpt["args"])]),
-            "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1),
-            "machine": "2 CPU cores (Xeon, AMX bf16), no GPU",
-            "data": "shared/data/s2, groups terracodec, worldstrat, majortom, bigearthnet, eurosat",
-            "split": "training/split.json (by location)",
-            "best_val_psnr_db": round(ckpt["best"], 3),
-            "notes": notes,
-        },
+        "training": training_record(ckpt, "training.train", "2 CPU cores (Xeon, AMX bf16), no GPU",
+                                    "shared/data/s2, groups terracodec, worldstrat, majortom, bigearthnet, eurosat",
+                                    "training/split.json (by location)", {"best_val_psnr_db": round(ckpt["best"], 3)},
+                                    notes),
         "files": {},
     }
     files = {key: f"{key}.onnx" for key in ("encoder", "decoder", "features")}
@@ -195,6 +191,13 @@ def export(run: Path, name: str, out_root: Path, description: str, figures: bool
     return out
 
 
+def training_record(ckpt: dict, module: str, machine: str, data: str, split: str, best: dict, notes: str) -> dict:
+    """The card's training entry: the command that reproduces the run, its length and where it ran."""
+    return {"command": " ".join([f"python -m {module}", *_args_cli(ckpt["args"])]),
+            "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1),
+            "machine": machine, "data": data, "split": split, **best, "notes": notes}
+
+
 def _args_cli(args: dict) -> list[str]:
     skip = {"runs", "threads", "val_every", "val_scenes", "ckpt_every"}
     out = []
@@ -206,13 +209,13 @@ def _args_cli(args: dict) -> list[str]:
     return out
 
 
-def split_indices(codec: OnnxCodec, name: str, every: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+def split_indices(codec: CodebookCodec, name: str, every: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     return [codec.encode(s.data) for s in load_split(SPLIT_FILE, name)[::every]]
 
 
 def fit_entropy(model_path: Path, every: int = 1) -> EntropyModel:
     """Context tables counted on the train split's indices, mixing weights on the val split's."""
-    codec = OnnxCodec(model_path)
+    codec = CodebookCodec(model_path)
     k0, k1 = codec.card["codebooks"]["k0"], codec.card["codebooks"]["k1"]
     model = EntropyModel.fit(split_indices(codec, "train", every), split_indices(codec, "val", every), k0, k1)
     model.save(model_path)
@@ -221,7 +224,7 @@ def fit_entropy(model_path: Path, every: int = 1) -> EntropyModel:
 
 def test_figures(model_path: Path) -> dict:
     """Test-split PSNR and CF (fixed-rate and entropy-coded streams) through onnxruntime."""
-    codec = OnnxCodec(model_path)
+    codec = CodebookCodec(model_path)
     entropy = EntropyModel.load(model_path)
     scenes = load_split(SPLIT_FILE, "test")
     t0 = time.time()

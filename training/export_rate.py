@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from corsa.core.machine import cpu_name
 from corsa.formats import stream_format
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import load_split
@@ -32,7 +31,7 @@ from corsa.core.metrics import compression_factor, psnr
 from corsa.core.scene import BANDS, Scene
 
 from . import export as base_export, weights
-from .export import NODATA_LAYER, OPSET, _args_cli, _record_files, input_spec, stored_layer
+from .export import NODATA_LAYER, OPSET, _record_files, input_spec, stored_layer, training_record
 from .model import parameter_count
 from .rate_model import RateCodec, RateConfig
 from .train import SPLIT_FILE
@@ -124,16 +123,6 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
     return out
 
 
-def _cpu() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def export(run: Path, name: str, out_root: Path, description: str, notes: str = "", figures: bool = True,
            default_quality: int | None = None) -> Path:
     model, ckpt = load_run(run)
@@ -172,16 +161,12 @@ def export(run: Path, name: str, out_root: Path, description: str, notes: str = 
         "receptive_radius_px": reach,
         "tile": {"size": 512, "overlap": overlap},
         "architecture": {**cfg.to_dict(), "parameters": parameter_count(model)},
-        "training": {
-            "command": " ".join(["python -m training.train_rate", *_args_cli(ckpt["args"])]),
-            "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1),
-            "machine": f"{ckpt['args'].get('threads', 2)} thread(s) of 2 CPU cores ({_cpu()}), "
-                       f"{'bf16 autocast' if ckpt['args'].get('bf16') else 'fp32'}, no GPU",
-            "data": "shared/data/s2: every group with 10 bands (L2A and L1C)",
-            "split": "training/split.json (by location; every source in test)",
-            "best_val_loss": round(ckpt["best"], 4),
-            "notes": notes,
-        },
+        "training": training_record(
+            ckpt, "training.train_rate",
+            f"{ckpt['args'].get('threads', 2)} thread(s) of 2 CPU cores ({cpu_name()}), "
+            f"{'bf16 autocast' if ckpt['args'].get('bf16') else 'fp32'}, no GPU",
+            "shared/data/s2: every group with 10 bands (L2A and L1C)",
+            "training/split.json (by location; every source in test)", {"best_val_loss": round(ckpt["best"], 4)}, notes),
         "files": {},
     }
     _record_files(card, out, {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "latent_model": TABLES_FILE})

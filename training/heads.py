@@ -11,7 +11,9 @@ from typing import Callable
 import torch
 
 from .export import _record_files
-from .export_rate import _cpu, card_markdown
+from corsa.core.machine import cpu_name
+
+from .export_rate import card_markdown
 from .model import parameter_count
 from .train import lr_at
 
@@ -59,7 +61,7 @@ def record(folder: Path, key: str, file_name: str, net: torch.nn.Module, log: li
     card = json.loads(card_path.read_text())
     _record_files(card, folder, {key: file_name})
     card[key] = {**entry, "steps": args.steps, "parameters": parameter_count(net), "final_loss": log[-1]["loss"],
-                 "prepare_seconds": round(prepared, 1), "wall_time_s": round(time.time() - start, 1), "cpu": _cpu(),
+                 "prepare_seconds": round(prepared, 1), "wall_time_s": round(time.time() - start, 1), "cpu": cpu_name(),
                  "threads": args.threads,
                  "command": f"python -m training.{script} " + " ".join(
                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "log_every")}

@@ -168,30 +168,22 @@ def train(args: argparse.Namespace) -> Path:
     return run.close()
 
 
-def run_arguments(p: argparse.ArgumentParser, name: str, steps: int, batch: int, lr: float) -> None:
-    """The options every training command shares: run folder, schedule, seed, logging."""
+def training_parser(doc: str, name: str, steps: int, batch: int, lr: float, **sizes: int) -> argparse.ArgumentParser:
+    """The options every training command shares (run folder, schedule, seed, logging), and the
+    model's whole-number sizes given as ``sizes`` (``blocks_dec=3`` is ``--blocks-dec 3``)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", default=name)
     p.add_argument("--runs", default="runs")
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch", type=int, default=batch)
-    p.add_argument("--crop", type=int, default=64)
     p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-every", type=int, default=1000)
-    p.add_argument("--ckpt-every", type=int, default=1000)
+    shared = dict(steps=steps, batch=batch, crop=64, threads=2, seed=0, val_every=1000, ckpt_every=1000)
+    for key, default in {**shared, **sizes}.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=default)
+    return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run_arguments(p, "corsa512", steps=9000, batch=8, lr=5e-4)
-    p.add_argument("--k0", type=int, default=512)
-    p.add_argument("--k1", type=int, default=128)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--width10", type=int, default=32)
-    p.add_argument("--width20", type=int, default=96)
-    p.add_argument("--width40", type=int, default=128)
-    p.add_argument("--blocks-dec", type=int, default=3)
+    p = training_parser(__doc__, "corsa512", steps=9000, batch=8, lr=5e-4, k0=512, k1=128, dim=64, width10=32,
+                        width20=96, width40=128, blocks_dec=3)
     p.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--val-scenes", type=int, default=0, help="evaluate on every n-th val scene only")

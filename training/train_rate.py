@@ -24,7 +24,7 @@ from .data import BandStats, CropSampler, fit_band_stats
 from .model import InputTransform
 from .rate_model import RateCodec, RateConfig, laplace_mass, widen_state
 from . import weights
-from .train import SPLIT_FILE, Run, lr_at, pad_to, run_arguments
+from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
 
 
 def build_model(cfg: RateConfig, st: BandStats) -> RateCodec:
@@ -126,13 +126,8 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run_arguments(p, "corsa2", steps=12000, batch=16, lr=1e-3)
-    p.add_argument("--latent", type=int, default=64)
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--width20", type=int, default=48)
-    p.add_argument("--blocks-enc", type=int, default=2)
-    p.add_argument("--blocks-dec", type=int, default=3)
+    p = training_parser(__doc__, "corsa2", steps=12000, batch=16, lr=1e-3, latent=64, width=96, width20=48,
+                        blocks_enc=2, blocks_dec=3)
     p.add_argument("--max-weight-px", type=int, default=250_000,
                    help="a scene is drawn as if it had at most this many pixels (large L1C scenes would dominate)")
     p.add_argument("--val-stride", type=int, default=2, help="evaluate on every n-th val scene")

@@ -43,7 +43,8 @@ from corsa.blocks import render
 from corsa.formats import results
 from corsa.formats import series
 from corsa.blocks.classmap import CLASS_SETS, scene_classes, write_classes
-from corsa.codec.models import DEFAULT_MODEL, ModelError, OnnxCodec, VariableRateCodec, open_codec, read_card, shipped_cards
+from corsa.codec.codebook import CodebookCodec, open_codec
+from corsa.codec.models import DEFAULT_MODEL, ModelError, VariableRateCodec, read_card, shipped_cards
 from corsa.core.files import WriteError, exchange, product_lock
 from corsa.core.metrics import compression_factor
 from corsa.core.scene import BANDS
@@ -111,18 +112,6 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _quality(codec: OnnxCodec | VariableRateCodec, quality: int | None) -> int | None:
-    """The quality level a run uses: the one asked for (checked), else the model's default."""
-    if isinstance(codec, VariableRateCodec):
-        if quality is None:
-            return codec.default_quality
-        codec.level(quality)
-        return quality
-    if quality is not None:
-        raise ValueError(f"model {codec.model_id} has a single rate: --quality needs a variable-rate model (corsa2)")
-    return None
-
-
 def _pixel_size(catalogue: Catalogue, bbox: dict | None, dates: list | None, cloud: float) -> tuple[float, float]:
     """The input's (x, y) pixel size in CRS units: the stored layers' grids are whole multiples of it."""
     tr = catalogue.load(COLLECTION, bbox, dates, None, cloud).rio.transform()
@@ -133,7 +122,7 @@ def compress(args: argparse.Namespace) -> str:
     """The compress service run on the embedded engine (its generic save_result writes each
     stored layer as GeoTIFF, as a back end does), then packed into the product."""
     codec = open_codec(args.model or DEFAULT_MODEL)
-    quality = _quality(codec, args.quality)
+    quality = codec.quality_level(args.quality)
     codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
     if args.stac or str(args.input).endswith(".json"):
         source = StacSource(str(args.stac or args.input), args.collection)
@@ -203,6 +192,16 @@ def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec,
     return codec, qualities[0]
 
 
+def _opened(folder: Path, model: str | None, network: str = "decoder") -> tuple[CodebookCodec | VariableRateCodec, int | None, list[str]]:
+    """A product's model, quality level and dates, checked before anything runs: a variable-rate
+    product (formats 3-4), else an older codebook one (formats 1-2, ``codebook_product.opened``)."""
+    stream = _stream_product(folder, model)
+    if stream:
+        return (*stream, stream_format.dates_in(folder))
+    codec, dates = codebook_product.opened(folder, model, network)
+    return codec, None, dates
+
+
 def _decoded_written(written: list[Path], dates: list[str | None], source: Path) -> str:
     """A STAC Item beside each decoded file (``corsa.formats.stac_catalog``), and one line on them."""
     for path, date in zip(written, dates):
@@ -218,22 +217,23 @@ def decompress(args: argparse.Namespace) -> str:
     from_job = bool(job_files.job_dates(args.input)) and not (codebook_product.dates_in(args.input) or stream_format.dates_in(args.input))
     if not from_job:
         stac_catalog.check_complete(args.input)
-    stream = None if from_job else _stream_product(args.input, args.model)
     if from_job:
         codec, quality = job_files.resolve(args.input, args.model, args.quality)
+        stored = job_files.job_dates(args.input)
     elif args.quality is not None:
         raise ValueError(f"{args.input} is a product: it records its quality level (--quality is for job files)")
     else:
-        codec, quality = stream if stream else (OnnxCodec(args.model or codebook_product.model_of(args.input)), None)
+        codec, quality, stored = _opened(args.input, args.model)
+    stream = not from_job and isinstance(codec, VariableRateCodec)
     out = Path(args.output)
     if stream and not args.clear and not args.engine:
         with _cluster(args) as run:
             written = render.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
                                         date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like,
                                         run=run)
-        dates = [args.date] if args.date else stream_format.dates_in(args.input)
+        dates = [args.date] if args.date else stored
         return _decoded_written(written, dates, args.input)
-    on_engine = stream is not None and args.scale is not None and not args.like and not args.clear
+    on_engine = stream and args.scale is not None and not args.like and not args.clear
     if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
         raise ValueError("--like works on variable-rate products (format 3) on the block-by-block path: without "
                          "--engine or --clear (--scale also on the engine)" if stream else
@@ -266,14 +266,6 @@ def decompress(args: argparse.Namespace) -> str:
         for name in ("fill", "dates"):
             del graph["process_graph"]["decode"]["arguments"][name]
     codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
-    stored = (job_files.job_dates(args.input) if from_job else stream_format.dates_in(args.input) if stream
-              else codebook_product.dates_in(args.input))
-    if not stream and not from_job:
-        if not stored:
-            raise product.ProductError(f"{args.input} holds no complete compressed date "
-                                       f"(corsa_<date>_L0.tif or corsa_<date>{stream_format.SUFFIX})")
-        for d in stored:
-            _check_date(args.input, d, codec)
     single = out.suffix.lower() in (".tif", ".tiff")
     if single and not args.date and len(stored) > 1:
         raise ValueError(f"{args.input} holds {len(stored)} dates: give a folder as -o")
@@ -292,32 +284,15 @@ def decompress(args: argparse.Namespace) -> str:
     return _decoded_written(written, dates, args.input)
 
 
-def _check_date(folder: Path, date: str, codec: OnnxCodec) -> None:
-    """Refuse a date the codec cannot decode, before the engine runs (its grids are then freed)."""
-    d = codebook_product.read_date(folder, date)
-    codebook_product.check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
-    try:
-        codec.check_indices(d.idx0, d.idx1)
-    except ValueError as e:
-        raise product.ProductError(f"date {date} of {folder}: {e} (corrupt product?)") from e
-
-
 def classify(args: argparse.Namespace) -> str:
     stac_catalog.check_complete(args.input)
-    stream = _stream_product(args.input, args.model)
-    codec, quality = stream if stream else (OnnxCodec(args.model or codebook_product.model_of(args.input)), None)
+    codec, quality, dates = _opened(args.input, args.model, "features_session")
     names, colors, classifier = scene_classes(codec, args.classifier, args.classes)
-    dates = stream_format.dates_in(args.input) if stream else codebook_product.dates_in(args.input)
-    if not dates:
-        raise product.ProductError(f"{args.input} holds no complete compressed date")
-    if not stream:
-        for d in dates:
-            _check_date(args.input, d, codec)
     out = Path(args.output)
     single = out.suffix.lower() in (".tif", ".tiff")
     if single and len(dates) != 1:
         raise ValueError(f"{args.input} holds {len(dates)} dates: give a folder as -o")
-    if stream:      # block by block, the classify service's own windows (on a cluster with --scheduler)
+    if isinstance(codec, VariableRateCodec):      # block by block, the classify service's own windows (on a cluster with --scheduler)
         written = []
         with _cluster(args) as run:
             for date in dates:

@@ -17,7 +17,8 @@ import onnxruntime as ort
 import rasterio
 from rasterio.transform import Affine
 
-from corsa.codec.models import ModelError, OnnxCodec, VariableRateCodec, checked_session, read_card
+from corsa.codec.codebook import CodebookCodec
+from corsa.codec.models import ModelError, VariableRateCodec, checked_session, read_card
 from corsa.core.files import writing
 
 DEFAULT_CLASSIFIER = "corsa512-scl"
@@ -40,7 +41,7 @@ class Classifier:
     def colors(self) -> dict[int, tuple[int, ...]]:
         return {c["value"]: tuple(c["color"]) for c in self.card["classes"]}
 
-    def check_codec(self, codec: OnnxCodec) -> None:
+    def check_codec(self, codec: CodebookCodec) -> None:
         """Refuse a codec whose codebook vectors are not those the classifier was trained on."""
         want = self.card["codec"]["features_sha256"]
         if codec.card["files"]["features"]["sha256"] != want:
@@ -51,7 +52,7 @@ class Classifier:
     def session(self) -> ort.InferenceSession:
         return checked_session(self.path, self.card["files"]["classifier"], self.threads)
 
-    def predict(self, codec: OnnxCodec, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
+    def predict(self, codec: CodebookCodec, idx0: np.ndarray, idx1: np.ndarray) -> np.ndarray:
         """Index grids -> class values (uint8) on the level-0 grid, straight through onnxruntime."""
         codec.check_indices(idx0, idx1)
         return corsa_udf.classify(codec.features_session, self.session, idx0, idx1)
@@ -60,7 +61,7 @@ class Classifier:
 CLASS_SETS = ("scl", "landcover")   # what a variable-rate model's heads give: scene classes, land cover
 
 
-def scene_classes(codec: OnnxCodec | VariableRateCodec, classifier: str | Path | None = None, classes: str = "scl"
+def scene_classes(codec: CodebookCodec | VariableRateCodec, classifier: str | Path | None = None, classes: str = "scl"
                   ) -> tuple[dict[int, str], dict[int, tuple[int, ...]], Path | None]:
     """(class names, colours, classifier folder or None) of a codec's classes: a variable-rate
     model's own head for ``classes`` (its card's heads), a codebook model's classifier (scene

@@ -27,10 +27,12 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from corsa.codec.codebook import CodebookCodec
 from corsa.core.files import writing
 from corsa.core.scene import BANDS
 from corsa.formats import product
 from corsa.formats.product import REPLICA_CHUNK, grid_coords
+from corsa.formats import stream_format
 from corsa.formats.stream_format import shown as _shown
 
 FORMAT = "corsa-product"
@@ -391,3 +393,24 @@ def check_model(d: ProductDate, decoder_sha256: str, model_id: str) -> None:
         raise ProductError(f"date {d.date} was written with model {_shown(d.model_id)} (decoder sha256 "
                            f"{d.model_sha256[:12]}...), the available model {model_id!r} has "
                            f"{decoder_sha256[:12]}...: decoding would give wrong reflectances")
+
+
+def opened(folder: Path, model: str | None, network: str = "decoder") -> tuple[CodebookCodec, list[str]]:
+    """A format 1-2 product's model (``model``, else the one its files name) and its dates, each
+    checked now against that model: a date it cannot decode is refused by name before any runs.
+    The ``network`` the caller runs ("decoder" or "features_session") is loaded first, so a broken
+    model file is reported as such rather than as a product written by another model."""
+    codec = CodebookCodec(model or model_of(folder))
+    getattr(codec, network)
+    dates = dates_in(folder)
+    if not dates:
+        raise ProductError(f"{folder} holds no complete compressed date "
+                           f"(corsa_<date>_L0.tif or corsa_<date>{stream_format.SUFFIX})")
+    for date in dates:
+        d = read_date(folder, date)
+        check_model(d, codec.card["files"]["decoder"]["sha256"], codec.model_id)
+        try:
+            codec.check_indices(d.idx0, d.idx1)
+        except ValueError as e:
+            raise ProductError(f"date {date} of {folder}: {e} (corrupt product?)") from e
+    return codec, dates

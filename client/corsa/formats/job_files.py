@@ -25,7 +25,8 @@ from rasterio.windows import Window
 from corsa.formats import codebook_product, product
 from corsa.formats import stream_format
 from corsa.formats import series
-from corsa.codec.models import OnnxCodec, VariableRateCodec, open_codec, sha256_file
+from corsa.codec.codebook import CodebookCodec, open_codec
+from corsa.codec.models import VariableRateCodec, sha256_file
 
 NODATA = "nodata"
 JOB_FILE = "job.json"
@@ -180,7 +181,7 @@ def _windows(shape: tuple[int, int], side: int = BLOCK_PX):
             yield y, x, min(side, shape[0] - y), min(side, shape[1] - x)
 
 
-def _checked_layers(folder: Path, date: str, codec: OnnxCodec | VariableRateCodec) -> tuple[dict[str, Layer], tuple[int, int], Affine, str | None]:
+def _checked_layers(folder: Path, date: str, codec: CodebookCodec | VariableRateCodec) -> tuple[dict[str, Layer], tuple[int, int], Affine, str | None]:
     """One date's layers by name, checked against what the model stores."""
     layers, shape, transform, crs = layers_of(folder, date)
     by_name = {layer.name: layer for layer in layers}
@@ -217,7 +218,7 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
     return series.write_dates(Path(out), codec, planned, list(range(len(dates))), coded, masks, shape, transform, crs)
 
 
-def pack_date(folder: Path, date: str, codec: OnnxCodec, out: Path) -> list[Path]:
+def pack_date(folder: Path, date: str, codec: CodebookCodec, out: Path) -> list[Path]:
     """One date's job files of a codebook model -> its product files in ``out`` (same indices, entropy-coded)."""
     by_name, shape, transform, crs = _checked_layers(folder, date, codec)
     writer = codebook_product.DateWriter(Path(out), date, shape, transform, crs, codec.model_id,
@@ -270,7 +271,7 @@ def job_settings(folder: Path) -> dict:
             "quality": quality if isinstance(quality, int) else None}
 
 
-def resolve(folder: Path, model: str | None, quality: int | None) -> tuple[OnnxCodec | VariableRateCodec, int | None]:
+def resolve(folder: Path, model: str | None, quality: int | None) -> tuple[CodebookCodec | VariableRateCodec, int | None]:
     """The codec and quality level that wrote a folder of job files: as given, else the job's."""
     settings = job_settings(folder)
     model = model or settings.get("model")
@@ -278,11 +279,8 @@ def resolve(folder: Path, model: str | None, quality: int | None) -> tuple[OnnxC
         raise JobFilesError(f"{folder} holds a compress job's files but no {JOB_FILE} naming its model: give --model "
                             "(and --quality for a variable-rate model)")
     codec = open_codec(model)
-    if isinstance(codec, VariableRateCodec):
-        quality = quality if quality is not None else settings.get("quality") or codec.default_quality
-        codec.level(quality)
-        return codec, quality
-    return codec, None
+    return codec, codec.quality_level(quality if quality is not None or isinstance(codec, CodebookCodec)
+                                      else settings.get("quality"))
 
 
 def pack(folder: Path, out: Path, model: str | None = None, quality: int | None = None) -> list[Path]:
@@ -296,7 +294,7 @@ def pack(folder: Path, out: Path, model: str | None = None, quality: int | None 
     return pack_dates(folder, dates, codec, quality, out)
 
 
-def pack_dates(folder: Path, dates: list[str], codec: OnnxCodec | VariableRateCodec, quality: int | None,
+def pack_dates(folder: Path, dates: list[str], codec: CodebookCodec | VariableRateCodec, quality: int | None,
                out: Path) -> list[Path]:
     """The given dates of a folder of job files -> their product files in ``out``."""
     if isinstance(codec, VariableRateCodec):
