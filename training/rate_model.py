@@ -30,6 +30,11 @@ class RateConfig:
     width20: int = 48          # channels at 20 m in the decoder
     blocks_enc: int = 2
     blocks_dec: int = 3
+    # v4: capacity where the high levels need it (0: the corsa2/3 decoder). Residual blocks at
+    # 20 m after the upsampling, and a refinement at 10 m of this many channels; both start as
+    # the identity (last conv zero), so a trained corsa3 decoder warm-starts them unchanged.
+    blocks20: int = 0
+    width10: int = 0
     # Rate-distortion trade-off of each quality level, lowest quality first.
     lambdas: list[float] = field(default_factory=lambda: [25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0])
 
@@ -56,6 +61,14 @@ class RateCodec(nn.Module):
                                  nn.Conv2d(cfg.width20, cfg.width20, 3, padding=1), nn.GELU(),
                                  nn.Conv2d(cfg.width20, 4 * cfg.bands, 1), nn.PixelShuffle(2),
                                  nn.Conv2d(cfg.bands, cfg.bands, 3, padding=1))
+        self.refine20 = nn.Sequential(*[ResBlock(cfg.width20) for _ in range(cfg.blocks20)])
+        self.refine10 = nn.Sequential(nn.Conv2d(2 * cfg.bands, cfg.width10, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(cfg.width10, cfg.width10, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(cfg.width10, cfg.bands, 3, padding=1)) if cfg.width10 else None
+        for block in self.refine20:
+            nn.init.zeros_(block.conv2.weight), nn.init.zeros_(block.conv2.bias)
+        if self.refine10 is not None:
+            nn.init.zeros_(self.refine10[-1].weight), nn.init.zeros_(self.refine10[-1].bias)
         # Gains spaced like the lambdas at start (step ~ lambda^-1/2 for MSE), learned from there.
         init = torch.tensor([0.5 * math.log(lam / cfg.lambdas[-1]) for lam in cfg.lambdas]) + math.log(4.0)
         self.log_gain = nn.Parameter(init[:, None].repeat(1, lat))
@@ -76,7 +89,12 @@ class RateCodec(nn.Module):
     def synthesis(self, y_hat: torch.Tensor) -> torch.Tensor:
         """Dequantised latent (ints * inv_gain) -> DN (N, 10, H, W) float."""
         # DN only to within bf16's 1/128 would cap the PSNR the loss sees
-        return _full_precision(self.dec[-1], self.dec[:-1](y_hat)) * self.out_std + self.out_mean
+        h20 = self.refine20(self.dec[:7](y_hat))          # 20 m features, after the pixel shuffle and GELU
+        h10 = self.dec[7:-1](h20)                         # the 10 bands at 10 m, before the last conv
+        out = _full_precision(self.dec[-1], h10)
+        if self.refine10 is not None:
+            out = out + _full_precision(self.refine10, torch.cat([out, h10.float()], 1))
+        return out * self.out_std + self.out_mean
 
     def gains(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.log_gain.exp(), self.log_inv_gain.exp()
@@ -114,22 +132,27 @@ def laplace_mass(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def widen_state(old: dict[str, torch.Tensor], model: RateCodec) -> dict[str, torch.Tensor]:
-    """A trained model's weights placed in a model with more latent channels and / or more quality
-    levels, so that it starts as the trained one (function-preserving, up to small new weights).
+    """A trained model's weights placed in a model with more latent channels, more quality levels
+    and / or the v4 decoder's refinements, so that it starts as the trained one (function-preserving,
+    up to small new weights).
 
     New latent channels: encoder rows at their fresh init, decoder columns at 1/10 of theirs (the
-    decoder barely sees them at first), gains and prior as the mean of the trained channels. New
-    levels (appended at the top): gains extrapolated one step in log beyond the last trained level,
-    prior copied from it."""
+    decoder barely sees them at first), gains and prior as the mean of the trained channels. Levels
+    are matched by lambda (a state without lambdas: its levels are the lowest ones); a new level's
+    gains are interpolated linearly in log lambda between the trained levels (extrapolated from the
+    nearest two beyond them), its prior copied from the nearest trained level. New modules (the v4
+    refinements) keep their init, which is the identity."""
     new = {k: v.clone() for k, v in model.state_dict().items()}
     lat0, q0 = old["log_gain"].shape[1], old["log_gain"].shape[0]
-    lat, q = model.cfg.latent, model.cfg.levels
-    if lat < lat0 or q < q0:
-        raise ValueError(f"cannot narrow a model ({lat0} channels, {q0} levels) to {lat} channels, {q} levels")
+    lat, lambdas = model.cfg.latent, [float(v) for v in model.cfg.lambdas]
+    trained = [float(v) for v in old["lambdas"]] if "lambdas" in old else lambdas[:q0]
+    if lat < lat0 or not set(trained) <= set(lambdas):
+        raise ValueError(f"cannot narrow a model ({lat0} channels, lambdas {trained}) to {lat} channels, "
+                         f"lambdas {lambdas}")
     for k, v in old.items():
         if k not in new:
             raise ValueError(f"the trained state has {k}, the new model does not")
-        if k == "lambdas":
+        if k in ("lambdas", "log_gain", "log_inv_gain", "prior_mean", "prior_log_scale"):
             continue
         if new[k].shape == v.shape:
             new[k] = v.clone()
@@ -139,10 +162,18 @@ def widen_state(old: dict[str, torch.Tensor], model: RateCodec) -> dict[str, tor
         if k.startswith("dec.0."):                       # the decoder's first conv reads the latent
             new[k][:, lat0:] *= 0.1
         new[k][tuple(slice(0, n) for n in v.shape)] = v
+    x = torch.tensor(trained).log()
     for k in ("log_gain", "log_inv_gain", "prior_mean", "prior_log_scale"):
-        t = new[k]
-        t[:q0, lat0:] = t[:q0, :lat0].mean(1, keepdim=True)
-        for level in range(q0, q):
-            step = (t[level - 1] - t[level - 2]) if k in ("log_gain", "log_inv_gain") and level >= 2 else 0.0
-            t[level] = t[level - 1] + step
+        t = torch.cat([old[k], old[k].mean(1, keepdim=True).expand(q0, lat - lat0)], 1)
+        for level, lam in enumerate(lambdas):
+            if lam in trained:
+                new[k][level] = t[trained.index(lam)]
+                continue
+            order = torch.argsort((x - math.log(lam)).abs())
+            if k in ("log_gain", "log_inv_gain") and q0 >= 2:
+                a, b = sorted(order[:2].tolist())      # the bracketing pair, or the last two beyond the ends
+                w = (math.log(lam) - x[a]) / (x[b] - x[a])
+                new[k][level] = t[a] + w * (t[b] - t[a])
+            else:
+                new[k][level] = t[order[0]]
     return new

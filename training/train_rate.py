@@ -83,7 +83,8 @@ def train(args: argparse.Namespace) -> Path:
     val_scenes = load_split(SPLIT_FILE, "val")[:: args.val_stride]
     init = _init_state(Path(args.init)) if args.init and not run.ckpt else None
     cfg = run.config or RateConfig(latent=args.latent, width=args.width, width20=args.width20,
-                                   blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec,
+                                   blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec, blocks20=args.blocks20,
+                                   width10=args.width10,
                                    **({"lambdas": args.lambdas} if args.lambdas else {}))
     # A warm start keeps the trained model's input statistics: its weights are fitted to them.
     st = run.stats or (BandStats(**init["stats"]) if init else fit_band_stats(train_scenes, seed=args.seed))
@@ -127,7 +128,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = training_parser(__doc__, "corsa2", steps=12000, batch=16, lr=1e-3, latent=64, width=96, width20=48,
-                        blocks_enc=2, blocks_dec=3)
+                        blocks_enc=2, blocks_dec=3, blocks20=0, width10=0)
     p.add_argument("--max-weight-px", type=int, default=250_000,
                    help="a scene is drawn as if it had at most this many pixels (large L1C scenes would dominate)")
     p.add_argument("--val-stride", type=int, default=2, help="evaluate on every n-th val scene")

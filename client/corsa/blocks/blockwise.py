@@ -215,47 +215,88 @@ def _fill_dates(folder: Path, date: str) -> list[str]:
     return [dates[j] for j in corsa_udf.fill_candidates(days, dates.index(date))]
 
 
+class DateDecoder:
+    """One date of a format-3/4 product decoded block by block, each block exactly as the decompress
+    service's UDF decodes the window apply_neighborhood gives it: the integers of the block and its
+    overlap (``processes.OVERLAP["decompress"]``) entropy-decoded, dequantised, synthesised, the
+    nodata set to 0 (or filled from the other dates, ``fill_gaps``). What ``corsa decompress`` writes
+    (``decompress_date``) and what a window read through xarray gets (``window``) are these blocks.
+    Pickles as its names: a dask worker opens the product and the sessions itself."""
+
+    def __init__(self, folder: Path, date: str, codec: VariableRateCodec, fill_gaps: bool = False):
+        self.args = (folder, date, codec, fill_gaps)
+        self.ints = _Integers(folder, date, codec)
+        self.head, self.codec = self.ints.head, codec
+        self.overlap = processes.OVERLAP["decompress"]
+        self.around = StoredDates(folder, _fill_dates(folder, date), self.head["shape"], codec, f"fill {date}") \
+            if fill_gaps and self.ints.mask is not None else None
+
+    def __reduce__(self):
+        return type(self), self.args
+
+    def spans(self) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """The block spans along y and along x: (start, stop, window start, window stop)."""
+        (h, w) = self.head["shape"]
+        return list(_spans(h, self.overlap)), list(_spans(w, self.overlap))
+
+    def _nearby(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> list | None:
+        """The candidates' latents over a window whose block has gaps (--fill)."""
+        if self.around is None or not self.ints.mask[ys[0]:ys[1], xs[0]:xs[1]].any():
+            return None
+        return self.around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool,
+                                   self.codec)
+
+    def inputs(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple:
+        """A block's integers over its window, and its fill candidates' latents."""
+        cells = slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4))
+        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool)
+
+    def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None
+              ) -> tuple[int, int, np.ndarray]:
+        """A block's pixels (10, y, x) uint16 and where they go (y0, x0)."""
+        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
+        z = self.codec.dequantise(latent, self.head["quality"])
+        dec, mask = _sessions(self.codec, "decoder"), self.ints.mask
+        rec = corsa_udf.synthesise(dec, z, processes.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
+        if mask is not None:
+            win = mask[wy0:wy1, wx0:wx1]
+            rec[:, win] = 0
+            if nearby is not None:
+                # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
+                others = [corsa_udf.synthesise(dec, zn, processes.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
+                          for zn in nearby]
+                gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
+                rec = corsa_udf.fill_date(rec, win, others, gaps)
+        rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
+
+    def window(self, rows: slice, cols: slice) -> np.ndarray:
+        """The pixels (10, rows, cols) of a window of the date's grid, from the blocks under it only."""
+        ys_all, xs_all = self.spans()
+        out = np.zeros((len(BANDS), rows.stop - rows.start, cols.stop - cols.start), np.uint16)
+        for ys in ys_all:
+            if ys[1] <= rows.start or ys[0] >= rows.stop:
+                continue
+            for xs in xs_all:
+                if xs[1] <= cols.start or xs[0] >= cols.stop:
+                    continue
+                y0, x0, v = self.block(ys, xs, *self.inputs(ys, xs, None))
+                ry, rx = slice(max(y0, rows.start), min(y0 + v.shape[1], rows.stop)), \
+                    slice(max(x0, cols.start), min(x0 + v.shape[2], cols.stop))
+                out[:, ry.start - rows.start:ry.stop - rows.start, rx.start - cols.start:rx.stop - cols.start] = \
+                    v[:, ry.start - y0:ry.stop - y0, rx.start - x0:rx.stop - x0]
+        return out
+
+
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False,
                     run: cluster.Cluster | None = None) -> Path:
     """One date of a format-3 product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
     decompress service's save_result writes it; under a temporary name until complete. ``fill_gaps``:
     nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept.
     ``run``: a cluster whose workers decode the blocks (default: local threads)."""
-    ints = _Integers(folder, date, codec)
-    h = ints.head
-    overlap = processes.OVERLAP["decompress"]
-    _sessions(codec, "decoder")
-    around = StoredDates(folder, _fill_dates(folder, date), h["shape"], codec, f"fill {date}") \
-        if fill_gaps and ints.mask is not None else None
-
-    def block(ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None
-              ) -> tuple[int, int, np.ndarray]:
-        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
-        z = codec.dequantise(latent, h["quality"])
-        dec, mask = _sessions(codec, "decoder"), ints.mask
-        rec = corsa_udf.synthesise(dec, z, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
-        if mask is not None:
-            win = mask[wy0:wy1, wx0:wx1]
-            rec[:, win] = 0
-            if nearby is not None:
-                # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
-                others = [corsa_udf.synthesise(dec, zn, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
-                          for zn in nearby]
-                gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in around.masks]
-                rec = corsa_udf.fill_date(rec, win, others, gaps)
-        rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
-        return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
-
-    def nearby(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> list | None:
-        """The candidates' latents over a window whose block has gaps (--fill)."""
-        if around is None or not ints.mask[ys[0]:ys[1], xs[0]:xs[1]].any():
-            return None
-        return around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec)
-
-    def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple:
-        return ints.window(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool), nearby(ys, xs, pool)
-
-    return write_blocks(out, h, overlap, inputs, block, run)
+    decoder = DateDecoder(folder, date, codec, fill_gaps)
+    _sessions(codec, "decoder")       # checked here, before any block runs
+    return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.block, run)
 
 
 def classify_date(folder: Path, date: str, codec: VariableRateCodec, classes: str = "scl",
