@@ -68,11 +68,26 @@ def evaluate(model: RateCodec, scenes: list[Scene], norm: float) -> dict:
 
 def _init_state(path: Path) -> dict:
     """A warm start's torch state and band statistics: a checkpoint, a run's torch_state.pt, or a
-    shipped model folder (rebuilt from its ONNX files)."""
+    shipped model folder (rebuilt from its ONNX files; its priors are then fitted afresh, ``fit_priors``)."""
     if path.is_dir():
         model = weights.load_model(path, RateConfig, build_model, weights.rate_gains(path))
-        return {"stats": asdict(model.band_stats), "model": model.state_dict()}
+        return {"stats": asdict(model.band_stats), "model": model.state_dict(), "fit_priors": True}
     return torch.load(path, weights_only=False)
+
+
+@torch.no_grad()
+def fit_priors(model: RateCodec, sampler: CropSampler, batches: int, batch: int) -> None:
+    """Each level's and channel's Laplace prior fitted to the quantised latents of training crops
+    (median and mean absolute deviation, the maximum-likelihood fit): a warm start from ONNX weights
+    has no trained priors, and learning them from scratch at the learning rate takes thousands of
+    steps, during which the rate term pulls the latents toward a wrong prior."""
+    g, _ = model.gains()
+    y = torch.cat([model.analysis(torch.from_numpy(sampler.batch(batch))) for _ in range(batches)])
+    for q in range(model.cfg.levels):
+        s = torch.round(y * g[q][None, :, None, None]).transpose(0, 1).flatten(1)
+        mu = s.median(1).values
+        model.prior_mean[q] = mu
+        model.prior_log_scale[q] = (s - mu[:, None]).abs().mean(1).clamp(min=0.05).log()
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -94,6 +109,9 @@ def train(args: argparse.Namespace) -> Path:
         print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = CropSampler(train_scenes, args.crop, args.seed, max_weight_px=args.max_weight_px)
+    if init and init.get("fit_priors"):
+        fit_priors(model, CropSampler(train_scenes, args.crop, args.seed + 1, max_weight_px=args.max_weight_px),
+                   8, args.batch)
     step = run.bind(model, opt, sampler, cfg, st, best=math.inf, kind="rate")
     norm = float(np.mean(np.square(st.dn_std)))
     acc = {"d": 0.0, "bpp": 0.0}
