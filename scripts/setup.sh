@@ -15,3 +15,9 @@ fi
 .venv/bin/python -m pip install -q --no-compile -e ".[${extras}]"
 .venv/bin/python -m compileall -q -j 0 -x '/(torch|functorch|torchgen|sympy|triton)/' .venv/lib/python3*/site-packages client udf >/dev/null \
   || true   # a file some package ships for another Python version does not compile: it is never imported
+# corsa serve's page: its map library (Leaflet) from the npm registry, served locally by the page.
+if command -v npm >/dev/null; then
+  (cd web && npm ci --no-audit --no-fund --loglevel=error >/dev/null) || echo "npm ci in web/ failed: corsa serve's map is missing" >&2
+else
+  echo "npm not found: corsa serve's page shows no map until 'npm ci' runs in web/" >&2
+fi

@@ -73,6 +73,25 @@ class Browser:
                 raise TimeoutError(f"waited {timeout} s for {expression}")
             time.sleep(0.2)
 
+    def drag(self, start: tuple[float, float], end: tuple[float, float], steps: int = 8) -> None:
+        """A left-button drag from ``start`` to ``end`` (page pixels), as a person's mouse makes it."""
+        mouse = lambda kind, xy, **kw: self.send("Input.dispatchMouseEvent", type=kind, x=xy[0], y=xy[1], **kw)
+        mouse("mouseMoved", start)
+        mouse("mousePressed", start, button="left", buttons=1, clickCount=1)
+        for i in range(1, steps + 1):
+            mouse("mouseMoved", tuple(a + (b - a) * i / steps for a, b in zip(start, end)), button="left", buttons=1)
+        mouse("mouseReleased", end, button="left", buttons=0, clickCount=1)
+
+    def screenshot(self, path) -> None:
+        """The whole page as a PNG at ``path``."""
+        import base64
+
+        size = self.eval("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+        self.send("Emulation.setDeviceMetricsOverride", width=max(size[0], 1000), height=size[1], deviceScaleFactor=1,
+                  mobile=False)
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+        self.send("Emulation.clearDeviceMetricsOverride")
+
     def close(self) -> None:
         self.ws.close()
         self.loop.close()

@@ -3,19 +3,23 @@
     corsa serve --port 8765 [--collection SENTINEL2_L2A=PATH] [--service corsa2_openeo_compress_s2]
 
 The page's form is generated from the service UDP's parameters (process_graphs/<id>.json): a
-bounding box as four number fields, a temporal interval as two dates, numbers and strings by their
-schema, defaults and descriptions from the UDP. Submitting runs the job on the embedded engine over
-the local collection (SENTINEL2_L2A -> a folder or file; by default the demo's scene, the shared
-data's Major-TOM scene), with progress, then packs the job's files into the product (with its STAC Collection),
-decodes it and shows CF (from the product's bytes), PSNR against the input and a before / after
-quicklook, with the product's and the decoded files for download. A bad parameter gets a message
-that names it, in the page. One job runs at a time; the server listens on 127.0.0.1 only.
+bounding box is drawn on a map (Leaflet, from the npm registry into web/, served from here: no tile
+server is reachable, so the map shows the local collection's footprint over a quicklook of it), a
+temporal interval is two dates, the model a choice among the shipped models and the quality a
+choice showing each level's measured CF and PSNR (their cards), other numbers and strings by their
+schema; descriptions from the UDP. Submitting runs the job on the embedded engine over the local
+collection (SENTINEL2_L2A -> a folder or file; by default the demo's scene, the shared data's
+Major-TOM scene), with progress, then packs the job's files into the product (with its STAC
+Collection), decodes it and shows CF (from the product's bytes), PSNR against the input and a
+before / after quicklook, with the product's and the decoded files for download. A bad parameter
+gets a message that names it, in the page. One job runs at a time; the server listens on 127.0.0.1 only.
 """
 from __future__ import annotations
 
 import html
 import json
 import shutil
+import sys
 import tempfile
 import threading
 import traceback
@@ -78,22 +82,62 @@ def model_choices() -> list[tuple[str, str]]:
     return out
 
 
+WEB = Path(__file__).resolve().parents[3] / "web" / "node_modules" / "leaflet" / "dist"
+# What a person reads above each parameter (the UDP's name for any other: a new parameter shows by itself).
+TITLES = {"spatial_extent": "Area", "temporal_extent": "Dates", "max_cloud_cover": "Cloud cover at most (%)",
+          "model": "Model", "quality": "Quality"}
+# ... and in plain words below it (the UDP's own description for any other; it stays as the tooltip).
+HELP = {"spatial_extent": "The area whose images are compressed.",
+        "temporal_extent": "Images taken from the first date up to the day before the second are compressed.",
+        "max_cloud_cover": "Images with more cloud than this are left out.",
+        "model": "The learned codec that compresses the images; the default is the best one measured.",
+        "quality": "Higher levels keep more detail and make larger files. The figures beside each level are "
+                   "measured on test images from several sources."}
+
+
+def model_levels() -> dict[str, dict]:
+    """Each shipped variable-rate model's quality levels as the choice shows them: the mean over
+    the test sources of CF and PSNR (its card), and its default level; by the model's location."""
+    out = {}
+    for card in shipped_cards():
+        if card.get("kind") != "variable-rate":
+            continue
+        levels = []
+        for q in card["qualities"]:
+            mean = (q.get("test") or {}).get("mean_over_sources") or {}
+            figures = (f": files {mean['cf']:.0f}x smaller than the raw bands, {mean['psnr_db']:.1f} dB"
+                       if "cf" in mean and "psnr_db" in mean else "")
+            levels.append([q["quality"], f"{q['quality']}{figures}"])
+        out[f"{MODELS_URL}/{card['id']}"] = {"levels": levels, "default": card["default_quality"]}
+    return out
+
+
+def _options(choices: list, value) -> str:
+    return "".join(f'<option value="{html.escape(str(v))}"{" selected" if v == value else ""}>{html.escape(t)}</option>'
+                   for v, t in choices)
+
+
 def form_fields(udp: dict, defaults: dict) -> str:
     """The form's inputs, one group per UDP parameter, from its schema; the model as a choice
     among the shipped models (their cards)."""
     parts = []
+    models, levels = model_choices(), model_levels()
+    model = defaults.get("model") or (models[0][0] if models else None)
     for p in udp["parameters"]:
-        name, label = p["name"], html.escape(p.get("description", p["name"]))
+        name, description = p["name"], html.escape(p.get("description", p["name"]))
+        label = html.escape(HELP.get(name, p.get("description", name)))
         value = defaults.get(name, p.get("default"))
         sub, types = _subtype(p), _types(p)
-        choices = model_choices() if name == "model" else []
-        if choices:
-            inputs = f'<select name="{name}">' + "".join(
-                f'<option value="{html.escape(v)}"{" selected" if v == value else ""}>{html.escape(t)}</option>'
-                for v, t in choices) + "</select>"
+        if name == "model" and models:
+            inputs = f'<select name="{name}">{_options(models, model)}</select>'
+        elif name == "quality" and model in levels:
+            chosen = value if value is not None else levels[model]["default"]
+            inputs = f'<select name="{name}">{_options(levels[model]["levels"], chosen)}</select>'
         elif sub == "bounding-box":
-            inputs = "".join(f'<label>{k} <input type="number" step="any" name="{name}.{k}" value="{(value or {}).get(k, "")}"'
-                             f' required></label>' for k in ("west", "south", "east", "north"))
+            inputs = (f'<div id="map" data-parameter="{name}" role="application" aria-label="map: drag to draw the area"></div>'
+                      '<p class="help">Drag on the map to draw the area, or type its corners (degrees):</p>')
+            inputs += "".join(f'<label>{k} <input type="number" step="any" name="{name}.{k}" value="{(value or {}).get(k, "")}"'
+                              f' required></label>' for k in ("west", "south", "east", "north"))
             inputs += f'<input type="hidden" name="{name}.crs" value="{(value or {}).get("crs", "EPSG:4326")}">'
         elif sub == "temporal-interval":
             inputs = "".join(f'<label>{k} <input type="date" name="{name}.{i}" value="{(value or ["", ""])[i] or ""}"'
@@ -107,7 +151,8 @@ def form_fields(udp: dict, defaults: dict) -> str:
                       f'{required}>')
         else:
             inputs = f'<input type="text" name="{name}" value="{html.escape(str(value or ""))}">'
-        parts.append(f'<fieldset><legend>{html.escape(name)}</legend><p class="help">{label}</p>{inputs}</fieldset>')
+        parts.append(f'<fieldset data-parameter="{html.escape(name)}"><legend>{html.escape(TITLES.get(name, name))}</legend>'
+                     f'<p class="help" title="{description}">{label}</p>{inputs}</fieldset>')
     return "\n".join(parts)
 
 
@@ -224,14 +269,62 @@ class Jobs:
 
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>CORSA: {title}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} fieldset{{margin:.5em 0}}
-.help{{color:#555;margin:.2em 0}} #error{{color:#b00}} label{{margin-right:1em}}</style></head>
-<body><h1>{title}</h1><p>{summary}</p>
-<form id="job">{fields}<button type="submit">Run</button></form>
-<p id="error" role="alert"></p><p id="status"></p><div id="result"></div>
+<html lang="en"><head><meta charset="utf-8"><title>Compress Sentinel-2 images</title>
+<link rel="stylesheet" href="/static/leaflet.css">
+<style>body{{font-family:sans-serif;max-width:62em;margin:1.5em auto;padding:0 1em;color:#222}}
+fieldset{{margin:.6em 0;border:1px solid #ccc;border-radius:4px}} legend{{font-weight:bold}}
+.help{{color:#555;margin:.2em 0;font-size:.92em}} #error{{color:#b00}} label{{margin-right:1em}}
+#map{{height:380px;margin:.4em 0;background:#eef;cursor:crosshair}} select{{max-width:100%}}
+button{{font-size:1.1em;padding:.4em 1.4em}} #result img{{max-width:100%;border:1px solid #ccc}}
+.service{{color:#777;font-size:.85em}}</style></head>
+<body><h1>Compress Sentinel-2 images</h1>
+<p>Draw an area on the map, choose the dates, a model and a quality, and press <b>Compress</b>. This computer
+compresses the ten Sentinel-2 bands of the area with a learned codec, then shows how much smaller the files are,
+how close the decompressed image is to the original, and the files to download.</p>
+<p class="service">Service: {summary}</p>
+<form id="job">{fields}<button type="submit">Compress</button></form>
+<p id="error" role="alert"></p><p id="status" aria-live="polite"></p><div id="result"></div>
+{map_script}<script src="/static/leaflet.js"></script>
 <script>
 const form = document.getElementById("job");
+const levels = {levels};
+const modelChoice = form.querySelector("select[name=model]"), qualityChoice = form.querySelector("select[name=quality]");
+if (modelChoice && qualityChoice) modelChoice.addEventListener("change", () => {{
+  const m = levels[modelChoice.value];
+  if (!m) return;
+  qualityChoice.replaceChildren(...m.levels.map(([q, text]) => new Option(text, q, q === m.default, q === m.default)));
+}});
+async function setUpMap() {{
+  const el = document.getElementById("map");
+  if (!el || !window.L) {{ if (el) el.remove(); return; }}
+  const info = await (await fetch("/collection/map.json")).json();
+  const map = L.map(el, {{dragging: false, boxZoom: false, doubleClickZoom: false, attributionControl: false}});
+  L.imageOverlay("/collection/background.png", info.corners).addTo(map);
+  const footprint = L.geoJSON(info.footprint, {{style: {{color: "#333", weight: 1, fill: false}}}}).addTo(map);
+  map.fitBounds(footprint.getBounds(), {{padding: [12, 12]}});
+  const field = k => form.querySelector(`[name="${{el.dataset.parameter}}.${{k}}"]`);
+  const sides = ["west", "south", "east", "north"];
+  const typed = () => {{
+    const v = sides.map(k => parseFloat(field(k).value));
+    return v.some(isNaN) ? null : L.latLngBounds([v[1], v[0]], [v[3], v[2]]);
+  }};
+  const box = L.rectangle(typed() || footprint.getBounds(), {{color: "#c0392b", weight: 2}}).addTo(map);
+  let start = null;
+  map.on("mousedown", e => {{ start = e.latlng; }});
+  map.on("mousemove", e => {{ if (start) box.setBounds(L.latLngBounds(start, e.latlng)); }});
+  map.on("mouseup", e => {{
+    if (!start) return;
+    if (!start.equals(e.latlng)) {{
+      box.setBounds(L.latLngBounds(start, e.latlng));
+      const b = box.getBounds();
+      [b.getWest(), b.getSouth(), b.getEast(), b.getNorth()].forEach((v, i) => {{ field(sides[i]).value = v.toFixed(5); }});
+    }}
+    start = null;
+  }});
+  sides.forEach(k => field(k).addEventListener("change", () => {{ const b = typed(); if (b) box.setBounds(b); }}));
+  window.corsaMap = map;
+}}
+setUpMap();
 form.addEventListener("submit", async (e) => {{
   e.preventDefault();
   document.getElementById("error").textContent = "";
@@ -242,22 +335,61 @@ form.addEventListener("submit", async (e) => {{
   if (!r.ok) {{ document.getElementById("error").textContent = answer.error; return; }}
   poll(answer.id);
 }});
+const kinds = {{".corsa": "compressed date", ".json": "STAC description", ".tif": "decompressed GeoTIFF"}};
 async function poll(id) {{
   const s = await (await fetch("/jobs/" + id)).json();
   const status = document.getElementById("status");
-  status.textContent = s.status + " " + Math.round(100 * s.progress) + "%";
+  status.textContent = {{queued: "Waiting", running: "Compressing", finished: "Done", error: "Failed"}}[s.status] + ": " +
+    Math.round(100 * s.progress) + "%";
   status.dataset.state = s.status;
   if (s.status === "error") {{ document.getElementById("error").textContent = s.error; return; }}
   if (s.status !== "finished") {{ setTimeout(() => poll(id), 500); return; }}
-  const links = s.files.map(f => `<li><a href="/files/${{id}}/${{f}}">${{f}}</a></li>`).join("");
+  const links = s.files.map(f => `<li><a href="/files/${{id}}/${{f}}">${{f}}</a> (${{kinds[f.slice(f.lastIndexOf("."))] || "file"}})</li>`).join("");
   document.getElementById("result").innerHTML =
-    `<p id="figures">CF <span id="cf">${{s.cf.toFixed(1)}}</span>, PSNR <span id="psnr">${{s.psnr_db.toFixed(2)}}</span> dB,
-     ${{s.bytes}} bytes for ${{s.dates}} date(s)</p>
-     <p>Input (left) and decoded (right):</p><img id="quicklook" src="/files/${{id}}/${{s.quicklook}}" alt="before / after">
-     <ul id="files">${{links}}</ul>`;
+    `<h2>Result</h2><p id="figures">Files <b><span id="cf">${{s.cf.toFixed(1)}}</span> times smaller</b> than the raw bands
+     (${{s.bytes}} bytes for ${{s.dates}} date(s)); decompressed image <b><span id="psnr">${{s.psnr_db.toFixed(2)}}</span> dB</b>
+     PSNR from the original (higher is closer; above 40 dB differences are hard to see).</p>
+     <p>Original (left) and decompressed (right):</p><img id="quicklook" src="/files/${{id}}/${{s.quicklook}}" alt="before and after">
+     <h3>Downloads</h3><ul id="files">${{links}}</ul>`;
 }}
 </script></body></html>
 """
+
+
+def map_background(source: Path, out: Path, size: int = 768) -> dict:
+    """The map's background, as no tile server is reachable: a true-colour quicklook of the local
+    collection's first date, warped to the map's Web Mercator (so it lies right under drawn boxes),
+    as a PNG transparent where there is no data; and the collection's footprint. Returns the
+    quicklook's corners (south-west, north-east, degrees) and the footprint as GeoJSON."""
+    cube = Catalogue({COLLECTION: source}).load(COLLECTION, bands=["B04", "B03", "B02"])
+    rgb = np.nan_to_num(cube.isel(t=0).values.astype(np.float32))
+    src_crs, src_tr = cube.rio.crs, cube.rio.transform()
+    h, w = rgb.shape[1:]
+    left, bottom, right, top = rasterio.transform.array_bounds(h, w, src_tr)
+    dst_tr, dw, dh = rasterio.warp.calculate_default_transform(src_crs, "EPSG:3857", w, h, left, bottom, right, top)
+    scale = max(dw, dh) / size
+    dw, dh = max(1, round(dw / scale)), max(1, round(dh / scale))
+    dst_tr = dst_tr * rasterio.Affine.scale(scale)
+    warped = np.zeros((3, dh, dw), np.float32)
+    rasterio.warp.reproject(rgb, warped, src_transform=src_tr, src_crs=src_crs, dst_transform=dst_tr,
+                            dst_crs="EPSG:3857", resampling=rasterio.warp.Resampling.average, src_nodata=0, dst_nodata=0)
+    valid = warped.any(0)
+    lo, hi = np.percentile(rgb[:, rgb.any(0)], [1, 99]) if rgb.any() else (0, 1)
+    img = (np.clip((warped - lo) / max(hi - lo, 1), 0, 1) ** (1 / 1.4) * 255).astype(np.uint8)
+    with rasterio.open(out, "w", driver="PNG", width=dw, height=dh, count=4, dtype="uint8") as dst:
+        dst.write(np.concatenate([img, (valid * 255).astype(np.uint8)[None]]))
+    x0, y1 = dst_tr * (0, 0)
+    x1, y0 = dst_tr * (dw, dh)
+    west, south, east, north = rasterio.warp.transform_bounds("EPSG:3857", "EPSG:4326", x0, y0, x1, y1)
+    # The footprint's edges, 16 points each: a UTM tile is not a box in degrees.
+    t = np.linspace(0, 1, 16, endpoint=False)
+    xs = np.concatenate([left + t * (right - left), np.full(16, right), right - t * (right - left), np.full(16, left)])
+    ys = np.concatenate([np.full(16, bottom), bottom + t * (top - bottom), np.full(16, top), top - t * (top - bottom)])
+    lon, lat = rasterio.warp.transform(src_crs, "EPSG:4326", xs, ys)
+    ring = [[round(x, 6), round(y, 6)] for x, y in zip(lon + lon[:1], lat + lat[:1])]
+    return {"corners": [[south, west], [north, east]],
+            "footprint": {"type": "Feature", "properties": {"name": str(source)},
+                          "geometry": {"type": "Polygon", "coordinates": [ring]}}}
 
 
 def defaults_for(source: Path) -> dict:
@@ -270,10 +402,10 @@ def defaults_for(source: Path) -> dict:
     w, s, e, n = rasterio.warp.transform_bounds(cube.rio.crs, "EPSG:4326", min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
     end = str(np.datetime64(t) + np.timedelta64(1, "D"))
     return {"spatial_extent": {"west": round(w, 5), "south": round(s, 5), "east": round(e, 5), "north": round(n, 5),
-                               "crs": "EPSG:4326"}, "temporal_extent": [t, end], "quality": 4}
+                               "crs": "EPSG:4326"}, "temporal_extent": [t, end]}
 
 
-def make_handler(udp: dict, jobs: Jobs, page: str):
+def make_handler(udp: dict, jobs: Jobs, page: str, background: dict):
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, body: bytes, kind: str) -> None:
             self.send_response(code)
@@ -291,6 +423,15 @@ def make_handler(udp: dict, jobs: Jobs, page: str):
         def do_GET(self) -> None:
             if self.path in ("/", "/index.html"):
                 return self._send(200, page.encode(), "text/html; charset=utf-8")
+            if self.path == "/collection/map.json":
+                return self._json(200, background)
+            if self.path == "/collection/background.png":
+                return self._send(200, (jobs.root / "background.png").read_bytes(), "image/png")
+            if self.path.startswith("/static/"):
+                path = (WEB / self.path[len("/static/"):]).resolve()
+                if WEB.resolve() in path.parents and path.is_file():
+                    kind = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}.get(path.suffix, "application/octet-stream")
+                    return self._send(200, path.read_bytes(), kind)
             if self.path.startswith("/jobs/"):
                 state = jobs.state.get(self.path[len("/jobs/"):])
                 return self._json(200, state) if state else self._json(404, {"error": "no such job"})
@@ -323,10 +464,14 @@ def serve(port: int, source: Path | None = None, service: str = SERVICE, ready=p
     with tempfile.TemporaryDirectory(prefix="corsa-serve-") as root:
         # The demo's scene (the shared data's Major-TOM scene) as the 10-band GeoTIFF a collection reads.
         source = Path(source) if source else write_input(default_scene(), Path(root) / "input.tif")
-        page = PAGE.format(title=html.escape(udp.get("summary", udp["id"])), summary=html.escape(udp.get("description", "")),
-                           fields=form_fields(udp, defaults_for(source)))
+        background = map_background(source, Path(root) / "background.png")
+        page = PAGE.format(summary=html.escape(udp.get("summary", udp["id"])), fields=form_fields(udp, defaults_for(source)),
+                           levels=json.dumps(model_levels()), map_script="" if (WEB / "leaflet.js").is_file() else
+                           "<!-- no map: run 'npm ci' in web/ (scripts/setup.sh does) -->")
+        if not (WEB / "leaflet.js").is_file():
+            print(f"corsa serve: no map library at {WEB} (run 'npm ci' in web/): the area is typed in", file=sys.stderr)
         jobs = Jobs(udp, source, Path(root))
-        server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(udp, jobs, page))
+        server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(udp, jobs, page, background))
         ready(f"corsa serve: http://127.0.0.1:{server.server_address[1]}/ ({udp['id']} over {source})")
         try:
             server.serve_forever()
