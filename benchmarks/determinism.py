@@ -15,7 +15,7 @@ import corsa_udf
 import numpy as np
 import onnxruntime as ort
 
-from corsa.openeo import processes
+from corsa.openeo import windows
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import LOADERS, default_data_root
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     for name, threads, optimise in (("default_2_threads", 2, True), ("default_1_thread", 1, True),
                                     ("unoptimised_1_thread", 1, False)):
-        rec = corsa_udf.synthesise(_session(decoder, threads, optimise), z, processes.UDF_TILE, processes.OVERLAP["decompress"])
+        rec = corsa_udf.synthesise(_session(decoder, threads, optimise), z, windows.UDF_TILE, windows.OVERLAP["decompress"])
         runs[name] = (rec, np.clip(np.rint(rec), 0, 65535).astype(np.uint16))
     ref_f, ref_u = runs["default_2_threads"]
     result = {"model": args.model, "quality": args.quality, "cpu": cpu_name(), "onnxruntime": ort.__version__,

@@ -20,7 +20,7 @@ from corsa.app import cli
 from corsa.formats.datasets import LOADERS, default_data_root
 from corsa.app.sample import write_input
 from corsa.core.metrics import band_psnr, psnr
-from corsa.openeo.processes import CHUNK
+from corsa.openeo.windows import CHUNK
 from corsa.core.scene import BANDS
 
 

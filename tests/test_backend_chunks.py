@@ -28,7 +28,8 @@ from corsa.formats import series
 from corsa.formats import sources
 from corsa.codec.models import MODELS_DIR
 from corsa.formats.datasets import LOADERS
-from corsa.openeo.processes import OVERLAP, UDF_CODE, UDF_TILE
+from corsa.openeo.processes import UDF_CODE
+from corsa.openeo.windows import OVERLAP, UDF_TILE
 from corsa.core.scene import BANDS
 
 from test_service import write_scene

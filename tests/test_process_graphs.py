@@ -5,7 +5,8 @@ import pytest
 
 from corsa.blocks.classmap import DEFAULT_CLASSIFIER
 from corsa.codec.models import DEFAULT_MODEL, MODELS_DIR, MODELS_URL, read_card
-from corsa.openeo.processes import GRAPHS_DIR, PROCESSES, RENDER_EXACT_SCALE, UDF_CODE, render
+from corsa.openeo.processes import GRAPHS_DIR, PROCESSES, UDF_CODE, render
+from corsa.openeo.windows import RENDER_EXACT_SCALE
 
 FILES = sorted(GRAPHS_DIR.glob("*.json"))
 

@@ -5,7 +5,7 @@
 
 It runs the UDF's own functions (``corsa_udf.analyse`` / ``synthesise``, quantised and masked as
 the UDF does) on exactly the windows the services' apply_neighborhood gives the UDF (chunks of
-``processes.CHUNK`` px overlapping by ``processes.OVERLAP`` / the encoder's reach), so a product
+``windows.CHUNK`` px overlapping by ``windows.OVERLAP`` / the encoder's reach), so a product
 and a decoded file are byte for byte those of the engine path (a test checks it). What it leaves
 out is the engine's cost around the networks: the latent replicated over the 10 m grid and
 resampled back, dask's scheduling, the job's intermediate GeoTIFFs, and the importing of
@@ -30,7 +30,7 @@ import xarray as xr
 from rasterio.windows import Window
 
 from corsa.core import cluster
-from corsa.openeo import processes
+from corsa.openeo import windows
 from corsa.formats import product
 from corsa.formats import stream_format
 from corsa.core import progress
@@ -41,7 +41,7 @@ from corsa.core.files import writing
 from corsa.core.scene import BANDS
 
 BLOCK_PX = 4 * stream_format.BLOCK       # a format-3 stream block, and the services' chunk
-if BLOCK_PX != processes.CHUNK:
+if BLOCK_PX != windows.CHUNK:
     raise ImportError("a format-3 block must be the services' apply_neighborhood chunk, or the paths differ")
 DECODED_PREFIX = "corsa_decoded"
 
@@ -73,7 +73,7 @@ def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, en
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
     win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).values.astype(np.float32)
     # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
-    latent = corsa_udf.analyse(enc, win, processes.UDF_TILE, overlap)
+    latent = corsa_udf.analyse(enc, win, windows.UDF_TILE, overlap)
     cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
     ints = codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality)
     return ints, corsa_udf.nodata_of(win[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
@@ -103,7 +103,7 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     planned = series.plan(old + new, [hd["quality"] for hd in heads] + [quality] * len(new),
                           [hd["refs"] for hd in heads], key_every, temporal=codec.temporal_coder is not None)
     fresh = list(range(len(old), len(planned)))
-    overlap = processes.reach_overlap(codec.card, "encoder")
+    overlap = windows.reach_overlap(codec.card, "encoder")
     _sessions(codec, "encoder")       # checked here, before any block runs
     scenes = [cube.isel(t=i).sel(bands=list(BANDS)) for i in range(len(new))]
     positions = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
@@ -218,7 +218,7 @@ def _fill_dates(folder: Path, date: str) -> list[str]:
 class DateDecoder:
     """One date of a format-3/4 product decoded block by block, each block exactly as the decompress
     service's UDF decodes the window apply_neighborhood gives it: the integers of the block and its
-    overlap (``processes.OVERLAP["decompress"]``) entropy-decoded, dequantised, synthesised, the
+    overlap (``windows.OVERLAP["decompress"]``) entropy-decoded, dequantised, synthesised, the
     nodata set to 0 (or filled from the other dates, ``fill_gaps``). What ``corsa decompress`` writes
     (``decompress_date``) and what a window read through xarray gets (``window``) are these blocks.
     Pickles as its names: a dask worker opens the product and the sessions itself."""
@@ -227,7 +227,7 @@ class DateDecoder:
         self.args = (folder, date, codec, fill_gaps)
         self.ints = _Integers(folder, date, codec)
         self.head, self.codec = self.ints.head, codec
-        self.overlap = processes.OVERLAP["decompress"]
+        self.overlap = windows.OVERLAP["decompress"]
         self.around = StoredDates(folder, _fill_dates(folder, date), self.head["shape"], codec, f"fill {date}") \
             if fill_gaps and self.ints.mask is not None else None
 
@@ -257,13 +257,13 @@ class DateDecoder:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = self.codec.dequantise(latent, self.head["quality"])
         dec, mask = _sessions(self.codec, "decoder"), self.ints.mask
-        rec = corsa_udf.synthesise(dec, z, processes.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
+        rec = corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
         if mask is not None:
             win = mask[wy0:wy1, wx0:wx1]
             rec[:, win] = 0
             if nearby is not None:
                 # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
-                others = [corsa_udf.synthesise(dec, zn, processes.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
+                others = [corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
                           for zn in nearby]
                 gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
@@ -303,11 +303,11 @@ def classify_date(folder: Path, date: str, codec: VariableRateCodec, classes: st
                   run: cluster.Cluster | None = None) -> np.ndarray:
     """One date of a format-3 product -> its classes (uint8, 0 = nodata) on the 20 m grid by the
     model's head for ``classes``, no decoding: block by block over the windows the classify
-    service's apply_neighborhood gives its UDF (``processes.OVERLAP["classify"]``), so the classes
+    service's apply_neighborhood gives its UDF (``windows.OVERLAP["classify"]``), so the classes
     are those of the service. ``run``: a cluster whose workers classify the blocks."""
     ints = _Integers(folder, date, codec)
     h = ints.head
-    overlap = processes.OVERLAP["classify"]
+    overlap = windows.OVERLAP["classify"]
     entry = f"heads/{classes}"
     _sessions(codec, entry)
 

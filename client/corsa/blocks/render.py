@@ -24,7 +24,7 @@ from rasterio.windows import Window
 
 from corsa.blocks import blockwise
 from corsa.core import cluster
-from corsa.openeo import processes
+from corsa.openeo import windows
 from corsa.formats import stream_format
 from corsa.core import progress
 from corsa.formats import results
@@ -63,12 +63,12 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
     picked, picked_days = [dates[j] for j in pick], [days[j] for j in pick]
     stored = blockwise.StoredDates(folder, picked, series.header(folder, picked[0])[1]["shape"], codec, f"render {date}")
     head = stored.ints[0].head
-    overlap = processes.OVERLAP["decompress"]
+    overlap = windows.OVERLAP["decompress"]
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], latents: list[np.ndarray]) -> tuple[int, int, np.ndarray]:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         dec, session = blockwise._sessions(codec, "decoder"), blockwise._sessions(codec, "between")
-        decoded = np.stack([corsa_udf.synthesise(dec, z, processes.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
+        decoded = np.stack([corsa_udf.synthesise(dec, z, windows.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
                             for z in latents])
         gaps = np.stack([np.zeros(decoded.shape[2:], bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])
         rec = corsa_udf.between(session, decoded, gaps, picked_days, t)[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]

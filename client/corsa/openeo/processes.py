@@ -28,20 +28,10 @@ from openeo.rest.udp import build_process_dict
 
 from corsa.codec.models import DEFAULT_MODEL, MODELS_URL, read_card
 from corsa.core.scene import BANDS
+from corsa.openeo.windows import CHUNK, OVERLAP, UDF_TILE, reach_overlap
 
 GRAPHS_DIR = Path(__file__).resolve().parents[3] / "process_graphs"
 UDF_CODE = Path(corsa_udf.__file__).read_text()
-# apply_neighborhood chunks: 512 px plus, on each side, the context that one mode's network
-# reaches (receptive_radius_px in the shipped model cards: encoder 54, decoder 44, classifier 2),
-# rounded up to whole level-1 cells; a test checks them against the cards. Compress needs only the
-# encoder's reach and decompress only the decoder's: the sum (the cards' tile.overlap, 100 px)
-# would nearly double the pixels each chunk runs through the network. Inside a chunk the UDF
-# works in one piece.
-CHUNK, UDF_TILE = 512, 1024
-# render: the space head's reach (its card's reach_px, 11, plus one) in stored pixels, at up to
-# RENDER_EXACT_SCALE output pixels per stored one.
-RENDER_EXACT_SCALE = 8
-OVERLAP = {"compress": 56, "decompress": 44, "classify": 4, "render": 96}
 # onnxruntime for the UDF on CDSE / Terrascope, whose Python 3.11 UDF runtime lacks it: the archive
 # CDSE documents for ONNX models in UDFs, unpacked into "onnx_deps", which the UDF puts on its path.
 ONNX_DEPS = "onnx_deps"
@@ -94,11 +84,6 @@ CUBE = {"schema": {"type": "object", "subtype": "datacube"}}
 
 def _value(v):
     return {"from_parameter": v.name} if isinstance(v, Parameter) else v
-
-
-def reach_overlap(card: dict, network: str) -> int:
-    """A network's receptive radius (model card) rounded up to whole level-1 cells."""
-    return -(-card["receptive_radius_px"][network] // 4) * 4
 
 
 def udf_over_chunks(data: DataCube | None, mode: str, model: str | Parameter = MODEL,

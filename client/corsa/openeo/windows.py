@@ -1,0 +1,22 @@
+"""The windows the services hand their UDF (apply_neighborhood's chunks and overlaps): facts the
+process graphs (``corsa.openeo.processes``) and the block path that reproduces them
+(``corsa.blocks``) share, importable without the openEO client.
+"""
+from __future__ import annotations
+
+# apply_neighborhood chunks: 512 px plus, on each side, the context that one mode's network
+# reaches (receptive_radius_px in the shipped model cards: encoder 54, decoder 44, classifier 2),
+# rounded up to whole level-1 cells; a test checks them against the cards. Compress needs only the
+# encoder's reach and decompress only the decoder's: the sum (the cards' tile.overlap, 100 px)
+# would nearly double the pixels each chunk runs through the network. Inside a chunk the UDF
+# works in one piece.
+CHUNK, UDF_TILE = 512, 1024
+# render: the space head's reach (its card's reach_px, 11, plus one) in stored pixels, at up to
+# RENDER_EXACT_SCALE output pixels per stored one.
+RENDER_EXACT_SCALE = 8
+OVERLAP = {"compress": 56, "decompress": 44, "classify": 4, "render": 96}
+
+
+def reach_overlap(card: dict, network: str) -> int:
+    """A network's receptive radius (model card) rounded up to whole level-1 cells."""
+    return -(-card["receptive_radius_px"][network] // 4) * 4
