@@ -62,7 +62,23 @@ def test_train_resume_export(tmp_path, data_root):
 
 TINY_RATE = ["--latent", "8", "--width", "16", "--width20", "8", "--blocks-enc", "1", "--blocks-dec", "1",
              "--batch", "2", "--crop", "32", "--val-every", "2", "--val-stride", "10", "--ckpt-every", "2",
-             "--threads", "1"]
+             "--threads", "1", "--blocks20", "1", "--width10", "8", "--context-prior"]   # with v4's options
+
+
+def test_the_training_contexts_are_the_coders():
+    """The v4 rate term counts bits in the contexts the run-time coder codes each integer with."""
+    from corsa.codec import latent_coder
+    from training.rate_model import context_ids
+
+    rng = np.random.default_rng(0)
+    ints = (rng.laplace(0, 3, (12, 17, 23)) * rng.random((12, 1, 1)) * 3).round().astype(np.int16)
+    ints[3, 2, 2] = 200                                  # an escape
+    expected = np.zeros((12, 17 * 23), np.int64)
+    for c, cells, ids, _ in latent_coder._symbol_tables(ints, None):
+        expected[c, cells] = ids
+    got = context_ids(torch.from_numpy(ints.astype(np.float32))[None])[0].reshape(12, -1).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) == latent_coder.CONTEXTS
 
 
 def test_variable_rate_train_resume_export(tmp_path, data_root):

@@ -16,7 +16,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from corsa.codec.latent_coder import ANCHOR_BUCKETS, CHANNEL_BUCKETS, CONTEXTS, SPATIAL_BUCKETS, M
 
 from .model import InputTransform, ResBlock
 
@@ -35,6 +38,10 @@ class RateConfig:
     # the identity (last conv zero), so a trained corsa3 decoder warm-starts them unchanged.
     blocks20: int = 0
     width10: int = 0
+    # v4: the rate term of the loss counts bits as the run-time coder will: a Laplace per level,
+    # channel and context of ``corsa.codec.latent_coder`` (channel activity, anchor neighbours), so
+    # training shapes the latents for the contexts that code them. False: one Laplace per channel.
+    context_prior: bool = False
     # Rate-distortion trade-off of each quality level, lowest quality first.
     lambdas: list[float] = field(default_factory=lambda: [25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0])
 
@@ -75,6 +82,9 @@ class RateCodec(nn.Module):
         self.log_inv_gain = nn.Parameter(-init[:, None].repeat(1, lat))
         self.prior_mean = nn.Parameter(torch.zeros(q, lat))
         self.prior_log_scale = nn.Parameter(torch.zeros(q, lat))
+        if cfg.context_prior:
+            self.ctx_mean = nn.Parameter(torch.zeros(q, lat, CONTEXTS))
+            self.ctx_log_scale = nn.Parameter(torch.zeros(q, lat, CONTEXTS))
         self.register_buffer("lambdas", torch.tensor(cfg.lambdas))
         self.register_buffer("out_mean", torch.tensor(out_mean).view(1, -1, 1, 1))
         self.register_buffer("out_std", torch.tensor(out_std).view(1, -1, 1, 1))
@@ -107,10 +117,42 @@ class RateCodec(nn.Module):
         noisy = s + torch.empty_like(s).uniform_(-0.5, 0.5)
         hard = s + (torch.round(s) - s).detach()          # straight-through rounding for the decoder
         recon = self.synthesis(hard * ig[level][:, :, None, None])
-        mu = self.prior_mean[level][:, :, None, None]
-        scale = self.prior_log_scale[level][:, :, None, None].exp()
-        bits = -torch.log2(laplace_mass(noisy - mu, scale).clamp(min=1e-9))
-        return {"recon": recon, "bits": bits.flatten(1).sum(1), "ints": torch.round(s).detach()}
+        ints = torch.round(s).detach()
+        return {"recon": recon, "bits": self.bits(noisy, level, ints), "ints": ints}
+
+    def bits(self, values: torch.Tensor, level: torch.Tensor, ints: torch.Tensor) -> torch.Tensor:
+        """Bits of each item's (N, L, h, w) ``values`` (noisy in training, the integers in
+        evaluation) at its level, under the prior; ``ints`` give the contexts."""
+        if self.cfg.context_prior:
+            ctx = context_ids(ints).flatten(2)                                  # (N, L, h*w)
+            mu = self.ctx_mean[level].gather(2, ctx).view_as(values)
+            scale = self.ctx_log_scale[level].gather(2, ctx).view_as(values).exp()
+        else:
+            mu = self.prior_mean[level][:, :, None, None]
+            scale = self.prior_log_scale[level][:, :, None, None].exp()
+        return -torch.log2(laplace_mass(values - mu, scale).clamp(min=1e-9)).flatten(1).sum(1)
+
+
+def _bit_length(a: torch.Tensor, buckets: int) -> torch.Tensor:
+    """``int.bit_length`` of non-negative integers (as floats), capped at ``buckets - 1``: the
+    run-time coder's bucket of an activity."""
+    return torch.where(a > 0, torch.floor(torch.log2(a.clamp(min=1))) + 1, torch.zeros_like(a)).clamp(max=buckets - 1).long()
+
+
+def context_ids(ints: torch.Tensor) -> torch.Tensor:
+    """(N, L, h, w) integers -> the context id ``corsa.codec.latent_coder`` codes each with: anchor
+    cells ((y + x) even) by the activity of the channels before at the cell; the others by the
+    magnitudes of their four anchor neighbours in the channel and that activity."""
+    mag = ints.abs().clamp(max=M + 1)
+    act = (torch.cumsum(mag, 1) - mag).clamp(max=4095)
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], device=ints.device)
+    lat = ints.shape[1]
+    spatial = F.conv2d(mag, cross.expand(lat, 1, 3, 3), padding=1, groups=lat).clamp(max=4095)
+    h, w = ints.shape[2:]
+    yy, xx = torch.meshgrid(torch.arange(h, device=ints.device), torch.arange(w, device=ints.device), indexing="ij")
+    anchor = ((yy + xx) % 2 == 0)
+    other = ANCHOR_BUCKETS + _bit_length(spatial, SPATIAL_BUCKETS) * CHANNEL_BUCKETS + _bit_length(act, CHANNEL_BUCKETS)
+    return torch.where(anchor, _bit_length(act, ANCHOR_BUCKETS), other)
 
 
 def _full_precision(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:

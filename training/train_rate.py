@@ -22,7 +22,9 @@ from corsa.core.scene import Scene
 
 from .data import BandStats, CropSampler, fit_band_stats
 from .model import InputTransform
-from .rate_model import RateCodec, RateConfig, laplace_mass, widen_state
+from corsa.codec.latent_coder import CONTEXTS
+
+from .rate_model import RateCodec, RateConfig, context_ids, widen_state
 from . import weights
 from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
 
@@ -49,8 +51,7 @@ def evaluate(model: RateCodec, scenes: list[Scene], norm: float) -> dict:
         for s, y in ys:
             ints = torch.round(y * g[q][None, :, None, None])
             rec = model.synthesis(ints * ig[q][None, :, None, None])[0, :, : s.data.shape[1], : s.data.shape[2]]
-            mu, scale = model.prior_mean[q][:, None, None], model.prior_log_scale[q].exp()[:, None, None]
-            b = float(-torch.log2(laplace_mass(ints[0] - mu, scale).clamp(min=1e-9)).sum())
+            b = float(model.bits(ints, torch.tensor([q]), ints).sum())
             recn = np.clip(np.rint(rec.numpy()), 0, 65535)
             recn[:, s.nodata_mask] = 0
             scores.append(psnr(s.data, recn))
@@ -84,10 +85,20 @@ def fit_priors(model: RateCodec, sampler: CropSampler, batches: int, batch: int)
     g, _ = model.gains()
     y = torch.cat([model.analysis(torch.from_numpy(sampler.batch(batch))) for _ in range(batches)])
     for q in range(model.cfg.levels):
-        s = torch.round(y * g[q][None, :, None, None]).transpose(0, 1).flatten(1)
+        ints = torch.round(y * g[q][None, :, None, None])
+        s = ints.transpose(0, 1).flatten(1)
         mu = s.median(1).values
+        spread = (s - mu[:, None]).abs().mean(1).clamp(min=0.05)
         model.prior_mean[q] = mu
-        model.prior_log_scale[q] = (s - mu[:, None]).abs().mean(1).clamp(min=0.05).log()
+        model.prior_log_scale[q] = spread.log()
+        if model.cfg.context_prior:      # per context: the mean and spread of its values, the channel's where rare
+            ctx = context_ids(ints).transpose(0, 1).flatten(1)                 # (L, n)
+            n = torch.zeros(ints.shape[1], CONTEXTS).scatter_add_(1, ctx, torch.ones_like(s))
+            mean = torch.zeros_like(n).scatter_add_(1, ctx, s) / n.clamp(min=1)
+            dev = torch.zeros_like(n).scatter_add_(1, ctx, (s - mean.gather(1, ctx)).abs()) / n.clamp(min=1)
+            rare = n < 50
+            model.ctx_mean[q] = torch.where(rare, mu[:, None].expand_as(mean), mean)
+            model.ctx_log_scale[q] = torch.where(rare, spread[:, None].expand_as(dev), dev.clamp(min=0.05)).log()
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -99,7 +110,7 @@ def train(args: argparse.Namespace) -> Path:
     init = _init_state(Path(args.init)) if args.init and not run.ckpt else None
     cfg = run.config or RateConfig(latent=args.latent, width=args.width, width20=args.width20,
                                    blocks_enc=args.blocks_enc, blocks_dec=args.blocks_dec, blocks20=args.blocks20,
-                                   width10=args.width10,
+                                   width10=args.width10, context_prior=args.context_prior,
                                    **({"lambdas": args.lambdas} if args.lambdas else {}))
     # A warm start keeps the trained model's input statistics: its weights are fitted to them.
     st = run.stats or (BandStats(**init["stats"]) if init else fit_band_stats(train_scenes, seed=args.seed))
@@ -109,7 +120,7 @@ def train(args: argparse.Namespace) -> Path:
         print(f"initialised from {args.init}", flush=True)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = CropSampler(train_scenes, args.crop, args.seed, max_weight_px=args.max_weight_px)
-    if init and init.get("fit_priors"):
+    if init and (init.get("fit_priors") or (cfg.context_prior and "ctx_mean" not in init["model"])):
         fit_priors(model, CropSampler(train_scenes, args.crop, args.seed + 1, max_weight_px=args.max_weight_px),
                    8, args.batch)
     step = run.bind(model, opt, sampler, cfg, st, best=math.inf, kind="rate")
@@ -154,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", help="warm start from a trained model (a model folder such as models_onnx/corsa2.1, a "
                                   "run's torch_state.pt or a checkpoint), widened to "
                                   "--latent channels and the --lambdas levels")
+    p.add_argument("--context-prior", action="store_true",
+                   help="v4: the rate term counts bits per context of the run-time coder (RateConfig.context_prior)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16, slower elsewhere: see lscpu)")
     return p.parse_args(argv)
