@@ -267,3 +267,20 @@ def test_pack_reads_the_back_ends_file_names(job, scene, tmp_path, style):
     assert cli.main(["pack", str(folder), "-o", str(tmp_path / "b"), *args]) == 0
     a, b = stored_files(tmp_path / "a"), stored_files(tmp_path / "b")
     assert [p.name for p in a] == [p.name for p in b] and all(p.read_bytes() == q.read_bytes() for p, q in zip(a, b))
+
+
+def test_xarray_opens_a_download_as_its_product(downloaded, tmp_path):
+    """xr.open_dataset(download, engine="corsa"), unpacked: the pixels corsa decompress gives the
+    download, the latents of the packed product."""
+    import xarray as xr
+
+    _, folder = downloaded
+    assert cli.main(["pack", str(folder), "-o", str(tmp_path / "product")]) == 0
+    assert cli.main(["decompress", str(folder), "-o", str(tmp_path / "dec.tif")]) == 0
+    job = xr.open_dataset(folder, engine="corsa", mask_and_scale=False, features=True)
+    packed = xr.open_dataset(tmp_path / "product", engine="corsa", mask_and_scale=False, features=True)
+    with rasterio.open(tmp_path / "dec.tif") as f:
+        np.testing.assert_array_equal(job.reflectance.isel(time=0).values, f.read())
+        assert job.rio.transform() == f.transform
+    np.testing.assert_array_equal(job.features.values, packed.features.values)
+    assert int(job.quality[0]) == 2 and str(job.time.values[0])[:10] == DATE

@@ -223,9 +223,11 @@ class DateDecoder:
     (``decompress_date``) and what a window read through xarray gets (``window``) are these blocks.
     Pickles as its names: a dask worker opens the product and the sessions itself."""
 
-    def __init__(self, folder: Path, date: str, codec: VariableRateCodec, fill_gaps: bool = False):
-        self.args = (folder, date, codec, fill_gaps)
-        self.ints = _Integers(folder, date, codec)
+    def __init__(self, folder: Path, date: str, codec: VariableRateCodec, fill_gaps: bool = False, ints=None):
+        """``ints``: where the integers come from, if not the product in ``folder`` (a compress job's
+        download: ``job_files.DateIntegers``)."""
+        self.args = (folder, date, codec, fill_gaps, ints)
+        self.ints = ints or _Integers(folder, date, codec)
         self.head, self.codec = self.ints.head, codec
         self.overlap = windows.OVERLAP["decompress"]
         self.around = StoredDates(folder, _fill_dates(folder, date), self.head["shape"], codec, f"fill {date}") \

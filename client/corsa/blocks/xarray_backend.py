@@ -1,6 +1,6 @@
 """Products opened by xarray: ``xr.open_dataset(product, engine="corsa")``, lazily.
 
-    product (folder, or its STAC Collection / Item) -> headers only -> a Dataset whose arrays decode,
+    product (folder, its STAC Collection / Item, or a compress job's download) -> headers only -> a Dataset whose arrays decode,
     when indexed, only the 512 px blocks under the window asked for (``blockwise.DateDecoder``: each
     block exactly as ``corsa decompress`` writes it), date by date.
 
@@ -28,7 +28,8 @@ from xarray.core import indexing
 
 from corsa.blocks.blockwise import BLOCK_PX, DateDecoder
 from corsa.core.scene import BANDS
-from corsa.formats import codebook_product, product, series, stac_catalog, stream_format
+from corsa.codec.models import VariableRateCodec
+from corsa.formats import codebook_product, job_files, product, series, stac_catalog, stream_format
 from corsa.formats.results import REFLECTANCE_SCALE
 
 LATENT_STRIDE = 4       # 10 m pixels per latent cell along each side
@@ -55,21 +56,40 @@ def _ranges(key: tuple, shape: tuple[int, ...]) -> tuple[list[slice], tuple]:
     return spans, tuple(after)
 
 
-class _DateArray(BackendArray):
-    """A (time, c, y, x) array of a product's dates, read date by date through ``part(date, c, y, x)``."""
+class Source:
+    """Where a Dataset's dates come from: a product folder (formats 3-4), or a compress job's
+    download (its latent GeoTIFFs, ``job_files.DateIntegers``, decoded as the packed product would
+    be). Each date's decoder is opened on first use; pickles as its names (dask workers reopen)."""
 
-    def __init__(self, folder: Path, dates: list[str], shape: tuple[int, ...], dtype):
-        self.folder, self.dates = folder, dates
-        self.shape, self.dtype = (len(dates), *shape), np.dtype(dtype)
+    def __init__(self, folder: Path, dates: list[str], job: tuple | None = None):
+        self.folder, self.dates, self.job = folder, dates, job
         self._decoders: dict[str, DateDecoder] = {}
 
     def __reduce__(self):
-        return type(self), (self.folder, self.dates, self.shape[1:], self.dtype)
+        return type(self), (self.folder, self.dates, self.job)
+
+    def head(self, date: str) -> dict:
+        if self.job:
+            return job_files.DateIntegers(self.folder, date, *self.job).head
+        h = series.header(self.folder, date)[1]
+        series.check_model_prefix(h["model_id"], h["sha_prefix"], self.codec(date))
+        return h
+
+    def codec(self, date: str):
+        return self.job[0] if self.job else product.stream_codec(self.folder, date)
 
     def decoder(self, date: str) -> DateDecoder:
         if date not in self._decoders:
-            self._decoders[date] = DateDecoder(self.folder, date, product.stream_codec(self.folder, date))
+            ints = job_files.DateIntegers(self.folder, date, *self.job) if self.job else None
+            self._decoders[date] = DateDecoder(self.folder, date, self.codec(date), ints=ints)
         return self._decoders[date]
+
+
+class _DateArray(BackendArray):
+    """A (time, c, y, x) array of a source's dates, read date by date through ``part(date, c, y, x)``."""
+
+    def __init__(self, source: Source, shape: tuple[int, ...], dtype):
+        self.source, self.shape, self.dtype = source, (len(source.dates), *shape), np.dtype(dtype)
 
     def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC, self._read)
@@ -78,27 +98,26 @@ class _DateArray(BackendArray):
         (t, c, y, x), after = _ranges(key, self.shape)
         out = np.zeros((t.stop - t.start, c.stop - c.start, y.stop - y.start, x.stop - x.start), self.dtype)
         if out.size:
-            for i, date in enumerate(self.dates[t]):
-                out[i] = self.part(date, c, y, x)
+            for i, date in enumerate(self.source.dates[t]):
+                out[i] = self.part(self.source.decoder(date), c, y, x)
         return out[after]
 
-    def part(self, date: str, c: slice, y: slice, x: slice) -> np.ndarray:
+    def part(self, decoder: DateDecoder, c: slice, y: slice, x: slice) -> np.ndarray:
         raise NotImplementedError
 
 
 class Reflectance(_DateArray):
     """The decoded bands: the blocks under the window, decoded as ``corsa decompress`` does."""
 
-    def part(self, date: str, c: slice, y: slice, x: slice) -> np.ndarray:
-        return self.decoder(date).window(y, x)[c]
+    def part(self, decoder: DateDecoder, c: slice, y: slice, x: slice) -> np.ndarray:
+        return decoder.window(y, x)[c]
 
 
 class Features(_DateArray):
     """The dequantised latents: entropy decoding of the blocks under the window, no decoder."""
 
-    def part(self, date: str, c: slice, y: slice, x: slice) -> np.ndarray:
-        d = self.decoder(date)
-        return d.codec.dequantise(d.ints.window(y, x, None)[c], d.head["quality"])
+    def part(self, decoder: DateDecoder, c: slice, y: slice, x: slice) -> np.ndarray:
+        return decoder.codec.dequantise(decoder.ints.window(y, x, None)[c], decoder.head["quality"])
 
 
 def _grid(heads: dict[str, dict], folder: Path) -> dict:
@@ -125,53 +144,59 @@ def _time(dates: list[str]) -> pd.DatetimeIndex:
     return pd.DatetimeIndex([pd.NaT if d == stac_catalog.UNDATED else pd.Timestamp(d) for d in dates])
 
 
-def _product(source: str | os.PathLike) -> tuple[Path, list[str]]:
-    """A product folder and the dates to open from a folder or its STAC Collection or Item."""
-    path = Path(source)
+def _source(path: str | os.PathLike, model: str | None, quality: int | None) -> Source:
+    """The dates to open from a product folder, its STAC Collection or Item, or a compress job's
+    download (``model`` / ``quality``: a job's, where its folder does not say them)."""
+    path = Path(path)
     if stac_catalog.is_ours(path):
         folder, dates = stac_catalog.product_of(path)
     else:
         folder, dates = path, stream_format.dates_in(path) if path.is_dir() else []
-    if not stream_format.dates_in(folder):
-        if path.is_dir() and codebook_product.dates_in(folder):
-            raise product.ProductError(f"{folder} is a product of formats 1-2 (corsa512): decode it with corsa "
-                                       "decompress; xarray opens products of the variable-rate models (formats 3-4)")
-        raise product.ProductError(f"{source} is neither a CORSA product folder (corsa_<date>{stream_format.SUFFIX} "
-                                   "files) nor its STAC Collection or Item")
-    stac_catalog.check_complete(folder)
-    return folder, dates
+    if stream_format.dates_in(folder):
+        stac_catalog.check_complete(folder)
+        return Source(folder, dates)
+    if path.is_dir() and codebook_product.dates_in(folder):
+        raise product.ProductError(f"{folder} is a product of formats 1-2 (corsa512): decode it with corsa "
+                                   "decompress; xarray opens products of the variable-rate models (formats 3-4)")
+    if path.is_dir() and job_files.job_dates(folder):
+        codec, level = job_files.resolve(folder, model, quality)
+        if not isinstance(codec, VariableRateCodec):
+            raise product.ProductError(f"{folder} holds a codebook model's job files: decode them with corsa decompress")
+        return Source(folder, job_files.job_dates(folder), (codec, level))
+    raise product.ProductError(f"{path} is neither a CORSA product folder (corsa_<date>{stream_format.SUFFIX} files), "
+                               "its STAC Collection or Item, nor a compress job's download")
 
 
-def open_product(source: str | os.PathLike, features: bool = False, mask_and_scale: bool = True,
-                 drop_variables=None) -> xr.Dataset:
-    """The Dataset of a product (see the module's description); reads the dates' headers only."""
-    folder, dates = _product(source)
-    heads = {d: series.header(folder, d)[1] for d in dates}
-    for d, h in heads.items():       # every date's model, checked now (its decoder opens on first read)
-        series.check_model_prefix(h["model_id"], h["sha_prefix"], product.stream_codec(folder, d))
-    grid = _grid(heads, folder)
+def open_product(path: str | os.PathLike, features: bool = False, mask_and_scale: bool = True,
+                 drop_variables=None, model: str | None = None, quality: int | None = None) -> xr.Dataset:
+    """The Dataset of a product or a compress job's download (see the module's description);
+    reads the dates' headers only."""
+    source = _source(path, model, quality)
+    heads = {d: source.head(d) for d in source.dates}
+    grid = _grid(heads, source.folder)
     shape, transform, crs = tuple(grid["shape"]), grid["transform"], grid["crs"]
+    dates = source.dates
     coords = {"time": _time(dates), "band": list(BANDS), **product.grid_coords(shape, transform),
               "quality": ("time", [heads[d]["quality"] for d in dates])}
     scaled = {"_FillValue": np.uint16(0), "scale_factor": np.float32(REFLECTANCE_SCALE), "add_offset": np.float32(0)}
     variables = {"reflectance": xr.Variable(
-        ("time", "band", "y", "x"), indexing.LazilyIndexedArray(Reflectance(folder, dates, (len(BANDS), *shape), np.uint16)),
+        ("time", "band", "y", "x"), indexing.LazilyIndexedArray(Reflectance(source, (len(BANDS), *shape), np.uint16)),
         attrs={**scaled, "long_name": "surface reflectance", "units": "1"},
         encoding={"preferred_chunks": {"time": 1, "band": len(BANDS), "y": BLOCK_PX, "x": BLOCK_PX}})}
     if features:
-        channels = product.stream_codec(folder, dates[0]).channels
+        channels = source.codec(dates[0]).channels
         cells = stream_format.latent_cells(shape)
         latent_grid = product.grid_coords(cells, (transform or Affine.identity()) * Affine.scale(LATENT_STRIDE))
         coords.update(channel=[f"z{i:02d}" for i in range(channels)], y_latent=latent_grid["y"],
                       x_latent=latent_grid["x"])
         variables["features"] = xr.Variable(
             ("time", "channel", "y_latent", "x_latent"),
-            indexing.LazilyIndexedArray(Features(folder, dates, (channels, *cells), np.float32)),
+            indexing.LazilyIndexedArray(Features(source, (channels, *cells), np.float32)),
             attrs={"long_name": "dequantised latent (the codes the decoder and the classifier heads read)"},
             encoding={"preferred_chunks": {"time": 1, "channel": channels, "y_latent": BLOCK_PX // LATENT_STRIDE,
                                            "x_latent": BLOCK_PX // LATENT_STRIDE}})
     ds = xr.Dataset(variables, coords=coords, attrs={
-        "corsa_model_id": grid["model_id"], "corsa_product": str(folder),
+        "corsa_model_id": grid["model_id"], "corsa_product": str(source.folder),
         "source": "CORSA product (https://github.com/corsa-openeo/corsa-openeo)"})
     if crs or transform is not None:
         ds = ds.assign_coords(spatial_ref=xr.Variable((), np.int64(0), _grid_mapping(crs, transform)))
@@ -187,15 +212,17 @@ class CorsaBackendEntrypoint(BackendEntrypoint):
 
     description = "Open CORSA compressed Sentinel-2 products lazily, block by block"
     url = "https://github.com/corsa-openeo/corsa-openeo/blob/main/docs/xarray.md"
-    open_dataset_parameters = ("filename_or_obj", "drop_variables", "mask_and_scale", "features")
+    open_dataset_parameters = ("filename_or_obj", "drop_variables", "mask_and_scale", "features", "model", "quality")
 
-    def open_dataset(self, filename_or_obj, *, drop_variables=None, mask_and_scale=True, features=False) -> xr.Dataset:
+    def open_dataset(self, filename_or_obj, *, drop_variables=None, mask_and_scale=True, features=False, model=None,
+                     quality=None) -> xr.Dataset:
         return open_product(filename_or_obj, features=features, mask_and_scale=mask_and_scale,
-                            drop_variables=drop_variables)
+                            drop_variables=drop_variables, model=model, quality=quality)
 
     def guess_can_open(self, filename_or_obj) -> bool:
         try:
             path = Path(filename_or_obj)
         except TypeError:
             return False
-        return stac_catalog.is_ours(path) or (path.is_dir() and bool(stream_format.dates_in(path)))
+        return stac_catalog.is_ours(path) or (path.is_dir() and bool(stream_format.dates_in(path)
+                                                                     or job_files.job_dates(path)))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,37 @@ def _checked_layers(folder: Path, date: str, codec: CodebookCodec | VariableRate
             raise JobFilesError(f"{by_name[spec['name']].path.name} has bands {by_name[spec['name']].bands[:3]}..., "
                                 f"model {codec.model_id} stores {spec['bands'][:3]}...")
     return by_name, shape, transform, crs
+
+
+class DateIntegers:
+    """One date of a variable-rate model's job files as the integers a product date would hold: a
+    window of latent cells read from its latent GeoTIFF, its nodata mask, a header like a product's
+    (``corsa.formats.series.header``). What ``corsa.blocks.blockwise.DateDecoder`` decodes a job's
+    download from, without packing it. Pickles as its names."""
+
+    def __init__(self, folder: Path, date: str, codec: VariableRateCodec, quality: int):
+        self.args = (folder, date, codec, quality)
+        by_name, shape, transform, crs = _checked_layers(folder, date, codec)
+        self.latent, self.nodata = by_name["latent"], by_name[NODATA]
+        self.head = {"shape": shape, "transform": transform, "crs": crs, "quality": quality,
+                     "model_id": codec.model_id, "cells": stream_format.latent_cells(shape), "block": stream_format.BLOCK}
+
+    def __reduce__(self):
+        return type(self), self.args
+
+    @cached_property
+    def mask(self) -> np.ndarray | None:
+        """The date's nodata mask on its 10 m grid (None: no nodata)."""
+        h, w = self.head["shape"]
+        m = _read_cells(self.nodata, 0, 0, h, w, 1)[0, :h, :w] != 0
+        return m if m.any() else None
+
+    def window(self, cells_y: slice, cells_x: slice, pool=None) -> np.ndarray:
+        """The integers of a window of latent cells."""
+        with rasterio.open(self.latent.path) as src:
+            v = src.read(list(range(1, len(self.latent.bands) + 1)),
+                         window=Window(cells_x.start, cells_y.start, cells_x.stop - cells_x.start, cells_y.stop - cells_y.start))
+        return _integers(v, "int16", self.latent.path)
 
 
 def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, quality: int, out: Path) -> list[Path]:
