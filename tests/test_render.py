@@ -168,3 +168,34 @@ def test_what_cannot_be_rendered_is_refused(series, tmp_path, capsys):
     assert cli.main(["decompress", str(tmp_path / "p2"), "-o", str(tmp_path / "o.tif"), "--scale", "2"]) == 2
     assert "has no space head" in capsys.readouterr().err
     assert not list(tmp_path.glob("o.tif*"))
+
+
+def test_a_model_without_a_time_head_interpolates_linearly(series, tmp_path):
+    """A model whose card has no time head (a new model family before its head is trained) renders a
+    date in between by linear interpolation in time of the nearest dates before and after: on the
+    block path and through the decompress service alike."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from corsa.codec.models import MODELS_DIR
+
+    prod, run = series
+    model = tmp_path / MODEL
+    shutil.copytree(MODELS_DIR / MODEL, model, ignore=shutil.ignore_patterns("between.onnx", "*.md"))
+    card = json.loads((model / "model_card.json").read_text())
+    del card["files"]["between"]
+    (model / "model_card.json").write_text(json.dumps(card))
+    date = run[LEFT_OUT].date
+    for name, extra in (("block.tif", []), ("engine.tif", ["--engine"])):
+        assert cli.main(["decompress", str(prod), "-o", str(tmp_path / name), "--date", date, "--model", str(model)]
+                        + extra) == 0
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "all")]) == 0
+    before, after = (_read(tmp_path / "all" / f"corsa_decoded_{run[i].date}.tif").astype(np.float64)
+                     for i in (LEFT_OUT - 1, LEFT_OUT + 1))
+    day = lambda d: np.datetime64(d, "D").astype(np.int64)
+    w = (day(date) - day(run[LEFT_OUT - 1].date)) / (day(run[LEFT_OUT + 1].date) - day(run[LEFT_OUT - 1].date))
+    rendered = _read(tmp_path / "block.tif")
+    assert np.abs(rendered - ((1 - w) * before + w * after)).max() <= 0.5 + 1e-6      # rounding only
+    np.testing.assert_array_equal(rendered, _read(tmp_path / "engine.tif"))
+    assert not Path(model / "between.onnx").exists()

@@ -302,6 +302,30 @@ def between(head, decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: f
     return np.where(valid[0].any(0), out[0], 0)
 
 
+def linear_between(decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: float) -> np.ndarray:
+    """Day ``t`` by linear interpolation in time, pixel by pixel, between the nearest candidates
+    (``between_candidates``) before and after it that show the pixel (the one side alone where the
+    other shows none); 0 where none does. What a model without a time head renders."""
+    pick = between_candidates(days, t)
+
+    def nearest(side: List[int]) -> Tuple[np.ndarray, np.ndarray]:
+        img = np.zeros(decoded.shape[1:], np.float32)
+        day = np.full(gaps.shape[1:], np.nan)
+        for j in sorted(side, key=lambda j: -abs(days[j] - t)):      # the nearer ones last: they win
+            shown = ~gaps[j]
+            img[:, shown], day[shown] = decoded[j][:, shown], days[j]
+        return img, day
+
+    before, before_day = nearest([j for j in pick if days[j] < t])
+    after, after_day = nearest([j for j in pick if days[j] > t])
+    has_b, has_a = ~np.isnan(before_day), ~np.isnan(after_day)
+    span = np.where(has_b & has_a, np.nan_to_num(after_day) - np.nan_to_num(before_day), 1.0)
+    w_after = np.where(has_b & has_a, (t - np.nan_to_num(before_day)) / span, has_a.astype(np.float64))
+    out = (1 - w_after).astype(np.float32) * before + w_after.astype(np.float32) * after
+    out[:, ~(has_b | has_a)] = 0
+    return out
+
+
 # A decoded date at smaller pixels (mode "render", the CLI's --scale): the model's space head
 # (render.onnx) queried at each pixel's centre, in stored pixels, with its size there. The cube
 # comes from resample_spatial "near" of a decode with positions: each stored pixel's centre in
@@ -649,7 +673,7 @@ def _day(t) -> float:
 
 def _at_dates(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray, dates: list, model: str, sha: dict) -> np.ndarray:
     """The decoded dates (gaps 0) at ``dates``: a stored date as it is, a date between stored ones
-    from the time head (``between``)."""
+    from the time head (``between``), or by linear interpolation for a model without one."""
     if any(t is None for t in times):
         raise UdfError("'dates' renders dates of a cube with a dimension t")
     days = [_day(t) for t in times]
@@ -660,6 +684,9 @@ def _at_dates(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray, dates: l
         if t in days:
             out[n] = decoded[days.index(t)]
         elif len(days) > 1 and days[0] < t < days[-1]:
+            if "between" not in card_of(model).get("files", {}):
+                out[n] = linear_between(decoded, gaps, days, t)
+                continue
             head = head or session(_fetch(model, "between.onnx", sha.get("between")))
             out[n] = between(head, decoded, gaps, days, t)
         else:

@@ -50,15 +50,17 @@ def _head(codec: VariableRateCodec, name: str, what: str):
 def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
                  run: cluster.Cluster | None = None) -> Path:
     """A date between a product's first and last stored dates, rendered from the decodes of the
-    stored dates around it (``corsa_udf.between_candidates``) with the time head, on the stored grid,
+    stored dates around it (``corsa_udf.between_candidates``) with the time head (a model without one:
+    linear interpolation in time, ``corsa_udf.linear_between``), on the stored grid,
     block by block (``run``: on a cluster's workers)."""
     dates, days = blockwise.dated(folder)
     t = float(np.datetime64(date, "D").astype(np.int64))
     if len(dates) < 2 or not days[0] < t < days[-1]:
         span = f"between {dates[0]} and {dates[-1]}" if len(dates) > 1 else "with two dated dates or more"
         raise ValueError(f"{folder} renders dates {span}, not {date}: it extrapolates no date")
-    _entry(codec, "between", "time head")
-    blockwise._sessions(codec, "between")     # checked here, before any block runs
+    time_head = "between" in codec.card["files"]   # else linear interpolation (corsa_udf.linear_between)
+    if time_head:
+        blockwise._sessions(codec, "between")     # checked here, before any block runs
     pick = corsa_udf.between_candidates(days, t)
     picked, picked_days = [dates[j] for j in pick], [days[j] for j in pick]
     stored = blockwise.StoredDates(folder, picked, series.header(folder, picked[0])[1]["shape"], codec, f"render {date}")
@@ -67,11 +69,12 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], latents: list[np.ndarray]) -> tuple[int, int, np.ndarray]:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
-        dec, session = blockwise._sessions(codec, "decoder"), blockwise._sessions(codec, "between")
+        dec = blockwise._sessions(codec, "decoder")
         decoded = np.stack([corsa_udf.synthesise(dec, z, windows.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
                             for z in latents])
         gaps = np.stack([np.zeros(decoded.shape[2:], bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])
-        rec = corsa_udf.between(session, decoded, gaps, picked_days, t)[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        rec = (corsa_udf.between(blockwise._sessions(codec, "between"), decoded, gaps, picked_days, t) if time_head
+               else corsa_udf.linear_between(decoded, gaps, picked_days, t))[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
         return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
 
     def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool) -> tuple:
