@@ -29,7 +29,7 @@ from xarray.core import indexing
 from corsa.blocks.blockwise import BLOCK_PX, DateDecoder
 from corsa.core.scene import BANDS
 from corsa.codec.models import VariableRateCodec
-from corsa.formats import codebook_product, job_files, product, series, stac_catalog, stream_format
+from corsa.formats import codebook_product, job_files, product, stac_catalog, stream_format
 from corsa.formats.results import REFLECTANCE_SCALE
 
 LATENT_STRIDE = 4       # 10 m pixels per latent cell along each side
@@ -69,11 +69,8 @@ class Source:
         return type(self), (self.folder, self.dates, self.job)
 
     def head(self, date: str) -> dict:
-        if self.job:
-            return job_files.DateIntegers(self.folder, date, *self.job).head
-        h = series.header(self.folder, date)[1]
-        series.check_model_prefix(h["model_id"], h["sha_prefix"], self.codec(date))
-        return h
+        """The date's header (its decoder's: read, and its model checked, once)."""
+        return self.decoder(date).head
 
     def codec(self, date: str):
         return self.job[0] if self.job else product.stream_codec(self.folder, date)
