@@ -126,6 +126,15 @@ def _table_ids(mag: np.ndarray, cum: np.ndarray, layout: _Layout, c: int, part: 
     return ctx if rb is None else rb[c, layout.cells[part]] * CONTEXTS + ctx
 
 
+def _by_table(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The coding order of one step's cells: by table id, ascending, and by position within a table
+    (a stable sort), with the tables used and their cell counts."""
+    counts = np.bincount(ids)
+    tables = np.flatnonzero(counts)
+    # uint16 (ids < REF_BUCKETS * CONTEXTS): numpy's stable sort of 16-bit integers is a radix sort
+    return np.argsort(ids.astype(np.uint16), kind="stable"), tables, counts[tables]
+
+
 def _symbol_tables(ints: np.ndarray, rb: np.ndarray | None):
     """(channel, cells, table ids, symbols) of every coding step of one latent."""
     L = ints.shape[0]
@@ -241,8 +250,9 @@ class LatentCoder:
         rb = self._check(level, ints.shape, ref, has_ref)
         enc = constriction.stream.queue.RangeEncoder()
         for c, _, ids, s in _symbol_tables(ints, rb):
-            for k in np.unique(ids):
-                enc.encode(s[ids == k], self._model(level, int(k), c))
+            order, tables, counts = _by_table(ids)
+            for k, part in zip(tables, np.split(s[order], np.cumsum(counts)[:-1])):
+                enc.encode(part, self._model(level, int(k), c))
         L = ints.shape[0]
         escaped = ints.reshape(L, -1)[symbols(ints).reshape(L, -1) == ESC].astype(np.int64)
         if escaped.size:
@@ -271,9 +281,9 @@ class LatentCoder:
                 cells = layout.cells[part]
                 ids = _table_ids(mag, cum, layout, c, part, rb)
                 s = np.empty(cells.size, np.int32)
-                for k in np.unique(ids):
-                    sel = ids == k
-                    s[sel] = dec.decode(self._model(level, int(k), c), int(sel.sum()))
+                order, tables, counts = _by_table(ids)
+                s[order] = np.concatenate([dec.decode(self._model(level, int(k), c), int(n))
+                                           for k, n in zip(tables, counts)])
                 sym[c, cells] = s
                 mag[c, cells] = _magnitude(s)
                 cum += mag[c]
