@@ -11,6 +11,7 @@ Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. Th
     classes: (mode "classify") "scl" (scene classes, the default) or "landcover": the head of a
             variable-rate model's card ("heads") that gives them
     sha256: {"encoder": ..., "decoder": ..., "features": ..., "classifier": ...} (optional) refuse files that differ
+    kernels: (mode "decompress") "int8" (default: a model's decoder_int8.onnx where its card lists one) or "fp32"
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
     fill:   (mode "decompress") true: each date's nodata pixels get values from the other dates of
             the cube (``fill_date``) instead of 0
@@ -441,6 +442,15 @@ def card_of(model: str) -> dict:
         return json.load(f)
 
 
+def decoder_file(card: dict, context: dict) -> str:
+    """The decoder a model decodes with: its int8 one (decoder_int8.onnx) where its card lists one,
+    unless the context's "kernels" is "fp32"."""
+    kernels = context.get("kernels", "int8")
+    if kernels not in ("int8", "fp32"):
+        raise UdfError(f"kernels must be 'int8' or 'fp32', not {kernels!r}")
+    return "decoder_int8" if kernels == "int8" and "decoder_int8" in card.get("files", {}) else "decoder"
+
+
 def latent_bands(channels: int) -> Tuple[str, ...]:
     return tuple(f"z{i:02d}" for i in range(channels)) + ("nodata",)
 
@@ -630,7 +640,7 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     model, _, _, _ = _settings(context)
     rate = _variable_rate(model, context)
     bands = latent_bands(rate[0]["latent"]["channels"]) if rate is not None else INDEX_BANDS
-    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, "decoder")
+    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, decoder_file(card_of(model), context))
     window = data_window(data) or (slice(0, 0), slice(0, 0))
     # Everything from here on the window: the fill's tiles and the time head start at its corner,
     # as the CLI's start at the scene's.

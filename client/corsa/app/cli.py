@@ -35,7 +35,6 @@ from corsa.blocks import blockwise
 from corsa.formats import stac_catalog
 from corsa.core import cluster
 from corsa.formats import job_files
-from corsa.openeo import processes
 from corsa.formats import codebook_product, product
 from corsa.formats import stream_format
 from corsa.core import progress
@@ -48,8 +47,6 @@ from corsa.codec.models import DEFAULT_MODEL, ModelError, VariableRateCodec, rea
 from corsa.core.files import WriteError, exchange, product_lock
 from corsa.core.metrics import compression_factor
 from corsa.core.scene import BANDS
-from corsa.formats.sources import Catalogue, SourceError
-from corsa.formats.stac_source import StacSource
 
 COLLECTION = "SENTINEL2_L2A"
 OVERVIEW = """Compress Sentinel-2 L2A scenes (10 bands) with a learned codec, and decode, classify or reduce the
@@ -112,7 +109,7 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _pixel_size(catalogue: Catalogue, bbox: dict | None, dates: list | None, cloud: float) -> tuple[float, float]:
+def _pixel_size(catalogue, bbox: dict | None, dates: list | None, cloud: float) -> tuple[float, float]:
     """The input's (x, y) pixel size in CRS units: the stored layers' grids are whole multiples of it."""
     tr = catalogue.load(COLLECTION, bbox, dates, None, cloud).rio.transform()
     return float(abs(tr.a)), float(abs(tr.e))
@@ -121,6 +118,11 @@ def _pixel_size(catalogue: Catalogue, bbox: dict | None, dates: list | None, clo
 def compress(args: argparse.Namespace) -> str:
     """The compress service run on the embedded engine (its generic save_result writes each
     stored layer as GeoTIFF, as a back end does), then packed into the product."""
+    # Imported here: rioxarray and the openEO client take about a second, which decompress does not need.
+    from corsa.formats.sources import Catalogue, SourceError
+    from corsa.formats.stac_source import StacSource
+    from corsa.openeo import processes
+
     codec = open_codec(args.model or DEFAULT_MODEL)
     quality = codec.quality_level(args.quality)
     codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
@@ -163,10 +165,16 @@ def _engine():
     return Engine
 
 
+def _catalogue():
+    """An empty catalogue for the engine (imported on first use, as the engine is)."""
+    from corsa.formats.sources import Catalogue
+    return Catalogue()
+
+
 def _handled_errors() -> tuple[type, ...]:
     """Errors reported as one line; the engine's only when it was imported (else it raised none)."""
     engine = sys.modules.get("corsa.openeo.engine")
-    return (SourceError, ModelError, product.ProductError, ValueError, WriteError) + ((engine.EngineError,) if engine else ())
+    return (ModelError, product.ProductError, ValueError, WriteError) + ((engine.EngineError,) if engine else ())
 
 
 def pack_files(args: argparse.Namespace) -> str:
@@ -224,6 +232,10 @@ def decompress(args: argparse.Namespace) -> str:
         raise ValueError(f"{args.input} is a product: it records its quality level (--quality is for job files)")
     else:
         codec, quality, stored = _opened(args.input, args.model)
+    if isinstance(codec, VariableRateCodec) and args.kernels != codec.kernels:
+        if args.engine:
+            raise ValueError("--kernels fp32 decodes on the block-by-block path, not with --engine")
+        codec = VariableRateCodec(codec.path, codec.threads, args.kernels)
     stream = not from_job and isinstance(codec, VariableRateCodec)
     out = Path(args.output)
     if stream and not args.clear and not args.engine:
@@ -271,7 +283,7 @@ def decompress(args: argparse.Namespace) -> str:
         raise ValueError(f"{args.input} holds {len(stored)} dates: give a folder as -o")
     (out.parent if out.suffix else out).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent if out.suffix else out) as tmp:
-        engine = _engine()(Catalogue(), output=Path(tmp), scheduler=args.scheduler)
+        engine = _engine()(_catalogue(), output=Path(tmp), scheduler=args.scheduler)
         engine.run(graph)
         dates = [p.name.removeprefix(f"{blockwise.DECODED_PREFIX}_").removesuffix(".tif") for p in engine.written]
         if single:
@@ -307,7 +319,7 @@ def classify(args: argparse.Namespace) -> str:
         "classify": {"process_id": "corsa_openeo_classify", "result": True, "arguments": {
             "data": {"from_node": "load"}, "model": str(codec.path), "quality": quality,
             "classifier": str(classifier) if classifier else None, "classes": args.classes}}}}
-    engine = _engine()(Catalogue(), scheduler=args.scheduler)
+    engine = _engine()(_catalogue(), scheduler=args.scheduler)
     cube = engine.run(graph)
     written = []
     for i, date in enumerate(dates):
@@ -598,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
                            "the date's light; other pixels are unchanged")
             s.add_argument("--clear", action="store_true", help="set the pixels the scene classes call cloud or "
                            "cloud shadow to 0 (nodata)")
+            s.add_argument("--kernels", choices=("int8", "fp32"), default="int8",
+                           help="int8 (default): decode with the model's int8 decoder where it has one (about 2x "
+                           "faster); fp32: with its float decoder (docs/models.md: how far apart they are)")
         if name == "classify":
             s.add_argument("--classes", choices=CLASS_SETS, default="scl",
                            help="scl: scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow); "

@@ -110,9 +110,9 @@ class VariableRateCodec:
     decoder takes the integers times the level's inverse gains. Quality levels are the card's
     ``qualities`` (1 = smallest files; higher is better)."""
 
-    def __init__(self, model: str | Path, threads: int | None = None):
+    def __init__(self, model: str | Path, threads: int | None = None, kernels: str = "int8"):
         self.path, self.card = read_card(model)
-        self.threads = threads
+        self.threads, self.kernels = threads, kernels
         if self.card.get("kind") != "variable-rate":
             raise ModelError(f"model {self.path.name} is not a variable-rate model")
         if tuple(self.card["bands"]) != BANDS:
@@ -126,7 +126,7 @@ class VariableRateCodec:
 
     def __reduce__(self):
         # Sent to a dask worker as its folder: the worker opens (and checks) its own sessions.
-        return type(self), (str(self.path), self.threads)
+        return type(self), (str(self.path), self.threads, self.kernels)
 
     @property
     def model_id(self) -> str:
@@ -136,9 +136,18 @@ class VariableRateCodec:
     def encoder(self) -> ort.InferenceSession:
         return checked_session(self.path, self.card["files"]["encoder"], self.threads)
 
+    @property
+    def decoder_entry(self) -> str:
+        """The card's files entry of the decoder in use: "decoder_int8" where the model has one and
+        ``kernels`` is "int8" (the default), else "decoder" (the services' UDF chooses alike)."""
+        try:
+            return corsa_udf.decoder_file(self.card, {"kernels": self.kernels})
+        except corsa_udf.UdfError as e:
+            raise ModelError(str(e)) from None
+
     @cached_property
     def decoder(self) -> ort.InferenceSession:
-        return checked_session(self.path, self.card["files"]["decoder"], self.threads)
+        return checked_session(self.path, self.card["files"][self.decoder_entry], self.threads)
 
     @cached_property
     def _tables(self) -> tuple[np.ndarray, np.ndarray, LatentCoder]:

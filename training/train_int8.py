@@ -1,0 +1,334 @@
+"""Quantisation-aware fine-tuning of a variable-rate model's decoder for int8 kernels, and its export
+(``decoder_int8.onnx`` beside ``decoder.onnx``, entry ``files.decoder_int8`` and section ``int8`` of the card).
+
+    python -m training.train_int8 --model corsa4b --steps 3000   # seeded; ~30 min on 1 thread (AMD EPYC)
+
+The int8 decoder is the model's decoder with ReLU for GELU (onnxruntime folds a ReLU into the
+quantised convolution before it; a GELU between two quantised convolutions runs in float and
+costs a dequantise / quantise pair), trained from the fp32 decoder's weights with the quantisation
+onnxruntime applies simulated in the forward pass: 7-bit weights per output channel (symmetric), uint8
+activations per tensor at the inputs and outputs of the quantised convolutions and residual sums,
+their ranges a moving average of each batch's minimum and maximum (onnxruntime's MinMax calibration
+with moving average, which the export then runs on batches drawn the same way). Three convolutions
+stay float: the first (its input, the dequantised latent, has more distinct values than 8 bits
+hold at high quality) and the two that give the 10 bands (8-bit output steps would be tens of DN).
+The encoder, the gains and the integers are untouched: products stay as they are; only decoded
+pixels differ (the card states by how much).
+
+Loss: the mean over crops of log MSE (each crop at a random level): every level gains in dB alike.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corsa.codec.models import VariableRateCodec, model_dir
+from corsa.core.machine import cpu_name
+from corsa.core.metrics import psnr
+from corsa.formats.datasets import load_split
+
+from .data import CropSampler
+from .export import OPSET
+from .export_rate import card_markdown, load_model
+from .rate_model import RateCodec
+from .train import SPLIT_FILE, lr_at, pad_to
+
+FILE_NAME = "decoder_int8.onnx"
+MOMENTUM = 0.01          # of the ranges' moving average (onnxruntime's CalibMovingAverageConstant)
+WEIGHT_MAX = 64          # onnxruntime's int8 range with reduce_range
+
+
+class FakeQuant(nn.Module):
+    """uint8 per tensor (asymmetric, zero in range), as onnxruntime quantises an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.bool))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.training:
+            with torch.no_grad():
+                lo, hi = x.min(), x.max()
+                if not self.seen:
+                    self.lo.copy_(lo), self.hi.copy_(hi), self.seen.fill_(True)
+                else:
+                    self.lo.lerp_(lo, MOMENTUM), self.hi.lerp_(hi, MOMENTUM)
+        lo, hi = self.lo.clamp(max=0), self.hi.clamp(min=0)
+        scale = ((hi - lo) / 255).clamp(min=1e-8)
+        zero = torch.round(-lo / scale).clamp(0, 255).to(torch.int32)
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero.reshape(1), 0, 255)
+
+
+class QConv(nn.Module):
+    """A convolution with 7-bit weights per output channel (symmetric, -64..64: onnxruntime's
+    reduce_range) and uint8 input and output. 7 bits, so that no sum of two products overflows 16
+    bits on CPUs without VNNI (AVX2's vpmaddubsw saturates there): the integers every x86 CPU
+    computes are then the same."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv, self.fin, self.fout = conv, FakeQuant(), FakeQuant()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv.weight
+        if self.fin.enabled:
+            scale = (w.detach().abs().amax((1, 2, 3)) / WEIGHT_MAX).clamp(min=1e-8)
+            w = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
+                                                       -WEIGHT_MAX, WEIGHT_MAX)
+        return self.fout(F.conv2d(self.fin(x), w, self.conv.bias, padding=self.conv.padding))
+
+
+class QResBlock(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.conv1, self.conv2, self.sum = QConv(block.conv1), QConv(block.conv2), FakeQuant()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sum(x + self.conv2(F.relu(self.conv1(F.relu(x)))))
+
+
+class Int8Decoder(nn.Module):
+    """``RateCodec.synthesis`` with ReLU for GELU and simulated int8 kernels (module doc)."""
+
+    def __init__(self, codec: RateCodec):
+        super().__init__()
+        codec = copy.deepcopy(codec)       # trained here: the fp32 model stays as it is
+        d, cfg = codec.dec, codec.cfg
+        if codec.refine10 is None:
+            raise ValueError("the int8 decoder is built for the v4 decoder (a 10 m refinement)")
+        self.first, self.start = d[0], FakeQuant()
+        self.blocks40 = nn.Sequential(*[QResBlock(b) for b in d[1:1 + cfg.blocks_dec]])
+        k = 1 + cfg.blocks_dec
+        self.up20, self.blocks20 = QConv(d[k]), nn.Sequential(*[QResBlock(b) for b in codec.refine20])
+        self.conv20, self.up10, self.last = QConv(d[k + 3]), QConv(d[k + 5]), d[k + 7]
+        r = codec.refine10
+        self.refine_a, self.refine_b, self.refine_out = QConv(r[0]), QConv(r[2]), r[4]
+        self.register_buffer("out_mean", codec.out_mean.clone())
+        self.register_buffer("out_std", codec.out_std.clone())
+
+    def quantise(self, on: bool) -> "Int8Decoder":
+        for m in self.modules():
+            if isinstance(m, FakeQuant):
+                m.enabled = on
+        return self
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        h = self.blocks40(self.start(self.first(latent)))
+        h = self.blocks20(F.relu(F.pixel_shuffle(self.up20(h), 2)))
+        h10 = F.pixel_shuffle(self.up10(F.relu(self.conv20(h))), 2)
+        out = self.last(h10)
+        out = out + self.refine_out(F.relu(self.refine_b(F.relu(self.refine_a(torch.cat([out, h10], 1))))))
+        return out * self.out_std + self.out_mean
+
+
+def float_nodes(graph) -> list[str]:
+    """Nodes of the exported graph left in float: the three float convolutions and all that follows
+    the last two (the sum and the output scaling)."""
+    keep = {n.name for n in graph.node if n.op_type == "Conv" and n.name.split("/")[1] in ("first", "last", "refine_out")}
+    tails = {o for n in graph.node if n.name in keep and n.name.split("/")[1] != "first" for o in n.output}
+    changed = True
+    while changed:
+        changed = False
+        for n in graph.node:
+            if n.name not in keep and tails & set(n.input) and not n.name.startswith("/refine_a"):
+                keep.add(n.name), tails.update(n.output)
+                changed = True
+    return sorted(keep)
+
+
+def _latents(model: RateCodec, sampler: CropSampler, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's crops and their dequantised latents, each crop at a random level."""
+    x = torch.from_numpy(sampler.batch(batch))
+    with torch.no_grad():
+        g, ig = model.gains()
+        level = torch.randint(0, model.cfg.levels, (batch,))
+        z = torch.round(model.analysis(x) * g[level][:, :, None, None]) * ig[level][:, :, None, None]
+    return x, z
+
+
+def _mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    valid = (x != 0).any(1, keepdim=True).float()
+    return ((recon - x) ** 2 * valid).flatten(1).sum(1) / (valid.flatten(1).sum(1) * x.shape[1]).clamp(min=1)
+
+
+@torch.no_grad()
+def validate(model: RateCodec, net: Int8Decoder, scenes, levels: list[int]) -> dict:
+    """Mean PSNR (peak 10000) over ``scenes`` at ``levels``: the fp32 decoder, and this one simulated."""
+    net.eval()
+    g, ig = model.gains()
+    out = {"fp32": [], "int8_simulated": []}
+    for s in scenes:
+        y = model.analysis(torch.from_numpy(pad_to(s.data, 4).astype(np.float32))[None])
+        x = torch.from_numpy(s.data.astype(np.float32))[None]
+        for q in levels:
+            z = torch.round(y * g[q][None, :, None, None]) * ig[q][None, :, None, None]
+            for key, rec in (("fp32", model.synthesis(z)), ("int8_simulated", net(z))):
+                rec = rec[..., :s.data.shape[1], :s.data.shape[2]].round().clamp(0, 65535)
+                out[key].append(float(10 * torch.log10(1e8 / _mse(rec, x).clamp(min=1e-6))))
+    net.train()
+    return {k: round(float(np.mean(v)), 3) for k, v in out.items()}
+
+
+def export(net: Int8Decoder, model: RateCodec, sampler: CropSampler, batch: int, path: Path) -> None:
+    """The fine-tuned decoder as float ONNX, then quantised by onnxruntime (QDQ, per-channel int8
+    weights, uint8 activations) with ranges calibrated on training batches as in training."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static, shape_inference
+
+    class Batches(CalibrationDataReader):
+        def __init__(self, n: int):
+            self.items = iter([{"latent": _latents(model, sampler, batch)[1].numpy()} for _ in range(n)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    net.quantise(False).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, pre = f"{tmp}/float.onnx", f"{tmp}/pre.onnx"
+        with torch.no_grad():
+            torch.onnx.export(net, (torch.zeros(1, model.cfg.latent, 16, 16),), plain, input_names=["latent"],
+                              output_names=["dn"], dynamic_axes={"latent": {0: "n", 2: "h", 3: "w"},
+                                                                 "dn": {0: "n", 2: "y", 3: "x"}},
+                              opset_version=OPSET, dynamo=False)
+        shape_inference.quant_pre_process(plain, pre, skip_symbolic_shape=True)
+        exclude = float_nodes(onnx.load(pre).graph)
+        quantize_static(pre, str(path), Batches(200), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
+                        nodes_to_exclude=exclude,
+                        extra_options={"CalibMovingAverage": True, "CalibMovingAverageConstant": MOMENTUM})
+    net.quantise(True).train()
+
+
+def _block_seconds(codec: VariableRateCodec) -> float:
+    """One 512 px block (128 x 128 latent cells) through the decoder in use, 1 thread, best of 3."""
+    z = np.random.default_rng(0).standard_normal((1, codec.channels, 128, 128)).astype(np.float32)
+    codec.decoder.run(None, {"latent": z})
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        codec.decoder.run(None, {"latent": z})
+        times.append(time.perf_counter() - t)
+    return round(min(times), 4)
+
+
+def test_figures(folder: Path) -> dict:
+    """The int8 decoder against the float one on the test split's L2A scenes, through onnxruntime as
+    products decode: PSNR per level (lowest, default, highest) as the mean over sources, the worst
+    scene's loss, the largest DN difference; and the time of a block on 1 thread."""
+    fp32, int8 = VariableRateCodec(folder, 1, "fp32"), VariableRateCodec(folder, 1, "int8")
+    scenes = [s for s in load_split(SPLIT_FILE, "test") if s.extra.get("level") != "L1C"]
+    latents = [fp32.latent(s.data) for s in scenes]
+    levels, worst, largest = {}, 0.0, 0
+    for q in sorted({fp32.qualities[0], fp32.default_quality, fp32.qualities[-1]}):
+        per = {}
+        for s, y in zip(scenes, latents):
+            ints = fp32.quantise(y, q)
+            a, b = (c.decode(ints, q, s.data.shape[1:]) for c in (fp32, int8))
+            a[:, s.nodata_mask] = b[:, s.nodata_mask] = 0
+            pa, pb = psnr(s.data, a), psnr(s.data, b)
+            per.setdefault(s.group, []).append((pa, pb))
+            worst, largest = max(worst, pa - pb), max(largest, int(np.abs(a.astype(np.int32) - b).max()))
+        means = np.mean([np.mean(v, 0) for v in per.values()], 0)
+        levels[str(q)] = {"psnr_db_fp32": round(float(means[0]), 3), "psnr_db_int8": round(float(means[1]), 3)}
+    return {"levels": levels, "psnr_loss_db_max": round(worst, 3), "max_dn_difference": largest,
+            "block_s_fp32": _block_seconds(fp32), "block_s_int8": _block_seconds(int8), "cpu": cpu_name()}
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    folder = model_dir(args.model)
+    model = load_model(folder)
+    net = Int8Decoder(model).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000)
+    val = [s for s in load_split(SPLIT_FILE, "val") if min(s.data.shape[1:]) >= 128][: args.val_scenes]
+    levels = list(range(0, model.cfg.levels, 2)) + [model.cfg.levels - 1]
+    run = Path(args.runs) / f"int8_{args.model}"
+    run.mkdir(parents=True, exist_ok=True)
+    log = (run / "log.jsonl").open("a")
+    t0 = time.time()
+    record = {"step": 0, **validate(model, net.quantise(False), val, levels)}
+    net.quantise(True)
+    for step in range(1, args.steps + 1):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step - 1, args.steps, args.lr, warmup=100)
+        x, z = _latents(model, sampler, args.batch)
+        loss = torch.log(_mse(net(z), x).clamp(min=1e-3)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % args.val_every == 0 or step == args.steps or step == 1:
+            record = {"step": step, "loss": round(float(loss.detach()), 4), "elapsed_s": round(time.time() - t0, 1),
+                      **validate(model, net, val, levels)}
+            print(json.dumps(record), flush=True)
+            log.write(json.dumps(record) + "\n"), log.flush()
+    torch.save({"model": net.state_dict(), "record": record, "wall_time_s": round(time.time() - t0, 1)},
+               run / "int8_decoder.pt")
+    return finish(args)
+
+
+def finish(args: argparse.Namespace) -> Path:
+    """Export the run's fine-tuned decoder (runs/int8_MODEL/int8_decoder.pt) into the model folder
+    and describe it in the card (figures measured on the exported file)."""
+    folder = model_dir(args.model)
+    model = load_model(folder)
+    saved = torch.load(Path(args.runs) / f"int8_{args.model}" / "int8_decoder.pt", weights_only=False)
+    net = Int8Decoder(model)
+    net.load_state_dict(saved["model"])
+    path = folder / FILE_NAME
+    export(net, model, CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed + 1, max_weight_px=250_000),
+           args.batch, path)
+    card_path = folder / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["files"]["decoder_int8"] = {"path": FILE_NAME, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                     "bytes": path.stat().st_size}
+    card_path.write_text(json.dumps(card, indent=1) + "\n")          # the figures below decode with it
+    card["int8"] = {"what": "the decoder with ReLU for GELU, fine-tuned with int8 kernels simulated (training.train_int8) "
+                            "and quantised by onnxruntime (QDQ: 7-bit weights per channel, uint8 activations); the "
+                            "first convolution and the two giving the bands stay float",
+                    "steps": args.steps, "validation_psnr_db": saved["record"], "test": test_figures(folder),
+                    "wall_time_s": saved["wall_time_s"], "cpu": cpu_name(), "threads": args.threads,
+                    "command": f"python -m training.train_int8 --model {args.model} --steps {args.steps} --batch "
+                               f"{args.batch} --crop {args.crop} --lr {args.lr} --threads {args.threads} --seed {args.seed}"}
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    (folder / "MODEL_CARD.md").write_text(card_markdown(card))
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="corsa4b")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--val-scenes", type=int, default=4)
+    p.add_argument("--export-only", action="store_true", help="export a finished run again (``finish``)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    finish(args) if args.export_only else train(args)
