@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static, shape_inference
 
-from corsa.codec.models import VariableRateCodec
+from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.core.machine import cpu_name
 from corsa.core.metrics import psnr
 from corsa.formats.datasets import load_split
@@ -87,8 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="corsa3.1")
     p.add_argument("--only", help="comma-separated node name prefixes to quantise (default: every node)")
     p.add_argument("--scenes", type=int, default=6)
+    p.add_argument("--shipped", action="store_true",
+                   help="measure the model's shipped int8 decoder (training.train_int8) on the test split instead")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/int8.json"))
     args = p.parse_args(argv)
+    if args.shipped:
+        from training.train_int8 import test_figures
+        return report.save({"model": args.model, **test_figures(model_dir(args.model))}, args.out)
     return report.save(run(args.model, args.only.split(",") if args.only else None, args.scenes), args.out)
 
 

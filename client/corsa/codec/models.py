@@ -163,6 +163,11 @@ class VariableRateCodec:
     def coder(self) -> LatentCoder:
         return self._tables[2]
 
+    @property
+    def temporal(self) -> bool:
+        """Whether the model has temporal tables (without loading them: a single date needs none)."""
+        return "temporal_model" in self.card["files"]
+
     @cached_property
     def temporal_coder(self) -> LatentCoder | None:
         """The tables that code a date with references to earlier dates (``corsa.formats.series``); None

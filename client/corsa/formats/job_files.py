@@ -235,7 +235,7 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
     if len({(g[1], tuple(g[2]), g[3]) for g in grids}) > 1:
         return [p for d in dates for p in pack_series(folder, [d], codec, quality, out)]
     _, shape, transform, crs = grids[0]
-    planned = series.plan(dates, [quality] * len(dates), [], temporal=codec.temporal_coder is not None)
+    planned = series.plan(dates, [quality] * len(dates), [], temporal=codec.temporal)
     positions = list(_windows(shape))
     masks: dict[int, np.ndarray] = {}
 

@@ -1,0 +1,60 @@
+"""A model's int8 decoder (``training.train_int8``): the decoder of a model that has one by default,
+alike on the CLI's block path, in the services' UDF (the engine) and through the Python API; the
+same pixels on 1 and 2 threads; within the card's stated distance of the float decoder."""
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+
+from corsa.app import cli
+from corsa.codec.models import ModelError, VariableRateCodec, model_dir
+from corsa.core.metrics import psnr
+from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
+
+MODEL = "corsa4b"
+DATE = "2022-07-06"
+
+
+@pytest.fixture(scope="module")
+def scene(majortom):
+    return majortom.data[:, 100:364, 200:800].copy()        # 264 x 600 px: two blocks side by side
+
+
+@pytest.fixture(scope="module")
+def product(scene, majortom, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("int8")
+    path = folder / "scene.tif"
+    write_scene(path, scene, Affine(*majortom.transform) * Affine.translation(200, 100), majortom.crs, DATE)
+    assert cli.main(["compress", str(path), "-o", str(folder / "product"), "--model", MODEL]) == 0
+    return folder / "product"
+
+
+def _decoded(product, out, *extra) -> np.ndarray:
+    assert cli.main(["decompress", str(product), "-o", str(out), *extra]) == 0
+    with rasterio.open(out) as f:
+        return f.read()
+
+
+def test_the_cli_and_the_services_udf_decode_with_the_int8_decoder(product, scene, tmp_path):
+    card = json.loads((model_dir(MODEL) / "model_card.json").read_text())
+    assert "decoder_int8" in card["files"]
+    blocks = _decoded(product, tmp_path / "blocks.tif")
+    np.testing.assert_array_equal(blocks, _decoded(product, tmp_path / "engine.tif", "--engine"))
+    fp32 = _decoded(product, tmp_path / "fp32.tif", "--kernels", "fp32")
+    assert (blocks != fp32).any()                       # another decoder ran ...
+    stated = card["int8"]["test"]
+    assert psnr(scene, blocks) >= psnr(scene, fp32) - stated["psnr_loss_db_max"]   # ... as close as its card says
+    assert np.abs(blocks.astype(int) - fp32).max() <= stated["max_dn_difference"]
+
+
+def test_int8_decoding_is_the_same_on_1_and_2_threads(scene):
+    one, two = VariableRateCodec(MODEL, threads=1), VariableRateCodec(MODEL, threads=2)
+    assert one.decoder_entry == "decoder_int8"
+    ints = one.encode(scene, one.default_quality)
+    np.testing.assert_array_equal(one.decode(ints, one.default_quality), two.decode(ints, one.default_quality))
+    assert VariableRateCodec(MODEL, kernels="fp32").decoder_entry == "decoder"
+    assert VariableRateCodec("corsa3.1").decoder_entry == "decoder"     # a model without one: its float decoder
+    with pytest.raises(ModelError, match="kernels must be 'int8' or 'fp32', not 'int4'"):
+        VariableRateCodec(MODEL, kernels="int4").decoder_entry
