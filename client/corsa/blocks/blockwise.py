@@ -361,36 +361,25 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
         profile["crs"] = head["crs"]
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
-    # A row's blocks render while the next row's integers are entropy-decoded (the date's, and its
-    # neighbours' or candidates'), each in its own pool: a row of fewer blocks than threads leaves
-    # no core idle.
-    decoding, rendering = ThreadPoolExecutor(cluster.THREADS), ThreadPoolExecutor(cluster.THREADS)
+    # Entropy decoding of block rows (the date's, and its neighbours' or candidates') shares the pool.
+    pool = ThreadPoolExecutor(cluster.THREADS)
     try:
         with writing(out), rasterio.open(part, "w", **profile) as dst:
             for i, b in enumerate(BANDS, 1):
                 dst.set_band_description(i, b)
-
-            def written(blocks) -> None:
-                for y0, x0, v in blocks:
+            for ys in _spans(hh, overlap):
+                if run is None:
+                    jobs = [(ys, xs) + tuple(inputs(ys, xs, pool)) for xs in _spans(ww, overlap)]
+                    done = pool.map(lambda j: render(*j), jobs)
+                else:
+                    done = run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)])
+                for y0, x0, v in done:
                     with writing(out):
                         dst.write(v, window=Window(x0, y0, v.shape[2], v.shape[1]))
                 progress.advance()
-
-            ahead: list = []
-            for ys in _spans(hh, overlap):
-                if run is None:
-                    jobs = [(ys, xs) + tuple(inputs(ys, xs, decoding)) for xs in _spans(ww, overlap)]
-                    row = [rendering.submit(render, *j) for j in jobs]
-                    if ahead:
-                        written(f.result() for f in ahead)
-                    ahead = row
-                else:
-                    written(run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)]))
-            if ahead:
-                written(f.result() for f in ahead)
-        decoding.shutdown(), rendering.shutdown()
+        pool.shutdown()
     except BaseException:
-        decoding.shutdown(cancel_futures=True), rendering.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)
         part.unlink(missing_ok=True)
         raise
     return results.as_cog(part, out)
