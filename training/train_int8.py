@@ -188,6 +188,52 @@ def validate(model: RateCodec, net: Int8Decoder, scenes, levels: list[int]) -> d
     return {k: round(float(np.mean(v)), 3) for k, v in out.items()}
 
 
+def fused_gelu(model):
+    """``model`` (an onnx ModelProto) with each GELU that torch exports at opset 17 (``x * (1 + erf(x /
+    sqrt 2)) * 0.5``: Div, Erf, Add, Mul, Mul) as one com.microsoft Gelu node. onnxruntime fuses that
+    chain itself in a float graph, but not once quantisation has given each consumer of x its own
+    dequantised copy: unfused, the chains took a fifth of the int8 decoder's time."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = model.graph
+    made = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    inits = {i.name: i for i in g.initializer}
+
+    def constant(name: str) -> float:
+        return float(numpy_helper.to_array(inits[name] if name in inits else made[name].attribute[0].t))
+
+    gone, fused = set(), {}
+    for erf in (n for n in g.node if n.op_type == "Erf"):
+        div = made[erf.input[0]]
+        (add,) = users[erf.output[0]]
+        (mul,) = users[add.output[0]]
+        (half,) = users[mul.output[0]]
+        x = div.input[0]
+        if not (div.op_type == "Div" and add.op_type == "Add" and mul.op_type == "Mul" and half.op_type == "Mul"
+                and x in mul.input and abs(constant(div.input[1]) - 2 ** 0.5) < 1e-6
+                and constant(add.input[1]) == 1 and constant(half.input[1]) == 0.5):
+            raise ValueError(f"{erf.name} is not part of an exported GELU")
+        gone |= {id(n) for n in (div, erf, add, mul, half)} | {id(made[i]) for i in (div.input[1], add.input[1],
+                                                                                      half.input[1]) if i in made}
+        fused[id(half)] = onnx.helper.make_node("Gelu", [x], list(half.output), name=erf.name.replace("Erf", "Gelu"),
+                                                domain="com.microsoft")
+    nodes = [fused.get(id(n), n) for n in g.node if id(n) not in gone or id(n) in fused]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
 def export(net: Int8Decoder, model: RateCodec, sampler: CropSampler, batch: int, path: Path) -> None:
     """The fine-tuned decoder as float ONNX, then quantised by onnxruntime (QDQ, per-channel int8
     weights, uint8 activations) with ranges calibrated on training batches as in training."""
@@ -214,6 +260,7 @@ def export(net: Int8Decoder, model: RateCodec, sampler: CropSampler, batch: int,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
                         op_types_to_quantize=["Conv"], nodes_to_quantize=int8_nodes(onnx.load(pre).graph),
                         extra_options={"CalibMovingAverage": True, "CalibMovingAverageConstant": MOMENTUM})
+    onnx.save(fused_gelu(onnx.load(str(path))), str(path))
     net.quantise(True).train()
 
 
