@@ -104,10 +104,11 @@ def session(path: str, threads: int = 0):
 
     opts = ort.SessionOptions()
     # onnxruntime's arena on: the networks run on tiles of at most ``tile + 2 * overlap`` px, so it
-    # stays at about one tile's peak (0.75 GB decoding), and layers reuse its memory instead of
-    # mapping and faulting in fresh pages for every activation: decoding 2.3x and encoding 1.6x
-    # faster than with it off (BENCHMARKS.md, issue 28).
+    # stays at about one tile's peak, and layers reuse its memory instead of mapping and faulting in
+    # fresh pages for every activation: decoding 2.3x and encoding 1.6x faster than with it off. No
+    # memory pattern: it planned (and the arena kept) one block per tile shape (BENCHMARKS.md, issue 28).
     opts.enable_cpu_mem_arena = True
+    opts.enable_mem_pattern = False
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
