@@ -6,7 +6,6 @@ what the user configured). The result is a lazy (t, bands, y, x) cube with its C
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,6 @@ class SourceError(ValueError):
 
 NETCDF_PREFIXES = ("S2-L2A-", "S2-")
 CHUNK = 1024
-# GDAL caches the decoded blocks of what it reads, up to 5% of RAM by default (1.2 GB here), so
-# compressing a large scene grew by its input blocks until that cap. Each input block is read
-# once or twice (the neighbours' overlap): a small cache costs no time (BENCHMARKS.md, scale).
-# Read when GDAL first caches a block; a value the user set wins.
-os.environ.setdefault("GDAL_CACHEMAX", "128")
 
 
 def _band_name(name: str) -> str:
