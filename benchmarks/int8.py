@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import corsa_udf
@@ -25,6 +24,8 @@ from corsa.core.machine import cpu_name
 from corsa.core.metrics import psnr
 from corsa.formats.datasets import load_split
 from corsa.openeo.windows import OVERLAP, UDF_TILE
+
+from training.train_int8 import block_seconds, test_figures
 
 from . import report
 
@@ -43,17 +44,6 @@ def _session(path: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
-def _block_seconds(session: ort.InferenceSession, channels: int) -> float:
-    x = np.random.default_rng(0).standard_normal((1, channels, 128, 128)).astype(np.float32)
-    session.run(None, {"latent": x})
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        session.run(None, {"latent": x})
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def run(model: str, only: list[str] | None, scenes: int) -> dict:
@@ -75,8 +65,8 @@ def run(model: str, only: list[str] | None, scenes: int) -> dict:
                                   [:, :s.data.shape[1], :s.data.shape[2]]), 0, 65535) for d in (fp32, int8)]
             rows.append({"group": s.group, "shape": list(s.data.shape[1:]), "psnr_fp32": round(psnr(s.data, dn[0]), 3),
                          "psnr_int8": round(psnr(s.data, dn[1]), 3), "max_dn_difference": int(np.abs(dn[0] - dn[1]).max())})
-        speed = {"fp32_block_s": round(_block_seconds(fp32, codec.channels), 4),
-                 "int8_block_s": round(_block_seconds(int8, codec.channels), 4)}
+        speed = {"fp32_block_s": block_seconds(fp32, codec.channels),
+                 "int8_block_s": block_seconds(int8, codec.channels)}
     return {"model": model, "quality": q, "quantised": only or "every node", "cpu": cpu_name(),
             "onnxruntime": ort.__version__, **speed, "speedup": round(speed["fp32_block_s"] / speed["int8_block_s"], 2),
             "psnr_change_db": round(float(np.mean([r["psnr_int8"] - r["psnr_fp32"] for r in rows])), 3), "scenes": rows}
@@ -92,7 +82,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/int8.json"))
     args = p.parse_args(argv)
     if args.shipped:
-        from training.train_int8 import test_figures
         return report.save({"model": args.model, **test_figures(model_dir(args.model))}, args.out)
     return report.save(run(args.model, args.only.split(",") if args.only else None, args.scenes), args.out)
 

@@ -47,6 +47,7 @@ from .export import OPSET
 from .export_rate import card_markdown, load_model
 from .rate_model import RateCodec
 from .train import SPLIT_FILE, lr_at, pad_to
+from .train_rate import distortion
 
 FILE_NAME = "decoder_int8.onnx"
 MOMENTUM = 0.01          # of the ranges' moving average (onnxruntime's CalibMovingAverageConstant)
@@ -118,7 +119,7 @@ class Int8Decoder(nn.Module):
 
     def __init__(self, codec: RateCodec, act: str = "gelu"):
         super().__init__()
-        self.act_name, self.act = act, ACTIVATIONS[act]
+        self.act = ACTIVATIONS[act]
         codec = copy.deepcopy(codec)       # trained here: the fp32 model stays as it is
         d, cfg = codec.dec, codec.cfg
         if codec.refine10 is None:
@@ -164,11 +165,6 @@ def _latents(model: RateCodec, sampler: CropSampler, batch: int) -> tuple[torch.
     return x, z
 
 
-def _mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    valid = (x != 0).any(1, keepdim=True).float()
-    return ((recon - x) ** 2 * valid).flatten(1).sum(1) / (valid.flatten(1).sum(1) * x.shape[1]).clamp(min=1)
-
-
 @torch.no_grad()
 def validate(model: RateCodec, net: Int8Decoder, scenes, levels: list[int]) -> dict:
     """Mean PSNR (peak 10000) over ``scenes`` at ``levels``: the fp32 decoder, and this one (int8 simulated)."""
@@ -183,7 +179,7 @@ def validate(model: RateCodec, net: Int8Decoder, scenes, levels: list[int]) -> d
             z = torch.round(y * g[q][None, :, None, None]) * ig[q][None, :, None, None]
             for key, rec in (("fp32", model.synthesis(z)), (this, net(z))):
                 rec = rec[..., :s.data.shape[1], :s.data.shape[2]].round().clamp(0, 65535)
-                out[key].append(float(10 * torch.log10(1e8 / _mse(rec, x).clamp(min=1e-6))))
+                out[key].append(float(10 * torch.log10(1e8 / distortion(rec, x, 1.0).clamp(min=1e-6))))
     net.train()
     return {k: round(float(np.mean(v)), 3) for k, v in out.items()}
 
@@ -264,14 +260,14 @@ def export(net: Int8Decoder, model: RateCodec, sampler: CropSampler, batch: int,
     net.quantise(True).train()
 
 
-def _block_seconds(codec: VariableRateCodec) -> float:
-    """One 512 px block (128 x 128 latent cells) through the decoder in use, 1 thread, best of 3."""
-    z = np.random.default_rng(0).standard_normal((1, codec.channels, 128, 128)).astype(np.float32)
-    codec.decoder.run(None, {"latent": z})
+def block_seconds(session, channels: int) -> float:
+    """One 512 px block (128 x 128 latent cells) through a decoder session, best of 3 after a first run."""
+    z = np.random.default_rng(0).standard_normal((1, channels, 128, 128)).astype(np.float32)
+    session.run(None, {"latent": z})
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        codec.decoder.run(None, {"latent": z})
+        session.run(None, {"latent": z})
         times.append(time.perf_counter() - t)
     return round(min(times), 4)
 
@@ -296,7 +292,8 @@ def test_figures(folder: Path) -> dict:
         means = np.mean([np.mean(v, 0) for v in per.values()], 0)
         levels[str(q)] = {"psnr_db_fp32": round(float(means[0]), 3), "psnr_db_int8": round(float(means[1]), 3)}
     return {"levels": levels, "psnr_loss_db_max": round(worst, 3), "max_dn_difference": largest,
-            "block_s_fp32": _block_seconds(fp32), "block_s_int8": _block_seconds(int8), "cpu": cpu_name()}
+            "block_s_fp32": block_seconds(fp32.decoder, fp32.channels),
+            "block_s_int8": block_seconds(int8.decoder, int8.channels), "cpu": cpu_name()}
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -321,7 +318,7 @@ def train(args: argparse.Namespace) -> Path:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step - 1, args.steps, args.lr, warmup=100)
         x, z = _latents(model, sampler, args.batch)
-        loss = torch.log(_mse(net(z), x).clamp(min=1e-3)).mean()
+        loss = torch.log(distortion(net(z), x, 1.0).clamp(min=1e-3)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

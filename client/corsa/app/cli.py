@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--clear", action="store_true", help="set the pixels the scene classes call cloud or "
                            "cloud shadow to 0 (nodata)")
             s.add_argument("--kernels", choices=("int8", "fp32"), default="int8",
-                           help="int8 (default): decode with the model's int8 decoder where it has one (about 2x "
+                           help="int8 (default): decode with the model's int8 decoder where it has one (about 1.5x "
                            "faster); fp32: with its float decoder (docs/models.md: how far apart they are)")
         if name == "classify":
             s.add_argument("--classes", choices=CLASS_SETS, default="scl",
