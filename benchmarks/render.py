@@ -6,7 +6,9 @@ alternatives, on the test split.
 Any date: a clear date of a test series (scene classes under 0.5% cloud) with dates before and after
 it is left out; the other dates are compressed as a series (--quality); the left-out date is rendered
 with --date and compared (PSNR, all 10 bands) with its true reflectances, beside linear interpolation
-in time of the two neighbouring decoded dates.
+in time of the two neighbouring decoded dates and the time head alone (``corsa_udf.head_blend``,
+without the fall-back to linear interpolation that --date adds). ``--split val``: the validation
+split's series, on which the fall-back's radius was chosen.
 
 Any scale: each test scene averaged to pixels 2, 4 and 6 times larger (box average of whole blocks;
 6 lies outside the 1.25-4 the space head trained on), written as a GeoTIFF on that coarse grid,
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import corsa_udf
 import numpy as np
 import rasterio
 from affine import Affine
@@ -32,6 +35,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 
 from corsa.app import cli
+from corsa.blocks import blockwise
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import LOADERS, cloud_fraction, default_data_root, load_split, revisit_series
 from corsa.core.metrics import psnr
@@ -47,28 +51,33 @@ def _compress(src: Path, out: Path, model: str, quality: int) -> None:
     assert cli.main(["compress", str(src), "-o", str(out), "--model", model, "--quality", str(quality)]) == 0
 
 
-def any_date(model: str, quality: int, tmp: Path) -> list[dict]:
+def any_date(model: str, quality: int, tmp: Path, split: str = "test") -> list[dict]:
+    codec = VariableRateCodec(model)
+    head = blockwise._sessions(codec, "between") if "between" in codec.card["files"] else None
     rows = []
-    for n, run in enumerate(revisit_series(load_split(SPLIT_FILE, "test"))):
+    for n, run in enumerate(revisit_series(load_split(SPLIT_FILE, split))):
         for t in range(1, len(run) - 1):
             if cloud_fraction(run[t]) >= 0.005 or not run[t].date:
                 continue
             case = tmp / f"d{n}_{t}"
-            write_inputs([(s.date, s) for i, s in enumerate(run) if i != t], case / "in")
+            stored = [s for i, s in enumerate(run) if i != t]
+            write_inputs([(s.date, s) for s in stored], case / "in")
             _compress(case / "in", case / "prod", model, quality)
             assert cli.main(["decompress", str(case / "prod"), "-o", str(case / "r.tif"), "--date", run[t].date]) == 0
-            b, a = run[t - 1], run[t + 1]
-            dec = {}
-            for s in (b, a):
-                assert cli.main(["decompress", str(case / "prod"), "-o", str(case / f"{s.date}.tif"), "--date", s.date]) == 0
-                dec[s.date] = _read(case / f"{s.date}.tif")
-            db = int((np.datetime64(run[t].date) - np.datetime64(b.date)).astype(int))
-            da = int((np.datetime64(a.date) - np.datetime64(run[t].date)).astype(int))
-            linear = np.rint((dec[b.date] * da + dec[a.date] * db) / (da + db))
+            assert cli.main(["decompress", str(case / "prod"), "-o", str(case / "all")]) == 0
+            dec = np.stack([_read(case / "all" / f"corsa_decoded_{s.date}.tif") for s in stored]).astype(np.float32)
+            days = [float(np.datetime64(s.date, "D").astype(np.int64)) for s in stored]
+            day = float(np.datetime64(run[t].date, "D").astype(np.int64))
+            b, a = dec[t - 1], dec[t]
+            db, da = day - days[t - 1], days[t] - day
             truth = run[t].data
             rows.append({"group": run[t].group, "location": run[t].location, "date": run[t].date,
-                         "days_before": db, "days_after": da, "psnr_rendered": psnr(truth, _read(case / "r.tif")),
-                         "psnr_linear": psnr(truth, linear), "psnr_nearer": psnr(truth, dec[b.date] if db <= da else dec[a.date])})
+                         "days_before": int(db), "days_after": int(da), "psnr_rendered": psnr(truth, _read(case / "r.tif")),
+                         "psnr_linear": psnr(truth, np.rint((b * da + a * db) / (da + db))),
+                         "psnr_nearer": psnr(truth, b if db <= da else a)})
+            if head is not None:     # the time head alone, without the fall-back to linear interpolation
+                gaps = (dec == 0).all(1)
+                rows[-1]["psnr_head_alone"] = psnr(truth, np.rint(corsa_udf.head_blend(head, dec, gaps, days, day)))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -146,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="corsa3.1")
     p.add_argument("--quality", type=int, default=4)
     p.add_argument("--factors", default="2,4,6")
+    p.add_argument("--split", default="test", help="the split whose series give the dates (test; val chose settings)")
     p.add_argument("--parts", default="date,scale,speed", help="any of date, scale, speed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/render.json"))
     args = p.parse_args(argv)
@@ -153,12 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        dates = any_date(args.model, args.quality, tmp) if "date" in parts else []
+        dates = any_date(args.model, args.quality, tmp, args.split) if "date" in parts else []
         scales = any_scale(args.model, args.quality, tmp, factors) if "scale" in parts else []
         speed = throughput(args.model, args.quality, tmp) if "speed" in parts else {}
     summary = {"throughput": speed}
     if dates:
-        keys = ("psnr_rendered", "psnr_linear", "psnr_nearer")
+        keys = ("psnr_rendered", "psnr_linear", "psnr_nearer") + (("psnr_head_alone",) if "psnr_head_alone" in dates[0] else ())
         summary["any_date"] = {"mean": {k: float(np.mean([r[k] for r in dates])) for k in keys} | {"cases": len(dates)},
                                "by_group": _means(dates, keys, "group")}
     if scales:
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"x{f}": {"mean": {k: float(np.mean([r[k] for r in scales if r["factor"] == f])) for k in keys}
                       | {"cases": sum(r["factor"] == f for r in scales)},
                       "by_group": _means([r for r in scales if r["factor"] == f], keys, "group")} for f in factors}
-    result = {"model": args.model, "quality": args.quality, "cpu": cpu_name(), "summary": summary, "any_date": dates,
+    result = {"model": args.model, "quality": args.quality, "split": args.split, "cpu": cpu_name(), "summary": summary, "any_date": dates,
               "any_scale": scales}
     return report.save(result, args.out, summary)
 

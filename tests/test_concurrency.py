@@ -4,7 +4,6 @@ always sees complete dates that decode."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

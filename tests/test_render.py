@@ -13,7 +13,10 @@ from rasterio.warp import calculate_default_transform, reproject
 
 from rio_cogeo.cogeo import cog_validate
 
+import corsa_udf
 from corsa.app import cli
+from corsa.blocks import blockwise
+from corsa.codec.models import VariableRateCodec
 from corsa.core.scene import BANDS
 from corsa.formats.datasets import LOADERS, revisit_series
 from corsa.core.metrics import psnr
@@ -59,6 +62,36 @@ def test_a_date_in_between_blends_the_dates_around_it(series, tmp_path):
     # a stored date is its plain decode
     assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "s.tif"), "--date", run[1].date]) == 0
     np.testing.assert_array_equal(_read(tmp_path / "s.tif"), _read(tmp_path / "all" / f"corsa_decoded_{run[1].date}.tif"))
+
+
+class FarthestDate:
+    """A time head that is wrong everywhere: it renders each pixel from the candidate farthest in time."""
+
+    def run(self, _, feed):
+        far = int(np.argmax(np.abs(feed["dt"][0])))
+        return [feed["images"][:, far]]
+
+
+def test_a_time_head_worse_than_linear_interpolation_on_a_place_falls_back_to_it(series, tmp_path):
+    """What the product's own dates show, each rendered from the others, weighs the head against
+    linear interpolation: a head that is wrong at this place gives linear interpolation, the
+    shipped one (better here) no less than it."""
+    prod, run = series
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "all")]) == 0
+    stored = [s for i, s in enumerate(run) if i != LEFT_OUT]
+    decoded = np.stack([_read(tmp_path / "all" / f"corsa_decoded_{s.date}.tif") for s in stored]).astype(np.float32)
+    gaps = np.zeros((len(stored),) + decoded.shape[2:], bool)
+    days = [float(np.datetime64(s.date, "D").astype(np.int64)) for s in stored]
+    t, truth = float(np.datetime64(run[LEFT_OUT].date, "D").astype(np.int64)), run[LEFT_OUT].data
+    linear = psnr(truth, np.rint(corsa_udf.linear_between(decoded, gaps, days, t)))
+    bad = FarthestDate()
+    assert psnr(truth, np.rint(corsa_udf.head_blend(bad, decoded, gaps, days, t))) < linear - 2
+    assert psnr(truth, np.rint(corsa_udf.between(bad, decoded, gaps, days, t))) > linear - 0.05
+    head = blockwise._sessions(VariableRateCodec(MODEL), "between")
+    assert psnr(truth, np.rint(corsa_udf.between(head, decoded, gaps, days, t))) >= linear
+    # two stored dates: none to weigh the head by, linear interpolation
+    np.testing.assert_array_equal(corsa_udf.between(head, decoded[1:3], gaps[1:3], days[1:3], t),
+                                  corsa_udf.linear_between(decoded[1:3], gaps[1:3], days[1:3], t))
 
 
 def test_the_decompress_service_renders_the_same_date(data_root, tmp_path):

@@ -40,7 +40,7 @@ import os
 import sys
 import tempfile
 import urllib.request
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import xarray as xr
@@ -265,6 +265,7 @@ def fill_date(target: np.ndarray, gap: np.ndarray, others: List[np.ndarray], oth
 # (between.onnx) blends, pixel by pixel, the decodes of the stored dates around it.
 BETWEEN_DATES = 4
 BETWEEN_PRIOR_FLOOR = 0.02   # a candidate linear interpolation leaves out can still be chosen
+BETWEEN_GUARD_RADIUS = 32    # px around a pixel whose left-out candidates weigh head against linear
 
 
 def linear_weights(dt: np.ndarray, shown: np.ndarray) -> np.ndarray:
@@ -294,7 +295,40 @@ def between_candidates(days: List[float], t: float, k: int = BETWEEN_DATES) -> L
 
 def between(head, decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: float) -> np.ndarray:
     """Day ``t`` rendered from decoded dates (n, bands, H, W) with their gaps (n, H, W) on ``days``
-    (sorted, t strictly inside): the time head's blend of the candidates, 0 where none shows a pixel."""
+    (sorted, t strictly inside), 0 where no candidate shows a pixel: pixel by pixel, the mix of the
+    time head's blend (``head_blend``) and linear interpolation (``linear_between``) that best
+    renders the candidates themselves, each left out in turn, in the BETWEEN_GUARD_RADIUS px around.
+    A head trained on other places can do worse than linear interpolation on this one: the
+    product's own dates say where, and there it falls back (with no candidate between two others,
+    nothing says so: linear interpolation)."""
+    pick = between_candidates(days, t)
+    linear = linear_between(decoded, gaps, days, t)
+    fit, scale = np.zeros(gaps.shape[1:]), np.zeros(gaps.shape[1:])
+    for j in pick[1:-1]:
+        rest = [i for i in pick if i != j]
+        args = (decoded[rest], gaps[rest], [days[i] for i in rest], days[j])
+        lin = linear_between(*args)
+        away = head_blend(head, *args) - lin
+        shown = ~gaps[j] & ~gaps[rest].all(0)
+        fit += np.where(shown, (away * (decoded[j] - lin)).sum(0, dtype=np.float64), 0)
+        scale += np.where(shown, (away.astype(np.float64) ** 2).sum(0), 0)
+    if not scale.any():
+        return linear
+    fit, scale = _box_sum(fit, BETWEEN_GUARD_RADIUS), _box_sum(scale, BETWEEN_GUARD_RADIUS)
+    weight = np.clip(fit / np.where(scale > 0, scale, 1), 0, 1).astype(np.float32)
+    return linear + weight * (head_blend(head, decoded, gaps, days, t) - linear)
+
+
+def _box_sum(a: np.ndarray, r: int) -> np.ndarray:
+    """Sums of ``a`` (H, W) over the (2r + 1)-px squares around each pixel, cut at the edges."""
+    c = np.pad(a, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    y0, x0 = np.clip(np.arange(a.shape[0]) - r, 0, None), np.clip(np.arange(a.shape[1]) - r, 0, None)
+    y1, x1 = np.minimum(np.arange(a.shape[0]) + r + 1, a.shape[0]), np.minimum(np.arange(a.shape[1]) + r + 1, a.shape[1])
+    return c[y1][:, x1] - c[y0][:, x1] - c[y1][:, x0] + c[y0][:, x0]
+
+
+def head_blend(head, decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: float) -> np.ndarray:
+    """Day ``t`` as the time head blends the candidates, 0 where none shows a pixel."""
     pick = between_candidates(days, t)
     images = np.zeros((1, BETWEEN_DATES) + decoded.shape[1:], np.float32)
     valid = np.zeros((1, BETWEEN_DATES) + decoded.shape[2:], np.float32)

@@ -1,6 +1,7 @@
 """Rendering a compressed series off its stored grid and dates (``corsa decompress --date / --scale /
 --like``): a date between stored dates from the decodes around it (the model's time head,
-``between.onnx``, ``training.train_between``), and a decoded date at any pixel size or on another
+``between.onnx``, ``training.train_between``, or linear interpolation where the stored dates show the
+head does worse: ``corsa_udf.between``), and a decoded date at any pixel size or on another
 grid (the space head, ``render.onnx``, ``training.train_render``, LIIF-style: queried at each output
 pixel's centre, in the decoded grid's pixel units, with the output pixel's size there).
 

@@ -74,7 +74,8 @@ FILL = Parameter.boolean("fill", default=False,
 DATES = Parameter("dates", schema={"type": ["array", "null"], "items": {"type": "string", "format": "date"}},
                   default=None, description="The dates (YYYY-MM-DD) to return: stored dates as stored, dates between "
                   "the first and last stored date rendered from the stored dates around them by the model's time head "
-                  "(between.onnx), pixel by pixel; null: every stored date. Needs the cube's dimension t whole.")
+                  "(between.onnx), pixel by pixel, or linear interpolation in time where the stored dates show the "
+                  "head does worse at that place; null: every stored date. Needs the cube's dimension t whole.")
 SPATIAL = Parameter.spatial_extent("spatial_extent", description="Area to compress (bounding box).")
 TEMPORAL = Parameter.temporal_interval("temporal_extent", description="Dates to compress: [start, end).")
 CLOUD = Parameter.number("max_cloud_cover", default=80,
