@@ -25,7 +25,6 @@ from typing import Iterator
 
 import corsa_udf
 import numpy as np
-import rasterio
 import xarray as xr
 from rasterio.windows import Window
 
@@ -354,17 +353,15 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
     each row of blocks done is a unit of progress (``block_rows``). Under a temporary name until
     complete. ``run``: a cluster, whose workers gather and render whole blocks."""
     (hh, ww) = head["shape"]
-    profile = {**results.SCRATCH, "count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
+    profile = {"count": len(BANDS), "dtype": "uint16", "height": hh, "width": ww}
     if head["transform"] is not None:
         profile["transform"] = head["transform"]
     if head["crs"]:
         profile["crs"] = head["crs"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(out.name + ".part")
     # Entropy decoding of block rows (the date's, and its neighbours' or candidates') shares the pool.
     pool = ThreadPoolExecutor(cluster.THREADS)
     try:
-        with writing(out), rasterio.open(part, "w", **profile) as dst:
+        with results.cog_writer(out, profile) as dst:
             for i, b in enumerate(BANDS, 1):
                 dst.set_band_description(i, b)
             for ys in _spans(hh, overlap):
@@ -380,6 +377,5 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
         pool.shutdown()
     except BaseException:
         pool.shutdown(cancel_futures=True)
-        part.unlink(missing_ok=True)
         raise
-    return results.as_cog(part, out)
+    return out

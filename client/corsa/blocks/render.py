@@ -10,6 +10,7 @@ pixel's centre, in the decoded grid's pixel units, with the output pixel's size 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,29 +145,23 @@ def render_file(source: Path, codec: VariableRateCodec, grid: Grid, out: Path) -
         coarser = bool(centre.max() > 1 + 1e-6)
         session = None if coarser else _head(codec, "render", "space head")
         reach = codec.card.get("render", {}).get("reach_px", 0) + 1
-        profile = {**results.SCRATCH, "count": len(BANDS), "dtype": "uint16", "height": grid.shape[0],
-                   "width": grid.shape[1], "transform": grid.transform, "crs": grid.crs or src.crs}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        part = out.with_name(out.name + ".part")
-        try:
-            with writing(out), rasterio.open(part, "w", **profile) as dst:
-                for i, b in enumerate(BANDS, 1):
-                    dst.set_band_description(i, b)
-                if coarser:
-                    with WarpedVRT(src, crs=profile["crs"], transform=grid.transform, width=grid.shape[1],
-                                   height=grid.shape[0], resampling=Resampling.average, nodata=0) as vrt:
-                        for _, window in dst.block_windows(1):
-                            dst.write(vrt.read(window=window), window=window)
-                else:
-                    for r0 in range(0, grid.shape[0], BLOCK):
-                        for c0 in range(0, grid.shape[1], BLOCK):
-                            rows, cols = range(r0, min(r0 + BLOCK, grid.shape[0])), range(c0, min(c0 + BLOCK, grid.shape[1]))
-                            v = _render_block(src, session, reach, *_queries(_points(src.transform, src.crs, grid, rows, cols)))
-                            dst.write(v.reshape(len(BANDS), len(rows), len(cols)), window=Window(c0, r0, len(cols), len(rows)))
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-    return results.as_cog(part, out)
+        profile = {"count": len(BANDS), "dtype": "uint16", "height": grid.shape[0], "width": grid.shape[1],
+                   "transform": grid.transform, "crs": grid.crs or src.crs}
+        with results.cog_writer(out, profile) as dst:
+            for i, b in enumerate(BANDS, 1):
+                dst.set_band_description(i, b)
+            vrt = (WarpedVRT(src, crs=profile["crs"], transform=grid.transform, width=grid.shape[1], height=grid.shape[0],
+                             resampling=Resampling.average, nodata=0) if coarser else nullcontext())
+            with vrt:
+                for r0 in range(0, grid.shape[0], BLOCK):
+                    for c0 in range(0, grid.shape[1], BLOCK):
+                        rows, cols = range(r0, min(r0 + BLOCK, grid.shape[0])), range(c0, min(c0 + BLOCK, grid.shape[1]))
+                        window = Window(c0, r0, len(cols), len(rows))
+                        with writing(out):
+                            dst.write(vrt.read(window=window) if coarser else
+                                      _render_block(src, session, reach, *_queries(_points(src.transform, src.crs, grid, rows, cols)))
+                                      .reshape(len(BANDS), len(rows), len(cols)), window=window)
+    return out
 
 
 def _render_block(src, session, reach: int, coord: np.ndarray, cell: np.ndarray) -> np.ndarray:

@@ -11,9 +11,10 @@ their names only when every file of the run is complete.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import rasterio
@@ -74,29 +75,75 @@ def _to_uint16(part: Path) -> None:
             staged.unlink(missing_ok=True)
 
 
-def as_cog(part: Path, out: Path, bands: tuple[str, ...] | None = None) -> Path:
-    """The GeoTIFF ``part`` (decoded reflectances, DN) rewritten as a cloud-optimised uint16 GeoTIFF
-    at ``out``, with nodata 0, band descriptions ``bands`` (default: as they are) and the DN scale;
-    ``part`` is removed. Under a temporary name until complete."""
+def _describe_cog(f, bands: tuple[str, ...] | None) -> None:
+    """What a decoded file says of itself: nodata 0, the DN scale, band descriptions (default: as they are)."""
+    f.nodata = 0
+    f.scales = (REFLECTANCE_SCALE,) * f.count
+    f.offsets = (0.0,) * f.count
+    for i, b in enumerate(bands or (), 1):
+        f.set_band_description(i, b)
+    f.update_tags(DN="reflectance x 10000")
+
+
+def _copy_cog(src, out: Path) -> None:
+    """GDAL's COG driver copies ``src`` (a path or an open dataset) to ``out``, under a temporary name."""
     import rasterio.shutil
 
     staged = out.with_name(out.name + ".cog.part")
     try:
-        _to_uint16(part)
-        with writing(out), rasterio.open(part, "r+") as f:
-            f.nodata = 0
-            f.scales = (REFLECTANCE_SCALE,) * f.count
-            f.offsets = (0.0,) * f.count
-            for i, b in enumerate(bands or (), 1):
-                f.set_band_description(i, b)
-            f.update_tags(DN="reflectance x 10000")
         with writing(out):
-            rasterio.shutil.copy(part, staged, driver="COG", **COG_OPTIONS)
+            rasterio.shutil.copy(src, staged, driver="COG", **COG_OPTIONS)
+            # GDAL can return from the copy of a file it could not finish (a file size limit reached
+            # at its last write): the last tile, written last in a COG, is read back before the rename.
+            with rasterio.open(staged) as f:
+                (y, x) = f.block_shapes[0]
+                f.read(window=Window((f.width - 1) // x * x, (f.height - 1) // y * y, 1, 1))
             staged.replace(out)
     finally:
         staged.unlink(missing_ok=True)
+
+
+def as_cog(part: Path, out: Path, bands: tuple[str, ...] | None = None) -> Path:
+    """The GeoTIFF ``part`` (decoded reflectances, DN) rewritten as a cloud-optimised uint16 GeoTIFF
+    at ``out``, with nodata 0, band descriptions ``bands`` (default: as they are) and the DN scale;
+    ``part`` is removed. Under a temporary name until complete."""
+    try:
+        _to_uint16(part)
+        with writing(out), rasterio.open(part, "r+") as f:
+            _describe_cog(f, bands)
+        _copy_cog(part, out)
+    finally:
         part.unlink(missing_ok=True)
     return out
+
+
+# GDAL's COG driver only copies a whole dataset: a decoded date up to this size is written block by
+# block into memory and copied from there (no scratch file written and read back: a tenth of a
+# decompress); a larger one (a full tile: 2.4 GB) goes through a scratch GeoTIFF beside the output.
+IN_MEMORY_BYTES = 256 << 20
+
+
+@contextmanager
+def cog_writer(out: Path, profile: dict) -> Iterator:
+    """A dataset to write a decoded date (uint16 DN) into, block by block, made the cloud-optimised
+    GeoTIFF ``out`` (``as_cog``) when the block exits without error; nothing at ``out`` otherwise."""
+    size = profile["count"] * profile["height"] * profile["width"] * np.dtype(profile["dtype"]).itemsize
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if size > IN_MEMORY_BYTES:
+        part = out.with_name(out.name + ".part")
+        try:
+            with writing(out), rasterio.open(part, "w", **{**SCRATCH, **profile}) as dst:
+                yield dst
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        as_cog(part, out)
+        return
+    grid = {k: profile[k] for k in ("count", "dtype", "height", "width", "transform", "crs") if k in profile}
+    with rasterio.open(out.name, "w", driver="MEM", **grid) as dst:
+        yield dst
+        _describe_cog(dst, None)
+        _copy_cog(dst, out)
 
 
 def file_name(prefix: str | None, date: str) -> str:
