@@ -52,6 +52,8 @@ def test_blockwise_decompress_writes_the_engines_file(products, scene, tmp_path)
     nodata = (scene[1] == 0).all(0)
     assert (decoded[:, nodata] == 0).all() and (decoded[:, ~nodata] > 0).any(0).mean() > 0.99
     assert not list(tmp_path.glob("*.part"))
+    # the block path copies its COG from memory, the engine's from a file: the same bytes
+    assert (tmp_path / "blockwise.tif").read_bytes() == (tmp_path / "engine.tif").read_bytes()
 
 
 def test_blockwise_decompress_of_several_dates_names_them(products, tmp_path):

@@ -208,7 +208,10 @@ def card_markdown(card: dict) -> str:
     if card.get("int8"):
         i8, t = card["int8"], card["int8"]["test"]
         at = ", ".join(f"{q}: {v['psnr_db_int8'] - v['psnr_db_fp32']:+.2f}" for q, v in t["levels"].items())
-        series += (f"- Decoding with int8 kernels (the default; `--kernels fp32` for the float decoder): `decoder_int8.onnx` "
+        where = (f"the default at quality levels {', '.join(map(str, i8['levels']))} ({i8['levels_rule']})"
+                 if "levels" in i8 else "the default")
+        series += (f"- Decoding with int8 kernels ({where}; `--kernels int8` at every level, `--kernels fp32` for the float "
+                   f"decoder): `decoder_int8.onnx` "
                    f"({i8['what']}; `{i8['command']}`, {i8['wall_time_s'] / 60:.0f} min on {i8['cpu']}). Test split, "
                    f"mean over L2A sources, PSNR against the float decoder by quality level (dB): {at}; at most {t['psnr_loss_db_max']:.2f} dB below the float decoder on a "
                    f"scene, pixels at most {t['max_dn_difference']} DN apart; a 512 px block in {t['block_s_int8']} s "

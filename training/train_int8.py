@@ -10,7 +10,8 @@ maximum (onnxruntime's MinMax calibration with moving average, which the export 
 drawn the same way).
 
 What is quantised: the 3x3 convolutions of the residual branches (the 40 m and 20 m blocks, the 10 m
-refinement: about three quarters of the decoder's multiply-adds). What stays float: the main path
+refinement: about three quarters of the decoder's multiply-adds; a v3 decoder such as corsa3.1's has only
+the 40 m blocks, 71% of its multiply-adds). What stays float: the main path
 (the residual sums, the convolutions that change the grid, the two that give the bands), which
 carries all the latent's information, and the activations. Measured on corsa4b (BENCHMARKS.md):
 everything in 8 bits (sums and main path too, ReLU for GELU) stalled 1.8 dB below the float decoder;
@@ -52,6 +53,7 @@ from .train_rate import distortion
 FILE_NAME = "decoder_int8.onnx"
 MOMENTUM = 0.01          # of the ranges' moving average (onnxruntime's CalibMovingAverageConstant)
 WEIGHT_MAX = 64          # onnxruntime's int8 range with reduce_range
+MAX_LOSS_DB = 0.05       # a level decodes with int8 kernels by default where they cost at most this
 
 
 class FakeQuant(nn.Module):
@@ -122,15 +124,13 @@ class Int8Decoder(nn.Module):
         self.act = ACTIVATIONS[act]
         codec = copy.deepcopy(codec)       # trained here: the fp32 model stays as it is
         d, cfg = codec.dec, codec.cfg
-        if codec.refine10 is None:
-            raise ValueError("the int8 decoder is built for the v4 decoder (a 10 m refinement)")
         self.first = d[0]
         self.blocks40 = nn.Sequential(*[QResBlock(b, act) for b in d[1:1 + cfg.blocks_dec]])
         k = 1 + cfg.blocks_dec
         self.up20, self.blocks20 = d[k], nn.Sequential(*[QResBlock(b, act) for b in codec.refine20])
         self.conv20, self.up10, self.last = d[k + 3], d[k + 5], d[k + 7]
-        r = codec.refine10
-        self.refine_a, self.refine_b, self.refine_out = QConv(r[0]), QConv(r[2]), r[4]
+        r = codec.refine10        # v4: a 10 m refinement; v3 (corsa3.1) has none
+        self.refine_a, self.refine_b, self.refine_out = (QConv(r[0]), QConv(r[2]), r[4]) if r is not None else (None,) * 3
         self.register_buffer("out_mean", codec.out_mean.clone())
         self.register_buffer("out_std", codec.out_std.clone())
 
@@ -145,6 +145,8 @@ class Int8Decoder(nn.Module):
         h = self.blocks20(self.act(F.pixel_shuffle(self.up20(h), 2)))
         h10 = F.pixel_shuffle(self.up10(self.act(self.conv20(h))), 2)
         out = self.last(h10)
+        if self.refine_out is None:
+            return out * self.out_std + self.out_mean
         out = out + self.refine_out(self.act(self.refine_b(self.act(self.refine_a(torch.cat([out, h10], 1))))))
         return out * self.out_std + self.out_mean
 
@@ -272,12 +274,12 @@ def block_seconds(session, channels: int) -> float:
     return round(min(times), 4)
 
 
-def test_figures(folder: Path) -> dict:
-    """The int8 decoder against the float one on the test split's L2A scenes, through onnxruntime as
+def test_figures(folder: Path, split: str = "test") -> dict:
+    """The int8 decoder against the float one on a split's L2A scenes, through onnxruntime as
     products decode: PSNR per level as the mean over sources, the worst scene's loss, the largest DN
     difference; and the time of a block on 1 thread."""
     fp32, int8 = VariableRateCodec(folder, 1, "fp32"), VariableRateCodec(folder, 1, "int8")
-    scenes = [s for s in load_split(SPLIT_FILE, "test") if s.extra.get("level") != "L1C"]
+    scenes = [s for s in load_split(SPLIT_FILE, split) if s.extra.get("level") != "L1C"]
     latents = [fp32.latent(s.data) for s in scenes]
     levels, worst, largest = {}, 0.0, 0
     for q in fp32.qualities:
@@ -292,8 +294,18 @@ def test_figures(folder: Path) -> dict:
         means = np.mean([np.mean(v, 0) for v in per.values()], 0)
         levels[str(q)] = {"psnr_db_fp32": round(float(means[0]), 3), "psnr_db_int8": round(float(means[1]), 3)}
     return {"levels": levels, "psnr_loss_db_max": round(worst, 3), "max_dn_difference": largest,
-            "block_s_fp32": block_seconds(fp32.decoder, fp32.channels),
-            "block_s_int8": block_seconds(int8.decoder, int8.channels), "cpu": cpu_name()}
+            "block_s_fp32": block_seconds(fp32.decoder(), fp32.channels),
+            "block_s_int8": block_seconds(int8.decoder(), int8.channels), "cpu": cpu_name()}
+
+
+def int8_levels(folder: Path) -> dict:
+    """The quality levels the int8 decoder decodes by default (``corsa_udf.decoder_file``, kernels
+    "auto"): those where it costs at most MAX_LOSS_DB against the float decoder on the validation
+    split (mean over sources), with those figures. The test split only reports."""
+    val = test_figures(folder, "val")
+    levels = [int(q) for q, v in val["levels"].items() if v["psnr_db_fp32"] - v["psnr_db_int8"] <= MAX_LOSS_DB]
+    return {"levels": levels, "levels_rule": f"validation split: at most {MAX_LOSS_DB} dB below the float decoder",
+            "validation": {k: val[k] for k in ("levels", "psnr_loss_db_max", "max_dn_difference")}}
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -354,7 +366,8 @@ def finish(args: argparse.Namespace) -> Path:
                             ", fine-tuned with int8 kernels simulated (training.train_int8) and quantised by "
                             "onnxruntime (QDQ: 7-bit weights per channel, uint8 activations); the 3x3 convolutions "
                             "of the residual branches int8, the main path float",
-                    "steps": args.steps, "validation_psnr_db": saved["record"], "test": test_figures(folder),
+                    "steps": args.steps, "validation_psnr_db": saved["record"], **int8_levels(folder),
+                    "test": test_figures(folder),
                     "wall_time_s": saved["wall_time_s"], "cpu": cpu_name(), "threads": args.threads,
                     "command": f"python -m training.train_int8 --model {args.model} --steps {args.steps} --batch "
                                f"{args.batch} --crop {args.crop} --lr {args.lr} --threads {args.threads} --seed {args.seed} "
@@ -362,6 +375,16 @@ def finish(args: argparse.Namespace) -> Path:
     card_path.write_text(json.dumps(card, indent=1) + "\n")
     (folder / "MODEL_CARD.md").write_text(card_markdown(card))
     return path
+
+
+def relevel(model: str) -> None:
+    """The card's int8 section with its default levels measured again (the exported file unchanged)."""
+    folder = model_dir(model)
+    card_path = folder / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["int8"] = {**card["int8"], **int8_levels(folder)}
+    card_path.write_text(json.dumps(card, indent=1) + "\n")
+    (folder / "MODEL_CARD.md").write_text(card_markdown(card))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -381,9 +404,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--float-only", action="store_true",
                    help="ablation: fine-tune without simulated quantisation (nothing exported)")
     p.add_argument("--export-only", action="store_true", help="export a finished run again (``finish``)")
+    p.add_argument("--levels-only", action="store_true",
+                   help="measure an exported int8 decoder's default levels again (``int8_levels``) into its card")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    finish(args) if args.export_only else train(args)
+    if args.levels_only:
+        relevel(args.model)
+    else:
+        finish(args) if args.export_only else train(args)

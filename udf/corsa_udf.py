@@ -11,7 +11,8 @@ Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. Th
     classes: (mode "classify") "scl" (scene classes, the default) or "landcover": the head of a
             variable-rate model's card ("heads") that gives them
     sha256: {"encoder": ..., "decoder": ..., "features": ..., "classifier": ...} (optional) refuse files that differ
-    kernels: (mode "decompress") "int8" (default: a model's decoder_int8.onnx where its card lists one) or "fp32"
+    kernels: (mode "decompress") "auto" (default: a model's decoder_int8.onnx where its card lists one, at
+            the levels its card lists), "int8" (that one at every level) or "fp32" (decoder.onnx)
     tile, overlap: tile size and overlap in 10 m pixels (multiples of 4)
     fill:   (mode "decompress") true: each date's nodata pixels get values from the other dates of
             the cube (``fill_date``) instead of 0
@@ -477,13 +478,21 @@ def card_of(model: str) -> dict:
         return json.load(f)
 
 
-def decoder_file(card: dict, context: dict) -> str:
-    """The decoder a model decodes with: its int8 one (decoder_int8.onnx) where its card lists one,
-    unless the context's "kernels" is "fp32"."""
-    kernels = context.get("kernels", "int8")
-    if kernels not in ("int8", "fp32"):
-        raise UdfError(f"kernels must be 'int8' or 'fp32', not {kernels!r}")
-    return "decoder_int8" if kernels == "int8" and "decoder_int8" in card.get("files", {}) else "decoder"
+KERNELS = ("auto", "int8", "fp32")
+
+
+def decoder_file(card: dict, context: dict, quality: Optional[int] = None) -> str:
+    """The decoder a model decodes ``quality`` with, by the context's "kernels": "auto" (default) its
+    int8 one (decoder_int8.onnx) where its card lists one, at the quality levels the card's int8
+    section lists (every level where it lists none: int8 costs the high levels of some models more
+    than they gain); "int8" that one at every level; "fp32" the float one."""
+    kernels = context.get("kernels", "auto")
+    if kernels not in KERNELS:
+        raise UdfError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, not {kernels!r}")
+    if kernels == "fp32" or "decoder_int8" not in card.get("files", {}):
+        return "decoder"
+    levels = card.get("int8", {}).get("levels")
+    return "decoder_int8" if kernels == "int8" or levels is None or quality is None or quality in levels else "decoder"
 
 
 def latent_bands(channels: int) -> Tuple[str, ...]:
@@ -675,7 +684,8 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     model, _, _, _ = _settings(context)
     rate = _variable_rate(model, context)
     bands = latent_bands(rate[0]["latent"]["channels"]) if rate is not None else INDEX_BANDS
-    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, decoder_file(card_of(model), context))
+    quality = rate[0]["qualities"][rate[1]]["quality"] if rate is not None else None
+    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, decoder_file(card_of(model), context, quality))
     window = data_window(data) or (slice(0, 0), slice(0, 0))
     # Everything from here on the window: the fill's tiles and the time head start at its corner,
     # as the CLI's start at the scene's.

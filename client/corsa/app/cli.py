@@ -27,6 +27,7 @@ import time
 import warnings
 from pathlib import Path
 
+import corsa_udf
 import numpy as np
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
@@ -234,7 +235,7 @@ def decompress(args: argparse.Namespace) -> str:
         codec, quality, stored = _opened(args.input, args.model)
     if isinstance(codec, VariableRateCodec) and args.kernels != codec.kernels:
         if args.engine:
-            raise ValueError("--kernels fp32 decodes on the block-by-block path, not with --engine")
+            raise ValueError(f"--kernels {args.kernels} decodes on the block-by-block path, not with --engine")
         codec = VariableRateCodec(codec.path, codec.threads, args.kernels)
     stream = not from_job and isinstance(codec, VariableRateCodec)
     out = Path(args.output)
@@ -277,7 +278,8 @@ def decompress(args: argparse.Namespace) -> str:
             raise ValueError("--fill and --clear do not combine yet: --clear sets the cloud pixels to 0 after decoding")
         for name in ("fill", "dates"):
             del graph["process_graph"]["decode"]["arguments"][name]
-    codec.decoder  # checks decoder.onnx against its card and loads it now, not deep inside the engine
+    # checks the decoder against its card and loads it now, not deep inside the engine
+    codec.decoder(quality) if isinstance(codec, VariableRateCodec) else codec.decoder
     single = out.suffix.lower() in (".tif", ".tiff")
     if single and not args.date and len(stored) > 1:
         raise ValueError(f"{args.input} holds {len(stored)} dates: give a folder as -o")
@@ -384,8 +386,8 @@ def models(args: argparse.Namespace) -> str:
         if "encoder" not in card.get("files", {}):
             continue  # a classifier, not a codec
         if card.get("kind") == "variable-rate":
-            qualities = [{"quality": q["quality"], **{k: q["test"]["mean_over_sources"][k] for k in ("cf", "psnr_db")}}
-                         for q in card["qualities"]]
+            qualities = [{"quality": q["quality"], "cf": q["test"]["mean_over_sources"]["cf"],
+                          "psnr_db": _default_psnr(card, q)} for q in card["qualities"]]
             entry = {"id": card["id"], "kind": "variable-rate", "qualities": [q["quality"] for q in qualities],
                      "default_quality": card["default_quality"], "test": qualities}
         else:
@@ -418,6 +420,14 @@ def models(args: argparse.Namespace) -> str:
                      if t.get("cf_range_coded") else "")
             lines.append(f"  {label}: test split CF {t['cf']}, PSNR {t['psnr_db']} dB{extra}")
     return "\n".join(lines)
+
+
+def _default_psnr(card: dict, level: dict) -> float:
+    """A level's test PSNR (mean over sources) as the default kernels decode it: the int8 decoder's
+    where it decodes the level (``corsa_udf.decoder_file``), else the float decoder's of the export."""
+    if corsa_udf.decoder_file(card, {}, level["quality"]) == "decoder_int8":
+        return card["int8"]["test"]["levels"][str(level["quality"])]["psnr_db_int8"]
+    return level["test"]["mean_over_sources"]["psnr_db"]
 
 
 def figures_table(entry: dict) -> str:
@@ -610,9 +620,10 @@ def main(argv: list[str] | None = None) -> int:
                            "the date's light; other pixels are unchanged")
             s.add_argument("--clear", action="store_true", help="set the pixels the scene classes call cloud or "
                            "cloud shadow to 0 (nodata)")
-            s.add_argument("--kernels", choices=("int8", "fp32"), default="int8",
-                           help="int8 (default): decode with the model's int8 decoder where it has one (about 1.5x "
-                           "faster); fp32: with its float decoder (docs/models.md: how far apart they are)")
+            s.add_argument("--kernels", choices=corsa_udf.KERNELS, default="auto",
+                           help="auto (default): decode with the model's int8 decoder where it has one (about 1.4x "
+                           "faster), at the quality levels its card lists; int8: with that one at every level; "
+                           "fp32: with its float decoder (docs/models.md: how far apart they are)")
         if name == "classify":
             s.add_argument("--classes", choices=CLASS_SETS, default="scl",
                            help="scl: scene classes (vegetation, not vegetated, water, snow/ice, cloud, cloud shadow); "

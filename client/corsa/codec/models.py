@@ -110,9 +110,10 @@ class VariableRateCodec:
     decoder takes the integers times the level's inverse gains. Quality levels are the card's
     ``qualities`` (1 = smallest files; higher is better)."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, kernels: str = "int8"):
+    def __init__(self, model: str | Path, threads: int | None = None, kernels: str = "auto"):
         self.path, self.card = read_card(model)
         self.threads, self.kernels = threads, kernels
+        self._decoders: dict[str, ort.InferenceSession] = {}
         if self.card.get("kind") != "variable-rate":
             raise ModelError(f"model {self.path.name} is not a variable-rate model")
         if tuple(self.card["bands"]) != BANDS:
@@ -136,18 +137,20 @@ class VariableRateCodec:
     def encoder(self) -> ort.InferenceSession:
         return checked_session(self.path, self.card["files"]["encoder"], self.threads)
 
-    @property
-    def decoder_entry(self) -> str:
-        """The card's files entry of the decoder in use: "decoder_int8" where the model has one and
-        ``kernels`` is "int8" (the default), else "decoder" (the services' UDF chooses alike)."""
+    def decoder_entry(self, quality: int | None = None) -> str:
+        """The card's files entry of the decoder that decodes ``quality`` with these ``kernels``
+        (``corsa_udf.decoder_file``: the services' UDF chooses alike); None: the int8 one if any."""
         try:
-            return corsa_udf.decoder_file(self.card, {"kernels": self.kernels})
+            return corsa_udf.decoder_file(self.card, {"kernels": self.kernels}, quality)
         except corsa_udf.UdfError as e:
             raise ModelError(str(e)) from None
 
-    @cached_property
-    def decoder(self) -> ort.InferenceSession:
-        return checked_session(self.path, self.card["files"][self.decoder_entry], self.threads)
+    def decoder(self, quality: int | None = None) -> ort.InferenceSession:
+        """The session of ``decoder_entry(quality)`` (cached per file)."""
+        entry = self.decoder_entry(quality)
+        if entry not in self._decoders:
+            self._decoders[entry] = checked_session(self.path, self.card["files"][entry], self.threads)
+        return self._decoders[entry]
 
     @cached_property
     def _tables(self) -> tuple[np.ndarray, np.ndarray, LatentCoder]:
@@ -217,7 +220,7 @@ class VariableRateCodec:
         """Integers -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
         if ints.ndim != 3 or ints.shape[0] != self.channels:
             raise ValueError(f"expected a latent of {self.channels} channels, got shape {ints.shape}")
-        rec = corsa_udf.synthesise(self.decoder, self.dequantise(ints, quality), self.tile, self.overlap)
+        rec = corsa_udf.synthesise(self.decoder(quality), self.dequantise(ints, quality), self.tile, self.overlap)
         if shape is not None:
             rec = rec[:, : shape[0], : shape[1]]
         return to_uint16(rec)
