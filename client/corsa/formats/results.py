@@ -118,8 +118,8 @@ def as_cog(part: Path, out: Path, bands: tuple[str, ...] | None = None) -> Path:
 
 
 # GDAL's COG driver only copies a whole dataset: a decoded date up to this size is written block by
-# block into memory and copied from there (no scratch file written and read back: a tenth of a
-# decompress); a larger one (a full tile: 2.4 GB) goes through a scratch GeoTIFF beside the output.
+# block into memory and copied from there (no scratch file written and read back); a larger one (a
+# full tile: 2.4 GB) goes through a scratch GeoTIFF beside the output, within the memory target.
 IN_MEMORY_BYTES = 256 << 20
 
 
