@@ -23,6 +23,7 @@ stay exactly the encoder's on any machine.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,10 @@ class StreamError(ValueError):
     """A latent stream is truncated or corrupt."""
 
 
-def _bucket_table(n: int, size: int = 1 << 12) -> np.ndarray:
-    """Bucket of an activity a: bit length of a, capped at n - 1 (integer, no float log)."""
-    return np.minimum([int(a).bit_length() for a in range(size)], n - 1).astype(np.int64)
+def _bucket_table(n: int) -> np.ndarray:
+    """Bucket of an activity a: bit length of a, capped at n - 1 (integer, no float log). Every
+    a >= 2**(n - 2) is in the last bucket, so the table stops there (``_bucket`` clips to it)."""
+    return np.array([min(a.bit_length(), n - 1) for a in range((1 << (n - 2)) + 1)], np.uint16)
 
 
 _ANCHOR = _bucket_table(ANCHOR_BUCKETS)
@@ -64,49 +66,63 @@ def _bucket(table: np.ndarray, activity: np.ndarray) -> np.ndarray:
 def symbols(ints: np.ndarray) -> np.ndarray:
     """ints -> symbols 0..ALPHABET-1 (ESC for |v| > M)."""
     sym = np.clip(ints, -M, M).astype(np.int32) + M
-    sym[np.abs(ints.astype(np.int32)) > M] = ESC
+    sym[(ints > M) | (ints < -M)] = ESC
     return sym
 
 
 def _magnitude(sym: np.ndarray) -> np.ndarray:
-    """|value| as the contexts see it: escapes count as M + 1, so contexts need no escaped value."""
-    return np.where(sym == ESC, M + 1, np.abs(sym - M)).astype(np.int64)
+    """|value| as the contexts see it: escapes count as M + 1 (ESC - M), so contexts need no escaped
+    value. int16: a cell's activity is at most L * (M + 1)."""
+    return np.abs(sym - M).astype(np.int16)
 
 
 class _Layout:
-    """Anchor / non-anchor cells of a (h, w) grid and the anchor neighbours of each non-anchor."""
+    """Anchor (part 0) / non-anchor (part 1) cells of a (h, w) grid; ``joined`` takes the two parts'
+    (L, n0) and (L, n1) arrays side by side back to the grid's order."""
 
     def __init__(self, h: int, w: int):
         yy, xx = np.mgrid[0:h, 0:w]
-        anchor = (yy + xx) % 2 == 0
-        self.cells = {0: np.flatnonzero(anchor), 1: np.flatnonzero(~anchor)}
-        y, x = yy.ravel()[self.cells[1]], xx.ravel()[self.cells[1]]
-        nbrs = []
-        for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-            ny, nx = y + dy, x + dx
-            ok = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-            nbrs.append(np.where(ok, np.clip(ny, 0, h - 1) * w + np.clip(nx, 0, w - 1), -1))
-        self.neighbours = np.stack(nbrs)                  # (4, n non-anchors), -1 outside
+        self.shape = (h, w)
+        anchor = ((yy + xx) % 2 == 0).ravel()
+        self.cells = (np.flatnonzero(anchor), np.flatnonzero(~anchor))
+        self.joined = np.argsort(np.concatenate(self.cells))
+
+    def parts(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.take(a, self.cells[0], 1), np.take(a, self.cells[1], 1)
+
+    def grid(self, part0: np.ndarray, part1: np.ndarray) -> np.ndarray:
+        return np.take(np.concatenate([part0, part1], 1), self.joined, 1)
 
 
-def _contexts(mag: np.ndarray, activity: np.ndarray, layout: _Layout, c: int, part: int) -> np.ndarray:
-    """Context ids of channel c's cells of one part, from magnitudes decoded so far.
-
-    mag: (L, h*w) magnitudes (valid where decoded); activity: (h*w,) sum of magnitudes of channels < c."""
-    act = activity[layout.cells[part]]
-    if part == 0:
-        return _bucket(_ANCHOR, act)
-    padded = np.append(mag[c], 0)                         # index -1 -> 0: outside the grid
-    spatial = padded[layout.neighbours].sum(0)
-    return ANCHOR_BUCKETS + _bucket(_SPATIAL, spatial) * CHANNEL_BUCKETS + _bucket(_CHANNEL, act)
+@functools.lru_cache(maxsize=8)
+def _layout(h: int, w: int) -> _Layout:
+    return _Layout(h, w)
 
 
-def _walk(shape: tuple[int, int, int]):
-    """(channel, part, layout) in coding order."""
-    layout = _Layout(shape[1], shape[2])
-    for part in (0, 1):
-        for c in range(shape[0]):
-            yield c, part, layout
+def _spatial_base(mag0: np.ndarray, layout: _Layout) -> np.ndarray:
+    """(L, n1) context of each non-anchor before its channel activity, from the anchors' (L, n0)
+    magnitudes: ANCHOR_BUCKETS + the bucket of its four anchor neighbours' sum * CHANNEL_BUCKETS."""
+    m = layout.grid(mag0, np.zeros((len(mag0), layout.cells[1].size), mag0.dtype)).reshape(-1, *layout.shape)
+    s = np.zeros_like(m)
+    s[:, 1:] += m[:, :-1]
+    s[:, :-1] += m[:, 1:]
+    s[:, :, 1:] += m[:, :, :-1]
+    s[:, :, :-1] += m[:, :, 1:]
+    spatial = np.take(s.reshape(len(m), -1), layout.cells[1], 1)
+    return ANCHOR_BUCKETS + _bucket(_SPATIAL, spatial) * CHANNEL_BUCKETS
+
+
+def _part_ids(sym: np.ndarray, layout: _Layout, rb: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Table ids (L, n0) of the anchors and (L, n1) of the others, of every symbol (L, h*w): the
+    context, and with a reference its bucket * CONTEXTS. Every channel at once: the encoder knows them all."""
+    mag = _magnitude(sym)
+    act = np.empty_like(mag)                              # magnitudes of the channels before, per cell
+    act[0] = 0
+    for c in range(1, len(mag)):
+        np.add(act[c - 1], mag[c - 1], out=act[c])
+    (mag0, _), (act0, act1) = layout.parts(mag), layout.parts(act)
+    ids = (_bucket(_ANCHOR, act0), _spatial_base(mag0, layout) + _bucket(_CHANNEL, act1))
+    return ids if rb is None else tuple(r * CONTEXTS + i for r, i in zip(layout.parts(rb), ids))
 
 
 def reference_buckets(ref: np.ndarray | None, has_ref: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray | None:
@@ -116,34 +132,16 @@ def reference_buckets(ref: np.ndarray | None, has_ref: np.ndarray | None, shape:
         return None
     if ref.shape != shape or has_ref is None or has_ref.shape != shape[1:]:
         raise ValueError(f"a reference of shape {ref.shape} (mask {getattr(has_ref, 'shape', None)}) for a latent of {shape}")
-    rb = np.clip(ref.reshape(shape[0], -1).astype(np.int64), -REF_RANGE, REF_RANGE) + REF_RANGE
+    rb = (np.clip(ref.reshape(shape[0], -1), -REF_RANGE, REF_RANGE) + REF_RANGE).astype(np.uint16)
     rb[:, ~has_ref.ravel()] = NO_REF
     return rb
 
 
-def _table_ids(mag: np.ndarray, cum: np.ndarray, layout: _Layout, c: int, part: int, rb: np.ndarray | None) -> np.ndarray:
-    ctx = _contexts(mag, cum, layout, c, part)
-    return ctx if rb is None else rb[c, layout.cells[part]] * CONTEXTS + ctx
-
-
-def _by_table(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The coding order of one step's cells: by table id, ascending, and by position within a table
-    (a stable sort), with the tables used and their cell counts."""
-    counts = np.bincount(ids)
-    tables = np.flatnonzero(counts)
-    # uint16 (ids < REF_BUCKETS * CONTEXTS): numpy's stable sort of 16-bit integers is a radix sort
-    return np.argsort(ids.astype(np.uint16), kind="stable"), tables, counts[tables]
-
-
-def _symbol_tables(ints: np.ndarray, rb: np.ndarray | None):
-    """(channel, cells, table ids, symbols) of every coding step of one latent."""
-    L = ints.shape[0]
-    sym = symbols(ints).reshape(L, -1)
-    mag = _magnitude(sym)
-    cum = np.cumsum(mag, 0) - mag                         # activity of channels < c, every cell
-    for c, part, layout in _walk(ints.shape):
-        cells = layout.cells[part]
-        yield c, cells, _table_ids(mag, cum[c], layout, c, part, rb), sym[c, cells]
+def table_ids(ints: np.ndarray, ref: np.ndarray | None = None, has_ref: np.ndarray | None = None) -> np.ndarray:
+    """(L, h*w) the table id each integer of a latent (L, h, w) is coded with (see ``reference_buckets``)."""
+    layout = _layout(*ints.shape[1:])
+    return layout.grid(*_part_ids(symbols(ints).reshape(ints.shape[0], -1), layout,
+                                  reference_buckets(ref, has_ref, ints.shape)))
 
 
 def context_counts(ints: np.ndarray, ref: np.ndarray | None = None, has_ref: np.ndarray | None = None) -> np.ndarray:
@@ -151,10 +149,9 @@ def context_counts(ints: np.ndarray, ref: np.ndarray | None = None, has_ref: np.
     tables, or REF_BUCKETS * CONTEXTS with a reference (see ``reference_buckets``)."""
     L = ints.shape[0]
     n = CONTEXTS if ref is None else REF_BUCKETS * CONTEXTS
-    counts = np.zeros((n, L, ALPHABET), np.int64)
-    for c, _, ids, sym in _symbol_tables(ints, reference_buckets(ref, has_ref, ints.shape)):
-        counts[:, c] += np.bincount(ids * ALPHABET + sym, minlength=n * ALPHABET).reshape(n, ALPHABET)
-    return counts
+    ids = table_ids(ints, ref, has_ref).astype(np.intp)
+    bins = (ids * L + np.arange(L)[:, None]) * ALPHABET + symbols(ints).reshape(L, -1)
+    return np.bincount(bins.ravel(), minlength=n * L * ALPHABET).reshape(n, L, ALPHABET)
 
 
 def quantise_tables(counts: np.ndarray, prior: np.ndarray | None = None, smoothing: float = 2.0) -> np.ndarray:
@@ -221,11 +218,13 @@ class LatentCoder:
         return self.freq.shape[1] != CONTEXTS
 
     def _model(self, level: int, ctx: int, c: int):
-        import constriction
-
-        models = self._models.setdefault(level, [None] * (self.freq.shape[1] * self.channels))
+        models = self._models.get(level)
+        if models is None:
+            models = self._models[level] = [None] * (self.freq.shape[1] * self.channels)
         key = ctx * self.channels + c
         if models[key] is None:
+            import constriction
+
             # Exact dyadic probabilities (integers / 2**16): the same floats on every machine.
             probs = self.freq[level, ctx, c].astype(np.float64) / (1 << PRECISION)
             models[key] = constriction.stream.model.Categorical(probs, perfect=False)
@@ -248,18 +247,41 @@ class LatentCoder:
         import constriction
 
         rb = self._check(level, ints.shape, ref, has_ref)
-        enc = constriction.stream.queue.RangeEncoder()
-        for c, _, ids, s in _symbol_tables(ints, rb):
-            order, tables, counts = _by_table(ids)
-            for k, part in zip(tables, np.split(s[order], np.cumsum(counts)[:-1])):
-                enc.encode(part, self._model(level, int(k), c))
         L = ints.shape[0]
-        escaped = ints.reshape(L, -1)[symbols(ints).reshape(L, -1) == ESC].astype(np.int64)
+        layout = _layout(*ints.shape[1:])
+        sym = symbols(ints).reshape(L, -1)
+        enc = constriction.stream.queue.RangeEncoder()
+        for part, (ids, syms) in enumerate(zip(_part_ids(sym, layout, rb), layout.parts(sym))):
+            for c in range(L):
+                # the step's order: by table, stably (positions ascending within a table)
+                counts = np.bincount(ids[c])
+                stops = np.cumsum(counts)
+                ordered = syms[c][np.argsort(ids[c], kind="stable")]
+                for k in np.flatnonzero(counts).tolist():
+                    enc.encode(ordered[stops[k] - counts[k]:stops[k]], self._model(level, k, c))
+        escaped = ints.reshape(L, -1)[sym == ESC].astype(np.int64)
         if escaped.size:
             if escaped.min() < INT16[0] or escaped.max() > INT16[1]:
                 raise ValueError("latent values must fit in int16")
             enc.encode((escaped - INT16[0]).astype(np.int32), constriction.stream.model.Uniform(1 << 16))
         return enc.get_compressed().astype("<u4").tobytes()
+
+    def _decode_part(self, dec, level: int, base: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+        """(L, n) symbols of one part, channel by channel: table id = ``base`` + the bucket of the
+        activity of the channels decoded before at the cell."""
+        out = np.empty(base.shape, np.int32)
+        act, ids = np.zeros(base.shape[1], np.int16), np.empty(base.shape[1], np.uint16)
+        for c in range(len(base)):
+            np.add(base[c], buckets[np.minimum(act, buckets.size - 1)], out=ids)
+            counts = np.bincount(ids)
+            used = np.flatnonzero(counts)
+            if used.size == 1:
+                out[c] = dec.decode(self._model(level, int(used[0]), c), ids.size)
+            elif used.size:
+                out[c, np.argsort(ids, kind="stable")] = np.concatenate(
+                    [dec.decode(self._model(level, k, c), n) for k, n in zip(used.tolist(), counts[used].tolist())])
+            act += np.abs(out[c] - M).astype(np.int16)      # _magnitude
+        return out
 
     def decode(self, stream: bytes, level: int, shape: tuple[int, int, int], ref: np.ndarray | None = None,
                has_ref: np.ndarray | None = None) -> np.ndarray:
@@ -270,24 +292,15 @@ class LatentCoder:
         if len(stream) % 4:
             raise StreamError("latent stream length is not a whole number of 32-bit words")
         L, h, w = shape
-        sym = np.zeros((L, h * w), np.int32)
-        mag = np.zeros((L, h * w), np.int64)
-        cum = np.zeros(h * w, np.int64)
+        layout = _layout(h, w)
+        base = [np.zeros((L, cells.size), np.uint16) for cells in layout.cells] if rb is None \
+            else layout.parts(rb * CONTEXTS)
         dec = constriction.stream.queue.RangeDecoder(np.frombuffer(stream, "<u4").astype(np.uint32))
         try:
-            for c, part, layout in _walk(shape):
-                if c == 0:
-                    cum[:] = 0
-                cells = layout.cells[part]
-                ids = _table_ids(mag, cum, layout, c, part, rb)
-                s = np.empty(cells.size, np.int32)
-                order, tables, counts = _by_table(ids)
-                s[order] = np.concatenate([dec.decode(self._model(level, int(k), c), int(n))
-                                           for k, n in zip(tables, counts)])
-                sym[c, cells] = s
-                mag[c, cells] = _magnitude(s)
-                cum += mag[c]
-            ints = (sym - M).astype(np.int64)
+            anchors = self._decode_part(dec, level, base[0], _ANCHOR)
+            others = self._decode_part(dec, level, base[1] + _spatial_base(_magnitude(anchors), layout), _CHANNEL)
+            sym = layout.grid(anchors, others)
+            ints = sym - M
             esc = sym == ESC
             if esc.any():
                 ints[esc] = dec.decode(constriction.stream.model.Uniform(1 << 16), int(esc.sum())) + INT16[0]
@@ -299,11 +312,12 @@ class LatentCoder:
                   has_ref: np.ndarray | None = None) -> np.ndarray:
         """(h, w) ideal code length in bits of each cell, all channels (escapes at 16 bit more)."""
         rb = self._check(level, ints.shape, ref, has_ref)
+        L = ints.shape[0]
         logp = -np.log2(self.freq[level].astype(np.float64) / (1 << PRECISION))
-        out = np.zeros(ints.shape[1] * ints.shape[2])
-        for c, cells, ids, s in _symbol_tables(ints, rb):
-            out[cells] += logp[ids, c, s] + 16 * (s == ESC)
-        return out.reshape(ints.shape[1:])
+        sym = symbols(ints).reshape(L, -1)
+        layout = _layout(*ints.shape[1:])
+        ids = layout.grid(*_part_ids(sym, layout, rb))
+        return (logp[ids, np.arange(L)[:, None], sym] + 16 * (sym == ESC)).sum(0).reshape(ints.shape[1:])
 
     def bits(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
              has_ref: np.ndarray | None = None) -> float:
