@@ -129,12 +129,19 @@ def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(x, pads, mode="edge")
 
 
+def _zero_filled(dn: np.ndarray) -> np.ndarray:
+    """DN as float32, NaN (and infinities) as 0: a copy, the caller's array stays as it was."""
+    x = np.array(dn, np.float32)
+    np.copyto(x, 0, where=~np.isfinite(x))
+    return x
+
+
 def encode(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 64) -> Tuple[np.ndarray, np.ndarray]:
     """(10, H, W) DN -> idx0 (H'/2, W'/2), idx1 (H'/4, W'/4), H' = H rounded up to a multiple of 4.
 
     Tiles of ``tile`` px are encoded with ``overlap`` px of context on each side, so the indices
     do not depend on where tile borders fall (up to the model's receptive field)."""
-    x = _pad(np.nan_to_num(dn.astype(np.float32), nan=0.0), STRIDE1)
+    x = _pad(_zero_filled(dn), STRIDE1)
     h, w = x.shape[1:]
     idx0 = np.empty((h // STRIDE0, w // STRIDE0), np.uint16)
     idx1 = np.empty((h // STRIDE1, w // STRIDE1), np.uint16)
@@ -166,7 +173,7 @@ def decode(decoder, idx0: np.ndarray, idx1: np.ndarray, tile: int = 512, overlap
 def analyse(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 32) -> np.ndarray:
     """Variable-rate models (corsa2): (10, H, W) DN -> latent (L, H'/4, W'/4) float32, before the
     quality level's gain, computed in overlapping tiles like ``encode``."""
-    x = _pad(np.nan_to_num(dn.astype(np.float32), nan=0.0), STRIDE1)
+    x = _pad(_zero_filled(dn), STRIDE1)
     h, w = x.shape[1:]
     s, out = STRIDE1, None
     for y0, y1, ky0, ky1 in _windows(h, tile, overlap):
@@ -542,7 +549,7 @@ def _per_date(cube: xr.DataArray) -> Tuple[xr.DataArray, list]:
 
 def nodata_of(scene: np.ndarray) -> np.ndarray:
     """(bands, y, x) -> True where any band is NaN or every band is 0."""
-    return np.isnan(scene).any(0) | (np.nan_to_num(scene) == 0).all(0)
+    return np.isnan(scene).any(0) | (scene == 0).all(0)
 
 
 def _like(cube: xr.DataArray, data: np.ndarray, bands: Tuple[str, ...], had_t: bool) -> xr.DataArray:
