@@ -77,3 +77,29 @@ def test_int8_kernels_decode_the_levels_the_card_lists(scene, majortom, tmp_path
             np.testing.assert_array_equal(default, _decoded(product, tmp_path / f"{quality}e.tif", "--engine"))
         other = {"int8": "fp32", "fp32": "int8"}[same_as]
         assert (default != _decoded(product, tmp_path / f"{quality}{other}.tif", "--kernels", other)).any()
+
+
+@pytest.fixture(scope="module")
+def snow(data_root):
+    """TerraMesh's snow-covered cell (Minnesota, January; test split): int8 kernels lose most on it."""
+    from corsa.formats.datasets import LOADERS
+    return next(s for s in LOADERS["terramesh"](data_root) if s.name == "609U_541L_3_0-S2L2A")
+
+
+def test_auto_decodes_bright_tiles_with_the_float_decoder(snow, majortom, tmp_path):
+    """"auto" decodes a tile again in float where its int8 decode is bright: on snow it is the float
+    decoder's image, on the CLI's block path as in the services' UDF; elsewhere the int8 one's."""
+    path = tmp_path / "snow.tif"
+    write_scene(path, snow.data, Affine(*snow.transform), snow.crs, "2020-01-11")
+    assert cli.main(["compress", str(path), "-o", str(tmp_path / "product"), "--model", "corsa3.1"]) == 0
+    auto = _decoded(tmp_path / "product", tmp_path / "auto.tif")
+    np.testing.assert_array_equal(auto, _decoded(tmp_path / "product", tmp_path / "engine.tif", "--engine"))
+    int8 = _decoded(tmp_path / "product", tmp_path / "int8.tif", "--kernels", "int8")
+    fp32 = _decoded(tmp_path / "product", tmp_path / "fp32.tif", "--kernels", "fp32")
+    np.testing.assert_array_equal(auto, fp32)
+    assert psnr(snow.data, auto) > psnr(snow.data, int8) + 0.3
+    codec = VariableRateCodec("corsa3.1")
+    clear = majortom.data[:, :264, :264]
+    ints = codec.encode(clear, codec.default_quality)
+    np.testing.assert_array_equal(codec.decode(ints, codec.default_quality),
+                                  VariableRateCodec("corsa3.1", kernels="int8").decode(ints, codec.default_quality))

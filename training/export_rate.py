@@ -215,7 +215,10 @@ def card_markdown(card: dict) -> str:
                    f"({i8['what']}; `{i8['command']}`, {i8['wall_time_s'] / 60:.0f} min on {i8['cpu']}). Test split, "
                    f"mean over L2A sources, PSNR against the float decoder by quality level (dB): {at}; at most {t['psnr_loss_db_max']:.2f} dB below the float decoder on a "
                    f"scene, pixels at most {t['max_dn_difference']} DN apart; a 512 px block in {t['block_s_int8']} s "
-                   f"against {t['block_s_fp32']} s (1 thread, {t['cpu']}).\n")
+                   f"against {t['block_s_fp32']} s (1 thread, {t['cpu']})." + (
+                       f" By default its bright tiles (snow, ice) decode in float: at most "
+                       f"{t['default_psnr_loss_db_max']:.2f} dB below the float decoder on a scene."
+                       if "default_psnr_loss_db_max" in t else "") + "\n")
     return f"""# Model card: {card['id']}
 
 {card['description']}

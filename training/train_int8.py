@@ -277,23 +277,28 @@ def block_seconds(session, channels: int) -> float:
 def test_figures(folder: Path, split: str = "test") -> dict:
     """The int8 decoder against the float one on a split's L2A scenes, through onnxruntime as
     products decode: PSNR per level as the mean over sources, the worst scene's loss, the largest DN
-    difference; and the time of a block on 1 thread."""
-    fp32, int8 = VariableRateCodec(folder, 1, "fp32"), VariableRateCodec(folder, 1, "int8")
+    difference; the same for the default kernels ("auto": the int8 decoder at the card's levels, its
+    bright tiles in float, ``corsa_udf.BrightGuard``); and the time of a block on 1 thread."""
+    fp32, int8, auto = (VariableRateCodec(folder, 1, k) for k in ("fp32", "int8", "auto"))
     scenes = [s for s in load_split(SPLIT_FILE, split) if s.extra.get("level") != "L1C"]
     latents = [fp32.latent(s.data) for s in scenes]
-    levels, worst, largest = {}, 0.0, 0
+    levels, worst, largest, worst_default = {}, 0.0, 0, 0.0
     for q in fp32.qualities:
         per = {}
         for s, y in zip(scenes, latents):
             ints = fp32.quantise(y, q)
-            a, b = (c.decode(ints, q, s.data.shape[1:]) for c in (fp32, int8))
-            a[:, s.nodata_mask] = b[:, s.nodata_mask] = 0
-            pa, pb = psnr(s.data, a), psnr(s.data, b)
-            per.setdefault(s.group, []).append((pa, pb))
+            a, b, c = (codec.decode(ints, q, s.data.shape[1:]) for codec in (fp32, int8, auto))
+            for d in (a, b, c):
+                d[:, s.nodata_mask] = 0
+            pa, pb, pc = psnr(s.data, a), psnr(s.data, b), psnr(s.data, c)
+            per.setdefault(s.group, []).append((pa, pb, pc))
             worst, largest = max(worst, pa - pb), max(largest, int(np.abs(a.astype(np.int32) - b).max()))
+            worst_default = max(worst_default, pa - pc)
         means = np.mean([np.mean(v, 0) for v in per.values()], 0)
-        levels[str(q)] = {"psnr_db_fp32": round(float(means[0]), 3), "psnr_db_int8": round(float(means[1]), 3)}
+        levels[str(q)] = {"psnr_db_fp32": round(float(means[0]), 3), "psnr_db_int8": round(float(means[1]), 3),
+                          "psnr_db_default": round(float(means[2]), 3)}
     return {"levels": levels, "psnr_loss_db_max": round(worst, 3), "max_dn_difference": largest,
+            "default_psnr_loss_db_max": round(worst_default, 3),
             "block_s_fp32": block_seconds(fp32.decoder(), fp32.channels),
             "block_s_int8": block_seconds(int8.decoder(), int8.channels), "cpu": cpu_name()}
 
@@ -378,11 +383,14 @@ def finish(args: argparse.Namespace) -> Path:
 
 
 def relevel(model: str) -> None:
-    """The card's int8 section with its default levels measured again (the exported file unchanged)."""
+    """The card's int8 section with its default levels and its test figures measured again (the
+    exported file unchanged)."""
     folder = model_dir(model)
     card_path = folder / "model_card.json"
     card = json.loads(card_path.read_text())
     card["int8"] = {**card["int8"], **int8_levels(folder)}
+    card_path.write_text(json.dumps(card, indent=1) + "\n")          # the test figures decode by these levels
+    card["int8"]["test"] = test_figures(folder)
     card_path.write_text(json.dumps(card, indent=1) + "\n")
     (folder / "MODEL_CARD.md").write_text(card_markdown(card))
 
@@ -405,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ablation: fine-tune without simulated quantisation (nothing exported)")
     p.add_argument("--export-only", action="store_true", help="export a finished run again (``finish``)")
     p.add_argument("--levels-only", action="store_true",
-                   help="measure an exported int8 decoder's default levels again (``int8_levels``) into its card")
+                   help="measure an exported int8 decoder's default levels and test figures again into its card")
     return p.parse_args(argv)
 
 

@@ -423,10 +423,12 @@ def models(args: argparse.Namespace) -> str:
 
 
 def _default_psnr(card: dict, level: dict) -> float:
-    """A level's test PSNR (mean over sources) as the default kernels decode it: the int8 decoder's
-    where it decodes the level (``corsa_udf.decoder_file``), else the float decoder's of the export."""
+    """A level's test PSNR (mean over sources) as the default kernels decode it: measured so where the
+    card has it (``training.train_int8``), else the int8 decoder's where it decodes the level
+    (``corsa_udf.decoder_file``), else the float decoder's of the export."""
     if corsa_udf.decoder_file(card, {}, level["quality"]) == "decoder_int8":
-        return card["int8"]["test"]["levels"][str(level["quality"])]["psnr_db_int8"]
+        figures = card["int8"]["test"]["levels"][str(level["quality"])]
+        return figures.get("psnr_db_default", figures["psnr_db_int8"])
     return level["test"]["mean_over_sources"]["psnr_db"]
 
 

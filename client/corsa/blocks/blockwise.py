@@ -66,6 +66,14 @@ def _sessions(codec: VariableRateCodec, name: str):
     return _session(str(codec.path), name)
 
 
+def decoder_session(codec: VariableRateCodec, quality: int):
+    """The decoder of ``quality`` as ``VariableRateCodec.decoder`` chooses it, opened once per process."""
+    dec = _sessions(codec, codec.decoder_entry(quality))
+    if corsa_udf.guarded(codec.card, {"kernels": codec.kernels}, quality):
+        return corsa_udf.BrightGuard(dec, _sessions(codec, "decoder"))
+    return dec
+
+
 def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,
                  ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them."""
@@ -257,7 +265,7 @@ class DateDecoder:
         """A block's pixels (10, y, x) uint16 and where they go (y0, x0)."""
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = self.codec.dequantise(latent, self.head["quality"])
-        dec, mask = _sessions(self.codec, self.codec.decoder_entry(self.head["quality"])), self.ints.mask
+        dec, mask = decoder_session(self.codec, self.head["quality"]), self.ints.mask
         rec = corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
         if mask is not None:
             win = mask[wy0:wy1, wx0:wx1]
@@ -296,7 +304,7 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
     nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept.
     ``run``: a cluster whose workers decode the blocks (default: local threads)."""
     decoder = DateDecoder(folder, date, codec, fill_gaps)
-    _sessions(codec, codec.decoder_entry(decoder.head["quality"]))       # checked here, before any block runs
+    decoder_session(codec, decoder.head["quality"])       # checked here, before any block runs
     return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.block, run)
 
 

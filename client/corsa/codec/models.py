@@ -145,9 +145,15 @@ class VariableRateCodec:
         except corsa_udf.UdfError as e:
             raise ModelError(str(e)) from None
 
-    def decoder(self, quality: int | None = None) -> ort.InferenceSession:
-        """The session of ``decoder_entry(quality)`` (cached per file)."""
-        entry = self.decoder_entry(quality)
+    def decoder(self, quality: int | None = None):
+        """The session of ``decoder_entry(quality)`` (cached per file); with the int8 decoder taken by
+        the "auto" rule, ``corsa_udf.BrightGuard`` around it and the float one."""
+        sessions = [self._session(self.decoder_entry(quality))]
+        if corsa_udf.guarded(self.card, {"kernels": self.kernels}, quality):
+            return corsa_udf.BrightGuard(sessions[0], self._session("decoder"))
+        return sessions[0]
+
+    def _session(self, entry: str) -> ort.InferenceSession:
         if entry not in self._decoders:
             self._decoders[entry] = checked_session(self.path, self.card["files"][entry], self.threads)
         return self._decoders[entry]
