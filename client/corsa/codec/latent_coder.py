@@ -270,9 +270,10 @@ class LatentCoder:
         """(L, n) symbols of one part, channel by channel: table id = ``base`` + the bucket of the
         activity of the channels decoded before at the cell."""
         out = np.empty(base.shape, np.int32)
-        act, ids = np.zeros(base.shape[1], np.int16), np.empty(base.shape[1], np.uint16)
+        act = np.zeros(base.shape[1], np.int16)
+        bucket = np.zeros(base.shape[1], np.uint16)       # of act; most symbols are 0 and change neither
         for c in range(len(base)):
-            np.add(base[c], buckets[np.minimum(act, buckets.size - 1)], out=ids)
+            ids = base[c] + bucket
             counts = np.bincount(ids)
             used = np.flatnonzero(counts)
             if used.size == 1:
@@ -280,7 +281,9 @@ class LatentCoder:
             elif used.size:
                 out[c, np.argsort(ids, kind="stable")] = np.concatenate(
                     [dec.decode(self._model(level, k, c), n) for k, n in zip(used.tolist(), counts[used].tolist())])
-            act += np.abs(out[c] - M).astype(np.int16)      # _magnitude
+            moved = np.flatnonzero(out[c] != M)
+            act[moved] += _magnitude(out[c, moved])
+            bucket[moved] = _bucket(buckets, act[moved])
         return out
 
     def decode(self, stream: bytes, level: int, shape: tuple[int, int, int], ref: np.ndarray | None = None,
