@@ -219,8 +219,8 @@ class LatentCoder:
 
     def _model(self, level: int, ctx: int, c: int):
         models = self._models.get(level)
-        if models is None:
-            models = self._models[level] = [None] * (self.freq.shape[1] * self.channels)
+        if models is None:          # setdefault: two threads starting a level share one list
+            models = self._models.setdefault(level, [None] * (self.freq.shape[1] * self.channels))
         key = ctx * self.channels + c
         if models[key] is None:
             import constriction
