@@ -130,6 +130,25 @@ def test_decompress_chunk_gives_the_clis_pixels(place, tmp_path):
     assert np.all(out.values[..., :PAD, :] == 0)
 
 
+def test_a_snow_chunk_decodes_in_float_as_the_cli_does(data_root, tmp_path):
+    """The int8 decoder's bright tiles decode in float (corsa_udf.BrightGuard) in a back end's chunk
+    as on the CLI: the snow-covered TerraMesh cell, whole in one chunk."""
+    snow = next(s for s in LOADERS["terramesh"](data_root) if s.name == "609U_541L_3_0-S2L2A")
+    write_scene(tmp_path / "snow.tif", snow.data, Affine(*snow.transform), snow.crs, "2020-01-11")
+    assert cli.main(["compress", str(tmp_path / "snow.tif"), "-o", str(tmp_path / "product"), "--model", MODEL,
+                     "-q"]) == 0
+    quality = series.read_date(tmp_path / "product", "2020-01-11", series.model_codec(MODEL)).quality
+    chunk = driver_chunk(sources.open_product(tmp_path / "product").load(), Affine(*snow.transform),
+                         size=max(snow.data.shape[1:]))
+    decoded = {kernels: inner(run(chunk, mode="decompress", model=str(MODELS_DIR / MODEL), quality=quality,
+                                  tile=UDF_TILE, overlap=OVERLAP["decompress"], kernels=kernels),
+                              snow.data.shape[1:])[0] for kernels in ("auto", "int8", "fp32")}
+    assert cli.main(["decompress", str(tmp_path / "product"), "-o", str(tmp_path / "cli.tif"), "-q"]) == 0
+    np.testing.assert_array_equal(decoded["auto"], read(tmp_path / "cli.tif"))
+    np.testing.assert_array_equal(decoded["auto"], decoded["fp32"])
+    assert (decoded["int8"] != decoded["fp32"]).any()
+
+
 def test_fill_and_dates_give_the_clis_pixels(place, tmp_path):
     scenes = place["scenes"]
     between = str((pd.Timestamp(scenes[0].date) + (pd.Timestamp(scenes[1].date) - pd.Timestamp(scenes[0].date)) / 2).date())
