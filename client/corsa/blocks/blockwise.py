@@ -78,7 +78,11 @@ def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, en
                  ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them."""
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
-    win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).values.astype(np.float32)
+    from dask.local import get_sync      # here: decompress, which imports this module too, needs no dask
+
+    # Read in this thread (the block is already one of the threads), by the function itself: dask looks
+    # for a distributed client first for any scheduler it is given by name (importing it: 0.4 s a run).
+    win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).compute(scheduler=get_sync).values.astype(np.float32)
     # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
     latent = corsa_udf.analyse(enc, win, windows.UDF_TILE, overlap)
     cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
