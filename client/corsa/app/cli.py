@@ -119,10 +119,9 @@ def _pixel_size(catalogue, bbox: dict | None, dates: list | None, cloud: float) 
 def compress(args: argparse.Namespace) -> str:
     """The compress service run on the embedded engine (its generic save_result writes each
     stored layer as GeoTIFF, as a back end does), then packed into the product."""
-    # Imported here: rioxarray and the openEO client take about a second, which decompress does not need.
+    # Imported here: rioxarray takes about a second, which decompress does not need.
     from corsa.formats.sources import Catalogue, SourceError
     from corsa.formats.stac_source import StacSource
-    from corsa.openeo import processes
 
     codec = open_codec(args.model or DEFAULT_MODEL)
     quality = codec.quality_level(args.quality)
@@ -143,6 +142,8 @@ def compress(args: argparse.Namespace) -> str:
     if args.append:
         raise ValueError("--append codes the new dates with the product's history: it needs a variable-rate model "
                          "and the block-by-block path (not --engine)")
+    from corsa.openeo import processes   # the openEO client: only the engine's path builds a process graph
+
     udp = processes.compress_s2_process(codec.card, _pixel_size(catalogue, bbox, dates, args.max_cloud_cover))
     out = Path(args.output)
     # The job's files go to a scratch folder outside the product: a killed run leaves nothing in it.
