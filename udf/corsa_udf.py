@@ -42,7 +42,7 @@ import os
 import sys
 import tempfile
 import urllib.request
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import xarray as xr
@@ -528,9 +528,13 @@ class BrightGuard:
         return out
 
 
-def guarded(card: dict, context: dict, quality: Optional[int] = None) -> bool:
-    """Whether ``decoder_file`` took the int8 decoder by the "auto" rule: ``BrightGuard`` then runs it."""
-    return context.get("kernels", "auto") == "auto" and decoder_file(card, context, quality) == "decoder_int8"
+def decoder_session(card: dict, context: dict, quality: Optional[int], open_file: Callable[[str], Any]):
+    """The session that decodes ``quality`` (``decoder_file``), ``open_file(name)`` opening one of the
+    model's networks by name; where "auto" took the int8 decoder, ``BrightGuard`` around it and the float one."""
+    name = decoder_file(card, context, quality)
+    if name == "decoder_int8" and context.get("kernels", "auto") == "auto":
+        return BrightGuard(open_file(name), open_file("decoder"))
+    return open_file(name)
 
 
 def latent_bands(channels: int) -> Tuple[str, ...]:
@@ -601,7 +605,7 @@ def _model_identity(model: str, context: dict) -> dict:
 
 def _prepare(cube: xr.DataArray, context: dict, bands: Tuple[str, ...], model_file: str):
     """Common start of the modes: settings, the cube as (t, bands, y, x) float32, the session."""
-    model, tile, overlap, sha = _settings(context)
+    model, tile, overlap, _ = _settings(context)
     had_t = "t" in cube.dims
     cube, _ = _per_date(cube)
     missing = sorted(set(bands) - {str(b) for b in cube["bands"].values})
@@ -609,8 +613,14 @@ def _prepare(cube: xr.DataArray, context: dict, bands: Tuple[str, ...], model_fi
         raise UdfError(f"the cube lacks bands {missing}; it needs {', '.join(bands)}")
     if cube.dtype.kind not in "iuf":
         raise UdfError(f"the cube holds {cube.dtype} values; it needs integers or floats (DN or codes)")
-    sess = session(_fetch(model, f"{model_file}.onnx", sha.get(model_file)), int(context.get("threads", 0)))
-    return cube, had_t, cube.sel(bands=list(bands)).values.astype(np.float32), sess, (model, tile, overlap)
+    return cube, had_t, cube.sel(bands=list(bands)).values.astype(np.float32), _network(context, model_file), \
+        (model, tile, overlap)
+
+
+def _network(context: dict, name: str):
+    """The session of the context's model's network ``name`` ("encoder", "decoder", ...)."""
+    model, _, _, sha = _settings(context)
+    return session(_fetch(model, f"{name}.onnx", sha.get(name)), int(context.get("threads", 0)))
 
 
 def data_window(data: np.ndarray) -> Optional[Tuple[slice, slice]]:
@@ -723,10 +733,9 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     rate = _variable_rate(model, context)
     bands = latent_bands(rate[0]["latent"]["channels"]) if rate is not None else INDEX_BANDS
     quality = rate[0]["qualities"][rate[1]]["quality"] if rate is not None else None
-    cube, had_t, data, dec, (_, tile, overlap) = _prepare(cube, context, bands, decoder_file(card_of(model), context, quality))
-    if guarded(card_of(model), context, quality):
-        sha = context.get("sha256") or {}
-        dec = BrightGuard(dec, session(_fetch(model, "decoder.onnx", sha.get("decoder")), int(context.get("threads", 0))))
+    card = card_of(model)
+    cube, had_t, data, _, (_, tile, overlap) = _prepare(cube, context, bands, decoder_file(card, context, quality))
+    dec = decoder_session(card, context, quality, functools.partial(_network, context))
     window = data_window(data) or (slice(0, 0), slice(0, 0))
     # Everything from here on the window: the fill's tiles and the time head start at its corner,
     # as the CLI's start at the scene's.

@@ -68,10 +68,7 @@ def _sessions(codec: VariableRateCodec, name: str):
 
 def decoder_session(codec: VariableRateCodec, quality: int):
     """The decoder of ``quality`` as ``VariableRateCodec.decoder`` chooses it, opened once per process."""
-    dec = _sessions(codec, codec.decoder_entry(quality))
-    if corsa_udf.guarded(codec.card, {"kernels": codec.kernels}, quality):
-        return corsa_udf.BrightGuard(dec, _sessions(codec, "decoder"))
-    return dec
+    return corsa_udf.decoder_session(codec.card, {"kernels": codec.kernels}, quality, partial(_sessions, codec))
 
 
 def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,

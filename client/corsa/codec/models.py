@@ -148,10 +148,10 @@ class VariableRateCodec:
     def decoder(self, quality: int | None = None):
         """The session of ``decoder_entry(quality)`` (cached per file); with the int8 decoder taken by
         the "auto" rule, ``corsa_udf.BrightGuard`` around it and the float one."""
-        dec = self._session(self.decoder_entry(quality))
-        if corsa_udf.guarded(self.card, {"kernels": self.kernels}, quality):
-            return corsa_udf.BrightGuard(dec, self._session("decoder"))
-        return dec
+        try:
+            return corsa_udf.decoder_session(self.card, {"kernels": self.kernels}, quality, self._session)
+        except corsa_udf.UdfError as e:
+            raise ModelError(str(e)) from None
 
     def _session(self, entry: str) -> ort.InferenceSession:
         if entry not in self._decoders:
