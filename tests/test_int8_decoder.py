@@ -103,3 +103,33 @@ def test_auto_decodes_bright_tiles_with_the_float_decoder(snow, majortom, tmp_pa
     ints = codec.encode(clear, codec.default_quality)
     np.testing.assert_array_equal(codec.decode(ints, codec.default_quality),
                                   VariableRateCodec("corsa3.1", kernels="int8").decode(ints, codec.default_quality))
+
+
+def test_the_int8_decoders_upsampling_and_pruning(majortom):
+    """The int8 decoder's upsamplings (transposed convolutions, ``SubPixelUp``) give the float
+    decoder's sums; pruning a residual branch keeps the inner channels that matter: with the half it
+    keeps, the decoder is far closer to the float one than with the other half."""
+    import torch
+
+    from training.export_rate import load_model
+    from training.train_int8 import Int8Decoder, QResBlock, important, pruned
+
+    model = load_model(model_dir("corsa3.1"))
+    codec = VariableRateCodec("corsa3.1")
+    q = codec.default_quality
+    x = majortom.data[:, :256, :256]
+    z = torch.from_numpy(codec.dequantise(codec.encode(x, q), q)[None])
+    with torch.no_grad():
+        fp32 = model.synthesis(z)
+        assert float((Int8Decoder(model).quantise(False).eval()(z) - fp32).abs().max()) < 0.05   # DN
+        kept = Int8Decoder(model, hidden=48, sample=z).quantise(False).eval()
+        other = Int8Decoder(model, hidden=48, sample=z).quantise(False).eval()
+        h = model.dec[0](z)
+        for i, b in enumerate(model.dec[1:4]):
+            rest = torch.tensor(sorted(set(range(96)) - set(important(b, h, 48).tolist())))
+            other.blocks40[i] = QResBlock(pruned(b, rest), "gelu")
+            h = b(h)
+        other.quantise(False)
+        assert kept.blocks40[0].conv1.conv.weight.shape == (48, 96, 3, 3)
+        err = {name: float(((net(z) - fp32) ** 2).mean()) for name, net in (("kept", kept), ("other", other))}
+    assert err["kept"] < err["other"] / 20

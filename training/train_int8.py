@@ -115,20 +115,71 @@ class QResBlock(nn.Module):
         return x + self.conv2(self.act(self.conv1(self.act(x))))
 
 
+class SubPixelUp(nn.Module):
+    """A 1x1 convolution to 4C channels followed by a pixel shuffle, computed as one transposed
+    convolution of stride 2 and a bias per channel and sub-pixel: the same sums, without
+    onnxruntime's DepthToSpace pass over the features (with it, the two upsamplings took 17% of
+    the int8 decoder's time on a block, AMD EPYC)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        c = conv.out_channels // 4
+        self.up = nn.ConvTranspose2d(conv.in_channels, c, 2, stride=2, bias=False)
+        # pixel_shuffle: output (c, 2y + i, 2x + j) is input channel 4c + 2i + j
+        self.up.weight.data.copy_(conv.weight.detach()[:, :, 0, 0].view(c, 2, 2, -1).permute(3, 0, 1, 2))
+        self.bias = nn.Parameter(conv.bias.detach().view(1, c, 1, 2, 1, 2).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        return (self.up(x).view(n, -1, h, 2, w, 2) + self.bias).view(n, -1, 2 * h, 2 * w)
+
+
+def important(block: nn.Module, x: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The ``hidden`` inner channels of residual ``block``'s branch that its second convolution
+    passes on most, as seen on the features ``x`` (mean activation size times the norm of their
+    weights in it), in order."""
+    with torch.no_grad():
+        inner = F.gelu(block.conv1(F.gelu(x)))
+        score = inner.abs().mean((0, 2, 3)) * block.conv2.weight.flatten(2).norm(dim=(0, 2))
+    return score.argsort(descending=True)[:hidden].sort().values
+
+
+def pruned(block: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of residual ``block`` whose branch keeps only the inner channels ``keep``."""
+    out = copy.deepcopy(block)
+    c1, c2 = out.conv1, out.conv2
+    out.conv1 = nn.Conv2d(c1.in_channels, len(keep), 3, padding=1)
+    out.conv2 = nn.Conv2d(len(keep), c2.out_channels, 3, padding=1)
+    with torch.no_grad():
+        out.conv1.weight.copy_(c1.weight[keep]), out.conv1.bias.copy_(c1.bias[keep])
+        out.conv2.weight.copy_(c2.weight[:, keep]), out.conv2.bias.copy_(c2.bias)
+    return out
+
+
 class Int8Decoder(nn.Module):
     """``RateCodec.synthesis`` with its residual branches' convolutions int8, its activations
-    ``act`` (the model's own GELU, or ReLU: module doc)."""
+    ``act`` (the model's own GELU, or ReLU: module doc); ``main20``: the 3x3 convolution of the
+    main path at 20 m int8 too; ``hidden``: the 40 m residual branches pruned to that many inner
+    channels (``pruned``, on the features of ``sample``, dequantised latents), to be fine-tuned."""
 
-    def __init__(self, codec: RateCodec, act: str = "gelu"):
+    def __init__(self, codec: RateCodec, act: str = "gelu", main20: bool = False, hidden: int | None = None,
+                 sample: torch.Tensor | None = None):
         super().__init__()
         self.act = ACTIVATIONS[act]
         codec = copy.deepcopy(codec)       # trained here: the fp32 model stays as it is
         d, cfg = codec.dec, codec.cfg
         self.first = d[0]
-        self.blocks40 = nn.Sequential(*[QResBlock(b, act) for b in d[1:1 + cfg.blocks_dec]])
+        blocks = list(d[1:1 + cfg.blocks_dec])
+        if hidden:
+            with torch.no_grad():
+                h = self.first(sample)
+                for i, b in enumerate(blocks):
+                    blocks[i] = pruned(b, important(b, h, hidden))
+                    h = b(h)
+        self.blocks40 = nn.Sequential(*[QResBlock(b, act) for b in blocks])
         k = 1 + cfg.blocks_dec
-        self.up20, self.blocks20 = d[k], nn.Sequential(*[QResBlock(b, act) for b in codec.refine20])
-        self.conv20, self.up10, self.last = d[k + 3], d[k + 5], d[k + 7]
+        self.up20, self.blocks20 = SubPixelUp(d[k]), nn.Sequential(*[QResBlock(b, act) for b in codec.refine20])
+        self.conv20, self.up10, self.last = QConv(d[k + 3]) if main20 else d[k + 3], SubPixelUp(d[k + 5]), d[k + 7]
         r = codec.refine10        # v4: a 10 m refinement; v3 (corsa3.1) has none
         self.refine_a, self.refine_b, self.refine_out = (QConv(r[0]), QConv(r[2]), r[4]) if r is not None else (None,) * 3
         self.register_buffer("out_mean", codec.out_mean.clone())
@@ -142,8 +193,8 @@ class Int8Decoder(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         h = self.blocks40(self.first(latent))
-        h = self.blocks20(self.act(F.pixel_shuffle(self.up20(h), 2)))
-        h10 = F.pixel_shuffle(self.up10(self.act(self.conv20(h))), 2)
+        h = self.blocks20(self.act(self.up20(h)))
+        h10 = self.up10(self.act(self.conv20(h)))
         out = self.last(h10)
         if self.refine_out is None:
             return out * self.out_std + self.out_mean
@@ -154,7 +205,8 @@ class Int8Decoder(nn.Module):
 def int8_nodes(graph) -> list[str]:
     """The exported graph's convolutions that ``QConv`` simulated (its module names are in theirs)."""
     return [n.name for n in graph.node if n.op_type == "Conv"
-            and (n.name.split("/")[1] in ("refine_a", "refine_b") or n.name.split("/")[-2] in ("conv1", "conv2"))]
+            and (n.name.split("/")[1] in ("refine_a", "refine_b") or n.name.split("/")[-2] in ("conv1", "conv2")
+                 or n.name.startswith("/conv20/conv/"))]
 
 
 def _latents(model: RateCodec, sampler: CropSampler, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,14 +370,15 @@ def train(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     folder = model_dir(args.model)
     model = load_model(folder)
-    net = Int8Decoder(model, args.act).train()
+    sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000)
+    sample = torch.cat([_latents(model, sampler, args.batch)[1] for _ in range(8)]) if args.hidden else None
+    net = Int8Decoder(model, args.act, args.main20, args.hidden, sample).train()
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000)
     val = [s for s in load_split(SPLIT_FILE, "val") if min(s.data.shape[1:]) >= 128][: args.val_scenes]
     levels = list(range(0, model.cfg.levels, 2)) + [model.cfg.levels - 1]
-    run = Path(args.runs) / (f"int8_{args.model}" + ("_float" if args.float_only else ""))
+    run = run_folder(args)
     run.mkdir(parents=True, exist_ok=True)
     log = (run / "log.jsonl").open("a")
     t0 = time.time()
@@ -346,18 +399,38 @@ def train(args: argparse.Namespace) -> Path:
             log.write(json.dumps(record) + "\n"), log.flush()
     if args.float_only:
         return run
-    torch.save({"model": net.state_dict(), "record": record, "wall_time_s": round(time.time() - t0, 1), "act": args.act},
-               run / "int8_decoder.pt")
+    torch.save({"model": net.state_dict(), "record": record, "wall_time_s": round(time.time() - t0, 1), "act": args.act,
+                "main20": args.main20, "hidden": args.hidden}, run / "int8_decoder.pt")
     return finish(args)
 
 
+def run_folder(args: argparse.Namespace) -> Path:
+    """Where a run of these options logs and keeps its decoder."""
+    return Path(args.runs) / (f"int8_{Path(args.model).name}" + ("_main20" if args.main20 else "")
+                              + (f"_h{args.hidden}" if args.hidden else "") + ("_float" if args.float_only else ""))
+
+
+def what(act: str, main20: bool, hidden: int | None) -> str:
+    """The card's words for an int8 decoder of these options."""
+    return (("the decoder with ReLU for GELU" if act == "relu" else "the decoder")
+            + (f", its 40 m residual branches pruned to {hidden} inner channels," if hidden else "")
+            + " fine-tuned with int8 kernels simulated (training.train_int8) and quantised by onnxruntime (QDQ: "
+              "7-bit weights per channel, uint8 activations); the 3x3 convolutions of the residual branches"
+            + (" and the 20 m convolution of the main path" if main20 else "") + " int8, the rest of the main "
+              "path float; the upsamplings as transposed convolutions (the same sums as the float decoder's 1x1 "
+              "convolution and pixel shuffle)")
+
+
 def finish(args: argparse.Namespace) -> Path:
-    """Export the run's fine-tuned decoder (runs/int8_MODEL/int8_decoder.pt) into the model folder
+    """Export the run's fine-tuned decoder (``run_folder``/int8_decoder.pt) into the model folder
     and describe it in the card (figures measured on the exported file)."""
     folder = model_dir(args.model)
     model = load_model(folder)
-    saved = torch.load(Path(args.runs) / f"int8_{args.model}" / "int8_decoder.pt", weights_only=False)
-    net = Int8Decoder(model, saved["act"])
+    saved = torch.load(run_folder(args) / "int8_decoder.pt", weights_only=False)
+    hidden = saved.get("hidden")
+    # pruning only chooses the shapes here: the weights are the run's
+    sample = torch.zeros(1, model.cfg.latent, 8, 8) if hidden else None
+    net = Int8Decoder(model, saved["act"], saved.get("main20", False), hidden, sample)
     net.load_state_dict(saved["model"])
     path = folder / FILE_NAME
     export(net, model, CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed + 1, max_weight_px=250_000),
@@ -367,16 +440,14 @@ def finish(args: argparse.Namespace) -> Path:
     card["files"]["decoder_int8"] = {"path": FILE_NAME, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                                      "bytes": path.stat().st_size}
     card_path.write_text(json.dumps(card, indent=1) + "\n")          # the figures below decode with it
-    card["int8"] = {"what": ("the decoder with ReLU for GELU" if saved["act"] == "relu" else "the decoder") +
-                            ", fine-tuned with int8 kernels simulated (training.train_int8) and quantised by "
-                            "onnxruntime (QDQ: 7-bit weights per channel, uint8 activations); the 3x3 convolutions "
-                            "of the residual branches int8, the main path float",
+    card["int8"] = {"what": what(saved["act"], saved.get("main20", False), hidden),
                     "steps": args.steps, "validation_psnr_db": saved["record"], **int8_levels(folder),
                     "test": test_figures(folder),
                     "wall_time_s": saved["wall_time_s"], "cpu": cpu_name(), "threads": args.threads,
                     "command": f"python -m training.train_int8 --model {args.model} --steps {args.steps} --batch "
                                f"{args.batch} --crop {args.crop} --lr {args.lr} --threads {args.threads} --seed {args.seed} "
-                               f"--act {saved['act']}"}
+                               f"--act {saved['act']}" + (" --main20" if saved.get("main20") else "")
+                               + (f" --hidden {hidden}" if hidden else "")}
     card_path.write_text(json.dumps(card, indent=1) + "\n")
     (folder / "MODEL_CARD.md").write_text(card_markdown(card))
     return path
@@ -409,6 +480,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-scenes", type=int, default=4)
     p.add_argument("--act", choices=sorted(ACTIVATIONS), default="gelu",
                    help="the decoder's activation: its own GELU, or ReLU (faster kernels; the swap costs quality)")
+    p.add_argument("--main20", action="store_true",
+                   help="the main path's 20 m convolution in int8 too (its input and output 8-bit ranges)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="prune the 40 m residual branches to this many inner channels before fine-tuning (a "
+                        "cheaper decoder distilled from the model's; products stay as they are)")
     p.add_argument("--float-only", action="store_true",
                    help="ablation: fine-tune without simulated quantisation (nothing exported)")
     p.add_argument("--export-only", action="store_true", help="export a finished run again (``finish``)")

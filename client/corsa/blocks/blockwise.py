@@ -37,7 +37,7 @@ from corsa.formats import results
 from corsa.formats import series
 from corsa.codec.models import VariableRateCodec, checked_session
 from corsa.core.files import writing
-from corsa.core.scene import BANDS
+from corsa.core.scene import BANDS, to_uint16
 
 BLOCK_PX = 4 * stream_format.BLOCK       # a format-3 stream block, and the services' chunk
 if BLOCK_PX != windows.CHUNK:
@@ -278,7 +278,7 @@ class DateDecoder:
                 gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
         rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
-        return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
+        return y0, x0, to_uint16(rec)
 
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """The pixels (10, rows, cols) of a window of the date's grid, from the blocks under it only."""
@@ -368,21 +368,31 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
     if head["crs"]:
         profile["crs"] = head["crs"]
     # Entropy decoding of block rows (the date's, and its neighbours' or candidates') shares the pool.
+    # A row's blocks are written once the next row's inputs are gathered: the pool decodes those
+    # while it renders the row's last blocks, instead of a thread waiting at each row's end.
     pool = ThreadPoolExecutor(cluster.THREADS)
     try:
         with results.cog_writer(out, profile) as dst:
             for i, b in enumerate(BANDS, 1):
                 dst.set_band_description(i, b)
-            for ys in _spans(hh, overlap):
-                if run is None:
-                    jobs = [(ys, xs) + tuple(inputs(ys, xs, pool)) for xs in _spans(ww, overlap)]
-                    done = pool.map(lambda j: render(*j), jobs)
-                else:
-                    done = run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)])
+
+            def write(done) -> None:
                 for y0, x0, v in done:
                     with writing(out):
                         dst.write(v, window=Window(x0, y0, v.shape[2], v.shape[1]))
                 progress.advance()
+
+            rendering = None
+            for ys in _spans(hh, overlap):
+                if run is None:
+                    jobs = [(ys, xs) + tuple(inputs(ys, xs, pool)) for xs in _spans(ww, overlap)]
+                    if rendering is not None:
+                        write(f.result() for f in rendering)
+                    rendering = [pool.submit(render, *j) for j in jobs]
+                else:
+                    write(run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)]))
+            if rendering is not None:
+                write(f.result() for f in rendering)
         pool.shutdown()
     except BaseException:
         pool.shutdown(cancel_futures=True)

@@ -33,7 +33,7 @@ from corsa.formats import results
 from corsa.formats import series
 from corsa.codec.models import VariableRateCodec, checked_session
 from corsa.core.files import writing
-from corsa.core.scene import BANDS
+from corsa.core.scene import BANDS, to_uint16
 
 BLOCK = 256         # output px per side the space head renders at once
 
@@ -77,7 +77,7 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
         gaps = np.stack([np.zeros(decoded.shape[2:], bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])
         rec = (corsa_udf.between(blockwise._sessions(codec, "between"), decoded, gaps, picked_days, t) if time_head
                else corsa_udf.linear_between(decoded, gaps, picked_days, t))[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
-        return y0, x0, np.clip(np.rint(rec), 0, 65535).astype(np.uint16)
+        return y0, x0, to_uint16(rec)
 
     def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool) -> tuple:
         return (stored.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec),)

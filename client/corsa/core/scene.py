@@ -70,5 +70,12 @@ def remove_offset(dn: np.ndarray, offset: int) -> np.ndarray:
 
 def to_uint16(dn: np.ndarray) -> np.ndarray:
     """Round and clip a float or signed DN array into uint16, NaN becoming 0 (nodata)."""
-    arr = np.nan_to_num(np.asarray(dn, dtype=np.float64), nan=0.0)
-    return np.clip(np.rint(arr), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    arr = np.asarray(dn)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return np.clip(arr, 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    # In the array's own precision (rounding a float32 in float64 gives the same integers), one
+    # temporary: fmax/fmin take the number where the other operand is NaN, so NaN becomes 0 here.
+    out = np.rint(arr)
+    np.fmax(out, 0, out=out)
+    np.fmin(out, np.iinfo(np.uint16).max, out=out)
+    return out.astype(np.uint16)

@@ -23,6 +23,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from corsa.core.files import writing
+from corsa.core.scene import to_uint16
 from corsa.formats.product import date_label
 
 PROFILE = {"driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
@@ -68,8 +69,7 @@ def _to_uint16(part: Path) -> None:
                     dst.set_band_description(i, src.descriptions[i - 1])
                 dst.update_tags(**src.tags())
                 for _, window in src.block_windows(1):
-                    v = np.nan_to_num(src.read(window=window), nan=0.0)
-                    dst.write(np.clip(np.rint(v), 0, 65535).astype(np.uint16), window=window)
+                    dst.write(to_uint16(src.read(window=window)), window=window)
             staged.replace(part)
         finally:
             staged.unlink(missing_ok=True)
