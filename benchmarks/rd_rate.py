@@ -57,11 +57,16 @@ def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
     sha = codec.card["files"]["decoder"]["sha256"]
     for i, s in enumerate(scenes, 1):
         t = time.time()
-        latent = codec.latent(s.data)   # the encoder runs once; the levels differ only in quantisation
+        # Each encoder the levels use (the int8 one at its card's levels) runs once; the levels differ
+        # only in quantisation.
+        latents: dict[str, np.ndarray] = {}
         transform = Affine(*s.transform) if s.transform else None
         date = s.date or "undated"
         for q in codec.qualities:
-            ints = codec.quantise(latent, q)
+            entry = codec.network_entry(q, "encoder")
+            if entry not in latents:
+                latents[entry] = codec.latent(s.data, q)
+            ints = codec.quantise(latents[entry], q)
             data = stream_format.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, transform, s.crs,
                                         date, codec.model_id, sha)
             # Decode what the file holds, so the PSNR is that of the product and the coding is checked lossless.

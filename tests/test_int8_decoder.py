@@ -51,13 +51,13 @@ def test_the_cli_and_the_services_udf_decode_with_the_int8_decoder(product, scen
 
 def test_int8_decoding_is_the_same_on_1_and_2_threads(scene):
     one, two = VariableRateCodec(MODEL, threads=1), VariableRateCodec(MODEL, threads=2)
-    assert one.decoder_entry() == "decoder_int8"
+    assert one.network_entry() == "decoder_int8"
     ints = one.encode(scene, one.default_quality)
     np.testing.assert_array_equal(one.decode(ints, one.default_quality), two.decode(ints, one.default_quality))
-    assert VariableRateCodec(MODEL, kernels="fp32").decoder_entry() == "decoder"
-    assert VariableRateCodec("corsa3").decoder_entry() == "decoder"     # a model without one: its float decoder
+    assert VariableRateCodec(MODEL, kernels="fp32").network_entry() == "decoder"
+    assert VariableRateCodec("corsa3").network_entry() == "decoder"     # a model without one: its float decoder
     with pytest.raises(ModelError, match="kernels must be one of 'auto', 'int8', 'fp32', not 'int4'"):
-        VariableRateCodec(MODEL, kernels="int4").decoder_entry()
+        VariableRateCodec(MODEL, kernels="int4").network_entry()
 
 
 def test_int8_kernels_decode_the_levels_the_card_lists(scene, majortom, tmp_path):

@@ -18,6 +18,10 @@ everything in 8 bits (sums and main path too, ReLU for GELU) stalled 1.8 dB belo
 the residual branches alone with ReLU for GELU (``--act relu``: onnxruntime folds a ReLU into the
 convolution before it, a GELU runs in float) 0.7 dB below, the swap itself being the loss (fine-tuned
 in float it recovers no better); with the model's own GELU, 0.02 dB below before any fine-tuning.
+``--main20`` quantises the main path's 20 m convolution too; ``--hidden N`` prunes the 40 m residual
+branches to N inner channels first (a cheaper decoder distilled from the model's own); the two
+upsamplings (1x1 convolution and pixel shuffle) are exported as transposed convolutions, the same sums
+(``SubPixelUp``). What each gave: BENCHMARKS.md, issue 28.
 
 The encoder, the gains and the integers are untouched: products stay as they are; only decoded pixels
 differ (the card states by how much). Loss: the mean over crops of log MSE (each crop at a random
@@ -32,6 +36,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -130,8 +135,11 @@ class SubPixelUp(nn.Module):
         self.bias = nn.Parameter(conv.bias.detach().view(1, c, 1, 2, 1, 2).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        return (self.up(x).view(n, -1, h, 2, w, 2) + self.bias).view(n, -1, 2 * h, 2 * w)
+        # The bias enters the sums as the weight of one more input channel, all ones: onnxruntime
+        # adds a bias broadcast over sub-pixels in a slow generic loop (a quarter of the decoder's time).
+        ones = torch.ones_like(x[:, :1])
+        weight = torch.cat([self.up.weight, self.bias.view(1, -1, 2, 2)], 0)
+        return F.conv_transpose2d(torch.cat([x, ones], 1), weight, stride=2)
 
 
 def important(block: nn.Module, x: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -156,7 +164,17 @@ def pruned(block: nn.Module, keep: torch.Tensor) -> nn.Module:
     return out
 
 
-class Int8Decoder(nn.Module):
+class Simulated(nn.Module):
+    """A network with int8 kernels simulated (``FakeQuant``), which can be turned off."""
+
+    def quantise(self, on: bool) -> "Simulated":
+        for m in self.modules():
+            if isinstance(m, FakeQuant):
+                m.enabled = on
+        return self
+
+
+class Int8Decoder(Simulated):
     """``RateCodec.synthesis`` with its residual branches' convolutions int8, its activations
     ``act`` (the model's own GELU, or ReLU: module doc); ``main20``: the 3x3 convolution of the
     main path at 20 m int8 too; ``hidden``: the 40 m residual branches pruned to that many inner
@@ -185,12 +203,6 @@ class Int8Decoder(nn.Module):
         self.register_buffer("out_mean", codec.out_mean.clone())
         self.register_buffer("out_std", codec.out_std.clone())
 
-    def quantise(self, on: bool) -> "Int8Decoder":
-        for m in self.modules():
-            if isinstance(m, FakeQuant):
-                m.enabled = on
-        return self
-
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         h = self.blocks40(self.first(latent))
         h = self.blocks20(self.act(self.up20(h)))
@@ -202,11 +214,10 @@ class Int8Decoder(nn.Module):
         return out * self.out_std + self.out_mean
 
 
-def int8_nodes(graph) -> list[str]:
-    """The exported graph's convolutions that ``QConv`` simulated (its module names are in theirs)."""
-    return [n.name for n in graph.node if n.op_type == "Conv"
-            and (n.name.split("/")[1] in ("refine_a", "refine_b") or n.name.split("/")[-2] in ("conv1", "conv2")
-                 or n.name.startswith("/conv20/conv/"))]
+def int8_nodes(graph, net: nn.Module) -> list[str]:
+    """The exported graph's convolutions that ``QConv`` simulated in ``net`` (its module names are in theirs)."""
+    quantised = {name.split(".")[-1] for name, m in net.named_modules() if isinstance(m, QConv)}
+    return [n.name for n in graph.node if n.op_type == "Conv" and n.name.split("/")[-2] in quantised]
 
 
 def _latents(model: RateCodec, sampler: CropSampler, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,34 +295,39 @@ def fused_gelu(model):
     return model
 
 
-def export(net: Int8Decoder, model: RateCodec, sampler: CropSampler, batch: int, path: Path) -> None:
-    """The fine-tuned decoder as float ONNX, then quantised by onnxruntime (QDQ, per-channel int8
-    weights, uint8 activations) with ranges calibrated on training batches as in training."""
+def quantised_export(net: Simulated, example: torch.Tensor, names: tuple[str, str], batches: Iterator[np.ndarray],
+                     path: Path) -> None:
+    """``net`` as float ONNX (input and output ``names``; batch and grid dynamic), then quantised by
+    onnxruntime where ``QConv`` simulated it (QDQ, per-channel int8 weights, uint8 activations), the
+    ranges calibrated on ``batches`` (inputs drawn as in training)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static, shape_inference
 
     class Batches(CalibrationDataReader):
-        def __init__(self, n: int):
-            self.items = iter([{"latent": _latents(model, sampler, batch)[1].numpy()} for _ in range(n)])
-
         def get_next(self):
-            return next(self.items, None)
+            x = next(batches, None)
+            return None if x is None else {names[0]: x}
 
     net.quantise(False).eval()
     with tempfile.TemporaryDirectory() as tmp:
         plain, pre = f"{tmp}/float.onnx", f"{tmp}/pre.onnx"
         with torch.no_grad():
-            torch.onnx.export(net, (torch.zeros(1, model.cfg.latent, 16, 16),), plain, input_names=["latent"],
-                              output_names=["dn"], dynamic_axes={"latent": {0: "n", 2: "h", 3: "w"},
-                                                                 "dn": {0: "n", 2: "y", 3: "x"}},
+            torch.onnx.export(net, (example,), plain, input_names=[names[0]], output_names=[names[1]],
+                              dynamic_axes={names[0]: {0: "n", 2: "h", 3: "w"}, names[1]: {0: "n", 2: "y", 3: "x"}},
                               opset_version=OPSET, dynamo=False)
         shape_inference.quant_pre_process(plain, pre, skip_symbolic_shape=True)
-        quantize_static(pre, str(path), Batches(200), quant_format=QuantFormat.QDQ, per_channel=True,
+        quantize_static(pre, str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                        op_types_to_quantize=["Conv"], nodes_to_quantize=int8_nodes(onnx.load(pre).graph),
+                        op_types_to_quantize=["Conv"], nodes_to_quantize=int8_nodes(onnx.load(pre).graph, net),
                         extra_options={"CalibMovingAverage": True, "CalibMovingAverageConstant": MOMENTUM})
     onnx.save(fused_gelu(onnx.load(str(path))), str(path))
     net.quantise(True).train()
+
+
+def export(net: Int8Decoder, model: RateCodec, sampler: CropSampler, batch: int, path: Path) -> None:
+    """The fine-tuned decoder, quantised (``quantised_export``) on 200 training batches' latents."""
+    quantised_export(net, torch.zeros(1, model.cfg.latent, 16, 16), ("latent", "dn"),
+                     (_latents(model, sampler, batch)[1].numpy() for _ in range(200)), path)
 
 
 def block_seconds(session, channels: int) -> float:
@@ -356,7 +372,7 @@ def test_figures(folder: Path, split: str = "test") -> dict:
 
 
 def int8_levels(folder: Path) -> dict:
-    """The quality levels the int8 decoder decodes by default (``corsa_udf.decoder_file``, kernels
+    """The quality levels the int8 decoder decodes by default (``corsa_udf.network_file``, kernels
     "auto"): those where it costs at most MAX_LOSS_DB against the float decoder on the validation
     split (mean over sources), with those figures. The test split only reports."""
     val = test_figures(folder, "val")

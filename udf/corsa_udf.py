@@ -489,18 +489,24 @@ def card_of(model: str) -> dict:
 KERNELS = ("auto", "int8", "fp32")
 
 
-def decoder_file(card: dict, context: dict, quality: Optional[int] = None) -> str:
-    """The decoder a model decodes ``quality`` with, by the context's "kernels": "auto" (default) its
-    int8 one (decoder_int8.onnx) where its card lists one, at the quality levels the card's int8
-    section lists (every level where it lists none: int8 costs the high levels of some models more
-    than they gain); "int8" that one at every level; "fp32" the float one."""
+# The card section that lists the levels a network's int8 file runs at by default.
+INT8_SECTION = {"decoder": "int8", "encoder": "int8_encoder"}
+
+
+def network_file(card: dict, context: dict, quality: Optional[int], network: str = "decoder") -> str:
+    """The file (its card's files entry) ``network`` ("decoder" or "encoder") runs as at ``quality``,
+    by the context's "kernels": "auto" (default) its int8 one (``<network>_int8.onnx``) where its card
+    lists one, at the quality levels the card's int8 section lists (every level where it lists none:
+    int8 costs the high levels of some models more than they gain); "int8" that one at every level;
+    "fp32" the float one."""
     kernels = context.get("kernels", "auto")
     if kernels not in KERNELS:
         raise UdfError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, not {kernels!r}")
-    if kernels == "fp32" or "decoder_int8" not in card.get("files", {}):
-        return "decoder"
-    levels = card.get("int8", {}).get("levels")
-    return "decoder_int8" if kernels == "int8" or levels is None or quality is None or quality in levels else "decoder"
+    int8 = network + "_int8"
+    if kernels == "fp32" or int8 not in card.get("files", {}):
+        return network
+    levels = card.get(INT8_SECTION[network], {}).get("levels")
+    return int8 if kernels == "int8" or levels is None or quality is None or quality in levels else network
 
 
 # int8 kernels lose up to 0.9 dB on snow and ice (a tile's loss grows with its share of pixels above
@@ -513,27 +519,36 @@ BRIGHT_DN = 8000
 BRIGHT_SHARE = 0.02
 
 
-class BrightGuard:
-    """A decoder session that runs ``int8``, and ``fp32`` instead on a tile that ``int8`` decodes
-    bright (BRIGHT_SHARE). The choice is made on the int8 output, so on another CPU a tile right at
-    the share may take the other decoder (its pixels then differ as the two decoders do)."""
+def _bright(dn: np.ndarray) -> bool:
+    """Whether more than BRIGHT_SHARE of a tile's pixels (bands, y, x) are above BRIGHT_DN in some band."""
+    return bool((dn > BRIGHT_DN).any(0).mean() > BRIGHT_SHARE)
 
-    def __init__(self, int8, fp32):
-        self.int8, self.fp32 = int8, fp32
+
+class BrightGuard:
+    """A session that runs ``int8``, and ``fp32`` instead on a bright tile (``_bright``): for a
+    decoder, as its int8 output shows it (so on another CPU a tile right at the share may take the
+    other decoder: its pixels then differ as the two decoders do); for an encoder (``on_input``), as
+    its input shows it, before any runs: the integers it makes are what a product stores."""
+
+    def __init__(self, int8, fp32, on_input: bool = False):
+        self.int8, self.fp32, self.on_input = int8, fp32, on_input
 
     def run(self, names, feeds: dict) -> list:
+        if self.on_input:
+            (x,) = feeds.values()
+            return (self.fp32 if _bright(x[0]) else self.int8).run(names, feeds)
         out = self.int8.run(names, feeds)
-        if (out[0][0] > BRIGHT_DN).any(0).mean() > BRIGHT_SHARE:
-            return self.fp32.run(names, feeds)
-        return out
+        return self.fp32.run(names, feeds) if _bright(out[0][0]) else out
 
 
-def decoder_session(card: dict, context: dict, quality: Optional[int], open_file: Callable[[str], Any]):
-    """The session that decodes ``quality`` (``decoder_file``), ``open_file(name)`` opening one of the
-    model's networks by name; where "auto" took the int8 decoder, ``BrightGuard`` around it and the float one."""
-    name = decoder_file(card, context, quality)
-    if name == "decoder_int8" and context.get("kernels", "auto") == "auto":
-        return BrightGuard(open_file(name), open_file("decoder"))
+def network_session(card: dict, context: dict, quality: Optional[int], open_file: Callable[[str], Any],
+                    network: str = "decoder"):
+    """The session ``network`` runs as at ``quality`` (``network_file``), ``open_file(name)`` opening one
+    of the model's networks by name; where "auto" took an int8 one, ``BrightGuard`` around it and the
+    float one."""
+    name = network_file(card, context, quality, network)
+    if name != network and context.get("kernels", "auto") == "auto":
+        return BrightGuard(open_file(name), open_file(network), on_input=network == "encoder")
     return open_file(name)
 
 
@@ -644,6 +659,8 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     window = data_window(data)
     rate = _variable_rate(model, context)
     if rate is not None:
+        enc = network_session(rate[0], context, rate[0]["qualities"][rate[1]]["quality"],
+                              functools.partial(_network, context), "encoder")
         card, level, gain, _ = rate
         bands = latent_bands(card["latent"]["channels"])
         out = np.zeros((data.shape[0], len(bands)) + data.shape[2:], np.int16)
@@ -734,8 +751,8 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     bands = latent_bands(rate[0]["latent"]["channels"]) if rate is not None else INDEX_BANDS
     quality = rate[0]["qualities"][rate[1]]["quality"] if rate is not None else None
     card = card_of(model)
-    cube, had_t, data, _, (_, tile, overlap) = _prepare(cube, context, bands, decoder_file(card, context, quality))
-    dec = decoder_session(card, context, quality, functools.partial(_network, context))
+    cube, had_t, data, _, (_, tile, overlap) = _prepare(cube, context, bands, network_file(card, context, quality))
+    dec = network_session(card, context, quality, functools.partial(_network, context))
     window = data_window(data) or (slice(0, 0), slice(0, 0))
     # Everything from here on the window: the fill's tiles and the time head start at its corner,
     # as the CLI's start at the scene's.

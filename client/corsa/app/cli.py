@@ -125,7 +125,14 @@ def compress(args: argparse.Namespace) -> str:
 
     codec = open_codec(args.model or DEFAULT_MODEL)
     quality = codec.quality_level(args.quality)
-    codec.encoder  # checks encoder.onnx against its card and loads it now, not deep inside the engine
+    if isinstance(codec, VariableRateCodec):
+        if args.kernels != codec.kernels:
+            if args.engine:
+                raise ValueError(f"--kernels {args.kernels} encodes on the block-by-block path, not with --engine")
+            codec = VariableRateCodec(codec.path, codec.threads, args.kernels)
+        codec.encoder_for(quality)  # checks the encoder against its card and loads it now, not deep inside the engine
+    else:
+        codec.encoder
     if args.stac or str(args.input).endswith(".json"):
         source = StacSource(str(args.stac or args.input), args.collection)
     elif args.input is None:
@@ -426,8 +433,8 @@ def models(args: argparse.Namespace) -> str:
 def _default_psnr(card: dict, level: dict) -> float:
     """A level's test PSNR (mean over sources) as the default kernels decode it: measured so where the
     card has it (``training.train_int8``), else the int8 decoder's where it decodes the level
-    (``corsa_udf.decoder_file``), else the float decoder's of the export."""
-    if corsa_udf.decoder_file(card, {}, level["quality"]) == "decoder_int8":
+    (``corsa_udf.network_file``), else the float decoder's of the export."""
+    if corsa_udf.network_file(card, {}, level["quality"]) == "decoder_int8":
         figures = card["int8"]["test"]["levels"][str(level["quality"])]
         return figures.get("psnr_db_default", figures["psnr_db_int8"])
     return level["test"]["mean_over_sources"]["psnr_db"]
@@ -651,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--append", action="store_true",
                            help="add the input's dates to the product in -o (after its last date), coded with its "
                            "history; the dates already there stay as they are")
+            s.add_argument("--kernels", choices=corsa_udf.KERNELS, default="auto",
+                           help="auto (default): encode with the model's int8 encoder where it has one, at the "
+                           "quality levels its card lists; int8: with that one at every level; fp32: with its float "
+                           "encoder (the integers, so the product's bytes, differ slightly: docs/models.md)")
             s.add_argument("--key-every", type=_positive, default=series.KEY_EVERY,
                            help=f"a date coded alone every N dates of a series (default {series.KEY_EVERY}): decoding "
                            "one date reads at most N-1 others; 1 codes every date alone")

@@ -66,9 +66,10 @@ def _sessions(codec: VariableRateCodec, name: str):
     return _session(str(codec.path), name)
 
 
-def decoder_session(codec: VariableRateCodec, quality: int):
-    """The decoder of ``quality`` as ``VariableRateCodec.decoder`` chooses it, opened once per process."""
-    return corsa_udf.decoder_session(codec.card, {"kernels": codec.kernels}, quality, partial(_sessions, codec))
+def network_session(codec: VariableRateCodec, quality: int, network: str = "decoder"):
+    """The decoder (or encoder) of ``quality`` as ``VariableRateCodec`` chooses it, opened once per process."""
+    return corsa_udf.network_session(codec.card, {"kernels": codec.kernels}, quality, partial(_sessions, codec),
+                                     network)
 
 
 def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,
@@ -112,7 +113,7 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
                           [hd["refs"] for hd in heads], key_every, temporal=codec.temporal)
     fresh = list(range(len(old), len(planned)))
     overlap = windows.reach_overlap(codec.card, "encoder")
-    _sessions(codec, "encoder")       # checked here, before any block runs
+    network_session(codec, quality, "encoder")       # checked here, before any block runs
     scenes = [cube.isel(t=i).sel(bands=list(BANDS)) for i in range(len(new))]
     positions = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
 
@@ -123,7 +124,7 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
         def ints_of(i: int, kk: int) -> np.ndarray:
             if i < len(old):
                 return series.block_ints(out, old[i], kk, codec)
-            ints, nodata_i = _window_ints(scenes[i - len(old)], codec, quality, _sessions(codec, "encoder"), overlap,
+            ints, nodata_i = _window_ints(scenes[i - len(old)], codec, quality, network_session(codec, quality, "encoder"), overlap,
                                           *positions[kk])
             if nodata_i.any():
                 nodata[i] = nodata_i
@@ -266,7 +267,7 @@ class DateDecoder:
         """A block's pixels (10, y, x) uint16 and where they go (y0, x0)."""
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = self.codec.dequantise(latent, self.head["quality"])
-        dec, mask = decoder_session(self.codec, self.head["quality"]), self.ints.mask
+        dec, mask = network_session(self.codec, self.head["quality"]), self.ints.mask
         rec = corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
         if mask is not None:
             win = mask[wy0:wy1, wx0:wx1]
@@ -305,7 +306,7 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
     nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept.
     ``run``: a cluster whose workers decode the blocks (default: local threads)."""
     decoder = DateDecoder(folder, date, codec, fill_gaps)
-    decoder_session(codec, decoder.head["quality"])       # checked here, before any block runs
+    network_session(codec, decoder.head["quality"])       # checked here, before any block runs
     return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.block, run)
 
 

@@ -71,7 +71,7 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], latents: list[np.ndarray]) -> tuple[int, int, np.ndarray]:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
-        dec = blockwise.decoder_session(codec, head["quality"])
+        dec = blockwise.network_session(codec, head["quality"])
         decoded = np.stack([corsa_udf.synthesise(dec, z, windows.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
                             for z in latents])
         gaps = np.stack([np.zeros(decoded.shape[2:], bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])

@@ -113,7 +113,7 @@ class VariableRateCodec:
     def __init__(self, model: str | Path, threads: int | None = None, kernels: str = "auto"):
         self.path, self.card = read_card(model)
         self.threads, self.kernels = threads, kernels
-        self._decoders: dict[str, ort.InferenceSession] = {}
+        self._sessions: dict[str, ort.InferenceSession] = {}
         if self.card.get("kind") != "variable-rate":
             raise ModelError(f"model {self.path.name} is not a variable-rate model")
         if tuple(self.card["bands"]) != BANDS:
@@ -133,30 +133,39 @@ class VariableRateCodec:
     def model_id(self) -> str:
         return self.card["id"]
 
-    @cached_property
+    @property
     def encoder(self) -> ort.InferenceSession:
-        return checked_session(self.path, self.card["files"]["encoder"], self.threads)
+        """The float encoder."""
+        return self._session("encoder")
 
-    def decoder_entry(self, quality: int | None = None) -> str:
-        """The card's files entry of the decoder that decodes ``quality`` with these ``kernels``
-        (``corsa_udf.decoder_file``: the services' UDF chooses alike); None: the int8 one if any."""
+    def encoder_for(self, quality: int):
+        """The session of the encoder that compresses ``quality`` with these ``kernels`` (with the int8
+        encoder taken by the "auto" rule, ``corsa_udf.BrightGuard`` around it and the float one)."""
         try:
-            return corsa_udf.decoder_file(self.card, {"kernels": self.kernels}, quality)
+            return corsa_udf.network_session(self.card, {"kernels": self.kernels}, quality, self._session, "encoder")
+        except corsa_udf.UdfError as e:
+            raise ModelError(str(e)) from None
+
+    def network_entry(self, quality: int | None = None, network: str = "decoder") -> str:
+        """The card's files entry of the ``network`` that runs at ``quality`` with these ``kernels``
+        (``corsa_udf.network_file``: the services' UDF chooses alike); None: the int8 one if any."""
+        try:
+            return corsa_udf.network_file(self.card, {"kernels": self.kernels}, quality, network)
         except corsa_udf.UdfError as e:
             raise ModelError(str(e)) from None
 
     def decoder(self, quality: int | None = None):
-        """The session of ``decoder_entry(quality)`` (cached per file); with the int8 decoder taken by
+        """The session of ``network_entry(quality)`` (cached per file); with the int8 decoder taken by
         the "auto" rule, ``corsa_udf.BrightGuard`` around it and the float one."""
         try:
-            return corsa_udf.decoder_session(self.card, {"kernels": self.kernels}, quality, self._session)
+            return corsa_udf.network_session(self.card, {"kernels": self.kernels}, quality, self._session)
         except corsa_udf.UdfError as e:
             raise ModelError(str(e)) from None
 
     def _session(self, entry: str) -> ort.InferenceSession:
-        if entry not in self._decoders:
-            self._decoders[entry] = checked_session(self.path, self.card["files"][entry], self.threads)
-        return self._decoders[entry]
+        if entry not in self._sessions:
+            self._sessions[entry] = checked_session(self.path, self.card["files"][entry], self.threads)
+        return self._sessions[entry]
 
     @cached_property
     def _tables(self) -> tuple[np.ndarray, np.ndarray, LatentCoder]:
@@ -205,11 +214,13 @@ class VariableRateCodec:
         self.level(quality)
         return quality
 
-    def latent(self, dn: np.ndarray) -> np.ndarray:
-        """(10, H, W) DN -> float latent (L, ceil(H/4), ceil(W/4)); NaN counts as nodata."""
+    def latent(self, dn: np.ndarray, quality: int | None = None) -> np.ndarray:
+        """(10, H, W) DN -> float latent (L, ceil(H/4), ceil(W/4)); NaN counts as nodata. By the
+        encoder that compresses ``quality`` (``encoder_for``), the float one if None."""
         if dn.ndim != 3 or dn.shape[0] != len(BANDS):
             raise ValueError(f"expected ({len(BANDS)}, y, x) bands {BANDS}, got shape {dn.shape}")
-        return corsa_udf.analyse(self.encoder, dn, self.tile, self.overlap)
+        encoder = self.encoder if quality is None else self.encoder_for(quality)
+        return corsa_udf.analyse(encoder, dn, self.tile, self.overlap)
 
     def quantise(self, latent: np.ndarray, quality: int) -> np.ndarray:
         gain = self._tables[0][self.level(quality)][:, None, None]
@@ -220,7 +231,7 @@ class VariableRateCodec:
 
     def encode(self, dn: np.ndarray, quality: int) -> np.ndarray:
         """(10, H, W) DN -> the integers a product stores at this quality."""
-        return self.quantise(self.latent(dn), quality)
+        return self.quantise(self.latent(dn, quality), quality)
 
     def decode(self, ints: np.ndarray, quality: int, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Integers -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
