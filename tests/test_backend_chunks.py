@@ -106,6 +106,21 @@ def test_compress_chunk_gives_the_clis_integers(place):
         np.testing.assert_array_equal(inner(out, (h, w))[t, -1] != 0, (s.data == 0).all(0))
 
 
+def test_an_int8_compress_chunk_gives_the_clis_int8_integers(place, tmp_path):
+    """The context's "kernels" chooses the encoder as the CLI's --kernels does (corsa3.1's int8 encoder)."""
+    assert cli.main(["compress", str(place["folder"]), "-o", str(tmp_path / "int8"), "--model", MODEL, "-q",
+                     "--dates", "2000-01-01/2030-01-01", "--kernels", "int8"]) == 0
+    chunk = driver_chunk(place["cube"], place["transform"], nodata=0)
+    out = run(chunk, mode="compress", model=place["model"], quality=place["quality"], tile=UDF_TILE,
+              overlap=OVERLAP["compress"], kernels="int8")
+    codec = series.model_codec(MODEL)
+    s = place["scenes"][0]
+    ints = inner(out, s.data.shape[1:])[0, :-1, ::4, ::4]
+    stored = series.read_date(tmp_path / "int8", s.date, codec).ints
+    np.testing.assert_array_equal(ints, stored[:, : ints.shape[1], : ints.shape[2]])
+    assert (stored != series.read_date(place["product"], s.date, codec).ints).any()
+
+
 @pytest.mark.parametrize("dtype", ["int16", "uint16", "float32"])
 def test_compress_takes_integer_and_float_cubes_alike(place, dtype):
     """run_udf outside apply_neighborhood hands the cube in its own dtype, no padding."""

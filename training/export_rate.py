@@ -221,11 +221,12 @@ def card_markdown(card: dict) -> str:
                        if "default_psnr_loss_db_max" in t else "") + "\n")
     if card.get("int8_encoder"):
         e, t = card["int8_encoder"], card["int8_encoder"]["test"]
-        at = ", ".join(f"{q}: {v['psnr_db_default'] - v['psnr_db_fp32']:+.2f} dB, bytes x{v['bytes_int8_over_fp32']:.3f}"
+        at = ", ".join(f"{q}: {v['psnr_db_int8'] - v['psnr_db_fp32']:+.2f} dB, bytes x{v['bytes_int8_over_fp32']:.3f}"
                        for q, v in t["levels"].items())
-        series += (f"- Encoding with int8 kernels (the default at quality levels {', '.join(map(str, e['levels']))}: "
-                   f"{e['levels_rule']}; bright tiles by the float encoder; `corsa compress --kernels int8` at every "
-                   f"level): `encoder_int8.onnx` ({e['what']}; `{e['command']}`, {e['wall_time_s'] / 60:.0f} min on "
+        where = (f"the default at quality levels {', '.join(map(str, e['levels']))}" if e["levels"]
+                 else "the default at no quality level")
+        series += (f"- Encoding with int8 kernels ({where}: {e['levels_rule']}; `corsa compress --kernels int8` at "
+                   f"every level): `encoder_int8.onnx` ({e['what']}; `{e['command']}`, {e['wall_time_s'] / 60:.0f} min on "
                    f"{e['cpu']}). Test split, mean over L2A sources, against the float encoder by quality level: {at}; "
                    f"a 512 px block in {t['block_s_int8']} s against {t['block_s_fp32']} s (1 thread, {t['cpu']}).\n")
     return f"""# Model card: {card['id']}

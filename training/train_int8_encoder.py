@@ -39,8 +39,11 @@ from .train import SPLIT_FILE, lr_at
 from .train_int8 import QResBlock, Simulated, quantised_export
 
 FILE_NAME = "encoder_int8.onnx"
-MAX_LOSS_DB = 0.05       # a level encodes with int8 kernels by default where they cost at most this ...
-MAX_MORE_BYTES = 0.01    # ... and at most this share more bytes
+# A level encodes with int8 kernels by default where they cost at most this ... and this share more
+# bytes on the validation split: stricter than the decoders' 0.05 dB, as what an encoder costs is
+# stored for good (a product decoded with the float decoder later keeps it).
+MAX_LOSS_DB = 0.01
+MAX_MORE_BYTES = 0.001
 
 
 class Int8Encoder(Simulated):
@@ -63,12 +66,11 @@ def step_error(y: torch.Tensor, target: torch.Tensor, gain: torch.Tensor) -> tor
 
 def figures(folder: Path, split: str) -> dict:
     """The int8 encoder against the float one on a split's L2A scenes, through onnxruntime as products
-    are made and decoded (the default decoder): per level, PSNR and coded bytes of the int8 encoder's
-    integers, and PSNR as encoded by default ("auto": bright tiles by the float encoder), means over
-    sources; the share of integers that differ; a 512 px block's time on 1 thread."""
+    are made and decoded (the default decoder): per level, PSNR and coded bytes of the integers of
+    each, means over sources; the share of integers that differ; a 512 px block's time on 1 thread."""
     codec = VariableRateCodec(folder, 1)
     int8 = checked_session(codec.path, codec.card["files"]["encoder_int8"], 1)
-    encoders = (codec.encoder, int8, corsa_udf.BrightGuard(int8, codec.encoder, on_input=True))
+    encoders = (codec.encoder, int8)
     scenes = [s for s in load_split(SPLIT_FILE, split) if s.extra.get("level") != "L1C"]
     latents = [[corsa_udf.analyse(e, s.data, codec.tile, codec.overlap) for e in encoders] for s in scenes]
     levels = {}
@@ -85,7 +87,6 @@ def figures(folder: Path, split: str) -> dict:
             per.setdefault(s.group, []).append(row)
         means = np.mean([np.mean(v, 0) for v in per.values()], 0)
         levels[str(q)] = {"psnr_db_fp32": round(float(means[1]), 3), "psnr_db_int8": round(float(means[2]), 3),
-                          "psnr_db_default": round(float(means[3]), 3),
                           "bytes_int8_over_fp32": round(float(means[0]), 4),
                           "integers_changed": round(differ / total, 4)}
     block = np.random.default_rng(0).uniform(0, 4000, (1, 10, 512, 512)).astype(np.float32)
@@ -181,7 +182,7 @@ def finish(args: argparse.Namespace) -> Path:
         "steps": args.steps, "validation_error_finest_steps": saved["record"]["val_error_finest_steps"],
         "levels": default_levels(val),
         "levels_rule": f"validation split: at most {MAX_LOSS_DB} dB below the float encoder and at most "
-                       f"{MAX_MORE_BYTES:.0%} more bytes",
+                       f"{MAX_MORE_BYTES:.1%} more bytes (what an encoder costs is stored for good)",
         "validation": val, "test": figures(folder, "test"),
         "wall_time_s": saved["wall_time_s"], "cpu": cpu_name(), "threads": args.threads,
         "command": f"python -m training.train_int8_encoder --model {Path(args.model).name} --steps {args.steps} "

@@ -525,18 +525,14 @@ def _bright(dn: np.ndarray) -> bool:
 
 
 class BrightGuard:
-    """A session that runs ``int8``, and ``fp32`` instead on a bright tile (``_bright``): for a
-    decoder, as its int8 output shows it (so on another CPU a tile right at the share may take the
-    other decoder: its pixels then differ as the two decoders do); for an encoder (``on_input``), as
-    its input shows it, before any runs: the integers it makes are what a product stores."""
+    """A decoder session that runs ``int8``, and ``fp32`` instead on a tile that ``int8`` decodes
+    bright (``_bright``). The choice is made on the int8 output, so on another CPU a tile right at
+    the share may take the other decoder (its pixels then differ as the two decoders do)."""
 
-    def __init__(self, int8, fp32, on_input: bool = False):
-        self.int8, self.fp32, self.on_input = int8, fp32, on_input
+    def __init__(self, int8, fp32):
+        self.int8, self.fp32 = int8, fp32
 
     def run(self, names, feeds: dict) -> list:
-        if self.on_input:
-            (x,) = feeds.values()
-            return (self.fp32 if _bright(x[0]) else self.int8).run(names, feeds)
         out = self.int8.run(names, feeds)
         return self.fp32.run(names, feeds) if _bright(out[0][0]) else out
 
@@ -544,11 +540,11 @@ class BrightGuard:
 def network_session(card: dict, context: dict, quality: Optional[int], open_file: Callable[[str], Any],
                     network: str = "decoder"):
     """The session ``network`` runs as at ``quality`` (``network_file``), ``open_file(name)`` opening one
-    of the model's networks by name; where "auto" took an int8 one, ``BrightGuard`` around it and the
-    float one."""
+    of the model's networks by name; where "auto" took an int8 decoder, ``BrightGuard`` around it and
+    the float one."""
     name = network_file(card, context, quality, network)
-    if name != network and context.get("kernels", "auto") == "auto":
-        return BrightGuard(open_file(name), open_file(network), on_input=network == "encoder")
+    if name == "decoder_int8" and context.get("kernels", "auto") == "auto":
+        return BrightGuard(open_file(name), open_file(network))
     return open_file(name)
 
 

@@ -139,8 +139,7 @@ class VariableRateCodec:
         return self._session("encoder")
 
     def encoder_for(self, quality: int):
-        """The session of the encoder that compresses ``quality`` with these ``kernels`` (with the int8
-        encoder taken by the "auto" rule, ``corsa_udf.BrightGuard`` around it and the float one)."""
+        """The session of the encoder that compresses ``quality`` with these ``kernels``."""
         try:
             return corsa_udf.network_session(self.card, {"kernels": self.kernels}, quality, self._session, "encoder")
         except corsa_udf.UdfError as e:
