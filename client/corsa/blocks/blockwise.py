@@ -124,8 +124,9 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
         def ints_of(i: int, kk: int) -> np.ndarray:
             if i < len(old):
                 return series.block_ints(out, old[i], kk, codec)
-            ints, nodata_i = _window_ints(scenes[i - len(old)], codec, quality, network_session(codec, quality, "encoder"), overlap,
-                                          *positions[kk])
+            # opened where the block runs (a cluster's worker opens its own)
+            encoder = network_session(codec, quality, "encoder")
+            ints, nodata_i = _window_ints(scenes[i - len(old)], codec, quality, encoder, overlap, *positions[kk])
             if nodata_i.any():
                 nodata[i] = nodata_i
             return ints
