@@ -458,12 +458,13 @@ def finish(args: argparse.Namespace) -> Path:
     card_path.write_text(json.dumps(card, indent=1) + "\n")          # the figures below decode with it
     card["int8"] = {"what": what(saved["act"], saved.get("main20", False), hidden),
                     "steps": args.steps, "validation_psnr_db": saved["record"], **int8_levels(folder),
-                    "test": test_figures(folder),
                     "wall_time_s": saved["wall_time_s"], "cpu": cpu_name(), "threads": args.threads,
-                    "command": f"python -m training.train_int8 --model {args.model} --steps {args.steps} --batch "
+                    "command": f"python -m training.train_int8 --model {Path(args.model).name} --steps {args.steps} --batch "
                                f"{args.batch} --crop {args.crop} --lr {args.lr} --threads {args.threads} --seed {args.seed} "
                                f"--act {saved['act']}" + (" --main20" if saved.get("main20") else "")
                                + (f" --hidden {hidden}" if hidden else "")}
+    card_path.write_text(json.dumps(card, indent=1) + "\n")          # the test figures decode by these levels
+    card["int8"]["test"] = test_figures(folder)
     card_path.write_text(json.dumps(card, indent=1) + "\n")
     (folder / "MODEL_CARD.md").write_text(card_markdown(card))
     return path
