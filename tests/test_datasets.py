@@ -4,7 +4,7 @@ import json
 import numpy as np
 import rasterio
 
-from corsa.formats.datasets import LOADERS, load_split
+from corsa.formats.datasets import LOADERS, load_all, load_split
 from corsa.core.scene import BANDS, baseline_offset, remove_offset
 
 from conftest import SPLIT_FILE
@@ -70,3 +70,9 @@ def test_split_is_by_location_and_covers_all_data(data_root):
     train = load_split(SPLIT_FILE, "train")
     assert {s.location for s in test}.isdisjoint({s.location for s in train})
     assert len(test) >= 40
+    # every location of the shared data is in a split (a half counts for its scene)
+    named = {entry.split("/")[0] for entries in sets.values() for entry in entries}
+    assert {s.location for s in load_all(data_root)} - named == set()
+    # the new groups (open sea, snow, a city) are trained on and tested on
+    groups = {k: {s.group for s in load_split(SPLIT_FILE, k, data_root)} for k in ("train", "val", "test")}
+    assert all({"configilm_v1", "configilm_v2"} <= g for g in groups.values())

@@ -1,0 +1,193 @@
+"""A shipped variable-rate model's decoder trained on, everything that makes its products frozen
+(encoder, gains, integer tables): a new model whose products are byte for byte the old one's, decoded
+better. Exported as a new model id (a product names its decoder by sha256, so the old model stays).
+
+    python -m training.train_decoder --model corsa3.1 --name corsa3.2 --steps 6000 --threads 1   # then --export
+
+The loss is the mean over crops of log MSE at a random quality level: each crop counts by its dB, so
+the bright scenes the old decoder saturated on (snow: a bias of 400-700 DN that no level removes)
+weigh as much as the rest without the dark ones being given up. ``--bright P`` scales a share P of
+the crops by a random factor of 1-2.5 (brighter surfaces than the training data holds).
+The run keeps the decoder with the best validation PSNR (mean over levels); ``--export`` writes
+models_onnx/NAME: the old folder's files, the new decoder, a card that says so with its test figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from corsa.codec.models import model_dir
+from corsa.core.machine import cpu_name
+from corsa.core.metrics import psnr
+from corsa.formats.datasets import load_split
+
+from .data import CropSampler
+from .export import _record_files
+from .export_rate import _Decoder, OPSET, card_markdown, load_model, test_figures
+from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
+from .rate_model import RateCodec, RateConfig
+
+# What the old card says about decoding that a new decoder makes untrue: its int8 decoder (trained
+# from the float one: `training.train_int8 --model NAME` makes the new one) and the gains measured.
+DROPPED = ("int8", "gain_over_classical_db")
+
+
+def decoder_parameters(model: RateCodec) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if n.split(".")[0] in ("dec", "refine20", "refine10")]
+
+
+def brighter(x: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """A share of the crops scaled by 1-2.5, within uint16."""
+    pick = rng.random(len(x)) < share
+    x[pick] = np.minimum(x[pick] * rng.uniform(1.0, 2.5, (int(pick.sum()), 1, 1, 1)), 65535).astype(np.float32)
+    return x
+
+
+@torch.no_grad()
+def validate(model: RateCodec, latents: list[tuple], levels: int) -> dict:
+    """Per level, mean PSNR over the validation scenes (rounded latents, as a product holds them)."""
+    g, ig = model.gains()
+    out = []
+    for q in range(levels):
+        scores = []
+        for s, y in latents:
+            ints = torch.round(y * g[q][None, :, None, None])
+            rec = model.synthesis(ints * ig[q][None, :, None, None])[0, :, : s.data.shape[1], : s.data.shape[2]]
+            rec = np.clip(np.rint(rec.numpy()), 0, 65535)
+            rec[:, s.nodata_mask] = 0
+            scores.append(psnr(s.data, rec))
+        out.append(round(float(np.mean(scores)), 3))
+    return {"psnr": out, "mean": round(float(np.mean(out)), 3)}
+
+
+def train(args: argparse.Namespace) -> Path:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Run(args, RateConfig)
+    model = load_model(model_dir(args.model))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = decoder_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=args.lr)
+    sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000)
+    rng = np.random.default_rng(args.seed + 7)
+    with torch.no_grad():
+        val = [(s, model.analysis(torch.from_numpy(pad_to(s.data, 4).astype(np.float32))[None]))
+               for s in load_split(SPLIT_FILE, "val")]
+    model.eval()                                      # no dropout or norm layers: eval only fixes the mode
+    step = run.bind(model, opt, sampler, model.cfg, model.band_stats, best=-math.inf, kind="decoder",
+                    source=args.model)
+    levels = model.cfg.levels
+    if step == 0:
+        start = validate(model, val, levels)
+        print(json.dumps({"step": 0, **start}), flush=True)
+        run.extra["start"] = start
+    acc = 0.0
+
+    def check() -> tuple[dict, float]:
+        nonlocal acc
+        ev = validate(model, val, levels)
+        record = {"train_log_mse": round(acc / args.val_every, 4), **ev}
+        acc = 0.0
+        return record, ev["mean"]
+
+    g, ig = (t.detach() for t in model.gains())
+    while step < args.steps:
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, args.steps, args.lr, warmup=200)
+        x = torch.from_numpy(brighter(sampler.batch(args.batch), args.bright, rng) if args.bright
+                             else sampler.batch(args.batch))
+        level = torch.randint(0, levels, (args.batch,))
+        with torch.no_grad():
+            ints = torch.round(model.analysis(x) * g[level][:, :, None, None])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            rec = model.synthesis(ints * ig[level][:, :, None, None])
+        valid = (x != 0).any(1, keepdim=True).float()
+        mse = ((rec.float() - x) ** 2 * valid).flatten(1).sum(1) / (valid.flatten(1).sum(1) * x.shape[1]).clamp(min=1)
+        loss = torch.log(mse + 1.0).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        acc += float(loss.detach())
+        run.after(step, check, lambda score, best: score > best)
+    return run.close()
+
+
+def export(args: argparse.Namespace) -> Path:
+    """models_onnx/NAME: the source model's files with the run's best decoder; the card names the
+    new id, the decoder's training and its test figures (measured on the written files)."""
+    src = model_dir(args.model)
+    ckpt = torch.load(Path(args.runs) / args.name / "best.pt", weights_only=False)
+    model = load_model(src)
+    model.load_state_dict(ckpt["model"])
+    out = Path(args.out) / args.name
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("decoder.onnx", "decoder_int8.onnx", "*.md"))
+    lat = torch.zeros(1, model.cfg.latent, 16, 16)
+    with torch.no_grad():
+        torch.onnx.export(_Decoder(model), (lat,), str(out / "decoder.onnx"), input_names=["latent"],
+                          output_names=["dn"], dynamic_axes={"latent": {0: "n", 2: "h", 3: "w"},
+                                                             "dn": {0: "n", 2: "y", 3: "x"}},
+                          opset_version=OPSET, dynamo=False)
+    card = json.loads((src / "model_card.json").read_text())
+    for key in DROPPED:
+        card.pop(key, None)
+    card["files"].pop("decoder_int8", None)
+    card["id"] = args.name
+    card["description"] = (f"{card['description']} {args.name}: {args.model}'s encoder, gains and tables (the same "
+                           f"products, byte for byte) with its decoder trained on (training.train_decoder).")
+    first = card.get("training", {}).get("decoder_trained_from")
+    card["training"]["decoder_trained_from"] = first or args.model
+    card["decoder_training"] = {
+        "command": (f"python -m training.train_decoder --model {args.model} --name {args.name} --steps {args.steps} "
+                    f"--batch {args.batch} --crop {args.crop} --lr {args.lr} --bright {args.bright} --seed {args.seed}"
+                    + (" --bf16" if args.bf16 else "")),
+        "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1), "cpu": cpu_name(),
+        "threads": ckpt["args"]["threads"], "split": "training/split.json version 3 (configilm patches in it)",
+        "validation_psnr_db": {"before": ckpt["start"], "after": validate_record(ckpt)}}
+    _record_files(card, out, {"decoder": "decoder.onnx"})
+    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    from corsa.codec.models import VariableRateCodec
+    for entry, fig in zip(card["qualities"], test_figures(VariableRateCodec(out, kernels="fp32"))):
+        entry["test"] = fig
+    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (out / "MODEL_CARD.md").write_text(card_markdown(card))
+    return out
+
+
+def validate_record(ckpt: dict) -> dict:
+    """The best checkpoint's validation figures, from the run's log."""
+    log = Path(ckpt["args"]["runs"]) / ckpt["args"]["name"] / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return max(records, key=lambda r: r["mean"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = training_parser(__doc__, "corsa3.2", steps=6000, batch=16, lr=1e-4)
+    p.add_argument("--model", default="corsa3.1", help="the shipped model whose decoder is trained on")
+    p.add_argument("--bright", type=float, default=0.0, help="share of crops scaled brighter (see above)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16: see lscpu)")
+    p.add_argument("--export", action="store_true", help="write models_onnx/NAME from the run's best decoder")
+    p.add_argument("--out", default="models_onnx")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(export(args) if args.export else train(args))
+
+
+if __name__ == "__main__":
+    main()
