@@ -29,14 +29,13 @@ from rasterio.transform import Affine
 from corsa.formats import stream_format
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import load_split
-from corsa.core.metrics import compression_factor, psnr
+from corsa.core.metrics import SMALL_SIDE, compression_factor, is_small, psnr
 from corsa.core.scene import RAW_BITS_PER_PIXEL, Scene
 
 from . import baseline_curves
 from .baselines import CODECS
 from .rd import SPLIT_FILE
 
-SMALL_SIDE = 130            # px: scenes smaller than this on a side are "small patches"
 REFERENCE_CF = RAW_BITS_PER_PIXEL / 2.6875   # 32.74, CORSA's published factor
 TARGET_CF = 98.0            # the issue's target: the classical PSNR at CF 32.7, reached at CF 98
 CLAIM = "L2A, small patches excluded"
@@ -45,10 +44,6 @@ CLAIM = "L2A, small patches excluded"
 def source_of(scene: Scene) -> str:
     """The scene's source as the reports name it; L1C scenes carry a suffix so they stay apart."""
     return scene.group + ("-L1C" if scene.extra.get("level") == "L1C" else "")
-
-
-def is_small(scene: Scene) -> bool:
-    return min(scene.data.shape[1:]) < SMALL_SIDE
 
 
 def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
@@ -77,7 +72,7 @@ def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
                 raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its latent")
             rec = codec.decode(stored.ints, q, shape=s.data.shape[1:])
             rec[:, s.nodata_mask] = 0
-            rows.append({"scene": s.name, "source": source_of(s), "small": is_small(s),
+            rows.append({"scene": s.name, "source": source_of(s), "small": is_small(s.data),
                          "l1c": s.extra.get("level") == "L1C", "pixels": s.pixels, "quality": q,
                          "bytes": len(data), "cf": compression_factor(s.pixels, len(data)),
                          "psnr": psnr(s.data, rec)})

@@ -135,3 +135,26 @@ def test_render_heads_train_export_and_render(tmp_path, data_root):
     assert cli.main(["compress", str(src), "-o", str(tmp_path / "p"), "--model", str(model)]) == 0
     for extra in (["--date", run[1].date], ["--date", run[0].date, "--scale", "2"]):
         assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "o.tif"), "--model", str(model)] + extra) == 0
+
+
+def test_decoder_training_resumes_and_exports_a_model_with_the_same_products(tmp_path, data_root):
+    """training.train_decoder on corsa3.1: the exported model keeps every file that makes a product
+    (encoder, tables) and a new decoder; the card says so and drops the old decoder's figures."""
+    import hashlib
+
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    small = ["--model", "corsa3.1", "--batch", "2", "--crop", "32", "--val-every", "2", "--ckpt-every", "2",
+             "--threads", "1", "--bright", "0.5"]
+    log = _train_twice("training.train_decoder", runs, small)
+    assert all(len(r["psnr"]) == 9 and np.isfinite(r["mean"]) for r in log)
+    _run("training.train_decoder", "--name", "smoke", "--runs", str(runs), "--steps", "4", "--export", "--out",
+         str(models), "--no-figures", *small)
+    old = json.loads((ROOT / "models_onnx" / "corsa3.1" / "model_card.json").read_text())
+    card = json.loads((models / "smoke" / "model_card.json").read_text())
+    assert card["id"] == "smoke" and card["default"] is False and "int8" not in card
+    for key in ("encoder", "latent_model", "temporal_model", "encoder_int8"):
+        assert card["files"][key] == old["files"][key]
+    assert card["files"]["decoder"]["sha256"] != old["files"]["decoder"]["sha256"]
+    assert hashlib.sha256((models / "smoke" / "decoder.onnx").read_bytes()).hexdigest() == card["files"]["decoder"]["sha256"]
+    assert "decoder_int8" not in card["files"] and not (models / "smoke" / "decoder_int8.onnx").exists()
+    assert card["decoder_training"]["steps"] == 4 and "--bright 0.5" in card["decoder_training"]["command"]

@@ -78,7 +78,6 @@ def train(args: argparse.Namespace) -> Path:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=args.lr)
     sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000)
-    rng = np.random.default_rng(args.seed + 7)
     with torch.no_grad():
         val = [(s, model.analysis(torch.from_numpy(pad_to(s.data, 4).astype(np.float32))[None]))
                for s in load_split(SPLIT_FILE, "val")]
@@ -90,6 +89,9 @@ def train(args: argparse.Namespace) -> Path:
         start = validate(model, val, levels)
         print(json.dumps({"step": 0, **start}), flush=True)
         run.extra["start"] = start
+    else:
+        run.extra["start"] = run.ckpt["start"]
+    rng = np.random.default_rng([args.seed, step])    # a resumed run draws its own brightening, seeded by its step
     acc = 0.0
 
     def check() -> tuple[dict, float]:
@@ -123,7 +125,7 @@ def train(args: argparse.Namespace) -> Path:
     return run.close()
 
 
-def export(args: argparse.Namespace) -> Path:
+def export(args: argparse.Namespace, figures: bool = True) -> Path:
     """models_onnx/NAME: the source model's files with the run's best decoder; the card names the
     new id, the decoder's training and its test figures (measured on the written files)."""
     src = model_dir(args.model)
@@ -145,19 +147,29 @@ def export(args: argparse.Namespace) -> Path:
         card.pop(key, None)
     card["files"].pop("decoder_int8", None)
     card["id"] = args.name
+    card["default"] = False                           # one default at a time: made so by hand, with the docs
     card["description"] = (f"{card['description']} {args.name}: {args.model}'s encoder, gains and tables (the same "
                            f"products, byte for byte) with its decoder trained on (training.train_decoder).")
+    for head in ("between", "render"):                # copied heads: their figures were decoded by the old decoder
+        if head in card:
+            card[head]["figures_decoded_by"] = card[head].get("figures_decoded_by", args.model)
     first = card.get("training", {}).get("decoder_trained_from")
     card["training"]["decoder_trained_from"] = first or args.model
+    a = ckpt["args"]                                  # the run's own settings, not the export call's
     card["decoder_training"] = {
-        "command": (f"python -m training.train_decoder --model {args.model} --name {args.name} --steps {args.steps} "
-                    f"--batch {args.batch} --crop {args.crop} --lr {args.lr} --bright {args.bright} --seed {args.seed}"
-                    + (" --bf16" if args.bf16 else "")),
+        "command": (f"python -m training.train_decoder --model {a['model']} --name {a['name']} --steps {a['steps']} "
+                    f"--batch {a['batch']} --crop {a['crop']} --lr {a['lr']} --bright {a['bright']} "
+                    f"--threads {a['threads']} --seed {a['seed']}" + (" --bf16" if a["bf16"] else "")),
         "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1), "cpu": cpu_name(),
-        "threads": ckpt["args"]["threads"], "split": "training/split.json version 3 (configilm patches in it)",
+        "threads": a["threads"], "split": "training/split.json version 3 (configilm patches in it)",
         "validation_psnr_db": {"before": ckpt["start"], "after": validate_record(ckpt)}}
     _record_files(card, out, {"decoder": "decoder.onnx"})
     (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    if not figures:                                   # the old decoder's figures are not this one's
+        for entry in card["qualities"]:
+            entry.pop("test", None)
+        (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+        return out
     from corsa.codec.models import VariableRateCodec
     for entry, fig in zip(card["qualities"], test_figures(VariableRateCodec(out, kernels="fp32"))):
         entry["test"] = fig
@@ -181,12 +193,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16: see lscpu)")
     p.add_argument("--export", action="store_true", help="write models_onnx/NAME from the run's best decoder")
     p.add_argument("--out", default="models_onnx")
+    p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    print(export(args) if args.export else train(args))
+    print(export(args, figures=not args.no_figures) if args.export else train(args))
 
 
 if __name__ == "__main__":
