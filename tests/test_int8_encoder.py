@@ -1,4 +1,4 @@
-"""corsa3.1's int8 encoder (``training.train_int8_encoder``): taken when asked (``--kernels int8``),
+"""corsa3.1's int8 encoder (``training.train_int8_encoder``; corsa3.2 ships the same file): taken when asked (``--kernels int8``),
 never by default (its card lists no level: what an encoder costs is stored); its integers within the
 card's statement of the float encoder's; the same on 1 and 2 threads (the services' UDF: in
 ``test_backend_chunks.py``)."""
@@ -26,12 +26,13 @@ def test_compress_takes_the_int8_encoder_when_asked(majortom, tmp_path):
     write_scene(path, majortom.data[:, 100:364, 200:800], Affine(*majortom.transform) * Affine.translation(200, 100),
                 majortom.crs, DATE)
     for name, extra in (("auto", ()), ("fp32", ("--kernels", "fp32")), ("int8", ("--kernels", "int8"))):
-        assert cli.main(["compress", str(path), "-o", str(tmp_path / name), "-q", *extra]) == 0
+        assert cli.main(["compress", str(path), "-o", str(tmp_path / name), "-q", "--model", MODEL, *extra]) == 0
     ints = {k: series.read_date(tmp_path / k, DATE, codec).ints for k in ("auto", "fp32", "int8")}
     np.testing.assert_array_equal(ints["auto"], ints["fp32"])
     changed = float((ints["int8"] != ints["fp32"]).mean())
     assert 0 < changed <= 2 * card["int8_encoder"]["test"]["levels"][str(q)]["integers_changed"] + 0.01
-    assert cli.main(["compress", str(path), "-o", str(tmp_path / "e"), "-q", "--engine", "--kernels", "int8"]) == 2
+    assert cli.main(["compress", str(path), "-o", str(tmp_path / "e"), "-q", "--model", MODEL, "--engine", "--kernels",
+                     "int8"]) == 2
 
 
 def test_int8_encoding_is_the_same_on_1_and_2_threads(majortom):
