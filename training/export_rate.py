@@ -125,6 +125,15 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
     return out
 
 
+def export_decoder(model: RateCodec, path: Path) -> None:
+    """The float decoder as ONNX: latent (n, c, h, w) -> DN (n, bands, y, x), any batch and size."""
+    with torch.no_grad():
+        torch.onnx.export(_Decoder(model), (torch.zeros(1, model.cfg.latent, 16, 16),), str(path),
+                          input_names=["latent"], output_names=["dn"],
+                          dynamic_axes={"latent": {0: "n", 2: "h", 3: "w"}, "dn": {0: "n", 2: "y", 3: "x"}},
+                          opset_version=OPSET, dynamo=False)
+
+
 def export(run: Path, name: str, out_root: Path, description: str, notes: str = "", figures: bool = True,
            default_quality: int | None = None) -> Path:
     model, ckpt = load_run(run)
@@ -138,10 +147,7 @@ def export(run: Path, name: str, out_root: Path, description: str, notes: str = 
         torch.onnx.export(_Encoder(model), (dn,), str(out / "encoder.onnx"), input_names=["dn"], output_names=["y"],
                           dynamic_axes={"dn": {0: "n", **spatial}, "y": {0: "n", 2: "h", 3: "w"}},
                           opset_version=OPSET, dynamo=False)
-        torch.onnx.export(_Decoder(model), (model.analysis(dn),), str(out / "decoder.onnx"), input_names=["latent"],
-                          output_names=["dn"], dynamic_axes={"latent": {0: "n", 2: "h", 3: "w"},
-                                                             "dn": {0: "n", **spatial}},
-                          opset_version=OPSET, dynamo=False)
+    export_decoder(model, out / "decoder.onnx")
     reach = receptive_radius(model)
     overlap = int(math.ceil(max(reach.values()) / cfg.stride) * cfg.stride)
     coder, gain, inv_gain = fit_tables(model, out / "encoder.onnx", overlap)

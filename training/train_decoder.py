@@ -29,8 +29,9 @@ from corsa.formats.datasets import load_split
 
 from .data import CropSampler
 from .export import _record_files
-from .export_rate import _Decoder, OPSET, card_markdown, load_model, test_figures
+from .export_rate import card_markdown, export_decoder, load_model, test_figures
 from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
+from .train_rate import as_stored
 from .rate_model import RateCodec, RateConfig
 
 # What the old card says about decoding that a new decoder makes untrue: its int8 decoder (trained
@@ -59,9 +60,7 @@ def validate(model: RateCodec, latents: list[tuple], levels: int) -> dict:
         for s, y in latents:
             ints = torch.round(y * g[q][None, :, None, None])
             rec = model.synthesis(ints * ig[q][None, :, None, None])[0, :, : s.data.shape[1], : s.data.shape[2]]
-            rec = np.clip(np.rint(rec.numpy()), 0, 65535)
-            rec[:, s.nodata_mask] = 0
-            scores.append(psnr(s.data, rec))
+            scores.append(psnr(s.data, as_stored(rec, s)))
         out.append(round(float(np.mean(scores)), 3))
     return {"psnr": out, "mean": round(float(np.mean(out)), 3)}
 
@@ -105,8 +104,7 @@ def train(args: argparse.Namespace) -> Path:
     while step < args.steps:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.steps, args.lr, warmup=200)
-        x = torch.from_numpy(brighter(sampler.batch(args.batch), args.bright, rng) if args.bright
-                             else sampler.batch(args.batch))
+        x = torch.from_numpy(brighter(sampler.batch(args.batch), args.bright, rng))
         level = torch.randint(0, levels, (args.batch,))
         with torch.no_grad():
             ints = torch.round(model.analysis(x) * g[level][:, :, None, None])
@@ -136,12 +134,7 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(src, out, ignore=shutil.ignore_patterns("decoder.onnx", "decoder_int8.onnx", "*.md"))
-    lat = torch.zeros(1, model.cfg.latent, 16, 16)
-    with torch.no_grad():
-        torch.onnx.export(_Decoder(model), (lat,), str(out / "decoder.onnx"), input_names=["latent"],
-                          output_names=["dn"], dynamic_axes={"latent": {0: "n", 2: "h", 3: "w"},
-                                                             "dn": {0: "n", 2: "y", 3: "x"}},
-                          opset_version=OPSET, dynamo=False)
+    export_decoder(model, out / "decoder.onnx")
     card = json.loads((src / "model_card.json").read_text())
     for key in DROPPED:
         card.pop(key, None)
@@ -164,11 +157,10 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
         "threads": a["threads"], "split": "training/split.json version 3 (configilm patches in it)",
         "validation_psnr_db": {"before": ckpt["start"], "after": validate_record(ckpt)}}
     _record_files(card, out, {"decoder": "decoder.onnx"})
-    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    if not figures:                                   # the old decoder's figures are not this one's
-        for entry in card["qualities"]:
-            entry.pop("test", None)
-        (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    for entry in card["qualities"]:                   # the old decoder's figures are not this one's
+        entry.pop("test", None)
+    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")   # the codec below reads it
+    if not figures:
         return out
     from corsa.codec.models import VariableRateCodec
     for entry, fig in zip(card["qualities"], test_figures(VariableRateCodec(out, kernels="fp32"))):

@@ -39,6 +39,13 @@ def distortion(recon: torch.Tensor, x: torch.Tensor, norm: float) -> torch.Tenso
     return ((recon - x) ** 2 * valid).flatten(1).sum(1) / (valid.flatten(1).sum(1) * x.shape[1]).clamp(min=1) / norm
 
 
+def as_stored(rec: torch.Tensor, scene: Scene) -> np.ndarray:
+    """A decoded (bands, y, x) tensor as a product decodes it: whole DN in uint16's range, nodata 0."""
+    out = np.clip(np.rint(rec.numpy()), 0, 65535)
+    out[:, scene.nodata_mask] = 0
+    return out
+
+
 @torch.no_grad()
 def evaluate(model: RateCodec, scenes: list[Scene], norm: float) -> dict:
     """Per level: mean PSNR (rounded latents, as exported) and prior bits per pixel over the scenes."""
@@ -52,9 +59,7 @@ def evaluate(model: RateCodec, scenes: list[Scene], norm: float) -> dict:
             ints = torch.round(y * g[q][None, :, None, None])
             rec = model.synthesis(ints * ig[q][None, :, None, None])[0, :, : s.data.shape[1], : s.data.shape[2]]
             b = float(model.bits(ints, torch.tensor([q]), ints).sum())
-            recn = np.clip(np.rint(rec.numpy()), 0, 65535)
-            recn[:, s.nodata_mask] = 0
-            scores.append(psnr(s.data, recn))
+            scores.append(psnr(s.data, as_stored(rec, s)))
             bits += b
             pixels += s.pixels
             x = torch.from_numpy(s.data.astype(np.float32))[None]
