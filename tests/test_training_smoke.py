@@ -144,7 +144,7 @@ def test_decoder_training_resumes_and_exports_a_model_with_the_same_products(tmp
 
     runs, models = tmp_path / "runs", tmp_path / "models"
     small = ["--model", "corsa3.1", "--batch", "2", "--crop", "32", "--val-every", "2", "--ckpt-every", "2",
-             "--threads", "1", "--bright", "0.5"]
+             "--threads", "1", "--bright", "0.5", "--snow", "0.2", "--water", "0.2"]
     log = _train_twice("training.train_decoder", runs, small)
     assert all(len(r["psnr"]) == 9 and np.isfinite(r["mean"]) for r in log)
     _run("training.train_decoder", "--name", "smoke", "--runs", str(runs), "--steps", "4", "--export", "--out",
@@ -157,4 +157,48 @@ def test_decoder_training_resumes_and_exports_a_model_with_the_same_products(tmp
     assert card["files"]["decoder"]["sha256"] != old["files"]["decoder"]["sha256"]
     assert hashlib.sha256((models / "smoke" / "decoder.onnx").read_bytes()).hexdigest() == card["files"]["decoder"]["sha256"]
     assert "decoder_int8" not in card["files"] and not (models / "smoke" / "decoder_int8.onnx").exists()
-    assert card["decoder_training"]["steps"] == 4 and "--bright 0.5" in card["decoder_training"]["command"]
+    assert card["decoder_training"]["steps"] == 4
+    assert "--bright 0.5 --snow 0.2 --water 0.2" in card["decoder_training"]["command"]
+
+
+def test_decoder_sampler_draws_snow_and_water_at_their_shares(data_root):
+    """--snow / --water: the few snowy and open-water scenes of the real train split get those shares
+    of the draws, the rest by area as before."""
+    from training.data import CropSampler
+    from training.train import SPLIT_FILE
+    from training.train_decoder import snowy, watery
+    from corsa.formats.datasets import load_split
+
+    scenes = load_split(SPLIT_FILE, "train", data_root)
+    sampler = CropSampler(scenes, 64, 0, max_weight_px=250_000, boost=[(snowy, 0.1), (watery, 0.15)])
+    snow = np.array([snowy(a) for a in sampler.scenes])
+    water = np.array([watery(a) for a in sampler.scenes]) & ~snow
+    assert 2 <= snow.sum() <= 10 and 10 <= water.sum() <= 40, (snow.sum(), water.sum())
+    assert sampler.boosted == [int(snow.sum()), int(water.sum())]
+    assert np.isclose(sampler.p[snow].sum(), 0.1) and np.isclose(sampler.p[water].sum(), 0.15)
+    plain = CropSampler(scenes, 64, 0, max_weight_px=250_000)
+    rest = ~(snow | water)
+    assert np.allclose(sampler.p[rest] / sampler.p[rest].sum(), plain.p[rest] / plain.p[rest].sum())
+    assert sampler.p[snow].sum() > 10 * plain.p[snow].sum()
+
+
+def test_grown_decoder_starts_as_the_shipped_one_and_is_not_exported(tmp_path, data_root):
+    """--blocks20 / --width10 (an ablation): the added layers start as the identity, so step 0 decodes
+    as the shipped decoder; its export is refused by name."""
+    from training.export_rate import load_model
+    from training.train_decoder import grown
+
+    model = load_model(ROOT / "models_onnx" / "corsa3.1")
+    big = grown(load_model(ROOT / "models_onnx" / "corsa3.1"), 1, 8)
+    assert big.cfg.blocks20 == 1 and big.cfg.width10 == 8 and len(big.refine20) == 1
+    (scene,) = LOADERS["majortom"](data_root)
+    with torch.no_grad():
+        y = model.analysis(torch.from_numpy(pad_to(scene.data[:, :128, :128], 4).astype(np.float32))[None])
+        assert torch.equal(model.synthesis(y), big.synthesis(y))
+    runs = tmp_path / "runs"
+    _run("training.train_decoder", "--name", "grown", "--runs", str(runs), "--steps", "1", "--model", "corsa3.1",
+         "--batch", "2", "--crop", "32", "--val-every", "1", "--threads", "1", "--blocks20", "1", "--width10", "8")
+    out = subprocess.run([sys.executable, "-m", "training.train_decoder", "--name", "grown", "--runs", str(runs),
+                          "--model", "corsa3.1", "--blocks20", "1", "--width10", "8", "--export", "--out",
+                          str(tmp_path / "models"), "--no-figures"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "not exported" in out.stderr and not (tmp_path / "models" / "grown").exists()

@@ -1,6 +1,7 @@
 """Training data: scenes of a split held in memory, random augmented crops, input statistics."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,16 +47,31 @@ class CropSampler:
 
     Crops that are mostly nodata are drawn again: they would teach the model nothing. With
     ``max_weight_px`` a scene weighs at most that many pixels, so a few large scenes do not dominate.
+    ``boost`` gives the scenes a test picks (a scene by the first test it passes) that share of the
+    draws together: surfaces the data holds little of are seen more often.
     """
 
-    def __init__(self, scenes: list[Scene], crop: int, seed: int, max_weight_px: int | None = None):
+    def __init__(self, scenes: list[Scene], crop: int, seed: int, max_weight_px: int | None = None,
+                 boost: Sequence[tuple[Callable[[np.ndarray], bool], float]] = ()):
         self.scenes = [s.data.astype(np.float32) for s in scenes if min(s.data.shape[1:]) >= crop]
         if not self.scenes:
             raise ValueError(f"no scene is at least {crop} px on each side")
         area = np.array([(a.shape[1] - crop + 1) * (a.shape[2] - crop + 1) for a in self.scenes], float)
         if max_weight_px:
             area = np.minimum(area, max_weight_px)
-        self.p = area / area.sum()
+        kind = np.full(len(self.scenes), -1)
+        for k, (test, _) in enumerate(boost):
+            for i, a in enumerate(self.scenes):
+                if kind[i] < 0 and test(a):
+                    kind[i] = k
+        rest = 1.0 - sum(share for k, (_, share) in enumerate(boost) if (kind == k).any())
+        if rest <= 0:
+            raise ValueError("boosted shares must leave some draws to the other scenes")
+        self.p = np.zeros(len(area))
+        for k, share in [(-1, rest)] + [(k, share) for k, (_, share) in enumerate(boost)]:
+            if (kind == k).any():
+                self.p[kind == k] = share * area[kind == k] / area[kind == k].sum()
+        self.boosted = [int((kind == k).sum()) for k in range(len(boost))]
         self.crop = crop
         self.rng = np.random.default_rng(seed)
 

@@ -7,13 +7,16 @@ better. Exported as a new model id (a product names its decoder by sha256, so th
 The loss is the mean over crops of log MSE at a random quality level: each crop counts by its dB, so
 the bright scenes the old decoder saturated on (snow: a bias of 400-700 DN that no level removes)
 weigh as much as the rest without the dark ones being given up. ``--bright P`` scales a share P of
-the crops by a random factor of 1-2.5 (brighter surfaces than the training data holds).
+the crops by a random factor of 1-2.5 (brighter surfaces than the training data holds); ``--snow S``
+and ``--water W`` draw those shares of the crops from the few training scenes of snow and of open water
+(the surfaces furthest below the classical codecs).
 The run keeps the decoder with the best validation PSNR (mean over levels); ``--export`` writes
 models_onnx/NAME: the old folder's files, the new decoder, a card that says so with its test figures.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -25,6 +28,8 @@ import torch
 from corsa.codec.models import model_dir
 from corsa.core.machine import cpu_name
 from corsa.core.metrics import psnr
+from corsa.core.scene import BANDS
+from corsa_udf import BRIGHT_DN
 from corsa.formats.datasets import load_split
 
 from .data import CropSampler
@@ -41,6 +46,32 @@ DROPPED = ("int8", "gain_over_classical_db")
 
 def decoder_parameters(model: RateCodec) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if n.split(".")[0] in ("dec", "refine20", "refine10")]
+
+
+def grown(model: RateCodec, blocks20: int, width10: int) -> RateCodec:
+    """``model`` with residual blocks at 20 m and a 10 m refinement added (``RateConfig``), each
+    starting as the identity: the same decoder at step 0, with room where the high levels need it."""
+    if not (blocks20 or width10):
+        return model
+    cfg = dataclasses.replace(model.cfg, blocks20=model.cfg.blocks20 + blocks20, width10=width10 or model.cfg.width10)
+    big = RateCodec(cfg, model.transform, model.out_mean.flatten().tolist(), model.out_std.flatten().tolist())
+    missing, unexpected = big.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(("refine20.", "refine10.")) for k in missing):
+        raise ValueError(f"cannot grow this decoder: {unexpected or missing}")
+    big.band_stats = getattr(model, "band_stats", None)
+    return big
+
+
+def snowy(a: np.ndarray) -> bool:
+    """More than a tenth of the valid pixels above BRIGHT_DN in some band (snow, ice, bright cloud)."""
+    valid = (a != 0).any(0)
+    return bool(((a > BRIGHT_DN).any(0) & valid).sum() > 0.1 * valid.sum())
+
+
+def watery(a: np.ndarray) -> bool:
+    """More than half of the valid pixels dark in B08 (open water: < 600 DN)."""
+    valid = (a != 0).any(0)
+    return bool(((a[BANDS.index("B08")] < 600) & valid).sum() > 0.5 * valid.sum())
 
 
 def brighter(x: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
@@ -69,14 +100,16 @@ def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = Run(args, RateConfig)
-    model = load_model(model_dir(args.model))
+    model = grown(load_model(model_dir(args.model)), args.blocks20, args.width10)
     for p in model.parameters():
         p.requires_grad_(False)
     params = decoder_parameters(model)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=args.lr)
-    sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000)
+    sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000,
+                          boost=[(snowy, args.snow), (watery, args.water)])
+    print(json.dumps({"boosted_scenes": dict(zip(("snow", "water"), sampler.boosted))}), flush=True)
     with torch.no_grad():
         val = [(s, model.analysis(torch.from_numpy(pad_to(s.data, 4).astype(np.float32))[None]))
                for s in load_split(SPLIT_FILE, "val")]
@@ -128,6 +161,9 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
     new id, the decoder's training and its test figures (measured on the written files)."""
     src = model_dir(args.model)
     ckpt = torch.load(Path(args.runs) / args.name / "best.pt", weights_only=False)
+    if ckpt["args"].get("blocks20") or ckpt["args"].get("width10"):
+        raise ValueError(f"run {args.name} grew its decoder (--blocks20/--width10): an ablation, not exported "
+                         f"(its reach exceeds the decompress windows' overlap, corsa.openeo.windows)")
     model = load_model(src)
     model.load_state_dict(ckpt["model"])
     out = Path(args.out) / args.name
@@ -152,6 +188,7 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
     card["decoder_training"] = {
         "command": (f"python -m training.train_decoder --model {a['model']} --name {a['name']} --steps {a['steps']} "
                     f"--batch {a['batch']} --crop {a['crop']} --lr {a['lr']} --bright {a['bright']} "
+                    f"--snow {a.get('snow', 0.0)} --water {a.get('water', 0.0)} "
                     f"--threads {a['threads']} --seed {a['seed']}" + (" --bf16" if a["bf16"] else "")),
         "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1), "cpu": cpu_name(),
         "threads": a["threads"], "split": "training/split.json version 3 (configilm patches in it)",
@@ -181,6 +218,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = training_parser(__doc__, "corsa3.2", steps=6000, batch=16, lr=1e-4)
     p.add_argument("--model", default="corsa3.1", help="the shipped model whose decoder is trained on")
     p.add_argument("--bright", type=float, default=0.0, help="share of crops scaled brighter (see above)")
+    p.add_argument("--snow", type=float, default=0.0, help="share of crops from snowy training scenes (``snowy``)")
+    p.add_argument("--water", type=float, default=0.0, help="share of crops from open-water training scenes (``watery``)")
+    p.add_argument("--blocks20", type=int, default=0,
+                   help="residual blocks added at 20 m (an ablation: the grown decoder reaches further than the "
+                        "services' decompress overlap, so it is not exported)")
+    p.add_argument("--width10", type=int, default=0, help="channels of a 10 m refinement added (the same ablation)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16: see lscpu)")
     p.add_argument("--export", action="store_true", help="write models_onnx/NAME from the run's best decoder")
