@@ -9,15 +9,16 @@ the UDF does) on exactly the windows the services' apply_neighborhood gives the 
 and a decoded file are byte for byte those of the engine path (a test checks it). What it leaves
 out is the engine's cost around the networks: the latent replicated over the 10 m grid and
 resampled back, dask's scheduling, the job's intermediate GeoTIFFs, and the importing of
-openeo-processes-dask. Blocks are independent, so two run at a time (onnxruntime and the range
-coder release the GIL), or each on a worker of a dask cluster (``corsa.core.cluster``: the worker reads
+openeo-processes-dask. Blocks are independent, so two run at a time (onnxruntime releases the GIL;
+constriction's range coder holds it, so one thread's entropy decoding runs beside the other's network,
+not beside another entropy decoding), or each on a worker of a dask cluster (``corsa.core.cluster``: the worker reads
 its own window and opens its own sessions); memory stays flat in the area: a window's pixels, a
 few block rows of integers, the streams and the nodata mask.
 """
 from __future__ import annotations
 
 import functools
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
 from contextlib import nullcontext
@@ -146,11 +147,12 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
 
 
 class _Integers:
-    """A date's integers, entropy-decoded block by block on demand (its references' blocks first,
-    ``corsa.formats.series``) and kept for the block rows that the next windows still need (a window
-    reaches at most one block into its neighbours). Sent to a dask worker as its names: there it
-    reads the file itself, and each block's window decodes its own blocks (no pool, no row cache
-    shared between tasks; ``series.block_ints`` caches per process)."""
+    """A date's integers, entropy-decoded block row by block row on demand (its references' blocks
+    first, ``corsa.formats.series``), the row after the ones a window needs decoded ahead, and kept for
+    the block rows that the next windows still need (a window reaches at most one block into its
+    neighbours). Sent to a dask worker as its names: there it reads the file itself, and each block's
+    window decodes its own blocks (no pool, no row cache shared between tasks; ``series.block_ints``
+    caches per process)."""
 
     def __init__(self, folder: Path, date: str, codec: VariableRateCodec):
         self.folder, self.date, self.codec = folder, date, codec
@@ -158,7 +160,8 @@ class _Integers:
         series.check_model_prefix(self.head["model_id"], self.head["sha_prefix"], codec)
         codec.level(self.head["quality"])
         self.per_row = -(-self.head["cells"][1] // self.head["block"])
-        self.rows: dict[int, list[np.ndarray]] = {}
+        self.row_count = -(-self.head["cells"][0] // self.head["block"])
+        self.rows: dict[int, Future] = {}
 
     def __reduce__(self):
         return type(self), (self.folder, self.date, self.codec)
@@ -168,24 +171,40 @@ class _Integers:
         """The date's nodata mask on its 10 m grid (None: no nodata)."""
         return stream_format.read_mask(self.data, self.head, stream_format.file_name(self.date))
 
+    def _row(self, r: int, pool: ThreadPoolExecutor) -> Future:
+        # One task a row, its blocks in turn: the range coder holds the GIL, so blocks decoded side by
+        # side only take turns (and slow the networks' threads down).
+        if r not in self.rows:
+            ks = range(r * self.per_row, (r + 1) * self.per_row)
+            self.rows[r] = pool.submit(lambda: [series.block_ints(self.folder, self.date, k, self.codec) for k in ks])
+        return self.rows[r]
+
     def _block(self, r: int, c: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
         if pool is None:
             return series.block_ints(self.folder, self.date, r * self.per_row + c, self.codec)
-        if r not in self.rows:
-            ks = range(r * self.per_row, (r + 1) * self.per_row)
-            self.rows[r] = list(pool.map(lambda k: series.block_ints(self.folder, self.date, k, self.codec), ks))
-        return self.rows[r][c]
+        return self._row(r, pool).result()[c]
 
     def window(self, cells_y: slice, cells_x: slice, pool: ThreadPoolExecutor | None) -> np.ndarray:
         """The integers of a window of latent cells, assembled from the blocks it touches
-        (``pool`` None: on a worker, as said above)."""
+        (``pool`` None: on a worker, as said above); ``pool`` then decodes the next row ahead."""
         b = self.head["block"]
         rows, cols = range(cells_y.start // b, (cells_y.stop - 1) // b + 1), range(cells_x.start // b, (cells_x.stop - 1) // b + 1)
         for r in [r for r in self.rows if r < rows.start]:
             del self.rows[r]
-        part = np.concatenate([np.concatenate([self._block(r, c, pool) for c in cols], axis=2) for r in rows], axis=1)
-        return part[:, cells_y.start - rows.start * b:cells_y.stop - rows.start * b,
-                    cells_x.start - cols.start * b:cells_x.stop - cols.start * b]
+        out = None
+        for r in rows:
+            ys = slice(max(cells_y.start, r * b), min(cells_y.stop, (r + 1) * b))
+            for c in cols:
+                xs = slice(max(cells_x.start, c * b), min(cells_x.stop, (c + 1) * b))
+                block = self._block(r, c, pool)
+                if out is None:
+                    out = np.empty((len(block), cells_y.stop - cells_y.start, cells_x.stop - cells_x.start), block.dtype)
+                # only the cells the window takes of each block are copied (a ninth of them, mostly)
+                out[:, ys.start - cells_y.start:ys.stop - cells_y.start, xs.start - cells_x.start:xs.stop - cells_x.start] = \
+                    block[:, ys.start - r * b:ys.stop - r * b, xs.start - c * b:xs.stop - c * b]
+        if pool is not None and rows.stop < self.row_count:
+            self._row(rows.stop, pool)
+        return out
 
 
 def dated(folder: Path) -> tuple[list[str], list[float]]:
@@ -369,10 +388,12 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
         profile["transform"] = head["transform"]
     if head["crs"]:
         profile["crs"] = head["crs"]
-    # Entropy decoding of block rows (the date's, and its neighbours' or candidates') shares the pool.
-    # A row's blocks are written once the next row's inputs are gathered: the pool decodes those
-    # while it renders the row's last blocks, instead of a thread waiting at each row's end.
-    pool = ThreadPoolExecutor(cluster.THREADS)
+    # Entropy decoding of block rows (the date's, and its neighbours' or candidates') has a thread of
+    # its own, a row ahead of the two that render: queued behind the renderings in one pool, it left
+    # them idle at every row's end (the range coder holds the GIL, so one thread is all it can use).
+    # A row's blocks are written once the next row's are gathered and queued behind them, so that no
+    # rendering thread waits at a row's end for the last block to be written.
+    pool, decoding = ThreadPoolExecutor(cluster.THREADS), ThreadPoolExecutor(1)
     try:
         with results.cog_writer(out, profile) as dst:
             for i, b in enumerate(BANDS, 1):
@@ -387,16 +408,19 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
             rendering = None
             for ys in _spans(hh, overlap):
                 if run is None:
-                    jobs = [(ys, xs) + tuple(inputs(ys, xs, pool)) for xs in _spans(ww, overlap)]
+                    jobs = [(ys, xs) + tuple(inputs(ys, xs, decoding)) for xs in _spans(ww, overlap)]
+                    queued = [pool.submit(render, *j) for j in jobs]
                     if rendering is not None:
                         write(f.result() for f in rendering)
-                    rendering = [pool.submit(render, *j) for j in jobs]
+                    rendering = queued
                 else:
                     write(run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)]))
             if rendering is not None:
                 write(f.result() for f in rendering)
         pool.shutdown()
+        decoding.shutdown()
     except BaseException:
         pool.shutdown(cancel_futures=True)
+        decoding.shutdown(cancel_futures=True)
         raise
     return out
