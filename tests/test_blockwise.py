@@ -75,3 +75,27 @@ def test_blockwise_decompress_of_several_dates_names_them(products, tmp_path):
     assert names == ["corsa_decoded_2022-07-06.tif", "corsa_decoded_2022-07-11.tif"]
     with rasterio.open(tmp_path / "out" / names[0]) as a, rasterio.open(tmp_path / "out" / names[1]) as b:
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_integer_windows_are_copies_and_the_next_row_is_decoded_ahead(products):
+    """A window of integers holds its own cells (a view into the blocks it was cut from kept them all
+    alive while the window waited to be decoded) and equals the stored date's; with a pool, the block
+    row after the window's is decoded ahead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from corsa.blocks.blockwise import _Integers
+    from corsa.codec.models import VariableRateCodec
+    from corsa.formats import series
+
+    codec = VariableRateCodec("corsa2.1")
+    folder = products / "blockwise"
+    whole = series.read_date(folder, DATE, codec).ints
+    ints = _Integers(folder, DATE, codec)
+    with ThreadPoolExecutor(1) as pool:
+        top = ints.window(slice(0, 100), slice(100, 200), pool)       # block row 0, columns 0 and 1
+        assert set(ints.rows) == {0, 1}                                 # row 1 asked for ahead
+        across = ints.window(slice(100, 140), slice(20, 250), pool)   # rows 0-1, columns 0-1
+    for w, (ys, xs) in ((top, (slice(0, 100), slice(100, 200))), (across, (slice(100, 140), slice(20, 250)))):
+        assert w.flags.owndata
+        np.testing.assert_array_equal(w, whole[:, ys, xs])
+    np.testing.assert_array_equal(_Integers(folder, DATE, codec).window(slice(100, 140), slice(20, 250), None), across)
