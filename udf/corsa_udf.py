@@ -84,19 +84,15 @@ def _fetch(model: str, name: str, sha256: Optional[str]) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _return_freed_activations() -> None:
-    """Fix glibc's mmap threshold at 1 MiB (where glibc is the C library), and grow its heap 64 MiB
-    at a time.
+    """Fix glibc's mmap threshold at 1 MiB (where glibc is the C library).
 
     By default glibc raises the threshold to the largest block freed (up to 32 MiB); from then on
     onnxruntime's activations (tens of MB per layer) come from heap arenas that fragment and are not
     given back, so a process's memory crept up with the number of chunks it had run. Above a fixed
-    threshold every such block is mapped on its own and returned when freed (BENCHMARKS.md). Below
-    it, the heap grew and shrank by a few pages per block, each time faulting them in again: 2.7 s of
-    kernel time in a 7.5 s ``corsa decompress`` of 4.6 Mpx, 1.2 s with the padding (45 MB more)."""
+    threshold every such block is mapped on its own and returned when freed (BENCHMARKS.md)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
-        libc.mallopt(-2, 64 << 20)  # -2: M_TOP_PAD
     except (OSError, AttributeError):  # another C library: leave its allocator alone
         pass
 
