@@ -36,7 +36,7 @@ from .data import CropSampler
 from .export import _record_files
 from .export_rate import card_markdown, export_decoder, load_model, test_figures
 from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
-from .train_rate import as_stored
+from .train_rate import as_stored, distortion
 from .rate_model import RateCodec, RateConfig
 
 # What the old card says about decoding that a new decoder makes untrue: its int8 decoder (trained
@@ -143,9 +143,7 @@ def train(args: argparse.Namespace) -> Path:
             ints = torch.round(model.analysis(x) * g[level][:, :, None, None])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             rec = model.synthesis(ints * ig[level][:, :, None, None])
-        valid = (x != 0).any(1, keepdim=True).float()
-        mse = ((rec.float() - x) ** 2 * valid).flatten(1).sum(1) / (valid.flatten(1).sum(1) * x.shape[1]).clamp(min=1)
-        loss = torch.log(mse + 1.0).mean()
+        loss = torch.log(distortion(rec.float(), x, 1.0) + 1.0).mean()     # MSE per crop in DN^2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
