@@ -3,6 +3,7 @@ alike on the CLI's block path, in the services' UDF (the engine) and through the
 same pixels on 1 and 2 threads; within the card's stated distance of the float decoder."""
 import json
 
+import corsa_udf
 import numpy as np
 import pytest
 import rasterio
@@ -50,10 +51,16 @@ def test_the_cli_and_the_services_udf_decode_with_the_int8_decoder(product, scen
 
 
 def test_int8_decoding_is_the_same_on_1_and_2_threads(scene):
+    # the codec's threads run tiles side by side (its tile is under the scene's width: two of them);
+    # a back end's UDF runs one tile on the session's intra-op threads
     one, two = VariableRateCodec(MODEL, threads=1), VariableRateCodec(MODEL, threads=2)
-    assert one.network_entry() == "decoder_int8"
+    assert one.network_entry() == "decoder_int8" and one.tile < scene.shape[2]
     ints = one.encode(scene, one.default_quality)
     np.testing.assert_array_equal(one.decode(ints, one.default_quality), two.decode(ints, one.default_quality))
+    path = str(one.path / one.card["files"]["decoder_int8"]["path"])
+    z = one.dequantise(ints, one.default_quality)
+    np.testing.assert_array_equal(*(corsa_udf.synthesise(corsa_udf.session(path, t), z, one.tile, one.overlap)
+                                    for t in (1, 2)))
     assert VariableRateCodec(MODEL, kernels="fp32").network_entry() == "decoder"
     assert VariableRateCodec("corsa3").network_entry() == "decoder"     # a model without one: its float decoder
     with pytest.raises(ModelError, match="kernels must be one of 'auto', 'int8', 'fp32', not 'int4'"):

@@ -171,31 +171,47 @@ def decode(decoder, idx0: np.ndarray, idx1: np.ndarray, tile: int = 512, overlap
     return out
 
 
-def analyse(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 32) -> np.ndarray:
+def _tiles(h: int, w: int, tile: int, overlap: int) -> list:
+    return [(ys, xs) for ys in _windows(h, tile, overlap) for xs in _windows(w, tile, overlap)]
+
+
+def analyse(encoder, dn: np.ndarray, tile: int = 512, overlap: int = 32, map_tiles: Callable = map) -> np.ndarray:
     """Variable-rate models (corsa2): (10, H, W) DN -> latent (L, H'/4, W'/4) float32, before the
-    quality level's gain, computed in overlapping tiles like ``encode``."""
+    quality level's gain, computed in overlapping tiles like ``encode``. ``map_tiles``: runs the tiles
+    (a thread pool's runs them side by side; each writes its own part of the result)."""
     x = _pad(_zero_filled(dn), STRIDE1)
     h, w = x.shape[1:]
-    s, out = STRIDE1, None
-    for y0, y1, ky0, ky1 in _windows(h, tile, overlap):
-        for x0, x1, kx0, kx1 in _windows(w, tile, overlap):
-            (y,) = encoder.run(None, {"dn": x[None, :, y0:y1, x0:x1]})
-            if out is None:
-                out = np.empty((y.shape[1], h // s, w // s), np.float32)
-            out[:, (y0 + ky0) // s:(y0 + ky1) // s, (x0 + kx0) // s:(x0 + kx1) // s] = \
-                y[0, :, ky0 // s:ky1 // s, kx0 // s:kx1 // s]
-    return out
+    s, out = STRIDE1, []
+
+    def run(t: tuple) -> None:
+        (y0, y1, ky0, ky1), (x0, x1, kx0, kx1) = t
+        (y,) = encoder.run(None, {"dn": x[None, :, y0:y1, x0:x1]})
+        if not out:
+            out.append(np.empty((y.shape[1], h // s, w // s), np.float32))
+        out[0][:, (y0 + ky0) // s:(y0 + ky1) // s, (x0 + kx0) // s:(x0 + kx1) // s] = \
+            y[0, :, ky0 // s:ky1 // s, kx0 // s:kx1 // s]
+
+    tiles = _tiles(h, w, tile, overlap)
+    run(tiles[0])                   # the first gives the latent's channels
+    for _ in map_tiles(run, tiles[1:]):
+        pass
+    return out[0]
 
 
-def synthesise(decoder, latent: np.ndarray, tile: int = 512, overlap: int = 32) -> np.ndarray:
-    """Variable-rate models: dequantised latent (L, h, w) -> (10, 4h, 4w) float32 DN, in tiles."""
+def synthesise(decoder, latent: np.ndarray, tile: int = 512, overlap: int = 32, map_tiles: Callable = map) -> np.ndarray:
+    """Variable-rate models: dequantised latent (L, h, w) -> (10, 4h, 4w) float32 DN, in tiles
+    (``map_tiles`` runs them, as in ``analyse``)."""
     s = STRIDE1
     h, w = latent.shape[1] * s, latent.shape[2] * s
     out = np.empty((len(BANDS), h, w), np.float32)
-    for y0, y1, ky0, ky1 in _windows(h, tile, overlap):
-        for x0, x1, kx0, kx1 in _windows(w, tile, overlap):
-            (rec,) = decoder.run(None, {"latent": latent[None, :, y0 // s:y1 // s, x0 // s:x1 // s]})
-            out[:, y0 + ky0:y0 + ky1, x0 + kx0:x0 + kx1] = rec[0, :, ky0:ky1, kx0:kx1]
+
+    def run(t: tuple) -> None:
+        (y0, y1, ky0, ky1), (x0, x1, kx0, kx1) = t
+        (rec,) = decoder.run(None, {"latent": latent[None, :, y0 // s:y1 // s, x0 // s:x1 // s]})
+        out[:, y0 + ky0:y0 + ky1, x0 + kx0:x0 + kx1] = rec[0, :, ky0:ky1, kx0:kx1]
+
+    for _ in map_tiles(run, _tiles(h, w, tile, overlap)):
+        pass
     return out
 
 

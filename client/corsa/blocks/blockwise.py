@@ -21,7 +21,7 @@ import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from typing import Iterator
 
 import corsa_udf
@@ -304,18 +304,20 @@ class DateDecoder:
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """The pixels (10, rows, cols) of a window of the date's grid, from the blocks under it only."""
         ys_all, xs_all = self.spans()
+        ys_all = [ys for ys in ys_all if ys[1] > rows.start and ys[0] < rows.stop]
+        xs_all = [xs for xs in xs_all if xs[1] > cols.start and xs[0] < cols.stop]
+        if len(ys_all) * len(xs_all) > 1:
+            # Blocks rendered side by side; the integers decoded in this thread (``series.block_ints``
+            # keeps the recent blocks), not a row ahead: a window may be one of many read at once.
+            blocks = (b for row in rendered_rows(ys_all, xs_all, self.inputs, self.block, ahead=False) for b in row)
+        else:
+            blocks = (self.block(ys, xs, *self.inputs(ys, xs, None)) for ys in ys_all for xs in xs_all)
         out = np.zeros((len(BANDS), rows.stop - rows.start, cols.stop - cols.start), np.uint16)
-        for ys in ys_all:
-            if ys[1] <= rows.start or ys[0] >= rows.stop:
-                continue
-            for xs in xs_all:
-                if xs[1] <= cols.start or xs[0] >= cols.stop:
-                    continue
-                y0, x0, v = self.block(ys, xs, *self.inputs(ys, xs, None))
-                ry, rx = slice(max(y0, rows.start), min(y0 + v.shape[1], rows.stop)), \
-                    slice(max(x0, cols.start), min(x0 + v.shape[2], cols.stop))
-                out[:, ry.start - rows.start:ry.stop - rows.start, rx.start - cols.start:rx.stop - cols.start] = \
-                    v[:, ry.start - y0:ry.stop - y0, rx.start - x0:rx.stop - x0]
+        for y0, x0, v in blocks:
+            ry, rx = slice(max(y0, rows.start), min(y0 + v.shape[1], rows.stop)), \
+                slice(max(x0, cols.start), min(x0 + v.shape[2], cols.stop))
+            out[:, ry.start - rows.start:ry.stop - rows.start, rx.start - cols.start:rx.stop - cols.start] = \
+                v[:, ry.start - y0:ry.stop - y0, rx.start - x0:rx.stop - x0]
         return out
 
 
@@ -388,39 +390,44 @@ def write_blocks(out: Path, head: dict, overlap: int, inputs, render, run: clust
         profile["transform"] = head["transform"]
     if head["crs"]:
         profile["crs"] = head["crs"]
-    # Entropy decoding of block rows (the date's, and its neighbours' or candidates') has a thread of
-    # its own, a row ahead of the two that render: queued behind the renderings in one pool, it left
-    # them idle at every row's end (the range coder holds the GIL, so one thread is all it can use).
-    # A row's blocks are written once the next row's are gathered and queued behind them, so that no
-    # rendering thread waits at a row's end for the last block to be written.
-    pool, decoding = ThreadPoolExecutor(cluster.THREADS), ThreadPoolExecutor(1)
-    try:
-        with results.cog_writer(out, profile) as dst:
-            for i, b in enumerate(BANDS, 1):
-                dst.set_band_description(i, b)
-
-            def write(done) -> None:
-                for y0, x0, v in done:
+    with results.cog_writer(out, profile) as dst:
+        for i, b in enumerate(BANDS, 1):
+            dst.set_band_description(i, b)
+        if run is None:
+            rows = rendered_rows(list(_spans(hh, overlap)), list(_spans(ww, overlap)), inputs, render)
+        else:
+            rows = (run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)])
+                    for ys in _spans(hh, overlap))
+        with closing(rows):
+            for row in rows:
+                for y0, x0, v in row:
                     with writing(out):
                         dst.write(v, window=Window(x0, y0, v.shape[2], v.shape[1]))
                 progress.advance()
-
-            rendering = None
-            for ys in _spans(hh, overlap):
-                if run is None:
-                    jobs = [(ys, xs) + tuple(inputs(ys, xs, decoding)) for xs in _spans(ww, overlap)]
-                    queued = [pool.submit(render, *j) for j in jobs]
-                    if rendering is not None:
-                        write(f.result() for f in rendering)
-                    rendering = queued
-                else:
-                    write(run.map(partial(_remote, inputs, render), [(ys, xs) for xs in _spans(ww, overlap)]))
-            if rendering is not None:
-                write(f.result() for f in rendering)
-        pool.shutdown()
-        decoding.shutdown()
-    except BaseException:
-        pool.shutdown(cancel_futures=True)
-        decoding.shutdown(cancel_futures=True)
-        raise
     return out
+
+
+def rendered_rows(ys_spans: list, xs_spans: list, inputs, render, ahead: bool = True) -> Iterator[Iterator[tuple]]:
+    """The blocks of ``ys_spans`` x ``xs_spans``, row by row, each row an iterator of its blocks'
+    ``render(ys, xs, *inputs(ys, xs, pool))`` -> (y0, x0, pixels) in order, two blocks rendering at
+    a time. ``ahead``: entropy decoding of block rows (the date's, and its neighbours' or candidates')
+    has a thread of its own, a row ahead of the renderings (queued behind them in one pool, it left them
+    idle at every row's end; the range coder holds the GIL, so one thread is all it can use); else it
+    runs in this thread (``pool`` None), as the renderings of the row before run. A row is handed over
+    once the next row's blocks are queued behind it, so that no rendering thread waits at a row's end
+    for the caller (writing the last block)."""
+    pool, decoding = ThreadPoolExecutor(cluster.THREADS), ThreadPoolExecutor(1) if ahead else None
+    try:
+        rendering = None
+        for ys in ys_spans:
+            queued = [pool.submit(render, ys, xs, *inputs(ys, xs, decoding)) for xs in xs_spans]
+            if rendering is not None:
+                yield (f.result() for f in rendering)
+            rendering = queued
+        if rendering is not None:
+            yield (f.result() for f in rendering)
+    finally:
+        # on an error (or a caller that stops early) nothing queued runs on
+        pool.shutdown(cancel_futures=True)
+        if decoding is not None:
+            decoding.shutdown(cancel_futures=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
@@ -111,6 +113,8 @@ class VariableRateCodec:
     ``qualities`` (1 = smallest files; higher is better)."""
 
     def __init__(self, model: str | Path, threads: int | None = None, kernels: str = "auto"):
+        """``threads``: how many tiles run side by side in ``latent`` / ``decode``, each on one of its
+        own (default: the cores this process may use)."""
         self.path, self.card = read_card(model)
         self.threads, self.kernels = threads, kernels
         self._sessions: dict[str, ort.InferenceSession] = {}
@@ -163,8 +167,18 @@ class VariableRateCodec:
 
     def _session(self, entry: str) -> ort.InferenceSession:
         if entry not in self._sessions:
-            self._sessions[entry] = checked_session(self.path, self.card["files"][entry], self.threads)
+            # One intra-op thread: tiles side by side use two cores better than one tile's layers
+            # split over two (a 2136 px decode 2.68 -> 1.73 s, BENCHMARKS.md issue 28, ninth part).
+            self._sessions[entry] = checked_session(self.path, self.card["files"][entry], 1)
         return self._sessions[entry]
+
+    def _tiles_run(self, fn, network, x: np.ndarray) -> np.ndarray:
+        """``fn(network, x, tile, overlap, map_tiles)`` with its tiles on ``threads`` threads."""
+        threads = self.threads or os.cpu_count() or 1
+        if threads == 1:
+            return fn(network, x, self.tile, self.overlap)
+        with ThreadPoolExecutor(threads) as pool:
+            return fn(network, x, self.tile, self.overlap, pool.map)
 
     @cached_property
     def _tables(self) -> tuple[np.ndarray, np.ndarray, LatentCoder]:
@@ -219,7 +233,7 @@ class VariableRateCodec:
         if dn.ndim != 3 or dn.shape[0] != len(BANDS):
             raise ValueError(f"expected ({len(BANDS)}, y, x) bands {BANDS}, got shape {dn.shape}")
         encoder = self.encoder if quality is None else self.encoder_for(quality)
-        return corsa_udf.analyse(encoder, dn, self.tile, self.overlap)
+        return self._tiles_run(corsa_udf.analyse, encoder, dn)
 
     def quantise(self, latent: np.ndarray, quality: int) -> np.ndarray:
         gain = self._tables[0][self.level(quality)][:, None, None]
@@ -236,7 +250,7 @@ class VariableRateCodec:
         """Integers -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
         if ints.ndim != 3 or ints.shape[0] != self.channels:
             raise ValueError(f"expected a latent of {self.channels} channels, got shape {ints.shape}")
-        rec = corsa_udf.synthesise(self.decoder(quality), self.dequantise(ints, quality), self.tile, self.overlap)
+        rec = self._tiles_run(corsa_udf.synthesise, self.decoder(quality), self.dequantise(ints, quality))
         if shape is not None:
             rec = rec[:, : shape[0], : shape[1]]
         return to_uint16(rec)
