@@ -56,6 +56,23 @@ def test_blockwise_decompress_writes_the_engines_file(products, scene, tmp_path)
     assert (tmp_path / "blockwise.tif").read_bytes() == (tmp_path / "engine.tif").read_bytes()
 
 
+def test_the_decoded_cog_carries_the_overviews_of_its_pixels(products, tmp_path):
+    """The overviews written beside the blocks (``results.cog_writer``): the COG driver's levels, each
+    pixel the mean of the valid pixels of its cell (rounded half up), in a valid COG."""
+    assert cli.main(["decompress", str(products / "blockwise"), "-o", str(tmp_path / "d.tif")]) == 0
+    with rasterio.open(tmp_path / "d.tif") as f:
+        assert f.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and f.overviews(1) == [2, 4]
+        full = f.read().astype(np.float64)
+    for level, k in enumerate((2, 4)):
+        h, w = -(-SHAPE[0] // k), -(-SHAPE[1] // k)
+        cells = np.zeros((10, h * k, w * k))
+        cells[:, :SHAPE[0], :SHAPE[1]] = full
+        total, count = cells.reshape(10, h, k, w, k).sum((2, 4)), (cells > 0).reshape(10, h, k, w, k).sum((2, 4))
+        with rasterio.open(tmp_path / "d.tif", overview_level=level) as f:
+            np.testing.assert_array_equal(f.read(), np.where(count > 0, np.floor(total / np.maximum(count, 1) + 0.5), 0))
+    assert (count == 0).any() and (count < k * k).any() and (count == k * k).any()    # nodata cells, part and none
+
+
 def test_blockwise_decompress_of_several_dates_names_them(products, tmp_path):
     prod = Path(products / "blockwise")
     second = prod.parent / "two"

@@ -182,23 +182,32 @@ def test_decoder_sampler_draws_snow_and_water_at_their_shares(data_root):
     assert sampler.p[snow].sum() > 10 * plain.p[snow].sum()
 
 
-def test_grown_decoder_starts_as_the_shipped_one_and_is_not_exported(tmp_path, data_root):
-    """--blocks20 / --width10 (an ablation): the added layers start as the identity, so step 0 decodes
-    as the shipped decoder; its export is refused by name."""
+def test_reshaped_decoder_starts_from_the_shipped_one_and_exports_its_architecture(tmp_path, data_root):
+    """--blocks20 / --width10 / --first-kernel: the added layers start as the identity, so step 0 decodes
+    as the shipped decoder; a first convolution cut keeps its centre; the export's card names the
+    architecture, so the exported files load back as the trained network."""
     from training.export_rate import load_model
-    from training.train_decoder import grown
+    from training.train_decoder import reshaped
 
     model = load_model(ROOT / "models_onnx" / "corsa3.1")
-    big = grown(load_model(ROOT / "models_onnx" / "corsa3.1"), 1, 8)
+    big = reshaped(load_model(ROOT / "models_onnx" / "corsa3.1"), 1, 8)
     assert big.cfg.blocks20 == 1 and big.cfg.width10 == 8 and len(big.refine20) == 1
     (scene,) = LOADERS["majortom"](data_root)
     with torch.no_grad():
         y = model.analysis(torch.from_numpy(pad_to(scene.data[:, :128, :128], 4).astype(np.float32))[None])
         assert torch.equal(model.synthesis(y), big.synthesis(y))
-    runs = tmp_path / "runs"
+    cut = reshaped(load_model(ROOT / "models_onnx" / "corsa3.1"), first_kernel=1)
+    assert torch.equal(cut.dec[0].weight, model.dec[0].weight[:, :, 1:2, 1:2])
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    grow = ("--blocks20", "1", "--width10", "8", "--first-kernel", "1")
     _run("training.train_decoder", "--name", "grown", "--runs", str(runs), "--steps", "1", "--model", "corsa3.1",
-         "--batch", "2", "--crop", "32", "--val-every", "1", "--threads", "1", "--blocks20", "1", "--width10", "8")
-    out = subprocess.run([sys.executable, "-m", "training.train_decoder", "--name", "grown", "--runs", str(runs),
-                          "--model", "corsa3.1", "--blocks20", "1", "--width10", "8", "--export", "--out",
-                          str(tmp_path / "models"), "--no-figures"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode != 0 and "not exported" in out.stderr and not (tmp_path / "models" / "grown").exists()
+         "--batch", "2", "--crop", "32", "--val-every", "1", "--threads", "1", *grow)
+    _run("training.train_decoder", "--name", "grown", "--runs", str(runs), "--model", "corsa3.1", "--export", "--out",
+         str(models), "--no-figures")
+    card = json.loads((models / "grown" / "model_card.json").read_text())
+    assert {k: card["architecture"][k] for k in ("blocks20", "width10", "first_kernel")} == \
+        {"blocks20": 1, "width10": 8, "first_kernel": 1}
+    assert " ".join(grow) in card["decoder_training"]["command"]
+    trained = torch.load(runs / "grown" / "best.pt", weights_only=False)["model"]
+    back = load_model(models / "grown").state_dict()
+    assert all(torch.allclose(back[k], v) for k, v in trained.items() if k.startswith(("dec.", "refine")))

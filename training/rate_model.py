@@ -38,6 +38,10 @@ class RateConfig:
     # the identity (last conv zero), so a trained corsa3 decoder warm-starts them unchanged.
     blocks20: int = 0
     width10: int = 0
+    # v4: the kernel of the decoder's first convolution (latent -> 40 m features; 1: a 1x1, a tenth
+    # of a 3x3's multiply-adds, the float layer that cost the int8 decoder most; the 40 m blocks after
+    # it still see the neighbours).
+    first_kernel: int = 3
     # v4: the rate term of the loss counts bits as the run-time coder will: a Laplace per level,
     # channel and context of ``corsa.codec.latent_coder`` (channel activity, anchor neighbours), so
     # training shapes the latents for the contexts that code them. False: one Laplace per channel.
@@ -63,7 +67,7 @@ class RateCodec(nn.Module):
         c, lat, q = cfg.width, cfg.latent, cfg.levels
         self.enc = nn.Sequential(nn.PixelUnshuffle(4), nn.Conv2d(16 * cfg.bands, c, 1),
                                  *[ResBlock(c) for _ in range(cfg.blocks_enc)], nn.Conv2d(c, lat, 1))
-        self.dec = nn.Sequential(nn.Conv2d(lat, c, 3, padding=1), *[ResBlock(c) for _ in range(cfg.blocks_dec)],
+        self.dec = nn.Sequential(nn.Conv2d(lat, c, cfg.first_kernel, padding=cfg.first_kernel // 2), *[ResBlock(c) for _ in range(cfg.blocks_dec)],
                                  nn.Conv2d(c, 4 * cfg.width20, 1), nn.PixelShuffle(2), nn.GELU(),
                                  nn.Conv2d(cfg.width20, cfg.width20, 3, padding=1), nn.GELU(),
                                  nn.Conv2d(cfg.width20, 4 * cfg.bands, 1), nn.PixelShuffle(2),

@@ -48,18 +48,26 @@ def decoder_parameters(model: RateCodec) -> list[torch.nn.Parameter]:
     return [p for n, p in model.named_parameters() if n.split(".")[0] in ("dec", "refine20", "refine10")]
 
 
-def grown(model: RateCodec, blocks20: int, width10: int) -> RateCodec:
+def reshaped(model: RateCodec, blocks20: int = 0, width10: int = 0, first_kernel: int | None = None) -> RateCodec:
     """``model`` with residual blocks at 20 m and a 10 m refinement added (``RateConfig``), each
-    starting as the identity: the same decoder at step 0, with room where the high levels need it."""
-    if not (blocks20 or width10):
+    starting as the identity: the same decoder at step 0, with room where the high levels need it;
+    ``first_kernel``: its first convolution cut to that kernel, from the centre of the trained one."""
+    k = first_kernel or model.cfg.first_kernel
+    if not (blocks20 or width10) and k == model.cfg.first_kernel:
         return model
-    cfg = dataclasses.replace(model.cfg, blocks20=model.cfg.blocks20 + blocks20, width10=width10 or model.cfg.width10)
-    big = RateCodec(cfg, model.transform, model.out_mean.flatten().tolist(), model.out_std.flatten().tolist())
-    missing, unexpected = big.load_state_dict(model.state_dict(), strict=False)
+    if k > model.cfg.first_kernel or k % 2 == 0:
+        raise ValueError(f"the first convolution can be cut to an odd kernel up to {model.cfg.first_kernel}, not {k}")
+    cfg = dataclasses.replace(model.cfg, blocks20=model.cfg.blocks20 + blocks20, width10=width10 or model.cfg.width10,
+                              first_kernel=k)
+    new = RateCodec(cfg, model.transform, model.out_mean.flatten().tolist(), model.out_std.flatten().tolist())
+    state = model.state_dict()
+    cut = (model.cfg.first_kernel - k) // 2
+    state["dec.0.weight"] = state["dec.0.weight"][:, :, cut:cut + k, cut:cut + k]
+    missing, unexpected = new.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("refine20.", "refine10.")) for k in missing):
-        raise ValueError(f"cannot grow this decoder: {unexpected or missing}")
-    big.band_stats = getattr(model, "band_stats", None)
-    return big
+        raise ValueError(f"cannot reshape this decoder: {unexpected or missing}")
+    new.band_stats = getattr(model, "band_stats", None)
+    return new
 
 
 def snowy(a: np.ndarray) -> bool:
@@ -100,7 +108,7 @@ def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = Run(args, RateConfig)
-    model = grown(load_model(model_dir(args.model)), args.blocks20, args.width10)
+    model = reshaped(load_model(model_dir(args.model)), args.blocks20, args.width10, args.first_kernel)
     for p in model.parameters():
         p.requires_grad_(False)
     params = decoder_parameters(model)
@@ -159,10 +167,8 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
     new id, the decoder's training and its test figures (measured on the written files)."""
     src = model_dir(args.model)
     ckpt = torch.load(Path(args.runs) / args.name / "best.pt", weights_only=False)
-    if ckpt["args"].get("blocks20") or ckpt["args"].get("width10"):
-        raise ValueError(f"run {args.name} grew its decoder (--blocks20/--width10): an ablation, not exported (a "
-                         f"card, int8 kernels and speed figures for a grown decoder are not built yet)")
-    model = load_model(src)
+    a = ckpt["args"]                                  # the run's own settings, not the export call's
+    model = reshaped(load_model(src), a.get("blocks20", 0), a.get("width10", 0), a.get("first_kernel"))
     model.load_state_dict(ckpt["model"])
     out = Path(args.out) / args.name
     if out.exists():
@@ -174,6 +180,7 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
         card.pop(key, None)
     card["files"].pop("decoder_int8", None)
     card["id"] = args.name
+    card["architecture"].update({k: getattr(model.cfg, k) for k in ("blocks20", "width10", "first_kernel")})
     card["default"] = False                           # one default at a time: made so by hand, with the docs
     card["description"] = (f"{card['description']} {args.name}: {args.model}'s encoder, gains and tables (the same "
                            f"products, byte for byte) with its decoder trained on (training.train_decoder).")
@@ -182,12 +189,13 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
             card[head]["figures_decoded_by"] = card[head].get("figures_decoded_by", args.model)
     first = card.get("training", {}).get("decoder_trained_from")
     card["training"]["decoder_trained_from"] = first or args.model
-    a = ckpt["args"]                                  # the run's own settings, not the export call's
     card["decoder_training"] = {
         "command": (f"python -m training.train_decoder --model {a['model']} --name {a['name']} --steps {a['steps']} "
                     f"--batch {a['batch']} --crop {a['crop']} --lr {a['lr']} --bright {a['bright']} "
                     f"--snow {a.get('snow', 0.0)} --water {a.get('water', 0.0)} "
-                    f"--threads {a['threads']} --seed {a['seed']}" + (" --bf16" if a["bf16"] else "")),
+                    + "".join(f"--{k.replace('_', '-')} {a[k]} " for k in ("blocks20", "width10", "first_kernel")
+                              if a.get(k))
+                    + f"--threads {a['threads']} --seed {a['seed']}" + (" --bf16" if a["bf16"] else "")),
         "steps": ckpt["step"], "wall_time_s": round(ckpt["elapsed"], 1), "cpu": cpu_name(),
         "threads": a["threads"], "split": "training/split.json version 3 (configilm patches in it)",
         "validation_psnr_db": {"before": ckpt["start"], "after": validate_record(ckpt)}}
@@ -218,9 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bright", type=float, default=0.0, help="share of crops scaled brighter (see above)")
     p.add_argument("--snow", type=float, default=0.0, help="share of crops from snowy training scenes (``snowy``)")
     p.add_argument("--water", type=float, default=0.0, help="share of crops from open-water training scenes (``watery``)")
-    p.add_argument("--blocks20", type=int, default=0,
-                   help="residual blocks added at 20 m (an ablation: a grown decoder is not exported yet)")
-    p.add_argument("--width10", type=int, default=0, help="channels of a 10 m refinement added (the same ablation)")
+    p.add_argument("--blocks20", type=int, default=0, help="residual blocks added at 20 m")
+    p.add_argument("--width10", type=int, default=0, help="channels of a 10 m refinement added")
+    p.add_argument("--first-kernel", type=int, help="the first convolution cut to this kernel (1: a 1x1)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16: see lscpu)")
     p.add_argument("--export", action="store_true", help="write models_onnx/NAME from the run's best decoder")

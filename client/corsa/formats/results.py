@@ -11,10 +11,12 @@ their names only when every file of the run is complete.
 """
 from __future__ import annotations
 
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
@@ -75,24 +77,15 @@ def _to_uint16(part: Path) -> None:
             staged.unlink(missing_ok=True)
 
 
-def _describe_cog(f, bands: tuple[str, ...] | None) -> None:
-    """What a decoded file says of itself: nodata 0, the DN scale, band descriptions (default: as they are)."""
-    f.nodata = 0
-    f.scales = (REFLECTANCE_SCALE,) * f.count
-    f.offsets = (0.0,) * f.count
-    for i, b in enumerate(bands or (), 1):
-        f.set_band_description(i, b)
-    f.update_tags(DN="reflectance x 10000")
-
-
-def _copy_cog(src, out: Path) -> None:
-    """GDAL's COG driver copies ``src`` (a path or an open dataset) to ``out``, under a temporary name."""
+def _copy_cog(src, out: Path, **options) -> None:
+    """GDAL's COG driver copies ``src`` (a path, VRT text or an open dataset) to ``out``, under a
+    temporary name; ``options`` beside ``COG_OPTIONS``."""
     import rasterio.shutil
 
     staged = out.with_name(out.name + ".cog.part")
     try:
         with writing(out):
-            rasterio.shutil.copy(src, staged, driver="COG", **COG_OPTIONS)
+            rasterio.shutil.copy(src, staged, driver="COG", **{**COG_OPTIONS, **options})
             # GDAL can return from the copy of a file it could not finish (a file size limit reached
             # at its last write): the last tile, written last in a COG, is read back before the rename.
             with rasterio.open(staged) as f:
@@ -105,13 +98,24 @@ def _copy_cog(src, out: Path) -> None:
 
 def as_cog(part: Path, out: Path, bands: tuple[str, ...] | None = None) -> Path:
     """The GeoTIFF ``part`` (decoded reflectances, DN) rewritten as a cloud-optimised uint16 GeoTIFF
-    at ``out``, with nodata 0, band descriptions ``bands`` (default: as they are) and the DN scale;
-    ``part`` is removed. Under a temporary name until complete."""
+    at ``out``, with nodata 0, band descriptions ``bands`` (default: as they are) and the DN scale,
+    its overviews those ``corsa decompress`` makes (``cog_writer``); ``part`` is removed. Under a
+    temporary name until complete."""
     try:
         _to_uint16(part)
-        with writing(out), rasterio.open(part, "r+") as f:
-            _describe_cog(f, bands)
-        _copy_cog(part, out)
+        with rasterio.open(part) as src:
+            profile = {"count": src.count, "dtype": "uint16", "height": src.height, "width": src.width}
+            if src.crs is not None or not src.transform.is_identity:
+                profile.update(transform=src.transform, crs=src.crs.to_string() if src.crs else None)
+            with cog_writer(out, profile, written=part) as dst:
+                dst.tags.update(src.tags())
+                for i, b in enumerate(bands or src.descriptions, 1):
+                    dst.set_band_description(i, b or "")
+                step = 2 * COG_OPTIONS["blocksize"]
+                for y0 in range(0, src.height, step):
+                    for x0 in range(0, src.width, step):
+                        window = Window(x0, y0, min(step, src.width - x0), min(step, src.height - y0))
+                        dst.write(src.read(window=window), window)
     finally:
         part.unlink(missing_ok=True)
     return out
@@ -119,31 +123,141 @@ def as_cog(part: Path, out: Path, bands: tuple[str, ...] | None = None) -> Path:
 
 # GDAL's COG driver only copies a whole dataset: a decoded date up to this size is written block by
 # block into memory and copied from there (no scratch file written and read back); a larger one (a
-# full tile: 2.4 GB) goes through a scratch GeoTIFF beside the output, within the memory target.
+# full tile: 2.4 GB) goes through scratch GeoTIFFs beside the output, within the memory target.
 IN_MEMORY_BYTES = 256 << 20
+# Uncompressed tiles in GDAL's memory file system: what an in-memory date is written into.
+IN_MEMORY = {"driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256}
+
+
+def overview_factors(height: int, width: int, block: int = COG_OPTIONS["blocksize"]) -> list[int]:
+    """The COG driver's own overview levels: halving (rounded down) while a side is above its block size."""
+    f, out = 1, []
+    while height // f > block or width // f > block:
+        f *= 2
+        out.append(f)
+    return out
+
+
+def _halved(total: np.ndarray) -> np.ndarray:
+    """Sums over 2 x 2 cells of (bands, h, w); an odd side's last cell takes what there is."""
+    if total.shape[1] % 2 or total.shape[2] % 2:
+        total = np.pad(total, ((0, 0), (0, total.shape[1] % 2), (0, total.shape[2] % 2)))
+    return total[:, 0::2, 0::2] + total[:, 1::2, 0::2] + total[:, 0::2, 1::2] + total[:, 1::2, 1::2]
+
+
+def overview_pieces(block: np.ndarray, factors: list[int]) -> list[np.ndarray]:
+    """A block's (bands, h, w, uint16, 0 = nodata) pieces of the overviews ``factors`` (powers of 2):
+    each pixel the mean of the valid pixels of its cell, rounded half up (GDAL's "average" with nodata
+    0; level by level GDAL averages the level before, rounded: its pixels may be 1 DN off these), 0
+    where it has none. A block starting at multiples of the largest factor gives the pieces of the
+    whole image's overviews there (sides rounded up)."""
+    step = factors[-1] if factors else 1
+    # A block without nodata whose sides the largest factor divides: every cell full, means by shifts.
+    full = not (block.shape[1] % step or block.shape[2] % step) and bool(block.all())
+    total, count, out, f0 = block.astype(np.uint32), None if full else (block != 0).astype(np.uint32), [], 1
+    for f in factors:
+        while f0 < f:
+            total, count, f0 = _halved(total), None if full else _halved(count), 2 * f0
+        if full:
+            out.append(((total + f * f // 2) >> (2 * f.bit_length() - 2)).astype(np.uint16))
+        else:
+            out.append(np.where(count > 0, np.floor(total / np.maximum(count, 1) + 0.5), 0).astype(np.uint16))
+    return out
+
+
+class _Pyramid:
+    """A decoded date written block by block (``write``, as a rasterio dataset takes it) with its
+    overviews computed from each block as it comes (``overview_pieces``), so that GDAL's COG driver
+    copies them (``OVERVIEWS=FORCE_USE_EXISTING``) instead of reading the whole date back to make them:
+    a quarter of the copy's time (BENCHMARKS.md, issue 28, ninth part). The full-resolution data and
+    each overview are GeoTIFFs at ``base`` (+ ".ovr<factor>"), joined by a VRT for the copy."""
+
+    def __init__(self, base: str, profile: dict, options: dict, written: bool = False):
+        """``written``: the full-resolution data is already at ``base``; ``write`` adds its overviews."""
+        self.profile, self.base = profile, base
+        self.factors = overview_factors(profile["height"], profile["width"])
+        self.paths = [base] + [f"{base}.ovr{f}" for f in self.factors]
+        self.bands, self.tags = [""] * profile["count"], {"DN": "reflectance x 10000"}
+        grid = {k: profile[k] for k in ("count", "dtype", "height", "width")}
+        self.files = [None if written else rasterio.open(base, "w", **{**options, **grid, **{
+            k: profile[k] for k in ("transform", "crs") if k in profile}})]
+        for f, path in zip(self.factors, self.paths[1:]):
+            self.files.append(rasterio.open(path, "w", **{**options, **grid, "height": -(-grid["height"] // f),
+                                                         "width": -(-grid["width"] // f)}))
+
+    def set_band_description(self, band: int, text: str) -> None:
+        self.bands[band - 1] = text
+
+    def write(self, data: np.ndarray, window: Window) -> None:
+        y0, x0 = int(window.row_off), int(window.col_off)
+        step = self.factors[-1] if self.factors else 1
+        if y0 % step or x0 % step:
+            raise ValueError(f"a block at ({y0}, {x0}) is not aligned to the overviews' largest factor {step}")
+        if self.files[0] is not None:
+            self.files[0].write(data, window=window)
+        for f, piece, dst in zip(self.factors, overview_pieces(data, self.factors), self.files[1:]):
+            dst.write(piece, window=Window(x0 // f, y0 // f, piece.shape[2], piece.shape[1]))
+
+    def close(self) -> None:
+        for f in self.files:
+            if f is not None:
+                f.close()
+
+    def vrt(self) -> str:
+        """The VRT of the date and its overviews, with what a decoded file says of itself: nodata 0, the
+        DN scale, band descriptions, its tags."""
+        from rasterio.crs import CRS
+
+        p, head = self.profile, []
+        if p.get("crs"):
+            head.append(f"<SRS>{escape(CRS.from_user_input(p['crs']).to_wkt())}</SRS>")
+        if p.get("transform") is not None:
+            head.append(f"<GeoTransform>{', '.join(repr(float(v)) for v in Affine(*p['transform'][:6]).to_gdal())}</GeoTransform>")
+        bands = []
+        for i, name in enumerate(self.bands, 1):
+            overviews = "".join(f'<Overview><SourceFilename relativeToVRT="0">{escape(path)}</SourceFilename>'
+                                f"<SourceBand>{i}</SourceBand></Overview>" for path in self.paths[1:])
+            bands.append(f'<VRTRasterBand dataType="UInt16" band="{i}"><Description>{escape(name)}</Description>'
+                         f"<NoDataValue>0</NoDataValue><Offset>0</Offset><Scale>{REFLECTANCE_SCALE!r}</Scale>"
+                         f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(self.base)}</SourceFilename>'
+                         f"<SourceBand>{i}</SourceBand></SimpleSource>{overviews}</VRTRasterBand>")
+        metadata = "".join(f'<MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in self.tags.items())
+        return (f'<VRTDataset rasterXSize="{p["width"]}" rasterYSize="{p["height"]}">{"".join(head)}'
+                f'<Metadata>{metadata}</Metadata>{"".join(bands)}</VRTDataset>')
 
 
 @contextmanager
-def cog_writer(out: Path, profile: dict) -> Iterator:
-    """A dataset to write a decoded date (uint16 DN) into, block by block, made the cloud-optimised
-    GeoTIFF ``out`` (``as_cog``) when the block exits without error; nothing at ``out`` otherwise."""
+def cog_writer(out: Path, profile: dict, written: Path | None = None) -> Iterator:
+    """A dataset to write a decoded date (uint16 DN) into, block by block (blocks aligned to 512 px),
+    made the cloud-optimised GeoTIFF ``out`` with its overviews (``_Pyramid``) when the block exits
+    without error; nothing at ``out`` otherwise. ``written``: a GeoTIFF that already holds the date;
+    the blocks written then only make its overviews."""
+    import rasterio.shutil
+
     size = profile["count"] * profile["height"] * profile["width"] * np.dtype(profile["dtype"]).itemsize
     out.parent.mkdir(parents=True, exist_ok=True)
-    if size > IN_MEMORY_BYTES:
-        part = out.with_name(out.name + ".part")
-        try:
-            with writing(out), rasterio.open(part, "w", **{**SCRATCH, **profile}) as dst:
-                yield dst
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        as_cog(part, out)
-        return
-    grid = {k: profile[k] for k in ("count", "dtype", "height", "width", "transform", "crs") if k in profile}
-    with rasterio.open(out.name, "w", driver="MEM", **grid) as dst:
-        yield dst
-        _describe_cog(dst, None)
-        _copy_cog(dst, out)
+    if written is not None:
+        base, options = str(written), SCRATCH
+    elif size > IN_MEMORY_BYTES:
+        base, options = str(out.with_name(out.name + ".part")), SCRATCH
+    else:
+        base, options = f"/vsimem/corsa-{uuid.uuid4().hex}/{out.name}", IN_MEMORY
+    pyramid = None
+    try:
+        with writing(out):
+            pyramid = _Pyramid(base, profile, options, written is not None)
+        yield pyramid
+        with writing(out):
+            pyramid.close()
+        _copy_cog(pyramid.vrt(), out, overviews="FORCE_USE_EXISTING")
+    finally:
+        if pyramid is not None:
+            pyramid.close()
+            for path in pyramid.paths[1 if written is not None else 0:]:
+                if path.startswith("/vsimem/"):
+                    rasterio.shutil.delete(path)
+                else:
+                    Path(path).unlink(missing_ok=True)
 
 
 def file_name(prefix: str | None, date: str) -> str:
