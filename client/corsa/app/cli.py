@@ -684,7 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        with progress.shown(f"corsa {args.command}", quiet=args.quiet or args.command in ("info", "models", "serve")), \
+        # a decompress off the engine counts rows of blocks, not dask's tasks: it runs without importing dask
+        with progress.shown(f"corsa {args.command}", quiet=args.quiet or args.command in ("info", "models", "serve"),
+                            dask_tasks=args.command != "decompress" or args.engine), \
                 (product_lock(args.output) if args.command in WRITES_PRODUCT else contextlib.nullcontext()), \
                 (_into_product(args) if args.command in ("compress", "pack") else contextlib.nullcontext(lambda line: line)) \
                 as shown:

@@ -22,12 +22,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
 from contextlib import closing, nullcontext
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import corsa_udf
 import numpy as np
-import xarray as xr
 from rasterio.windows import Window
+
+if TYPE_CHECKING:         # the decompress path runs without xarray (its import: 0.5 s)
+    import xarray as xr
 
 from corsa.core import cluster
 from corsa.openeo import windows

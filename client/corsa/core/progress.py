@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, TextIO
 
 WIDTH = 30
@@ -53,13 +53,15 @@ _active: Display | None = None
 
 
 @contextmanager
-def shown(label: str, quiet: bool = False, stream: TextIO | None = None, on_update=None) -> Iterator[None]:
+def shown(label: str, quiet: bool = False, stream: TextIO | None = None, on_update=None,
+          dask_tasks: bool = True) -> Iterator[None]:
     """Progress of the work inside the block, labelled ``label`` (nothing when ``quiet``); with
-    ``on_update(done, total)`` told to it instead of written."""
+    ``on_update(done, total)`` told to it instead of written. ``dask_tasks``: dask's tasks count too
+    (False: dask is not imported for it, work that runs no dask graph starts faster)."""
     global _active
     _active = None if quiet else Display(label, None if on_update else (stream or sys.stderr), on_update)
     try:
-        with _dask_tasks():
+        with _dask_tasks() if dask_tasks else nullcontext():
             yield
     finally:
         if _active is not None:

@@ -15,14 +15,16 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
-import xarray as xr
 from rasterio.transform import Affine
 from rasterio.windows import Window
+
+if TYPE_CHECKING:         # the decompress path runs without xarray (its import: 0.5 s)
+    import xarray as xr
 
 from corsa.core.files import writing
 from corsa.core.scene import to_uint16
