@@ -180,10 +180,16 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
         card.pop(key, None)
     card["files"].pop("decoder_int8", None)
     card["id"] = args.name
-    card["architecture"].update({k: getattr(model.cfg, k) for k in ("blocks20", "width10", "first_kernel")})
+    card["architecture"].update({k: getattr(model.cfg, k) for k in ("blocks20", "width10", "first_kernel")},
+                                parameters=sum(p.numel() for p in model.parameters()))
     card["default"] = False                           # one default at a time: made so by hand, with the docs
+    grown = [what for what, n in ((f"{model.cfg.blocks20} residual block(s) at 20 m", model.cfg.blocks20),
+                                  (f"a {model.cfg.width10}-channel refinement at 10 m", model.cfg.width10),
+                                  (f"a {model.cfg.first_kernel}x{model.cfg.first_kernel} first convolution",
+                                   model.cfg.first_kernel != 3)) if n]
     card["description"] = (f"{card['description']} {args.name}: {args.model}'s encoder, gains and tables (the same "
-                           f"products, byte for byte) with its decoder trained on (training.train_decoder).")
+                           f"products, byte for byte) with its decoder trained on"
+                           + (f", grown by {' and '.join(grown)}" if grown else "") + " (training.train_decoder).")
     for head in ("between", "render"):                # copied heads: their figures were decoded by the old decoder
         if head in card:
             card[head]["figures_decoded_by"] = card[head].get("figures_decoded_by", args.model)
