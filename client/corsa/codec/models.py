@@ -114,7 +114,7 @@ class VariableRateCodec:
 
     def __init__(self, model: str | Path, threads: int | None = None, kernels: str = "auto"):
         """``threads``: how many tiles run side by side in ``latent`` / ``decode``, each on one of its
-        own (default: the cores this process may use)."""
+        own (default: the machine's cores, ``os.cpu_count()``)."""
         self.path, self.card = read_card(model)
         self.threads, self.kernels = threads, kernels
         self._sessions: dict[str, ort.InferenceSession] = {}

@@ -178,6 +178,7 @@ class _Pyramid:
         """``written``: the full-resolution data is already at ``base``; ``write`` adds its overviews."""
         self.profile, self.base = profile, base
         self.factors = overview_factors(profile["height"], profile["width"])
+        self.step = self.factors[-1] if self.factors else 1
         self.paths = [base] + [f"{base}.ovr{f}" for f in self.factors]
         self.bands, self.tags = [""] * profile["count"], {"DN": "reflectance x 10000"}
         grid = {k: profile[k] for k in ("count", "dtype", "height", "width")}
@@ -192,9 +193,8 @@ class _Pyramid:
 
     def write(self, data: np.ndarray, window: Window) -> None:
         y0, x0 = int(window.row_off), int(window.col_off)
-        step = self.factors[-1] if self.factors else 1
-        if y0 % step or x0 % step:
-            raise ValueError(f"a block at ({y0}, {x0}) is not aligned to the overviews' largest factor {step}")
+        if y0 % self.step or x0 % self.step:
+            raise ValueError(f"a block at ({y0}, {x0}) is not aligned to the overviews' largest factor {self.step}")
         if self.files[0] is not None:
             self.files[0].write(data, window=window)
         for f, piece, dst in zip(self.factors, overview_pieces(data, self.factors), self.files[1:]):
@@ -204,6 +204,19 @@ class _Pyramid:
         for f in self.files:
             if f is not None:
                 f.close()
+
+    def remove(self) -> None:
+        """Closes and deletes the files this pyramid wrote (not a ``written`` date)."""
+        import rasterio.shutil
+
+        self.close()
+        for f in self.files:
+            if f is None:
+                continue
+            if f.name.startswith("/vsimem/"):
+                rasterio.shutil.delete(f.name)
+            else:
+                Path(f.name).unlink(missing_ok=True)
 
     def vrt(self) -> str:
         """The VRT of the date and its overviews, with what a decoded file says of itself: nodata 0, the
@@ -234,8 +247,6 @@ def cog_writer(out: Path, profile: dict, written: Path | None = None) -> Iterato
     made the cloud-optimised GeoTIFF ``out`` with its overviews (``_Pyramid``) when the block exits
     without error; nothing at ``out`` otherwise. ``written``: a GeoTIFF that already holds the date;
     the blocks written then only make its overviews."""
-    import rasterio.shutil
-
     size = profile["count"] * profile["height"] * profile["width"] * np.dtype(profile["dtype"]).itemsize
     out.parent.mkdir(parents=True, exist_ok=True)
     if written is not None:
@@ -254,12 +265,7 @@ def cog_writer(out: Path, profile: dict, written: Path | None = None) -> Iterato
         _copy_cog(pyramid.vrt(), out, overviews="FORCE_USE_EXISTING")
     finally:
         if pyramid is not None:
-            pyramid.close()
-            for path in pyramid.paths[1 if written is not None else 0:]:
-                if path.startswith("/vsimem/"):
-                    rasterio.shutil.delete(path)
-                else:
-                    Path(path).unlink(missing_ok=True)
+            pyramid.remove()
 
 
 def file_name(prefix: str | None, date: str) -> str:
