@@ -201,13 +201,26 @@ def test_reshaped_decoder_starts_from_the_shipped_one_and_exports_its_architectu
     runs, models = tmp_path / "runs", tmp_path / "models"
     grow = ("--blocks20", "1", "--width10", "8", "--first-kernel", "1")
     _run("training.train_decoder", "--name", "grown", "--runs", str(runs), "--steps", "1", "--model", "corsa3.1",
-         "--batch", "2", "--crop", "32", "--val-every", "1", "--threads", "1", *grow)
+         "--batch", "2", "--crop", "32", "--val-every", "1", "--threads", "1", "--tilt", "1.5", *grow)
     _run("training.train_decoder", "--name", "grown", "--runs", str(runs), "--model", "corsa3.1", "--export", "--out",
          str(models), "--no-figures")
     card = json.loads((models / "grown" / "model_card.json").read_text())
     assert {k: card["architecture"][k] for k in ("blocks20", "width10", "first_kernel")} == \
         {"blocks20": 1, "width10": 8, "first_kernel": 1}
-    assert " ".join(grow) in card["decoder_training"]["command"]
+    assert " ".join(grow) in card["decoder_training"]["command"] and "--tilt 1.5 " in card["decoder_training"]["command"]
     trained = torch.load(runs / "grown" / "best.pt", weights_only=False)["model"]
     back = load_model(models / "grown").state_dict()
     assert all(torch.allclose(back[k], v) for k, v in trained.items() if k.startswith(("dec.", "refine")))
+
+
+def test_tilt_draws_the_high_levels_more_often():
+    """--tilt T: level q of L drawn in proportion to exp(T q / (L - 1)); 0 draws every level alike."""
+    from training.train_decoder import level_weights
+
+    w = level_weights(9, 1.5)
+    assert torch.allclose(w[1:] / w[:-1], torch.full((8,), float(np.exp(1.5 / 8))))
+    assert torch.allclose(w[-1] / w[0], torch.tensor(float(np.exp(1.5))))
+    assert torch.equal(level_weights(9, 0.0), torch.ones(9))
+    torch.manual_seed(0)
+    drawn = torch.bincount(torch.multinomial(w, 90_000, replacement=True), minlength=9).float() / 90_000
+    assert torch.allclose(drawn, w / w.sum(), atol=0.005)

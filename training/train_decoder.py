@@ -9,7 +9,8 @@ the bright scenes the old decoder saturated on (snow: a bias of 400-700 DN that 
 weigh as much as the rest without the dark ones being given up. ``--bright P`` scales a share P of
 the crops by a random factor of 1-2.5 (brighter surfaces than the training data holds); ``--snow S``
 and ``--water W`` draw those shares of the crops from the few training scenes of snow and of open water
-(the surfaces furthest below the classical codecs).
+(the surfaces furthest below the classical codecs). ``--tilt T`` draws level q of L with a probability
+proportional to exp(T q / (L - 1)): the high levels, furthest below their target gain, trained more often.
 The run keeps the decoder with the best validation PSNR (mean over levels); ``--export`` writes
 models_onnx/NAME: the old folder's files, the new decoder, a card that says so with its test figures.
 """
@@ -89,6 +90,11 @@ def brighter(x: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarra
     return x
 
 
+def level_weights(levels: int, tilt: float) -> torch.Tensor:
+    """How often each level is drawn: proportional to exp(tilt * q / (levels - 1))."""
+    return torch.exp(tilt * torch.arange(levels) / max(levels - 1, 1))
+
+
 @torch.no_grad()
 def validate(model: RateCodec, latents: list[tuple], levels: int) -> dict:
     """Per level, mean PSNR over the validation scenes (rounded latents, as a product holds them)."""
@@ -142,11 +148,13 @@ def train(args: argparse.Namespace) -> Path:
         return record, ev["mean"]
 
     g, ig = (t.detach() for t in model.gains())
+    draw = level_weights(levels, args.tilt)
     while step < args.steps:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.steps, args.lr, warmup=200)
         x = torch.from_numpy(brighter(sampler.batch(args.batch), args.bright, rng))
-        level = torch.randint(0, levels, (args.batch,))
+        level = (torch.multinomial(draw, args.batch, replacement=True) if args.tilt   # untilted: the older runs' draws
+                 else torch.randint(0, levels, (args.batch,)))
         with torch.no_grad():
             ints = torch.round(model.analysis(x) * g[level][:, :, None, None])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -199,6 +207,7 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
         "command": (f"python -m training.train_decoder --model {a['model']} --name {a['name']} --steps {a['steps']} "
                     f"--batch {a['batch']} --crop {a['crop']} --lr {a['lr']} --bright {a['bright']} "
                     f"--snow {a.get('snow', 0.0)} --water {a.get('water', 0.0)} "
+                    + (f"--tilt {a['tilt']} " if a.get("tilt") else "")
                     + "".join(f"--{k.replace('_', '-')} {a[k]} " for k in ("blocks20", "width10", "first_kernel")
                               if a.get(k))
                     + f"--threads {a['threads']} --seed {a['seed']}" + (" --bf16" if a["bf16"] else "")),
@@ -232,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bright", type=float, default=0.0, help="share of crops scaled brighter (see above)")
     p.add_argument("--snow", type=float, default=0.0, help="share of crops from snowy training scenes (``snowy``)")
     p.add_argument("--water", type=float, default=0.0, help="share of crops from open-water training scenes (``watery``)")
+    p.add_argument("--tilt", type=float, default=0.0, help="levels drawn in proportion to exp(tilt q / (L - 1))")
     p.add_argument("--blocks20", type=int, default=0, help="residual blocks added at 20 m")
     p.add_argument("--width10", type=int, default=0, help="channels of a 10 m refinement added")
     p.add_argument("--first-kernel", type=int, help="the first convolution cut to this kernel (1: a 1x1)")

@@ -18,7 +18,8 @@ everything in 8 bits (sums and main path too, ReLU for GELU) stalled 1.8 dB belo
 the residual branches alone with ReLU for GELU (``--act relu``: onnxruntime folds a ReLU into the
 convolution before it, a GELU runs in float) 0.7 dB below, the swap itself being the loss (fine-tuned
 in float it recovers no better); with the model's own GELU, 0.02 dB below before any fine-tuning.
-``--main20`` quantises the main path's 20 m convolution too; ``--hidden N`` prunes the 40 m residual
+``--main20`` quantises the main path's 20 m convolution too, ``--first`` its first convolution (latent ->
+40 m features: its input, the dequantised latent, in 8 bits per tensor); ``--hidden N`` prunes the 40 m residual
 branches to N inner channels first (a cheaper decoder distilled from the model's own); the two
 upsamplings (1x1 convolution and pixel shuffle) are exported as transposed convolutions, the same sums
 (``SubPixelUp``). What each gave: BENCHMARKS.md, issue 28.
@@ -177,20 +178,20 @@ class Simulated(nn.Module):
 class Int8Decoder(Simulated):
     """``RateCodec.synthesis`` with its residual branches' convolutions int8, its activations
     ``act`` (the model's own GELU, or ReLU: module doc); ``main20``: the 3x3 convolution of the
-    main path at 20 m int8 too; ``hidden``: the 40 m residual branches pruned to that many inner
+    main path at 20 m int8 too; ``first``: its first convolution too; ``hidden``: the 40 m residual branches pruned to that many inner
     channels (``pruned``, on the features of ``sample``, dequantised latents), to be fine-tuned."""
 
     def __init__(self, codec: RateCodec, act: str = "gelu", main20: bool = False, hidden: int | None = None,
-                 sample: torch.Tensor | None = None):
+                 sample: torch.Tensor | None = None, first: bool = False):
         super().__init__()
         self.act = ACTIVATIONS[act]
         codec = copy.deepcopy(codec)       # trained here: the fp32 model stays as it is
         d, cfg = codec.dec, codec.cfg
-        self.first = d[0]
+        self.first = QConv(d[0]) if first else d[0]
         blocks = list(d[1:1 + cfg.blocks_dec])
         if hidden:
             with torch.no_grad():
-                h = self.first(sample)
+                h = d[0](sample)
                 for i, b in enumerate(blocks):
                     blocks[i] = pruned(b, important(b, h, hidden))
                     h = b(h)
@@ -389,7 +390,7 @@ def train(args: argparse.Namespace) -> Path:
     model = load_model(folder)
     sampler = CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed, max_weight_px=250_000)
     sample = torch.cat([_latents(model, sampler, args.batch)[1] for _ in range(8)]) if args.hidden else None
-    net = Int8Decoder(model, args.act, args.main20, args.hidden, sample).train()
+    net = Int8Decoder(model, args.act, args.main20, args.hidden, sample, args.first).train()
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -417,23 +418,26 @@ def train(args: argparse.Namespace) -> Path:
     if args.float_only:
         return run
     torch.save({"model": net.state_dict(), "record": record, "wall_time_s": round(time.time() - t0, 1), "act": args.act,
-                "main20": args.main20, "hidden": args.hidden}, run / "int8_decoder.pt")
+                "main20": args.main20, "hidden": args.hidden, "first": args.first}, run / "int8_decoder.pt")
     return finish(args)
 
 
 def run_folder(args: argparse.Namespace) -> Path:
     """Where a run of these options logs and keeps its decoder."""
     return Path(args.runs) / (f"int8_{Path(args.model).name}" + ("_main20" if args.main20 else "")
+                              + ("_first" if args.first else "")
                               + (f"_h{args.hidden}" if args.hidden else "") + ("_float" if args.float_only else ""))
 
 
-def what(act: str, main20: bool, hidden: int | None) -> str:
+def what(act: str, main20: bool, hidden: int | None, first: bool = False) -> str:
     """The card's words for an int8 decoder of these options."""
     return (("the decoder with ReLU for GELU" if act == "relu" else "the decoder")
             + (f", its 40 m residual branches pruned to {hidden} inner channels," if hidden else "")
             + " fine-tuned with int8 kernels simulated (training.train_int8) and quantised by onnxruntime (QDQ: "
               "7-bit weights per channel, uint8 activations); the 3x3 convolutions of the residual branches"
-            + (" and the 20 m convolution of the main path" if main20 else "") + " int8, the rest of the main "
+            + (" and the 20 m convolution of the main path" if main20 else "")
+            + (" and the first convolution (its input the dequantised latent in 8 bits)" if first else "")
+            + " int8, the rest of the main "
               "path float; the upsamplings as transposed convolutions (the same sums as the float decoder's 1x1 "
               "convolution and pixel shuffle)")
 
@@ -447,7 +451,7 @@ def finish(args: argparse.Namespace) -> Path:
     hidden = saved.get("hidden")
     # pruning only chooses the shapes here: the weights are the run's
     sample = torch.zeros(1, model.cfg.latent, 8, 8) if hidden else None
-    net = Int8Decoder(model, saved["act"], saved.get("main20", False), hidden, sample)
+    net = Int8Decoder(model, saved["act"], saved.get("main20", False), hidden, sample, saved.get("first", False))
     net.load_state_dict(saved["model"])
     path = folder / FILE_NAME
     export(net, model, CropSampler(load_split(SPLIT_FILE, "train"), args.crop, args.seed + 1, max_weight_px=250_000),
@@ -457,13 +461,13 @@ def finish(args: argparse.Namespace) -> Path:
     card["files"]["decoder_int8"] = {"path": FILE_NAME, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                                      "bytes": path.stat().st_size}
     card_path.write_text(json.dumps(card, indent=1) + "\n")          # the figures below decode with it
-    card["int8"] = {"what": what(saved["act"], saved.get("main20", False), hidden),
+    card["int8"] = {"what": what(saved["act"], saved.get("main20", False), hidden, saved.get("first", False)),
                     "steps": args.steps, "validation_psnr_db": saved["record"], **int8_levels(folder),
                     "wall_time_s": saved["wall_time_s"], "cpu": cpu_name(), "threads": args.threads,
                     "command": f"python -m training.train_int8 --model {Path(args.model).name} --steps {args.steps} --batch "
                                f"{args.batch} --crop {args.crop} --lr {args.lr} --threads {args.threads} --seed {args.seed} "
                                f"--act {saved['act']}" + (" --main20" if saved.get("main20") else "")
-                               + (f" --hidden {hidden}" if hidden else "")}
+                               + (f" --hidden {hidden}" if hidden else "") + (" --first" if saved.get("first") else "")}
     card_path.write_text(json.dumps(card, indent=1) + "\n")          # the test figures decode by these levels
     card["int8"]["test"] = test_figures(folder)
     card_path.write_text(json.dumps(card, indent=1) + "\n")
@@ -500,6 +504,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the decoder's activation: its own GELU, or ReLU (faster kernels; the swap costs quality)")
     p.add_argument("--main20", action="store_true",
                    help="the main path's 20 m convolution in int8 too (its input and output 8-bit ranges)")
+    p.add_argument("--first", action="store_true",
+                   help="the main path's first convolution in int8 too (its input, the dequantised latent, 8-bit)")
     p.add_argument("--hidden", type=int, default=None,
                    help="prune the 40 m residual branches to this many inner channels before fine-tuning (a "
                         "cheaper decoder distilled from the model's; products stay as they are)")
