@@ -178,8 +178,9 @@ class Simulated(nn.Module):
 class Int8Decoder(Simulated):
     """``RateCodec.synthesis`` with its residual branches' convolutions int8, its activations
     ``act`` (the model's own GELU, or ReLU: module doc); ``main20``: the 3x3 convolution of the
-    main path at 20 m int8 too; ``first``: its first convolution too; ``hidden``: the 40 m residual branches pruned to that many inner
-    channels (``pruned``, on the features of ``sample``, dequantised latents), to be fine-tuned."""
+    main path at 20 m int8 too; ``first``: its first convolution too; ``hidden``: the 40 m residual
+    branches pruned to that many inner channels (``pruned``, on the features of ``sample``,
+    dequantised latents), to be fine-tuned."""
 
     def __init__(self, codec: RateCodec, act: str = "gelu", main20: bool = False, hidden: int | None = None,
                  sample: torch.Tensor | None = None, first: bool = False):
