@@ -1,8 +1,8 @@
 """Fuzzing of the decompress path: random and mutated products through `corsa decompress`.
 
     python -m benchmarks.fuzz --cases 2000 --seed 1            # the BENCHMARKS.md run (format 2)
-    python -m benchmarks.fuzz --cases 15000 --format 3         # entropy-coded streams (corsa2.1)
-    python -m benchmarks.fuzz --cases 15000 --format 4         # temporal products (a corsa3 series)
+    python -m benchmarks.fuzz --cases 15000 --format 5         # entropy-coded streams (corsa2.1)
+    python -m benchmarks.fuzz --cases 15000 --format 6         # temporal products (a corsa3 series)
     python -m benchmarks.fuzz --cases 15000 --format packed    # a compress job's downloaded files
     python -m benchmarks.fuzz --cases 100 --seconds 60         # about what the test runs
 
@@ -211,12 +211,13 @@ def _job_files(tif: Path, out: Path, model: str = "corsa2.1", quality: int = 3) 
 
 def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = "2") -> list[Path]:
     """Products of real crops: one with a nodata mask, one without, one of odd size (format 2: the
-    GeoTIFF product of corsa512; 3: corsa2.1's entropy-coded streams; packed: a compress job's
-    files of corsa2.1); format 4: a corsa3 series of three dates, one of them with nodata."""
+    GeoTIFF product of corsa512; 5: corsa2.1's entropy-coded streams; packed: a compress job's
+    files of corsa2.1); format 6: a corsa3 series of three dates, one of them with nodata. (Formats 3
+    and 4, the same without channel maps, are no longer written: tests/products holds one of each.)"""
     from corsa.app import cli
 
     seeds = []
-    if fmt == "4":
+    if fmt == "6":
         for name, (h, w) in (("series", (64, 64)), ("odd", (13, 7))):
             src = folder / f"{name}_in"
             src.mkdir()
@@ -237,7 +238,7 @@ def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = 
         if fmt == "packed":
             _job_files(tif, folder / name)
         elif cli.main(["compress", str(tif), "-o", str(folder / name)] + (["--model", "corsa2.1", "--quality", "3"]
-                                                                           if fmt == "3" else [])) != 0:
+                                                                           if fmt == "5" else [])) != 0:
             raise RuntimeError(f"compressing the seed {name} failed")
         seeds.append(folder / name)
     return seeds
@@ -418,8 +419,8 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=2000)
     p.add_argument("--seconds", type=float, default=3600.0)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--format", default="2", choices=("2", "3", "4", "packed"),
-                   help="the products fuzzed: 2 (corsa512 GeoTIFFs), 3 (entropy-coded streams), 4 (a temporal "
+    p.add_argument("--format", default="2", choices=("2", "5", "6", "packed"),
+                   help="the products fuzzed: 2 (corsa512 GeoTIFFs), 5 (entropy-coded streams), 6 (a temporal "
                    "series), packed (a compress job's files)")
     p.add_argument("--out", type=Path, help="also write the report here (JSON)")
     args = p.parse_args()

@@ -3,7 +3,7 @@
     python -m benchmarks.rd_rate                          # corsa2 from models_onnx/
     python -m benchmarks.rd_rate --model /tmp/corsa2_pre  # any model folder
 
-For each test scene and quality level: our CF from the bytes of the format-3 product file
+For each test scene and quality level: our CF from the bytes of the stream-format product file
 (``corsa.formats.stream_format``), our PSNR on what that file decodes to (nodata set to 0), and the best classical
 PSNR at the same CF, read off the cached sweeps of ``benchmarks.baseline_curves`` (computed here for
 scenes missing from the cache). gain = ours - best classical, scene by scene.

@@ -14,8 +14,8 @@ from corsa.app import cli
 from corsa.formats import stream_format
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import LOADERS
-from corsa.codec.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, ESC, M, PRECISION, StreamError, symbols,
-                                      table_ids)
+from corsa.codec.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, ESC, M, PRECISION, LatentCoder, StreamError,
+                                      symbols, table_ids)
 from corsa.core.metrics import psnr
 
 from test_bad_inputs import write_tif
@@ -98,13 +98,16 @@ def test_probabilities_come_from_integers_a_second_implementation_agrees(codec, 
     # Symbol by symbol, in the coder's order (part, channel, context, cell), with exact dyadic tables.
     freq = codec.coder.freq[level]
     assert np.all(freq.sum(-1) == 1 << PRECISION) and freq.dtype == np.uint32
-    dec = constriction.stream.queue.RangeDecoder(
-        np.frombuffer(codec.coder.encode(ints, level), "<u4").astype(np.uint32))
+    words = np.frombuffer(codec.coder.encode(ints, level), "<u4")
+    # the channel map: one bit a channel, little-endian within u32 words, set where it is coded
+    coded = [bool(int(words[c // 32]) >> (c % 32) & 1) for c in range(ints.shape[0])]
+    assert coded == [bool(ints[c].any()) for c in range(ints.shape[0])] and not all(coded)
+    dec = constriction.stream.queue.RangeDecoder(words[-(-ints.shape[0] // 32):].astype(np.uint32))
     flat = sym.reshape(sym.shape[0], -1)
-    out = np.zeros_like(flat)
+    out = np.full_like(flat, M)
     anchor = (np.add.outer(np.arange(ints.shape[1]), np.arange(ints.shape[2])) % 2 == 0).ravel()
     for part in (0, 1):
-        for c in range(ints.shape[0]):
+        for c in [c for c in range(ints.shape[0]) if coded[c]]:
             cells = np.flatnonzero(anchor != part)
             ctx = ref[c].ravel()[cells]
             for k in np.unique(ctx):
@@ -113,6 +116,29 @@ def test_probabilities_come_from_integers_a_second_implementation_agrees(codec, 
                 for cell in cells[ctx == k]:
                     out[c, cell] = dec.decode(model)
     np.testing.assert_array_equal(out, flat)
+
+
+def test_channels_all_zero_are_left_out_and_older_streams_still_decode(codec, latent):
+    """The channel map (formats 5 and 6): a block's all-zero channels cost nothing but the map; the
+    same integers come back, as from a stream of formats 3 and 4 (every channel coded)."""
+    level = codec.level(codec.default_quality)
+    ints = codec.quantise(latent, codec.default_quality)
+    zero = ~ints.reshape(len(ints), -1).any(1)
+    assert 0 < zero.sum() < len(ints)
+    mapped, mapless = codec.coder.encode(ints, level), codec.coder.encode(ints, level, channel_map=False)
+    assert len(mapped) < len(mapless)
+    np.testing.assert_array_equal(codec.coder.decode(mapped, level, ints.shape), ints)
+    np.testing.assert_array_equal(codec.coder.decode(mapless, level, ints.shape, channel_map=False), ints)
+    empty = np.zeros_like(ints)
+    assert len(codec.coder.encode(empty, level)) == 4 * -(-len(ints) // 32)
+    np.testing.assert_array_equal(codec.coder.decode(codec.coder.encode(empty, level), level, ints.shape), empty)
+    with pytest.raises(StreamError, match="channel map"):
+        codec.coder.decode(mapped[:4], level, ints.shape)
+    narrow = LatentCoder(codec.coder.freq[:, :, :40])       # 40 channels: the map's last word is not full
+    beyond = bytearray(narrow.encode(ints[:40], level))
+    beyond[7] |= 0x80                                        # the map's last bit: a channel the latent lacks
+    with pytest.raises(StreamError, match="channel map"):
+        narrow.decode(bytes(beyond), level, ints[:40].shape)
 
 
 def test_corrupt_streams_are_refused(codec, latent):

@@ -6,7 +6,7 @@ The latent tables (``corsa.codec.latent_coder``: integer frequencies per quality
 channel) are counted on the train split's latents as the exported encoder computes them. The card
 records bands, scaling, latent grid, quality levels with their gains' lambdas, receptive field,
 training command and time, and per-level test figures measured on the exported files: CF from the
-bytes of the format-3 product files, PSNR, per source and as the mean over sources.
+bytes of the stream-format product files, PSNR, per source and as the mean over sources.
 """
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ def card_markdown(card: dict) -> str:
 - Training: `{tr['command']}`; {tr['steps']} steps, {tr['wall_time_s'] / 60:.0f} min on {tr['machine']};
   data {tr['data']}; split {tr['split']}. {tr['notes']}
 
-Test split (locations never seen in training), CF from the bytes of the format-3 product files,
+Test split (locations never seen in training), CF from the bytes of the stream-format product files,
 PSNR (peak 10000) as CF / dB per source; L1C sources are not in the mean. The comparison with
 JPEG 2000 / JPEG XL at the same size is in BENCHMARKS.md.
 

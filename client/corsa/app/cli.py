@@ -195,7 +195,7 @@ def pack_files(args: argparse.Namespace) -> str:
 
 
 def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec, int] | None:
-    """The model and quality of a format-3 product (None for a format 1 or 2 product). Its dates are
+    """The model and quality of a stream-format product (None for a format 1 or 2 product). Its dates are
     checked now, before the engine runs; one decompression takes one quality level."""
     dates = stream_format.dates_in(folder)
     if not dates:
@@ -212,7 +212,7 @@ def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec,
 
 def _opened(folder: Path, model: str | None, network: str = "decoder") -> tuple[CodebookCodec | VariableRateCodec, int | None, list[str]]:
     """A product's model, quality level and dates, checked before anything runs: a variable-rate
-    product (formats 3-4), else an older codebook one (formats 1-2, ``codebook_product.opened``)."""
+    product (formats 3-6), else an older codebook one (formats 1-2, ``codebook_product.opened``)."""
     stream = _stream_product(folder, model)
     if stream:
         return (*stream, stream_format.dates_in(folder))
@@ -257,9 +257,9 @@ def decompress(args: argparse.Namespace) -> str:
         return _decoded_written(written, dates, args.input)
     on_engine = stream and args.scale is not None and not args.like and not args.clear
     if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
-        raise ValueError("--like works on variable-rate products (format 3) on the block-by-block path: without "
+        raise ValueError("--like works on variable-rate products (formats 3-6) on the block-by-block path: without "
                          "--engine or --clear (--scale also on the engine)" if stream else
-                         "--date, --scale and --like work on variable-rate products (format 3)")
+                         "--date, --scale and --like work on variable-rate products (formats 3-6)")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},
@@ -452,7 +452,7 @@ def figures_table(entry: dict) -> str:
 
 
 def reduce(args: argparse.Namespace) -> str:
-    """A format-3 product brought to a lower quality without the source: its integers are
+    """A stream-format product brought to a lower quality without the source: its integers are
     dequantised and quantised again at the lower level (no network runs)."""
     stac_catalog.check_complete(args.input)
     stream = _stream_product(args.input, args.model)

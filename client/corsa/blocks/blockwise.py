@@ -42,9 +42,9 @@ from corsa.codec.models import VariableRateCodec, checked_session
 from corsa.core.files import writing
 from corsa.core.scene import BANDS, to_uint16
 
-BLOCK_PX = 4 * stream_format.BLOCK       # a format-3 stream block, and the services' chunk
+BLOCK_PX = 4 * stream_format.BLOCK       # a stream-format block, and the services' chunk
 if BLOCK_PX != windows.CHUNK:
-    raise ImportError("a format-3 block must be the services' apply_neighborhood chunk, or the paths differ")
+    raise ImportError("a stream-format block must be the services' apply_neighborhood chunk, or the paths differ")
 DECODED_PREFIX = "corsa_decoded"
 
 
@@ -93,7 +93,7 @@ def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, en
 
 def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Path, append: bool = False,
              key_every: int = series.KEY_EVERY, run: cluster.Local | cluster.Cluster | None = None) -> list[Path]:
-    """A (t, bands, y, x) cube (``Catalogue.load``) -> one format-3 file a date in ``out``; the
+    """A (t, bands, y, x) cube (``Catalogue.load``) -> one stream-format file a date in ``out``; the
     dates of a series coded with references to earlier ones (``corsa.formats.series``) where the model
     has temporal tables. ``append``: after the dates already in ``out``, which stay as they are.
     Block by block, every date of a block position together: a block's references are at hand.
@@ -247,7 +247,7 @@ def _fill_dates(folder: Path, date: str) -> list[str]:
 
 
 class DateDecoder:
-    """One date of a format-3/4 product decoded block by block, each block exactly as the decompress
+    """One date of a stream-format product (formats 3-6) decoded block by block, each block exactly as the decompress
     service's UDF decodes the window apply_neighborhood gives it: the integers of the block and its
     overlap (``windows.OVERLAP["decompress"]``) entropy-decoded, dequantised, synthesised, the
     nodata set to 0 (or filled from the other dates, ``fill_gaps``). What ``corsa decompress`` writes
@@ -325,7 +325,7 @@ class DateDecoder:
 
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False,
                     run: cluster.Cluster | None = None) -> Path:
-    """One date of a format-3 product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
+    """One date of a stream-format product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
     decompress service's save_result writes it; under a temporary name until complete. ``fill_gaps``:
     nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept.
     ``run``: a cluster whose workers decode the blocks (default: local threads)."""
@@ -336,7 +336,7 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
 
 def classify_date(folder: Path, date: str, codec: VariableRateCodec, classes: str = "scl",
                   run: cluster.Cluster | None = None) -> np.ndarray:
-    """One date of a format-3 product -> its classes (uint8, 0 = nodata) on the 20 m grid by the
+    """One date of a stream-format product -> its classes (uint8, 0 = nodata) on the 20 m grid by the
     model's head for ``classes``, no decoding: block by block over the windows the classify
     service's apply_neighborhood gives its UDF (``windows.OVERLAP["classify"]``), so the classes
     are those of the service. ``run``: a cluster whose workers classify the blocks."""

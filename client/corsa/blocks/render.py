@@ -181,7 +181,7 @@ def _render_block(src, session, reach: int, coord: np.ndarray, cell: np.ndarray)
 def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool, date: str | None = None,
                fill_gaps: bool = False, scale: float | None = None, like_path: Path | None = None,
                run: cluster.Cluster | None = None) -> list[Path]:
-    """Every date of a format-3 product (or only ``date``, stored or between stored dates) to the file
+    """Every date of a stream-format product (or only ``date``, stored or between stored dates) to the file
     ``out`` (``single``) or to ``out/corsa_decoded_<date>.tif`` (the engine path's names); on the
     stored grid, or on the grid of ``scale`` (pixels that many times smaller) or of ``like_path``.
     ``run``: a cluster whose workers decode the stored grid's blocks."""

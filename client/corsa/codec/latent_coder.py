@@ -15,6 +15,12 @@ Order (a checkerboard, every step one vectorised call per table):
 Symbols are ints clipped to [-M, M] plus an escape; escaped values follow at the end of the stream,
 16 bit each. The range coder is constriction's (exactly invertible fixed-point arithmetic).
 
+Channel map (the streams of product formats 5 and 6): a stream starts with ceil(L / 32) u32 words, bit
+c % 32 of word c // 32 set where channel c is coded; a channel whose integers are all zero is not (at
+the default quality three quarters of a block's channels are, and the coder spent most of its time
+on them). Its symbols are zeros, as decoded ones would be, so every other channel's contexts and
+tables stay the same. Older streams have no map and code every channel (``channel_map=False``).
+
 Temporal tables (a series of one place, ``corsa.formats.series``): a cell may also see a reference, the
 integer of the same cell and channel on an earlier date. Its value clipped to [-REF_RANGE,
 REF_RANGE] is one more context dimension, bucket NO_REF meaning "no reference" (those tables are
@@ -42,6 +48,7 @@ REF_RANGE = 3
 NO_REF = 2 * REF_RANGE + 1     # the reference bucket of a cell without a reference
 REF_BUCKETS = NO_REF + 1
 INT16 = (-(1 << 15), (1 << 15) - 1)
+MAP_WORD_BITS = 32
 
 
 class StreamError(ValueError):
@@ -68,6 +75,26 @@ def symbols(ints: np.ndarray) -> np.ndarray:
     sym = np.clip(ints, -M, M).astype(np.int32) + M
     sym[(ints > M) | (ints < -M)] = ESC
     return sym
+
+
+def map_words(channels: int) -> int:
+    """u32 words of a stream's channel map."""
+    return -(-channels // MAP_WORD_BITS)
+
+
+def _map(coded: np.ndarray) -> np.ndarray:
+    """bool (L,) -> the channel map's words."""
+    bits = np.zeros(map_words(len(coded)) * MAP_WORD_BITS, np.uint8)
+    bits[:len(coded)] = coded
+    return np.packbits(bits, bitorder="little").view("<u4")
+
+
+def _unmap(words: np.ndarray, channels: int) -> np.ndarray:
+    """The channel map's words -> bool (L,); a bit beyond the channels is a corrupt stream."""
+    bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")
+    if bits[channels:].any():
+        raise StreamError(f"the channel map names channels beyond the {channels} of the latent")
+    return bits[:channels].astype(bool)
 
 
 def _magnitude(sym: np.ndarray) -> np.ndarray:
@@ -102,13 +129,13 @@ def _layout(h: int, w: int) -> _Layout:
 def _spatial_base(mag0: np.ndarray, layout: _Layout) -> np.ndarray:
     """(L, n1) context of each non-anchor before its channel activity, from the anchors' (L, n0)
     magnitudes: ANCHOR_BUCKETS + the bucket of its four anchor neighbours' sum * CHANNEL_BUCKETS."""
-    m = layout.grid(mag0, np.zeros((len(mag0), layout.cells[1].size), mag0.dtype)).reshape(-1, *layout.shape)
+    m = layout.grid(mag0, np.zeros((len(mag0), layout.cells[1].size), mag0.dtype)).reshape(len(mag0), *layout.shape)
     s = np.zeros_like(m)
     s[:, 1:] += m[:, :-1]
     s[:, :-1] += m[:, 1:]
     s[:, :, 1:] += m[:, :, :-1]
     s[:, :, :-1] += m[:, :, 1:]
-    spatial = np.take(s.reshape(len(m), -1), layout.cells[1], 1)
+    spatial = np.take(s.reshape(len(m), layout.shape[0] * layout.shape[1]), layout.cells[1], 1)
     return ANCHOR_BUCKETS + _bucket(_SPATIAL, spatial) * CHANNEL_BUCKETS
 
 
@@ -116,8 +143,7 @@ def _part_ids(sym: np.ndarray, layout: _Layout, rb: np.ndarray | None) -> tuple[
     """Table ids (L, n0) of the anchors and (L, n1) of the others, of every symbol (L, h*w): the
     context, and with a reference its bucket * CONTEXTS. Every channel at once: the encoder knows them all."""
     mag = _magnitude(sym)
-    act = np.empty_like(mag)                              # magnitudes of the channels before, per cell
-    act[0] = 0
+    act = np.zeros_like(mag)                              # magnitudes of the channels before, per cell
     for c in range(1, len(mag)):
         np.add(act[c - 1], mag[c - 1], out=act[c])
     (mag0, _), (act0, act1) = layout.parts(mag), layout.parts(act)
@@ -241,22 +267,25 @@ class LatentCoder:
         return reference_buckets(ref, has_ref, shape)
 
     def encode(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
-               has_ref: np.ndarray | None = None) -> bytes:
+               has_ref: np.ndarray | None = None, channel_map: bool = True) -> bytes:
         """(L, h, w) integer latent -> bytes (the shape is not stored: the product holds it). Temporal
-        tables take ``ref`` (L, h, w), the reference integers, valid where ``has_ref`` (h, w)."""
+        tables take ``ref`` (L, h, w), the reference integers, valid where ``has_ref`` (h, w).
+        ``channel_map``: all-zero channels left out (the layout of formats 5 and 6, see above)."""
         import constriction
 
         rb = self._check(level, ints.shape, ref, has_ref)
         L = ints.shape[0]
         layout = _layout(*ints.shape[1:])
         sym = symbols(ints).reshape(L, -1)
+        # the coded channels only: a left-out one adds nothing to the others' contexts
+        chans = np.flatnonzero((sym != M).any(1)) if channel_map else np.arange(L)
         enc = constriction.stream.queue.RangeEncoder()
-        for part, (ids, syms) in enumerate(zip(_part_ids(sym, layout, rb), layout.parts(sym))):
-            for c in range(L):
+        for ids, syms in zip(_part_ids(sym[chans], layout, None if rb is None else rb[chans]), layout.parts(sym[chans])):
+            for j, c in enumerate(chans.tolist()):
                 # the step's order: by table, stably (positions ascending within a table)
-                counts = np.bincount(ids[c])
+                counts = np.bincount(ids[j])
                 stops = np.cumsum(counts)
-                ordered = syms[c][np.argsort(ids[c], kind="stable")]
+                ordered = syms[j][np.argsort(ids[j], kind="stable")]
                 for k in np.flatnonzero(counts).tolist():
                     enc.encode(ordered[stops[k] - counts[k]:stops[k]], self._model(level, k, c))
         escaped = ints.reshape(L, -1)[sym == ESC].astype(np.int64)
@@ -264,52 +293,62 @@ class LatentCoder:
             if escaped.min() < INT16[0] or escaped.max() > INT16[1]:
                 raise ValueError("latent values must fit in int16")
             enc.encode((escaped - INT16[0]).astype(np.int32), constriction.stream.model.Uniform(1 << 16))
-        return enc.get_compressed().astype("<u4").tobytes()
+        words = enc.get_compressed().astype("<u4")
+        return (np.concatenate([_map(np.isin(np.arange(L), chans)), words]) if channel_map else words).tobytes()
 
-    def _decode_part(self, dec, level: int, base: np.ndarray, buckets: np.ndarray) -> np.ndarray:
-        """(L, n) symbols of one part, channel by channel: table id = ``base`` + the bucket of the
-        activity of the channels decoded before at the cell."""
+    def _decode_part(self, dec, level: int, base: np.ndarray, buckets: np.ndarray, chans: list[int]) -> np.ndarray:
+        """(len(chans), n) symbols of one part, channel by channel: table id = ``base`` + the bucket of
+        the activity of the channels decoded before at the cell."""
         out = np.empty(base.shape, np.int32)
         act = np.zeros(base.shape[1], np.int16)
         bucket = np.zeros(base.shape[1], np.uint16)       # of act; most symbols are 0 and change neither
-        for c in range(len(base)):
-            ids = base[c] + bucket
+        for j, c in enumerate(chans):
+            ids = base[j] + bucket
             counts = np.bincount(ids)
             used = np.flatnonzero(counts)
             if used.size == 1:
-                out[c] = dec.decode(self._model(level, int(used[0]), c), ids.size)
+                out[j] = dec.decode(self._model(level, int(used[0]), c), ids.size)
             elif used.size:
-                out[c, np.argsort(ids, kind="stable")] = np.concatenate(
+                out[j, np.argsort(ids, kind="stable")] = np.concatenate(
                     [dec.decode(self._model(level, k, c), n) for k, n in zip(used.tolist(), counts[used].tolist())])
-            moved = np.flatnonzero(out[c] != M)
-            act[moved] += _magnitude(out[c, moved])
+            moved = np.flatnonzero(out[j] != M)
+            act[moved] += _magnitude(out[j, moved])
             bucket[moved] = _bucket(buckets, act[moved])
         return out
 
     def decode(self, stream: bytes, level: int, shape: tuple[int, int, int], ref: np.ndarray | None = None,
-               has_ref: np.ndarray | None = None) -> np.ndarray:
-        """bytes -> (L, h, w) int16 latent (with the reference it was coded with, if any)."""
+               has_ref: np.ndarray | None = None, channel_map: bool = True) -> np.ndarray:
+        """bytes -> (L, h, w) int16 latent (with the reference it was coded with, if any);
+        ``channel_map``: as the stream was encoded."""
         import constriction
 
         rb = self._check(level, shape, ref, has_ref)
         if len(stream) % 4:
             raise StreamError("latent stream length is not a whole number of 32-bit words")
         L, h, w = shape
+        words = np.frombuffer(stream, "<u4")
+        n = map_words(L) if channel_map else 0
+        if words.size < n:
+            raise StreamError("latent stream is shorter than its channel map")
+        chans = np.flatnonzero(_unmap(words[:n], L)) if channel_map else np.arange(L)
         layout = _layout(h, w)
-        base = [np.zeros((L, cells.size), np.uint16) for cells in layout.cells] if rb is None \
-            else layout.parts(rb * CONTEXTS)
-        dec = constriction.stream.queue.RangeDecoder(np.frombuffer(stream, "<u4").astype(np.uint32))
+        base = [np.zeros((chans.size, cells.size), np.uint16) for cells in layout.cells] if rb is None \
+            else layout.parts(rb[chans] * CONTEXTS)
+        dec = constriction.stream.queue.RangeDecoder(words[n:].astype(np.uint32))
         try:
-            anchors = self._decode_part(dec, level, base[0], _ANCHOR)
-            others = self._decode_part(dec, level, base[1] + _spatial_base(_magnitude(anchors), layout), _CHANNEL)
+            anchors = self._decode_part(dec, level, base[0], _ANCHOR, chans.tolist())
+            others = self._decode_part(dec, level, base[1] + _spatial_base(_magnitude(anchors), layout), _CHANNEL,
+                                       chans.tolist())
             sym = layout.grid(anchors, others)
-            ints = sym - M
+            ints = np.zeros((L, h * w), np.int16)
+            ints[chans] = sym - M
             esc = sym == ESC
             if esc.any():
-                ints[esc] = dec.decode(constriction.stream.model.Uniform(1 << 16), int(esc.sum())) + INT16[0]
+                ints[chans[np.nonzero(esc)[0]], np.nonzero(esc)[1]] = \
+                    dec.decode(constriction.stream.model.Uniform(1 << 16), int(esc.sum())) + INT16[0]
         except Exception as e:  # constriction reports corrupt data as assorted errors
             raise StreamError(f"latent stream is corrupt: {e}") from e
-        return ints.reshape(shape).astype(np.int16)
+        return ints.reshape(shape)
 
     def cell_bits(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
                   has_ref: np.ndarray | None = None) -> np.ndarray:

@@ -4,7 +4,7 @@ A compress service (corsa_openeo_compress_s2, corsa2_openeo_compress_s2) saves e
 the model card on its own grid with standard processes, so any back end's GeoTIFF writer makes
 them: ``corsa_<layer>_<date>.tif`` (L0 / L1 indices or the integer latent, band names as band
 descriptions) beside ``corsa_nodata_<date>.tif`` on the 10 m input grid. ``pack`` entropy-codes a
-download of them into the product (format 3 for variable-rate models, format 2 for codebook
+download of them into the product (format 5 for variable-rate models, format 2 for codebook
 models), block by block (memory flat in the area); ``job_cube`` reads them as the compressed cube
 the decompress UDF takes. The files name neither model nor quality: they come from the job's
 description (``job.json``, which ``corsa.openeo.jobs.download`` saves beside them) or from the user.
@@ -34,7 +34,7 @@ JOB_FILE = "job.json"
 # corsa_<layer>_<date>.tif as the embedded engine names them; CDSE and Terrascope add a time or a
 # "Z" to the date (corsa_latent_2022-07-06Z.tif, ..._2022-07-06T00:00:00Z.tif).
 _NAME = re.compile(r"^corsa_(?P<layer>[A-Za-z0-9]+)_(?P<date>\d{4}-\d{2}-\d{2}|undated)(T\d{2}:?\d{2}:?\d{2}(\.\d+)?)?Z?\.tiff?$")
-BLOCK_PX = 4 * stream_format.BLOCK  # 10 m pixels per block side: one format-3 stream block
+BLOCK_PX = 4 * stream_format.BLOCK  # 10 m pixels per block side: one stream-format block
 
 
 class JobFilesError(product.ProductError):

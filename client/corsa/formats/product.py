@@ -1,5 +1,5 @@
 """What every product format shares: the one error for a damaged product, date labels, the grid's
-coordinates, a format-3/4 date as a lazy engine cube, and the variable-rate model that decodes a
+coordinates, a stream-format date (formats 3-6) as a lazy engine cube, and the variable-rate model that decodes a
 date. The formats themselves: ``corsa.formats.stream_format`` (3 and 4, variable-rate models) and
 ``corsa.formats.codebook_product`` (1 and 2, corsa512).
 """
@@ -36,7 +36,7 @@ def grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, n
 
 
 def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
-    """One format-3 date as a lazy (t, [z.., nodata], y, x) cube on the 10 m input grid: blocks are
+    """One stream-format date as a lazy (t, [z.., nodata], y, x) cube on the 10 m input grid: blocks are
     entropy-decoded as chunks are computed, and their integers replicated over their 4 x 4 cells."""
     import dask.array as darr
     import pandas as pd
@@ -72,7 +72,7 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
 
 
 def stream_codec(folder: Path, date: str, model: str | Path | None = None) -> VariableRateCodec:
-    """The variable-rate model that decodes a format-3 date: ``model`` if given, else the shipped
+    """The variable-rate model that decodes a stream-format date: ``model`` if given, else the shipped
     model the file names; refused unless its decoder is the one that wrote the file."""
     path = Path(folder) / stream_format.file_name(date)
     h = stream_format.read_header(path.read_bytes(), path.name)

@@ -9,7 +9,7 @@ What each date stores and decodes to is unchanged: only the entropy coding sees 
   KEY_EVERY - 1 other dates (their integers only: no network runs for them).
 - Sub-blocks of SUB x SUB latent cells each choose their reference (or none), the one that codes
   them in the fewest bits: a cloud on one date is then no worse a reference than a clear one
-  elsewhere. The choice is the encoder's; the decoder reads it from the file (format 4).
+  elsewhere. The choice is the encoder's; the decoder reads it from the file (formats 4 and 6).
 - A date of another quality level than its group's key date starts a new group (the tables are
   per level). Appending dates after a product's last date re-codes none of the old ones.
 """
@@ -195,7 +195,7 @@ def _block_ints(folder: str, date: str, stamp: tuple[int, int], k: int, model: s
     shape = (codec.channels, cells[0].stop - cells[0].start, cells[1].stop - cells[1].start)
     name = stream_format.file_name(date)
     if not h["refs"]:
-        return stream_format.decode_block(codec.coder, data[start:start + n], level, cells, name)
+        return stream_format.decode_block(codec.coder, data[start:start + n], level, cells, name, h["channel_map"])
     if codec.temporal_coder is None:
         raise ProductError(f"{name} is coded with references to other dates; model {codec.model_id} has no temporal tables")
     choice = h["choices"][k]
@@ -207,13 +207,13 @@ def _block_ints(folder: str, date: str, stamp: tuple[int, int], k: int, model: s
         refs[j] = block_ints(Path(folder), h["refs"][j], k, codec)
     ref, has = reference(choice, refs, shape)
     try:
-        return codec.temporal_coder.decode(data[start:start + n], level, shape, ref, has)
+        return codec.temporal_coder.decode(data[start:start + n], level, shape, ref, has, h["channel_map"])
     except ValueError as e:
         raise ProductError(f"{name}: {e}") from e
 
 
 def check_model_prefix(model_id: str, sha_prefix: str, codec: VariableRateCodec) -> None:
-    """Refuse to decode a format-3 date with a model other than the one that wrote it."""
+    """Refuse to decode a stream-format date with a model other than the one that wrote it."""
     if not codec.card["files"]["decoder"]["sha256"].startswith(sha_prefix):
         shown = repr(model_id) if len(repr(model_id)) <= 80 else repr(model_id)[:80] + "..."
         raise ProductError(f"the product was written with model {shown} (decoder sha256 {sha_prefix}...), "

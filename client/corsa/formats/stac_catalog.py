@@ -40,7 +40,7 @@ def describe(folder: Path) -> list[dict]:
         path = folder / stream_format.file_name(d)
         h = stream_format.read_header(path.read_bytes(), path.name)
         size = path.stat().st_size
-        records.append({"date": d, "format": 4 if h["refs"] else 3, "files": [path.name], "model_id": h["model_id"],
+        records.append({"date": d, "format": h["version"], "files": [path.name], "model_id": h["model_id"],
                         "decoder_sha256_prefix": h["sha_prefix"], "quality": h["quality"], "shape": list(h["shape"]),
                         "crs": h["crs"], "transform": list(h["transform"])[:6] if h["transform"] else None,
                         "latent_cells": list(h["cells"]), "blocks": len(h["blocks"]), "bytes": size,
@@ -190,7 +190,7 @@ def check_complete(folder: Path) -> None:
 
 
 def _item_files(folder: Path, date: str) -> list[str]:
-    """The product files the STAC Item of ``date`` names (the format-3 name if it cannot be read)."""
+    """The product files the STAC Item of ``date`` names (the stream-format name if it cannot be read)."""
     try:
         doc = json.loads((folder / f"corsa_{date}.json").read_text())
         names = [Path(a["href"]).name for a in doc.get("assets", {}).values() if PRODUCT_ROLE in a.get("roles", [])]

@@ -1,4 +1,4 @@
-"""Product format versions 3 and 4: the entropy-coded stream of a variable-rate model, one file a date.
+"""Product format versions 3 to 6: the entropy-coded stream of a variable-rate model, one file a date.
 
     <folder>/corsa_<date>.corsa
 
@@ -9,7 +9,8 @@ CF 120 the whole file is about 1.3 kB: a georeferenced UTM date with an EPSG cod
 (about 4%), where the two GeoTIFF headers of format 2 cost several kB. All integers little-endian;
 varint = LEB128:
 
-    magic      b"CRS" + version byte (3)
+    magic      b"CRS" + version byte: 5 (a date coded alone), 6 (with references); the older 3 and 4
+               are the same but for the block streams, which have no channel map (``corsa.codec.latent_coder``)
     varint     header length (bytes that follow up to the payload)
     u8         quality level       u8  flags (1 nodata mask, 2 georeferenced, 4 north-up,
                                           8 pixel size fits float32, 16 CRS is an EPSG code)
@@ -19,7 +20,7 @@ varint = LEB128:
                (f32 when exact, else f64); otherwise the 6 coefficients as f64
     CRS        EPSG code as u32, or u16 + WKT text (length 0: none)
     u16        date as days since 1970-01-01 (0xFFFF: undated)
-    (version 4, a date of a series coded with references to earlier dates, ``corsa.formats.series``:)
+    (versions 4 and 6, a date of a series coded with references to earlier dates, ``corsa.formats.series``:)
     varint     number of reference dates n >= 1;  u16 x n  their dates (days, as above)
     bytes      per block (row-major), per sub-block of SUB x SUB cells (row-major): the index of
                the reference date its cells are coded with, 0xFF: none (coded alone)
@@ -43,8 +44,9 @@ from rasterio.transform import Affine
 from corsa.core.files import writing
 from corsa.codec.latent_coder import StreamError
 
-VERSION = 3
-TEMPORAL_VERSION = 4           # a date coded with references (a series); otherwise the bytes of version 3
+VERSION = 5
+TEMPORAL_VERSION = 6           # a date coded with references (a series); otherwise the bytes of version 5
+MAPLESS = {3: VERSION, 4: TEMPORAL_VERSION}   # older versions: the same, their streams without channel maps
 MAGIC = b"CRS" + bytes([VERSION])
 SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
 NO_REFERENCE = 0xFF
@@ -69,7 +71,7 @@ def shown(value: str | None) -> str:
 
 @dataclass
 class StreamDate:
-    """One date of a format-3 product, decoded down to the stored integers."""
+    """One date of a stream-format product, decoded down to the stored integers."""
 
     date: str
     quality: int
@@ -238,8 +240,8 @@ def read_header(data: bytes, name: str) -> dict:
     """The header fields and the payload's stream lengths, checked against the file's CRC-32."""
     if len(data) < len(MAGIC) + 6 or data[:3] != MAGIC[:3]:
         raise ProductError(f"{name} is not a corsa stream product (bad magic)")
-    if data[3] not in (VERSION, TEMPORAL_VERSION):
-        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows {VERSION} and {TEMPORAL_VERSION}")
+    if data[3] not in (VERSION, TEMPORAL_VERSION, *MAPLESS):
+        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows 3 to {TEMPORAL_VERSION}")
     if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
         raise ProductError(f"{name} does not match its CRC-32 (damaged or truncated file)")
     r = _Reader(data[:-4], name)
@@ -268,7 +270,7 @@ def read_header(data: bytes, name: str) -> dict:
     cells = latent_cells((height, width))
     blocks = block_slices(cells, block)
     refs, choices = [], None
-    if data[3] == TEMPORAL_VERSION:
+    if MAPLESS.get(data[3], data[3]) == TEMPORAL_VERSION:
         n = r.varint()
         if not 0 < n < NO_REFERENCE:
             raise ProductError(f"{name} declares {n} reference dates")
@@ -291,7 +293,7 @@ def read_header(data: bytes, name: str) -> dict:
     return {"quality": quality, "model_id": model_id, "sha_prefix": sha_prefix, "shape": (height, width),
             "block": block, "transform": transform, "crs": crs, "date": date, "cells": cells,
             "blocks": blocks, "lengths": lengths, "mask_len": mask_len, "payload": r.pos,
-            "refs": refs, "choices": choices}
+            "refs": refs, "choices": choices, "version": data[3], "channel_map": data[3] not in MAPLESS}
 
 
 def _date_of(days: int) -> str:
@@ -319,11 +321,12 @@ def read_mask(data: bytes, h: dict, name: str) -> np.ndarray | None:
     return np.unpackbits(bits)[:size].reshape(h["shape"]).astype(bool)
 
 
-def decode_block(coder, stream: bytes, level: int, cells: tuple[slice, slice], name: str) -> np.ndarray:
-    """One block's integers (L, h, w) from its stream."""
+def decode_block(coder, stream: bytes, level: int, cells: tuple[slice, slice], name: str,
+                 channel_map: bool) -> np.ndarray:
+    """One block's integers (L, h, w) from its stream (``channel_map``: the header's, versions 5 and 6)."""
     shape = (coder.channels, cells[0].stop - cells[0].start, cells[1].stop - cells[1].start)
     try:
-        return coder.decode(stream, level, shape)
+        return coder.decode(stream, level, shape, channel_map=channel_map)
     except StreamError as e:
         raise ProductError(f"{name}: {e}") from e
 
@@ -343,6 +346,6 @@ def read_date(folder: Path, date: str, coder, level_of) -> StreamDate:
     level = level_of(h["quality"])
     ints = np.zeros((coder.channels,) + h["cells"], np.int16)
     for cells, (start, n) in zip(h["blocks"], stream_offsets(h)):
-        ints[:, cells[0], cells[1]] = decode_block(coder, data[start:start + n], level, cells, path.name)
+        ints[:, cells[0], cells[1]] = decode_block(coder, data[start:start + n], level, cells, path.name, h["channel_map"])
     return StreamDate(date, h["quality"], ints, read_mask(data, h, path.name), h["shape"], h["transform"],
                       h["crs"], h["model_id"], h["sha_prefix"])
