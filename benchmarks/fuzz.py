@@ -1,8 +1,8 @@
 """Fuzzing of the decompress path: random and mutated products through `corsa decompress`.
 
     python -m benchmarks.fuzz --cases 2000 --seed 1            # the BENCHMARKS.md run (format 2)
-    python -m benchmarks.fuzz --cases 15000 --format 5         # entropy-coded streams (corsa2.1)
-    python -m benchmarks.fuzz --cases 15000 --format 6         # temporal products (a corsa3 series)
+    python -m benchmarks.fuzz --cases 15000 --format 5         # dates coded alone (the default model: version 7)
+    python -m benchmarks.fuzz --cases 15000 --format 6         # temporal products (a series of it)
     python -m benchmarks.fuzz --cases 15000 --format packed    # a compress job's downloaded files
     python -m benchmarks.fuzz --cases 100 --seconds 60         # about what the test runs
 
@@ -209,14 +209,18 @@ def _job_files(tif: Path, out: Path, model: str = "corsa2.1", quality: int = 3) 
     return out
 
 
-def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = "2") -> list[Path]:
+def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = "2", model: str | None = None
+               ) -> list[Path]:
     """Products of real crops: one with a nodata mask, one without, one of odd size (format 2: the
-    GeoTIFF product of corsa512; 5: corsa2.1's entropy-coded streams; packed: a compress job's
-    files of corsa2.1); format 6: a corsa3 series of three dates, one of them with nodata. (Formats 3
-    and 4, the same without channel maps, are no longer written: tests/products holds one of each.)"""
+    GeoTIFF product of corsa512; 5: ``model``'s dates coded alone (version 7 with class tables),
+    default: the default model;
+    packed: a compress job's files of corsa2.1); format 6: a series of ``model`` of three dates, one
+    of them with nodata. (Formats 3 and 4, the same without channel maps, are no longer written:
+    tests/products holds one of each.)"""
     from corsa.app import cli
+    from corsa.codec.models import default_model
 
-    seeds = []
+    seeds, model = [], model or default_model()
     if fmt == "6":
         for name, (h, w) in (("series", (64, 64)), ("odd", (13, 7))):
             src = folder / f"{name}_in"
@@ -226,7 +230,7 @@ def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = 
                 if k == 1:
                     data[:, :9, :13] = 0
                 _write(src / f"{date}.tif", data, transform, crs, date)
-            if cli.main(["compress", str(src), "-o", str(folder / name), "--model", "corsa3", "--quality", "3"]) != 0:
+            if cli.main(["compress", str(src), "-o", str(folder / name), "--model", model, "--quality", "3"]) != 0:
                 raise RuntimeError(f"compressing the seed {name} failed")
             seeds.append(folder / name)
         return seeds
@@ -237,7 +241,7 @@ def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = 
         tif = _write(folder / f"{name}.tif", data, transform, crs, "2022-07-06")
         if fmt == "packed":
             _job_files(tif, folder / name)
-        elif cli.main(["compress", str(tif), "-o", str(folder / name)] + (["--model", "corsa2.1", "--quality", "3"]
+        elif cli.main(["compress", str(tif), "-o", str(folder / name)] + (["--model", model, "--quality", "3"]
                                                                            if fmt == "5" else [])) != 0:
             raise RuntimeError(f"compressing the seed {name} failed")
         seeds.append(folder / name)
@@ -422,6 +426,7 @@ def main() -> None:
     p.add_argument("--format", default="2", choices=("2", "5", "6", "packed"),
                    help="the products fuzzed: 2 (corsa512 GeoTIFFs), 5 (entropy-coded streams), 6 (a temporal "
                    "series), packed (a compress job's files)")
+    p.add_argument("--model", help="the variable-rate model of formats 5 and 6 (default: the default model)")
     p.add_argument("--out", type=Path, help="also write the report here (JSON)")
     args = p.parse_args()
     if args.worker:
@@ -433,9 +438,9 @@ def main() -> None:
 
     scene = next(LOADERS["majortom"](default_data_root()))
     with tempfile.TemporaryDirectory() as tmp:
-        seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs, args.format)
+        seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs, args.format, args.model)
         report = fuzz(seeds, Path(tmp), args.cases, args.seconds, args.seed)
-    text = json.dumps({"format": args.format, "cpu": cpu_name(), **report.__dict__}, indent=1)
+    text = json.dumps({"format": args.format, "model": args.model, "cpu": cpu_name(), **report.__dict__}, indent=1)
     if args.out:
         args.out.write_text(text)
     print(text)

@@ -14,8 +14,8 @@ from corsa.app import cli
 from corsa.formats import stream_format
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import LOADERS
-from corsa.codec.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, ESC, M, PRECISION, LatentCoder, StreamError,
-                                      symbols, table_ids)
+from corsa.codec.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, CONTEXTS, ESC, M, PRECISION, LatentCoder,
+                                      StreamError, class_counts, symbols, table_ids)
 from corsa.core.metrics import psnr
 
 from test_bad_inputs import write_tif
@@ -85,37 +85,74 @@ def _reference_contexts(sym: np.ndarray) -> np.ndarray:
     return ctx
 
 
-def test_probabilities_come_from_integers_a_second_implementation_agrees(codec, latent):
-    """Every symbol's table is chosen by integer contexts; a cell-by-cell reference computes the same
-    contexts, and a symbol-by-symbol decoder fed with those tables reads the vectorised coder's stream."""
+EDGES = (1 / 16, 1 / 4, 1 / 2)        # class tables of 4 classes, for the tests
+
+
+@pytest.fixture(scope="module")
+def class_coder(codec, latent) -> LatentCoder:
+    """Class tables counted on the scene's own latent (a real fit is ``training.fit_classes``)."""
+    counts = np.stack([class_counts(codec.quantise(latent, q), EDGES) for q in codec.qualities])
+    return LatentCoder.classes_from_counts(counts, codec.coder, np.array(EDGES))
+
+
+@pytest.mark.parametrize("tables", ["plain", "classes"])
+def test_probabilities_come_from_integers_a_second_implementation_agrees(codec, latent, class_coder, tables):
+    """Every symbol's table is chosen by integer contexts (and the class the stream names); a
+    cell-by-cell reference computes the same contexts and classes, and a symbol-by-symbol decoder fed
+    with those tables reads the vectorised coder's stream."""
     import constriction
 
+    coder = codec.coder if tables == "plain" else class_coder
     level = codec.level(codec.default_quality)
     ints = codec.quantise(latent[:, :9, :11], codec.default_quality)
     sym = symbols(ints)
     ref = _reference_contexts(sym)
     np.testing.assert_array_equal(table_ids(ints), ref.reshape(ref.shape[0], -1))
     # Symbol by symbol, in the coder's order (part, channel, context, cell), with exact dyadic tables.
-    freq = codec.coder.freq[level]
+    freq = coder.freq[level]
     assert np.all(freq.sum(-1) == 1 << PRECISION) and freq.dtype == np.uint32
-    words = np.frombuffer(codec.coder.encode(ints, level), "<u4")
-    # the channel map: one bit a channel, little-endian within u32 words, set where it is coded
-    coded = [bool(int(words[c // 32]) >> (c % 32) & 1) for c in range(ints.shape[0])]
-    assert coded == [bool(ints[c].any()) for c in range(ints.shape[0])] and not all(coded)
-    dec = constriction.stream.queue.RangeDecoder(words[-(-ints.shape[0] // 32):].astype(np.uint32))
+    words = np.frombuffer(coder.encode(ints, level), "<u4")
+    # the channel map: b bits a channel (1 plain, 4 with classes), little-endian within u32 words
+    b = 1 if tables == "plain" else 4
+    value = [int(words[c * b // 32]) >> (c * b % 32) & (1 << b) - 1 for c in range(ints.shape[0])]
+    share = [np.count_nonzero(ints[c]) / ints[c].size for c in range(ints.shape[0])]
+    assert value == [0 if not v else 1 if b == 1 else 1 + sum(e <= v for e in EDGES) for v in share]
+    assert 0 in value and len(set(value)) > 2 - (b == 1)
+    dec = constriction.stream.queue.RangeDecoder(words[-(-ints.shape[0] * b // 32):].astype(np.uint32))
     flat = sym.reshape(sym.shape[0], -1)
     out = np.full_like(flat, M)
     anchor = (np.add.outer(np.arange(ints.shape[1]), np.arange(ints.shape[2])) % 2 == 0).ravel()
     for part in (0, 1):
-        for c in [c for c in range(ints.shape[0]) if coded[c]]:
+        for c in [c for c in range(ints.shape[0]) if value[c]]:
             cells = np.flatnonzero(anchor != part)
             ctx = ref[c].ravel()[cells]
             for k in np.unique(ctx):
-                model = constriction.stream.model.Categorical(freq[k, c].astype(np.float64) / (1 << PRECISION),
-                                                              perfect=False)
+                table = freq[(value[c] - 1) * CONTEXTS + k, c]
+                model = constriction.stream.model.Categorical(table.astype(np.float64) / (1 << PRECISION), perfect=False)
                 for cell in cells[ctx == k]:
                     out[c, cell] = dec.decode(model)
     np.testing.assert_array_equal(out, flat)
+
+
+def test_class_tables_round_trip_and_refuse_what_they_do_not_hold(codec, latent, class_coder, tmp_path):
+    """A class coder gives the integers back at every level, through its saved file too; a stream
+    naming a class beyond its tables is refused, and it writes no stream without a channel map."""
+    for q in codec.qualities:
+        ints = codec.quantise(latent, q)
+        stream = class_coder.encode(ints, codec.level(q))
+        np.testing.assert_array_equal(class_coder.decode(stream, codec.level(q), ints.shape), ints)
+        assert len(stream) <= class_coder.bits(ints, codec.level(q)) / 8 * 1.01 + 64
+    again = LatentCoder.load(class_coder.save(tmp_path).parent)
+    assert again.classes == 4 and np.array_equal(again.freq, class_coder.freq)
+    level = codec.level(codec.default_quality)
+    ints = codec.quantise(latent, codec.default_quality)
+    named = bytearray(class_coder.encode(ints, level))
+    c = int(np.flatnonzero(ints.reshape(len(ints), -1).any(1))[0])
+    named[c // 2] |= 0xF << (4 * (c % 2))                  # class 15 for a coded channel
+    with pytest.raises(StreamError, match="table class 15"):
+        class_coder.decode(bytes(named), level, ints.shape)
+    with pytest.raises(ValueError, match="channel map"):
+        class_coder.encode(ints, level, channel_map=False)
 
 
 def test_channels_all_zero_are_left_out_and_older_streams_still_decode(codec, latent):

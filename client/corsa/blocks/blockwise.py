@@ -106,7 +106,7 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     heads = [series.header(out, d)[1] for d in old]
     h, w = cube.sizes["y"], cube.sizes["x"]
     for d, hd in zip(old, heads):
-        series.check_model_prefix(hd["model_id"], hd["sha_prefix"], codec)
+        series.check_model(hd, codec)
         if (hd["shape"], hd["transform"], hd["crs"]) != ((h, w), transform, crs):
             raise ValueError(f"cannot append to {out}: its date {d} has the grid {hd['shape']} {hd['crs']} "
                              f"{tuple(hd['transform'] or ())[:6]}, the input {(h, w)} {crs} {tuple(transform or ())[:6]}")
@@ -159,7 +159,7 @@ class _Integers:
     def __init__(self, folder: Path, date: str, codec: VariableRateCodec):
         self.folder, self.date, self.codec = folder, date, codec
         self.data, self.head = series.header(folder, date)
-        series.check_model_prefix(self.head["model_id"], self.head["sha_prefix"], codec)
+        series.check_model(self.head, codec)
         codec.level(self.head["quality"])
         self.per_row = -(-self.head["cells"][1] // self.head["block"])
         self.row_count = -(-self.head["cells"][0] // self.head["block"])

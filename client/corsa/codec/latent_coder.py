@@ -15,11 +15,16 @@ Order (a checkerboard, every step one vectorised call per table):
 Symbols are ints clipped to [-M, M] plus an escape; escaped values follow at the end of the stream,
 16 bit each. The range coder is constriction's (exactly invertible fixed-point arithmetic).
 
-Channel map (the streams of product formats 5 and 6): a stream starts with ceil(L / 32) u32 words, bit
-c % 32 of word c // 32 set where channel c is coded; a channel whose integers are all zero is not (at
-the default quality three quarters of a block's channels are, and the coder spent most of its time
-on them). Its symbols are zeros, as decoded ones would be, so every other channel's contexts and
-tables stay the same. Older streams have no map and code every channel (``channel_map=False``).
+Channel map (the streams of product formats 5 and 6): a stream starts with u32 words holding b bits a
+channel (little-endian, channel 0 first): 0 where the channel is not coded, because its integers are
+all zero (at the default quality three quarters of a block's channels are, and the coder spent most
+of its time on them); its symbols are zeros, as decoded ones would be, so every other channel's
+contexts stay the same. b = 1 (1: coded) for plain tables. Class tables (``class_edges``, a model
+from ``training.fit_classes`` on): b = CLASS_BITS, value v >= 1 = coded with the tables of class v,
+which the encoder picks by the channel's share of nonzero integers in the block (a forward-adaptive
+model: a calm sea block and a city block of the same channel get different tables; the decoder
+reads the class, it never computes one). Older streams have no map and code every channel
+(``channel_map=False``).
 
 Temporal tables (a series of one place, ``corsa.formats.series``): a cell may also see a reference, the
 integer of the same cell and channel on an earlier date. Its value clipped to [-REF_RANGE,
@@ -49,6 +54,7 @@ NO_REF = 2 * REF_RANGE + 1     # the reference bucket of a cell without a refere
 REF_BUCKETS = NO_REF + 1
 INT16 = (-(1 << 15), (1 << 15) - 1)
 MAP_WORD_BITS = 32
+CLASS_BITS = 4               # bits a channel of a class coder's map: classes 1..15
 
 
 class StreamError(ValueError):
@@ -77,24 +83,24 @@ def symbols(ints: np.ndarray) -> np.ndarray:
     return sym
 
 
-def map_words(channels: int) -> int:
-    """u32 words of a stream's channel map."""
-    return -(-channels // MAP_WORD_BITS)
+def map_words(channels: int, bits: int = 1) -> int:
+    """u32 words of a stream's channel map of ``bits`` bits a channel."""
+    return -(-channels * bits // MAP_WORD_BITS)
 
 
-def _map(coded: np.ndarray) -> np.ndarray:
-    """bool (L,) -> the channel map's words."""
-    bits = np.zeros(map_words(len(coded)) * MAP_WORD_BITS, np.uint8)
-    bits[:len(coded)] = coded
-    return np.packbits(bits, bitorder="little").view("<u4")
+def _map(values: np.ndarray, bits: int) -> np.ndarray:
+    """(L,) values < 2**bits -> the channel map's words."""
+    flat = np.zeros(map_words(len(values), bits) * MAP_WORD_BITS, np.uint8)
+    flat[:len(values) * bits] = ((values[:, None].astype(np.int64) >> np.arange(bits)) & 1).ravel()
+    return np.packbits(flat, bitorder="little").view("<u4")
 
 
-def _unmap(words: np.ndarray, channels: int) -> np.ndarray:
-    """The channel map's words -> bool (L,); a bit beyond the channels is a corrupt stream."""
-    bits = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")
-    if bits[channels:].any():
+def _unmap(words: np.ndarray, channels: int, bits: int) -> np.ndarray:
+    """The channel map's words -> (L,) values; a bit beyond the channels is a corrupt stream."""
+    flat = np.unpackbits(words.astype("<u4").view(np.uint8), bitorder="little")
+    if flat[channels * bits:].any():
         raise StreamError(f"the channel map names channels beyond the {channels} of the latent")
-    return bits[:channels].astype(bool)
+    return (flat[:channels * bits].reshape(channels, bits).astype(np.int64) << np.arange(bits)).sum(1)
 
 
 def _magnitude(sym: np.ndarray) -> np.ndarray:
@@ -180,6 +186,28 @@ def context_counts(ints: np.ndarray, ref: np.ndarray | None = None, has_ref: np.
     return np.bincount(bins.ravel(), minlength=n * L * ALPHABET).reshape(n, L, ALPHABET)
 
 
+def channel_classes(sym: np.ndarray, edges: np.ndarray | None) -> np.ndarray:
+    """(L,) the channel map's value of each channel of (L, n) symbols: 0 all zero (not coded), else
+    its class: 1 with plain tables (``edges`` None), with class tables 1 + the number of edges at or
+    below its share of nonzero symbols."""
+    share = (sym != M).mean(1)
+    if edges is None:
+        return (share > 0).astype(np.int64)
+    return np.where(share > 0, 1 + np.searchsorted(edges, share, side="right"), 0)
+
+
+def class_counts(ints: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """(K, CONTEXTS, L, ALPHABET) symbol counts of one block's latent (L, h, w) by the class its
+    channels are coded with (K = len(edges) + 1; channels all zero count nowhere)."""
+    L = ints.shape[0]
+    sym = symbols(ints).reshape(L, -1)
+    cls = channel_classes(sym, np.asarray(edges, np.float64))
+    ids = table_ids(ints).astype(np.intp) + (np.maximum(cls, 1)[:, None] - 1) * CONTEXTS
+    bins = ((ids * L + np.arange(L)[:, None]) * ALPHABET + sym)[cls > 0]
+    K = len(edges) + 1
+    return np.bincount(bins.ravel(), minlength=K * CONTEXTS * L * ALPHABET).reshape(K, CONTEXTS, L, ALPHABET)
+
+
 def quantise_tables(counts: np.ndarray, prior: np.ndarray | None = None, smoothing: float = 2.0) -> np.ndarray:
     """Counts (..., ALPHABET) -> integer frequencies summing to 2**PRECISION, none zero.
 
@@ -200,13 +228,22 @@ def quantise_tables(counts: np.ndarray, prior: np.ndarray | None = None, smoothi
 @dataclass
 class LatentCoder:
     """Integer tables of one model: freq[level] is (tables, L, ALPHABET), each sums 2**PRECISION;
-    CONTEXTS tables (stand-alone), or REF_BUCKETS * CONTEXTS (temporal: with a reference)."""
+    CONTEXTS tables (stand-alone), REF_BUCKETS * CONTEXTS (temporal: with a reference), or with
+    ``class_edges`` (K - 1 increasing shares of nonzero integers) K * CONTEXTS (class k's tables at
+    (k - 1) * CONTEXTS)."""
 
     freq: np.ndarray         # (levels, tables, L, ALPHABET) uint32
+    class_edges: np.ndarray | None = None
 
     def __post_init__(self):
-        if self.freq.ndim != 4 or self.freq.shape[1] not in (CONTEXTS, REF_BUCKETS * CONTEXTS) \
-                or self.freq.shape[3] != ALPHABET:
+        if self.class_edges is not None:
+            edges = np.asarray(self.class_edges, np.float64)
+            if edges.ndim != 1 or not 0 < edges.size < (1 << CLASS_BITS) - 1 or np.any(np.diff(edges) <= 0) \
+                    or edges[0] <= 0 or edges[-1] >= 1:
+                raise ValueError(f"class edges must be 1 to 14 increasing shares in (0, 1), not {self.class_edges}")
+            self.class_edges = edges
+        tables = (CONTEXTS, REF_BUCKETS * CONTEXTS) if self.class_edges is None else (self.classes * CONTEXTS,)
+        if self.freq.ndim != 4 or self.freq.shape[1] not in tables or self.freq.shape[3] != ALPHABET:
             raise ValueError(f"latent tables of shape {self.freq.shape} do not fit this coder")
         if np.any(self.freq == 0) or np.any(self.freq.sum(-1, dtype=np.int64) != 1 << PRECISION):
             raise ValueError(f"latent tables must be non-zero and sum to 2**{PRECISION}")
@@ -241,7 +278,26 @@ class LatentCoder:
 
     @property
     def temporal(self) -> bool:
-        return self.freq.shape[1] != CONTEXTS
+        return self.class_edges is None and self.freq.shape[1] != CONTEXTS
+
+    @property
+    def classes(self) -> int:
+        """Table classes a channel of a block may be coded with (1: plain tables)."""
+        return 1 if self.class_edges is None else self.class_edges.size + 1
+
+    def channel_classes(self, sym: np.ndarray) -> np.ndarray:
+        return channel_classes(sym, self.class_edges)
+
+    @classmethod
+    def classes_from_counts(cls, counts: np.ndarray, plain: "LatentCoder", edges: np.ndarray,
+                            smoothing: float = 16.0) -> "LatentCoder":
+        """Class tables from (levels, K, CONTEXTS, L, ALPHABET) counts (``class_counts``): rare
+        contexts lean on ``plain``'s table of the same context."""
+        if plain.temporal or plain.classes != 1 or counts.shape[1:3] != (len(edges) + 1, CONTEXTS):
+            raise ValueError("class tables are fitted on class counts, next to plain stand-alone tables")
+        prior = np.broadcast_to(plain.freq[:, None].astype(np.float64) / (1 << PRECISION), counts.shape)
+        freq = quantise_tables(counts, prior, smoothing)
+        return cls(freq.reshape(freq.shape[0], -1, *freq.shape[3:]), np.asarray(edges, np.float64))
 
     def _model(self, level: int, ctx: int, c: int):
         models = self._models.get(level)
@@ -257,7 +313,9 @@ class LatentCoder:
         return models[key]
 
     def _check(self, level: int, shape: tuple[int, int, int], ref: np.ndarray | None,
-               has_ref: np.ndarray | None) -> np.ndarray | None:
+               has_ref: np.ndarray | None, channel_map: bool = True) -> np.ndarray | None:
+        if not channel_map and self.classes > 1:
+            raise ValueError("class tables code streams with a channel map (formats 5 and 6)")
         if not 0 <= level < self.levels:
             raise ValueError(f"quality level index {level} out of range 0..{self.levels - 1}")
         if shape[0] != self.channels:
@@ -266,6 +324,10 @@ class LatentCoder:
             raise ValueError("temporal tables code a latent with a reference, stand-alone tables without one")
         return reference_buckets(ref, has_ref, shape)
 
+    @property
+    def map_bits(self) -> int:
+        return 1 if self.class_edges is None else CLASS_BITS
+
     def encode(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
                has_ref: np.ndarray | None = None, channel_map: bool = True) -> bytes:
         """(L, h, w) integer latent -> bytes (the shape is not stored: the product holds it). Temporal
@@ -273,12 +335,14 @@ class LatentCoder:
         ``channel_map``: all-zero channels left out (the layout of formats 5 and 6, see above)."""
         import constriction
 
-        rb = self._check(level, ints.shape, ref, has_ref)
+        rb = self._check(level, ints.shape, ref, has_ref, channel_map)
         L = ints.shape[0]
         layout = _layout(*ints.shape[1:])
         sym = symbols(ints).reshape(L, -1)
+        values = self.channel_classes(sym) if channel_map else np.ones(L, np.int64)
         # the coded channels only: a left-out one adds nothing to the others' contexts
-        chans = np.flatnonzero((sym != M).any(1)) if channel_map else np.arange(L)
+        chans = np.flatnonzero(values)
+        offsets = ((values[chans] - 1) * CONTEXTS).tolist()
         enc = constriction.stream.queue.RangeEncoder()
         for ids, syms in zip(_part_ids(sym[chans], layout, None if rb is None else rb[chans]), layout.parts(sym[chans])):
             for j, c in enumerate(chans.tolist()):
@@ -287,23 +351,24 @@ class LatentCoder:
                 stops = np.cumsum(counts)
                 ordered = syms[j][np.argsort(ids[j], kind="stable")]
                 for k in np.flatnonzero(counts).tolist():
-                    enc.encode(ordered[stops[k] - counts[k]:stops[k]], self._model(level, k, c))
+                    enc.encode(ordered[stops[k] - counts[k]:stops[k]], self._model(level, offsets[j] + k, c))
         escaped = ints.reshape(L, -1)[sym == ESC].astype(np.int64)
         if escaped.size:
             if escaped.min() < INT16[0] or escaped.max() > INT16[1]:
                 raise ValueError("latent values must fit in int16")
             enc.encode((escaped - INT16[0]).astype(np.int32), constriction.stream.model.Uniform(1 << 16))
         words = enc.get_compressed().astype("<u4")
-        return (np.concatenate([_map(np.isin(np.arange(L), chans)), words]) if channel_map else words).tobytes()
+        return (np.concatenate([_map(values, self.map_bits), words]) if channel_map else words).tobytes()
 
-    def _decode_part(self, dec, level: int, base: np.ndarray, buckets: np.ndarray, chans: list[int]) -> np.ndarray:
+    def _decode_part(self, dec, level: int, base: np.ndarray, buckets: np.ndarray, chans: list[int],
+                     offsets: list[int]) -> np.ndarray:
         """(len(chans), n) symbols of one part, channel by channel: table id = ``base`` + the bucket of
-        the activity of the channels decoded before at the cell."""
+        the activity of the channels decoded before at the cell (+ the channel's class offset)."""
         out = np.empty(base.shape, np.int32)
         act = np.zeros(base.shape[1], np.int16)
         bucket = np.zeros(base.shape[1], np.uint16)       # of act; most symbols are 0 and change neither
         for j, c in enumerate(chans):
-            ids = base[j] + bucket
+            ids = base[j] + bucket + offsets[j]
             counts = np.bincount(ids)
             used = np.flatnonzero(counts)
             if used.size == 1:
@@ -322,23 +387,27 @@ class LatentCoder:
         ``channel_map``: as the stream was encoded."""
         import constriction
 
-        rb = self._check(level, shape, ref, has_ref)
+        rb = self._check(level, shape, ref, has_ref, channel_map)
         if len(stream) % 4:
             raise StreamError("latent stream length is not a whole number of 32-bit words")
         L, h, w = shape
         words = np.frombuffer(stream, "<u4")
-        n = map_words(L) if channel_map else 0
+        n = map_words(L, self.map_bits) if channel_map else 0
         if words.size < n:
             raise StreamError("latent stream is shorter than its channel map")
-        chans = np.flatnonzero(_unmap(words[:n], L)) if channel_map else np.arange(L)
+        values = _unmap(words[:n], L, self.map_bits) if channel_map else np.ones(L, np.int64)
+        if values.max(initial=0) > self.classes:
+            raise StreamError(f"the channel map names table class {values.max()}, the model has {self.classes}")
+        chans = np.flatnonzero(values)
+        offsets = ((values[chans] - 1) * CONTEXTS).tolist()
         layout = _layout(h, w)
         base = [np.zeros((chans.size, cells.size), np.uint16) for cells in layout.cells] if rb is None \
             else layout.parts(rb[chans] * CONTEXTS)
         dec = constriction.stream.queue.RangeDecoder(words[n:].astype(np.uint32))
         try:
-            anchors = self._decode_part(dec, level, base[0], _ANCHOR, chans.tolist())
+            anchors = self._decode_part(dec, level, base[0], _ANCHOR, chans.tolist(), offsets)
             others = self._decode_part(dec, level, base[1] + _spatial_base(_magnitude(anchors), layout), _CHANNEL,
-                                       chans.tolist())
+                                       chans.tolist(), offsets)
             sym = layout.grid(anchors, others)
             ints = np.zeros((L, h * w), np.int16)
             ints[chans] = sym - M
@@ -352,14 +421,19 @@ class LatentCoder:
 
     def cell_bits(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
                   has_ref: np.ndarray | None = None) -> np.ndarray:
-        """(h, w) ideal code length in bits of each cell, all channels (escapes at 16 bit more)."""
+        """(h, w) ideal code length in bits of each cell (escapes at 16 bit more): every channel with
+        plain tables (the map's leaving out of all-zero channels is not counted), the coded ones with
+        class tables."""
         rb = self._check(level, ints.shape, ref, has_ref)
         L = ints.shape[0]
         logp = -np.log2(self.freq[level].astype(np.float64) / (1 << PRECISION))
         sym = symbols(ints).reshape(L, -1)
         layout = _layout(*ints.shape[1:])
         ids = layout.grid(*_part_ids(sym, layout, rb))
-        return (logp[ids, np.arange(L)[:, None], sym] + 16 * (sym == ESC)).sum(0).reshape(ints.shape[1:])
+        cls = self.channel_classes(sym) if self.classes > 1 else np.ones(L, np.int64)
+        ids = ids + (np.maximum(cls, 1)[:, None] - 1) * CONTEXTS
+        bits = (logp[ids, np.arange(L)[:, None], sym] + 16 * (sym == ESC)) * (cls > 0)[:, None]
+        return bits.sum(0).reshape(ints.shape[1:])
 
     def bits(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
              has_ref: np.ndarray | None = None) -> float:
@@ -370,6 +444,8 @@ class LatentCoder:
     def save(self, folder: Path, name: str = FILE_NAME, **extra: np.ndarray) -> Path:
         """The tables (and the model's ``extra`` arrays, e.g. its gains) in ``name``."""
         path = Path(folder) / name
+        if self.class_edges is not None:
+            extra = {**extra, "class_edges": self.class_edges}
         np.savez_compressed(path, freq=self.freq, precision=np.array(PRECISION), escape=np.array(M), **extra)
         return path
 
@@ -378,4 +454,4 @@ class LatentCoder:
         with np.load(Path(folder) / name) as z:
             if int(z["precision"]) != PRECISION or int(z["escape"]) != M:
                 raise ValueError(f"latent tables in {folder} were made for another coder layout")
-            return cls(z["freq"])
+            return cls(z["freq"], z["class_edges"] if "class_edges" in z else None)

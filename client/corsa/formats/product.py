@@ -13,7 +13,7 @@ from rasterio.transform import Affine
 
 from corsa.codec.models import VariableRateCodec
 from corsa.formats import series, stream_format
-from corsa.formats.series import check_model_prefix
+from corsa.formats.series import check_model
 
 # Chunks of the 10 m cubes products are read into (a multiple of 4: whole level-1 cells).
 REPLICA_CHUNK = 512
@@ -44,7 +44,7 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
 
     path = Path(folder) / stream_format.file_name(date)
     data, h = series.header(folder, date)
-    check_model_prefix(h["model_id"], h["sha_prefix"], codec)
+    check_model(h, codec)
     codec.level(h["quality"])
     mask = stream_format.read_mask(data, h, path.name)
     (hh, ww), side = h["shape"], 4 * h["block"]
@@ -77,5 +77,5 @@ def stream_codec(folder: Path, date: str, model: str | Path | None = None) -> Va
     path = Path(folder) / stream_format.file_name(date)
     h = stream_format.read_header(path.read_bytes(), path.name)
     codec = series.model_codec(str(model)) if model is not None else series.model_codec(h["model_id"])
-    check_model_prefix(h["model_id"], h["sha_prefix"], codec)
+    check_model(h, codec)
     return codec

@@ -145,11 +145,11 @@ def write_dates(out: Path, codec: VariableRateCodec, planned: list[Planned], fre
     for i in fresh:
         p, streams = planned[i], [c[i][0] for c in coded]
         choices = [c[i][1] for c in coded] if p.candidates else None
-        if choices and all((c == stream_format.NO_REFERENCE).all() for c in choices):
-            choices = None            # no block used a reference: the bytes of a date coded alone
+        if choices and codec.coder.classes == 1 and all((c == stream_format.NO_REFERENCE).all() for c in choices):
+            choices = None            # no block used a reference: the bytes of a date coded alone (plain tables)
         data = stream_format.assemble(streams, masks.get(i, np.zeros(shape, bool)), p.quality, transform, crs, p.date,
                                  codec.model_id, sha, refs=[planned[j].date for j in p.candidates] if choices else None,
-                                 choices=choices)
+                                 choices=choices, class_tables=not p.candidates and codec.coder.classes > 1)
         written.append(stream_format.write_date(Path(out), data, p.date))
     return written
 
@@ -195,7 +195,7 @@ def _block_ints(folder: str, date: str, stamp: tuple[int, int], k: int, model: s
     shape = (codec.channels, cells[0].stop - cells[0].start, cells[1].stop - cells[1].start)
     name = stream_format.file_name(date)
     if not h["refs"]:
-        return stream_format.decode_block(codec.coder, data[start:start + n], level, cells, name, h["channel_map"])
+        return stream_format.decode_block(codec.coder, data[start:start + n], level, cells, name, h["version"])
     if codec.temporal_coder is None:
         raise ProductError(f"{name} is coded with references to other dates; model {codec.model_id} has no temporal tables")
     choice = h["choices"][k]
@@ -212,13 +212,18 @@ def _block_ints(folder: str, date: str, stamp: tuple[int, int], k: int, model: s
         raise ProductError(f"{name}: {e}") from e
 
 
-def check_model_prefix(model_id: str, sha_prefix: str, codec: VariableRateCodec) -> None:
-    """Refuse to decode a stream-format date with a model other than the one that wrote it."""
+def check_model(h: dict, codec: VariableRateCodec) -> None:
+    """Refuse to decode a stream-format date (its header ``h``) with a model other than the one that
+    wrote it: another decoder, or other tables."""
+    model_id, sha_prefix = h["model_id"], h["sha_prefix"]
     if not codec.card["files"]["decoder"]["sha256"].startswith(sha_prefix):
-        shown = repr(model_id) if len(repr(model_id)) <= 80 else repr(model_id)[:80] + "..."
-        raise ProductError(f"the product was written with model {shown} (decoder sha256 {sha_prefix}...), "
+        raise ProductError(f"the product was written with model {stream_format.shown(model_id)} (decoder sha256 {sha_prefix}...), "
                            f"the available model {codec.model_id!r} has "
                            f"{codec.card['files']['decoder']['sha256'][:16]}...: decoding would give wrong reflectances")
+    stream_format.check_tables(h["version"], codec.coder, f"the product (written with model {stream_format.shown(model_id)})")
+    if h["version"] == stream_format.CLASS_VERSION and model_id != codec.model_id:
+        raise ProductError(f"the product is coded with the class tables of model {stream_format.shown(model_id)}, not of "
+                           f"{codec.model_id!r}: decoding would give wrong reflectances")
 
 
 @functools.lru_cache(maxsize=4)
@@ -230,7 +235,7 @@ def model_codec(model: str) -> VariableRateCodec:
 def read_date(folder: Path, date: str, codec: VariableRateCodec) -> stream_format.StreamDate:
     """One date down to its integers, all blocks (references decoded as needed)."""
     data, h = header(folder, date)
-    check_model_prefix(h["model_id"], h["sha_prefix"], codec)
+    check_model(h, codec)
     codec.level(h["quality"])
     ints = np.zeros((codec.channels,) + h["cells"], np.int16)
     for k, cells in enumerate(h["blocks"]):

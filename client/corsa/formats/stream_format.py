@@ -9,8 +9,9 @@ CF 120 the whole file is about 1.3 kB: a georeferenced UTM date with an EPSG cod
 (about 4%), where the two GeoTIFF headers of format 2 cost several kB. All integers little-endian;
 varint = LEB128:
 
-    magic      b"CRS" + version byte: 5 (a date coded alone), 6 (with references); the older 3 and 4
-               are the same but for the block streams, which have no channel map (``corsa.codec.latent_coder``)
+    magic      b"CRS" + version byte: 5 (a date coded alone), 6 (with references), 7 (alone, with the class
+               tables of the model it names: 4-bit channel maps); the older 3 and 4 are 5 and 6 but for the
+               block streams, which have no channel map (``corsa.codec.latent_coder``)
     varint     header length (bytes that follow up to the payload)
     u8         quality level       u8  flags (1 nodata mask, 2 georeferenced, 4 north-up,
                                           8 pixel size fits float32, 16 CRS is an EPSG code)
@@ -46,6 +47,7 @@ from corsa.codec.latent_coder import StreamError
 
 VERSION = 5
 TEMPORAL_VERSION = 6           # a date coded with references (a series); otherwise the bytes of version 5
+CLASS_VERSION = 7              # a date coded alone with class tables; otherwise the bytes of version 5
 MAPLESS = {3: VERSION, 4: TEMPORAL_VERSION}   # older versions: the same, their streams without channel maps
 MAGIC = b"CRS" + bytes([VERSION])
 SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
@@ -119,11 +121,14 @@ def sub_blocks(cells: tuple[slice, slice]) -> tuple[int, int]:
 
 def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: Affine | None, crs: str | None,
              date: str, model_id: str, model_sha256: str, block: int = BLOCK, refs: list[str] | None = None,
-             choices: list[np.ndarray] | None = None) -> bytes:
+             choices: list[np.ndarray] | None = None, class_tables: bool = False) -> bytes:
     """The bytes of one date's file from its block streams (in ``block_slices`` order) and the
     nodata mask on the input grid (True = nodata), whose shape the file records. A date coded with
     references names their dates (``refs``) and, per block, the reference of each sub-block
-    (``choices``: uint8 (sub-block rows, columns), an index into refs or NO_REFERENCE)."""
+    (``choices``: uint8 (sub-block rows, columns), an index into refs or NO_REFERENCE); one coded
+    alone with a model's class tables says so (``class_tables``: version 7)."""
+    if refs and class_tables:
+        raise ValueError("a date coded with references is coded with the temporal tables, not class tables")
     shape = nodata.shape
     blocks = block_slices(latent_cells(shape), block)
     if len(streams) != len(blocks):
@@ -159,7 +164,7 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
         grid += b"".join(c.astype(np.uint8).tobytes() for c in choices)
     head = struct.pack("<BBB", quality, flags, len(ident)) + ident + bytes.fromhex(model_sha256[:2 * SHA_BYTES]) + grid
     head += b"".join(_varint(len(s)) for s in streams) + (_varint(len(mask)) if mask else b"")
-    magic = MAGIC if not refs else MAGIC[:3] + bytes([TEMPORAL_VERSION])
+    magic = MAGIC[:3] + bytes([TEMPORAL_VERSION if refs else CLASS_VERSION if class_tables else VERSION])
     body = magic + _varint(len(head)) + head + b"".join(streams) + mask
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -192,7 +197,8 @@ def encode_date(coder, ints: np.ndarray, level: int, quality: int, nodata: np.nd
     if ints.shape[1:] != latent_cells(nodata.shape):
         raise ValueError(f"latent grid {ints.shape[1:]} does not cover the input grid {nodata.shape} in 4 px cells")
     streams = [coder.encode(ints[:, ys, xs], level) for ys, xs in block_slices(ints.shape[1:], block)]
-    return assemble(streams, nodata, quality, transform, crs, date, model_id, model_sha256, block)
+    return assemble(streams, nodata, quality, transform, crs, date, model_id, model_sha256, block,
+                    class_tables=coder.classes > 1)
 
 
 def write_date(folder: Path, data: bytes, date: str) -> Path:
@@ -240,8 +246,8 @@ def read_header(data: bytes, name: str) -> dict:
     """The header fields and the payload's stream lengths, checked against the file's CRC-32."""
     if len(data) < len(MAGIC) + 6 or data[:3] != MAGIC[:3]:
         raise ProductError(f"{name} is not a corsa stream product (bad magic)")
-    if data[3] not in (VERSION, TEMPORAL_VERSION, *MAPLESS):
-        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows 3 to {TEMPORAL_VERSION}")
+    if data[3] not in (VERSION, TEMPORAL_VERSION, CLASS_VERSION, *MAPLESS):
+        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows 3 to {CLASS_VERSION}")
     if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
         raise ProductError(f"{name} does not match its CRC-32 (damaged or truncated file)")
     r = _Reader(data[:-4], name)
@@ -321,12 +327,21 @@ def read_mask(data: bytes, h: dict, name: str) -> np.ndarray | None:
     return np.unpackbits(bits)[:size].reshape(h["shape"]).astype(bool)
 
 
-def decode_block(coder, stream: bytes, level: int, cells: tuple[slice, slice], name: str,
-                 channel_map: bool) -> np.ndarray:
-    """One block's integers (L, h, w) from its stream (``channel_map``: the header's, versions 5 and 6)."""
+def check_tables(version: int, coder, name: str) -> None:
+    """Refuse a date coded alone whose streams need other tables than ``coder``'s: class tables
+    (version 7) or plain ones (3 and 5)."""
+    if version in (3, VERSION, CLASS_VERSION) and (version == CLASS_VERSION) != (coder.classes > 1):
+        raise ProductError(f"{name} is coded with {'class' if version == CLASS_VERSION else 'plain'} tables, the "
+                           f"model's are {'class' if coder.classes > 1 else 'plain'} tables: decoding would give "
+                           f"wrong reflectances (decode it with the model it names)")
+
+
+def decode_block(coder, stream: bytes, level: int, cells: tuple[slice, slice], name: str, version: int) -> np.ndarray:
+    """One block of a date coded alone: its integers (L, h, w) from its stream (``version``: the file's)."""
+    check_tables(version, coder, name)
     shape = (coder.channels, cells[0].stop - cells[0].start, cells[1].stop - cells[1].start)
     try:
-        return coder.decode(stream, level, shape, channel_map=channel_map)
+        return coder.decode(stream, level, shape, channel_map=version not in MAPLESS)
     except StreamError as e:
         raise ProductError(f"{name}: {e}") from e
 
@@ -346,6 +361,6 @@ def read_date(folder: Path, date: str, coder, level_of) -> StreamDate:
     level = level_of(h["quality"])
     ints = np.zeros((coder.channels,) + h["cells"], np.int16)
     for cells, (start, n) in zip(h["blocks"], stream_offsets(h)):
-        ints[:, cells[0], cells[1]] = decode_block(coder, data[start:start + n], level, cells, path.name, h["channel_map"])
+        ints[:, cells[0], cells[1]] = decode_block(coder, data[start:start + n], level, cells, path.name, h["version"])
     return StreamDate(date, h["quality"], ints, read_mask(data, h, path.name), h["shape"], h["transform"],
                       h["crs"], h["model_id"], h["sha_prefix"])
