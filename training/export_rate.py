@@ -125,6 +125,21 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
     return out
 
 
+def write_card(card: dict, out: Path, figures: bool = True) -> Path:
+    """A derived model's card in ``out`` with its test figures measured afresh on the folder's files
+    (the old figures dropped: they are another model's); without ``figures`` no figures nor MODEL_CARD.md."""
+    for entry in card["qualities"]:
+        entry.pop("test", None)
+    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")   # the codec below reads it
+    if not figures:
+        return out
+    for entry, fig in zip(card["qualities"], test_figures(VariableRateCodec(out, kernels="fp32"))):
+        entry["test"] = fig
+    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
+    (out / "MODEL_CARD.md").write_text(card_markdown(card))
+    return out
+
+
 def export_decoder(model: RateCodec, path: Path) -> None:
     """The float decoder as ONNX: latent (n, c, h, w) -> DN (n, bands, y, x), any batch and size."""
     with torch.no_grad():

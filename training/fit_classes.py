@@ -27,7 +27,7 @@ from corsa.formats import stream_format
 from corsa.formats.datasets import load_split
 
 from .export import _record_files
-from .export_rate import card_markdown, test_figures
+from .export_rate import write_card
 from .train import SPLIT_FILE
 
 # 11 classes. On the test split (corsa3.6's networks), PSNR at equal CF over its plain tables by level:
@@ -86,16 +86,7 @@ def main(argv: list[str] | None = None) -> Path:
         "classes": coder.classes, "edges": coder.class_edges.tolist(), "from": args.model,
         "wall_time_s": round(time.time() - t0, 1), "cpu": cpu_name()}
     _record_files(card, out, {"latent_model": TABLES_FILE})
-    for entry in card["qualities"]:
-        entry.pop("test", None)
-    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    if args.no_figures:
-        return out
-    for entry, fig in zip(card["qualities"], test_figures(VariableRateCodec(out, kernels="fp32"))):
-        entry["test"] = fig
-    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    (out / "MODEL_CARD.md").write_text(card_markdown(card))
-    return out
+    return write_card(card, out, not args.no_figures)
 
 
 if __name__ == "__main__":

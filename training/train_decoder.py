@@ -35,7 +35,7 @@ from corsa.formats.datasets import load_split
 
 from .data import CropSampler
 from .export import _record_files
-from .export_rate import card_markdown, export_decoder, load_model, test_figures
+from .export_rate import export_decoder, load_model, write_card
 from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
 from .train_rate import as_stored, distortion
 from .rate_model import RateCodec, RateConfig
@@ -215,17 +215,7 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
         "threads": a["threads"], "split": "training/split.json version 3 (configilm patches in it)",
         "validation_psnr_db": {"before": ckpt["start"], "after": validate_record(ckpt)}}
     _record_files(card, out, {"decoder": "decoder.onnx"})
-    for entry in card["qualities"]:                   # the old decoder's figures are not this one's
-        entry.pop("test", None)
-    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")   # the codec below reads it
-    if not figures:
-        return out
-    from corsa.codec.models import VariableRateCodec
-    for entry, fig in zip(card["qualities"], test_figures(VariableRateCodec(out, kernels="fp32"))):
-        entry["test"] = fig
-    (out / "model_card.json").write_text(json.dumps(card, indent=1) + "\n")
-    (out / "MODEL_CARD.md").write_text(card_markdown(card))
-    return out
+    return write_card(card, out, figures)
 
 
 def validate_record(ckpt: dict) -> dict:
