@@ -440,7 +440,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs, args.format, args.model)
         report = fuzz(seeds, Path(tmp), args.cases, args.seconds, args.seed)
-    text = json.dumps({"format": args.format, "model": args.model, "cpu": cpu_name(), **report.__dict__}, indent=1)
+    from corsa.codec.models import default_model
+
+    model = (args.model or default_model()) if args.format in ("5", "6") else None
+    text = json.dumps({"format": args.format, "model": model, "cpu": cpu_name(), **report.__dict__}, indent=1)
     if args.out:
         args.out.write_text(text)
     print(text)
