@@ -42,7 +42,7 @@ def test_the_same_integers_in_fewer_bytes(data_root, group, name):
         back = stream_format.read_header(files[0], "x")
         for cells, (start, n) in zip(back["blocks"], stream_format.stream_offsets(back)):
             np.testing.assert_array_equal(
-                stream_format.decode_block(new.coder, files[0][start:start + n], new.level(q), cells, "x", True),
+                stream_format.decode_block(new.coder, files[0][start:start + n], new.level(q), cells, "x", back["version"]),
                 ints[:, cells[0], cells[1]])
     ratio = np.array(sizes)[:, 0] / np.array(sizes)[:, 1]
     # fewer bytes at levels 1-6, at the top levels (few channels left out, most in the densest class) about as many

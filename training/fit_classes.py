@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corsa.codec.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, class_counts
+from corsa.codec.latent_coder import ALPHABET, CONTEXTS, FILE_NAME as TABLES_FILE, LatentCoder, class_counts
 from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.core.machine import cpu_name
 from corsa.formats import stream_format
@@ -40,11 +40,11 @@ def fit(codec: VariableRateCodec, edges: np.ndarray) -> LatentCoder:
     latents = [codec.latent(s.data) for s in load_split(SPLIT_FILE, "train")]
     counts = []
     for q in codec.qualities:
-        total = 0
+        total = np.zeros((len(edges) + 1, CONTEXTS, codec.channels, ALPHABET), np.int64)
         for y in latents:
             ints = codec.quantise(y, q)
             for ys, xs in stream_format.block_slices(ints.shape[1:]):
-                total = total + class_counts(ints[:, ys, xs], edges)
+                total += class_counts(ints[:, ys, xs], edges)
         counts.append(total)
     return LatentCoder.classes_from_counts(np.stack(counts), codec.coder, edges)
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> Path:
     card["description"] = (f"{card['description']} {args.name}: {args.model}'s networks with class tables "
                            f"(training.fit_classes): the same integers and pixels, smaller files.")
     card["latent"]["coder"] = (f"{card['latent']['coder']}; per block, each channel's tables chosen "
-                                     f"among {coder.classes} classes by its share of nonzero integers "
-                                     f"(edges {', '.join(f'{e:g}' for e in coder.class_edges)})")
+                               f"among {coder.classes} classes by its share of nonzero integers "
+                               f"(edges {', '.join(f'{e:g}' for e in coder.class_edges)})")
     card["class_tables"] = {
         "command": f"python -m training.fit_classes --model {args.model} --name {args.name} "
                    f"--edges {' '.join(f'{e:g}' for e in coder.class_edges)}",

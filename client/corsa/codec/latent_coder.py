@@ -196,13 +196,19 @@ def channel_classes(sym: np.ndarray, edges: np.ndarray | None) -> np.ndarray:
     return np.where(share > 0, 1 + np.searchsorted(edges, share, side="right"), 0)
 
 
+def class_offsets(values: np.ndarray) -> np.ndarray:
+    """Where the tables of each channel's class start (map values as ``channel_classes``; a channel
+    not coded at 0)."""
+    return (np.maximum(values, 1) - 1) * CONTEXTS
+
+
 def class_counts(ints: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """(K, CONTEXTS, L, ALPHABET) symbol counts of one block's latent (L, h, w) by the class its
     channels are coded with (K = len(edges) + 1; channels all zero count nowhere)."""
     L = ints.shape[0]
     sym = symbols(ints).reshape(L, -1)
     cls = channel_classes(sym, np.asarray(edges, np.float64))
-    ids = table_ids(ints).astype(np.intp) + (np.maximum(cls, 1)[:, None] - 1) * CONTEXTS
+    ids = table_ids(ints).astype(np.intp) + class_offsets(cls)[:, None]
     bins = ((ids * L + np.arange(L)[:, None]) * ALPHABET + sym)[cls > 0]
     K = len(edges) + 1
     return np.bincount(bins.ravel(), minlength=K * CONTEXTS * L * ALPHABET).reshape(K, CONTEXTS, L, ALPHABET)
@@ -285,9 +291,6 @@ class LatentCoder:
         """Table classes a channel of a block may be coded with (1: plain tables)."""
         return 1 if self.class_edges is None else self.class_edges.size + 1
 
-    def channel_classes(self, sym: np.ndarray) -> np.ndarray:
-        return channel_classes(sym, self.class_edges)
-
     @classmethod
     def classes_from_counts(cls, counts: np.ndarray, plain: "LatentCoder", edges: np.ndarray,
                             smoothing: float = 16.0) -> "LatentCoder":
@@ -339,10 +342,10 @@ class LatentCoder:
         L = ints.shape[0]
         layout = _layout(*ints.shape[1:])
         sym = symbols(ints).reshape(L, -1)
-        values = self.channel_classes(sym) if channel_map else np.ones(L, np.int64)
+        values = channel_classes(sym, self.class_edges) if channel_map else np.ones(L, np.int64)
         # the coded channels only: a left-out one adds nothing to the others' contexts
         chans = np.flatnonzero(values)
-        offsets = ((values[chans] - 1) * CONTEXTS).tolist()
+        offsets = class_offsets(values[chans]).tolist()
         enc = constriction.stream.queue.RangeEncoder()
         for ids, syms in zip(_part_ids(sym[chans], layout, None if rb is None else rb[chans]), layout.parts(sym[chans])):
             for j, c in enumerate(chans.tolist()):
@@ -399,7 +402,7 @@ class LatentCoder:
         if values.max(initial=0) > self.classes:
             raise StreamError(f"the channel map names table class {values.max()}, the model has {self.classes}")
         chans = np.flatnonzero(values)
-        offsets = ((values[chans] - 1) * CONTEXTS).tolist()
+        offsets = class_offsets(values[chans]).tolist()
         layout = _layout(h, w)
         base = [np.zeros((chans.size, cells.size), np.uint16) for cells in layout.cells] if rb is None \
             else layout.parts(rb[chans] * CONTEXTS)
@@ -411,10 +414,9 @@ class LatentCoder:
             sym = layout.grid(anchors, others)
             ints = np.zeros((L, h * w), np.int16)
             ints[chans] = sym - M
-            esc = sym == ESC
-            if esc.any():
-                ints[chans[np.nonzero(esc)[0]], np.nonzero(esc)[1]] = \
-                    dec.decode(constriction.stream.model.Uniform(1 << 16), int(esc.sum())) + INT16[0]
+            rows, cells = np.nonzero(sym == ESC)
+            if rows.size:
+                ints[chans[rows], cells] = dec.decode(constriction.stream.model.Uniform(1 << 16), rows.size) + INT16[0]
         except Exception as e:  # constriction reports corrupt data as assorted errors
             raise StreamError(f"latent stream is corrupt: {e}") from e
         return ints.reshape(shape)
@@ -430,8 +432,8 @@ class LatentCoder:
         sym = symbols(ints).reshape(L, -1)
         layout = _layout(*ints.shape[1:])
         ids = layout.grid(*_part_ids(sym, layout, rb))
-        cls = self.channel_classes(sym) if self.classes > 1 else np.ones(L, np.int64)
-        ids = ids + (np.maximum(cls, 1)[:, None] - 1) * CONTEXTS
+        cls = channel_classes(sym, self.class_edges) if self.classes > 1 else np.ones(L, np.int64)
+        ids = ids + class_offsets(cls)[:, None]
         bits = (logp[ids, np.arange(L)[:, None], sym] + 16 * (sym == ESC)) * (cls > 0)[:, None]
         return bits.sum(0).reshape(ints.shape[1:])
 

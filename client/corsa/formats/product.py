@@ -1,5 +1,5 @@
 """What every product format shares: the one error for a damaged product, date labels, the grid's
-coordinates, a stream-format date (formats 3-6) as a lazy engine cube, and the variable-rate model that decodes a
+coordinates, a stream-format date (formats 3-7) as a lazy engine cube, and the variable-rate model that decodes a
 date. The formats themselves: ``corsa.formats.stream_format`` (3 and 4, variable-rate models) and
 ``corsa.formats.codebook_product`` (1 and 2, corsa512).
 """

@@ -207,7 +207,8 @@ def _block_ints(folder: str, date: str, stamp: tuple[int, int], k: int, model: s
         refs[j] = block_ints(Path(folder), h["refs"][j], k, codec)
     ref, has = reference(choice, refs, shape)
     try:
-        return codec.temporal_coder.decode(data[start:start + n], level, shape, ref, has, h["channel_map"])
+        return codec.temporal_coder.decode(data[start:start + n], level, shape, ref, has,
+                                           channel_map=h["version"] not in stream_format.MAPLESS)
     except ValueError as e:
         raise ProductError(f"{name}: {e}") from e
 

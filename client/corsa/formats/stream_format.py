@@ -1,4 +1,4 @@
-"""Product format versions 3 to 6: the entropy-coded stream of a variable-rate model, one file a date.
+"""Product format versions 3 to 7: the entropy-coded stream of a variable-rate model, one file a date.
 
     <folder>/corsa_<date>.corsa
 
@@ -299,7 +299,7 @@ def read_header(data: bytes, name: str) -> dict:
     return {"quality": quality, "model_id": model_id, "sha_prefix": sha_prefix, "shape": (height, width),
             "block": block, "transform": transform, "crs": crs, "date": date, "cells": cells,
             "blocks": blocks, "lengths": lengths, "mask_len": mask_len, "payload": r.pos,
-            "refs": refs, "choices": choices, "version": data[3], "channel_map": data[3] not in MAPLESS}
+            "refs": refs, "choices": choices, "version": data[3]}
 
 
 def _date_of(days: int) -> str:
@@ -330,7 +330,7 @@ def read_mask(data: bytes, h: dict, name: str) -> np.ndarray | None:
 def check_tables(version: int, coder, name: str) -> None:
     """Refuse a date coded alone whose streams need other tables than ``coder``'s: class tables
     (version 7) or plain ones (3 and 5)."""
-    if version in (3, VERSION, CLASS_VERSION) and (version == CLASS_VERSION) != (coder.classes > 1):
+    if MAPLESS.get(version, version) != TEMPORAL_VERSION and (version == CLASS_VERSION) != (coder.classes > 1):
         raise ProductError(f"{name} is coded with {'class' if version == CLASS_VERSION else 'plain'} tables, the "
                            f"model's are {'class' if coder.classes > 1 else 'plain'} tables: decoding would give "
                            f"wrong reflectances (decode it with the model it names)")
