@@ -30,7 +30,7 @@ from corsa.formats import stream_format
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import load_split
 from corsa.core.metrics import SMALL_SIDE, compression_factor, is_small, psnr
-from corsa.core.scene import RAW_BITS_PER_PIXEL, Scene
+from corsa.core.scene import RAW_BITS_PER_PIXEL, Scene, to_uint16
 
 from . import baseline_curves
 from .baselines import CODECS
@@ -49,7 +49,6 @@ def source_of(scene: Scene) -> str:
 def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
     """One row per scene and quality level: product bytes, CF and PSNR of the decoded product."""
     rows = []
-    sha = codec.card["files"]["decoder"]["sha256"]
     for i, s in enumerate(scenes, 1):
         t = time.time()
         # Each encoder the levels use (the int8 one at its card's levels) runs once; the levels differ
@@ -62,15 +61,17 @@ def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
             if entry not in latents:
                 latents[entry] = codec.latent(s.data, q)
             ints = codec.quantise(latents[entry], q)
-            data = stream_format.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, transform, s.crs,
-                                        date, codec.model_id, sha)
+            data, rec, cells = stream_format.encode_refined(codec, s.data, ints, q, s.nodata_mask, transform, s.crs, date)
             # Decode what the file holds, so the PSNR is that of the product and the coding is checked lossless.
             with tempfile.TemporaryDirectory() as tmp:
                 stream_format.write_date(Path(tmp), data, date)
-                stored = stream_format.read_date(Path(tmp), date, codec.coder, codec.level)
-            if not np.array_equal(stored.ints, ints):
-                raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its latent")
-            rec = codec.decode(stored.ints, q, shape=s.data.shape[1:])
+                stored = stream_format.read_date(Path(tmp), date, codec.coder, codec.level, codec.refiner)
+            if not np.array_equal(stored.ints, ints) or (cells is None) != (stored.refinement is None) or \
+                    (cells is not None and not all(np.array_equal(a, b) for a, b in zip(cells, stored.refinement))):
+                raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its latent and refinement")
+            if stored.refinement is not None:      # the network's decoding of the same integers, refined
+                stream_format.refine(rec, stored.refinement, codec.refiner, codec.level(q), ~s.nodata_mask)
+            rec = to_uint16(rec)
             rec[:, s.nodata_mask] = 0
             rows.append({"scene": s.name, "source": source_of(s), "small": is_small(s.data),
                          "l1c": s.extra.get("level") == "L1C", "pixels": s.pixels, "quality": q,

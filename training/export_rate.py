@@ -28,7 +28,7 @@ from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import load_split
 from corsa.codec.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, context_counts
 from corsa.core.metrics import compression_factor, is_small, psnr
-from corsa.core.scene import BANDS, Scene
+from corsa.core.scene import BANDS, Scene, to_uint16
 
 from . import export as base_export, weights
 from .export import NODATA_LAYER, OPSET, _record_files, input_spec, stored_layer, training_record
@@ -107,10 +107,11 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
         rows = defaultdict(list)
         for s, y in zip(scenes, latents):
             ints = codec.quantise(y, q)
-            data = stream_format.encode_date(codec.coder, ints, codec.level(q), q, s.nodata_mask, None, s.crs,
-                                        s.date or "undated", codec.model_id,
-                                        codec.card["files"]["decoder"]["sha256"])
-            rec = codec.decode(ints, q, shape=s.data.shape[1:])
+            data, rec, cells = stream_format.encode_refined(codec, s.data, ints, q, s.nodata_mask, None, s.crs,
+                                                            s.date or "undated")
+            if cells is not None:
+                stream_format.refine(rec, cells, codec.refiner, codec.level(q), ~s.nodata_mask)
+            rec = to_uint16(rec)
             rec[:, s.nodata_mask] = 0
             source = s.group + ("-L1C" if s.extra.get("level") == "L1C" else "")
             rows[source].append((psnr(s.data, rec), s.pixels, len(data), is_small(s.data)))

@@ -47,6 +47,8 @@ from torch import nn
 from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.core.machine import cpu_name
 from corsa.core.metrics import is_small, psnr
+from corsa.core.scene import to_uint16
+from corsa.formats import stream_format
 from corsa.formats.datasets import load_split
 
 from .data import CropSampler
@@ -349,7 +351,8 @@ def test_figures(folder: Path, split: str = "test") -> dict:
     benchmarks.rd_rate's means), through onnxruntime as
     products decode: PSNR per level as the mean over sources, the worst scene's loss, the largest DN
     difference; the same for the default kernels ("auto": the int8 decoder at the card's levels, its
-    bright tiles in float, ``corsa_udf.BrightGuard``); and the time of a block on 1 thread."""
+    bright tiles in float, ``corsa_udf.BrightGuard``); and the time of a block on 1 thread. A refined
+    model's products are refined at every kernel (against the default kernels' decoding, as written)."""
     fp32, int8, auto = (VariableRateCodec(folder, 1, k) for k in ("fp32", "int8", "auto"))
     scenes = [s for s in load_split(SPLIT_FILE, split) if s.extra.get("level") != "L1C" and not is_small(s.data)]
     latents = [fp32.latent(s.data) for s in scenes]
@@ -358,7 +361,11 @@ def test_figures(folder: Path, split: str = "test") -> dict:
         per = {}
         for s, y in zip(scenes, latents):
             ints = fp32.quantise(y, q)
-            a, b, c = (codec.decode(ints, q, s.data.shape[1:]) for codec in (fp32, int8, auto))
+            a, b, c = (codec.synthesis(ints, q, s.data.shape[1:]) for codec in (fp32, int8, auto))
+            if auto.refines(q):     # a product's refinement is made against the default kernels' decoding
+                cells = stream_format.refinement_cells(auto.refiner, auto.level(q), s.data, c, ~s.nodata_mask)
+                a, b, c = (stream_format.refine(d, cells, auto.refiner, auto.level(q)) for d in (a, b, c))
+            a, b, c = (to_uint16(d) for d in (a, b, c))
             for d in (a, b, c):
                 d[:, s.nodata_mask] = 0
             pa, pb, pc = psnr(s.data, a), psnr(s.data, b), psnr(s.data, c)

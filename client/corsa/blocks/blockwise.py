@@ -75,9 +75,17 @@ def network_session(codec: VariableRateCodec, quality: int, network: str = "deco
                                      network)
 
 
+def compress_overlap(codec: VariableRateCodec, quality: int) -> int:
+    """The window a block is encoded in reaches this far beyond it: the encoder's reach, and where the
+    date is refined, the decoder's on top (the block is decoded as ``DateDecoder`` will)."""
+    reach = windows.reach_overlap(codec.card, "encoder")
+    return reach + windows.reach_overlap(codec.card, "decoder") if codec.refines(quality) else reach
+
+
 def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,
-                 ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them."""
+                 ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them, and
+    where the quality is refined, its refinement cells (None otherwise)."""
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
     from dask.local import get_sync      # here: decompress, which imports this module too, needs no dask
 
@@ -87,8 +95,20 @@ def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, en
     # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
     latent = corsa_udf.analyse(enc, win, windows.UDF_TILE, overlap)
     cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
-    ints = codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality)
-    return ints, corsa_udf.nodata_of(win[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
+    by, bx = slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0)
+    nodata = corsa_udf.nodata_of(win[:, by, bx])
+    if not codec.refines(quality):
+        return codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality), nodata, None
+    ints = codec.quantise(latent, quality)
+    # The block decoded as DateDecoder.block will: over its decompress window, from the integers of
+    # the neighbours' cells too (within the decoder's reach they are those the neighbours store).
+    d = windows.OVERLAP["decompress"]
+    dy0, dy1, dx0, dx1 = max(y0 - d, wy0), min(y1 + d, wy1), max(x0 - d, wx0), min(x1 + d, wx1)
+    z = codec.dequantise(ints[:, (dy0 - wy0) // 4:-(-(dy1 - wy0) // 4), (dx0 - wx0) // 4:-(-(dx1 - wx0) // 4)], quality)
+    rec = corsa_udf.synthesise(network_session(codec, quality), z, windows.UDF_TILE, d)
+    rec = rec[:, y0 - dy0:y1 - dy0, x0 - dx0:x1 - dx0]
+    cells = codec.refiner.symbols(win[:, by, bx] - rec, ~nodata, codec.level(quality))
+    return ints[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], nodata, cells
 
 
 def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Path, append: bool = False,
@@ -115,26 +135,28 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     planned = series.plan(old + new, [hd["quality"] for hd in heads] + [quality] * len(new),
                           [hd["refs"] for hd in heads], key_every, temporal=codec.temporal)
     fresh = list(range(len(old), len(planned)))
-    overlap = windows.reach_overlap(codec.card, "encoder")
+    overlap = compress_overlap(codec, quality)
     network_session(codec, quality, "encoder")       # checked here, before any block runs
+    if codec.refines(quality):
+        network_session(codec, quality)
     scenes = [cube.isel(t=i).sel(bands=list(BANDS)) for i in range(len(new))]
     positions = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
 
     def position(k: int) -> tuple[dict, dict[int, np.ndarray]]:
         """A block position of every new date: its streams, and the nodata of the dates that have some."""
-        nodata = {}
+        nodata, cells = {}, {}
 
         def ints_of(i: int, kk: int) -> np.ndarray:
             if i < len(old):
                 return series.block_ints(out, old[i], kk, codec)
             # opened where the block runs (a cluster's worker opens its own)
             encoder = network_session(codec, quality, "encoder")
-            ints, nodata_i = _window_ints(scenes[i - len(old)], codec, quality, encoder, overlap, *positions[kk])
+            ints, nodata_i, cells[i] = _window_ints(scenes[i - len(old)], codec, quality, encoder, overlap, *positions[kk])
             if nodata_i.any():
                 nodata[i] = nodata_i
             return ints
 
-        return series.encode_block(codec, planned, fresh, k, ints_of), nodata
+        return series.encode_block(codec, planned, fresh, k, ints_of, cells.get), nodata
 
     masks: dict[int, np.ndarray] = {}
     coded = []
@@ -180,6 +202,13 @@ class _Integers:
             ks = range(r * self.per_row, (r + 1) * self.per_row)
             self.rows[r] = pool.submit(lambda: [series.block_ints(self.folder, self.date, k, self.codec) for k in ks])
         return self.rows[r]
+
+    def refinement(self, y0: int, x0: int) -> np.ndarray | None:
+        """The refinement cells of the block at pixel (y0, x0), None for a date without."""
+        if self.head["refine_lengths"] is None:
+            return None
+        k = (y0 // BLOCK_PX) * self.per_row + x0 // BLOCK_PX
+        return series.block_refinement(self.folder, self.date, k, self.codec)
 
     def _block(self, r: int, c: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
         if pool is None:
@@ -280,13 +309,14 @@ class DateDecoder:
                                    self.codec)
 
     def inputs(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple:
-        """A block's integers over its window, and its fill candidates' latents."""
+        """A block's integers over its window, its fill candidates' latents and its refinement cells."""
         cells = slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4))
-        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool)
+        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), self.ints.refinement(ys[0], xs[0])
 
-    def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None
-              ) -> tuple[int, int, np.ndarray]:
-        """A block's pixels (10, y, x) uint16 and where they go (y0, x0)."""
+    def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None,
+              refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:
+        """A block's pixels (10, y, x) uint16 and where they go (y0, x0); its refinement is added to
+        its valid pixels (not to those filled from other dates)."""
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = self.codec.dequantise(latent, self.head["quality"])
         dec, mask = network_session(self.codec, self.head["quality"]), self.ints.mask
@@ -301,6 +331,9 @@ class DateDecoder:
                 gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
         rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
+        if refinement is not None:
+            field = self.codec.refiner.field(refinement, self.codec.level(self.head["quality"]), rec.shape[1:])
+            rec += field if mask is None else field * ~mask[y0:y1, x0:x1]
         return y0, x0, to_uint16(rec)
 
     def window(self, rows: slice, cols: slice) -> np.ndarray:

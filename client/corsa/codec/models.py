@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from corsa.codec.latent_coder import TEMPORAL_FILE_NAME, LatentCoder
+from corsa.codec.refine_coder import RefineCoder
 from corsa.core.scene import BANDS, to_uint16
 
 MODELS_DIR = Path(__file__).resolve().parents[3] / "models_onnx"
@@ -214,6 +215,24 @@ class VariableRateCodec:
             raise ModelError(f"{path} does not hold temporal tables of this model's levels and channels")
         return coder
 
+    @cached_property
+    def refiner(self) -> RefineCoder | None:
+        """The model's refinement (``corsa.codec.refine_coder``); None for a model without one."""
+        entry = self.card["files"].get("refine_model")
+        if entry is None:
+            return None
+        path = self.path / entry["path"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
+        refiner = RefineCoder.load(self.path)
+        if refiner.steps.size != len(self.qualities):
+            raise ModelError(f"{path} does not hold a step for each of this model's levels")
+        return refiner
+
+    def refines(self, quality: int) -> bool:
+        """Whether dates of ``quality`` are written with a refinement."""
+        return self.refiner is not None and self.refiner.at(self.level(quality))
+
     def level(self, quality: int) -> int:
         """Index of a quality level in the model's tables."""
         if quality not in self.qualities:
@@ -246,14 +265,16 @@ class VariableRateCodec:
         """(10, H, W) DN -> the integers a product stores at this quality."""
         return self.quantise(self.latent(dn, quality), quality)
 
-    def decode(self, ints: np.ndarray, quality: int, shape: tuple[int, int] | None = None) -> np.ndarray:
-        """Integers -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
+    def synthesis(self, ints: np.ndarray, quality: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Integers -> (10, H, W) float32 DN, cropped to ``shape`` (the input's y, x) if given."""
         if ints.ndim != 3 or ints.shape[0] != self.channels:
             raise ValueError(f"expected a latent of {self.channels} channels, got shape {ints.shape}")
         rec = self._tiles_run(corsa_udf.synthesise, self.decoder(quality), self.dequantise(ints, quality))
-        if shape is not None:
-            rec = rec[:, : shape[0], : shape[1]]
-        return to_uint16(rec)
+        return rec if shape is None else rec[:, : shape[0], : shape[1]]
+
+    def decode(self, ints: np.ndarray, quality: int, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Integers -> (10, H, W) uint16 DN, cropped to ``shape`` (the input's y, x) if given."""
+        return to_uint16(self.synthesis(ints, quality, shape))
 
     def requantise(self, ints: np.ndarray, quality: int, to_quality: int) -> np.ndarray:
         """A stored latent brought to a lower quality without the source: dequantise, quantise again."""

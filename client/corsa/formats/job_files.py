@@ -220,6 +220,10 @@ class DateIntegers:
         m = _read_cells(self.nodata, 0, 0, h, w, 1)[0, :h, :w] != 0
         return m if m.any() else None
 
+    def refinement(self, y0: int, x0: int) -> None:
+        """A job's files hold no refinement (the services' UDF writes the integers alone)."""
+        return None
+
     def window(self, cells_y: slice, cells_x: slice, pool=None) -> np.ndarray:
         """The integers of a window of latent cells."""
         with rasterio.open(self.latent.path) as src:

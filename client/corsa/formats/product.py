@@ -36,8 +36,9 @@ def grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, n
 
 
 def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
-    """One stream-format date as a lazy (t, [z.., nodata], y, x) cube on the 10 m input grid: blocks are
-    entropy-decoded as chunks are computed, and their integers replicated over their 4 x 4 cells."""
+    """One stream-format date as a lazy (t, [z.., nodata(, refine_..)], y, x) cube on the 10 m input grid:
+    blocks are entropy-decoded as chunks are computed, their integers replicated over their 4 x 4 cells,
+    and a refined date's correction (formats 8 and 9) in bands of their own."""
     import dask.array as darr
     import pandas as pd
     import xarray as xr
@@ -58,13 +59,25 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
         (y0, y1), (x0, x1) = info["array-location"][1:]
         return np.repeat(np.repeat(ints, 4, 1), 4, 2)[:, : y1 - y0, : x1 - x0]
 
+    def refinement(block_info=None) -> np.ndarray:
+        info = block_info[None]
+        iy, ix = info["chunk-location"][1:]
+        (y0, y1), (x0, x1) = info["array-location"][1:]
+        cells = series.block_refinement(folder, date, iy * per_row + ix, codec)
+        return codec.refiner.field(cells, codec.level(h["quality"]), (y1 - y0, x1 - x0))
+
     lat = darr.map_blocks(load, chunks=((codec.channels,),) + chunks, dtype=np.int16,
                           name=f"corsa3-{path}-{stat.st_mtime_ns}-{stat.st_size}")
     nodata = darr.from_array(mask, chunks=chunks) if mask is not None else darr.zeros((hh, ww), bool, chunks=chunks)
-    cube_data = darr.concatenate([lat, nodata.astype(np.int16)[None]])[None]
+    layers, bands = [lat, nodata.astype(np.int16)[None]], list(corsa_udf.latent_bands(codec.channels))
+    if h["refine_lengths"] is not None:     # a refined date: each band's correction (corsa_udf.REFINE_BANDS)
+        layers.append(darr.map_blocks(refinement, chunks=((len(corsa_udf.REFINE_BANDS),),) + chunks, dtype=np.float32,
+                                      name=f"corsa3-refine-{path}-{stat.st_mtime_ns}-{stat.st_size}"))
+        bands += corsa_udf.REFINE_BANDS
+    cube_data = darr.concatenate(layers)[None]
     t = pd.DatetimeIndex([pd.NaT if date == "undated" else pd.Timestamp(date)])
     cube = xr.DataArray(cube_data, dims=("t", "bands", "y", "x"),
-                        coords={"t": t, "bands": list(corsa_udf.latent_bands(codec.channels)),
+                        coords={"t": t, "bands": bands,
                                 **grid_coords(h["shape"], h["transform"])},
                         attrs={"corsa_model_id": h["model_id"], "corsa_quality": h["quality"]})
     cube = cube.rio.write_crs(h["crs"]) if h["crs"] else cube

@@ -95,10 +95,13 @@ def reference(choice: np.ndarray, refs: list[np.ndarray], shape: tuple[int, int,
 
 
 def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int], block: int,
-                 ints_of: Callable[[int, int], np.ndarray]) -> dict[int, tuple[bytes, np.ndarray]]:
+                 ints_of: Callable[[int, int], np.ndarray], refinement_of: Callable[[int], np.ndarray | None] | None = None
+                 ) -> dict[int, tuple[bytes, np.ndarray | None, bytes | None]]:
     """One block position of every date in ``new`` (indices into ``planned``): {date index:
-    (stream, choice)}. ``ints_of(date index, block)`` gives a date's integers of the block (for a
-    date already written, read back from its file); each is asked for once."""
+    (stream, choice, refinement stream or None)}. ``ints_of(date index, block)`` gives a date's
+    integers of the block (for a date already written, read back from its file); each is asked for
+    once. ``refinement_of(date index)``: a new date's refinement cells of the block (asked after its
+    integers), None where it has none."""
     known: dict[int, np.ndarray] = {}
 
     def get(i: int) -> np.ndarray:
@@ -110,11 +113,13 @@ def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int
     for i in new:
         p = planned[i]
         level, x = codec.level(p.quality), get(i)
+        cells = refinement_of(i) if refinement_of is not None else None
+        refined = None if cells is None else codec.refiner.encode(cells)
         if p.candidates:
             choice, ref, has = choose(codec.temporal_coder, level, x, [get(j) for j in p.candidates])
-            out[i] = codec.temporal_coder.encode(x, level, ref, has), choice
+            out[i] = codec.temporal_coder.encode(x, level, ref, has), choice, refined
         else:
-            out[i] = codec.coder.encode(x, level), None
+            out[i] = codec.coder.encode(x, level), None, refined
     return out
 
 
@@ -145,11 +150,13 @@ def write_dates(out: Path, codec: VariableRateCodec, planned: list[Planned], fre
     for i in fresh:
         p, streams = planned[i], [c[i][0] for c in coded]
         choices = [c[i][1] for c in coded] if p.candidates else None
+        refinement = [c[i][2] for c in coded]
         if choices and codec.coder.classes == 1 and all((c == stream_format.NO_REFERENCE).all() for c in choices):
             choices = None            # no block used a reference: the bytes of a date coded alone (plain tables)
         data = stream_format.assemble(streams, masks.get(i, np.zeros(shape, bool)), p.quality, transform, crs, p.date,
                                  codec.model_id, sha, refs=[planned[j].date for j in p.candidates] if choices else None,
-                                 choices=choices, class_tables=not p.candidates and codec.coder.classes > 1)
+                                 choices=choices, class_tables=not p.candidates and codec.coder.classes > 1,
+                                 refinement=None if None in refinement else refinement)
         written.append(stream_format.write_date(Path(out), data, p.date))
     return written
 
@@ -177,6 +184,18 @@ def header(folder: Path, date: str) -> tuple[bytes, dict]:
     if h["date"] != date:
         raise ProductError(f"{path.name} holds date {h['date']!r}, not {date}")
     return data, h
+
+
+def block_refinement(folder: Path, date: str, k: int, codec: VariableRateCodec) -> np.ndarray | None:
+    """Block ``k``'s refinement cells of one date, None for a date without (before formats 8 and 9)."""
+    data, h = header(folder, date)
+    offsets = stream_format.refine_offsets(h)
+    if offsets is None:
+        return None
+    start, n = offsets[k]
+    return stream_format.decode_refinement(codec.refiner, data[start:start + n],
+                                           stream_format.block_pixels(h["blocks"][k], h["shape"]),
+                                           stream_format.file_name(date))
 
 
 def block_ints(folder: Path, date: str, k: int, codec: VariableRateCodec) -> np.ndarray:
@@ -222,9 +241,10 @@ def check_model(h: dict, codec: VariableRateCodec) -> None:
                            f"the available model {codec.model_id!r} has "
                            f"{codec.card['files']['decoder']['sha256'][:16]}...: decoding would give wrong reflectances")
     stream_format.check_tables(h["version"], codec.coder, f"the product (written with model {stream_format.shown(model_id)})")
-    if h["version"] == stream_format.CLASS_VERSION and model_id != codec.model_id:
-        raise ProductError(f"the product is coded with the class tables of model {stream_format.shown(model_id)}, not of "
-                           f"{codec.model_id!r}: decoding would give wrong reflectances")
+    if (stream_format.tables_of(h["version"]) == stream_format.CLASS_VERSION or h["refine_lengths"] is not None) \
+            and model_id != codec.model_id:
+        raise ProductError(f"the product is coded with the class tables or refinement of model {stream_format.shown(model_id)}, "
+                           f"not of {codec.model_id!r}: decoding would give wrong reflectances")
 
 
 @functools.lru_cache(maxsize=4)
@@ -241,5 +261,7 @@ def read_date(folder: Path, date: str, codec: VariableRateCodec) -> stream_forma
     ints = np.zeros((codec.channels,) + h["cells"], np.int16)
     for k, cells in enumerate(h["blocks"]):
         ints[:, cells[0], cells[1]] = block_ints(folder, date, k, codec)
+    refinement = None if h["refine_lengths"] is None else \
+        [block_refinement(folder, date, k, codec) for k in range(len(h["blocks"]))]
     return stream_format.StreamDate(date, h["quality"], ints, stream_format.read_mask(data, h, stream_format.file_name(date)),
-                               h["shape"], h["transform"], h["crs"], h["model_id"], h["sha_prefix"])
+                               h["shape"], h["transform"], h["crs"], h["model_id"], h["sha_prefix"], refinement)

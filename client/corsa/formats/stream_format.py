@@ -1,4 +1,4 @@
-"""Product format versions 3 to 7: the entropy-coded stream of a variable-rate model, one file a date.
+"""Product format versions 3 to 9: the entropy-coded stream of a variable-rate model, one file a date.
 
     <folder>/corsa_<date>.corsa
 
@@ -10,7 +10,8 @@ CF 120 the whole file is about 1.3 kB: a georeferenced UTM date with an EPSG cod
 varint = LEB128:
 
     magic      b"CRS" + version byte: 5 (a date coded alone), 6 (with references), 7 (alone, with the class
-               tables of the model it names: 4-bit channel maps); the older 3 and 4 are 5 and 6 but for the
+               tables of the model it names: 4-bit channel maps), 8 and 9 (7 and 6 with a refinement stream
+               a block, ``corsa.codec.refine_coder``); the older 3 and 4 are 5 and 6 but for the
                block streams, which have no channel map (``corsa.codec.latent_coder``)
     varint     header length (bytes that follow up to the payload)
     u8         quality level       u8  flags (1 nodata mask, 2 georeferenced, 4 north-up,
@@ -25,8 +26,9 @@ varint = LEB128:
     varint     number of reference dates n >= 1;  u16 x n  their dates (days, as above)
     bytes      per block (row-major), per sub-block of SUB x SUB cells (row-major): the index of
                the reference date its cells are coded with, 0xFF: none (coded alone)
-    varints    byte length of each block stream (row-major), then of the mask
-    payload    block streams, mask (zlib of packbits, 10 m grid)
+    varints    byte length of each block stream (row-major), (versions 8 and 9:) of each block's
+               refinement stream, then of the mask
+    payload    block streams, (8 and 9:) refinement streams, mask (zlib of packbits, 10 m grid)
     u32        CRC-32 of all bytes before it
 
 Format 1 and 2 products (GeoTIFF index grids of codebook models) are read by ``corsa.formats.codebook_product``.
@@ -43,12 +45,16 @@ import numpy as np
 from rasterio.transform import Affine
 
 from corsa.core.files import writing
+from corsa.core.scene import BANDS
 from corsa.codec.latent_coder import StreamError
+from corsa.codec.refine_coder import RefineCoder
 
 VERSION = 5
 TEMPORAL_VERSION = 6           # a date coded with references (a series); otherwise the bytes of version 5
 CLASS_VERSION = 7              # a date coded alone with class tables; otherwise the bytes of version 5
 MAPLESS = {3: VERSION, 4: TEMPORAL_VERSION}   # older versions: the same, their streams without channel maps
+REFINED = {8: CLASS_VERSION, 9: TEMPORAL_VERSION}   # the same, with a refinement stream a block
+VERSIONS = (*MAPLESS, VERSION, TEMPORAL_VERSION, CLASS_VERSION, *REFINED)
 MAGIC = b"CRS" + bytes([VERSION])
 SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
 NO_REFERENCE = 0xFF
@@ -84,6 +90,7 @@ class StreamDate:
     crs: str | None
     model_id: str
     model_sha256_prefix: str       # hex, 8 characters
+    refinement: list[np.ndarray] | None = None   # each block's refinement cells (versions 8 and 9)
 
 
 def file_name(date: str) -> str:
@@ -103,10 +110,55 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def tables_of(version: int) -> int:
+    """The version whose tables a file's block streams need: 5 (plain, alone), 6 (temporal) or 7 (class)."""
+    return REFINED.get(version, MAPLESS.get(version, version))
+
+
 def block_slices(cells: tuple[int, int], block: int = BLOCK) -> list[tuple[slice, slice]]:
     """The blocks of a latent grid, row-major: the order their streams have in a file."""
     return [(slice(y, min(y + block, cells[0])), slice(x, min(x + block, cells[1])))
             for y in range(0, cells[0], block) for x in range(0, cells[1], block)]
+
+
+def block_pixels(cells: tuple[slice, slice], shape: tuple[int, int]) -> tuple[slice, slice]:
+    """The pixels of the input grid ``shape`` that a block of latent cells covers."""
+    return slice(4 * cells[0].start, min(4 * cells[0].stop, shape[0])), slice(4 * cells[1].start, min(4 * cells[1].stop, shape[1]))
+
+
+def refinement_cells(refiner: RefineCoder, level: int, truth: np.ndarray, decoded: np.ndarray,
+                     valid: np.ndarray | None, block: int = BLOCK) -> list[np.ndarray]:
+    """Each block's refinement cells of a whole date: its input (10, H, W) DN, its decoding (float,
+    before rounding) and where it is valid (None: everywhere)."""
+    shape = truth.shape[1:]
+    out = []
+    for cells in block_slices(latent_cells(shape), block):
+        py, px = block_pixels(cells, shape)
+        out.append(refiner.symbols(truth[:, py, px].astype(np.float32) - decoded[:, py, px],
+                                   None if valid is None else valid[py, px], level))
+    return out
+
+
+def refine(decoded: np.ndarray, refinement: list[np.ndarray], refiner: RefineCoder, level: int,
+           valid: np.ndarray | None = None, block: int = BLOCK) -> np.ndarray:
+    """A whole date's decoding (float, (10, H, W)) with its blocks' refinement added where ``valid``."""
+    shape = decoded.shape[1:]
+    for cells, sym in zip(block_slices(latent_cells(shape), block), refinement):
+        py, px = block_pixels(cells, shape)
+        field = refiner.field(sym, level, (py.stop - py.start, px.stop - px.start))
+        decoded[:, py, px] += field if valid is None else field * valid[py, px]
+    return decoded
+
+
+def decode_refinement(refiner: RefineCoder | None, stream: bytes, pixels: tuple[slice, slice], name: str) -> np.ndarray:
+    """One block's refinement cells from its stream (``pixels``: the block's, ``block_pixels``)."""
+    if refiner is None:
+        raise ProductError(f"{name} is refined (format 8 or 9): decode it with the model it names")
+    try:
+        return refiner.decode(stream, len(BANDS), refiner.cells((pixels[0].stop - pixels[0].start,
+                                                                 pixels[1].stop - pixels[1].start)))
+    except StreamError as e:
+        raise ProductError(f"{name}: {e}") from e
 
 
 def latent_cells(shape: tuple[int, int]) -> tuple[int, int]:
@@ -121,18 +173,24 @@ def sub_blocks(cells: tuple[slice, slice]) -> tuple[int, int]:
 
 def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: Affine | None, crs: str | None,
              date: str, model_id: str, model_sha256: str, block: int = BLOCK, refs: list[str] | None = None,
-             choices: list[np.ndarray] | None = None, class_tables: bool = False) -> bytes:
+             choices: list[np.ndarray] | None = None, class_tables: bool = False,
+             refinement: list[bytes] | None = None) -> bytes:
     """The bytes of one date's file from its block streams (in ``block_slices`` order) and the
     nodata mask on the input grid (True = nodata), whose shape the file records. A date coded with
     references names their dates (``refs``) and, per block, the reference of each sub-block
     (``choices``: uint8 (sub-block rows, columns), an index into refs or NO_REFERENCE); one coded
-    alone with a model's class tables says so (``class_tables``: version 7)."""
+    alone with a model's class tables says so (``class_tables``: version 7). ``refinement``: a
+    refinement stream a block (versions 8 and 9)."""
     if refs and class_tables:
         raise ValueError("a date coded with references is coded with the temporal tables, not class tables")
+    if refinement is not None and not (refs or class_tables):
+        raise ValueError("a refined date is coded with class tables or with references (versions 8 and 9)")
     shape = nodata.shape
     blocks = block_slices(latent_cells(shape), block)
     if len(streams) != len(blocks):
         raise ValueError(f"{len(streams)} block streams for an input grid of {shape} in blocks of {block} cells")
+    if refinement is not None and len(refinement) != len(blocks):
+        raise ValueError(f"{len(refinement)} refinement streams for {len(blocks)} blocks")
     if bool(refs) != (choices is not None):
         raise ValueError("a date coded with references needs its reference dates and the choice of each block")
     if refs and (len(choices) != len(blocks) or any(c.shape != sub_blocks(b) for c, b in zip(choices, blocks))
@@ -163,9 +221,11 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
         grid += _varint(len(refs)) + b"".join(struct.pack("<H", _days(r)) for r in refs)
         grid += b"".join(c.astype(np.uint8).tobytes() for c in choices)
     head = struct.pack("<BBB", quality, flags, len(ident)) + ident + bytes.fromhex(model_sha256[:2 * SHA_BYTES]) + grid
-    head += b"".join(_varint(len(s)) for s in streams) + (_varint(len(mask)) if mask else b"")
-    magic = MAGIC[:3] + bytes([TEMPORAL_VERSION if refs else CLASS_VERSION if class_tables else VERSION])
-    body = magic + _varint(len(head)) + head + b"".join(streams) + mask
+    extra = refinement or []
+    head += b"".join(_varint(len(s)) for s in streams + extra) + (_varint(len(mask)) if mask else b"")
+    version = TEMPORAL_VERSION if refs else CLASS_VERSION if class_tables else VERSION
+    magic = MAGIC[:3] + bytes([{v: k for k, v in REFINED.items()}[version] if refinement is not None else version])
+    body = magic + _varint(len(head)) + head + b"".join(streams + extra) + mask
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -191,14 +251,28 @@ def _days(date: str) -> int:
 
 def encode_date(coder, ints: np.ndarray, level: int, quality: int, nodata: np.ndarray,
                 transform: Affine | None, crs: str | None, date: str, model_id: str, model_sha256: str,
-                block: int = BLOCK) -> bytes:
+                block: int = BLOCK, refinement: list[bytes] | None = None) -> bytes:
     """The bytes of one date's file from its whole latent. ``coder`` is the model's LatentCoder,
-    ``level`` the index of ``quality`` in its tables."""
+    ``level`` the index of ``quality`` in its tables; ``refinement``: a refinement stream a block."""
     if ints.shape[1:] != latent_cells(nodata.shape):
         raise ValueError(f"latent grid {ints.shape[1:]} does not cover the input grid {nodata.shape} in 4 px cells")
     streams = [coder.encode(ints[:, ys, xs], level) for ys, xs in block_slices(ints.shape[1:], block)]
     return assemble(streams, nodata, quality, transform, crs, date, model_id, model_sha256, block,
-                    class_tables=coder.classes > 1)
+                    class_tables=coder.classes > 1, refinement=refinement)
+
+
+def encode_refined(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata: np.ndarray, transform: Affine | None,
+                   crs: str | None, date: str) -> tuple[bytes, np.ndarray, list[np.ndarray] | None]:
+    """A whole date's file bytes (refined where ``codec``, a VariableRateCodec, refines ``quality``), from its
+    input ``dn`` (10, H, W) and integers: (bytes, its decoding before the refinement (float DN), the
+    refinement cells or None). ``refine`` adds the cells; what a reader gets is that, rounded."""
+    level = codec.level(quality)
+    rec = codec.synthesis(ints, quality, dn.shape[1:])
+    cells = refinement_cells(codec.refiner, level, dn, rec, ~nodata) if codec.refines(quality) else None
+    data = encode_date(codec.coder, ints, level, quality, nodata, transform, crs, date, codec.model_id,
+                       codec.card["files"]["decoder"]["sha256"],
+                       refinement=None if cells is None else [codec.refiner.encode(c) for c in cells])
+    return data, rec, cells
 
 
 def write_date(folder: Path, data: bytes, date: str) -> Path:
@@ -246,8 +320,8 @@ def read_header(data: bytes, name: str) -> dict:
     """The header fields and the payload's stream lengths, checked against the file's CRC-32."""
     if len(data) < len(MAGIC) + 6 or data[:3] != MAGIC[:3]:
         raise ProductError(f"{name} is not a corsa stream product (bad magic)")
-    if data[3] not in (VERSION, TEMPORAL_VERSION, CLASS_VERSION, *MAPLESS):
-        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows 3 to {CLASS_VERSION}")
+    if data[3] not in VERSIONS:
+        raise ProductError(f"{name} has stream format version {data[3]}, this reader knows 3 to {max(VERSIONS)}")
     if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
         raise ProductError(f"{name} does not match its CRC-32 (damaged or truncated file)")
     r = _Reader(data[:-4], name)
@@ -276,7 +350,7 @@ def read_header(data: bytes, name: str) -> dict:
     cells = latent_cells((height, width))
     blocks = block_slices(cells, block)
     refs, choices = [], None
-    if MAPLESS.get(data[3], data[3]) == TEMPORAL_VERSION:
+    if tables_of(data[3]) == TEMPORAL_VERSION:
         n = r.varint()
         if not 0 < n < NO_REFERENCE:
             raise ProductError(f"{name} declares {n} reference dates")
@@ -291,15 +365,16 @@ def read_header(data: bytes, name: str) -> dict:
         if date == "undated" or any(ref == "undated" or ref >= date for ref in refs):
             raise ProductError(f"{name}: a date refers to dates {refs}, which are not all before it ({date})")
     lengths = [r.varint() for _ in blocks]
+    refine_lengths = [r.varint() for _ in blocks] if data[3] in REFINED else None
     mask_len = r.varint() if flags & HAS_MASK else 0
     if r.pos != start + head_len:
         raise ProductError(f"{name}: header length field disagrees with its content")
-    if r.pos + sum(lengths) + mask_len != len(data) - 4:
+    if r.pos + sum(lengths) + sum(refine_lengths or []) + mask_len != len(data) - 4:
         raise ProductError(f"{name}: payload length disagrees with the header")
     return {"quality": quality, "model_id": model_id, "sha_prefix": sha_prefix, "shape": (height, width),
             "block": block, "transform": transform, "crs": crs, "date": date, "cells": cells,
             "blocks": blocks, "lengths": lengths, "mask_len": mask_len, "payload": r.pos,
-            "refs": refs, "choices": choices, "version": data[3]}
+            "refs": refs, "choices": choices, "version": data[3], "refine_lengths": refine_lengths}
 
 
 def _date_of(days: int) -> str:
@@ -312,11 +387,19 @@ def stream_offsets(h: dict) -> list[tuple[int, int]]:
     return list(zip(starts, h["lengths"]))
 
 
+def refine_offsets(h: dict) -> list[tuple[int, int]] | None:
+    """(start, length) of each block's refinement stream (versions 8 and 9), None for a date without."""
+    if h["refine_lengths"] is None:
+        return None
+    starts = np.cumsum([h["payload"] + sum(h["lengths"])] + h["refine_lengths"][:-1]).tolist()
+    return list(zip(starts, h["refine_lengths"]))
+
+
 def read_mask(data: bytes, h: dict, name: str) -> np.ndarray | None:
     """The nodata mask on the input grid (True = nodata), None when the input had none."""
     if not h["mask_len"]:
         return None
-    start = h["payload"] + sum(h["lengths"])
+    start = h["payload"] + sum(h["lengths"]) + sum(h["refine_lengths"] or [])
     try:
         bits = np.frombuffer(zlib.decompress(data[start:start + h["mask_len"]]), np.uint8)
     except zlib.error as e:
@@ -329,9 +412,10 @@ def read_mask(data: bytes, h: dict, name: str) -> np.ndarray | None:
 
 def check_tables(version: int, coder, name: str) -> None:
     """Refuse a date coded alone whose streams need other tables than ``coder``'s: class tables
-    (version 7) or plain ones (3 and 5)."""
-    if MAPLESS.get(version, version) != TEMPORAL_VERSION and (version == CLASS_VERSION) != (coder.classes > 1):
-        raise ProductError(f"{name} is coded with {'class' if version == CLASS_VERSION else 'plain'} tables, the "
+    (versions 7 and 8) or plain ones (3 and 5)."""
+    tables = tables_of(version)
+    if tables != TEMPORAL_VERSION and (tables == CLASS_VERSION) != (coder.classes > 1):
+        raise ProductError(f"{name} is coded with {'class' if tables == CLASS_VERSION else 'plain'} tables, the "
                            f"model's are {'class' if coder.classes > 1 else 'plain'} tables: decoding would give "
                            f"wrong reflectances (decode it with the model it names)")
 
@@ -346,9 +430,9 @@ def decode_block(coder, stream: bytes, level: int, cells: tuple[slice, slice], n
         raise ProductError(f"{name}: {e}") from e
 
 
-def read_date(folder: Path, date: str, coder, level_of) -> StreamDate:
-    """Decode one date down to its integers, all blocks at once. ``level_of(quality)`` maps the
-    stored quality to the index of the model's tables (and refuses a quality it does not have)."""
+def read_date(folder: Path, date: str, coder, level_of, refiner: RefineCoder | None = None) -> StreamDate:
+    """Decode one date down to its integers (and its refinement), all blocks at once. ``level_of(quality)``
+    maps the stored quality to the index of the model's tables (and refuses a quality it does not have)."""
     path = Path(folder) / file_name(date)
     if not path.is_file():
         raise ProductError(f"{path.name} is missing from {folder}")
@@ -362,5 +446,8 @@ def read_date(folder: Path, date: str, coder, level_of) -> StreamDate:
     ints = np.zeros((coder.channels,) + h["cells"], np.int16)
     for cells, (start, n) in zip(h["blocks"], stream_offsets(h)):
         ints[:, cells[0], cells[1]] = decode_block(coder, data[start:start + n], level, cells, path.name, h["version"])
+    refinement = None if h["refine_lengths"] is None else [
+        decode_refinement(refiner, data[start:start + n], block_pixels(cells, h["shape"]), path.name)
+        for cells, (start, n) in zip(h["blocks"], refine_offsets(h))]
     return StreamDate(date, h["quality"], ints, read_mask(data, h, path.name), h["shape"], h["transform"],
-                      h["crs"], h["model_id"], h["sha_prefix"])
+                      h["crs"], h["model_id"], h["sha_prefix"], refinement)

