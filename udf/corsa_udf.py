@@ -801,9 +801,9 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     if context.get("dates"):
         # Only the dates asked for, stored or in between: the cube's t labels change.
         out = _at_dates(out, gaps, times, list(context["dates"]), model, context.get("sha256") or {}, stored)
+        times = np.array(context["dates"], "datetime64[ns]")
     else:
         out = stored
-        times = np.array(context["dates"], "datetime64[ns]")
     whole = np.zeros(out.shape[:2] + (cube.sizes["y"], cube.sizes["x"]), np.float32)
     whole[(Ellipsis,) + window] = out
     out = whole
