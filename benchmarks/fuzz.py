@@ -1,7 +1,7 @@
 """Fuzzing of the decompress path: random and mutated products through `corsa decompress`.
 
     python -m benchmarks.fuzz --cases 2000 --seed 1            # the BENCHMARKS.md run (format 2)
-    python -m benchmarks.fuzz --cases 15000 --format 5         # dates coded alone (the default model: version 7)
+    python -m benchmarks.fuzz --cases 15000 --format 5         # dates coded alone (the default model: version 8)
     python -m benchmarks.fuzz --cases 15000 --format 6         # temporal products (a series of it)
     python -m benchmarks.fuzz --cases 15000 --format packed    # a compress job's downloaded files
     python -m benchmarks.fuzz --cases 100 --seconds 60         # about what the test runs
@@ -212,8 +212,8 @@ def _job_files(tif: Path, out: Path, model: str = "corsa2.1", quality: int = 3) 
 def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = "2", model: str | None = None
                ) -> list[Path]:
     """Products of real crops: one with a nodata mask, one without, one of odd size (format 2: the
-    GeoTIFF product of corsa512; 5: ``model``'s dates coded alone (version 7 with class tables),
-    default: the default model;
+    GeoTIFF product of corsa512; 5: ``model``'s dates coded alone (version 5; 7 with class tables, 8 with a
+    refinement), default: the default model;
     packed: a compress job's files of corsa2.1); format 6: a series of ``model`` of three dates, one
     of them with nodata. (Formats 3 and 4, the same without channel maps, are no longer written:
     tests/products holds one of each.)"""

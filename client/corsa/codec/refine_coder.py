@@ -16,6 +16,7 @@ with the model: the same probabilities on every machine), values beyond +-M esca
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,10 @@ def laplace_tables(scales: np.ndarray) -> np.ndarray:
     return quantise_tables(np.concatenate([p, np.full((len(p), 1), 1e-4)], 1) * 1e6, None, 0.0)
 
 
+@functools.lru_cache(maxsize=16)
 def _bilinear(n: int, cells: int, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each of ``n`` pixels along an axis: its two cells and the second one's weight."""
+    """For each of ``n`` pixels along an axis: its two nearest cell centres and the second one's weight
+    (the end cells' values held beyond their centres)."""
     p = np.clip((np.arange(n) + 0.5) / grid - 0.5, 0, cells - 1)
     i0 = np.floor(p).astype(np.intp)
     return i0, np.minimum(i0 + 1, cells - 1), (p - i0).astype(np.float32)
@@ -88,13 +91,16 @@ class RefineCoder:
         return np.clip(np.rint(mean / self.steps[level]), -LIMIT, LIMIT).astype(np.int32)
 
     def field(self, sym: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
-        """(10, ch, cw) cell symbols -> (10, h, w) float32 correction in DN, bilinear between cell centres."""
+        """(10, ch, cw) cell symbols -> (10, h, w) float32 correction in DN, bilinear between cell centres:
+        along x on the cells' rows first (small), then along y. No BLAS: its threads would spin beside
+        the decoder's (a date read through xarray 0.9 s slower with a matrix product here)."""
         y0, y1, fy = _bilinear(shape[0], sym.shape[1], self.grid)
         x0, x1, fx = _bilinear(shape[1], sym.shape[2], self.grid)
         g = sym.astype(np.float32) * np.float32(self.steps[level])
-        top = g[:, y0][:, :, x0] * (1 - fx) + g[:, y0][:, :, x1] * fx
-        bottom = g[:, y1][:, :, x0] * (1 - fx) + g[:, y1][:, :, x1] * fx
-        return top * (1 - fy)[:, None] + bottom * fy[:, None]
+        rows = g[:, :, x0] * (1 - fx) + g[:, :, x1] * fx
+        out = rows[:, y0] * (1 - fy)[:, None]
+        out += rows[:, y1] * fy[:, None]
+        return out
 
     def _model(self, k: int):
         if self._models[k] is None:
