@@ -76,6 +76,7 @@ def test_a_snow_cell_gets_its_brightness_back_and_the_source_model_refuses_it(da
     assert (v_new, v_old) == (8, stream_format.CLASS_VERSION)
     assert p_new > p_old + 2 and b_new < 1.1 * b_old, (p_new, p_old, b_new, b_old)     # 29.1 against 26.4 dB
     capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / MODEL)]) == 0 and ", refinement " in capsys.readouterr().out
     assert cli.main(["decompress", str(tmp_path / MODEL), "-o", str(tmp_path / "wrong.tif"), "--model", SOURCE]) != 0
     assert "refinement" in capsys.readouterr().err and not (tmp_path / "wrong.tif").exists()
 

@@ -364,6 +364,7 @@ def info(args: argparse.Namespace) -> str:
             lines.append(f"{head}, quality {r['quality']}, input grid {w}x{h} px {r['crs'] or 'no CRS'}, latent "
                          f"{r['latent_cells'][1]}x{r['latent_cells'][0]} in {r['blocks']} block(s), {r['bytes']:,} bytes, "
                          f"CF {r['cf']:.1f}" + (", nodata mask" if r["nodata_mask"] else "")
+                         + (f", refinement {r['refinement_bytes']:,} bytes" if r["refinement_bytes"] else "")
                          + (f", coded with references to {', '.join(r['references'])}" if r["references"] else ", coded alone"))
         else:
             lines.append(f"{head}, input grid {w}x{h} px {r['crs'] or 'no CRS'}, level 0 {r['level0'][1]}x{r['level0'][0]}, "

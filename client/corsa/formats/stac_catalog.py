@@ -45,7 +45,7 @@ def describe(folder: Path) -> list[dict]:
                         "crs": h["crs"], "transform": list(h["transform"])[:6] if h["transform"] else None,
                         "latent_cells": list(h["cells"]), "blocks": len(h["blocks"]), "bytes": size,
                         "cf": compression_factor(h["shape"][0] * h["shape"][1], size), "nodata_mask": bool(h["mask_len"]),
-                        "references": list(h["refs"])})
+                        "references": list(h["refs"]), "refinement_bytes": sum(h["refine_lengths"] or [])})
     for d in codebook_product.dates_in(folder):
         pd_ = codebook_product.read_date(folder, d)
         size = codebook_product.product_bytes(folder, d)
