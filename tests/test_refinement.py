@@ -121,3 +121,29 @@ def test_a_series_is_refined_date_by_date(three_dates, tmp_path):
     versions = [(tmp_path / MODEL / stream_format.file_name(s.date)).read_bytes()[3] for s in run]
     assert versions == [8, 9, 9]
     assert all(a > b for a, b in zip(*quality)), quality
+
+
+def test_fill_and_dates_between_refined_dates_give_the_engines_pixels(three_dates, tmp_path):
+    """--fill (a gap in the middle date) and --date (between the first two) decode and blend refined
+    dates, on the block path as on the embedded engine (apply_neighborhood and the UDF)."""
+    import pandas as pd
+
+    run, folder = three_dates
+    gapped = tmp_path / "in"
+    gapped.mkdir()
+    for i, s in enumerate(run):
+        data = s.data.copy()
+        if i == 1:
+            data[:, 40:100, 30:90] = 0                   # nodata: all bands 0
+        write_scene(gapped / f"{s.date}.tif", data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(gapped), "-o", str(tmp_path / "p"), "--quality", "5", "-q"]) == 0
+    between = str((pd.Timestamp(run[0].date) + (pd.Timestamp(run[1].date) - pd.Timestamp(run[0].date)) / 2).date())
+    for name, extra in (("filled", ["--fill", "--date", run[1].date]), ("between", ["--date", between])):
+        for path in ("block", "engine"):
+            assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / f"{name}_{path}.tif"), *extra, "-q"]
+                            + (["--engine"] if path == "engine" else [])) == 0
+        a, b = (rasterio.open(tmp_path / f"{name}_{p}.tif").read() for p in ("block", "engine"))
+        np.testing.assert_array_equal(a, b)
+    filled = rasterio.open(tmp_path / "filled_block.tif").read()
+    assert (filled[:, 40:100, 30:90] > 0).all()                  # the gap filled from the refined neighbours
+    assert psnr(run[1].data, filled) > 30

@@ -25,8 +25,8 @@ Self-contained (numpy, xarray, onnxruntime): a back end runs this file alone. Th
 A variable-rate model (card kind "variable-rate", corsa2) compresses to its integer latent instead:
 bands z00, z01, ... (one per latent channel, on the 40 m grid) and nodata, replicated likewise.
 A cube may also carry REFINE_BANDS (a refined product read by the embedded engine: each band's
-brightness correction in DN, on the 10 m grid): "decompress" adds them to the decoded stored dates'
-valid pixels (not to pixels filled from other dates, nor to dates rendered between stored ones).
+brightness correction in DN, on the 10 m grid): "decompress" adds them to each date's decoding,
+before its gaps are filled from the other dates or a date between them is rendered.
 On a geopyspark back end the job option udf-dependency-archives unpacks "<URL>#onnx_deps" (onnxruntime,
 where the runtime lacks it) and "<URL>#models" into the working directory: onnx_deps goes on the
 Python path at import, and the model parameter's default ("models/<id>") points into models.
@@ -781,7 +781,6 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     gaps = np.nan_to_num(data[:, -1], nan=1) != 0
     refine = np.nan_to_num(cube.sel(bands=list(REFINE_BANDS)).values[(Ellipsis,) + window].astype(np.float32)) \
         if set(REFINE_BANDS) <= {str(b) for b in cube["bands"].values} else None
-    valid = ~gaps
     for t, scene in enumerate(data if data.size else ()):
         shape = scene.shape[1:]
         if rate is not None:
@@ -791,19 +790,18 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         else:
             decoded = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)
         out[t] = decoded[:, : shape[0], : shape[1]]
+        if refine is not None:
+            out[t] += refine[t]
     if context.get("fill") and gaps.any():
         out = _filled(out, gaps, cube["t"].values)
         gaps = gaps & (out == 0).all(1)
     else:
         out[np.broadcast_to(gaps[:, None], out.shape)] = 0
-    stored = out if refine is None else out + refine * valid[:, None]
     times = cube["t"].values
     if context.get("dates"):
         # Only the dates asked for, stored or in between: the cube's t labels change.
-        out = _at_dates(out, gaps, times, list(context["dates"]), model, context.get("sha256") or {}, stored)
+        out = _at_dates(out, gaps, times, list(context["dates"]), model, context.get("sha256") or {})
         times = np.array(context["dates"], "datetime64[ns]")
-    else:
-        out = stored
     whole = np.zeros(out.shape[:2] + (cube.sizes["y"], cube.sizes["x"]), np.float32)
     whole[(Ellipsis,) + window] = out
     out = whole
@@ -821,11 +819,9 @@ def _day(t) -> float:
     return float(np.datetime64(t, "s").astype(np.int64)) / 86400
 
 
-def _at_dates(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray, dates: list, model: str, sha: dict,
-              stored: np.ndarray) -> np.ndarray:
-    """The decoded dates (gaps 0) at ``dates``: a stored date as ``stored`` has it (refined, if so), a date
-    between stored ones from the time head (``between``) on ``decoded``, or by linear interpolation for a
-    model without one."""
+def _at_dates(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray, dates: list, model: str, sha: dict) -> np.ndarray:
+    """The decoded dates (gaps 0) at ``dates``: a stored date as it is, a date between stored ones
+    from the time head (``between``), or by linear interpolation for a model without one."""
     if any(t is None for t in times):
         raise UdfError("'dates' renders dates of a cube with a dimension t")
     days = [_day(t) for t in times]
@@ -834,7 +830,7 @@ def _at_dates(decoded: np.ndarray, gaps: np.ndarray, times: np.ndarray, dates: l
     for n, d in enumerate(dates):
         t = _day(np.datetime64(str(d)[:10], "D"))
         if t in days:
-            out[n] = stored[days.index(t)]
+            out[n] = decoded[days.index(t)]
         elif len(days) > 1 and days[0] < t < days[-1]:
             if "between" not in card_of(model).get("files", {}):
                 out[n] = linear_between(decoded, gaps, days, t)

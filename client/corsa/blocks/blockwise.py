@@ -203,12 +203,22 @@ class _Integers:
             self.rows[r] = pool.submit(lambda: [series.block_ints(self.folder, self.date, k, self.codec) for k in ks])
         return self.rows[r]
 
-    def refinement(self, y0: int, x0: int) -> np.ndarray | None:
-        """The refinement cells of the block at pixel (y0, x0), None for a date without."""
+    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray | None:
+        """The refinement (10, rows, cols) in DN over a window of the date's pixels, each block's part
+        from its own cells; None for a date without."""
         if self.head["refine_lengths"] is None:
             return None
-        k = (y0 // BLOCK_PX) * self.per_row + x0 // BLOCK_PX
-        return series.block_refinement(self.folder, self.date, k, self.codec)
+        out = np.zeros((len(BANDS), rows[1] - rows[0], cols[1] - cols[0]), np.float32)
+        level = self.codec.level(self.head["quality"])
+        for k, cells in enumerate(self.head["blocks"]):
+            py, px = stream_format.block_pixels(cells, self.head["shape"])
+            ry, rx = slice(max(py.start, rows[0]), min(py.stop, rows[1])), slice(max(px.start, cols[0]), min(px.stop, cols[1]))
+            if ry.start < ry.stop and rx.start < rx.stop:
+                out[:, ry.start - rows[0]:ry.stop - rows[0], rx.start - cols[0]:rx.stop - cols[0]] = self.codec.refiner.field(
+                    series.block_refinement(self.folder, self.date, k, self.codec), level,
+                    (py.stop - py.start, px.stop - px.start), slice(ry.start - py.start, ry.stop - py.start),
+                    slice(rx.start - px.start, rx.stop - px.start))
+        return out
 
     def _block(self, r: int, c: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
         if pool is None:
@@ -266,6 +276,17 @@ class StoredDates:
         """The dequantised latents of the dates over a window of cells."""
         return [codec.dequantise(n.window(cy, cx, pool), n.head["quality"]) for n in self.ints]
 
+    def refinements(self, rows: tuple[int, int], cols: tuple[int, int]) -> list[np.ndarray | None]:
+        """The dates' refinements over a window of pixels (None: a date without)."""
+        return [n.refinement(rows, cols) for n in self.ints]
+
+
+def refined(decoded: np.ndarray, refinement: np.ndarray | None) -> np.ndarray:
+    """A window's decoding with its refinement added (in place), if the date has one."""
+    if refinement is not None:
+        decoded += refinement
+    return decoded
+
 
 def _fill_dates(folder: Path, date: str) -> list[str]:
     """The stored dates that may fill a date's gaps (``corsa_udf.fill_candidates``)."""
@@ -301,40 +322,37 @@ class DateDecoder:
         (h, w) = self.head["shape"]
         return list(_spans(h, self.overlap)), list(_spans(w, self.overlap))
 
-    def _nearby(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> list | None:
-        """The candidates' latents over a window whose block has gaps (--fill)."""
+    def _nearby(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple | None:
+        """The candidates' latents and refinements over a window whose block has gaps (--fill)."""
         if self.around is None or not self.ints.mask[ys[0]:ys[1], xs[0]:xs[1]].any():
             return None
-        return self.around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool,
-                                   self.codec)
+        return (self.around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool,
+                                    self.codec), self.around.refinements(ys[2:], xs[2:]))
 
     def inputs(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple:
-        """A block's integers over its window, its fill candidates' latents and its refinement cells."""
+        """A block's integers over its window, its fill candidates' latents and refinements, and its
+        refinement over the window."""
         cells = slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4))
-        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), self.ints.refinement(ys[0], xs[0])
+        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), self.ints.refinement(ys[2:], xs[2:])
 
-    def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: list | None,
+    def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None,
               refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:
-        """A block's pixels (10, y, x) uint16 and where they go (y0, x0); its refinement is added to
-        its valid pixels (not to those filled from other dates)."""
+        """A block's pixels (10, y, x) uint16 and where they go (y0, x0): the window decoded and refined,
+        nodata set to 0 or filled from the other dates' refined decodings."""
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = self.codec.dequantise(latent, self.head["quality"])
         dec, mask = network_session(self.codec, self.head["quality"]), self.ints.mask
-        rec = corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
+        rec = refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], refinement)
         if mask is not None:
             win = mask[wy0:wy1, wx0:wx1]
             rec[:, win] = 0
             if nearby is not None:
                 # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
-                others = [corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0]
-                          for zn in nearby]
+                others = [refined(corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], fn)
+                          for zn, fn in zip(*nearby)]
                 gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
-        rec = rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
-        if refinement is not None:
-            field = self.codec.refiner.field(refinement, self.codec.level(self.head["quality"]), rec.shape[1:])
-            rec += field if mask is None else field * ~mask[y0:y1, x0:x1]
-        return y0, x0, to_uint16(rec)
+        return y0, x0, to_uint16(rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
 
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """The pixels (10, rows, cols) of a window of the date's grid, from the blocks under it only."""

@@ -69,18 +69,22 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
     head = stored.ints[0].head
     overlap = windows.OVERLAP["decompress"]
 
-    def block(ys: tuple[int, ...], xs: tuple[int, ...], latents: list[np.ndarray]) -> tuple[int, int, np.ndarray]:
+    def block(ys: tuple[int, ...], xs: tuple[int, ...], latents: list[np.ndarray], refinements: list
+              ) -> tuple[int, int, np.ndarray]:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         dec = blockwise.network_session(codec, head["quality"])
-        decoded = np.stack([corsa_udf.synthesise(dec, z, windows.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0]
-                            for z in latents])
+        decoded = np.stack([blockwise.refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0], f)
+                            for z, f in zip(latents, refinements)])
         gaps = np.stack([np.zeros(decoded.shape[2:], bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])
+        # Gaps 0 as the decompress service's UDF has them: the time head reads the pixels around a gap too.
+        decoded[np.broadcast_to(gaps[:, None], decoded.shape)] = 0
         rec = (corsa_udf.between(blockwise._sessions(codec, "between"), decoded, gaps, picked_days, t) if time_head
                else corsa_udf.linear_between(decoded, gaps, picked_days, t))[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
         return y0, x0, to_uint16(rec)
 
     def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool) -> tuple:
-        return (stored.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec),)
+        return (stored.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec),
+                stored.refinements(ys[2:], xs[2:]))
 
     return blockwise.write_blocks(out, {**head, "date": date}, overlap, inputs, block, run)
 

@@ -90,12 +90,14 @@ class RefineCoder:
         mean = np.divide(s, n, out=np.zeros_like(s), where=n > 0)
         return np.clip(np.rint(mean / self.steps[level]), -LIMIT, LIMIT).astype(np.int32)
 
-    def field(self, sym: np.ndarray, level: int, shape: tuple[int, int]) -> np.ndarray:
-        """(10, ch, cw) cell symbols -> (10, h, w) float32 correction in DN, bilinear between cell centres:
-        along x on the cells' rows first (small), then along y. No BLAS: its threads would spin beside
-        the decoder's (a date read through xarray 0.9 s slower with a matrix product here)."""
-        y0, y1, fy = _bilinear(shape[0], sym.shape[1], self.grid)
-        x0, x1, fx = _bilinear(shape[1], sym.shape[2], self.grid)
+    def field(self, sym: np.ndarray, level: int, shape: tuple[int, int], rows: slice = slice(None),
+              cols: slice = slice(None)) -> np.ndarray:
+        """(10, ch, cw) cell symbols of a block of ``shape`` px -> its (10, h, w) float32 correction in DN
+        (or that of its pixels ``rows`` x ``cols``), bilinear between cell centres: along x on the cells'
+        rows first (small), then along y. No BLAS: its threads would spin beside the decoder's (a date
+        read through xarray 0.9 s slower with a matrix product here)."""
+        y0, y1, fy = (a[rows] for a in _bilinear(shape[0], sym.shape[1], self.grid))
+        x0, x1, fx = (a[cols] for a in _bilinear(shape[1], sym.shape[2], self.grid))
         g = sym.astype(np.float32) * np.float32(self.steps[level])
         rows = g[:, :, x0] * (1 - fx) + g[:, :, x1] * fx
         out = rows[:, y0] * (1 - fy)[:, None]

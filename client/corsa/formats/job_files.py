@@ -220,7 +220,7 @@ class DateIntegers:
         m = _read_cells(self.nodata, 0, 0, h, w, 1)[0, :h, :w] != 0
         return m if m.any() else None
 
-    def refinement(self, y0: int, x0: int) -> None:
+    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> None:
         """A job's files hold no refinement (the services' UDF writes the integers alone)."""
         return None
 
