@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -124,6 +125,22 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
                     "mean_over_sources": {"psnr_db": round(float(np.mean([v["psnr_db"] for v in l2a])), 3),
                                           "cf": round(float(np.mean([v["cf"] for v in l2a])), 2)}})
     return out
+
+
+def derived_folder(src: Path, name: str, out: str | Path, ignore: tuple[str, ...] = (),
+                   dropped: tuple[str, ...] = ("gain_over_classical_db",)) -> tuple[Path, dict]:
+    """``out``/``name`` made afresh as a copy of a shipped model's files (but ``ignore`` and its Markdown
+    card), and the source's card for it: renamed, not the default (one at a time, made so by hand
+    with the docs), without ``dropped`` (figures that were the source's)."""
+    folder = Path(out) / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns(*ignore, "*.md"))
+    card = json.loads((src / "model_card.json").read_text())
+    for key in dropped:
+        card.pop(key, None)
+    card["id"], card["default"] = name, False
+    return folder, card
 
 
 def write_card(card: dict, out: Path, figures: bool = True) -> Path:

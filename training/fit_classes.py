@@ -13,8 +13,6 @@ only its files are smaller. A new id, because the old model's products keep thei
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from corsa.formats import stream_format
 from corsa.formats.datasets import load_split
 
 from .export import _record_files
-from .export_rate import write_card
+from .export_rate import derived_folder, write_card
 from .train import SPLIT_FILE
 
 # 11 classes. On the test split (corsa3.6's networks), PSNR at equal CF over its plain tables by level:
@@ -64,16 +62,10 @@ def main(argv: list[str] | None = None) -> Path:
     if codec.coder.classes > 1:
         raise SystemExit(f"{args.model} has class tables already")
     coder = fit(codec, np.asarray(args.edges, np.float64))
-    out = Path(args.out) / args.name
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.md"))
+    out, card = derived_folder(src, args.name, args.out)
     with np.load(src / TABLES_FILE) as z:
         extra = {k: z[k] for k in z.files if k not in ("freq", "precision", "escape", "class_edges")}
     coder.save(out, **extra)
-    card = json.loads((src / "model_card.json").read_text())
-    card.pop("gain_over_classical_db", None)
-    card["id"], card["default"] = args.name, False
     card["format_version"] = stream_format.CLASS_VERSION        # its dates coded alone; series dates 6
     card["description"] = (f"{card['description']} {args.name}: {args.model}'s networks with class tables "
                            f"(training.fit_classes): the same integers and pixels, smaller files.")

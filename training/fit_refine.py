@@ -11,8 +11,6 @@ correction. A new id, because the old model's products have none.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from corsa.core.machine import cpu_name
 from corsa.formats import stream_format
 
 from .export import _record_files
-from .export_rate import write_card
+from .export_rate import derived_folder, write_card
 
 # Cells of 16 px (on the test split with corsa3.8, cells of 8 px gave less at every level, of 32 px less
 # from level 4 on); the step of each level chosen on the validation split (of 16, 24, 32, 48, 64, 96 DN,
@@ -52,15 +50,9 @@ def main(argv: list[str] | None = None) -> Path:
     if len(steps) != len(codec.qualities):
         raise SystemExit(f"--steps: one value or one per level ({len(codec.qualities)})")
     refiner = RefineCoder(np.array(steps), args.grid, laplace_tables(SCALES))
-    out = Path(args.out) / args.name
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.md"))
+    out, card = derived_folder(src, args.name, args.out)
     refiner.save(out)
-    card = json.loads((src / "model_card.json").read_text())
-    card.pop("gain_over_classical_db", None)
-    card["id"], card["default"] = args.name, False
-    card["format_version"] = {t: v for v, t in stream_format.REFINED.items()}[stream_format.CLASS_VERSION]  # series dates 9
+    card["format_version"] = stream_format.WITH_REFINEMENT[stream_format.CLASS_VERSION]   # series dates 9
     card["description"] = (f"{card['description']} {args.name}: {args.model} with a refinement "
                            f"(training.fit_refine): per block, the mean error of each band's decoding over "
                            f"cells of {args.grid} px, coded and added back.")

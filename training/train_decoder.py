@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from corsa.formats.datasets import load_split
 
 from .data import CropSampler
 from .export import _record_files
-from .export_rate import export_decoder, load_model, write_card
+from .export_rate import derived_folder, export_decoder, load_model, write_card
 from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
 from .train_rate import as_stored, distortion
 from .rate_model import RateCodec, RateConfig
@@ -178,19 +177,11 @@ def export(args: argparse.Namespace, figures: bool = True) -> Path:
     a = ckpt["args"]                                  # the run's own settings, not the export call's
     model = reshaped(load_model(src), a.get("blocks20", 0), a.get("width10", 0), a.get("first_kernel"))
     model.load_state_dict(ckpt["model"])
-    out = Path(args.out) / args.name
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("decoder.onnx", "decoder_int8.onnx", "*.md"))
+    out, card = derived_folder(src, args.name, args.out, ("decoder.onnx", "decoder_int8.onnx"), DROPPED)
     export_decoder(model, out / "decoder.onnx")
-    card = json.loads((src / "model_card.json").read_text())
-    for key in DROPPED:
-        card.pop(key, None)
     card["files"].pop("decoder_int8", None)
-    card["id"] = args.name
     card["architecture"].update({k: getattr(model.cfg, k) for k in ("blocks20", "width10", "first_kernel")},
                                 parameters=sum(p.numel() for p in model.parameters()))
-    card["default"] = False                           # one default at a time: made so by hand, with the docs
     grown = [what for what, n in ((f"{model.cfg.blocks20} residual block(s) at 20 m", model.cfg.blocks20),
                                   (f"a {model.cfg.width10}-channel refinement at 10 m", model.cfg.width10),
                                   (f"a {model.cfg.first_kernel}x{model.cfg.first_kernel} first convolution",

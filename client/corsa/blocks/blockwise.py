@@ -208,17 +208,9 @@ class _Integers:
         from its own cells; None for a date without."""
         if self.head["refine_lengths"] is None:
             return None
-        out = np.zeros((len(BANDS), rows[1] - rows[0], cols[1] - cols[0]), np.float32)
-        level = self.codec.level(self.head["quality"])
-        for k, cells in enumerate(self.head["blocks"]):
-            py, px = stream_format.block_pixels(cells, self.head["shape"])
-            ry, rx = slice(max(py.start, rows[0]), min(py.stop, rows[1])), slice(max(px.start, cols[0]), min(px.stop, cols[1]))
-            if ry.start < ry.stop and rx.start < rx.stop:
-                out[:, ry.start - rows[0]:ry.stop - rows[0], rx.start - cols[0]:rx.stop - cols[0]] = self.codec.refiner.field(
-                    series.block_refinement(self.folder, self.date, k, self.codec), level,
-                    (py.stop - py.start, px.stop - px.start), slice(ry.start - py.start, ry.stop - py.start),
-                    slice(rx.start - px.start, rx.stop - px.start))
-        return out
+        return stream_format.refinement_window(
+            self.codec.refiner, self.codec.level(self.head["quality"]), self.head["shape"],
+            lambda k: series.block_refinement(self.folder, self.date, k, self.codec), rows, cols, self.head["block"])
 
     def _block(self, r: int, c: int, pool: ThreadPoolExecutor | None) -> np.ndarray:
         if pool is None:

@@ -181,13 +181,16 @@ class VariableRateCodec:
         with ThreadPoolExecutor(threads) as pool:
             return fn(network, x, self.tile, self.overlap, pool.map)
 
+    def _checked_file(self, entry: str) -> Path:
+        """The path of the card's files entry, refused if missing or not the file its sha256 names."""
+        path = self.path / self.card["files"][entry]["path"]
+        if not path.is_file() or sha256_file(path) != self.card["files"][entry]["sha256"]:
+            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
+        return path
+
     @cached_property
     def _tables(self) -> tuple[np.ndarray, np.ndarray, LatentCoder]:
-        entry = self.card["files"]["latent_model"]
-        path = self.path / entry["path"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
-        with np.load(path) as z:
+        with np.load(self._checked_file("latent_model")) as z:
             gain, inv_gain = z["gain"].astype(np.float32), z["inv_gain"].astype(np.float32)
         return gain, inv_gain, LatentCoder.load(self.path)
 
@@ -204,12 +207,9 @@ class VariableRateCodec:
     def temporal_coder(self) -> LatentCoder | None:
         """The tables that code a date with references to earlier dates (``corsa.formats.series``); None
         for a model without them (its series are coded date by date)."""
-        entry = self.card["files"].get("temporal_model")
-        if entry is None:
+        if "temporal_model" not in self.card["files"]:
             return None
-        path = self.path / entry["path"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
+        path = self._checked_file("temporal_model")
         coder = LatentCoder.load(self.path, TEMPORAL_FILE_NAME)
         if not coder.temporal or coder.freq.shape[0] != len(self.qualities) or coder.channels != self.channels:
             raise ModelError(f"{path} does not hold temporal tables of this model's levels and channels")
@@ -218,12 +218,9 @@ class VariableRateCodec:
     @cached_property
     def refiner(self) -> RefineCoder | None:
         """The model's refinement (``corsa.codec.refine_coder``); None for a model without one."""
-        entry = self.card["files"].get("refine_model")
-        if entry is None:
+        if "refine_model" not in self.card["files"]:
             return None
-        path = self.path / entry["path"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
+        path = self._checked_file("refine_model")
         refiner = RefineCoder.load(self.path)
         if refiner.steps.size != len(self.qualities):
             raise ModelError(f"{path} does not hold a step for each of this model's levels")

@@ -54,6 +54,7 @@ TEMPORAL_VERSION = 6           # a date coded with references (a series); otherw
 CLASS_VERSION = 7              # a date coded alone with class tables; otherwise the bytes of version 5
 MAPLESS = {3: VERSION, 4: TEMPORAL_VERSION}   # older versions: the same, their streams without channel maps
 REFINED = {8: CLASS_VERSION, 9: TEMPORAL_VERSION}   # the same, with a refinement stream a block
+WITH_REFINEMENT = {tables: version for version, tables in REFINED.items()}
 VERSIONS = (*MAPLESS, VERSION, TEMPORAL_VERSION, CLASS_VERSION, *REFINED)
 MAGIC = b"CRS" + bytes([VERSION])
 SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
@@ -139,14 +140,28 @@ def refinement_cells(refiner: RefineCoder, level: int, truth: np.ndarray, decode
     return out
 
 
+def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], cells_of, rows: tuple[int, int],
+                      cols: tuple[int, int], block: int = BLOCK) -> np.ndarray:
+    """The refinement (10, rows, cols) in DN over a window of a date of ``shape`` px, each block's part
+    from its own cells, ``cells_of(k)`` (block k in ``block_slices`` order; asked only for the blocks
+    under the window)."""
+    out = np.zeros((len(BANDS), rows[1] - rows[0], cols[1] - cols[0]), np.float32)
+    for k, cells in enumerate(block_slices(latent_cells(shape), block)):
+        py, px = block_pixels(cells, shape)
+        ry, rx = slice(max(py.start, rows[0]), min(py.stop, rows[1])), slice(max(px.start, cols[0]), min(px.stop, cols[1]))
+        if ry.start < ry.stop and rx.start < rx.stop:
+            out[:, ry.start - rows[0]:ry.stop - rows[0], rx.start - cols[0]:rx.stop - cols[0]] = refiner.field(
+                cells_of(k), level, (py.stop - py.start, px.stop - px.start),
+                slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start))
+    return out
+
+
 def refine(decoded: np.ndarray, refinement: list[np.ndarray], refiner: RefineCoder, level: int,
            valid: np.ndarray | None = None, block: int = BLOCK) -> np.ndarray:
     """A whole date's decoding (float, (10, H, W)) with its blocks' refinement added where ``valid``."""
-    shape = decoded.shape[1:]
-    for cells, sym in zip(block_slices(latent_cells(shape), block), refinement):
-        py, px = block_pixels(cells, shape)
-        field = refiner.field(sym, level, (py.stop - py.start, px.stop - px.start))
-        decoded[:, py, px] += field if valid is None else field * valid[py, px]
+    h, w = decoded.shape[1:]
+    field = refinement_window(refiner, level, (h, w), refinement.__getitem__, (0, h), (0, w), block)
+    decoded += field if valid is None else field * valid
     return decoded
 
 
@@ -224,7 +239,7 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
     extra = refinement or []
     head += b"".join(_varint(len(s)) for s in streams + extra) + (_varint(len(mask)) if mask else b"")
     version = TEMPORAL_VERSION if refs else CLASS_VERSION if class_tables else VERSION
-    magic = MAGIC[:3] + bytes([{v: k for k, v in REFINED.items()}[version] if refinement is not None else version])
+    magic = MAGIC[:3] + bytes([WITH_REFINEMENT[version] if refinement is not None else version])
     body = magic + _varint(len(head)) + head + b"".join(streams + extra) + mask
     return body + struct.pack("<I", zlib.crc32(body))
 
