@@ -1,13 +1,15 @@
 """What a compress batch job downloads, run through ``corsa.openeo.jobs`` on the embedded engine (the same
 calls as on a back end), on the full-resolution 1068 px Major-TOM scene.
 
-    python -m benchmarks.job_files --out benchmarks/results/job_files.json
+    python -m benchmarks.job_files --out benchmarks/results/job_files_corsa3.9.json
+    python -m benchmarks.job_files --model corsa2 --out benchmarks/results/job_files.json
 
-For corsa512 and for corsa2 at every quality level: the CF of the job's files (each stored layer
-on its own grid, DEFLATE GeoTIFF as the engine's generic save_result and geopyspark back ends write
-them; job.json excluded), the CF of the product `corsa pack` makes of them, and whether
-`corsa decompress` of the job's files gives the same image as `corsa decompress` of the product;
-and, for comparison, the replicated 10 m compressed cube saved as it is.
+For corsa512 and for a variable-rate model (--model, default the services' default) at every quality
+level: the CF of the job's files (each stored layer on its own grid, DEFLATE GeoTIFF as the engine's
+generic save_result and geopyspark back ends write them; job.json excluded), the CF of the product
+`corsa pack` makes of them (refined or not), and whether `corsa decompress` of the job's files gives
+the same image as `corsa decompress` of the product; and, for comparison, the replicated 10 m
+compressed cube saved as it is.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from rasterio.transform import Affine
 
 from corsa.app import cli
 from corsa.openeo import jobs
-from corsa.codec.models import VariableRateCodec
+from corsa.codec.models import DEFAULT_MODEL, VariableRateCodec
+from corsa.formats import stream_format
 from corsa.formats.datasets import LOADERS, default_data_root
 from corsa.openeo.local import EngineConnection
 from corsa.core.metrics import compression_factor, psnr
@@ -59,7 +62,10 @@ def measure(tmp: Path, scene: Path, data: np.ndarray, model: str, quality: int |
     assert cli.main(["decompress", str(tmp / f"files-{label}"), "-o", str(tmp / f"dec-files-{label}")]) == 0
     assert cli.main(["decompress", str(tmp / f"product-{label}"), "-o", str(tmp / f"dec-product-{label}")]) == 0
     a, b = _decoded(tmp / f"dec-files-{label}"), _decoded(tmp / f"dec-product-{label}")
-    return {"model": model, "quality": quality, "files": sorted(p.name for p in files), "job_bytes": job_bytes,
+    products = sorted((tmp / f"product-{label}").glob(f"*{stream_format.SUFFIX}"))
+    refined = bool(products) and stream_format.read_header(products[0].read_bytes(), products[0].name)["refine_lengths"] is not None
+    return {"model": model, "quality": quality, "files": sorted(p.name for p in files), "refined": refined,
+            "job_bytes": job_bytes,
             "job_cf": round(compression_factor(pixels, job_bytes), 2), "product_bytes": product_bytes,
             "product_cf": round(compression_factor(pixels, product_bytes), 2),
             "decodes_equal": bool(np.array_equal(a, b)), "psnr_db": round(psnr(data, a), 2)}
@@ -80,17 +86,18 @@ def replicated(tmp: Path, scene: Path, data: np.ndarray, model: str, quality: in
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/job_files.json"))
-    p.add_argument("--qualities", default="all", help="corsa2 levels: 'all' or a comma list")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the variable-rate model (default: the services' default)")
+    p.add_argument("--qualities", default="all", help="its levels: 'all' or a comma list")
     args = p.parse_args(argv)
-    levels = VariableRateCodec("corsa2").qualities if args.qualities == "all" else \
+    levels = VariableRateCodec(args.model).qualities if args.qualities == "all" else \
         [int(q) for q in args.qualities.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         scene, data = _scene_file(Path(tmp))
-        for model, quality in [("corsa512", None)] + [("corsa2", q) for q in levels]:
+        for model, quality in [("corsa512", None)] + [(args.model, q) for q in levels]:
             rows.append(measure(Path(tmp), scene, data, model, quality))
             print(json.dumps(rows[-1]), flush=True)
-        before = [replicated(Path(tmp), scene, data, "corsa512", None), replicated(Path(tmp), scene, data, "corsa2", 4)]
+        before = [replicated(Path(tmp), scene, data, "corsa512", None), replicated(Path(tmp), scene, data, args.model, 4)]
         print(json.dumps(before), flush=True)
     out = {"scene": f"majortom {data.shape[2]} x {data.shape[1]} px", "rows": rows, "replicated_cube": before}
     args.out.parent.mkdir(parents=True, exist_ok=True)

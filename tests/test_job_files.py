@@ -11,16 +11,18 @@ import rasterio
 from rasterio.shutil import copy as gdal_copy
 from rasterio.transform import Affine
 
+import corsa_udf
 from corsa.app import cli
 from corsa.openeo import jobs
 from corsa.formats import job_files
 from corsa.openeo import processes
 from corsa.formats import stream_format
 from corsa.codec.codebook import CodebookCodec
-from corsa.codec.models import VariableRateCodec, read_card
+from corsa.codec.models import DEFAULT_MODEL, VariableRateCodec, read_card
 from corsa.openeo.engine import Engine
 from corsa.openeo.local import EngineConnection
 from corsa.formats.sources import Catalogue
+from corsa.core.metrics import psnr
 from test_service import majortom, write_scene  # noqa: F401  (majortom: a fixture)
 from conftest import stored_files
 
@@ -49,9 +51,9 @@ def _run_service(model: str, scene_path: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["corsa512", "corsa2"])
+@pytest.fixture(scope="module", params=["corsa512", "corsa2", DEFAULT_MODEL])
 def job(request, scene, tmp_path_factory):
-    """(model, folder of the service's files) for each model family."""
+    """(model, folder of the service's files) for each model family (the default: refined)."""
     return request.param, _run_service(request.param, scene[0], tmp_path_factory.mktemp(f"job-{request.param}"))
 
 
@@ -68,7 +70,9 @@ def test_each_stored_layer_is_saved_on_its_own_grid(job, scene):
             assert src.transform == grid * Affine.scale(s)
             assert (src.height, src.width) == (-(-SHAPE[0] // s), -(-SHAPE[1] // s))
             # a variable-rate latent is saved whole: every channel, then its nodata band sampled at 40 m
-            assert list(src.descriptions) == layer["bands"] + (["nodata"] if model == "corsa2" and s > 1 else [])
+            # a refined model's refinement cells ride along, before nodata
+            cells = list(corsa_udf.CELL_BANDS) if model == DEFAULT_MODEL and s > 1 else []
+            assert list(src.descriptions) == layer["bands"] + cells + (["nodata"] if model != "corsa512" and s > 1 else [])
             # stored as a back end stores a UDF's output: float32, whole numbers
             values = src.read()
             assert src.dtypes[0] == "float32" and np.array_equal(values, np.rint(values))
@@ -78,12 +82,20 @@ def test_each_stored_layer_is_saved_on_its_own_grid(job, scene):
 def test_stored_values_are_the_codecs_own(job, scene):
     model, folder = job
     data = scene[1]
-    with rasterio.open(folder / f"corsa_{'latent' if model == 'corsa2' else 'L0'}_{DATE}.tif") as src:
+    with rasterio.open(folder / f"corsa_{'L0' if model == 'corsa512' else 'latent'}_{DATE}.tif") as src:
         stored = src.read()
-    if model == "corsa2":
-        stored = stored[:-1]      # the nodata band the latent layer carries last
-        ints = VariableRateCodec(model).encode(data, QUALITY)
-        np.testing.assert_array_equal(stored, ints[:, : stored.shape[1], : stored.shape[2]])
+    if model != "corsa512":
+        codec = VariableRateCodec(model)
+        ints = codec.encode(data, QUALITY)
+        np.testing.assert_array_equal(stored[:len(ints)], ints[:, : stored.shape[1], : stored.shape[2]])
+        nodata = (data == 0).all(0)
+        _, _, cells = stream_format.encode_refined(codec, data, ints, QUALITY, nodata, None, None, DATE)
+        assert (cells is None) == (model == "corsa2") and len(stored) == len(ints) + 1 + (cells is not None) * 10
+        if cells is not None:       # one block: the refinement cells the CLI's compress stores, each at its first 40 m cell
+            stored_cells = stored[len(ints):-1]
+            np.testing.assert_array_equal(stored_cells[:, ::4, ::4], cells[0])
+            stored_cells[:, ::4, ::4] = 0
+            assert np.abs(cells[0]).max() > 0 and not stored_cells.any()
     else:
         idx0, idx1 = CodebookCodec(model).encode(data)
         np.testing.assert_array_equal(stored[0], idx0[: stored.shape[1], : stored.shape[2]])
@@ -93,7 +105,7 @@ def test_stored_values_are_the_codecs_own(job, scene):
 
 def test_pack_gives_the_product_that_compress_writes(job, scene, tmp_path):
     model, folder = job
-    args = ["--model", model] + (["--quality", str(QUALITY)] if model == "corsa2" else [])
+    args = ["--model", model] + (["--quality", str(QUALITY)] if model != "corsa512" else [])
     assert cli.main(["pack", str(folder), "-o", str(tmp_path / "packed"), *args]) == 0
     assert cli.main(["compress", str(scene[0]), "-o", str(tmp_path / "direct"), *args]) == 0
     packed, direct = stored_files(tmp_path / "packed"), stored_files(tmp_path / "direct")
@@ -105,7 +117,7 @@ def test_pack_gives_the_product_that_compress_writes(job, scene, tmp_path):
 
 def test_decompress_reads_job_files_like_the_product(job, tmp_path):
     model, folder = job
-    args = ["--model", model] + (["--quality", str(QUALITY)] if model == "corsa2" else [])
+    args = ["--model", model] + (["--quality", str(QUALITY)] if model != "corsa512" else [])
     assert cli.main(["pack", str(folder), "-o", str(tmp_path / "product"), *args]) == 0
     assert cli.main(["decompress", str(folder), "-o", str(tmp_path / "a.tif"), *args]) == 0
     assert cli.main(["decompress", str(tmp_path / "product"), "-o", str(tmp_path / "b.tif")]) == 0
@@ -262,7 +274,7 @@ def test_pack_reads_the_back_ends_file_names(job, scene, tmp_path, style):
     for p in folder.iterdir():
         layer, date = p.stem[len("corsa_"):].rsplit("_", 1)
         shutil.copyfile(p, renamed / f"corsa_{style.format(layer=layer, date=date)}.tif")
-    args = ["--model", model] + (["--quality", str(QUALITY)] if model == "corsa2" else [])
+    args = ["--model", model] + (["--quality", str(QUALITY)] if model != "corsa512" else [])
     assert cli.main(["pack", str(renamed), "-o", str(tmp_path / "a"), *args]) == 0
     assert cli.main(["pack", str(folder), "-o", str(tmp_path / "b"), *args]) == 0
     a, b = stored_files(tmp_path / "a"), stored_files(tmp_path / "b")
@@ -284,3 +296,37 @@ def test_xarray_opens_a_download_as_its_product(downloaded, tmp_path):
         assert job.rio.transform() == f.transform
     np.testing.assert_array_equal(job.features.values, packed.features.values)
     assert int(job.quality[0]) == 2 and str(job.time.values[0])[:10] == DATE
+
+
+@pytest.mark.parametrize("job", [DEFAULT_MODEL], indirect=True)
+def test_a_refined_models_job_stores_its_refinement(job, scene, tmp_path):
+    """The default model's service stores each block's refinement cells (bands cell_B02, ... of its latent
+    file): the packed date is refined (format 8), xarray reads the download as that product, and the
+    refinement brings the decoding closer to the scene; a download from before the services stored
+    them still packs and decodes, unrefined (format 7)."""
+    import xarray as xr
+
+    model, folder = job
+    args = ["--model", model, "--quality", str(QUALITY)]
+    older = tmp_path / "older"
+    shutil.copytree(folder, older)
+    with rasterio.open(folder / f"corsa_latent_{DATE}.tif") as src:     # the latent alone, as before
+        keep = [i for i, d in enumerate(src.descriptions, 1) if not d.startswith("cell_")]
+        profile, values, names = src.profile, src.read(keep), [src.descriptions[i - 1] for i in keep]
+    with rasterio.open(older / f"corsa_latent_{DATE}.tif", "w", **{**profile, "count": len(keep)}) as dst:
+        dst.write(values)
+        for i, name in enumerate(names, 1):
+            dst.set_band_description(i, name)
+    decoded = {}
+    for name, src in (("refined", folder), ("older", older)):
+        assert cli.main(["pack", str(src), "-o", str(tmp_path / f"{name}-product"), *args]) == 0
+        (path,) = stored_files(tmp_path / f"{name}-product")
+        version = stream_format.read_header(path.read_bytes(), path.name)["version"]
+        assert version == (8 if name == "refined" else 7), (name, version)
+        assert cli.main(["decompress", str(src), "-o", str(tmp_path / f"{name}.tif"), *args]) == 0
+        with rasterio.open(tmp_path / f"{name}.tif") as f:
+            decoded[name] = f.read()
+        opened = xr.open_dataset(src, engine="corsa", mask_and_scale=False, model=model, quality=QUALITY)
+        np.testing.assert_array_equal(opened.reflectance.isel(time=0).values, decoded[name])
+    data = scene[1]
+    assert psnr(data, decoded["refined"]) > psnr(data, decoded["older"]) + 0.1

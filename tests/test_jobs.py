@@ -22,6 +22,8 @@ from corsa.codec.models import DEFAULT_MODEL, MODELS_URL, UNPACKED_MODELS, Varia
 from corsa.formats.datasets import LOADERS
 from corsa.openeo.local import EngineConnection
 from corsa.core.metrics import psnr
+from corsa.core.scene import BANDS, to_uint16
+from corsa.formats import stream_format
 from corsa.openeo.processes import GRAPHS_DIR, UDF_CODE
 from test_service import write_scene
 
@@ -325,8 +327,12 @@ def test_results_download_and_feed_the_decompress_job(server, connection, local_
     graph = jobs.submit(decoded, "decompress").describe()["process"]["process_graph"]
     loads = _graph_nodes(graph, "load_stac")
     assert {load["arguments"]["url"] for load in loads} == {f"{server.url}/openeo/1.2/jobs/{job.job_id}/results"}
-    layers = read_card(DEFAULT_MODEL)[1]["layers"]
-    assert sorted(load["arguments"]["bands"] for load in loads) == sorted(l["bands"] for l in layers)
+    card = read_card(DEFAULT_MODEL)[1]
+    layers = card["layers"]
+    # a refined model's latent layer carries its refinement cells
+    cells = [f"cell_{b}" for b in BANDS] if "refine" in card else []
+    assert sorted(load["arguments"]["bands"] for load in loads) == sorted(
+        l["bands"] + (cells if l["name"] == "latent" else []) for l in layers)
     assert len(_graph_nodes(graph, "resample_cube_spatial")) == len(_graph_nodes(graph, "merge_cubes")) == len(layers) - 1
     [udf] = _graph_nodes(graph, "run_udf")
     assert udf["arguments"]["context"]["mode"] == "decompress"
@@ -380,11 +386,15 @@ def test_embedded_engine_round_trip_through_the_client_functions(crop, tmp_path,
         data = src.read()
     ints = codec.encode(data, codec.default_quality)
     with rasterio.open(tmp_path / "files" / "corsa_latent_2022-07-06.tif") as src:
-        np.testing.assert_array_equal(src.read()[:-1], ints)       # every channel, then nodata at 40 m
+        np.testing.assert_array_equal(src.read()[:len(ints)], ints)       # every channel, then nodata at 40 m
+        assert src.descriptions[-1] == "nodata"
     with rasterio.open(out) as src:
         decoded = src.read()
-    expected = codec.decode(ints, codec.default_quality, data.shape[1:])
-    np.testing.assert_array_equal(decoded, np.where((data == 0).all(0), 0, expected))
+    # the default model refines: the decompress UDF adds the refinement the compress job stored with the latent
+    nodata = (data == 0).all(0)
+    _, rec, cells = stream_format.encode_refined(codec, data, ints, codec.default_quality, nodata, None, None, "undated")
+    expected = to_uint16(stream_format.refine(rec, cells, codec.refiner, codec.level(codec.default_quality), ~nodata))
+    np.testing.assert_array_equal(decoded, np.where(nodata, 0, expected))
     assert psnr(data, decoded) > 30
 
 

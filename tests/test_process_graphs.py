@@ -6,7 +6,7 @@ import pytest
 from corsa.blocks.classmap import DEFAULT_CLASSIFIER
 from corsa.codec.models import DEFAULT_MODEL, MODELS_DIR, MODELS_URL, read_card
 from corsa.openeo.processes import GRAPHS_DIR, PROCESSES, UDF_CODE, render
-from corsa.openeo.windows import RENDER_EXACT_SCALE
+from corsa.openeo.windows import RENDER_EXACT_SCALE, compress_reach
 
 FILES = sorted(GRAPHS_DIR.glob("*.json"))
 
@@ -72,7 +72,7 @@ def test_chunk_overlap_covers_each_networks_reach():
     codecs = [c for c in cards if "encoder" in c["files"]]
     assert DEFAULT_MODEL in {c["id"] for c in codecs} and "corsa2" in {c["id"] for c in codecs}
     _, clf_card = read_card(DEFAULT_CLASSIFIER)
-    reach = {"compress": max(c["receptive_radius_px"]["encoder"] for c in codecs),
+    reach = {"compress": max(compress_reach(c) for c in codecs),
              "decompress": max(c["receptive_radius_px"]["decoder"] for c in codecs),
              "classify": clf_card["receptive_radius_px"]["grid10"],
              "render": (max(c["render"]["reach_px"] for c in cards if "render" in c) + 1) * RENDER_EXACT_SCALE}
@@ -143,5 +143,8 @@ def test_compress_services_store_their_models_layers(pid, model):
     assert saved == {f"corsa_{l['name']}": ("every band" if whole and l["name"] == "latent" else l["bands"],
                                             l["resolution_m"]) for l in card["layers"]}
     [(mode, overlap)] = list(_neighborhoods(udp))
-    assert mode == "compress" and card["receptive_radius_px"]["encoder"] <= overlap < card["receptive_radius_px"]["encoder"] + 4
+    # the encoder's reach, and a refined model's decoder's on top, in whole cells (4 px, 16 px refined)
+    refined = "refine" in card
+    reach, cell = card["receptive_radius_px"]["encoder"] + refined * card["receptive_radius_px"]["decoder"], 4 + 12 * refined
+    assert mode == "compress" and overlap == compress_reach(card) and reach <= overlap < reach + cell and overlap % cell == 0
     assert ("quality" in {p["name"] for p in udp["parameters"]}) == (card.get("kind") == "variable-rate")

@@ -61,6 +61,11 @@ if os.path.isdir(DEPENDENCY_FOLDER) and os.path.abspath(DEPENDENCY_FOLDER) not i
 BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 INDEX_BANDS = ("idx0", "idx1", "nodata")
 REFINE_BANDS = tuple(f"refine_{b}" for b in BANDS)
+# A refined model's compress output carries each band's refinement cell symbols (``refine_symbols``)
+# in bands of their own before nodata, each symbol over its cell: saved with the latent.
+CELL_BANDS = tuple(f"cell_{b}" for b in BANDS)
+BLOCK_PX = 512                  # px per side of a product's block, whose refinement cells start at its corner
+REFINE_LIMIT = (1 << 14) - 1    # |cell symbol| at most: a symbol minus its band's offset fits 16 bits
 STRIDE0, STRIDE1 = 2, 4
 
 
@@ -674,22 +679,134 @@ def data_window(data: np.ndarray) -> Optional[Tuple[slice, slice]]:
     return (slice(rows[0] // STRIDE1 * STRIDE1, rows[-1] + 1), slice(cols[0] // STRIDE1 * STRIDE1, cols[-1] + 1))
 
 
+def refine_symbols(error: np.ndarray, valid: Optional[np.ndarray], step: float, grid: int) -> np.ndarray:
+    """(10, h, w) error (truth - decoded, DN) -> (10, ch, cw) int32 symbols of its grid x grid cells from
+    its corner: the mean over each cell's ``valid`` pixels (all if None) in ``step``s, rounded (0 where
+    none is valid). The refinement a refined model stores (``corsa.codec.refine_coder``)."""
+    b, h, w = error.shape
+    ch, cw = -(-h // grid), -(-w // grid)
+    e = np.zeros((b, ch * grid, cw * grid), np.float64)
+    v = np.zeros((ch * grid, cw * grid), np.float64)
+    v[:h, :w] = 1.0 if valid is None else valid
+    e[:, :h, :w] = np.where(v[:h, :w] > 0, error, 0)          # nodata may be NaN
+    n = v.reshape(ch, grid, cw, grid).sum((1, 3))
+    s = e.reshape(b, ch, grid, cw, grid).sum((2, 4))
+    mean = np.divide(s, n, out=np.zeros_like(s), where=n > 0)
+    return np.clip(np.rint(mean / step), -REFINE_LIMIT, REFINE_LIMIT).astype(np.int32)
+
+
+def refine_grid(card: dict) -> Optional[int]:
+    """The side (px) of a refined model's refinement cells, None for a model without."""
+    return (card.get("refine") or {}).get("grid_px")
+
+
+@functools.lru_cache(maxsize=8)
+def _refine_steps(model: str, sha256: Optional[str]) -> np.ndarray:
+    with np.load(_fetch(model, "refine_model.npz", sha256)) as z:
+        return z["steps"].astype(np.int64)
+
+
+def _chunk_cells(out: np.ndarray, error: np.ndarray, valid: np.ndarray, step: float, grid: int,
+                 window: Tuple[slice, slice]) -> None:
+    """Writes into ``out`` (10, chunk y, chunk x) the ``refine_symbols`` of the chunk's data ``window``,
+    on cells from the chunk's corner (where the product's blocks' cells lie when chunks overlap by a
+    multiple of the cell side), each at its cell's first 40 m cell (the rest 0: the latent file they
+    ride in stays small; a cell's first 40 m cell lies in the scene, where the window may begin
+    later)."""
+    oy, ox = window[0].start % grid, window[1].start % grid
+    h, w = error.shape[1:]
+    e = np.zeros((len(error), oy + h, ox + w), np.float32)
+    v = np.zeros((oy + h, ox + w), bool)
+    e[:, oy:, ox:], v[oy:, ox:] = error, valid
+    cells = refine_symbols(e, v, step, grid)
+    (b, ch, cw), (y0, x0) = cells.shape, (window[0].start - oy, window[1].start - ox)
+    sparse = np.zeros((b, ch, grid, cw, grid), out.dtype)
+    sparse[:, :, :STRIDE1, :, :STRIDE1] = cells[:, :, None, :, None]
+    sparse = sparse.reshape(b, ch * grid, cw * grid)
+    out[:, y0:y0 + ch * grid, x0:x0 + cw * grid] = sparse[:, :out.shape[1] - y0, :out.shape[2] - x0]
+
+
+def bilinear_field(values: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
+    """(bands, a, b) float32 values -> (bands, len(ys[0]), len(xs[0])): each pixel between the values at
+    ``y0`` / ``y1`` and ``x0`` / ``x1``, ``fy`` / ``fx`` the second one's weight (each axis's (y0, y1,
+    fy)), along x first, then y (the refinement's field: every reader computes it so)."""
+    (y0, y1, fy), (x0, x1, fx) = ys, xs
+    rows = values[:, :, x0] * (1 - fx) + values[:, :, x1] * fx
+    out = rows[:, y0] * (1 - fy)[:, None]
+    out += rows[:, y1] * fy[:, None]
+    return out
+
+
+def _cell_axis(window: slice, size: int, origin: int, end: Optional[int], grid: int) -> tuple:
+    """One axis of a chunk of ``size`` px whose product blocks (BLOCK_PX) start at ``origin`` + k BLOCK_PX
+    and whose data end at ``end`` (the scene's edge; None: past the chunk): for each pixel of its data
+    ``window``, the chunk's pixels to read the values of its two nearest cell centres of its block at
+    (a cell's first pixel), and the second's weight (``bilinear_field``; a block's end cells held
+    beyond their centres). A cell that begins outside the chunk is held from the nearest one inside
+    (the chunk's overlap, which the back end cuts off)."""
+    p = np.arange(window.start, window.stop)
+    start = origin + (p - origin) // BLOCK_PX * BLOCK_PX
+    stop = start + BLOCK_PX if end is None else np.minimum(start + BLOCK_PX, end)
+    last = -(-(stop - start) // grid) - 1
+    f = np.clip((p - start + 0.5) / grid - 0.5, 0, last)
+    i0 = np.floor(f).astype(np.intp)
+    i1 = np.minimum(i0 + 1, last)
+
+    def at(i: np.ndarray) -> np.ndarray:
+        return start + np.clip(i, -(start // grid), (size - 1 - start) // grid) * grid
+
+    return at(i0), at(i1), (f - i0).astype(np.float32)
+
+
+def _refinement(cube: xr.DataArray, context: dict, card: dict, rate, window: Tuple[slice, slice], model: str,
+                overlap: int) -> Optional[np.ndarray]:
+    """The refinement (t, 10, y, x) in DN over a decompress chunk's data window: a product cube's
+    REFINE_BANDS, or from a compress cube's CELL_BANDS (``compress_cube``), whose blocks lie as
+    apply_neighborhood's chunks of BLOCK_PX px do: the middle one ``overlap`` px into the chunk."""
+    names = {str(b) for b in cube["bands"].values}
+    if set(REFINE_BANDS) <= names:
+        return np.nan_to_num(cube.sel(bands=list(REFINE_BANDS)).values[(Ellipsis,) + window].astype(np.float32))
+    if rate is None or not set(CELL_BANDS) <= names or not refine_grid(card):
+        return None
+    size = (cube.sizes["y"], cube.sizes["x"])
+    if size != (BLOCK_PX + 2 * overlap,) * 2:
+        raise UdfError(f"refinement cells (bands {CELL_BANDS[0]}, ...) decode in apply_neighborhood chunks of "
+                       f"{BLOCK_PX} px overlapping by the context's overlap ({overlap}), not a chunk of {size}")
+    step = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[rate[1]]
+    cells = np.nan_to_num(cube.sel(bands=list(CELL_BANDS)).values).astype(np.float32)
+    axes = [_cell_axis(w, n, overlap, w.stop if w.stop < n else None, refine_grid(card)) for w, n in zip(window, size)]
+    return np.stack([bilinear_field(c * np.float32(step), *axes) for c in cells])
+
+
 def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     cube, had_t, data, enc, (model, tile, overlap) = _prepare(cube, context, BANDS, "encoder")
     window = data_window(data)
     rate = _variable_rate(model, context)
     if rate is not None:
-        enc = network_session(rate[0], context, rate[0]["qualities"][rate[1]]["quality"],
-                              functools.partial(_network, context), "encoder")
-        card, level, gain, _ = rate
-        bands = latent_bands(card["latent"]["channels"])
+        card, level, gain, inv_gain = rate
+        quality = card["qualities"][level]["quality"]
+        enc = network_session(card, context, quality, functools.partial(_network, context), "encoder")
+        grid = refine_grid(card)
+        if grid is not None and (overlap % grid or grid % STRIDE1):
+            raise UdfError(f"model {card['id']} refines cells of {grid} px: its compress chunks must overlap by a "
+                           f"multiple of that, not {overlap}")
+        step = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[level] if grid else 0
+        bands = output_bands({**context, "mode": "compress"})
         out = np.zeros((data.shape[0], len(bands)) + data.shape[2:], np.int16)
-        out[:, -1] = 1      # outside the window: nodata
+        nodata_band = len(bands) - 1
+        out[:, nodata_band] = 1      # outside the window: nodata
         for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
             shape = scene.shape[1:]
             ints = np.clip(np.rint(analyse(enc, scene, tile, overlap) * gain), -(1 << 15), (1 << 15) - 1)
-            out[(t, slice(0, -1)) + window] = _replicate(ints.astype(np.int16), STRIDE1, shape)
-            out[(t, -1) + window] = nodata_of(scene)
+            out[(t, slice(0, len(ints))) + window] = _replicate(ints.astype(np.int16), STRIDE1, shape)
+            nodata = nodata_of(scene)
+            out[(t, nodata_band) + window] = nodata
+            if step:
+                # The chunk decoded as the decoder will decode its middle block: the chunk reaches the
+                # encoder's and the decoder's reach beyond it (corsa.openeo.windows.compress_reach).
+                dec = network_session(card, context, quality, functools.partial(_network, context))
+                decoded = synthesise(dec, (ints * inv_gain).astype(np.float32), tile, overlap)[:, :shape[0], :shape[1]]
+                _chunk_cells(out[t, len(ints):nodata_band], scene - decoded, ~nodata, float(step), grid, window)
         result = _like(cube, out, bands, had_t)
         result.attrs.update(_model_identity(model, context), corsa_model=model,
                             corsa_quality=card["qualities"][level]["quality"])
@@ -779,8 +896,7 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     data = data[(Ellipsis,) + window]
     out = np.zeros((data.shape[0], len(BANDS)) + data.shape[2:], np.float32)
     gaps = np.nan_to_num(data[:, -1], nan=1) != 0
-    refine = np.nan_to_num(cube.sel(bands=list(REFINE_BANDS)).values[(Ellipsis,) + window].astype(np.float32)) \
-        if set(REFINE_BANDS) <= {str(b) for b in cube["bands"].values} else None
+    refine = _refinement(cube, context, card, rate, window, model, overlap)
     for t, scene in enumerate(data if data.size else ()):
         shape = scene.shape[1:]
         if rate is not None:
@@ -871,7 +987,10 @@ def output_bands(context: dict) -> Tuple[str, ...]:
     if mode != "compress":
         raise UdfError(f"unknown mode {mode!r}: use 'compress', 'decompress', 'render' or 'classify'")
     card = card_of(_settings(context)[0])
-    return latent_bands(card["latent"]["channels"]) if card.get("kind") == "variable-rate" else INDEX_BANDS
+    if card.get("kind") != "variable-rate":
+        return INDEX_BANDS
+    bands = latent_bands(card["latent"]["channels"])
+    return bands[:-1] + CELL_BANDS + bands[-1:] if refine_grid(card) else bands
 
 
 def apply_metadata(metadata, context: dict):

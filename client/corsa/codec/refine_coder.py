@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import corsa_udf
 from corsa.codec.latent_coder import PRECISION, StreamError, quantise_tables
 
 FILE_NAME = "refine_model.npz"
@@ -30,7 +31,7 @@ ESC = 2 * M + 1
 ALPHABET = 2 * M + 2
 TABLES = 15
 OFFSET = 1 << 15              # offsets and escaped values are stored as value + OFFSET in 16 bits
-LIMIT = (1 << 14) - 1         # |cell symbol| at most: a symbol minus the offset fits those 16 bits
+LIMIT = corsa_udf.REFINE_LIMIT  # |cell symbol| at most: a symbol minus the offset fits those 16 bits
 
 
 def laplace_tables(scales: np.ndarray) -> np.ndarray:
@@ -78,17 +79,9 @@ class RefineCoder:
 
     def symbols(self, error: np.ndarray, valid: np.ndarray | None, level: int) -> np.ndarray:
         """(10, h, w) error (truth - decoded, DN) of one block -> (10, ch, cw) int32 cell symbols: the
-        mean over each cell's ``valid`` pixels (all if None) in steps, rounded (0 where none is valid)."""
-        b, h, w = error.shape
-        (ch, cw), g = self.cells((h, w)), self.grid
-        e = np.zeros((b, ch * g, cw * g), np.float64)
-        v = np.zeros((ch * g, cw * g), np.float64)
-        v[:h, :w] = 1.0 if valid is None else valid
-        e[:, :h, :w] = np.where(v[:h, :w] > 0, error, 0)          # nodata may be NaN
-        n = v.reshape(ch, g, cw, g).sum((1, 3))
-        s = e.reshape(b, ch, g, cw, g).sum((2, 4))
-        mean = np.divide(s, n, out=np.zeros_like(s), where=n > 0)
-        return np.clip(np.rint(mean / self.steps[level]), -LIMIT, LIMIT).astype(np.int32)
+        mean over each cell's ``valid`` pixels (all if None) in steps, rounded (0 where none is valid),
+        as the services' compress UDF computes them."""
+        return corsa_udf.refine_symbols(error, valid, float(self.steps[level]), self.grid)
 
     def field(self, sym: np.ndarray, level: int, shape: tuple[int, int], rows: slice = slice(None),
               cols: slice = slice(None)) -> np.ndarray:
@@ -96,13 +89,9 @@ class RefineCoder:
         (or that of its pixels ``rows`` x ``cols``), bilinear between cell centres: along x on the cells'
         rows first (small), then along y. No BLAS: its threads would spin beside the decoder's (a date
         read through xarray 0.9 s slower with a matrix product here)."""
-        y0, y1, fy = (a[rows] for a in _bilinear(shape[0], sym.shape[1], self.grid))
-        x0, x1, fx = (a[cols] for a in _bilinear(shape[1], sym.shape[2], self.grid))
-        g = sym.astype(np.float32) * np.float32(self.steps[level])
-        rows = g[:, :, x0] * (1 - fx) + g[:, :, x1] * fx
-        out = rows[:, y0] * (1 - fy)[:, None]
-        out += rows[:, y1] * fy[:, None]
-        return out
+        ys = tuple(a[rows] for a in _bilinear(shape[0], sym.shape[1], self.grid))
+        xs = tuple(a[cols] for a in _bilinear(shape[1], sym.shape[2], self.grid))
+        return corsa_udf.bilinear_field(sym.astype(np.float32) * np.float32(self.steps[level]), ys, xs)
 
     def _model(self, k: int):
         if self._models[k] is None:

@@ -15,11 +15,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
 import rasterio
+
+import corsa_udf
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
@@ -30,6 +32,9 @@ from corsa.codec.codebook import CodebookCodec, open_codec
 from corsa.codec.models import VariableRateCodec, sha256_file
 
 NODATA = "nodata"
+# A refined model's refinement cells: bands cell_B02, ... of its latent layer's file (before nodata),
+# read as a layer of their own.
+REFINE_LAYER = "refine"
 JOB_FILE = "job.json"
 # corsa_<layer>_<date>.tif as the embedded engine names them; CDSE and Terrascope add a time or a
 # "Z" to the date (corsa_latent_2022-07-06Z.tif, ..._2022-07-06T00:00:00Z.tif).
@@ -48,6 +53,7 @@ class Layer:
     bands: list[str]
     stride: int
     dtype: str
+    first: int = 1      # the file's band (1-based) that the layer starts at
 
 
 def _seal(record: dict) -> str:
@@ -151,6 +157,10 @@ def layers_of(folder: Path, date: str) -> tuple[list[Layer], tuple[int, int], Af
             bands = [d or "" for d in src.descriptions]
             if name != NODATA and len(bands) > 1 and bands[-1] == NODATA:
                 bands = bands[:-1]   # a latent layer saved whole (corsa.openeo.processes.store_layers): nodata at 40 m
+            cells = len(corsa_udf.CELL_BANDS)
+            if name != NODATA and len(bands) > cells and tuple(bands[-cells:]) == corsa_udf.CELL_BANDS:
+                bands = bands[:-cells]   # and a refined model's refinement cells
+                layers.append(Layer(REFINE_LAYER, path, list(corsa_udf.CELL_BANDS), stride, src.dtypes[0], len(bands) + 1))
             if name != NODATA and not all(bands):
                 raise JobFilesError(f"{path.name} does not name its bands (GeoTIFF band descriptions)")
             layers.append(Layer(name, path, bands if name != NODATA else [NODATA], stride, src.dtypes[0]))
@@ -171,7 +181,7 @@ def _read_cells(layer: Layer, y: int, x: int, h: int, w: int, pad_to: int = 4) -
     s = layer.stride
     rows, cols = -(-(y + h) // s) - y // s, -(-(x + w) // s) - x // s
     with rasterio.open(layer.path) as src:
-        v = src.read(list(range(1, len(layer.bands) + 1)), window=Window(x // s, y // s, cols, rows))
+        v = src.read(list(range(layer.first, layer.first + len(layer.bands))), window=Window(x // s, y // s, cols, rows))
     want = (-(-h // pad_to) * pad_to // s, -(-w // pad_to) * pad_to // s)
     return np.pad(v, ((0, 0), (0, want[0] - v.shape[1]), (0, want[1] - v.shape[2])), mode="edge")
 
@@ -187,11 +197,11 @@ def _checked_layers(folder: Path, date: str, codec: CodebookCodec | VariableRate
     layers, shape, transform, crs = layers_of(folder, date)
     by_name = {layer.name: layer for layer in layers}
     expected = {l["name"] for l in codec.card["layers"]}
-    if set(by_name) != expected:
+    if set(by_name) - {REFINE_LAYER} != expected:
         raise JobFilesError(f"date {date} of {folder} has layers {sorted(by_name)}; model {codec.model_id} stores "
                             f"{sorted(expected)}")
     for spec in codec.card["layers"]:
-        if spec["name"] != NODATA and by_name[spec["name"]].bands != spec["bands"]:
+        if spec["name"] in by_name and spec["name"] != NODATA and by_name[spec["name"]].bands != spec["bands"]:
             raise JobFilesError(f"{by_name[spec['name']].path.name} has bands {by_name[spec['name']].bands[:3]}..., "
                                 f"model {codec.model_id} stores {spec['bands'][:3]}...")
     return by_name, shape, transform, crs
@@ -207,6 +217,8 @@ class DateIntegers:
         self.args = (folder, date, codec, quality)
         by_name, shape, transform, crs = _checked_layers(folder, date, codec)
         self.latent, self.nodata = by_name["latent"], by_name[NODATA]
+        self.cells = by_name.get(REFINE_LAYER) if codec.refines(quality) else None
+        self.codec = codec
         self.head = {"shape": shape, "transform": transform, "crs": crs, "quality": quality,
                      "model_id": codec.model_id, "cells": stream_format.latent_cells(shape), "block": stream_format.BLOCK}
 
@@ -220,9 +232,14 @@ class DateIntegers:
         m = _read_cells(self.nodata, 0, 0, h, w, 1)[0, :h, :w] != 0
         return m if m.any() else None
 
-    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> None:
-        """A job's files hold no refinement (the services' UDF writes the integers alone)."""
-        return None
+    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray | None:
+        """The refinement (10, rows, cols) in DN over a window of the date's pixels from its refinement
+        cells (None: a date without)."""
+        if self.cells is None:
+            return None
+        shape = self.head["shape"]
+        return stream_format.refinement_window(self.codec.refiner, self.codec.level(self.head["quality"]), shape,
+                                               partial(block_cells, self.cells, self.codec.refiner.grid, shape), rows, cols)
 
     def window(self, cells_y: slice, cells_x: slice, pool=None) -> np.ndarray:
         """The integers of a window of latent cells."""
@@ -230,6 +247,20 @@ class DateIntegers:
             v = src.read(list(range(1, len(self.latent.bands) + 1)),
                          window=Window(cells_x.start, cells_y.start, cells_x.stop - cells_x.start, cells_y.stop - cells_y.start))
         return _integers(v, "int16", self.latent.path)
+
+
+def block_cells(layer: Layer, grid: int, shape: tuple[int, int], k: int) -> np.ndarray:
+    """Block ``k``'s refinement cells (10, ch, cw) of ``grid`` px from the refinement layer of a date of
+    ``shape`` px."""
+    py, px = stream_format.block_pixels(stream_format.block_slices(stream_format.latent_cells(shape))[k], shape)
+    return _cells(layer, py.start, px.start, py.stop - py.start, px.stop - px.start, grid)
+
+
+def _cells(layer: Layer, y: int, x: int, h: int, w: int, grid: int) -> np.ndarray:
+    """The refinement cells (10, ch, cw) of ``grid`` px under the 10 m window (y, x, h, w) of a block:
+    one sample of each (every value over its cell)."""
+    step = grid // layer.stride
+    return _integers(_read_cells(layer, y, x, h, w, grid)[:, ::step, ::step], "int32", layer.path)
 
 
 def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, quality: int, out: Path) -> list[Path]:
@@ -250,7 +281,12 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
             masks.setdefault(i, np.zeros(shape, bool))[y:y + h, x:x + w] = nodata
         return _integers(_read_cells(by_name["latent"], y, x, h, w), "int16", by_name["latent"].path)
 
-    coded = series.encode_dates(codec, planned, list(range(len(dates))), len(positions), ints_of)
+    def refinement_of(i: int, k: int) -> np.ndarray | None:
+        layer = grids[i][0].get(REFINE_LAYER) if codec.refines(quality) else None
+        return None if layer is None else block_cells(layer, codec.refiner.grid, shape, k)
+
+    coded = series.encode_dates(codec, planned, list(range(len(dates))), len(positions), ints_of,
+                                refinement_of=refinement_of)
     return series.write_dates(Path(out), codec, planned, list(range(len(dates))), coded, masks, shape, transform, crs)
 
 
@@ -347,7 +383,8 @@ def _replicated(layer: Layer, dtype: np.dtype, block_info=None) -> np.ndarray:
 
 def job_cube(folder: Path):
     """A folder of job files as the compressed cube the decompress UDF takes: (t, bands, y, x) on
-    the 10 m grid, each layer's values replicated over its cells, read lazily by 512 px chunks."""
+    the 10 m grid, each layer's values replicated over its cells (a refined model's refinement
+    cells too), read lazily by 512 px chunks."""
     import dask.array as darr
     import pandas as pd
     import xarray as xr
@@ -363,7 +400,8 @@ def job_cube(folder: Path):
                        for n in shape)
 
         parts = [darr.map_blocks(_replicated, layer, dtype, chunks=((len(layer.bands),),) + chunks, dtype=dtype,
-                                 name=f"corsa-job-{layer.path}-{layer.path.stat().st_mtime_ns}") for layer in layers]
+                                 name=f"corsa-job-{layer.name}-{layer.path}-{layer.path.stat().st_mtime_ns}")
+                 for layer in layers]
         t = pd.DatetimeIndex([pd.NaT if date == "undated" else pd.Timestamp(date)])
         cube = xr.DataArray(darr.concatenate(parts)[None], dims=("t", "bands", "y", "x"),
                             coords={"t": t, "bands": [b for layer in layers for b in layer.bands],

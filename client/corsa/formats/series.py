@@ -124,12 +124,13 @@ def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int
 
 
 def encode_dates(codec: VariableRateCodec, planned: list[Planned], fresh: list[int], blocks: int,
-                 ints_of: Callable[[int, int], np.ndarray], run: cluster.Local | cluster.Cluster | None = None
+                 ints_of: Callable[[int, int], np.ndarray], run: cluster.Local | cluster.Cluster | None = None,
+                 refinement_of: Callable[[int, int], np.ndarray | None] | None = None
                  ) -> list[dict[int, tuple[bytes, np.ndarray]]]:
     """``encode_block`` of every block position, on ``run`` (``corsa.core.cluster``; default: two local
-    threads)."""
+    threads); ``refinement_of(date index, block)``: a date's refinement cells of a block, or None."""
     def one(k: int) -> dict[int, tuple[bytes, np.ndarray]]:
-        return encode_block(codec, planned, fresh, k, ints_of)
+        return encode_block(codec, planned, fresh, k, ints_of, None if refinement_of is None else lambda i: refinement_of(i, k))
 
     progress.grow(blocks)
     with nullcontext(run) if run is not None else cluster.runner() as where:

@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlencode
 
+import corsa_udf
 import openeo
 import requests
 from openeo.rest import OpenEoApiError
@@ -285,7 +286,10 @@ def results_cube(job: Job, model: str | None = None) -> DataCube:
         if isinstance(connection, EngineConnection):
             return connection.load_stac_from_job(job)  # the engine reads the job's folder as one cube
         card = _card(_model(connection, model))
-        cubes = [connection.load_stac_from_job(job, bands=layer["bands"]) for layer in card["layers"]]
+        # a refined model's refinement cells ride in its latent layer (corsa_udf.CELL_BANDS)
+        cells = list(corsa_udf.CELL_BANDS) if corsa_udf.refine_grid(card) else []
+        cubes = [connection.load_stac_from_job(job, bands=layer["bands"] + (cells if layer["name"] == "latent" else []))
+                 for layer in card["layers"]]
     except (requests.ConnectionError, OpenEoApiError) as e:
         raise _api_error(f"reading the results of job {job.job_id}", connection.root_url, e) from e
     grid = cubes[-1]  # the nodata layer, on the input's 10 m grid (layers list it last)

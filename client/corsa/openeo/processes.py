@@ -28,7 +28,7 @@ from openeo.rest.udp import build_process_dict
 
 from corsa.codec.models import DEFAULT_MODEL, MODELS_URL, read_card
 from corsa.core.scene import BANDS
-from corsa.openeo.windows import CHUNK, OVERLAP, UDF_TILE, reach_overlap
+from corsa.openeo.windows import CHUNK, OVERLAP, UDF_TILE, compress_reach
 
 GRAPHS_DIR = Path(__file__).resolve().parents[3] / "process_graphs"
 UDF_CODE = Path(corsa_udf.__file__).read_text()
@@ -45,7 +45,8 @@ DATA = Parameter.raster_cube("data", description="A Sentinel-2 L2A cube with the
                              + ", ".join(BANDS) + " (DN = reflectance x 10000) on one 10 m grid.")
 COMPRESSED = Parameter.raster_cube("data", description="A compressed cube from corsa_openeo_compress on the 10 m "
                                    "grid: bands idx0, idx1 (codebook indices replicated over their 20 m / 40 m cells) "
-                                   "and nodata, or z00, ..., nodata (a variable-rate model's latent).")
+                                   "and nodata, or z00, ..., nodata (a variable-rate model's latent; a refined model's "
+                                   "refine band before nodata).")
 PREFIX = "corsa_openeo_"
 RENAMED = {"corsa_compress": "corsa_openeo_compress", "corsa_decompress": "corsa_openeo_decompress",
            "corsa_compress_s2": "corsa_openeo_compress_s2", "corsa_classify": "corsa_openeo_classify",
@@ -131,7 +132,8 @@ def store_layers(compressed: DataCube, card: dict, pixel_size: float | tuple[flo
     cell, so the layer is kept exactly. A variable-rate model's latent layer is the whole
     compressed cube (every channel, then its nodata band sampled at 40 m): no band list in the
     graph, so a job with a model of more channels than ``card``'s keeps all of them; the other
-    layers are the bands the card names (nodata, a codebook model's indices)."""
+    layers are the bands the card names (nodata, a codebook model's indices). A refined model's
+    refinement cells ride in the latent layer as its band "refine" (``corsa_udf.pack_cells``)."""
     saved = []
     for layer in card["layers"]:
         whole = card.get("kind") == "variable-rate" and layer["name"] == LATENT_LAYER
@@ -154,10 +156,10 @@ def compress_s2_graph(connection, card: dict, spatial_extent: dict | Parameter =
                       temporal_extent: list | Parameter = TEMPORAL, max_cloud_cover: float | Parameter = CLOUD,
                       model: str | Parameter = MODEL, quality: int | None | Parameter = QUALITY,
                       pixel_size: float | tuple[float, float] = 10.0, collection: str = "SENTINEL2_L2A") -> list[DataCube]:
-    """load_collection, compress (chunks overlapping by the card's encoder reach), and the stored
-    layers of ``card`` saved on their own grids."""
+    """load_collection, compress (chunks overlapping by the card's reach, ``compress_reach``), and the
+    stored layers of ``card`` saved on their own grids."""
     cube = load_s2(connection, spatial_extent, temporal_extent, max_cloud_cover, collection)
-    compressed = udf_over_chunks(cube, "compress", model, quality=quality, overlap=reach_overlap(card, "encoder"))
+    compressed = udf_over_chunks(cube, "compress", model, quality=quality, overlap=compress_reach(card))
     return store_layers(compressed, card, pixel_size)
 
 
@@ -169,9 +171,12 @@ def corsa_openeo_compress() -> dict:
                     "indices on a 20 m grid and level-1 indices on a 40 m grid, returned on the input's 10 m grid "
                     "(each index replicated over its cell) as bands idx0, idx1, plus a nodata band. Variable-rate "
                     "models (corsa2): the integer latent at the quality level, bands z00, ..., replicated over its 40 m "
-                    "cells, plus nodata. To store it compactly, save each layer on its own grid as "
+                    "cells, plus nodata; a refined model (corsa3.9) adds, before nodata, the band refine: each band's "
+                    "mean decoding error over 160 m cells in the level's steps, the 10 values of a cell in its 4 x 4 "
+                    "cells of 40 m. To store it compactly, save each layer on its own grid as "
                     "corsa_openeo_compress_s2 does.",
-        parameters=[DATA, MODEL, QUALITY], returns={**CUBE, "description": "bands idx0, idx1, nodata (or z00, ..., nodata)"},
+        parameters=[DATA, MODEL, QUALITY], returns={**CUBE, "description": "bands idx0, idx1, nodata (or z00, ..., "
+                                                                 "(refine,) nodata)"},
         categories=["compression", "machine learning"], default_job_options=JOB_OPTIONS)
 
 
