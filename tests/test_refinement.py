@@ -223,3 +223,22 @@ def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(
                         + (["--quality", "3"] if name == "job" else [])) == 0
     with rasterio.open(tmp_path / "job.tif") as a, rasterio.open(tmp_path / "product.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_a_reduced_product_is_refined_against_its_own_decoding(data_root, tmp_path):
+    """corsa reduce of a refined product: the reduced integers of every block, refined against the
+    product's own (refined) decoding, which stands in for the scene it no longer has: a refined date
+    (format 8), decoding closer to the scene than the same integers unrefined."""
+    s = _scene(data_root, "majortom")
+    data = s.data[:, 100:400, 200:560]
+    write_scene(tmp_path / "in.tif", data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "q8"), "--quality", "8", "-q"]) == 0
+    assert cli.main(["reduce", str(tmp_path / "q8"), "--quality", "6", "-o", str(tmp_path / "q6"), "-q"]) == 0
+    assert cli.main(["decompress", str(tmp_path / "q6"), "-o", str(tmp_path / "q6.tif"), "-q"]) == 0
+    codec = VariableRateCodec(MODEL)
+    stored = stream_format.read_date(tmp_path / "q6", s.date, codec.coder, codec.level, codec.refiner)
+    assert stored.quality == 6 and stored.refinement is not None and stored.refinement[0].any()
+    with rasterio.open(tmp_path / "q6.tif") as f:
+        refined = f.read()
+    unrefined = to_uint16(codec.synthesis(stored.ints, 6, data.shape[1:]))
+    assert psnr(data, refined) > psnr(data, unrefined) + 0.5      # measured: 43.22 against 42.37 dB

@@ -454,7 +454,8 @@ def figures_table(entry: dict) -> str:
 
 def reduce(args: argparse.Namespace) -> str:
     """A stream-format product brought to a lower quality without the source: its integers are
-    dequantised and quantised again at the lower level (no network runs)."""
+    dequantised and quantised again at the lower level; where that level is refined, each block is
+    refined against the product's own decoding (``blockwise.reduced_refinement``)."""
     stac_catalog.check_complete(args.input)
     stream = _stream_product(args.input, args.model)
     if stream is None:
@@ -477,7 +478,8 @@ def reduce(args: argparse.Namespace) -> str:
     folder, to = args.input, args.quality
     with _cluster(args) as run:
         coded = series.encode_dates(codec, planned, list(range(len(dates))), blocks, lambda i, k: codec.requantise(
-            series.block_ints(folder, dates[i], k, codec), quality, to), run)
+            series.block_ints(folder, dates[i], k, codec), quality, to), run,
+            refinement_of=lambda i, k: blockwise.reduced_refinement(folder, dates[i], codec, to, k))
     masks = {i: m for i, (d, h) in enumerate(zip(dates, heads))
              if (m := stream_format.read_mask(series.header(args.input, d)[0], h, stream_format.file_name(d))) is not None}
     h = heads[0]

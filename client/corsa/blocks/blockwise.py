@@ -366,6 +366,26 @@ class DateDecoder:
         return out
 
 
+def reduced_refinement(folder: Path, date: str, codec: VariableRateCodec, to: int, k: int) -> np.ndarray | None:
+    """Block ``k``'s refinement cells of a date brought to quality ``to`` without its source (``corsa
+    reduce``; None where ``to`` is not refined): the stored date's decoding (refined where it is) stands
+    in for the scene, against the decoding of the reduced integers, each over the block's window as
+    ``DateDecoder`` decodes it."""
+    if not codec.refines(to):
+        return None
+    stored = DateDecoder(folder, date, codec)
+    ys_all, xs_all = stored.spans()
+    (y0, y1, wy0, _), (x0, x1, wx0, _) = ys, xs = ys_all[k // len(xs_all)], xs_all[k % len(xs_all)]
+    latent, _, refinement = stored.inputs(ys, xs, None)
+    truth = stored.block(ys, xs, latent, None, refinement)[2]
+    quality = stored.head["quality"]
+    z = codec.dequantise(codec.requantise(latent, quality, to), to)
+    rec = corsa_udf.synthesise(network_session(codec, to), z, windows.UDF_TILE, stored.overlap)
+    mask = stored.ints.mask
+    return codec.refiner.symbols(truth - rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0],
+                                 None if mask is None else ~mask[y0:y1, x0:x1], codec.level(to))
+
+
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False,
                     run: cluster.Cluster | None = None) -> Path:
     """One date of a stream-format product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the

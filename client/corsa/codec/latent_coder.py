@@ -21,9 +21,11 @@ all zero (at the default quality three quarters of a block's channels are, and t
 of its time on them); its symbols are zeros, as decoded ones would be, so every other channel's
 contexts stay the same. b = 1 (1: coded) for plain tables. Class tables (``class_edges``, a model
 from ``training.fit_classes`` on): b = CLASS_BITS, value v >= 1 = coded with the tables of class v,
-which the encoder picks by the channel's share of nonzero integers in the block (a forward-adaptive
-model: a calm sea block and a city block of the same channel get different tables; the decoder
-reads the class, it never computes one). Older streams have no map and code every channel
+which the encoder picks as the class whose tables code the channel's symbols in the block in the
+fewest bits (a forward-adaptive model: a calm sea block and a city block of the same channel get
+different tables; the decoder reads the class, it never computes one). The tables were fitted with
+each channel in the class of its share of nonzero integers (``class_edges``), which is also how
+products were coded before the encoder searched the classes (issue 28, thirteenth part). Older streams have no map and code every channel
 (``channel_map=False``).
 
 Temporal tables (a series of one place, ``corsa.formats.series``): a cell may also see a reference, the
@@ -331,6 +333,26 @@ class LatentCoder:
     def map_bits(self) -> int:
         return 1 if self.class_edges is None else CLASS_BITS
 
+    def map_values(self, sym: np.ndarray, level: int, layout: "_Layout") -> np.ndarray:
+        """(L,) the channel map's values of (L, h*w) symbols: 0 for a channel left out (all zero), else 1
+        with plain tables; with class tables, the class whose tables code the channel in the fewest
+        bits (its symbols counted by context; the encoder's choice, which the decoder reads)."""
+        values = channel_classes(sym, None)
+        chans = np.flatnonzero(values)
+        if self.classes == 1 or not len(chans):
+            return values
+        n = len(chans)
+        ids = layout.grid(*_part_ids(sym[chans], layout, None))
+        counts = np.bincount(((np.arange(n)[:, None] * CONTEXTS + ids) * ALPHABET + sym[chans]).ravel(),
+                             minlength=n * CONTEXTS * ALPHABET).reshape(n, 1, CONTEXTS * ALPHABET)
+        freq = self.freq[level].reshape(self.classes, CONTEXTS, self.channels, ALPHABET)[:, :, chans]
+        # code lengths in 1/2**16 bit as integers: their sums are exact, so the choice is the same on
+        # every machine
+        lengths = np.rint(-np.log2(freq.astype(np.float64) / (1 << PRECISION)) * (1 << 16)).astype(np.int64)
+        per_class = lengths.transpose(2, 0, 1, 3).reshape(n, self.classes, CONTEXTS * ALPHABET)
+        values[chans] = 1 + np.argmin((counts * per_class).sum(2), 1)
+        return values
+
     def encode(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
                has_ref: np.ndarray | None = None, channel_map: bool = True) -> bytes:
         """(L, h, w) integer latent -> bytes (the shape is not stored: the product holds it). Temporal
@@ -342,7 +364,7 @@ class LatentCoder:
         L = ints.shape[0]
         layout = _layout(*ints.shape[1:])
         sym = symbols(ints).reshape(L, -1)
-        values = channel_classes(sym, self.class_edges) if channel_map else np.ones(L, np.int64)
+        values = self.map_values(sym, level, layout) if channel_map else np.ones(L, np.int64)
         # the coded channels only: a left-out one adds nothing to the others' contexts
         chans = np.flatnonzero(values)
         offsets = class_offsets(values[chans]).tolist()
@@ -432,7 +454,7 @@ class LatentCoder:
         sym = symbols(ints).reshape(L, -1)
         layout = _layout(*ints.shape[1:])
         ids = layout.grid(*_part_ids(sym, layout, rb))
-        cls = channel_classes(sym, self.class_edges) if self.classes > 1 else np.ones(L, np.int64)
+        cls = self.map_values(sym, level, layout) if self.classes > 1 else np.ones(L, np.int64)
         ids = ids + class_offsets(cls)[:, None]
         bits = (logp[ids, np.arange(L)[:, None], sym] + 16 * (sym == ESC)) * (cls > 0)[:, None]
         return bits.sum(0).reshape(ints.shape[1:])
