@@ -256,6 +256,7 @@ class LatentCoder:
         if np.any(self.freq == 0) or np.any(self.freq.sum(-1, dtype=np.int64) != 1 << PRECISION):
             raise ValueError(f"latent tables must be non-zero and sum to 2**{PRECISION}")
         self._models: dict[int, list] = {}
+        self._code_lengths: dict[int, np.ndarray] = {}
 
     @classmethod
     def from_counts(cls, counts: np.ndarray) -> "LatentCoder":
@@ -333,25 +334,25 @@ class LatentCoder:
     def map_bits(self) -> int:
         return 1 if self.class_edges is None else CLASS_BITS
 
-    def map_values(self, sym: np.ndarray, level: int, layout: "_Layout") -> np.ndarray:
-        """(L,) the channel map's values of (L, h*w) symbols: 0 for a channel left out (all zero), else 1
-        with plain tables; with class tables, the class whose tables code the channel in the fewest
-        bits (its symbols counted by context; the encoder's choice, which the decoder reads)."""
-        values = channel_classes(sym, None)
-        chans = np.flatnonzero(values)
-        if self.classes == 1 or not len(chans):
-            return values
+    def _lengths(self, level: int) -> np.ndarray:
+        """(tables, L, ALPHABET) code lengths of a level's tables in 1/2**16 bit, as integers: their sums
+        are exact, so the encoder's choices are the same on every machine."""
+        lengths = self._code_lengths.get(level)
+        if lengths is None:
+            bits = -np.log2(self.freq[level].astype(np.float64) / (1 << PRECISION))
+            lengths = self._code_lengths.setdefault(level, np.rint(bits * (1 << 16)).astype(np.int32))
+        return lengths
+
+    def best_classes(self, sym: np.ndarray, chans: np.ndarray, ids: np.ndarray, level: int) -> np.ndarray:
+        """(n,) for the symbols (n, h*w) of channels ``chans`` and their context table ids (n, h*w),
+        each one's class (1..K) whose tables code it in the fewest bits: the class tables' channel map
+        (the encoder's choice, which the decoder reads)."""
         n = len(chans)
-        ids = layout.grid(*_part_ids(sym[chans], layout, None))
-        counts = np.bincount(((np.arange(n)[:, None] * CONTEXTS + ids) * ALPHABET + sym[chans]).ravel(),
+        counts = np.bincount(((np.arange(n)[:, None] * CONTEXTS + ids) * ALPHABET + sym).ravel(),
                              minlength=n * CONTEXTS * ALPHABET).reshape(n, 1, CONTEXTS * ALPHABET)
-        freq = self.freq[level].reshape(self.classes, CONTEXTS, self.channels, ALPHABET)[:, :, chans]
-        # code lengths in 1/2**16 bit as integers: their sums are exact, so the choice is the same on
-        # every machine
-        lengths = np.rint(-np.log2(freq.astype(np.float64) / (1 << PRECISION)) * (1 << 16)).astype(np.int64)
+        lengths = self._lengths(level).reshape(self.classes, CONTEXTS, self.channels, ALPHABET)[:, :, chans]
         per_class = lengths.transpose(2, 0, 1, 3).reshape(n, self.classes, CONTEXTS * ALPHABET)
-        values[chans] = 1 + np.argmin((counts * per_class).sum(2), 1)
-        return values
+        return 1 + np.argmin((counts * per_class).sum(2), 1)
 
     def encode(self, ints: np.ndarray, level: int, ref: np.ndarray | None = None,
                has_ref: np.ndarray | None = None, channel_map: bool = True) -> bytes:
@@ -364,12 +365,15 @@ class LatentCoder:
         L = ints.shape[0]
         layout = _layout(*ints.shape[1:])
         sym = symbols(ints).reshape(L, -1)
-        values = self.map_values(sym, level, layout) if channel_map else np.ones(L, np.int64)
+        values = channel_classes(sym, None) if channel_map else np.ones(L, np.int64)
         # the coded channels only: a left-out one adds nothing to the others' contexts
         chans = np.flatnonzero(values)
+        part_ids = _part_ids(sym[chans], layout, None if rb is None else rb[chans])
+        if channel_map and self.classes > 1 and len(chans):
+            values[chans] = self.best_classes(sym[chans], chans, layout.grid(*part_ids), level)
         offsets = class_offsets(values[chans]).tolist()
         enc = constriction.stream.queue.RangeEncoder()
-        for ids, syms in zip(_part_ids(sym[chans], layout, None if rb is None else rb[chans]), layout.parts(sym[chans])):
+        for ids, syms in zip(part_ids, layout.parts(sym[chans])):
             for j, c in enumerate(chans.tolist()):
                 # the step's order: by table, stably (positions ascending within a table)
                 counts = np.bincount(ids[j])
@@ -454,7 +458,10 @@ class LatentCoder:
         sym = symbols(ints).reshape(L, -1)
         layout = _layout(*ints.shape[1:])
         ids = layout.grid(*_part_ids(sym, layout, rb))
-        cls = self.map_values(sym, level, layout) if self.classes > 1 else np.ones(L, np.int64)
+        cls = channel_classes(sym, None)
+        chans = np.flatnonzero(cls)
+        if self.classes > 1 and len(chans):
+            cls[chans] = self.best_classes(sym[chans], chans, ids[chans], level)
         ids = ids + class_offsets(cls)[:, None]
         bits = (logp[ids, np.arange(L)[:, None], sym] + 16 * (sym == ESC)) * (cls > 0)[:, None]
         return bits.sum(0).reshape(ints.shape[1:])
