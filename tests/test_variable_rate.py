@@ -18,6 +18,7 @@ from corsa.formats.datasets import LOADERS
 from corsa.codec.latent_coder import (ANCHOR_BUCKETS, CHANNEL_BUCKETS, CONTEXTS, ESC, M, PRECISION, LatentCoder,
                                       StreamError, class_counts, symbols, table_ids)
 from corsa.core.metrics import psnr
+from corsa.core.scene import to_uint16
 
 from test_bad_inputs import write_tif
 from conftest import stored_files
@@ -296,3 +297,34 @@ def test_headers_cost_under_5_percent_on_a_120_px_patch_at_the_lowest_quality(co
     h = stream_format.read_header(data, "patch")
     assert len(data) - sum(h["lengths"]) <= 0.05 * len(data), (len(data), sum(h["lengths"]))
     assert (h["transform"], h["crs"], h["date"], h["shape"]) == (Affine(*s.transform), s.crs, s.date, s.data.shape[1:])
+
+
+def test_the_default_encoder_rounds_with_a_dead_zone(data_root):
+    """The default model's card sets a dead zone (``benchmarks.deadzone``, chosen on the validation
+    split): its encoder pulls each scaled latent towards 0 before rounding, the CLI and the services'
+    UDF alike (``corsa_udf.quantise``). On a WorldStrat scene at the default level its product is
+    markedly smaller for little PSNR; a model without one rounds as before."""
+    import corsa_udf
+    from corsa.codec.models import default_model
+
+    scene = next(s for s in LOADERS["worldstrat"](data_root))
+    codec = VariableRateCodec(default_model())
+    dz = corsa_udf.deadzone_of(codec.card)
+    assert 0 < dz < 0.5 and codec.card["quantise"]["command"].startswith("python -m benchmarks.deadzone")
+    q = codec.default_quality
+    scaled = codec.latent(scene.data) * codec._tables[0][codec.level(q)][:, None, None]
+    ours, plain = corsa_udf.quantise(scaled, dz), corsa_udf.quantise(scaled)
+    np.testing.assert_array_equal(codec.quantise(codec.latent(scene.data), q), ours)
+    np.testing.assert_array_equal(plain, np.rint(scaled))
+    assert np.all(np.abs(ours) <= np.abs(plain)) and (ours != plain).any()
+    nodata = scene.nodata_mask
+    sizes, scores = [], []
+    for ints in (ours, plain):
+        data, rec, cells = stream_format.encode_refined(codec, scene.data, ints, q, nodata, None, None, "undated")
+        stream_format.refine(rec, cells, codec.refiner, codec.level(q), ~nodata)
+        sizes.append(len(data))
+        scores.append(psnr(scene.data, to_uint16(rec)))
+    assert sizes[0] < 0.9 * sizes[1] and scores[0] > scores[1] - 0.6, (sizes, scores)
+    older = VariableRateCodec("corsa3.8")
+    assert corsa_udf.deadzone_of(older.card) == 0
+    np.testing.assert_array_equal(older.quantise(codec.latent(scene.data), q), plain)

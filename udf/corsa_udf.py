@@ -577,6 +577,19 @@ def network_session(card: dict, context: dict, quality: Optional[int], open_file
     return open_file(name)
 
 
+def quantise(scaled: np.ndarray, deadzone: float = 0.0) -> np.ndarray:
+    """A latent times its level's gain -> the integers a product stores (int16): rounded, each value first
+    pulled ``deadzone`` towards 0 (a model card's "quantise"; 0: plain rounding)."""
+    if deadzone:
+        scaled = np.sign(scaled) * np.floor(np.abs(scaled) + (0.5 - deadzone))
+    return np.clip(np.rint(scaled), -(1 << 15), (1 << 15) - 1).astype(np.int16)
+
+
+def deadzone_of(card: dict) -> float:
+    """How far a model's encoder pulls its scaled latent towards 0 before rounding (0 for older models)."""
+    return float((card.get("quantise") or {}).get("deadzone", 0.0))
+
+
 def latent_bands(channels: int) -> Tuple[str, ...]:
     return tuple(f"z{i:02d}" for i in range(channels)) + ("nodata",)
 
@@ -797,8 +810,8 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         out[:, nodata_band] = 1      # outside the window: nodata
         for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
             shape = scene.shape[1:]
-            ints = np.clip(np.rint(analyse(enc, scene, tile, overlap) * gain), -(1 << 15), (1 << 15) - 1)
-            out[(t, slice(0, len(ints))) + window] = _replicate(ints.astype(np.int16), STRIDE1, shape)
+            ints = quantise(analyse(enc, scene, tile, overlap) * gain, deadzone_of(card))
+            out[(t, slice(0, len(ints))) + window] = _replicate(ints, STRIDE1, shape)
             nodata = nodata_of(scene)
             out[(t, nodata_band) + window] = nodata
             if step:

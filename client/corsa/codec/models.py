@@ -253,7 +253,7 @@ class VariableRateCodec:
 
     def quantise(self, latent: np.ndarray, quality: int) -> np.ndarray:
         gain = self._tables[0][self.level(quality)][:, None, None]
-        return np.clip(np.rint(latent * gain), -(1 << 15), (1 << 15) - 1).astype(np.int16)
+        return corsa_udf.quantise(latent * gain, corsa_udf.deadzone_of(self.card))
 
     def dequantise(self, ints: np.ndarray, quality: int) -> np.ndarray:
         return ints.astype(np.float32) * self._tables[1][self.level(quality)][:, None, None]
