@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import corsa_udf
 from corsa.codec.codebook import CodebookCodec
 from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import LOADERS
@@ -71,7 +72,9 @@ def test_variable_rate_onnx_matches_torch(model_path, data_root):
         ints = codec.encode(scene.data, q)
         with torch.no_grad():
             y = model.analysis(torch.from_numpy(pad_to(scene.data, 4).astype(np.float32))[None])
-            ref_ints = torch.round(y * gain[codec.level(q)][None, :, None, None])[0].numpy()
+            scaled = y * gain[codec.level(q)][None, :, None, None]
+            dz = corsa_udf.deadzone_of(codec.card)      # the encoder's dead zone (0: plain rounding)
+            ref_ints = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5 - dz) if dz else torch.round(scaled))[0].numpy()
             ref = model.synthesis(torch.from_numpy(ints.astype(np.float32))[None]
                                   * inv_gain[codec.level(q)][None, :, None, None])[0].numpy()
         assert np.mean(ints == ref_ints) >= 0.999, scene.name
