@@ -62,7 +62,7 @@ BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
 INDEX_BANDS = ("idx0", "idx1", "nodata")
 REFINE_BANDS = tuple(f"refine_{b}" for b in BANDS)
 # A refined model's compress output carries each band's refinement cell symbols (``refine_symbols``)
-# in bands of their own before nodata, each symbol over its cell: saved with the latent.
+# in bands of their own before nodata, each at its cell's first 40 m cell: saved with the latent.
 CELL_BANDS = tuple(f"cell_{b}" for b in BANDS)
 BLOCK_PX = 512                  # px per side of a product's block, whose refinement cells start at its corner
 REFINE_LIMIT = (1 << 14) - 1    # |cell symbol| at most: a symbol minus its band's offset fits 16 bits

@@ -43,7 +43,7 @@ from corsa.core.files import writing
 from corsa.core.scene import BANDS, to_uint16
 
 BLOCK_PX = 4 * stream_format.BLOCK       # a stream-format block, and the services' chunk
-if BLOCK_PX != windows.CHUNK:
+if not BLOCK_PX == windows.CHUNK == corsa_udf.BLOCK_PX:
     raise ImportError("a stream-format block must be the services' apply_neighborhood chunk, or the paths differ")
 DECODED_PREFIX = "corsa_decoded"
 
