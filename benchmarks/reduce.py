@@ -34,14 +34,19 @@ def _product(codec: VariableRateCodec, ints: np.ndarray, quality: int, nodata: n
     level, valid = codec.level(quality), ~nodata
     rec = codec.synthesis(ints, quality, nodata.shape)
     cells = stream_format.refinement_cells(codec.refiner, level, truth, rec, valid) if codec.refines(quality) else None
-    coded = [len(stream_format.encode_date(codec.coder, ints, level, quality, nodata, None, None, "undated",
-                                           codec.model_id, codec.card["files"]["decoder"]["sha256"],
-                                           refinement=r)) for r in (None if cells is None else
-                                                                    [codec.refiner.encode(c) for c in cells], None)]
+    def size(refinement: list[bytes] | None) -> int:
+        return len(stream_format.encode_date(codec.coder, ints, level, quality, nodata, None, None, "undated",
+                                             codec.model_id, codec.card["files"]["decoder"]["sha256"],
+                                             refinement=refinement))
+
     plain = to_uint16(rec)
-    out = plain if cells is None else to_uint16(stream_format.refine(rec.copy(), cells, codec.refiner, level, valid))
-    plain[:, nodata], out[:, nodata] = 0, 0
-    return coded[0], out, coded[1], plain
+    plain[:, nodata] = 0
+    if cells is None:
+        unrefined = size(None)
+        return unrefined, plain, unrefined, plain
+    out = to_uint16(stream_format.refine(rec.copy(), cells, codec.refiner, level, valid))
+    out[:, nodata] = 0
+    return size([codec.refiner.encode(c) for c in cells]), out, size(None), plain
 
 
 def run(model: str) -> dict:

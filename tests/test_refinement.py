@@ -153,41 +153,54 @@ def test_fill_and_dates_between_refined_dates_give_the_engines_pixels(three_date
     assert psnr(run[1].data, filled) > 30
 
 
-def test_a_compress_job_packs_to_the_clis_refined_product_over_several_blocks(data_root, tmp_path):
-    """The compress service of a refined model on the engine (512 px chunks overlapping by its
-    ``compress_reach``, run through openEO's run_udf_code): its UDF decodes each chunk as the decoder
-    will decode the block and stores the refinement cells with the latent; packed, the job's files
-    are the CLI's product byte for byte (blocks cut at the scene's edges, a nodata stripe inside), and
-    decode on the engine as that product does."""
+def _service_job(tmp_path, s, data, quality: int, nodata_declared: bool = False):
+    """``data`` compressed by the default's compress service on the engine (512 px chunks overlapping by
+    its ``compress_reach``, the UDF run through openEO's run_udf_code), packed: (codec, the packed date)."""
     from corsa.formats import job_files
     from corsa.formats.sources import Catalogue
     from corsa.openeo import processes
     from corsa.openeo.engine import Engine
+
+    write_scene(tmp_path / "in.tif", data, Affine(*s.transform), s.crs, s.date)
+    if nodata_declared:
+        with rasterio.open(tmp_path / "in.tif", "r+") as f:
+            f.nodata = 0        # NaN in the chunks, as a back end hands them over
+    Engine(Catalogue({"SENTINEL2_L2A": tmp_path / "in.tif"}), output=tmp_path / "job").run(
+        processes.compress_s2_process(CARD, 10.0), spatial_extent=None, temporal_extent=None, max_cloud_cover=80,
+        model=str(model_dir(MODEL)), quality=quality)
+    job_files.pack(tmp_path / "job", tmp_path / "packed", MODEL, quality)
+    codec = VariableRateCodec(MODEL)
+    return codec, stream_format.read_date(tmp_path / "packed", s.date, codec.coder, codec.level, codec.refiner)
+
+
+def _job_decodes_as_its_product(tmp_path, quality: int) -> None:
+    """The job's files decoded on the engine (the decompress UDF refines each chunk's middle block from
+    the cells it was handed) give the packed product's pixels on the block path."""
+    for name, src in (("job", tmp_path / "job"), ("product", tmp_path / "packed")):
+        assert cli.main(["decompress", str(src), "-o", str(tmp_path / f"{name}.tif"), "--model", MODEL]
+                        + (["--quality", str(quality)] if name == "job" else [])) == 0
+    with rasterio.open(tmp_path / "job.tif") as a, rasterio.open(tmp_path / "product.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_a_compress_job_packs_to_the_clis_refined_product_over_several_blocks(data_root, tmp_path):
+    """The compress service of a refined model: its UDF decodes each chunk as the decoder will decode the
+    block and stores the refinement cells with the latent; packed, the job's files are the CLI's product
+    byte for byte (blocks cut at the scene's edges, a nodata stripe inside), and decode on the engine as
+    that product does."""
     from corsa.openeo.windows import compress_reach
 
     s = _scene(data_root, "majortom")
     data = s.data[:, :560, :600].copy()
     data[:, 500:540, 100:300] = 0
-    write_scene(tmp_path / "in.tif", data, Affine(*s.transform), s.crs, s.date)
-    udp = processes.compress_s2_process(CARD, 10.0)
     assert compress_reach(CARD) % CARD["refine"]["grid_px"] == 0
-    Engine(Catalogue({"SENTINEL2_L2A": tmp_path / "in.tif"}), output=tmp_path / "job").run(
-        udp, spatial_extent=None, temporal_extent=None, max_cloud_cover=80, model=str(model_dir(MODEL)), quality=5)
-    job_files.pack(tmp_path / "job", tmp_path / "packed", MODEL, 5)
+    codec, stored = _service_job(tmp_path, s, data, 5)
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "cli"), "--model", MODEL,
                      "--quality", "5", "-q"]) == 0
     (packed,), (direct,) = stored_files(tmp_path / "packed"), stored_files(tmp_path / "cli")
-    codec = VariableRateCodec(MODEL)
-    stored = stream_format.read_date(tmp_path / "packed", s.date, codec.coder, codec.level, codec.refiner)
     assert len(stored.refinement) == 4 and all(c.any() for c in stored.refinement)
     assert packed.read_bytes() == direct.read_bytes()
-    # the job's files decoded on the engine (the decompress UDF refines each chunk's middle block from
-    # the cells it was handed) as the product on the block path
-    for name, src in (("job", tmp_path / "job"), ("product", tmp_path / "packed")):
-        assert cli.main(["decompress", str(src), "-o", str(tmp_path / f"{name}.tif"), "--model", MODEL]
-                        + (["--quality", "5"] if name == "job" else [])) == 0
-    with rasterio.open(tmp_path / "job.tif") as a, rasterio.open(tmp_path / "product.tif") as b:
-        np.testing.assert_array_equal(a.read(), b.read())
+    _job_decodes_as_its_product(tmp_path, 5)
 
 
 def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(data_root, tmp_path):
@@ -198,23 +211,10 @@ def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(
     decoder's reach of the nodata rows: the UDF cannot tell them from the padding beyond the scene and
     decodes its chunk from where its data begin, the readers from the scene's edge (the integers there
     are 0), so those cells may differ by a step."""
-    from corsa.formats import job_files
-    from corsa.formats.sources import Catalogue
-    from corsa.openeo import processes
-    from corsa.openeo.engine import Engine
-
     s = _scene(data_root, "majortom")
     data = s.data[:, :300, :560].copy()
     data[:, :22] = 0
-    write_scene(tmp_path / "in.tif", data, Affine(*s.transform), s.crs, s.date)
-    with rasterio.open(tmp_path / "in.tif", "r+") as f:
-        f.nodata = 0
-    Engine(Catalogue({"SENTINEL2_L2A": tmp_path / "in.tif"}), output=tmp_path / "job").run(
-        processes.compress_s2_process(CARD, 10.0), spatial_extent=None, temporal_extent=None, max_cloud_cover=80,
-        model=str(model_dir(MODEL)), quality=3)
-    job_files.pack(tmp_path / "job", tmp_path / "packed", MODEL, 3)
-    codec = VariableRateCodec(MODEL)
-    stored = stream_format.read_date(tmp_path / "packed", s.date, codec.coder, codec.level, codec.refiner)
+    codec, stored = _service_job(tmp_path, s, data, 3, nodata_declared=True)
     nodata = (data == 0).all(0)
     _, _, cells = stream_format.encode_refined(codec, data, stored.ints, 3, nodata, None, None, s.date)
     assert len(cells) == 2
@@ -222,11 +222,7 @@ def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(
         # below the decoder's reach (36 px) from where the chunk's data begin (row 20), the same cells
         np.testing.assert_array_equal(ours[:, 4:], theirs[:, 4:])
         assert ours[:, 1].any() and np.abs(ours[:, :4] - theirs[:, :4]).max() <= 1
-    for name, src in (("job", tmp_path / "job"), ("product", tmp_path / "packed")):
-        assert cli.main(["decompress", str(src), "-o", str(tmp_path / f"{name}.tif"), "--model", MODEL]
-                        + (["--quality", "3"] if name == "job" else [])) == 0
-    with rasterio.open(tmp_path / "job.tif") as a, rasterio.open(tmp_path / "product.tif") as b:
-        np.testing.assert_array_equal(a.read(), b.read())
+    _job_decodes_as_its_product(tmp_path, 3)
 
 
 def test_a_reduced_product_is_refined_against_its_own_decoding(data_root, tmp_path):

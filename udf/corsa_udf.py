@@ -785,9 +785,9 @@ def _refinement(cube: xr.DataArray, context: dict, card: dict, rate, window: Tup
     if size != (BLOCK_PX + 2 * overlap,) * 2:
         raise UdfError(f"refinement cells (bands {CELL_BANDS[0]}, ...) decode in apply_neighborhood chunks of "
                        f"{BLOCK_PX} px overlapping by the context's overlap ({overlap}), not a chunk of {size}")
-    step = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[rate[1]]
+    step, grid = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[rate[1]], refine_grid(card)
     cells = np.nan_to_num(cube.sel(bands=list(CELL_BANDS)).values).astype(np.float32)
-    axes = [_cell_axis(w, n, overlap, w.stop if w.stop < n else None, refine_grid(card)) for w, n in zip(window, size)]
+    axes = [_cell_axis(w, n, overlap, w.stop if w.stop < n else None, grid) for w, n in zip(window, size)]
     return np.stack([bilinear_field(c * np.float32(step), *axes) for c in cells])
 
 
@@ -804,6 +804,7 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
             raise UdfError(f"model {card['id']} refines cells of {grid} px: its compress chunks must overlap by a "
                            f"multiple of that, not {overlap}")
         step = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[level] if grid else 0
+        dec = network_session(card, context, quality, functools.partial(_network, context)) if step else None
         bands = output_bands({**context, "mode": "compress"})
         out = np.zeros((data.shape[0], len(bands)) + data.shape[2:], np.int16)
         nodata_band = len(bands) - 1
@@ -817,7 +818,6 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
             if step:
                 # The chunk decoded as the decoder will decode its middle block: the chunk reaches the
                 # encoder's and the decoder's reach beyond it (corsa.openeo.windows.compress_reach).
-                dec = network_session(card, context, quality, functools.partial(_network, context))
                 decoded = synthesise(dec, (ints * inv_gain).astype(np.float32), tile, overlap)[:, :shape[0], :shape[1]]
                 _chunk_cells(out[t, len(ints):nodata_band], scene - decoded, ~nodata, float(step), grid, window)
         result = _like(cube, out, bands, had_t)
