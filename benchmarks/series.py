@@ -59,7 +59,7 @@ def write_inputs(run: list[tuple[str, Scene]], folder: Path) -> None:
 def _decode_all(folder: Path, out: Path) -> dict[str, np.ndarray]:
     assert cli.main(["decompress", str(folder), "-o", str(out)]) == 0
     found = {}
-    for p in sorted(out.iterdir()):
+    for p in sorted(out.glob("*.tif")):           # the decoded dates (a STAC document lies beside them)
         with rasterio.open(p) as f:
             found[p.name] = f.read()
     return found

@@ -1,6 +1,7 @@
 """A model with class tables (``training.fit_classes``) is its source model's networks with other tables:
 on test-split scenes it writes the same integers into smaller files, which decode to the same pixels;
-its products are refused by the source model (whose tables would misread them)."""
+its products are refused by the source model (whose tables would misread them). The default's tables
+were fitted for the encoder's choice of class (corsa3.10: its source, corsa3.9, has class tables too)."""
 import json
 
 import numpy as np
@@ -8,14 +9,14 @@ import pytest
 from rasterio.transform import Affine
 
 from corsa.app import cli
+from corsa.codec.latent_coder import ALPHABET, CONTEXTS
 from corsa.codec.models import VariableRateCodec, default_model, model_dir
 from corsa.formats.datasets import LOADERS
 from corsa.formats import stream_format
 
 from test_service import write_scene
 
-DEFAULT = json.loads((model_dir(default_model()) / "model_card.json").read_text())
-MODEL = DEFAULT["refine"]["from"] if "refine" in DEFAULT else DEFAULT["id"]   # the default's tables, unrefined
+MODEL = default_model()
 CARD = json.loads((model_dir(MODEL) / "model_card.json").read_text())
 SOURCE = CARD["class_tables"]["from"]
 
@@ -70,27 +71,40 @@ def test_its_products_decode_to_the_source_models_pixels_and_only_with_it(data_r
 
 def test_each_channel_is_coded_with_the_class_that_codes_it_in_fewest_bits(data_root):
     """The encoder searches a block's classes for each channel (the map holds its choice, the decoder
-    reads it): never more bits than the class of the channel's nonzero share that the tables were
-    fitted by, fewer on the whole, and the stream decodes to the same integers."""
+    reads it): a second count, class by class from the tables' probabilities, finds no class that codes
+    a channel in fewer bits; the choice varies between channels and the stream decodes to the same integers."""
     from corsa.codec import latent_coder as lc
 
     scene = next(s for s in LOADERS["terracodec"](data_root) if s.name == "ssl4eos12_val_0181476_0")
     codec = VariableRateCodec(MODEL)
-    coder, saved = codec.coder, []
+    coder = codec.coder
     for q in (1, 5, 9):
         ints, level = codec.encode(scene.data, q), codec.level(q)
         sym = lc.symbols(ints).reshape(len(ints), -1)
         layout = lc._layout(*ints.shape[1:])
         ids = layout.grid(*lc._part_ids(sym, layout, None))
-        by_share = lc.channel_classes(sym, coder.class_edges)
-        chosen, chans = by_share.copy(), np.flatnonzero(by_share)
-        chosen[chans] = coder.best_classes(sym[chans], chans, ids[chans], level)
-        assert (chosen != by_share).any()
+        chans = np.flatnonzero((sym != lc.M).any(1))
+        chosen = coder.best_classes(sym[chans], chans, ids[chans], level)
         logp = -np.log2(coder.freq[level].astype(np.float64) / (1 << lc.PRECISION))
-        bits = [float((logp[ids + lc.class_offsets(v)[:, None], np.arange(len(sym))[:, None], sym] * (v > 0)[:, None]).sum())
-                for v in (chosen, by_share)]
-        assert bits[0] <= bits[1]
-        saved.append(1 - bits[0] / bits[1])
+        bits = np.array([[logp[(k - 1) * lc.CONTEXTS + ids[c], c, sym[c]].sum() for k in range(1, coder.classes + 1)]
+                         for c in chans])
+        assert np.all(bits[np.arange(len(chans)), chosen - 1] <= bits.min(1) + 1e-3)
+        assert len(set(chosen.tolist())) > 2
         stream = coder.encode(ints, level)
         np.testing.assert_array_equal(coder.decode(stream, level, ints.shape), ints)
-    assert max(saved) > 0.01, saved
+
+
+def test_tables_fitted_for_the_encoders_choice_code_in_fewer_bits_each_round(data_root):
+    """``training.fit_classes`` on eight scenes' blocks: from each channel in the class of its nonzero share,
+    each round of choosing classes and counting tables codes the blocks in fewer bits (never more than 0.1%
+    above the round before), the last clearly fewer than the start, and the final tables fewer still."""
+    from training import fit_classes
+
+    scenes = list(LOADERS["worldstrat"](data_root))[:8]
+    codec = VariableRateCodec(SOURCE, kernels="fp32")
+    hists, plain = fit_classes.histograms(codec, [codec.latent(s.data) for s in scenes], 4)
+    coder, history = fit_classes.fit_level(hists, plain, np.array([1 / 16, 1 / 4, 1 / 2]), 6, 4, 32.0, 0)
+    assert coder.classes == 6 and coder.freq.shape == (1, 6 * CONTEXTS, codec.channels, ALPHABET)
+    assert len(history) == 5 and all(b <= a * 1.001 for a, b in zip(history, history[1:])), history
+    assert history[-1] < 0.99 * history[0], history
+    assert fit_classes.level_bits(hists, coder, 0) <= history[-1]

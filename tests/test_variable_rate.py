@@ -94,7 +94,7 @@ EDGES = (1 / 16, 1 / 4, 1 / 2)        # class tables of 4 classes, for the tests
 def class_coder(codec, latent) -> LatentCoder:
     """Class tables counted on the scene's own latent (a real fit is ``training.fit_classes``)."""
     counts = np.stack([class_counts(codec.quantise(latent, q), EDGES) for q in codec.qualities])
-    return LatentCoder.classes_from_counts(counts, codec.coder, np.array(EDGES))
+    return LatentCoder.classes_from_counts(counts, codec.coder)
 
 
 @pytest.mark.parametrize("tables", ["plain", "classes"])

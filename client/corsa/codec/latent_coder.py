@@ -19,13 +19,14 @@ Channel map (the streams of product formats 5 and 6): a stream starts with u32 w
 channel (little-endian, channel 0 first): 0 where the channel is not coded, because its integers are
 all zero (at the default quality three quarters of a block's channels are, and the coder spent most
 of its time on them); its symbols are zeros, as decoded ones would be, so every other channel's
-contexts stay the same. b = 1 (1: coded) for plain tables. Class tables (``class_edges``, a model
+contexts stay the same. b = 1 (1: coded) for plain tables. Class tables (``classes`` K > 1, a model
 from ``training.fit_classes`` on): b = CLASS_BITS, value v >= 1 = coded with the tables of class v,
 which the encoder picks as the class whose tables code the channel's symbols in the block in the
 fewest bits (a forward-adaptive model: a calm sea block and a city block of the same channel get
-different tables; the decoder reads the class, it never computes one). The tables were fitted with
-each channel in the class of its share of nonzero integers (``class_edges``), which is also how
-products were coded before the encoder searched the classes (issue 28, thirteenth part). Older streams have no map and code every channel
+different tables; the decoder reads the class, it never computes one). corsa3.8's and corsa3.9's
+tables were fitted with each channel in the class of its share of nonzero integers (``class_counts``),
+which is also how products were coded before the encoder searched the classes (issue 28, thirteenth
+part); later ones by the encoder's own choice. Older streams have no map and code every channel
 (``channel_map=False``).
 
 Temporal tables (a series of one place, ``corsa.formats.series``): a cell may also see a reference, the
@@ -237,20 +238,15 @@ def quantise_tables(counts: np.ndarray, prior: np.ndarray | None = None, smoothi
 class LatentCoder:
     """Integer tables of one model: freq[level] is (tables, L, ALPHABET), each sums 2**PRECISION;
     CONTEXTS tables (stand-alone), REF_BUCKETS * CONTEXTS (temporal: with a reference), or with
-    ``class_edges`` (K - 1 increasing shares of nonzero integers) K * CONTEXTS (class k's tables at
-    (k - 1) * CONTEXTS)."""
+    ``classes`` K > 1 K * CONTEXTS (class k's tables at (k - 1) * CONTEXTS)."""
 
     freq: np.ndarray         # (levels, tables, L, ALPHABET) uint32
-    class_edges: np.ndarray | None = None
+    classes: int = 1         # table classes a channel of a block may be coded with (1: plain tables)
 
     def __post_init__(self):
-        if self.class_edges is not None:
-            edges = np.asarray(self.class_edges, np.float64)
-            if edges.ndim != 1 or not 0 < edges.size < (1 << CLASS_BITS) - 1 or np.any(np.diff(edges) <= 0) \
-                    or edges[0] <= 0 or edges[-1] >= 1:
-                raise ValueError(f"class edges must be 1 to 14 increasing shares in (0, 1), not {self.class_edges}")
-            self.class_edges = edges
-        tables = (CONTEXTS, REF_BUCKETS * CONTEXTS) if self.class_edges is None else (self.classes * CONTEXTS,)
+        if not 1 <= self.classes < 1 << CLASS_BITS:
+            raise ValueError(f"a coder has 1 to {(1 << CLASS_BITS) - 1} table classes, not {self.classes}")
+        tables = (CONTEXTS, REF_BUCKETS * CONTEXTS) if self.classes == 1 else (self.classes * CONTEXTS,)
         if self.freq.ndim != 4 or self.freq.shape[1] not in tables or self.freq.shape[3] != ALPHABET:
             raise ValueError(f"latent tables of shape {self.freq.shape} do not fit this coder")
         if np.any(self.freq == 0) or np.any(self.freq.sum(-1, dtype=np.int64) != 1 << PRECISION):
@@ -287,23 +283,17 @@ class LatentCoder:
 
     @property
     def temporal(self) -> bool:
-        return self.class_edges is None and self.freq.shape[1] != CONTEXTS
-
-    @property
-    def classes(self) -> int:
-        """Table classes a channel of a block may be coded with (1: plain tables)."""
-        return 1 if self.class_edges is None else self.class_edges.size + 1
+        return self.classes == 1 and self.freq.shape[1] != CONTEXTS
 
     @classmethod
-    def classes_from_counts(cls, counts: np.ndarray, plain: "LatentCoder", edges: np.ndarray,
-                            smoothing: float = 16.0) -> "LatentCoder":
+    def classes_from_counts(cls, counts: np.ndarray, plain: "LatentCoder", smoothing: float = 16.0) -> "LatentCoder":
         """Class tables from (levels, K, CONTEXTS, L, ALPHABET) counts (``class_counts``): rare
         contexts lean on ``plain``'s table of the same context."""
-        if plain.temporal or plain.classes != 1 or counts.shape[1:3] != (len(edges) + 1, CONTEXTS):
+        if plain.temporal or plain.classes != 1 or counts.shape[2] != CONTEXTS:
             raise ValueError("class tables are fitted on class counts, next to plain stand-alone tables")
         prior = np.broadcast_to(plain.freq[:, None].astype(np.float64) / (1 << PRECISION), counts.shape)
         freq = quantise_tables(counts, prior, smoothing)
-        return cls(freq.reshape(freq.shape[0], -1, *freq.shape[3:]), np.asarray(edges, np.float64))
+        return cls(freq.reshape(freq.shape[0], -1, *freq.shape[3:]), counts.shape[1])
 
     def _model(self, level: int, ctx: int, c: int):
         models = self._models.get(level)
@@ -332,9 +322,9 @@ class LatentCoder:
 
     @property
     def map_bits(self) -> int:
-        return 1 if self.class_edges is None else CLASS_BITS
+        return 1 if self.classes == 1 else CLASS_BITS
 
-    def _lengths(self, level: int) -> np.ndarray:
+    def code_lengths(self, level: int) -> np.ndarray:
         """(tables, L, ALPHABET) code lengths of a level's tables in 1/2**16 bit, as integers: their sums
         are exact, so the encoder's choices are the same on every machine."""
         lengths = self._code_lengths.get(level)
@@ -350,7 +340,7 @@ class LatentCoder:
         n = len(chans)
         counts = np.bincount(((np.arange(n)[:, None] * CONTEXTS + ids) * ALPHABET + sym).ravel(),
                              minlength=n * CONTEXTS * ALPHABET).reshape(n, 1, CONTEXTS * ALPHABET)
-        lengths = self._lengths(level).reshape(self.classes, CONTEXTS, self.channels, ALPHABET)[:, :, chans]
+        lengths = self.code_lengths(level).reshape(self.classes, CONTEXTS, self.channels, ALPHABET)[:, :, chans]
         per_class = lengths.transpose(2, 0, 1, 3).reshape(n, self.classes, CONTEXTS * ALPHABET)
         return 1 + np.argmin((counts * per_class).sum(2), 1)
 
@@ -475,8 +465,8 @@ class LatentCoder:
     def save(self, folder: Path, name: str = FILE_NAME, **extra: np.ndarray) -> Path:
         """The tables (and the model's ``extra`` arrays, e.g. its gains) in ``name``."""
         path = Path(folder) / name
-        if self.class_edges is not None:
-            extra = {**extra, "class_edges": self.class_edges}
+        if self.classes > 1:
+            extra = {**extra, "classes": np.array(self.classes)}
         np.savez_compressed(path, freq=self.freq, precision=np.array(PRECISION), escape=np.array(M), **extra)
         return path
 
@@ -485,4 +475,6 @@ class LatentCoder:
         with np.load(Path(folder) / name) as z:
             if int(z["precision"]) != PRECISION or int(z["escape"]) != M:
                 raise ValueError(f"latent tables in {folder} were made for another coder layout")
-            return cls(z["freq"], z["class_edges"] if "class_edges" in z else None)
+            # corsa3.8 and corsa3.9 store the shares their classes were fitted by (K - 1 edges)
+            classes = int(z["classes"]) if "classes" in z else z["class_edges"].size + 1 if "class_edges" in z else 1
+            return cls(z["freq"], classes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -48,9 +49,14 @@ def model_dir(model: str | Path) -> Path:
     return path if path.is_dir() else MODELS_DIR / str(model)
 
 
+def _by_version(name: str) -> list:
+    """Sort key of a model id: its numbers as numbers (corsa3.9 before corsa3.10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def shipped_cards(folder: Path = MODELS_DIR) -> list[dict]:
-    """The model cards under ``folder`` (codecs and classifiers), by folder name."""
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/model_card.json"))]
+    """The model cards under ``folder`` (codecs and classifiers), by model id."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*/model_card.json"), key=lambda p: _by_version(p.parent.name))]
 
 
 def default_model(folder: Path = MODELS_DIR) -> str:
@@ -81,7 +87,7 @@ def read_card(model: str | Path) -> tuple[Path, dict]:
     path = model_dir(model)
     card = path / "model_card.json"
     if not card.is_file():
-        shipped = ", ".join(sorted(p.parent.name for p in MODELS_DIR.glob("*/model_card.json")))
+        shipped = ", ".join(sorted((p.parent.name for p in MODELS_DIR.glob("*/model_card.json")), key=_by_version))
         if not Path(model).exists():
             raise ModelError(f"no model {str(model)!r}: give a folder with model_card.json or one of the models under "
                              f"{MODELS_DIR}: {shipped}")

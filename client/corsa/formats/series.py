@@ -10,6 +10,8 @@ What each date stores and decodes to is unchanged: only the entropy coding sees 
 - Sub-blocks of SUB x SUB latent cells each choose their reference (or none), the one that codes
   them in the fewest bits: a cloud on one date is then no worse a reference than a clear one
   elsewhere. The choice is the encoder's; the decoder reads it from the file (formats 4 and 6).
+- A date is also coded alone, and written so where that is smaller (the class tables of a date
+  alone can beat the temporal tables where the place changed between dates).
 - A date of another quality level than its group's key date starts a new group (the tables are
   per level). Appending dates after a product's last date re-codes none of the old ones.
 """
@@ -19,7 +21,7 @@ import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -94,14 +96,23 @@ def reference(choice: np.ndarray, refs: list[np.ndarray], shape: tuple[int, int,
     return ref, has
 
 
+class CodedBlock(NamedTuple):
+    """One block of one date: its stream coded alone; for a date with candidate references also its
+    stream coded with them and its sub-blocks' choice; its refinement stream (None: not refined)."""
+
+    alone: bytes
+    refinement: bytes | None
+    series: bytes | None = None
+    choice: np.ndarray | None = None
+
+
 def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int], block: int,
                  ints_of: Callable[[int, int], np.ndarray], refinement_of: Callable[[int], np.ndarray | None] | None = None
-                 ) -> dict[int, tuple[bytes, np.ndarray | None, bytes | None]]:
-    """One block position of every date in ``new`` (indices into ``planned``): {date index:
-    (stream, choice, refinement stream or None)}. ``ints_of(date index, block)`` gives a date's
-    integers of the block (for a date already written, read back from its file); each is asked for
-    once. ``refinement_of(date index)``: a new date's refinement cells of the block (asked after its
-    integers), None where it has none."""
+                 ) -> dict[int, CodedBlock]:
+    """One block position of every date in ``new`` (indices into ``planned``). ``ints_of(date index,
+    block)`` gives a date's integers of the block (for a date already written, read back from its
+    file); each is asked for once. ``refinement_of(date index)``: a new date's refinement cells of
+    the block (asked after its integers), None where it has none."""
     known: dict[int, np.ndarray] = {}
 
     def get(i: int) -> np.ndarray:
@@ -114,12 +125,11 @@ def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int
         p = planned[i]
         level, x = codec.level(p.quality), get(i)
         cells = refinement_of(i) if refinement_of is not None else None
-        refined = None if cells is None else codec.refiner.encode(cells)
+        coded = CodedBlock(codec.coder.encode(x, level), None if cells is None else codec.refiner.encode(cells))
         if p.candidates:
             choice, ref, has = choose(codec.temporal_coder, level, x, [get(j) for j in p.candidates])
-            out[i] = codec.temporal_coder.encode(x, level, ref, has), choice, refined
-        else:
-            out[i] = codec.coder.encode(x, level), None, refined
+            coded = coded._replace(series=codec.temporal_coder.encode(x, level, ref, has), choice=choice)
+        out[i] = coded
     return out
 
 
@@ -142,22 +152,28 @@ def encode_dates(codec: VariableRateCodec, planned: list[Planned], fresh: list[i
 
 
 def write_dates(out: Path, codec: VariableRateCodec, planned: list[Planned], fresh: list[int],
-                coded: list[dict[int, tuple[bytes, np.ndarray]]], masks: dict[int, np.ndarray], shape: tuple[int, int],
+                coded: list[dict[int, CodedBlock]], masks: dict[int, np.ndarray], shape: tuple[int, int],
                 transform, crs: str | None) -> list[Path]:
     """The files of the ``fresh`` dates from their coded blocks (``encode_dates``) and nodata masks
-    (absent: no nodata); each written under a temporary name, then renamed."""
+    (absent: no nodata); each written under a temporary name, then renamed. A date with candidate
+    references is written with them only where that makes its file smaller than coded alone (the
+    class tables of a date alone can beat the temporal tables where the place changed)."""
     sha = codec.card["files"]["decoder"]["sha256"]
     written = []
     for i in fresh:
-        p, streams = planned[i], [c[i][0] for c in coded]
-        choices = [c[i][1] for c in coded] if p.candidates else None
-        refinement = [c[i][2] for c in coded]
-        if choices and codec.coder.classes == 1 and all((c == stream_format.NO_REFERENCE).all() for c in choices):
-            choices = None            # no block used a reference: the bytes of a date coded alone (plain tables)
-        data = stream_format.assemble(streams, masks.get(i, np.zeros(shape, bool)), p.quality, transform, crs, p.date,
-                                 codec.model_id, sha, refs=[planned[j].date for j in p.candidates] if choices else None,
-                                 choices=choices, class_tables=not p.candidates and codec.coder.classes > 1,
-                                 refinement=None if None in refinement else refinement)
+        p, blocks = planned[i], [c[i] for c in coded]
+        refinement = [b.refinement for b in blocks]
+
+        def assembled(with_refs: bool) -> bytes:
+            return stream_format.assemble(
+                [b.series if with_refs else b.alone for b in blocks], masks.get(i, np.zeros(shape, bool)), p.quality,
+                transform, crs, p.date, codec.model_id, sha,
+                refs=[planned[j].date for j in p.candidates] if with_refs else None,
+                choices=[b.choice for b in blocks] if with_refs else None,
+                class_tables=not with_refs and codec.coder.classes > 1,
+                refinement=None if None in refinement else refinement)
+
+        data = min((assembled(r) for r in ((False, True) if p.candidates else (False,))), key=len)
         written.append(stream_format.write_date(Path(out), data, p.date))
     return written
 
