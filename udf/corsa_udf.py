@@ -791,6 +791,29 @@ def _refinement(cube: xr.DataArray, context: dict, card: dict, rate, window: Tup
     return np.stack([bilinear_field(c * np.float32(step), *axes) for c in cells])
 
 
+def _block_decoding(decoder, latent: np.ndarray, card: dict, window: Tuple[slice, slice], size: Tuple[int, int],
+                    overlap: int, tile: int) -> Tuple[np.ndarray, np.ndarray]:
+    """A compress chunk's dequantised ``latent`` (its data ``window``) decoded where its middle block's
+    refinement cells read the decoding: in an apply_neighborhood chunk (BLOCK_PX + 2 ``overlap`` px a
+    side) the block and the decoder's reach around it, else the whole window. (10, y, x) DN over the
+    window, 0 outside that part, and where it lies."""
+    reach = -(-card["receptive_radius_px"]["decoder"] // STRIDE1) * STRIDE1
+    spans = []
+    for win, n in zip(window, size):
+        length = win.stop - win.start
+        whole = n != BLOCK_PX + 2 * overlap
+        spans.append((0, length) if whole else
+                     (max(overlap - reach - win.start, 0), min(overlap + BLOCK_PX + reach - win.start, length)))
+    (y0, y1), (x0, x1) = spans
+    decoded = np.zeros((len(BANDS),) + tuple(w.stop - w.start for w in window), np.float32)
+    inside = np.zeros(decoded.shape[1:], bool)
+    if y1 > y0 and x1 > x0:
+        part = latent[:, y0 // STRIDE1:-(-y1 // STRIDE1), x0 // STRIDE1:-(-x1 // STRIDE1)]
+        decoded[:, y0:y1, x0:x1] = synthesise(decoder, part, tile, overlap)[:, :y1 - y0, :x1 - x0]
+        inside[y0:y1, x0:x1] = True
+    return decoded, inside
+
+
 def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     cube, had_t, data, enc, (model, tile, overlap) = _prepare(cube, context, BANDS, "encoder")
     window = data_window(data)
@@ -818,8 +841,10 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
             if step:
                 # The chunk decoded as the decoder will decode its middle block: the chunk reaches the
                 # encoder's and the decoder's reach beyond it (corsa.openeo.windows.compress_reach).
-                decoded = synthesise(dec, (ints * inv_gain).astype(np.float32), tile, overlap)[:, :shape[0], :shape[1]]
-                _chunk_cells(out[t, len(ints):nodata_band], scene - decoded, ~nodata, float(step), grid, window)
+                decoded, inside = _block_decoding(dec, (ints * inv_gain).astype(np.float32), card, window,
+                                                  data.shape[-2:], overlap, tile)
+                _chunk_cells(out[t, len(ints):nodata_band], np.where(inside, scene - decoded, 0), ~nodata & inside,
+                             float(step), grid, window)
         result = _like(cube, out, bands, had_t)
         result.attrs.update(_model_identity(model, context), corsa_model=model,
                             corsa_quality=card["qualities"][level]["quality"])
