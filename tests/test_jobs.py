@@ -338,6 +338,25 @@ def test_results_download_and_feed_the_decompress_job(server, connection, local_
     assert udf["arguments"]["context"]["mode"] == "decompress"
 
 
+def test_a_job_whose_files_hold_no_refinement_cells_decodes_without_asking_for_them(server, connection, local_product):
+    """A refined model's compress job made before the services refined (its latent asset lists the
+    latent's bands and nodata, no cell bands, as a back end lists a GeoTIFF's bands): the decompress
+    graph loads what the files hold; a job whose assets list the cells, or no bands, loads them too."""
+    card = read_card(DEFAULT_MODEL)[1]
+    latent = next(l for l in card["layers"] if l["name"] == "latent")
+    cells = [f"cell_{b}" for b in BANDS]
+    assert "refine" in card
+    for stored, asked in ((latent["bands"] + ["nodata"], []), (latent["bands"] + cells + ["nodata"], cells)):
+        job = jobs.start(jobs.submit(jobs.compress(connection, BBOX, DATES), "compress"))
+        listed = {p.name: {"bands": [{"name": b} for b in (stored if "latent" in p.name else ["nodata"])]}
+                  for p in local_product}
+        server.put_results(job.job_id, local_product, listed=listed)
+        graph = jobs.submit(jobs.decompress(connection, jobs.results_cube(job)), "decompress").describe()
+        loads = _graph_nodes(graph["process"]["process_graph"], "load_stac")
+        assert sorted(load["arguments"]["bands"] for load in loads) == sorted(
+            l["bands"] + (asked if l["name"] == "latent" else []) for l in card["layers"])
+
+
 def test_failed_download_leaves_nothing(server, connection, local_product, tmp_path):
     job = jobs.start(jobs.submit(jobs.compress(connection, BBOX, DATES), "compress"))
     # the result listing names a file the back end has lost: the download fails half way

@@ -277,6 +277,14 @@ def download(job: Job, folder: Path | str) -> list[Path]:
         return files
 
 
+def _result_bands(job: BatchJob) -> set[str] | None:
+    """The band names a job's result assets list (STAC "bands", or the older "eo:bands", as
+    openeo-driver writes them from a back end's asset metadata); None where no asset lists any."""
+    assets = job.get_results().get_metadata().get("assets") or {}
+    names = {b.get("name") for a in assets.values() for b in (a.get("bands") or a.get("eo:bands") or [])}
+    return (names - {None}) or None
+
+
 def results_cube(job: Job, model: str | None = None) -> DataCube:
     """A finished compress job's results as the input cube of a decompress job: each stored layer
     of the model's card loaded (load_stac on the results) and brought back to the 10 m grid of
@@ -286,8 +294,11 @@ def results_cube(job: Job, model: str | None = None) -> DataCube:
         if isinstance(connection, EngineConnection):
             return connection.load_stac_from_job(job)  # the engine reads the job's folder as one cube
         card = _card(_model(connection, model))
-        # a refined model's refinement cells ride in its latent layer (corsa_udf.CELL_BANDS)
-        cells = list(corsa_udf.CELL_BANDS) if corsa_udf.refine_grid(card) else []
+        # a refined model's refinement cells ride in its latent layer (corsa_udf.CELL_BANDS), but not
+        # in a job made before the services refined (its files list no cell bands): it decodes unrefined
+        listed = _result_bands(job)
+        cells = list(corsa_udf.CELL_BANDS) if corsa_udf.refine_grid(card) and (
+            listed is None or set(corsa_udf.CELL_BANDS) <= listed) else []
         cubes = [connection.load_stac_from_job(job, bands=layer["bands"] + (cells if layer["name"] == "latent" else []))
                  for layer in card["layers"]]
     except (requests.ConnectionError, OpenEoApiError) as e:
