@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from corsa.codec.latent_coder import (ALPHABET, CLASS_BITS, CONTEXTS, FILE_NAME as TABLES_FILE, M, LatentCoder,
-                                      context_counts, symbols, table_ids)
+                                      symbols, table_ids)
 from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.core.machine import cpu_name
 from corsa.formats import stream_format
@@ -49,19 +49,18 @@ def histograms(codec: VariableRateCodec, latents: list[np.ndarray], quality: int
     """Each product block's coded channels and their symbol counts by context, at ``quality``; and the
     plain tables counted on every channel of every block (a channel all zero in most blocks gets a
     table that codes its few nonzero blocks' zeros cheaply)."""
-    out, plain = [], 0
+    out, plain, L = [], 0, codec.channels
     for y in latents:
         ints = codec.quantise(y, quality)
         for ys, xs in stream_format.block_slices(ints.shape[1:]):
             block = ints[:, ys, xs]
-            plain = plain + context_counts(block)
-            sym = symbols(block).reshape(len(block), -1)
+            sym = symbols(block).reshape(L, -1)
+            bins = (np.arange(L)[:, None] * CONTEXTS + table_ids(block)) * ALPHABET + sym
+            counts = np.bincount(bins.ravel(), minlength=L * CONTEXTS * ALPHABET).reshape(L, CONTEXTS * ALPHABET)
+            plain = plain + counts
             chans = np.flatnonzero((sym != M).any(1))
-            ids = table_ids(block).astype(np.intp)[chans]
-            counts = np.stack([np.bincount(i * ALPHABET + s, minlength=CONTEXTS * ALPHABET)
-                               for i, s in zip(ids, sym[chans])]) if len(chans) else np.zeros((0, CONTEXTS * ALPHABET), np.int64)
-            out.append((chans, counts.astype(np.int32)))
-    return out, LatentCoder.from_counts(plain[None])
+            out.append((chans, counts[chans].astype(np.int32)))
+    return out, LatentCoder.from_counts(plain.reshape(L, CONTEXTS, ALPHABET).transpose(1, 0, 2)[None])
 
 
 def class_bits(hists: Histograms, coder: LatentCoder) -> list[np.ndarray]:

@@ -791,13 +791,18 @@ def _refinement(cube: xr.DataArray, context: dict, card: dict, rate, window: Tup
     return np.stack([bilinear_field(c * np.float32(step), *axes) for c in cells])
 
 
+def reach_overlap(card: dict, network: str) -> int:
+    """A network's receptive radius (model card) rounded up to whole level-1 cells."""
+    return -(-card["receptive_radius_px"][network] // STRIDE1) * STRIDE1
+
+
 def _block_decoding(decoder, latent: np.ndarray, card: dict, window: Tuple[slice, slice], size: Tuple[int, int],
                     overlap: int, tile: int) -> Tuple[np.ndarray, np.ndarray]:
     """A compress chunk's dequantised ``latent`` (its data ``window``) decoded where its middle block's
     refinement cells read the decoding: in an apply_neighborhood chunk (BLOCK_PX + 2 ``overlap`` px a
     side) the block and the decoder's reach around it, else the whole window. (10, y, x) DN over the
     window, 0 outside that part, and where it lies."""
-    reach = -(-card["receptive_radius_px"]["decoder"] // STRIDE1) * STRIDE1
+    reach = reach_overlap(card, "decoder")
     spans = []
     for win, n in zip(window, size):
         length = win.stop - win.start

@@ -4,7 +4,7 @@ process graphs (``corsa.openeo.processes``) and the block path that reproduces t
 """
 from __future__ import annotations
 
-from corsa_udf import refine_grid
+from corsa_udf import reach_overlap, refine_grid
 
 # apply_neighborhood chunks: 512 px plus, on each side, the context that one mode's network
 # reaches (receptive_radius_px in the shipped model cards: encoder 54, decoder 44, classifier 2),
@@ -18,11 +18,6 @@ CHUNK, UDF_TILE = 512, 1024
 # RENDER_EXACT_SCALE output pixels per stored one.
 RENDER_EXACT_SCALE = 8
 OVERLAP = {"compress": 64, "decompress": 44, "classify": 4, "render": 96}
-
-
-def reach_overlap(card: dict, network: str) -> int:
-    """A network's receptive radius (model card) rounded up to whole level-1 cells."""
-    return -(-card["receptive_radius_px"][network] // 4) * 4
 
 
 def compress_reach(card: dict) -> int:
