@@ -67,7 +67,7 @@ def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
                 stream_format.write_date(Path(tmp), data, date)
                 stored = stream_format.read_date(Path(tmp), date, codec.coder, codec.level, codec.refiner)
             if not np.array_equal(stored.ints, ints) or (cells is None) != (stored.refinement is None) or \
-                    (cells is not None and not all(np.array_equal(a, b) for a, b in zip(cells, stored.refinement))):
+                    (cells is not None and not all(a.same(b) for a, b in zip(cells, stored.refinement))):
                 raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its latent and refinement")
             if stored.refinement is not None:      # the network's decoding of the same integers, refined
                 stream_format.refine(rec, stored.refinement, codec.refiner, codec.level(q), ~s.nodata_mask)

@@ -46,7 +46,7 @@ def _product(codec: VariableRateCodec, ints: np.ndarray, quality: int, nodata: n
         return unrefined, plain, unrefined, plain
     out = to_uint16(stream_format.refine(rec.copy(), cells, codec.refiner, level, valid))
     out[:, nodata] = 0
-    return size([codec.refiner.encode(c) for c in cells]), out, size(None), plain
+    return size([codec.refiner.encode(*c) for c in cells]), out, size(None), plain
 
 
 def run(model: str) -> dict:

@@ -50,7 +50,7 @@ def measure(codec: VariableRateCodec, scenes: list, grids: list[int], steps: lis
                 if step:
                     refiner = RefineCoder(np.full(len(codec.qualities), step), grid, tables)
                     cells = stream_format.refinement_cells(refiner, level, scene.data, rec, valid)
-                    extra = sum(len(refiner.encode(c)) + 1 for c in cells)     # + its length varint
+                    extra = sum(len(refiner.encode(*c)) + 1 for c in cells)     # + its length varint
                     refined = stream_format.refine(rec.copy(), cells, refiner, level, valid)
                 decoded = to_uint16(refined)
                 decoded[:, scene.nodata_mask] = 0

@@ -47,10 +47,10 @@ def test_cells_round_trip_and_damage_is_refused_by_name(data_root):
     rng = np.random.default_rng(0)
     for q in (1, 9):
         rec = codec.synthesis(codec.encode(scene.data, q), q, scene.data.shape[1:])
-        (cells,) = stream_format.refinement_cells(codec.refiner, codec.level(q), scene.data, rec, None)
-        assert cells.any() and cells.shape == (10,) + codec.refiner.cells(scene.data.shape[1:])
+        ((cells, weights),) = stream_format.refinement_cells(codec.refiner, codec.level(q), scene.data, rec, None)
+        assert cells.any() and cells.shape == (10,) + codec.refiner.cells(scene.data.shape[1:]) and weights is None
         data = codec.refiner.encode(cells)
-        np.testing.assert_array_equal(codec.refiner.decode(data, 10, cells.shape[1:]), cells)
+        np.testing.assert_array_equal(codec.refiner.decode(data, 10, cells.shape[1:]).cells, cells)
         for _ in range(50):
             bad = bytearray(data)
             bad[rng.integers(len(bad))] ^= int(rng.integers(1, 256))
@@ -94,7 +94,7 @@ def test_the_cli_writes_and_reads_what_the_whole_scene_path_measures(data_root, 
                                                     None, date)
     # the same integers (the block path's encoder windows hold each cell's whole reach) and the same
     # cells but where the window's float decode rounds a cell's mean the other way
-    assert sum((a != b).sum() for a, b in zip(cells, stored.refinement)) <= 2
+    assert sum((a.cells != b.cells).sum() for a, b in zip(cells, stored.refinement)) <= 2
     whole = to_uint16(stream_format.refine(rec, stored.refinement, codec.refiner, codec.level(6)))
     with rasterio.open(tmp_path / f"{MODEL}.tif") as d:
         diff = np.abs(d.read().astype(np.int64) - whole)
@@ -201,7 +201,7 @@ def test_a_compress_job_packs_to_the_clis_refined_product_over_several_blocks(da
     assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "cli"), "--model", MODEL,
                      "--quality", "5", "-q"]) == 0
     (packed,), (direct,) = stored_files(tmp_path / "packed"), stored_files(tmp_path / "cli")
-    assert len(stored.refinement) == 4 and all(c.any() for c in stored.refinement)
+    assert len(stored.refinement) == 4 and all(r.cells.any() for r in stored.refinement)
     assert packed.read_bytes() == direct.read_bytes()
     _job_decodes_as_its_product(tmp_path, 5)
 
@@ -221,7 +221,7 @@ def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(
     nodata = (data == 0).all(0)
     _, _, cells = stream_format.encode_refined(codec, data, stored.ints, 3, nodata, None, None, s.date)
     assert len(cells) == 2
-    for ours, theirs in zip(stored.refinement, cells):
+    for (ours, _), (theirs, _) in zip(stored.refinement, cells):
         # below the decoder's reach (36 px) from where the chunk's data begin (row 20), the same cells
         np.testing.assert_array_equal(ours[:, 4:], theirs[:, 4:])
         assert ours[:, 1].any() and np.abs(ours[:, :4] - theirs[:, :4]).max() <= 1
@@ -240,7 +240,7 @@ def test_a_reduced_product_is_refined_against_its_own_decoding(data_root, tmp_pa
     assert cli.main(["decompress", str(tmp_path / "q6"), "-o", str(tmp_path / "q6.tif"), "-q"]) == 0
     codec = VariableRateCodec(MODEL)
     stored = stream_format.read_date(tmp_path / "q6", s.date, codec.coder, codec.level, codec.refiner)
-    assert stored.quality == 6 and stored.refinement is not None and stored.refinement[0].any()
+    assert stored.quality == 6 and stored.refinement is not None and stored.refinement[0].cells.any()
     with rasterio.open(tmp_path / "q6.tif") as f:
         refined = f.read()
     unrefined = to_uint16(codec.synthesis(stored.ints, 6, data.shape[1:]))

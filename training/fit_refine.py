@@ -2,8 +2,11 @@
 correction of each band's decoded brightness (``corsa.codec.refine_coder``; formats 8 and 9).
 
     python -m training.fit_refine --model corsa3.8 --name corsa3.9
+    python -m training.fit_refine --model corsa3.10 --name corsa3.11 --filter 2 --filter-levels 2 3 4 5 6 7 8 9
 
-Nothing is trained: the tables are discretised Laplace laws of TABLES scales (the encoder picks one
+A model that has a refinement already keeps it (cells, steps, tables) and gets a loop filter: per
+block, the encoder fits one by least squares and stores it at the head of the block's refinement
+stream (``corsa.codec.loop_filter``), at the levels given. Nothing is trained: the tables are discretised Laplace laws of TABLES scales (the encoder picks one
 per block and band), the step of each quality level and the cell side are arguments. The encoder,
 gains, tables and decoder stay, so a product holds the old model's integers; its pixels move by the
 correction. A new id, because the old model's products have none.
@@ -16,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+import corsa_udf
 from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.codec.refine_coder import FILE_NAME, TABLES, RefineCoder, laplace_tables
 from corsa.core.machine import cpu_name
+from corsa.core.scene import BANDS
 from corsa.formats import stream_format
 
 from .export import _record_files
@@ -38,29 +43,50 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--grid", type=int, default=GRID, help="cell side in 10 m pixels")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS),
                    help="DN step of each quality level (one value: every level; 0: no refinement at a level)")
+    p.add_argument("--filter", type=int, default=0, metavar="RADIUS",
+                   help="add a loop filter of (2 RADIUS + 1)^2 px to a refined model (its refinement kept)")
+    p.add_argument("--filter-levels", type=int, nargs="+", default=[], metavar="QUALITY",
+                   help="the quality levels whose blocks get a loop filter (chosen on the validation split)")
     p.add_argument("--out", default="models_onnx")
     p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
     args = p.parse_args(argv)
     t0 = time.time()
     src = model_dir(args.model)
     codec = VariableRateCodec(src, kernels="fp32")
-    if codec.coder.classes == 1 or codec.refiner is not None:
-        raise SystemExit(f"{args.model}: a refinement is added to a model with class tables and none yet")
-    steps = args.steps * len(codec.qualities) if len(args.steps) == 1 else args.steps
-    if len(steps) != len(codec.qualities):
-        raise SystemExit(f"--steps: one value or one per level ({len(codec.qualities)})")
-    refiner = RefineCoder(np.array(steps), args.grid, laplace_tables(SCALES))
-    out, card = derived_folder(src, args.name, args.out)
+    if args.filter:
+        if codec.refiner is None or codec.refiner.filter_radius:
+            raise SystemExit(f"{args.model}: a loop filter is added to a refined model without one")
+        levels = np.isin(codec.qualities, args.filter_levels)
+        refiner = RefineCoder(codec.refiner.steps, codec.refiner.grid, codec.refiner.freq, args.filter, levels)
+        out, card = derived_folder(src, args.name, args.out)
+        card["description"] = (f"{card['description']} {args.name}: {args.model} with a loop filter "
+                               f"(training.fit_refine --filter): per block, a least-squares filter of "
+                               f"{2 * args.filter + 1} x {2 * args.filter + 1} px of each band and every band's "
+                               f"value, applied before the refinement's cells.")
+        card["refine"]["filter"] = {
+            "command": f"python -m training.fit_refine --model {args.model} --name {args.name} --filter {args.filter} "
+                       f"--filter-levels {' '.join(map(str, args.filter_levels))}",
+            "radius_px": args.filter, "levels": [int(q) for q in np.array(codec.qualities)[levels]],
+            "shift": corsa_udf.FILTER_SHIFT, "integers_a_block": len(BANDS) * corsa_udf.filter_taps(args.filter),
+            "from": args.model, "cpu": cpu_name()}
+    else:
+        if codec.coder.classes == 1 or codec.refiner is not None:
+            raise SystemExit(f"{args.model}: a refinement is added to a model with class tables and none yet")
+        steps = args.steps * len(codec.qualities) if len(args.steps) == 1 else args.steps
+        if len(steps) != len(codec.qualities):
+            raise SystemExit(f"--steps: one value or one per level ({len(codec.qualities)})")
+        refiner = RefineCoder(np.array(steps), args.grid, laplace_tables(SCALES))
+        out, card = derived_folder(src, args.name, args.out)
+        card["format_version"] = stream_format.WITH_REFINEMENT[stream_format.CLASS_VERSION]   # series dates 9
+        card["description"] = (f"{card['description']} {args.name}: {args.model} with a refinement "
+                               f"(training.fit_refine): per block, the mean error of each band's decoding over "
+                               f"cells of {args.grid} px, coded and added back.")
+        card["refine"] = {
+            "command": f"python -m training.fit_refine --model {args.model} --name {args.name} --grid {args.grid} "
+                       f"--steps {' '.join(map(str, args.steps))}",
+            "grid_px": args.grid, "steps_dn": {str(q): s for q, s in zip(codec.qualities, steps)}, "tables": TABLES,
+            "from": args.model, "wall_time_s": round(time.time() - t0, 1), "cpu": cpu_name()}
     refiner.save(out)
-    card["format_version"] = stream_format.WITH_REFINEMENT[stream_format.CLASS_VERSION]   # series dates 9
-    card["description"] = (f"{card['description']} {args.name}: {args.model} with a refinement "
-                           f"(training.fit_refine): per block, the mean error of each band's decoding over "
-                           f"cells of {args.grid} px, coded and added back.")
-    card["refine"] = {
-        "command": f"python -m training.fit_refine --model {args.model} --name {args.name} --grid {args.grid} "
-                   f"--steps {' '.join(map(str, args.steps))}",
-        "grid_px": args.grid, "steps_dn": {str(q): s for q, s in zip(codec.qualities, steps)}, "tables": TABLES,
-        "from": args.model, "wall_time_s": round(time.time() - t0, 1), "cpu": cpu_name()}
     _record_files(card, out, {"refine_model": FILE_NAME})
     return write_card(card, out, not args.no_figures)
 

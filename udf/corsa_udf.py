@@ -750,6 +750,61 @@ def bilinear_field(values: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
     return out
 
 
+FILTER_SHIFT = 12          # a loop filter's weights are integers in 1 / 2**FILTER_SHIFT, its bias whole DN
+FILTER_LIMIT = 1 << 24     # |weight| or |bias| at most: beyond, a stream is damaged
+
+
+def filter_offsets(radius: int) -> List[Tuple[int, int]]:
+    """The neighbours (dy, dx) a loop filter of ``radius`` weighs, row by row (the centre left out)."""
+    r = range(-radius, radius + 1)
+    return [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0)]
+
+
+def filter_taps(radius: int, bands: int = len(BANDS)) -> int:
+    """Integers of a band's loop filter: its neighbours' weights, every band's centre weight, a bias."""
+    return len(filter_offsets(radius)) + bands + 1
+
+
+def neighbourhood(decoded: np.ndarray, rows: slice, cols: slice, radius: int) -> np.ndarray:
+    """(bands, h + 2r, w + 2r): the pixels ``rows`` x ``cols`` of a decoded window with ``radius`` px
+    around them, the window's edge pixels repeated beyond it (as at a date's edge)."""
+    h, w = decoded.shape[1:]
+    ya, yb, xa, xb = max(0, rows.start - radius), min(h, rows.stop + radius), max(0, cols.start - radius), min(w, cols.stop + radius)
+    pad = ((0, 0), (ya - (rows.start - radius), rows.stop + radius - yb), (xa - (cols.start - radius), cols.stop + radius - xb))
+    part = decoded[:, ya:yb, xa:xb]
+    return np.pad(part, pad, mode="edge") if any(p != (0, 0) for p in pad) else part
+
+
+def loop_filter(decoded: np.ndarray, weights: np.ndarray, rows: slice, cols: slice, radius: int) -> np.ndarray:
+    """A block's loop filter on its pixels ``rows`` x ``cols`` of a decoded window (10, H, W): per band b,
+    its decoding plus the weighted differences of its neighbours to it, plus a weighted sum of every
+    band at the pixel, plus a bias (``weights`` (10, ``filter_taps``) integers, in that order). The
+    encoder fits them by least squares to the block's truth and stores them with the refinement
+    (``corsa.codec.refine_coder``): they undo what the network gets wrong in this block's
+    contrast and sharpness. -> (10, h, w) float32; ``decoded`` is left as it is."""
+    offs = filter_offsets(radius)
+    near = neighbourhood(decoded, rows, cols, radius).astype(np.float32, copy=False)
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    centre = near[:, radius:radius + h, radius:radius + w]
+    scale = np.float32(1.0 / (1 << FILTER_SHIFT))
+    wt = weights.astype(np.float32) * scale
+    n = len(offs)
+    out = np.empty((len(centre), h, w), np.float32)
+    tmp = np.empty((h, w), np.float32)
+    for b in range(len(centre)):
+        own = 1 + wt[b, n + b] - wt[b, :n].sum()
+        acc = out[b]
+        np.multiply(centre[b], own, out=acc)
+        for j in range(len(centre)):
+            if j != b and wt[b, n + j]:
+                acc += np.multiply(centre[j], wt[b, n + j], out=tmp)
+        for t, (dy, dx) in enumerate(offs):
+            if wt[b, t]:
+                acc += np.multiply(near[b, radius + dy:radius + dy + h, radius + dx:radius + dx + w], wt[b, t], out=tmp)
+        acc += np.float32(weights[b, -1])
+    return out
+
+
 def _cell_axis(window: slice, size: int, origin: int, end: Optional[int], grid: int) -> tuple:
     """One axis of a chunk of ``size`` px whose product blocks (BLOCK_PX) start at ``origin`` + k BLOCK_PX
     and whose data end at ``end`` (the scene's edge; None: past the chunk): for each pixel of its data

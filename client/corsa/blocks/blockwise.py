@@ -39,6 +39,7 @@ from corsa.core import progress
 from corsa.formats import results
 from corsa.formats import series
 from corsa.codec.models import VariableRateCodec, checked_session
+from corsa.codec.refine_coder import BlockRefinement
 from corsa.core.files import writing
 from corsa.core.scene import BANDS, to_uint16
 
@@ -83,9 +84,9 @@ def compress_overlap(codec: VariableRateCodec, quality: int) -> int:
 
 
 def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,
-                 ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                 ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, BlockRefinement | None]:
     """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them, and
-    where the quality is refined, its refinement cells (None otherwise)."""
+    where the quality is refined, its refinement (None otherwise)."""
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
     from dask.local import get_sync      # here: decompress, which imports this module too, needs no dask
 
@@ -105,9 +106,9 @@ def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, en
     d = windows.OVERLAP["decompress"]
     dy0, dy1, dx0, dx1 = max(y0 - d, wy0), min(y1 + d, wy1), max(x0 - d, wx0), min(x1 + d, wx1)
     z = codec.dequantise(ints[:, (dy0 - wy0) // 4:-(-(dy1 - wy0) // 4), (dx0 - wx0) // 4:-(-(dx1 - wx0) // 4)], quality)
-    rec = corsa_udf.synthesise(network_session(codec, quality), z, windows.UDF_TILE, d)
-    rec = rec[:, y0 - dy0:y1 - dy0, x0 - dx0:x1 - dx0]
-    cells = codec.refiner.symbols(win[:, by, bx] - rec, ~nodata, codec.level(quality))
+    rec = corsa_udf.synthesise(network_session(codec, quality), z, windows.UDF_TILE, d)[:, :dy1 - dy0, :dx1 - dx0]
+    cells = codec.refiner.block(win[:, by, bx], rec, slice(y0 - dy0, y1 - dy0), slice(x0 - dx0, x1 - dx0), ~nodata,
+                                codec.level(quality))
     return ints[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], nodata, cells
 
 
@@ -203,9 +204,9 @@ class _Integers:
             self.rows[r] = pool.submit(lambda: [series.block_ints(self.folder, self.date, k, self.codec) for k in ks])
         return self.rows[r]
 
-    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray | None:
-        """The refinement (10, rows, cols) in DN over a window of the date's pixels, each block's part
-        from its own cells; None for a date without."""
+    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> stream_format.WindowRefinement | None:
+        """The refinement over a window of the date's pixels, each block's part from its own stream;
+        None for a date without."""
         if self.head["refine_lengths"] is None:
             return None
         return stream_format.refinement_window(
@@ -268,16 +269,15 @@ class StoredDates:
         """The dequantised latents of the dates over a window of cells."""
         return [codec.dequantise(n.window(cy, cx, pool), n.head["quality"]) for n in self.ints]
 
-    def refinements(self, rows: tuple[int, int], cols: tuple[int, int]) -> list[np.ndarray | None]:
+    def refinements(self, rows: tuple[int, int], cols: tuple[int, int]) -> list[stream_format.WindowRefinement | None]:
         """The dates' refinements over a window of pixels (None: a date without)."""
         return [n.refinement(rows, cols) for n in self.ints]
 
 
-def refined(decoded: np.ndarray, refinement: np.ndarray | None) -> np.ndarray:
-    """A window's decoding with its refinement added (in place), if the date has one."""
-    if refinement is not None:
-        decoded += refinement
-    return decoded
+def refined(decoded: np.ndarray, refinement: stream_format.WindowRefinement | None) -> np.ndarray:
+    """A window's decoding refined (in place), if the date has a refinement: each block's loop filter,
+    then the cells' field."""
+    return decoded if refinement is None else refinement.apply(decoded)
 
 
 def _fill_dates(folder: Path, date: str) -> list[str]:
@@ -366,8 +366,8 @@ class DateDecoder:
         return out
 
 
-def reduced_refinement(folder: Path, date: str, codec: VariableRateCodec, to: int, k: int) -> np.ndarray | None:
-    """Block ``k``'s refinement cells of a date brought to quality ``to`` without its source (``corsa
+def reduced_refinement(folder: Path, date: str, codec: VariableRateCodec, to: int, k: int) -> BlockRefinement | None:
+    """Block ``k``'s refinement of a date brought to quality ``to`` without its source (``corsa
     reduce``; None where ``to`` is not refined): the stored date's decoding (refined where it is) stands
     in for the scene, against the decoding of the reduced integers, each over the block's window as
     ``DateDecoder`` decodes it."""
@@ -375,15 +375,15 @@ def reduced_refinement(folder: Path, date: str, codec: VariableRateCodec, to: in
         return None
     stored = DateDecoder(folder, date, codec)
     ys_all, xs_all = stored.spans()
-    (y0, y1, wy0, _), (x0, x1, wx0, _) = ys, xs = ys_all[k // len(xs_all)], xs_all[k % len(xs_all)]
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs = ys_all[k // len(xs_all)], xs_all[k % len(xs_all)]
     latent, _, refinement = stored.inputs(ys, xs, None)
     truth = stored.block(ys, xs, latent, None, refinement)[2]
     quality = stored.head["quality"]
     z = codec.dequantise(codec.requantise(latent, quality, to), to)
-    rec = corsa_udf.synthesise(network_session(codec, to), z, windows.UDF_TILE, stored.overlap)
+    rec = corsa_udf.synthesise(network_session(codec, to), z, windows.UDF_TILE, stored.overlap)[:, :wy1 - wy0, :wx1 - wx0]
     mask = stored.ints.mask
-    return codec.refiner.symbols(truth - rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0],
-                                 None if mask is None else ~mask[y0:y1, x0:x1], codec.level(to))
+    return codec.refiner.block(truth, rec, slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0),
+                               None if mask is None else ~mask[y0:y1, x0:x1], codec.level(to))
 
 
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False,

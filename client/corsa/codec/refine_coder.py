@@ -17,12 +17,14 @@ with the model: the same probabilities on every machine), values beyond +-M esca
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 import corsa_udf
+from corsa.codec import loop_filter
 from corsa.codec.latent_coder import PRECISION, StreamError, quantise_tables
 
 FILE_NAME = "refine_model.npz"
@@ -52,17 +54,37 @@ def _bilinear(n: int, cells: int, grid: int) -> tuple[np.ndarray, np.ndarray, np
     return i0, np.minimum(i0 + 1, cells - 1), (p - i0).astype(np.float32)
 
 
+class BlockRefinement(NamedTuple):
+    """What a block's refinement stream holds: its cells' symbols (10, ch, cw) and, for a model with a
+    loop filter, the block's filter weights (None: not filtered)."""
+
+    cells: np.ndarray
+    weights: np.ndarray | None = None
+
+    def same(self, other: "BlockRefinement") -> bool:
+        return np.array_equal(self.cells, other.cells) and (self.weights is None) == (other.weights is None) and \
+            (self.weights is None or np.array_equal(self.weights, other.weights))
+
+
 @dataclass
 class RefineCoder:
     """A model's refinement: ``steps[level]`` the DN step of each quality level (0: none at that
-    level), ``grid`` the cell side in 10 m pixels, ``freq`` the tables (TABLES, ALPHABET)."""
+    level), ``grid`` the cell side in 10 m pixels, ``freq`` the tables (TABLES, ALPHABET);
+    ``filter_radius`` > 0: each block's stream starts with a loop filter (``corsa.codec.loop_filter``),
+    fitted at the levels where ``filter_levels`` is set (the others store none)."""
 
     steps: np.ndarray
     grid: int
     freq: np.ndarray
+    filter_radius: int = 0
+    filter_levels: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     def __post_init__(self):
         self.steps = np.asarray(self.steps, np.int64)
+        self.filter_levels = np.zeros(len(self.steps), bool) if not self.filter_radius else \
+            np.asarray(self.filter_levels, bool)
+        if len(self.filter_levels) != len(self.steps) or np.any(self.filter_levels & (self.steps == 0)):
+            raise ValueError("a loop filter's levels are refined levels, one flag a level")
         if self.freq.shape != (TABLES, ALPHABET) or np.any(self.freq == 0) \
                 or np.any(self.freq.sum(-1, dtype=np.int64) != 1 << PRECISION):
             raise ValueError(f"refinement tables must be {TABLES} x {ALPHABET}, non-zero, summing to 2**{PRECISION}")
@@ -73,6 +95,26 @@ class RefineCoder:
     def at(self, level: int) -> bool:
         """Whether dates of this level are refined."""
         return bool(self.steps[level])
+
+    def filters(self, level: int) -> bool:
+        """Whether the encoder fits a loop filter for each block of this level."""
+        return bool(self.filter_levels[level])
+
+    def block(self, truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice, valid: np.ndarray | None,
+              level: int) -> BlockRefinement:
+        """A block's refinement from its input ``truth`` (10, h, w) and a decoded window (10, H, W) in which
+        the block is ``rows`` x ``cols``, as the readers decode it: its loop filter where this level has
+        one, then the cells of what is left of the error."""
+        weights = loop_filter.fit(truth, decoded, rows, cols, valid, self.filter_radius) if self.filters(level) else None
+        filtered = self.filtered(decoded, weights, rows, cols)
+        return BlockRefinement(self.symbols(truth.astype(np.float32) - filtered, valid, level), weights)
+
+    def filtered(self, decoded: np.ndarray, weights: np.ndarray | None, rows: slice, cols: slice) -> np.ndarray:
+        """A block's pixels ``rows`` x ``cols`` of a decoded window after its loop filter (``weights``
+        None: as they are)."""
+        if weights is None:
+            return decoded[:, rows, cols]
+        return corsa_udf.loop_filter(decoded, weights, rows, cols, self.filter_radius)
 
     def cells(self, shape: tuple[int, int]) -> tuple[int, int]:
         return -(-shape[0] // self.grid), -(-shape[1] // self.grid)
@@ -102,10 +144,14 @@ class RefineCoder:
                                                                     perfect=False)
         return self._models[k]
 
-    def encode(self, sym: np.ndarray) -> bytes:
-        """(10, ch, cw) cell symbols -> bytes (the grid's shape is the block's, known to the reader)."""
+    def encode(self, sym: np.ndarray, weights: np.ndarray | None = None) -> bytes:
+        """(10, ch, cw) cell symbols (and a model with a loop filter: the block's weights or None) ->
+        bytes (the grid's shape is the block's, known to the reader)."""
         import constriction
 
+        if weights is not None and not self.filter_radius:
+            raise ValueError("a loop filter for a model without one")
+        head = loop_filter.encode(weights) if self.filter_radius else b""
         logp = -np.log2(self.freq.astype(np.float64) / (1 << PRECISION))
         enc = constriction.stream.queue.RangeEncoder()
         for band in sym.reshape(len(sym), -1).astype(np.int64):
@@ -123,12 +169,16 @@ class RefineCoder:
             enc.encode(s, self._model(k))
             if (s == ESC).any():
                 enc.encode((d[s == ESC] + OFFSET).astype(np.int32), constriction.stream.model.Uniform(1 << 16))
-        return enc.get_compressed().astype("<u4").tobytes()
+        return head + enc.get_compressed().astype("<u4").tobytes()
 
-    def decode(self, stream: bytes, bands: int, cells: tuple[int, int]) -> np.ndarray:
-        """bytes -> (bands, ch, cw) int32 cell symbols."""
+    def decode(self, stream: bytes, bands: int, cells: tuple[int, int]) -> BlockRefinement:
+        """bytes -> the block's (bands, ch, cw) int32 cell symbols and loop filter."""
         import constriction
 
+        weights = None
+        if self.filter_radius:
+            weights, n = loop_filter.decode(stream, self.filter_radius, bands)
+            stream = stream[n:]
         if len(stream) % 4:
             raise StreamError("refinement stream length is not a whole number of 32-bit words")
         out = np.zeros((bands, cells[0] * cells[1]), np.int64)
@@ -150,13 +200,14 @@ class RefineCoder:
             raise StreamError(f"refinement stream is corrupt: {e}") from e
         if np.abs(out).max(initial=0) > LIMIT:
             raise StreamError("refinement stream is corrupt: a cell's correction is out of range")
-        return out.reshape(bands, *cells).astype(np.int32)
+        return BlockRefinement(out.reshape(bands, *cells).astype(np.int32), weights)
 
     # -- storage ----------------------------------------------------------------------------
     def save(self, folder: Path) -> Path:
         path = Path(folder) / FILE_NAME
         np.savez_compressed(path, freq=self.freq, steps=self.steps, grid=np.array(self.grid),
-                            precision=np.array(PRECISION), escape=np.array(M))
+                            precision=np.array(PRECISION), escape=np.array(M), filter_radius=np.array(self.filter_radius),
+                            filter_levels=self.filter_levels)
         return path
 
     @classmethod
@@ -164,4 +215,5 @@ class RefineCoder:
         with np.load(Path(folder) / FILE_NAME) as z:
             if int(z["precision"]) != PRECISION or int(z["escape"]) != M:
                 raise ValueError(f"refinement tables in {folder} were made for another coder layout")
-            return cls(z["steps"], int(z["grid"]), z["freq"])
+            radius = int(z["filter_radius"]) if "filter_radius" in z else 0
+            return cls(z["steps"], int(z["grid"]), z["freq"], radius, z["filter_levels"] if radius else np.zeros(0, bool))

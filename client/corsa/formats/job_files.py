@@ -30,6 +30,7 @@ from corsa.formats import stream_format
 from corsa.formats import series
 from corsa.codec.codebook import CodebookCodec, open_codec
 from corsa.codec.models import VariableRateCodec, sha256_file
+from corsa.codec.refine_coder import BlockRefinement
 
 NODATA = "nodata"
 # A refined model's refinement cells: bands cell_B02, ... of its latent layer's file (before nodata),
@@ -232,9 +233,9 @@ class DateIntegers:
         m = _read_cells(self.nodata, 0, 0, h, w, 1)[0, :h, :w] != 0
         return m if m.any() else None
 
-    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray | None:
-        """The refinement (10, rows, cols) in DN over a window of the date's pixels from its refinement
-        cells (None: a date without)."""
+    def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> stream_format.WindowRefinement | None:
+        """The refinement over a window of the date's pixels from its refinement cells (None: a date
+        without)."""
         if self.cells is None:
             return None
         shape = self.head["shape"]
@@ -249,11 +250,11 @@ class DateIntegers:
         return _integers(v, "int16", self.latent.path)
 
 
-def block_cells(layer: Layer, grid: int, shape: tuple[int, int], k: int) -> np.ndarray:
-    """Block ``k``'s refinement cells (10, ch, cw) of ``grid`` px from the refinement layer of a date of
-    ``shape`` px."""
+def block_cells(layer: Layer, grid: int, shape: tuple[int, int], k: int) -> BlockRefinement:
+    """Block ``k``'s refinement from the refinement layer of a date of ``shape`` px: its cells (10, ch,
+    cw) of ``grid`` px (the services fit no loop filter)."""
     py, px = stream_format.block_pixels(stream_format.block_slices(stream_format.latent_cells(shape))[k], shape)
-    return _cells(layer, py.start, px.start, py.stop - py.start, px.stop - px.start, grid)
+    return BlockRefinement(_cells(layer, py.start, px.start, py.stop - py.start, px.stop - px.start, grid))
 
 
 def _cells(layer: Layer, y: int, x: int, h: int, w: int, grid: int) -> np.ndarray:
@@ -281,7 +282,7 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
             masks.setdefault(i, np.zeros(shape, bool))[y:y + h, x:x + w] = nodata
         return _integers(_read_cells(by_name["latent"], y, x, h, w), "int16", by_name["latent"].path)
 
-    def refinement_of(i: int, k: int) -> np.ndarray | None:
+    def refinement_of(i: int, k: int) -> BlockRefinement | None:
         layer = grids[i][0].get(REFINE_LAYER) if codec.refines(quality) else None
         return None if layer is None else block_cells(layer, codec.refiner.grid, shape, k)
 

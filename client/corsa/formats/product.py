@@ -48,6 +48,10 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
     check_model(h, codec)
     codec.level(h["quality"])
     mask = stream_format.read_mask(data, h, path.name)
+    if h["refine_lengths"] is not None and codec.refiner.filters(codec.level(h["quality"])) and any(
+            series.block_refinement(folder, date, k, codec).weights is not None for k in range(len(h["blocks"]))):
+        raise ProductError(f"{path.name}: {codec.model_id}'s loop filter is not in the embedded engine's decompress "
+                           f"yet: decompress it without --engine (corsa decompress, xarray, the Python API)")
     (hh, ww), side = h["shape"], 4 * h["block"]
     chunks = (tuple(min(side, hh - y) for y in range(0, hh, side)), tuple(min(side, ww - x) for x in range(0, ww, side)))
     per_row, stat = len(chunks[1]), path.stat()
@@ -63,7 +67,7 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
         info = block_info[None]
         iy, ix = info["chunk-location"][1:]
         (y0, y1), (x0, x1) = info["array-location"][1:]
-        cells = series.block_refinement(folder, date, iy * per_row + ix, codec)
+        cells = series.block_refinement(folder, date, iy * per_row + ix, codec).cells
         return codec.refiner.field(cells, codec.level(h["quality"]), (y1 - y0, x1 - x0))
 
     lat = darr.map_blocks(load, chunks=((codec.channels,),) + chunks, dtype=np.int16,

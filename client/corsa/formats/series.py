@@ -30,6 +30,7 @@ from corsa.formats import stream_format
 from corsa.core import progress
 from corsa.codec.models import VariableRateCodec
 from corsa.codec.latent_coder import LatentCoder
+from corsa.codec.refine_coder import BlockRefinement
 
 KEY_EVERY = 8
 ProductError = stream_format.ProductError
@@ -107,11 +108,11 @@ class CodedBlock(NamedTuple):
 
 
 def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int], block: int,
-                 ints_of: Callable[[int, int], np.ndarray], refinement_of: Callable[[int], np.ndarray | None] | None = None
+                 ints_of: Callable[[int, int], np.ndarray], refinement_of: Callable[[int], BlockRefinement | None] | None = None
                  ) -> dict[int, CodedBlock]:
     """One block position of every date in ``new`` (indices into ``planned``). ``ints_of(date index,
     block)`` gives a date's integers of the block (for a date already written, read back from its
-    file); each is asked for once. ``refinement_of(date index)``: a new date's refinement cells of
+    file); each is asked for once. ``refinement_of(date index)``: a new date's refinement of
     the block (asked after its integers), None where it has none."""
     known: dict[int, np.ndarray] = {}
 
@@ -125,7 +126,7 @@ def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int
         p = planned[i]
         level, x = codec.level(p.quality), get(i)
         cells = refinement_of(i) if refinement_of is not None else None
-        coded = CodedBlock(codec.coder.encode(x, level), None if cells is None else codec.refiner.encode(cells))
+        coded = CodedBlock(codec.coder.encode(x, level), None if cells is None else codec.refiner.encode(*cells))
         if p.candidates:
             choice, ref, has = choose(codec.temporal_coder, level, x, [get(j) for j in p.candidates])
             coded = coded._replace(series=codec.temporal_coder.encode(x, level, ref, has), choice=choice)
@@ -135,10 +136,10 @@ def encode_block(codec: VariableRateCodec, planned: list[Planned], new: list[int
 
 def encode_dates(codec: VariableRateCodec, planned: list[Planned], fresh: list[int], blocks: int,
                  ints_of: Callable[[int, int], np.ndarray], run: cluster.Local | cluster.Cluster | None = None,
-                 refinement_of: Callable[[int, int], np.ndarray | None] | None = None
+                 refinement_of: Callable[[int, int], BlockRefinement | None] | None = None
                  ) -> list[dict[int, tuple[bytes, np.ndarray]]]:
     """``encode_block`` of every block position, on ``run`` (``corsa.core.cluster``; default: two local
-    threads); ``refinement_of(date index, block)``: a date's refinement cells of a block, or None."""
+    threads); ``refinement_of(date index, block)``: a date's refinement of a block, or None."""
     def one(k: int) -> dict[int, tuple[bytes, np.ndarray]]:
         return encode_block(codec, planned, fresh, k, ints_of, None if refinement_of is None else lambda i: refinement_of(i, k))
 
@@ -203,8 +204,8 @@ def header(folder: Path, date: str) -> tuple[bytes, dict]:
     return data, h
 
 
-def block_refinement(folder: Path, date: str, k: int, codec: VariableRateCodec) -> np.ndarray | None:
-    """Block ``k``'s refinement cells of one date, None for a date without (before formats 8 and 9)."""
+def block_refinement(folder: Path, date: str, k: int, codec: VariableRateCodec) -> BlockRefinement | None:
+    """Block ``k``'s refinement (cells and loop filter) of one date, None for a date without (before formats 8 and 9)."""
     data, h = header(folder, date)
     offsets = stream_format.refine_offsets(h)
     if offsets is None:

@@ -40,14 +40,16 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from rasterio.transform import Affine
 
+import corsa_udf
 from corsa.core.files import writing
 from corsa.core.scene import BANDS
 from corsa.codec.latent_coder import StreamError
-from corsa.codec.refine_coder import RefineCoder
+from corsa.codec.refine_coder import BlockRefinement, RefineCoder
 
 VERSION = 5
 TEMPORAL_VERSION = 6           # a date coded with references (a series); otherwise the bytes of version 5
@@ -91,7 +93,7 @@ class StreamDate:
     crs: str | None
     model_id: str
     model_sha256_prefix: str       # hex, 8 characters
-    refinement: list[np.ndarray] | None = None   # each block's refinement cells (versions 8 and 9)
+    refinement: list[BlockRefinement] | None = None   # each block's refinement (versions 8 and 9)
 
 
 def file_name(date: str) -> str:
@@ -128,45 +130,65 @@ def block_pixels(cells: tuple[slice, slice], shape: tuple[int, int]) -> tuple[sl
 
 
 def refinement_cells(refiner: RefineCoder, level: int, truth: np.ndarray, decoded: np.ndarray,
-                     valid: np.ndarray | None, block: int = BLOCK) -> list[np.ndarray]:
-    """Each block's refinement cells of a whole date: its input (10, H, W) DN, its decoding (float,
-    before rounding) and where it is valid (None: everywhere)."""
+                     valid: np.ndarray | None, block: int = BLOCK) -> list[BlockRefinement]:
+    """Each block's refinement of a whole date (its loop filter and cells): its input (10, H, W) DN,
+    its decoding (float, before rounding) and where it is valid (None: everywhere)."""
     shape = truth.shape[1:]
     out = []
     for cells in block_slices(latent_cells(shape), block):
         py, px = block_pixels(cells, shape)
-        out.append(refiner.symbols(truth[:, py, px].astype(np.float32) - decoded[:, py, px],
-                                   None if valid is None else valid[py, px], level))
+        out.append(refiner.block(truth[:, py, px], decoded, py, px, None if valid is None else valid[py, px], level))
     return out
 
 
-def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], cells_of, rows: tuple[int, int],
-                      cols: tuple[int, int], block: int = BLOCK) -> np.ndarray:
-    """The refinement (10, rows, cols) in DN over a window of a date of ``shape`` px, each block's part
-    from its own cells, ``cells_of(k)`` (block k in ``block_slices`` order; asked only for the blocks
-    under the window)."""
+class WindowRefinement(NamedTuple):
+    """A refinement over a window of a date's pixels: the cells' field (10, rows, cols) in DN, and the
+    loop filters of the blocks under it that have one, each (rows, cols of the window, weights)."""
+
+    field: np.ndarray
+    filters: list
+    radius: int = 0
+
+    def apply(self, decoded: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """The window's decoding (float (10, rows, cols), the network's) refined in place: each block's
+        loop filter (its neighbours read from the window as decoded), then the field (where ``valid``)."""
+        if self.filters:
+            source = decoded.copy()
+            for ry, rx, weights in self.filters:
+                decoded[:, ry, rx] = corsa_udf.loop_filter(source, weights, ry, rx, self.radius)
+        decoded += self.field if valid is None else self.field * valid
+        return decoded
+
+
+def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], refinement_of, rows: tuple[int, int],
+                      cols: tuple[int, int], block: int = BLOCK) -> WindowRefinement:
+    """The refinement over a window of a date of ``shape`` px, each block's part from its own
+    ``refinement_of(k)`` (a ``BlockRefinement``, block k in ``block_slices`` order; asked only for the
+    blocks under the window)."""
     out = np.zeros((len(BANDS), rows[1] - rows[0], cols[1] - cols[0]), np.float32)
+    filters = []
     for k, cells in enumerate(block_slices(latent_cells(shape), block)):
         py, px = block_pixels(cells, shape)
         ry, rx = slice(max(py.start, rows[0]), min(py.stop, rows[1])), slice(max(px.start, cols[0]), min(px.stop, cols[1]))
         if ry.start < ry.stop and rx.start < rx.stop:
-            out[:, ry.start - rows[0]:ry.stop - rows[0], rx.start - cols[0]:rx.stop - cols[0]] = refiner.field(
-                cells_of(k), level, (py.stop - py.start, px.stop - px.start),
-                slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start))
-    return out
+            r = refinement_of(k)
+            wy, wx = slice(ry.start - rows[0], ry.stop - rows[0]), slice(rx.start - cols[0], rx.stop - cols[0])
+            out[:, wy, wx] = refiner.field(r.cells, level, (py.stop - py.start, px.stop - px.start),
+                                           slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start))
+            if r.weights is not None:
+                filters.append((wy, wx, r.weights))
+    return WindowRefinement(out, filters, refiner.filter_radius)
 
 
-def refine(decoded: np.ndarray, refinement: list[np.ndarray], refiner: RefineCoder, level: int,
+def refine(decoded: np.ndarray, refinement: list[BlockRefinement], refiner: RefineCoder, level: int,
            valid: np.ndarray | None = None, block: int = BLOCK) -> np.ndarray:
-    """A whole date's decoding (float, (10, H, W)) with its blocks' refinement added where ``valid``."""
+    """A whole date's decoding (float, (10, H, W)) refined by its blocks' refinements (the field where ``valid``)."""
     h, w = decoded.shape[1:]
-    field = refinement_window(refiner, level, (h, w), refinement.__getitem__, (0, h), (0, w), block)
-    decoded += field if valid is None else field * valid
-    return decoded
+    return refinement_window(refiner, level, (h, w), refinement.__getitem__, (0, h), (0, w), block).apply(decoded, valid)
 
 
-def decode_refinement(refiner: RefineCoder | None, stream: bytes, pixels: tuple[slice, slice], name: str) -> np.ndarray:
-    """One block's refinement cells from its stream (``pixels``: the block's, ``block_pixels``)."""
+def decode_refinement(refiner: RefineCoder | None, stream: bytes, pixels: tuple[slice, slice], name: str) -> BlockRefinement:
+    """One block's refinement (cells and loop filter) from its stream (``pixels``: the block's, ``block_pixels``)."""
     if refiner is None:
         raise ProductError(f"{name} is refined (format 8 or 9): decode it with the model it names")
     try:
@@ -286,7 +308,7 @@ def encode_refined(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata
     cells = refinement_cells(codec.refiner, level, dn, rec, ~nodata) if codec.refines(quality) else None
     data = encode_date(codec.coder, ints, level, quality, nodata, transform, crs, date, codec.model_id,
                        codec.card["files"]["decoder"]["sha256"],
-                       refinement=None if cells is None else [codec.refiner.encode(c) for c in cells])
+                       refinement=None if cells is None else [codec.refiner.encode(*c) for c in cells])
     return data, rec, cells
 
 
