@@ -28,8 +28,13 @@ import time
 import warnings
 from pathlib import Path
 
-import corsa_udf
-import numpy as np
+# The CLI runs its blocks on threads of its own: BLAS threads beside them only spin (a block's loop filter fit
+# took 0.36 s with OpenBLAS's threads, 0.07 s without). Before numpy is loaded; a value the user set wins.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import corsa_udf  # noqa: E402
+import numpy as np  # noqa: E402
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
