@@ -84,13 +84,17 @@ def test_the_cli_gives_the_whole_scene_pixels_closer_to_the_input_than_its_sourc
         np.testing.assert_array_equal(ds["reflectance"].isel(time=0).values, filtered)
 
 
-def test_the_engine_refuses_a_filtered_product_by_name(majortom, tmp_path, capsys):
+def test_the_embedded_engine_decodes_a_filtered_product_as_the_cli(majortom, tmp_path):
+    """The product cube carries each block's filter in bands of its own (corsa_udf.FILTER_BANDS); the
+    decompress UDF filters its chunk's middle block as the CLI's block path does."""
     s, data = majortom
-    write_scene(tmp_path / "in.tif", data[:, :200, :200], Affine(*s.transform), s.crs, s.date)
-    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "p"), "--model", MODEL, "-q"]) == 0
-    capsys.readouterr()
-    assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "e.tif"), "--engine", "-q"]) != 0
-    assert "loop filter" in capsys.readouterr().err and not (tmp_path / "e.tif").exists()
+    write_scene(tmp_path / "in.tif", data, Affine(*s.transform), s.crs, s.date)
+    assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / "p"), "--model", MODEL,
+                     "--quality", "7", "-q"]) == 0
+    for name, extra in (("block", []), ("engine", ["--engine"])):
+        assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / f"{name}.tif"), "-q", *extra]) == 0
+    block, engine = (rasterio.open(tmp_path / f"{n}.tif").read() for n in ("block", "engine"))
+    np.testing.assert_array_equal(block, engine)
 
 
 def test_a_reduced_filtered_product_is_filtered_against_its_own_decoding(majortom, tmp_path):

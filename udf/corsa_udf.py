@@ -751,7 +751,14 @@ def bilinear_field(values: np.ndarray, ys: tuple, xs: tuple) -> np.ndarray:
 
 
 FILTER_SHIFT = 12          # a loop filter's weights are integers in 1 / 2**FILTER_SHIFT, its bias whole DN
-FILTER_LIMIT = 1 << 24     # |weight| or |bias| at most: beyond, a stream is damaged
+FILTER_LIMIT = 1 << 15     # |weight| or |bias| below this: int16, as a cube's bands carry them; beyond, damage
+FILTER_MIN_PX = 64         # a block narrower than this on a side gets no loop filter (its weights would cost more)
+# A product cube (read by the embedded engine) carries each block's loop filter in bands of their own, weight
+# t of a band at the block's 40 m cell (t // FILTER_ROW, t % FILTER_ROW), 0 elsewhere (all 0: no filter).
+FILTER_BANDS = tuple(f"filter_{b}" for b in BANDS)
+FILTER_ROW = 6
+FILTER_SAMPLE = 3          # the fit reads one latent cell (4 x 4 px) in FILTER_SAMPLE x FILTER_SAMPLE (see filter_fit)
+FILTER_RIDGE = 1e-7        # of the normal equations' mean diagonal: a flat block's equations stay solvable
 
 
 def filter_offsets(radius: int) -> List[Tuple[int, int]]:
@@ -805,6 +812,72 @@ def loop_filter(decoded: np.ndarray, weights: np.ndarray, rows: slice, cols: sli
     return out
 
 
+def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice, valid: Optional[np.ndarray],
+               radius: int) -> Optional[np.ndarray]:
+    """The loop filter's integer weights (10, taps) of a block, from its input ``truth`` (10, h, w) and a
+    decoded window (10, H, W) in which the block is ``rows`` x ``cols`` (its neighbours around it as the
+    readers decode them), by least squares; None for a block under FILTER_MIN_PX a side or with too few
+    ``valid`` pixels. The fit reads one latent cell in FILTER_SAMPLE x FILTER_SAMPLE: every phase of the
+    network's pixel shuffles among them (every other pixel would fit the even ones' behaviour only)."""
+    offs = filter_offsets(radius)
+    taps = filter_taps(radius)
+    h, w = truth.shape[1:]
+    if min(h, w) < FILTER_MIN_PX:
+        return None
+    near = neighbourhood(decoded, rows, cols, radius)
+    keep = (np.arange(h) // STRIDE1 % FILTER_SAMPLE == 0)[:, None] & (np.arange(w) // STRIDE1 % FILTER_SAMPLE == 0)[None]
+    if valid is not None:
+        keep &= valid
+    y, x = np.nonzero(keep)
+    if len(y) < 4 * taps:
+        return None
+    # Each band's neighbours gathered by flat index, in one step a band.
+    width = near.shape[2]
+    at = (y + radius) * width + x + radius
+    shifts = np.array([dy * width + dx for dy, dx in offs])[:, None]
+    flat = near.reshape(len(near), -1)
+    own = flat[:, at].astype(np.float64)                                                    # (10, n)
+    errors = truth[:, y, x].astype(np.float64) - own
+    out = np.zeros((len(truth), taps), np.int64)
+    a = np.empty((taps, len(y)))
+    a[len(offs):-1], a[-1] = own, 1.0
+    for b in range(len(truth)):
+        np.subtract(flat[b][at + shifts], own[b], out=a[:len(offs)])
+        g = a @ a.T
+        g[np.diag_indices(taps)] += FILTER_RIDGE * np.trace(g) / taps
+        try:
+            sol = np.linalg.solve(g, a @ errors[b])
+        except np.linalg.LinAlgError:
+            return None
+        out[b, :-1] = np.rint(sol[:-1] * (1 << FILTER_SHIFT))
+        out[b, -1] = np.rint(sol[-1])
+    out = np.clip(out, 1 - FILTER_LIMIT, FILTER_LIMIT - 1)
+    return out if out.any() else None
+
+
+def filter_radius(card: dict) -> int:
+    """The radius (px) of a model's loop filter, 0 for a model without (``corsa.codec.loop_filter``)."""
+    return int(((card.get("refine") or {}).get("filter") or {}).get("radius_px", 0))
+
+
+def filter_layout(weights: Optional[np.ndarray], shape: Tuple[int, int], radius: int) -> np.ndarray:
+    """(10, h, w) float32 of a block's FILTER_BANDS: its weights each on its 40 m cell, 0 elsewhere."""
+    out = np.zeros((len(BANDS),) + tuple(shape), np.float32)
+    if weights is not None:
+        t = np.arange(filter_taps(radius))
+        for dy in range(STRIDE1):
+            for dx in range(STRIDE1):
+                out[:, t // FILTER_ROW * STRIDE1 + dy, t % FILTER_ROW * STRIDE1 + dx] = weights
+    return out
+
+
+def filter_weights(bands: np.ndarray, y0: int, x0: int, radius: int) -> Optional[np.ndarray]:
+    """A block's loop filter from FILTER_BANDS (10, y, x) whose block starts at (y0, x0); None: no filter."""
+    t = np.arange(filter_taps(radius))
+    weights = np.rint(np.nan_to_num(bands[:, y0 + t // FILTER_ROW * STRIDE1, x0 + t % FILTER_ROW * STRIDE1])).astype(np.int64)
+    return weights if weights.any() else None
+
+
 def _cell_axis(window: slice, size: int, origin: int, end: Optional[int], grid: int) -> tuple:
     """One axis of a chunk of ``size`` px whose product blocks (BLOCK_PX) start at ``origin`` + k BLOCK_PX
     and whose data end at ``end`` (the scene's edge; None: past the chunk): for each pixel of its data
@@ -846,6 +919,26 @@ def _refinement(cube: xr.DataArray, context: dict, card: dict, rate, window: Tup
     return np.stack([bilinear_field(c * np.float32(step), *axes) for c in cells])
 
 
+def _loop_filters(cube: xr.DataArray, card: dict, window: Tuple[slice, slice], overlap: int) -> Optional[tuple]:
+    """A product cube's loop filters over a decompress chunk (apply_neighborhood, BLOCK_PX + 2 ``overlap`` px a
+    side): each date's filter of the chunk's middle block (None: not filtered) and the block's rows and
+    columns in the data ``window``; None where the cube carries no FILTER_BANDS. The blocks around it are cut
+    off by the back end: their pixels here are not filtered (``corsa.blocks.blockwise.DateDecoder`` alike)."""
+    radius = filter_radius(card)
+    if not radius or not set(FILTER_BANDS) <= {str(b) for b in cube["bands"].values}:
+        return None
+    size = (cube.sizes["y"], cube.sizes["x"])
+    if size != (BLOCK_PX + 2 * overlap,) * 2:
+        raise UdfError(f"loop filters (bands {FILTER_BANDS[0]}, ...) decode in apply_neighborhood chunks of "
+                       f"{BLOCK_PX} px overlapping by the context's overlap ({overlap}), not a chunk of {size}")
+    bands = cube.sel(bands=list(FILTER_BANDS)).values
+    bands = bands if "t" in cube.dims else bands[None]
+    block = [slice(max(overlap - w.start, 0), min(overlap + BLOCK_PX, w.stop) - w.start) for w in window]
+    if block[0].stop <= block[0].start or block[1].stop <= block[1].start:
+        return None
+    return [filter_weights(b, overlap, overlap, radius) for b in bands], block[0], block[1]
+
+
 def reach_overlap(card: dict, network: str) -> int:
     """A network's receptive radius (model card) rounded up to whole level-1 cells."""
     return -(-card["receptive_radius_px"][network] // STRIDE1) * STRIDE1
@@ -874,6 +967,27 @@ def _block_decoding(decoder, latent: np.ndarray, card: dict, window: Tuple[slice
     return decoded, inside
 
 
+def _filtered_block(out: np.ndarray, scene: np.ndarray, decoded: np.ndarray, valid: np.ndarray,
+                    window: Tuple[slice, slice], size: Tuple[int, int], overlap: int, radius: int) -> np.ndarray:
+    """A compress chunk's middle block's loop filter (an apply_neighborhood chunk: the block ``overlap`` px
+    in), fitted to its data (``scene`` and ``decoded`` over the data ``window``), written into ``out``
+    (FILTER_BANDS, chunk y, chunk x) at the block's corner (``filter_layout``); -> the decoding with the
+    block filtered, from which its refinement cells are computed as the CLI computes them."""
+    if size != (BLOCK_PX + 2 * overlap,) * 2:
+        return decoded
+    rows, cols = (slice(max(overlap - w.start, 0), min(overlap + BLOCK_PX, w.stop) - w.start) for w in window)
+    if rows.stop <= rows.start or cols.stop <= cols.start:
+        return decoded
+    weights = filter_fit(scene[:, rows, cols], decoded, rows, cols, valid[rows, cols], radius)
+    if weights is None:
+        return decoded
+    layout = filter_layout(weights, (FILTER_ROW * STRIDE1,) * 2, radius)
+    out[:, overlap:overlap + len(layout[0]), overlap:overlap + len(layout[0][0])] = layout
+    filtered = decoded.copy()
+    filtered[:, rows, cols] = loop_filter(decoded, weights, rows, cols, radius)
+    return filtered
+
+
 def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     cube, had_t, data, enc, (model, tile, overlap) = _prepare(cube, context, BANDS, "encoder")
     window = data_window(data)
@@ -888,6 +1002,7 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
                            f"multiple of that, not {overlap}")
         step = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[level] if grid else 0
         dec = network_session(card, context, quality, functools.partial(_network, context)) if step else None
+        radius = filter_radius(card) if quality in card["refine"].get("filter", {}).get("levels", ()) else 0
         bands = output_bands({**context, "mode": "compress"})
         out = np.zeros((data.shape[0], len(bands)) + data.shape[2:], np.int16)
         nodata_band = len(bands) - 1
@@ -903,8 +1018,11 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
                 # encoder's and the decoder's reach beyond it (corsa.openeo.windows.compress_reach).
                 decoded, inside = _block_decoding(dec, (ints * inv_gain).astype(np.float32), card, window,
                                                   data.shape[-2:], overlap, tile)
-                _chunk_cells(out[t, len(ints):nodata_band], np.where(inside, scene - decoded, 0), ~nodata & inside,
-                             float(step), grid, window)
+                if radius:
+                    decoded = _filtered_block(out[t, len(ints) + len(CELL_BANDS):nodata_band], scene, decoded,
+                                              ~nodata, window, data.shape[-2:], overlap, radius)
+                _chunk_cells(out[t, len(ints):len(ints) + len(CELL_BANDS)], np.where(inside, scene - decoded, 0),
+                             ~nodata & inside, float(step), grid, window)
         result = _like(cube, out, bands, had_t)
         result.attrs.update(_model_identity(model, context), corsa_model=model,
                             corsa_quality=card["qualities"][level]["quality"])
@@ -995,6 +1113,7 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     out = np.zeros((data.shape[0], len(BANDS)) + data.shape[2:], np.float32)
     gaps = np.nan_to_num(data[:, -1], nan=1) != 0
     refine = _refinement(cube, context, card, rate, window, model, overlap)
+    filters = _loop_filters(cube, card, window, overlap)
     for t, scene in enumerate(data if data.size else ()):
         shape = scene.shape[1:]
         if rate is not None:
@@ -1004,6 +1123,9 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         else:
             decoded = decode(dec, *_indices(scene[0], scene[1]), tile, overlap)
         out[t] = decoded[:, : shape[0], : shape[1]]
+        if filters is not None and filters[0][t] is not None:
+            weights, rows, cols = filters[0][t], filters[1], filters[2]
+            out[t][:, rows, cols] = loop_filter(decoded[:, : shape[0], : shape[1]], weights, rows, cols, filter_radius(card))
         if refine is not None:
             out[t] += refine[t]
     if context.get("fill") and gaps.any():
@@ -1088,7 +1210,9 @@ def output_bands(context: dict) -> Tuple[str, ...]:
     if card.get("kind") != "variable-rate":
         return INDEX_BANDS
     bands = latent_bands(card["latent"]["channels"])
-    return bands[:-1] + CELL_BANDS + bands[-1:] if refine_grid(card) else bands
+    if not refine_grid(card):
+        return bands
+    return bands[:-1] + CELL_BANDS + (FILTER_BANDS if filter_radius(card) else ()) + bands[-1:]
 
 
 def apply_metadata(metadata, context: dict):

@@ -269,9 +269,16 @@ class StoredDates:
         """The dequantised latents of the dates over a window of cells."""
         return [codec.dequantise(n.window(cy, cx, pool), n.head["quality"]) for n in self.ints]
 
-    def refinements(self, rows: tuple[int, int], cols: tuple[int, int]) -> list[stream_format.WindowRefinement | None]:
-        """The dates' refinements over a window of pixels (None: a date without)."""
-        return [n.refinement(rows, cols) for n in self.ints]
+    def refinements(self, ys: tuple[int, ...], xs: tuple[int, ...]) -> list[stream_format.WindowRefinement | None]:
+        """The dates' refinements over a block's window (``_spans``; None: a date without)."""
+        return [block_refinement(n, ys, xs) for n in self.ints]
+
+
+def block_refinement(ints, ys: tuple[int, ...], xs: tuple[int, ...]) -> stream_format.WindowRefinement | None:
+    """A date's refinement over a block's window (``_spans``: block start, stop, window start, stop along
+    each axis), its loop filter on the block's pixels only (the decompress UDF's chunks have no other)."""
+    r = ints.refinement(ys[2:], xs[2:])
+    return None if r is None else r.within(slice(ys[0] - ys[2], ys[1] - ys[2]), slice(xs[0] - xs[2], xs[1] - xs[2]))
 
 
 def refined(decoded: np.ndarray, refinement: stream_format.WindowRefinement | None) -> np.ndarray:
@@ -319,13 +326,13 @@ class DateDecoder:
         if self.around is None or not self.ints.mask[ys[0]:ys[1], xs[0]:xs[1]].any():
             return None
         return (self.around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool,
-                                    self.codec), self.around.refinements(ys[2:], xs[2:]))
+                                    self.codec), self.around.refinements(ys, xs))
 
     def inputs(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple:
         """A block's integers over its window, its fill candidates' latents and refinements, and its
         refinement over the window."""
         cells = slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4))
-        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), self.ints.refinement(ys[2:], xs[2:])
+        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), block_refinement(self.ints, ys, xs)
 
     def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None,
               refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:

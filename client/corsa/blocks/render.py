@@ -84,7 +84,7 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
 
     def inputs(ys: tuple[int, ...], xs: tuple[int, ...], pool) -> tuple:
         return (stored.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool, codec),
-                stored.refinements(ys[2:], xs[2:]))
+                stored.refinements(ys, xs))
 
     return blockwise.write_blocks(out, {**head, "date": date}, overlap, inputs, block, run)
 

@@ -1,4 +1,6 @@
 """A block's loop filter: fitted by the encoder, stored with the block's refinement, applied by every reader.
+Its fit and its application are ``corsa_udf.filter_fit`` and ``corsa_udf.loop_filter`` (the services run
+them); here its bytes.
 
 The decoder network is trained on other places: on a scene unlike them it gets each band's contrast
 and sharpness a little wrong, the same way across a block. The encoder knows the truth, so per block
@@ -17,49 +19,6 @@ import numpy as np
 
 import corsa_udf
 from corsa.codec.latent_coder import StreamError
-
-# The fit reads one latent cell (4 x 4 px) in SAMPLE x SAMPLE: a ninth of the pixels, every phase of the
-# network's pixel shuffles among them (every other pixel would fit the even ones' behaviour only: -1.5 dB)
-SAMPLE = 3
-RIDGE = 1e-7    # of the normal equations' mean diagonal: a flat block's equations stay solvable
-
-
-def fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice, valid: np.ndarray | None,
-        radius: int) -> np.ndarray | None:
-    """The loop filter's integer weights (10, taps) of a block, from its input ``truth`` (10, h, w) and a
-    decoded window (10, H, W) in which the block is ``rows`` x ``cols`` (its neighbours around it as the
-    readers decode them); None where too few of its pixels are ``valid`` to fit one."""
-    offs = corsa_udf.filter_offsets(radius)
-    taps = corsa_udf.filter_taps(radius)
-    near = corsa_udf.neighbourhood(decoded, rows, cols, radius)
-    h, w = truth.shape[1:]
-    keep = (np.arange(h) // 4 % SAMPLE == 0)[:, None] & (np.arange(w) // 4 % SAMPLE == 0)[None]
-    if valid is not None:
-        keep &= valid
-    y, x = np.nonzero(keep)
-    if len(y) < 4 * taps:
-        return None
-    # Each band's neighbours gathered by flat index, in one step a band.
-    width = near.shape[2]
-    at = (y + radius) * width + x + radius
-    shifts = np.array([dy * width + dx for dy, dx in offs])[:, None]
-    flat = near.reshape(len(near), -1)
-    own = flat[:, at].astype(np.float64)                                                    # (10, n)
-    errors = truth[:, y, x].astype(np.float64) - own
-    out = np.zeros((len(truth), taps), np.int64)
-    a = np.empty((taps, len(y)))
-    a[len(offs):-1], a[-1] = own, 1.0
-    for b in range(len(truth)):
-        np.subtract(flat[b][at + shifts], own[b], out=a[:len(offs)])
-        g = a @ a.T
-        g[np.diag_indices(taps)] += RIDGE * np.trace(g) / taps
-        try:
-            sol = np.linalg.solve(g, a @ errors[b])
-        except np.linalg.LinAlgError:
-            return None
-        out[b, :-1] = np.rint(sol[:-1] * (1 << corsa_udf.FILTER_SHIFT))
-        out[b, -1] = np.rint(sol[-1])
-    return np.clip(out, 1 - corsa_udf.FILTER_LIMIT, corsa_udf.FILTER_LIMIT - 1)
 
 
 def encode(weights: np.ndarray | None) -> bytes:

@@ -105,7 +105,7 @@ class RefineCoder:
         """A block's refinement from its input ``truth`` (10, h, w) and a decoded window (10, H, W) in which
         the block is ``rows`` x ``cols``, as the readers decode it: its loop filter where this level has
         one, then the cells of what is left of the error."""
-        weights = loop_filter.fit(truth, decoded, rows, cols, valid, self.filter_radius) if self.filters(level) else None
+        weights = corsa_udf.filter_fit(truth, decoded, rows, cols, valid, self.filter_radius) if self.filters(level) else None
         filtered = self.filtered(decoded, weights, rows, cols)
         return BlockRefinement(self.symbols(truth.astype(np.float32) - filtered, valid, level), weights)
 

@@ -36,6 +36,8 @@ NODATA = "nodata"
 # A refined model's refinement cells: bands cell_B02, ... of its latent layer's file (before nodata),
 # read as a layer of their own.
 REFINE_LAYER = "refine"
+# A loop-filtered model's filters: bands filter_B02, ... after them, read as a layer of their own.
+FILTER_LAYER = "filter"
 JOB_FILE = "job.json"
 # corsa_<layer>_<date>.tif as the embedded engine names them; CDSE and Terrascope add a time or a
 # "Z" to the date (corsa_latent_2022-07-06Z.tif, ..._2022-07-06T00:00:00Z.tif).
@@ -158,6 +160,10 @@ def layers_of(folder: Path, date: str) -> tuple[list[Layer], tuple[int, int], Af
             bands = [d or "" for d in src.descriptions]
             if name != NODATA and len(bands) > 1 and bands[-1] == NODATA:
                 bands = bands[:-1]   # a latent layer saved whole (corsa.openeo.processes.store_layers): nodata at 40 m
+            filters = len(corsa_udf.FILTER_BANDS)
+            if name != NODATA and len(bands) > filters and tuple(bands[-filters:]) == corsa_udf.FILTER_BANDS:
+                bands = bands[:-filters]   # and a loop-filtered model's filters
+                layers.append(Layer(FILTER_LAYER, path, list(corsa_udf.FILTER_BANDS), stride, src.dtypes[0], len(bands) + 1))
             cells = len(corsa_udf.CELL_BANDS)
             if name != NODATA and len(bands) > cells and tuple(bands[-cells:]) == corsa_udf.CELL_BANDS:
                 bands = bands[:-cells]   # and a refined model's refinement cells
@@ -198,7 +204,7 @@ def _checked_layers(folder: Path, date: str, codec: CodebookCodec | VariableRate
     layers, shape, transform, crs = layers_of(folder, date)
     by_name = {layer.name: layer for layer in layers}
     expected = {l["name"] for l in codec.card["layers"]}
-    if set(by_name) - {REFINE_LAYER} != expected:
+    if set(by_name) - {REFINE_LAYER, FILTER_LAYER} != expected:
         raise JobFilesError(f"date {date} of {folder} has layers {sorted(by_name)}; model {codec.model_id} stores "
                             f"{sorted(expected)}")
     for spec in codec.card["layers"]:
@@ -219,6 +225,7 @@ class DateIntegers:
         by_name, shape, transform, crs = _checked_layers(folder, date, codec)
         self.latent, self.nodata = by_name["latent"], by_name[NODATA]
         self.cells = by_name.get(REFINE_LAYER) if codec.refines(quality) else None
+        self.filters = by_name.get(FILTER_LAYER) if codec.refines(quality) and codec.refiner.filters(codec.level(quality)) else None
         self.codec = codec
         self.head = {"shape": shape, "transform": transform, "crs": crs, "quality": quality,
                      "model_id": codec.model_id, "cells": stream_format.latent_cells(shape), "block": stream_format.BLOCK}
@@ -240,7 +247,9 @@ class DateIntegers:
             return None
         shape = self.head["shape"]
         return stream_format.refinement_window(self.codec.refiner, self.codec.level(self.head["quality"]), shape,
-                                               partial(block_cells, self.cells, self.codec.refiner.grid, shape), rows, cols)
+                                               partial(block_cells, self.cells, self.codec.refiner.grid, shape,
+                                                       filters=self.filters, radius=self.codec.refiner.filter_radius),
+                                               rows, cols)
 
     def window(self, cells_y: slice, cells_x: slice, pool=None) -> np.ndarray:
         """The integers of a window of latent cells."""
@@ -250,11 +259,20 @@ class DateIntegers:
         return _integers(v, "int16", self.latent.path)
 
 
-def block_cells(layer: Layer, grid: int, shape: tuple[int, int], k: int) -> BlockRefinement:
+def block_cells(layer: Layer, grid: int, shape: tuple[int, int], k: int, filters: Layer | None = None,
+                radius: int = 0) -> BlockRefinement:
     """Block ``k``'s refinement from the refinement layer of a date of ``shape`` px: its cells (10, ch,
-    cw) of ``grid`` px (the services fit no loop filter)."""
+    cw) of ``grid`` px, and from the filter layer (if any) its loop filter (``corsa_udf.filter_layout``)."""
     py, px = stream_format.block_pixels(stream_format.block_slices(stream_format.latent_cells(shape))[k], shape)
-    return BlockRefinement(_cells(layer, py.start, px.start, py.stop - py.start, px.stop - px.start, grid))
+    h, w = py.stop - py.start, px.stop - px.start
+    cells = _cells(layer, py.start, px.start, h, w, grid)
+    if filters is None or min(h, w) < corsa_udf.FILTER_MIN_PX:
+        return BlockRefinement(cells)
+    side = corsa_udf.FILTER_ROW * 4
+    values = _integers(_read_cells(filters, py.start, px.start, side, side, 1), "int64", filters.path)
+    # on the 10 m grid, as the UDF wrote it (a layer at 40 m holds each 40 m cell once)
+    values = np.repeat(np.repeat(values, filters.stride, 1), filters.stride, 2)
+    return BlockRefinement(cells, corsa_udf.filter_weights(values, 0, 0, radius))
 
 
 def _cells(layer: Layer, y: int, x: int, h: int, w: int, grid: int) -> np.ndarray:
@@ -284,7 +302,8 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
 
     def refinement_of(i: int, k: int) -> BlockRefinement | None:
         layer = grids[i][0].get(REFINE_LAYER) if codec.refines(quality) else None
-        return None if layer is None else block_cells(layer, codec.refiner.grid, shape, k)
+        filters = grids[i][0].get(FILTER_LAYER) if layer is not None and codec.refiner.filters(codec.level(quality)) else None
+        return None if layer is None else block_cells(layer, codec.refiner.grid, shape, k, filters, codec.refiner.filter_radius)
 
     coded = series.encode_dates(codec, planned, list(range(len(dates))), len(positions), ints_of,
                                 refinement_of=refinement_of)

@@ -36,9 +36,9 @@ def grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, n
 
 
 def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
-    """One stream-format date as a lazy (t, [z.., nodata(, refine_..)], y, x) cube on the 10 m input grid:
-    blocks are entropy-decoded as chunks are computed, their integers replicated over their 4 x 4 cells,
-    and a refined date's correction (formats 8 and 9) in bands of their own."""
+    """One stream-format date as a lazy (t, [z.., nodata(, refine_..(, filter_..))], y, x) cube on the 10 m input
+    grid: blocks are entropy-decoded as chunks are computed, their integers replicated over their 4 x 4 cells,
+    and a refined date's correction (formats 8 and 9) and its blocks' loop filters in bands of their own."""
     import dask.array as darr
     import pandas as pd
     import xarray as xr
@@ -48,10 +48,6 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
     check_model(h, codec)
     codec.level(h["quality"])
     mask = stream_format.read_mask(data, h, path.name)
-    if h["refine_lengths"] is not None and codec.refiner.filters(codec.level(h["quality"])) and any(
-            series.block_refinement(folder, date, k, codec).weights is not None for k in range(len(h["blocks"]))):
-        raise ProductError(f"{path.name}: {codec.model_id}'s loop filter is not in the embedded engine's decompress "
-                           f"yet: decompress it without --engine (corsa decompress, xarray, the Python API)")
     (hh, ww), side = h["shape"], 4 * h["block"]
     chunks = (tuple(min(side, hh - y) for y in range(0, hh, side)), tuple(min(side, ww - x) for x in range(0, ww, side)))
     per_row, stat = len(chunks[1]), path.stat()
@@ -70,6 +66,13 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
         cells = series.block_refinement(folder, date, iy * per_row + ix, codec).cells
         return codec.refiner.field(cells, codec.level(h["quality"]), (y1 - y0, x1 - x0))
 
+    def loop_filter(block_info=None) -> np.ndarray:
+        info = block_info[None]
+        iy, ix = info["chunk-location"][1:]
+        (y0, y1), (x0, x1) = info["array-location"][1:]
+        weights = series.block_refinement(folder, date, iy * per_row + ix, codec).weights
+        return corsa_udf.filter_layout(weights, (y1 - y0, x1 - x0), codec.refiner.filter_radius)
+
     lat = darr.map_blocks(load, chunks=((codec.channels,),) + chunks, dtype=np.int16,
                           name=f"corsa3-{path}-{stat.st_mtime_ns}-{stat.st_size}")
     nodata = darr.from_array(mask, chunks=chunks) if mask is not None else darr.zeros((hh, ww), bool, chunks=chunks)
@@ -78,6 +81,10 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
         layers.append(darr.map_blocks(refinement, chunks=((len(corsa_udf.REFINE_BANDS),),) + chunks, dtype=np.float32,
                                       name=f"corsa3-refine-{path}-{stat.st_mtime_ns}-{stat.st_size}"))
         bands += corsa_udf.REFINE_BANDS
+        if codec.refiner.filter_radius:     # and each block's loop filter (corsa_udf.FILTER_BANDS)
+            layers.append(darr.map_blocks(loop_filter, chunks=((len(corsa_udf.FILTER_BANDS),),) + chunks, dtype=np.float32,
+                                          name=f"corsa3-filter-{path}-{stat.st_mtime_ns}-{stat.st_size}"))
+            bands += corsa_udf.FILTER_BANDS
     cube_data = darr.concatenate(layers)[None]
     t = pd.DatetimeIndex([pd.NaT if date == "undated" else pd.Timestamp(date)])
     cube = xr.DataArray(cube_data, dims=("t", "bands", "y", "x"),

@@ -149,6 +149,13 @@ class WindowRefinement(NamedTuple):
     filters: list
     radius: int = 0
 
+    def within(self, rows: slice, cols: slice) -> "WindowRefinement":
+        """The same with the loop filters of the window's pixels ``rows`` x ``cols`` only: a block decoded over
+        its window, as the decompress UDF filters its chunk's middle block only."""
+        kept = [(slice(max(ry.start, rows.start), min(ry.stop, rows.stop)), slice(max(rx.start, cols.start), min(rx.stop, cols.stop)), w)
+                for ry, rx, w in self.filters]
+        return self._replace(filters=[f for f in kept if f[0].start < f[0].stop and f[1].start < f[1].stop])
+
     def apply(self, decoded: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """The window's decoding (float (10, rows, cols), the network's) refined in place: each block's
         loop filter (its neighbours read from the window as decoded), then the field (where ``valid``)."""
@@ -191,11 +198,15 @@ def decode_refinement(refiner: RefineCoder | None, stream: bytes, pixels: tuple[
     """One block's refinement (cells and loop filter) from its stream (``pixels``: the block's, ``block_pixels``)."""
     if refiner is None:
         raise ProductError(f"{name} is refined (format 8 or 9): decode it with the model it names")
+    shape = (pixels[0].stop - pixels[0].start, pixels[1].stop - pixels[1].start)
     try:
-        return refiner.decode(stream, len(BANDS), refiner.cells((pixels[0].stop - pixels[0].start,
-                                                                 pixels[1].stop - pixels[1].start)))
+        out = refiner.decode(stream, len(BANDS), refiner.cells(shape))
     except StreamError as e:
         raise ProductError(f"{name}: {e}") from e
+    if out.weights is not None and min(shape) < corsa_udf.FILTER_MIN_PX:
+        raise ProductError(f"{name}: a loop filter for a block of {shape[0]} x {shape[1]} px (none under "
+                           f"{corsa_udf.FILTER_MIN_PX} px a side)")
+    return out
 
 
 def latent_cells(shape: tuple[int, int]) -> tuple[int, int]:

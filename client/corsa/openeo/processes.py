@@ -46,7 +46,7 @@ DATA = Parameter.raster_cube("data", description="A Sentinel-2 L2A cube with the
 COMPRESSED = Parameter.raster_cube("data", description="A compressed cube from corsa_openeo_compress on the 10 m "
                                    "grid: bands idx0, idx1 (codebook indices replicated over their 20 m / 40 m cells) "
                                    "and nodata, or z00, ..., nodata (a variable-rate model's latent; a refined model's "
-                                   "refine band before nodata).")
+                                   "refine band before nodata, a loop-filtered model's filter bands too).")
 PREFIX = "corsa_openeo_"
 RENAMED = {"corsa_compress": "corsa_openeo_compress", "corsa_decompress": "corsa_openeo_decompress",
            "corsa_compress_s2": "corsa_openeo_compress_s2", "corsa_classify": "corsa_openeo_classify",
@@ -173,7 +173,9 @@ def corsa_openeo_compress() -> dict:
                     "models (corsa2): the integer latent at the quality level, bands z00, ..., replicated over its 40 m "
                     "cells, plus nodata; a refined model (corsa3.9) adds, before nodata, the band refine: each band's "
                     "mean decoding error over 160 m cells in the level's steps, the 10 values of a cell in its 4 x 4 "
-                    "cells of 40 m. To store it compactly, save each layer on its own grid as "
+                    "cells of 40 m; a model with a loop filter (corsa3.11) adds after it the bands filter_B02, ...: "
+                    "each 512 px block's filter, 35 integers a band on the block's first 40 m cells. To store it "
+                    "compactly, save each layer on its own grid as "
                     "corsa_openeo_compress_s2 does.",
         parameters=[DATA, MODEL, QUALITY], returns={**CUBE, "description": "bands idx0, idx1, nodata (or z00, ..., "
                                                                  "(refine,) nodata)"},
