@@ -19,6 +19,9 @@ from test_service import write_scene
 MODEL = default_model()
 CARD = json.loads((model_dir(MODEL) / "model_card.json").read_text())
 SOURCE = CARD["class_tables"]["from"]
+# The model that made the default's tables: its products differ from the source's by the tables alone (the
+# default may add a loop filter to it, corsa3.11 to corsa3.10, which moves the pixels).
+TABLES = ((CARD.get("refine") or {}).get("filter") or {}).get("from", MODEL)
 
 
 def test_the_default_models_class_tables_sit_next_to_their_source():
@@ -54,17 +57,17 @@ def test_the_same_integers_in_fewer_bytes(data_root, group, name):
 def test_its_products_decode_to_the_source_models_pixels_and_only_with_it(data_root, tmp_path, capsys):
     scene = next(s for s in LOADERS["worldstrat"](data_root))
     write_scene(tmp_path / "in.tif", scene.data, Affine(*scene.transform), scene.crs, scene.date)
-    for m in (MODEL, SOURCE):
+    for m in (TABLES, SOURCE):
         assert cli.main(["compress", str(tmp_path / "in.tif"), "-o", str(tmp_path / m), "--model", m, "-q"]) == 0
         assert cli.main(["decompress", str(tmp_path / m), "-o", str(tmp_path / f"{m}.tif"), "-q"]) == 0
     import rasterio
 
-    with rasterio.open(tmp_path / f"{MODEL}.tif") as a, rasterio.open(tmp_path / f"{SOURCE}.tif") as b:
+    with rasterio.open(tmp_path / f"{TABLES}.tif") as a, rasterio.open(tmp_path / f"{SOURCE}.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
-    (new,), (old,) = (list((tmp_path / m).glob("*.corsa")) for m in (MODEL, SOURCE))
+    (new,), (old,) = (list((tmp_path / m).glob("*.corsa")) for m in (TABLES, SOURCE))
     assert new.stat().st_size < old.stat().st_size
     capsys.readouterr()
-    assert cli.main(["decompress", str(tmp_path / MODEL), "-o", str(tmp_path / "wrong.tif"), "--model", SOURCE]) != 0
+    assert cli.main(["decompress", str(tmp_path / TABLES), "-o", str(tmp_path / "wrong.tif"), "--model", SOURCE]) != 0
     assert "decoding would give wrong reflectances" in capsys.readouterr().err
     assert not (tmp_path / "wrong.tif").exists()
 

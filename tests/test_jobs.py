@@ -329,8 +329,9 @@ def test_results_download_and_feed_the_decompress_job(server, connection, local_
     assert {load["arguments"]["url"] for load in loads} == {f"{server.url}/openeo/1.2/jobs/{job.job_id}/results"}
     card = read_card(DEFAULT_MODEL)[1]
     layers = card["layers"]
-    # a refined model's latent layer carries its refinement cells
+    # a refined model's latent layer carries its refinement cells (and a loop-filtered one's filters)
     cells = [f"cell_{b}" for b in BANDS] if "refine" in card else []
+    cells += [f"filter_{b}" for b in BANDS] if "filter" in card.get("refine", {}) else []
     assert sorted(load["arguments"]["bands"] for load in loads) == sorted(
         l["bands"] + (cells if l["name"] == "latent" else []) for l in layers)
     assert len(_graph_nodes(graph, "resample_cube_spatial")) == len(_graph_nodes(graph, "merge_cubes")) == len(layers) - 1

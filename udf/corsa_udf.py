@@ -1002,7 +1002,7 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
                            f"multiple of that, not {overlap}")
         step = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[level] if grid else 0
         dec = network_session(card, context, quality, functools.partial(_network, context)) if step else None
-        radius = filter_radius(card) if quality in card["refine"].get("filter", {}).get("levels", ()) else 0
+        radius = filter_radius(card) if quality in (((card.get("refine") or {}).get("filter") or {}).get("levels") or ()) else 0
         bands = output_bands({**context, "mode": "compress"})
         out = np.zeros((data.shape[0], len(bands)) + data.shape[2:], np.int16)
         nodata_band = len(bands) - 1
