@@ -21,12 +21,12 @@ import numpy as np
 
 import corsa_udf
 from corsa.codec.models import VariableRateCodec, model_dir
-from corsa.codec.refine_coder import FILE_NAME, TABLES, RefineCoder, laplace_tables
+from corsa.codec.refine_coder import FILE_NAME, FILTER_NET, TABLES, RefineCoder, laplace_tables
 from corsa.core.machine import cpu_name
 from corsa.core.scene import BANDS
 from corsa.formats import stream_format
 
-from .export import _record_files
+from .export import OPSET, _record_files
 from .export_rate import derived_folder, write_card
 
 # Cells of 16 px (on the test split with corsa3.8, cells of 8 px gave less at every level, of 32 px less
@@ -34,6 +34,34 @@ from .export_rate import derived_folder, write_card
 # the best gain over JPEG 2000 / JPEG XL at equal size: BENCHMARKS.md, issue 28, twelfth part).
 GRID, STEPS = 16, (96, 96, 96, 64, 48, 48, 32, 32, 24)
 SCALES = np.geomspace(0.15, 30, TABLES)       # symbols: from all-but-zero cells to a corrected snow field
+
+
+def loop_filter_net(path: Path, radius: int, bands: int = len(BANDS)) -> Path:
+    """The loop filter as an ONNX graph (``corsa_udf.loop_filter`` runs it): a block's neighbourhood
+    (1, bands, h + 2 radius, w + 2 radius) -> (1, bands, h, w), a depthwise convolution by ``kernel``
+    (bands, 1, side, side) plus a 1 x 1 convolution of the centre by ``cross`` (bands, bands, 1, 1) and
+    ``bias`` (bands,): the block's weights come in as inputs, the graph holds none."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    side = 2 * radius + 1
+    inputs = [helper.make_tensor_value_info("near", TensorProto.FLOAT, [1, bands, "h", "w"]),
+              helper.make_tensor_value_info("kernel", TensorProto.FLOAT, [bands, 1, side, side]),
+              helper.make_tensor_value_info("cross", TensorProto.FLOAT, [bands, bands, 1, 1]),
+              helper.make_tensor_value_info("bias", TensorProto.FLOAT, [bands])]
+    at = [helper.make_tensor(n, TensorProto.INT64, [len(v)], v)
+          for n, v in (("starts", [radius, radius]), ("ends", [-radius, -radius]), ("axes", [2, 3]))]
+    nodes = [helper.make_node("Conv", ["near", "kernel"], ["spatial"], group=bands),
+             helper.make_node("Slice", ["near", "starts", "ends", "axes"], ["centre"]),
+             helper.make_node("Conv", ["centre", "cross", "bias"], ["bands"]),
+             helper.make_node("Add", ["spatial", "bands"], ["filtered"])]
+    graph = helper.make_graph(nodes, "loop_filter", inputs,
+                              [helper.make_tensor_value_info("filtered", TensorProto.FLOAT, [1, bands, "h2", "w2"])], at)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="corsa training.fit_refine")
+    model.ir_version = 8          # as the exported networks: onnxruntime 1.19 (the Python 3.8 back ends) reads it
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -87,6 +115,9 @@ def main(argv: list[str] | None = None) -> Path:
             "grid_px": args.grid, "steps_dn": {str(q): s for q, s in zip(codec.qualities, steps)}, "tables": TABLES,
             "from": args.model, "wall_time_s": round(time.time() - t0, 1), "cpu": cpu_name()}
     refiner.save(out)
+    if args.filter:
+        loop_filter_net(out / FILTER_NET, args.filter)
+        _record_files(card, out, {"loop_filter": FILTER_NET})
     _record_files(card, out, {"refine_model": FILE_NAME})
     return write_card(card, out, not args.no_figures)
 

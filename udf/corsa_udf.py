@@ -782,34 +782,27 @@ def neighbourhood(decoded: np.ndarray, rows: slice, cols: slice, radius: int) ->
     return np.pad(part, pad, mode="edge") if any(p != (0, 0) for p in pad) else part
 
 
-def loop_filter(decoded: np.ndarray, weights: np.ndarray, rows: slice, cols: slice, radius: int) -> np.ndarray:
+def loop_filter(net, decoded: np.ndarray, weights: np.ndarray, rows: slice, cols: slice, radius: int) -> np.ndarray:
     """A block's loop filter on its pixels ``rows`` x ``cols`` of a decoded window (10, H, W): per band b,
     its decoding plus the weighted differences of its neighbours to it, plus a weighted sum of every
     band at the pixel, plus a bias (``weights`` (10, ``filter_taps``) integers, in that order). The
     encoder fits them by least squares to the block's truth and stores them with the refinement
-    (``corsa.codec.refine_coder``): they undo what the network gets wrong in this block's
-    contrast and sharpness. -> (10, h, w) float32; ``decoded`` is left as it is."""
+    (``corsa.codec.refine_coder``): they undo what the network gets wrong in this block's contrast and
+    sharpness. Run by the model's loop_filter.onnx (``net``: a depthwise convolution of the neighbours
+    and a 1 x 1 one across the bands, their kernels inputs; 10x faster than numpy). -> (10, h, w) float32;
+    ``decoded`` is left as it is."""
     offs = filter_offsets(radius)
-    near = neighbourhood(decoded, rows, cols, radius).astype(np.float32, copy=False)
-    h, w = rows.stop - rows.start, cols.stop - cols.start
-    centre = near[:, radius:radius + h, radius:radius + w]
-    scale = np.float32(1.0 / (1 << FILTER_SHIFT))
-    wt = weights.astype(np.float32) * scale
-    n = len(offs)
-    out = np.empty((len(centre), h, w), np.float32)
-    tmp = np.empty((h, w), np.float32)
-    for b in range(len(centre)):
-        own = 1 + wt[b, n + b] - wt[b, :n].sum()
-        acc = out[b]
-        np.multiply(centre[b], own, out=acc)
-        for j in range(len(centre)):
-            if j != b and wt[b, n + j]:
-                acc += np.multiply(centre[j], wt[b, n + j], out=tmp)
-        for t, (dy, dx) in enumerate(offs):
-            if wt[b, t]:
-                acc += np.multiply(near[b, radius + dy:radius + dy + h, radius + dx:radius + dx + w], wt[b, t], out=tmp)
-        acc += np.float32(weights[b, -1])
-    return out
+    n, side, bands = len(offs), 2 * radius + 1, len(weights)
+    w = weights.astype(np.float64) / (1 << FILTER_SHIFT)
+    kernel = np.zeros((bands, 1, side, side), np.float32)
+    for t, (dy, dx) in enumerate(offs):
+        kernel[:, 0, radius + dy, radius + dx] = w[:, t]
+    kernel[:, 0, radius, radius] = -w[:, :n].sum(1)
+    cross = (w[:, n:n + bands] + np.eye(bands))[:, :, None, None].astype(np.float32)
+    near = neighbourhood(decoded, rows, cols, radius).astype(np.float32)
+    (out,) = net.run(None, {"near": near[None], "kernel": kernel, "cross": cross,
+                            "bias": weights[:, -1].astype(np.float32)})
+    return out[0]
 
 
 def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice, valid: Optional[np.ndarray],
@@ -968,7 +961,7 @@ def _block_decoding(decoder, latent: np.ndarray, card: dict, window: Tuple[slice
 
 
 def _filtered_block(out: np.ndarray, scene: np.ndarray, decoded: np.ndarray, valid: np.ndarray,
-                    window: Tuple[slice, slice], size: Tuple[int, int], overlap: int, radius: int) -> np.ndarray:
+                    window: Tuple[slice, slice], size: Tuple[int, int], overlap: int, radius: int, net) -> np.ndarray:
     """A compress chunk's middle block's loop filter (an apply_neighborhood chunk: the block ``overlap`` px
     in), fitted to its data (``scene`` and ``decoded`` over the data ``window``), written into ``out``
     (FILTER_BANDS, chunk y, chunk x) at the block's corner (``filter_layout``); -> the decoding with the
@@ -984,7 +977,7 @@ def _filtered_block(out: np.ndarray, scene: np.ndarray, decoded: np.ndarray, val
     layout = filter_layout(weights, (FILTER_ROW * STRIDE1,) * 2, radius)
     out[:, overlap:overlap + len(layout[0]), overlap:overlap + len(layout[0][0])] = layout
     filtered = decoded.copy()
-    filtered[:, rows, cols] = loop_filter(decoded, weights, rows, cols, radius)
+    filtered[:, rows, cols] = loop_filter(net, decoded, weights, rows, cols, radius)
     return filtered
 
 
@@ -1020,7 +1013,8 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
                                                   data.shape[-2:], overlap, tile)
                 if radius:
                     decoded = _filtered_block(out[t, len(ints) + len(CELL_BANDS):nodata_band], scene, decoded,
-                                              ~nodata, window, data.shape[-2:], overlap, radius)
+                                              ~nodata, window, data.shape[-2:], overlap, radius,
+                                              _network(context, "loop_filter"))
                 _chunk_cells(out[t, len(ints):len(ints) + len(CELL_BANDS)], np.where(inside, scene - decoded, 0),
                              ~nodata & inside, float(step), grid, window)
         result = _like(cube, out, bands, had_t)
@@ -1125,7 +1119,8 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         out[t] = decoded[:, : shape[0], : shape[1]]
         if filters is not None and filters[0][t] is not None:
             weights, rows, cols = filters[0][t], filters[1], filters[2]
-            out[t][:, rows, cols] = loop_filter(decoded[:, : shape[0], : shape[1]], weights, rows, cols, filter_radius(card))
+            out[t][:, rows, cols] = loop_filter(_network(context, "loop_filter"), decoded[:, : shape[0], : shape[1]], weights,
+                                                rows, cols, filter_radius(card))
         if refine is not None:
             out[t] += refine[t]
     if context.get("fill") and gaps.any():

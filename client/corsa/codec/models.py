@@ -228,6 +228,8 @@ class VariableRateCodec:
             return None
         path = self._checked_file("refine_model")
         refiner = RefineCoder.load(self.path)
+        if refiner.filter_radius:
+            self._checked_file("loop_filter")
         if refiner.steps.size != len(self.qualities):
             raise ModelError(f"{path} does not hold a step for each of this model's levels")
         return refiner

@@ -28,6 +28,7 @@ from corsa.codec import loop_filter
 from corsa.codec.latent_coder import PRECISION, StreamError, quantise_tables
 
 FILE_NAME = "refine_model.npz"
+FILTER_NET = "loop_filter.onnx"
 M = 31
 ESC = 2 * M + 1
 ALPHABET = 2 * M + 2
@@ -78,6 +79,7 @@ class RefineCoder:
     freq: np.ndarray
     filter_radius: int = 0
     filter_levels: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    filter_net: Path | None = None      # the model's loop_filter.onnx (checked by the codec that loads it)
 
     def __post_init__(self):
         self.steps = np.asarray(self.steps, np.int64)
@@ -114,7 +116,10 @@ class RefineCoder:
         None: as they are)."""
         if weights is None:
             return decoded[:, rows, cols]
-        return corsa_udf.loop_filter(decoded, weights, rows, cols, self.filter_radius)
+        if self.filter_net is None:
+            raise ValueError("a loop filter needs the model's loop_filter.onnx")
+        return corsa_udf.loop_filter(corsa_udf.session(str(self.filter_net), 1), decoded, weights, rows, cols,
+                                     self.filter_radius)
 
     def cells(self, shape: tuple[int, int]) -> tuple[int, int]:
         return -(-shape[0] // self.grid), -(-shape[1] // self.grid)
@@ -216,4 +221,5 @@ class RefineCoder:
             if int(z["precision"]) != PRECISION or int(z["escape"]) != M:
                 raise ValueError(f"refinement tables in {folder} were made for another coder layout")
             radius = int(z["filter_radius"]) if "filter_radius" in z else 0
-            return cls(z["steps"], int(z["grid"]), z["freq"], radius, z["filter_levels"] if radius else np.zeros(0, bool))
+            return cls(z["steps"], int(z["grid"]), z["freq"], radius, z["filter_levels"] if radius else np.zeros(0, bool),
+                       Path(folder) / FILTER_NET if radius else None)

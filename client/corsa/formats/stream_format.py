@@ -143,11 +143,12 @@ def refinement_cells(refiner: RefineCoder, level: int, truth: np.ndarray, decode
 
 class WindowRefinement(NamedTuple):
     """A refinement over a window of a date's pixels: the cells' field (10, rows, cols) in DN, and the
-    loop filters of the blocks under it that have one, each (rows, cols of the window, weights)."""
+    loop filters of the blocks under it that have one, each (rows, cols of the window, weights), which
+    ``refiner`` applies."""
 
     field: np.ndarray
     filters: list
-    radius: int = 0
+    refiner: RefineCoder
 
     def within(self, rows: slice, cols: slice) -> "WindowRefinement":
         """The same with the loop filters of the window's pixels ``rows`` x ``cols`` only: a block decoded over
@@ -162,7 +163,7 @@ class WindowRefinement(NamedTuple):
         if self.filters:
             source = decoded.copy()
             for ry, rx, weights in self.filters:
-                decoded[:, ry, rx] = corsa_udf.loop_filter(source, weights, ry, rx, self.radius)
+                decoded[:, ry, rx] = self.refiner.filtered(source, weights, ry, rx)
         decoded += self.field if valid is None else self.field * valid
         return decoded
 
@@ -184,7 +185,7 @@ def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], 
                                            slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start))
             if r.weights is not None:
                 filters.append((wy, wx, r.weights))
-    return WindowRefinement(out, filters, refiner.filter_radius)
+    return WindowRefinement(out, filters, refiner)
 
 
 def refine(decoded: np.ndarray, refinement: list[BlockRefinement], refiner: RefineCoder, level: int,
