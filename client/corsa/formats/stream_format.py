@@ -160,10 +160,9 @@ class WindowRefinement(NamedTuple):
     def apply(self, decoded: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """The window's decoding (float (10, rows, cols), the network's) refined in place: each block's
         loop filter (its neighbours read from the window as decoded), then the field (where ``valid``)."""
-        if self.filters:
-            source = decoded.copy()
-            for ry, rx, weights in self.filters:
-                decoded[:, ry, rx] = self.refiner.filtered(source, weights, ry, rx)
+        # every block filtered from the decoding as it is (its neighbours' pixels unfiltered), then written
+        for ry, rx, out in [(ry, rx, self.refiner.filtered(decoded, w, ry, rx)) for ry, rx, w in self.filters]:
+            decoded[:, ry, rx] = out
         decoded += self.field if valid is None else self.field * valid
         return decoded
 
