@@ -209,8 +209,8 @@ def _job_files(tif: Path, out: Path, model: str = "corsa2.1", quality: int = 3) 
     return out
 
 
-def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = "2", model: str | None = None
-               ) -> list[Path]:
+def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = "2", model: str | None = None,
+               quality: int = 3) -> list[Path]:
     """Products of real crops: one with a nodata mask, one without, one of odd size (format 2: the
     GeoTIFF product of corsa512; 5: ``model``'s dates coded alone (version 5; 7 with class tables, 8 with a
     refinement), default: the default model;
@@ -230,7 +230,7 @@ def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = 
                 if k == 1:
                     data[:, :9, :13] = 0
                 _write(src / f"{date}.tif", data, transform, crs, date)
-            if cli.main(["compress", str(src), "-o", str(folder / name), "--model", model, "--quality", "3"]) != 0:
+            if cli.main(["compress", str(src), "-o", str(folder / name), "--model", model, "--quality", str(quality)]) != 0:
                 raise RuntimeError(f"compressing the seed {name} failed")
             seeds.append(folder / name)
         return seeds
@@ -241,7 +241,7 @@ def make_seeds(folder: Path, scene: np.ndarray, transform, crs: str, fmt: str = 
         tif = _write(folder / f"{name}.tif", data, transform, crs, "2022-07-06")
         if fmt == "packed":
             _job_files(tif, folder / name)
-        elif cli.main(["compress", str(tif), "-o", str(folder / name)] + (["--model", model, "--quality", "3"]
+        elif cli.main(["compress", str(tif), "-o", str(folder / name)] + (["--model", model, "--quality", str(quality)]
                                                                            if fmt == "5" else [])) != 0:
             raise RuntimeError(f"compressing the seed {name} failed")
         seeds.append(folder / name)
@@ -427,6 +427,8 @@ def main() -> None:
                    help="the products fuzzed: 2 (corsa512 GeoTIFFs), 5 (entropy-coded streams), 6 (a temporal "
                    "series), packed (a compress job's files)")
     p.add_argument("--model", help="the variable-rate model of formats 5 and 6 (default: the default model)")
+    p.add_argument("--quality", type=int, default=3, help="the quality of the seeds of formats 5 and 6 (a loop filter "
+                   "at the levels its model's card lists, on the 64 px seeds)")
     p.add_argument("--out", type=Path, help="also write the report here (JSON)")
     args = p.parse_args()
     if args.worker:
@@ -438,12 +440,13 @@ def main() -> None:
 
     scene = next(LOADERS["majortom"](default_data_root()))
     with tempfile.TemporaryDirectory() as tmp:
-        seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs, args.format, args.model)
+        seeds = make_seeds(Path(tmp), scene.data, Affine(*scene.transform), scene.crs, args.format, args.model, args.quality)
         report = fuzz(seeds, Path(tmp), args.cases, args.seconds, args.seed)
     from corsa.codec.models import default_model
 
     model = (args.model or default_model()) if args.format in ("5", "6") else None
-    text = json.dumps({"format": args.format, "model": model, "cpu": cpu_name(), **report.__dict__}, indent=1)
+    text = json.dumps({"format": args.format, "model": model, "quality": args.quality if model else None, "cpu": cpu_name(),
+                       **report.__dict__}, indent=1)
     if args.out:
         args.out.write_text(text)
     print(text)
