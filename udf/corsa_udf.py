@@ -924,12 +924,14 @@ def _loop_filters(cube: xr.DataArray, card: dict, window: Tuple[slice, slice], o
     if size != (BLOCK_PX + 2 * overlap,) * 2:
         raise UdfError(f"loop filters (bands {FILTER_BANDS[0]}, ...) decode in apply_neighborhood chunks of "
                        f"{BLOCK_PX} px overlapping by the context's overlap ({overlap}), not a chunk of {size}")
-    bands = cube.sel(bands=list(FILTER_BANDS)).values
-    bands = bands if "t" in cube.dims else bands[None]
     block = [slice(max(overlap - w.start, 0), min(overlap + BLOCK_PX, w.stop) - w.start) for w in window]
     if block[0].stop <= block[0].start or block[1].stop <= block[1].start:
         return None
-    return [filter_weights(b, overlap, overlap, radius) for b in bands], block[0], block[1]
+    # only the middle block's corner, where its weights lie (filter_layout)
+    corner = slice(overlap, overlap + FILTER_ROW * STRIDE1)
+    bands = cube.isel(y=corner, x=corner).sel(bands=list(FILTER_BANDS)).values
+    bands = bands if "t" in cube.dims else bands[None]
+    return [filter_weights(b, 0, 0, radius) for b in bands], block[0], block[1]
 
 
 def reach_overlap(card: dict, network: str) -> int:

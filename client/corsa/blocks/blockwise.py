@@ -271,10 +271,10 @@ class StoredDates:
 
     def refinements(self, ys: tuple[int, ...], xs: tuple[int, ...]) -> list[stream_format.WindowRefinement | None]:
         """The dates' refinements over a block's window (``_spans``; None: a date without)."""
-        return [block_refinement(n, ys, xs) for n in self.ints]
+        return [window_refinement(n, ys, xs) for n in self.ints]
 
 
-def block_refinement(ints, ys: tuple[int, ...], xs: tuple[int, ...]) -> stream_format.WindowRefinement | None:
+def window_refinement(ints, ys: tuple[int, ...], xs: tuple[int, ...]) -> stream_format.WindowRefinement | None:
     """A date's refinement over a block's window (``_spans``: block start, stop, window start, stop along
     each axis), its loop filter on the block's pixels only (the decompress UDF's chunks have no other)."""
     r = ints.refinement(ys[2:], xs[2:])
@@ -332,7 +332,7 @@ class DateDecoder:
         """A block's integers over its window, its fill candidates' latents and refinements, and its
         refinement over the window."""
         cells = slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4))
-        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), block_refinement(self.ints, ys, xs)
+        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), window_refinement(self.ints, ys, xs)
 
     def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None,
               refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:
