@@ -71,7 +71,7 @@ def test_each_stored_layer_is_saved_on_its_own_grid(job, scene):
             assert (src.height, src.width) == (-(-SHAPE[0] // s), -(-SHAPE[1] // s))
             # a variable-rate latent is saved whole: every channel, then its nodata band sampled at 40 m
             # a refined model's refinement cells ride along, before nodata
-            cells = list(corsa_udf.CELL_BANDS) + list(corsa_udf.FILTER_BANDS if corsa_udf.filter_radius(card) else ()) \
+            cells = list(corsa_udf.CELL_BANDS) + list(corsa_udf.FILTER_BANDS if corsa_udf.filter_shape(card) else ()) \
                 if model == DEFAULT_MODEL and s > 1 else []
             assert list(src.descriptions) == layer["bands"] + cells + (["nodata"] if model != "corsa512" and s > 1 else [])
             # stored as a back end stores a UDF's output: float32, whole numbers
@@ -91,7 +91,7 @@ def test_stored_values_are_the_codecs_own(job, scene):
         np.testing.assert_array_equal(stored[:len(ints)], ints[:, : stored.shape[1], : stored.shape[2]])
         nodata = (data == 0).all(0)
         _, _, cells = stream_format.encode_refined(codec, data, ints, QUALITY, nodata, None, None, DATE)
-        filters = 10 if corsa_udf.filter_radius(codec.card) else 0
+        filters = 10 if corsa_udf.filter_shape(codec.card) else 0
         assert (cells is None) == (model == "corsa2") and len(stored) == len(ints) + 1 + (cells is not None) * (10 + filters)
         if cells is not None:       # one block: the refinement cells the CLI's compress stores, each at its first 40 m cell
             stored_cells = stored[len(ints):len(ints) + 10]

@@ -2,7 +2,9 @@
 encoder fits a small filter of the network's decoding to the block's truth and stores its integers at
 the head of the block's refinement stream; every reader applies it before the refinement's cells.
 Real scenes: the same integers as the model it comes from, pixels closer to the input; the CLI's
-block path, xarray and the whole-scene path give the same pixels; damage is refused by name."""
+block path, xarray and the whole-scene path give the same pixels; damage is refused by name. The
+default's filter also weighs every band's nearest neighbours, and its encoder weighs each block's filter
+against its bits (``corsa_udf.filter_fit``); corsa3.11's products (own neighbours only) read as before."""
 import json
 
 import numpy as np
@@ -22,8 +24,9 @@ from corsa.formats import series, stream_format
 from corsa.formats.datasets import LOADERS
 from test_service import write_scene
 
-MODEL = "corsa3.11"
+MODEL = "corsa3.12"
 CARD = json.loads((model_dir(MODEL) / "model_card.json").read_text())
+SHAPE = corsa_udf.filter_shape(CARD)
 SOURCE = CARD["refine"]["filter"]["from"]
 
 
@@ -41,12 +44,12 @@ def test_the_filter_weights_round_trip_and_damage_is_refused_by_name(majortom):
     level = codec.level(9)
     rec = codec.synthesis(codec.encode(data, 9), 9, data.shape[1:])
     first = stream_format.refinement_cells(codec.refiner, level, data, rec, None)[0]
-    assert first.weights is not None and first.weights.shape == (10, corsa_udf.filter_taps(CARD["refine"]["filter"]["radius_px"]))
+    assert first.weights is not None and first.weights.shape == (10, corsa_udf.filter_taps(SHAPE))
     stream = codec.refiner.encode(*first)
     assert codec.refiner.decode(stream, 10, first.cells.shape[1:]).same(first)
-    assert loop_filter.decode(loop_filter.encode(None), 2, 10) == (None, 1)
+    assert loop_filter.decode(loop_filter.encode(None, SHAPE), SHAPE, 10) == (None, 1)
     rng = np.random.default_rng(0)
-    head = len(loop_filter.encode(first.weights))
+    head = len(loop_filter.encode(first.weights, SHAPE))
     for _ in range(40):
         bad = bytearray(stream)
         bad[rng.integers(head)] ^= int(rng.integers(1, 256))
@@ -56,6 +59,38 @@ def test_the_filter_weights_round_trip_and_damage_is_refused_by_name(majortom):
             assert "loop filter" in str(e) or "refinement stream" in str(e)
         else:
             assert not got.same(first)      # a weight changed: the CRC of the file is what refuses it
+
+
+def test_the_encoder_weighs_each_blocks_filter_against_its_bits(majortom):
+    """What a block stores is what costs it least at its level: the whole filter on a full block at a
+    high level, less (its own neighbours' third, stored in a third of the integers, or none) where the
+    bits cost more; the own part reads back as the whole filter with the other bands' weights 0."""
+    s, data = majortom
+    codec = VariableRateCodec(MODEL)
+    rec = codec.synthesis(codec.encode(data, 9), 9, data.shape[1:])
+    rows, cols = slice(0, 512), slice(0, 512)
+    fit = lambda lam, r=rows, c=cols: corsa_udf.filter_fit(data[:, r, c], rec, r, c, None, SHAPE, lam)
+    whole, weighed = fit(0.0), fit(corsa_udf.filter_lambda(CARD, 9))
+    np.testing.assert_array_equal(weighed, whole)
+    assert fit(1e9) is None                                   # no bits are worth a filter at that price
+    own = [corsa_udf.own_taps(SHAPE, b) for b in range(10)]
+    others = np.ones_like(whole, bool)
+    for b, t in enumerate(own):
+        others[b, t] = False
+    assert np.abs(whole[others]).sum() > 0
+    # a small block at a low level: the cheapest is less than the whole filter
+    small = fit(corsa_udf.filter_lambda(CARD, 1), slice(512, 600), slice(0, 100))
+    assert small is None or not small[others].any()
+    part = np.where(others, 0, whole)
+    stream = loop_filter.encode(part, SHAPE)
+    assert len(stream) < 0.6 * len(loop_filter.encode(whole, SHAPE))
+    got, n = loop_filter.decode(stream + b"rest", SHAPE, 10)
+    assert n == len(stream) and np.array_equal(got, part)
+    # corsa3.11's filters: own neighbours only, 35 integers a band
+    old = corsa_udf.FilterShape(2)
+    assert corsa_udf.filter_taps(old) == 35 and corsa_udf.filter_taps(SHAPE) == 71
+    with pytest.raises(StreamError, match="loop filter of 710 integers, not 350"):
+        loop_filter.decode(loop_filter.encode(whole, SHAPE), old, 10)
 
 
 def test_the_cli_gives_the_whole_scene_pixels_closer_to_the_input_than_its_source(majortom, tmp_path):
@@ -69,7 +104,7 @@ def test_the_cli_gives_the_whole_scene_pixels_closer_to_the_input_than_its_sourc
     (date,) = stream_format.dates_in(tmp_path / MODEL)
     stored = series.read_date(tmp_path / MODEL, date, codec)
     np.testing.assert_array_equal(stored.ints, series.read_date(tmp_path / SOURCE, date, source).ints)
-    assert len(stored.refinement) == 4 and all(r.weights is not None for r in stored.refinement)
+    assert len(stored.refinement) == 4 and stored.refinement[0].weights is not None
     rec = codec.synthesis(stored.ints, 9, data.shape[1:])
     whole = to_uint16(stream_format.refine(rec, stored.refinement, codec.refiner, codec.level(9)))
     (filtered, plain) = (rasterio.open(tmp_path / f"{m}.tif").read() for m in (MODEL, SOURCE))

@@ -2,7 +2,8 @@
 correction of each band's decoded brightness (``corsa.codec.refine_coder``; formats 8 and 9).
 
     python -m training.fit_refine --model corsa3.8 --name corsa3.9
-    python -m training.fit_refine --model corsa3.10 --name corsa3.11 --filter 2 --filter-levels 2 3 4 5 6 7 8 9
+    python -m training.fit_refine --model corsa3.10 --name corsa3.11 --filter 2 --filter-levels 4 5 6 7 8 9
+    python -m training.fit_refine --model corsa3.10 --name corsa3.12 --filter 2 --cross 1 --weigh --filter-levels 2 3 4 5 6 7 8 9
 
 A model that has a refinement already keeps it (cells, steps, tables) and gets a loop filter: per
 block, the encoder fits one by least squares and stores it at the head of the block's refinement
@@ -23,34 +24,68 @@ import corsa_udf
 from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.codec.refine_coder import FILE_NAME, FILTER_NET, TABLES, RefineCoder, laplace_tables
 from corsa.core.machine import cpu_name
-from corsa.core.scene import BANDS
+from corsa.core.metrics import psnr
+from corsa.core.scene import BANDS, to_uint16
 from corsa.formats import stream_format
+from corsa.formats.datasets import load_split
 
 from .export import OPSET, _record_files
 from .export_rate import derived_folder, write_card
+from .train import SPLIT_FILE
 
 # Cells of 16 px (on the test split with corsa3.8, cells of 8 px gave less at every level, of 32 px less
 # from level 4 on); the step of each level chosen on the validation split (of 16, 24, 32, 48, 64, 96 DN,
 # the best gain over JPEG 2000 / JPEG XL at equal size: BENCHMARKS.md, issue 28, twelfth part).
 GRID, STEPS = 16, (96, 96, 96, 64, 48, 48, 32, 32, 24)
+# A filter's squared error saved counts against twice the bits a level's slope would buy with them: the
+# refinement's cells then take back part of what it saves (validation split, corsa3.12: the gain at levels 2-9
+# is the best at 2 of 1, 2, 4 and 8, by up to 0.14 dB at level 1-2's 1, 0.25 dB at level 5's 8).
+WEIGH = 2.0
 SCALES = np.geomspace(0.15, 30, TABLES)       # symbols: from all-but-zero cells to a corrected snow field
 
 
-def loop_filter_net(path: Path, radius: int, bands: int = len(BANDS)) -> Path:
+def level_lambdas(codec: VariableRateCodec) -> dict[str, float]:
+    """WEIGH x each level's slope of squared error against bits (DN^2 a bit), the median over the validation
+    split's scenes of the slopes to the neighbouring levels: what a bit buys at that level, against which
+    the encoder weighs a block's loop filter (``corsa_udf.filter_fit``)."""
+    points = []
+    for s in load_split(SPLIT_FILE, "val"):
+        y, row = codec.latent(s.data), []
+        for q in codec.qualities:
+            data, rec, cells = stream_format.encode_refined(codec, s.data, codec.quantise(y, q), q, s.nodata_mask,
+                                                            None, s.crs, "undated")
+            if cells is not None:
+                stream_format.refine(rec, cells, codec.refiner, codec.level(q), ~s.nodata_mask)
+            rec = to_uint16(rec)
+            rec[:, s.nodata_mask] = 0
+            row.append((1e8 * 10 ** (-psnr(s.data, rec) / 10) * s.data.size, 8 * len(data)))
+        points.append(row)
+    slopes: dict[int, list[float]] = {i: [] for i in range(len(codec.qualities))}
+    for row in points:
+        for i in range(len(row) - 1):
+            (d0, b0), (d1, b1) = row[i], row[i + 1]
+            if d1 < d0 and b1 > b0:
+                slopes[i].append((d0 - d1) / (b1 - b0))
+                slopes[i + 1].append((d0 - d1) / (b1 - b0))
+    return {str(q): round(WEIGH * float(np.median(slopes[i])), 1) for i, q in enumerate(codec.qualities)}
+
+
+def loop_filter_net(path: Path, shape: corsa_udf.FilterShape, bands: int = len(BANDS)) -> Path:
     """The loop filter as an ONNX graph (``corsa_udf.loop_filter`` runs it): a block's neighbourhood
     (1, bands, h + 2 radius, w + 2 radius) -> (1, bands, h, w), a depthwise convolution by ``kernel``
-    (bands, 1, side, side) plus a 1 x 1 convolution of the centre by ``cross`` (bands, bands, 1, 1) and
-    ``bias`` (bands,): the block's weights come in as inputs, the graph holds none."""
+    (bands, 1, side, side) plus a convolution across the bands of the centre's ``cross`` px around it by
+    ``cross`` (bands, bands, 2 cross + 1, 2 cross + 1) and ``bias`` (bands,): the block's weights come in as
+    inputs, the graph holds none."""
     import onnx
     from onnx import TensorProto, helper
 
-    side = 2 * radius + 1
+    radius, side, near = shape.radius, 2 * shape.radius + 1, 2 * shape.cross + 1
     inputs = [helper.make_tensor_value_info("near", TensorProto.FLOAT, [1, bands, "h", "w"]),
               helper.make_tensor_value_info("kernel", TensorProto.FLOAT, [bands, 1, side, side]),
-              helper.make_tensor_value_info("cross", TensorProto.FLOAT, [bands, bands, 1, 1]),
+              helper.make_tensor_value_info("cross", TensorProto.FLOAT, [bands, bands, near, near]),
               helper.make_tensor_value_info("bias", TensorProto.FLOAT, [bands])]
     at = [helper.make_tensor(n, TensorProto.INT64, [len(v)], v)
-          for n, v in (("starts", [radius, radius]), ("ends", [-radius, -radius]), ("axes", [2, 3]))]
+          for n, v in (("starts", [radius - shape.cross] * 2), ("ends", [shape.cross - radius] * 2), ("axes", [2, 3]))]
     nodes = [helper.make_node("Conv", ["near", "kernel"], ["spatial"], group=bands),
              helper.make_node("Slice", ["near", "starts", "ends", "axes"], ["centre"]),
              helper.make_node("Conv", ["centre", "cross", "bias"], ["bands"]),
@@ -73,6 +108,10 @@ def main(argv: list[str] | None = None) -> Path:
                    help="DN step of each quality level (one value: every level; 0: no refinement at a level)")
     p.add_argument("--filter", type=int, default=0, metavar="RADIUS",
                    help="add a loop filter of (2 RADIUS + 1)^2 px to a refined model (its refinement kept)")
+    p.add_argument("--cross", type=int, default=0, metavar="RADIUS",
+                   help="the loop filter also weighs every band's neighbours within RADIUS px (a diamond)")
+    p.add_argument("--weigh", action="store_true",
+                   help="the encoder weighs each block's filter against its bits at each level's slope (validation split)")
     p.add_argument("--filter-levels", type=int, nargs="+", default=[], metavar="QUALITY",
                    help="the quality levels whose blocks get a loop filter (chosen on the validation split)")
     p.add_argument("--out", default="models_onnx")
@@ -82,20 +121,27 @@ def main(argv: list[str] | None = None) -> Path:
     src = model_dir(args.model)
     codec = VariableRateCodec(src, kernels="fp32")
     if args.filter:
-        if codec.refiner is None or codec.refiner.filter_radius:
+        if codec.refiner is None or codec.refiner.filter_shape:
             raise SystemExit(f"{args.model}: a loop filter is added to a refined model without one")
         levels = np.isin(codec.qualities, args.filter_levels)
-        refiner = RefineCoder(codec.refiner.steps, codec.refiner.grid, codec.refiner.freq, args.filter, levels)
+        shape = corsa_udf.FilterShape(args.filter, args.cross)
+        refiner = RefineCoder(codec.refiner.steps, codec.refiner.grid, codec.refiner.freq, shape, levels)
+        lambdas = level_lambdas(codec) if args.weigh else None
         out, card = derived_folder(src, args.name, args.out)
         card["description"] = (f"{card['description']} {args.name}: {args.model} with a loop filter "
                                f"(training.fit_refine --filter): per block, a least-squares filter of "
-                               f"{2 * args.filter + 1} x {2 * args.filter + 1} px of each band and every band's "
-                               f"value, applied before the refinement's cells.")
+                               f"{2 * args.filter + 1} x {2 * args.filter + 1} px of each band"
+                               + (f", every band's neighbours within {args.cross} px" if args.cross else "")
+                               + " and every band's value, applied before the refinement's cells"
+                               + (", stored where what it saves outweighs its bits" if args.weigh else "") + ".")
         card["refine"]["filter"] = {
             "command": f"python -m training.fit_refine --model {args.model} --name {args.name} --filter {args.filter} "
-                       f"--filter-levels {' '.join(map(str, args.filter_levels))}",
-            "radius_px": args.filter, "levels": [int(q) for q in np.array(codec.qualities)[levels]],
-            "shift": corsa_udf.FILTER_SHIFT, "integers_a_block": len(BANDS) * corsa_udf.filter_taps(args.filter),
+                       + (f"--cross {args.cross} " if args.cross else "") + ("--weigh " if args.weigh else "")
+                       + f"--filter-levels {' '.join(map(str, args.filter_levels))}",
+            "radius_px": args.filter, **({"cross_px": args.cross} if args.cross else {}),
+            **({"dn2_per_bit": lambdas} if lambdas else {}),
+            "levels": [int(q) for q in np.array(codec.qualities)[levels]],
+            "shift": corsa_udf.FILTER_SHIFT, "integers_a_block": len(BANDS) * corsa_udf.filter_taps(shape),
             "from": args.model, "cpu": cpu_name()}
     else:
         if codec.coder.classes == 1 or codec.refiner is not None:
@@ -116,7 +162,7 @@ def main(argv: list[str] | None = None) -> Path:
             "from": args.model, "wall_time_s": round(time.time() - t0, 1), "cpu": cpu_name()}
     refiner.save(out)
     if args.filter:
-        loop_filter_net(out / FILTER_NET, args.filter)
+        loop_filter_net(out / FILTER_NET, shape)
         _record_files(card, out, {"loop_filter": FILTER_NET})
     _record_files(card, out, {"refine_model": FILE_NAME})
     return write_card(card, out, not args.no_figures)

@@ -47,7 +47,7 @@ import os
 import sys
 import tempfile
 import urllib.request
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -761,15 +761,37 @@ FILTER_SAMPLE = 3          # the fit reads one latent cell (4 x 4 px) in FILTER_
 FILTER_RIDGE = 1e-7        # of the normal equations' mean diagonal: a flat block's equations stay solvable
 
 
-def filter_offsets(radius: int) -> List[Tuple[int, int]]:
-    """The neighbours (dy, dx) a loop filter of ``radius`` weighs, row by row (the centre left out)."""
-    r = range(-radius, radius + 1)
-    return [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0)]
+class FilterShape(NamedTuple):
+    """A loop filter's support (model card, refine.filter): each band's own neighbours within ``radius``
+    px (a square), and, with ``cross`` > 0, every band's neighbours within ``cross`` px (a diamond: the 4
+    nearest for 1), which the own ones then leave out."""
+
+    radius: int
+    cross: int = 0
 
 
-def filter_taps(radius: int, bands: int = len(BANDS)) -> int:
-    """Integers of a band's loop filter: its neighbours' weights, every band's centre weight, a bias."""
-    return len(filter_offsets(radius)) + bands + 1
+def cross_offsets(shape: FilterShape) -> List[Tuple[int, int]]:
+    """The neighbours (dy, dx) of every band a loop filter weighs, row by row (none without ``cross``)."""
+    r = range(-shape.cross, shape.cross + 1)
+    return [(dy, dx) for dy in r for dx in r if 0 < abs(dy) + abs(dx) <= shape.cross]
+
+
+def filter_offsets(shape: FilterShape) -> List[Tuple[int, int]]:
+    """The band's own neighbours (dy, dx) a loop filter weighs, row by row (the centre and the
+    ``cross_offsets`` left out)."""
+    r, cross = range(-shape.radius, shape.radius + 1), set(cross_offsets(shape))
+    return [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0) and (dy, dx) not in cross]
+
+
+def filter_taps(shape: FilterShape, bands: int = len(BANDS)) -> int:
+    """Integers of a band's loop filter: its own neighbours' weights, every band's neighbours' weights,
+    every band's centre weight, a bias (in that order)."""
+    return len(filter_offsets(shape)) + bands * len(cross_offsets(shape)) + bands + 1
+
+
+def filter_corner(shape: FilterShape) -> Tuple[int, int]:
+    """(rows, columns) px of a block's corner that holds its loop filter in FILTER_BANDS."""
+    return -(-filter_taps(shape) // FILTER_ROW) * STRIDE1, FILTER_ROW * STRIDE1
 
 
 def neighbourhood(decoded: np.ndarray, rows: slice, cols: slice, radius: int) -> np.ndarray:
@@ -782,91 +804,153 @@ def neighbourhood(decoded: np.ndarray, rows: slice, cols: slice, radius: int) ->
     return np.pad(part, pad, mode="edge") if any(p != (0, 0) for p in pad) else part
 
 
-def loop_filter(net, decoded: np.ndarray, weights: np.ndarray, rows: slice, cols: slice, radius: int) -> np.ndarray:
+def loop_filter(net, decoded: np.ndarray, weights: np.ndarray, rows: slice, cols: slice, shape: FilterShape) -> np.ndarray:
     """A block's loop filter on its pixels ``rows`` x ``cols`` of a decoded window (10, H, W): per band b,
-    its decoding plus the weighted differences of its neighbours to it, plus a weighted sum of every
-    band at the pixel, plus a bias (``weights`` (10, ``filter_taps``) integers, in that order). The
-    encoder fits them by least squares to the block's truth and stores them with the refinement
+    its decoding plus the weighted differences of its own neighbours to it, plus the weighted
+    differences of every band's near neighbours to that band's pixel, plus a weighted sum of every band
+    at the pixel, plus a bias (``weights`` (10, ``filter_taps``) integers, in that order). The encoder
+    fits them by least squares to the block's truth and stores them with the refinement
     (``corsa.codec.refine_coder``): they undo what the network gets wrong in this block's contrast and
-    sharpness. Run by the model's loop_filter.onnx (``net``: a depthwise convolution of the neighbours
-    and a 1 x 1 one across the bands, their kernels inputs; 10x faster than numpy). -> (10, h, w) float32;
-    ``decoded`` is left as it is."""
-    offs = filter_offsets(radius)
-    n, side, bands = len(offs), 2 * radius + 1, len(weights)
+    sharpness, the 10 m bands' edges lending theirs to the 20 m ones. Run by the model's loop_filter.onnx
+    (``net``: a depthwise convolution of the own neighbours and a full one across the bands, their
+    kernels inputs; 10x faster than numpy). -> (10, h, w) float32; ``decoded`` is left as it is."""
+    own, near_all = filter_offsets(shape), cross_offsets(shape)
+    n, c, bands = len(own), shape.cross, len(weights)
     w = weights.astype(np.float64) / (1 << FILTER_SHIFT)
-    kernel = np.zeros((bands, 1, side, side), np.float32)
-    for t, (dy, dx) in enumerate(offs):
-        kernel[:, 0, radius + dy, radius + dx] = w[:, t]
-    kernel[:, 0, radius, radius] = -w[:, :n].sum(1)
-    cross = (w[:, n:n + bands] + np.eye(bands))[:, :, None, None].astype(np.float32)
-    near = neighbourhood(decoded, rows, cols, radius).astype(np.float32)
-    (out,) = net.run(None, {"near": near[None], "kernel": kernel, "cross": cross,
+    side = 2 * shape.radius + 1
+    kernel = np.zeros((bands, 1, side, side), np.float64)
+    for t, (dy, dx) in enumerate(own):
+        kernel[:, 0, shape.radius + dy, shape.radius + dx] = w[:, t]
+    kernel[:, 0, shape.radius, shape.radius] = -w[:, :n].sum(1)
+    cross = np.zeros((bands, bands, 2 * c + 1, 2 * c + 1), np.float64)
+    for k, (dy, dx) in enumerate(near_all):
+        cross[:, :, c + dy, c + dx] = w[:, n + k:n + bands * len(near_all):len(near_all)]
+    cross[:, :, c, c] = w[:, n + bands * len(near_all):-1] + np.eye(bands) - cross.sum((2, 3))
+    near = neighbourhood(decoded, rows, cols, shape.radius).astype(np.float32)
+    (out,) = net.run(None, {"near": near[None], "kernel": kernel.astype(np.float32), "cross": cross.astype(np.float32),
                             "bias": weights[:, -1].astype(np.float32)})
     return out[0]
 
 
+def own_taps(shape: FilterShape, band: int, bands: int = len(BANDS)) -> np.ndarray:
+    """The taps of band ``band``'s loop filter that a filter of its own neighbours only uses (the other
+    bands' neighbours' weights 0): as a model without ``cross`` weighs, at a third of the integers."""
+    n, k = len(filter_offsets(shape)), len(cross_offsets(shape))
+    return np.r_[np.arange(n), n + band * k + np.arange(k), np.arange(n + bands * k, filter_taps(shape, bands))]
+
+
+def _varint_bytes(values: np.ndarray) -> int:
+    """Bytes of ``values`` as zigzag varints (corsa.codec.loop_filter's stream)."""
+    z = np.where(values >= 0, 2 * values, -2 * values - 1)
+    return int(sum(1 + (int(v).bit_length() - 1) // 7 if v else 1 for v in z.ravel()))
+
+
 def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice, valid: Optional[np.ndarray],
-               radius: int) -> Optional[np.ndarray]:
+               shape: FilterShape, lam: float = 0.0) -> Optional[np.ndarray]:
     """The loop filter's integer weights (10, taps) of a block, from its input ``truth`` (10, h, w) and a
     decoded window (10, H, W) in which the block is ``rows`` x ``cols`` (its neighbours around it as the
     readers decode them), by least squares; None for a block under FILTER_MIN_PX a side or with too few
     ``valid`` pixels. The fit reads one latent cell in FILTER_SAMPLE x FILTER_SAMPLE: every phase of the
-    network's pixel shuffles among them (every other pixel would fit the even ones' behaviour only)."""
-    offs = filter_offsets(radius)
-    taps = filter_taps(radius)
+    network's pixel shuffles among them (every other pixel would fit the even ones' behaviour only).
+    With ``lam`` (the level's DN^2 a bit) each block takes what costs it least, squared error plus
+    ``lam`` times the bits: the filter, its own-neighbours part only (``own_taps``, stored at a third of
+    the integers), or none (a small block's filter can cost more bits than it saves)."""
+    own, near_all = filter_offsets(shape), cross_offsets(shape)
+    taps = filter_taps(shape)
     h, w = truth.shape[1:]
     if min(h, w) < FILTER_MIN_PX:
         return None
-    near = neighbourhood(decoded, rows, cols, radius)
+    near = neighbourhood(decoded, rows, cols, shape.radius)
     keep = (np.arange(h) // STRIDE1 % FILTER_SAMPLE == 0)[:, None] & (np.arange(w) // STRIDE1 % FILTER_SAMPLE == 0)[None]
     if valid is not None:
         keep &= valid
     y, x = np.nonzero(keep)
     if len(y) < 4 * taps:
         return None
-    # Each band's neighbours gathered by flat index, in one step a band.
+    # Neighbours gathered by flat index. The features every band shares (every band's near neighbours,
+    # centres, the bias) enter the normal equations once; only the own neighbours' rows are per band.
     width = near.shape[2]
-    at = (y + radius) * width + x + radius
-    shifts = np.array([dy * width + dx for dy, dx in offs])[:, None]
+    at = (y + shape.radius) * width + x + shape.radius
     flat = near.reshape(len(near), -1)
-    own = flat[:, at].astype(np.float64)                                                    # (10, n)
-    errors = truth[:, y, x].astype(np.float64) - own
-    out = np.zeros((len(truth), taps), np.int64)
-    a = np.empty((taps, len(y)))
-    a[len(offs):-1], a[-1] = own, 1.0
+    centres = flat[:, at].astype(np.float64)                                                # (10, n)
+    errors = truth[:, y, x].astype(np.float64) - centres
+    shared = np.empty((len(near) * len(near_all) + len(near) + 1, len(y)))
+    steps = np.array([dy * width + dx for dy, dx in near_all], np.int64)[:, None]
+    for j in range(len(near)):
+        np.subtract(flat[j][at + steps], centres[j], out=shared[j * len(near_all):(j + 1) * len(near_all)])
+    shared[-len(near) - 1:-1], shared[-1] = centres, 1.0
+    g_shared, b_shared = shared @ shared.T, shared @ errors.T
+    n = len(own)
+    steps = np.array([dy * width + dx for dy, dx in own], np.int64)[:, None]
+    a = np.empty((n, len(y)))
+    g = np.empty((taps, taps))
+    g[n:, n:] = g_shared
+    scale = np.array([1 << FILTER_SHIFT] * (taps - 1) + [1], np.float64)
+    parts = [np.arange(taps)] + ([None] if near_all and lam else [])      # the whole filter, its own part
+    out = np.zeros((len(parts), len(truth), taps), np.int64)
+    sse = np.zeros(len(parts))
     for b in range(len(truth)):
-        np.subtract(flat[b][at + shifts], own[b], out=a[:len(offs)])
-        g = a @ a.T
-        g[np.diag_indices(taps)] += FILTER_RIDGE * np.trace(g) / taps
-        try:
-            sol = np.linalg.solve(g, a @ errors[b])
-        except np.linalg.LinAlgError:
+        np.subtract(flat[b][at + steps], centres[b], out=a)
+        g[:n, :n], g[:n, n:] = a @ a.T, a @ shared.T
+        g[n:, :n] = g[:n, n:].T
+        rhs = np.concatenate([a @ errors[b], b_shared[:, b]])
+        for i, part in enumerate(parts):
+            part = own_taps(shape, b) if part is None else part
+            sub = g[np.ix_(part, part)]
+            ridged = sub + np.eye(len(part)) * (FILTER_RIDGE * np.trace(sub) / len(part))
+            try:
+                sol = np.linalg.solve(ridged, rhs[part])
+            except np.linalg.LinAlgError:
+                return None
+            q = np.clip(np.rint(sol * scale[part]), 1 - FILTER_LIMIT, FILTER_LIMIT - 1)
+            out[i, b, part] = q
+            wq = q / scale[part]
+            # the sampled squared error after the filter, from the normal equations
+            sse[i] += errors[b] @ errors[b] - 2 * wq @ rhs[part] + wq @ sub @ wq
+    if lam:
+        total = float((errors ** 2).sum())
+        per = (h * w if valid is None else int(valid.sum())) / len(y)    # samples -> the block's pixels
+        costs = [per * total + lam * 8]
+        for i, part in enumerate(parts):
+            kept = out[i] if part is not None else np.stack([out[i, b, own_taps(shape, b)] for b in range(len(truth))])
+            # in-sample squared error flatters a fit by its taps: out of sample it is (n + p) / (n - p) of it
+            p = kept.shape[1]
+            costs.append(per * sse[i] * (len(y) + p) / (len(y) - p) + lam * 8 * (_varint_bytes(kept) + 2))
+        best = int(np.argmin(costs))
+        if best == 0:
             return None
-        out[b, :-1] = np.rint(sol[:-1] * (1 << FILTER_SHIFT))
-        out[b, -1] = np.rint(sol[-1])
-    out = np.clip(out, 1 - FILTER_LIMIT, FILTER_LIMIT - 1)
-    return out if out.any() else None
+        weights = out[best - 1]
+    else:
+        weights = out[0]
+    return weights if weights.any() else None
 
 
-def filter_radius(card: dict) -> int:
-    """The radius (px) of a model's loop filter, 0 for a model without (``corsa.codec.loop_filter``)."""
-    return int(((card.get("refine") or {}).get("filter") or {}).get("radius_px", 0))
+def filter_shape(card: dict) -> Optional[FilterShape]:
+    """A model's loop filter support, None for a model without one (``corsa.codec.loop_filter``)."""
+    spec = (card.get("refine") or {}).get("filter") or {}
+    return FilterShape(int(spec["radius_px"]), int(spec.get("cross_px", 0))) if spec.get("radius_px") else None
 
 
-def filter_layout(weights: Optional[np.ndarray], shape: Tuple[int, int], radius: int) -> np.ndarray:
+def filter_lambda(card: dict, quality: int) -> float:
+    """The DN^2 a bit at which a level's encoder weighs a block's loop filter against its bits (model card;
+    0: every block large enough is filtered)."""
+    return float((((card.get("refine") or {}).get("filter") or {}).get("dn2_per_bit") or {}).get(str(quality), 0.0))
+
+
+def filter_layout(weights: Optional[np.ndarray], size: Tuple[int, int], shape: FilterShape) -> np.ndarray:
     """(10, h, w) float32 of a block's FILTER_BANDS: its weights each on its 40 m cell, 0 elsewhere."""
-    out = np.zeros((len(BANDS),) + tuple(shape), np.float32)
+    out = np.zeros((len(BANDS),) + tuple(size), np.float32)
     if weights is not None:
-        t = np.arange(filter_taps(radius))
+        t = np.arange(filter_taps(shape))
         for dy in range(STRIDE1):
             for dx in range(STRIDE1):
                 out[:, t // FILTER_ROW * STRIDE1 + dy, t % FILTER_ROW * STRIDE1 + dx] = weights
     return out
 
 
-def filter_weights(bands: np.ndarray, y0: int, x0: int, radius: int) -> Optional[np.ndarray]:
+def filter_weights(bands: np.ndarray, y0: int, x0: int, shape: FilterShape) -> Optional[np.ndarray]:
     """A block's loop filter from FILTER_BANDS (10, y, x) whose block starts at (y0, x0); None: no filter."""
-    t = np.arange(filter_taps(radius))
+    t = np.arange(filter_taps(shape))
     weights = np.rint(np.nan_to_num(bands[:, y0 + t // FILTER_ROW * STRIDE1, x0 + t % FILTER_ROW * STRIDE1])).astype(np.int64)
     return weights if weights.any() else None
 
@@ -917,8 +1001,8 @@ def _loop_filters(cube: xr.DataArray, card: dict, window: Tuple[slice, slice], o
     side): each date's filter of the chunk's middle block (None: not filtered) and the block's rows and
     columns in the data ``window``; None where the cube carries no FILTER_BANDS. The blocks around it are cut
     off by the back end: their pixels here are not filtered (``corsa.blocks.blockwise.DateDecoder`` alike)."""
-    radius = filter_radius(card)
-    if not radius or not set(FILTER_BANDS) <= {str(b) for b in cube["bands"].values}:
+    shape = filter_shape(card)
+    if not shape or not set(FILTER_BANDS) <= {str(b) for b in cube["bands"].values}:
         return None
     size = (cube.sizes["y"], cube.sizes["x"])
     if size != (BLOCK_PX + 2 * overlap,) * 2:
@@ -928,10 +1012,10 @@ def _loop_filters(cube: xr.DataArray, card: dict, window: Tuple[slice, slice], o
     if block[0].stop <= block[0].start or block[1].stop <= block[1].start:
         return None
     # only the middle block's corner, where its weights lie (filter_layout)
-    corner = slice(overlap, overlap + FILTER_ROW * STRIDE1)
-    bands = cube.isel(y=corner, x=corner).sel(bands=list(FILTER_BANDS)).values
+    height, width = filter_corner(shape)
+    bands = cube.isel(y=slice(overlap, overlap + height), x=slice(overlap, overlap + width)).sel(bands=list(FILTER_BANDS)).values
     bands = bands if "t" in cube.dims else bands[None]
-    return [filter_weights(b, 0, 0, radius) for b in bands], block[0], block[1]
+    return [filter_weights(b, 0, 0, shape) for b in bands], block[0], block[1]
 
 
 def reach_overlap(card: dict, network: str) -> int:
@@ -963,7 +1047,8 @@ def _block_decoding(decoder, latent: np.ndarray, card: dict, window: Tuple[slice
 
 
 def _filtered_block(out: np.ndarray, scene: np.ndarray, decoded: np.ndarray, valid: np.ndarray,
-                    window: Tuple[slice, slice], size: Tuple[int, int], overlap: int, radius: int, net) -> np.ndarray:
+                    window: Tuple[slice, slice], size: Tuple[int, int], overlap: int, shape: FilterShape, lam: float,
+                    net) -> np.ndarray:
     """A compress chunk's middle block's loop filter (an apply_neighborhood chunk: the block ``overlap`` px
     in), fitted to its data (``scene`` and ``decoded`` over the data ``window``), written into ``out``
     (FILTER_BANDS, chunk y, chunk x) at the block's corner (``filter_layout``); -> the decoding with the
@@ -973,13 +1058,13 @@ def _filtered_block(out: np.ndarray, scene: np.ndarray, decoded: np.ndarray, val
     rows, cols = (slice(max(overlap - w.start, 0), min(overlap + BLOCK_PX, w.stop) - w.start) for w in window)
     if rows.stop <= rows.start or cols.stop <= cols.start:
         return decoded
-    weights = filter_fit(scene[:, rows, cols], decoded, rows, cols, valid[rows, cols], radius)
+    weights = filter_fit(scene[:, rows, cols], decoded, rows, cols, valid[rows, cols], shape, lam)
     if weights is None:
         return decoded
-    layout = filter_layout(weights, (FILTER_ROW * STRIDE1,) * 2, radius)
+    layout = filter_layout(weights, filter_corner(shape), shape)
     out[:, overlap:overlap + len(layout[0]), overlap:overlap + len(layout[0][0])] = layout
     filtered = decoded.copy()
-    filtered[:, rows, cols] = loop_filter(net, decoded, weights, rows, cols, radius)
+    filtered[:, rows, cols] = loop_filter(net, decoded, weights, rows, cols, shape)
     return filtered
 
 
@@ -997,7 +1082,7 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
                            f"multiple of that, not {overlap}")
         step = _refine_steps(model, (context.get("sha256") or {}).get("refine_model"))[level] if grid else 0
         dec = network_session(card, context, quality, functools.partial(_network, context)) if step else None
-        radius = filter_radius(card) if quality in (((card.get("refine") or {}).get("filter") or {}).get("levels") or ()) else 0
+        support = filter_shape(card) if quality in (((card.get("refine") or {}).get("filter") or {}).get("levels") or ()) else None
         bands = output_bands({**context, "mode": "compress"})
         out = np.zeros((data.shape[0], len(bands)) + data.shape[2:], np.int16)
         nodata_band = len(bands) - 1
@@ -1013,9 +1098,10 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
                 # encoder's and the decoder's reach beyond it (corsa.openeo.windows.compress_reach).
                 decoded, inside = _block_decoding(dec, (ints * inv_gain).astype(np.float32), card, window,
                                                   data.shape[-2:], overlap, tile)
-                if radius:
+                if support:
                     decoded = _filtered_block(out[t, len(ints) + len(CELL_BANDS):nodata_band], scene, decoded,
-                                              ~nodata, window, data.shape[-2:], overlap, radius,
+                                              ~nodata, window, data.shape[-2:], overlap, support,
+                                              filter_lambda(card, quality),
                                               _network(context, "loop_filter"))
                 _chunk_cells(out[t, len(ints):len(ints) + len(CELL_BANDS)], np.where(inside, scene - decoded, 0),
                              ~nodata & inside, float(step), grid, window)
@@ -1122,7 +1208,7 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         if filters is not None and filters[0][t] is not None:
             weights, rows, cols = filters[0][t], filters[1], filters[2]
             out[t][:, rows, cols] = loop_filter(_network(context, "loop_filter"), decoded[:, : shape[0], : shape[1]], weights,
-                                                rows, cols, filter_radius(card))
+                                                rows, cols, filter_shape(card))
         if refine is not None:
             out[t] += refine[t]
     if context.get("fill") and gaps.any():
@@ -1209,7 +1295,7 @@ def output_bands(context: dict) -> Tuple[str, ...]:
     bands = latent_bands(card["latent"]["channels"])
     if not refine_grid(card):
         return bands
-    return bands[:-1] + CELL_BANDS + (FILTER_BANDS if filter_radius(card) else ()) + bands[-1:]
+    return bands[:-1] + CELL_BANDS + (FILTER_BANDS if filter_shape(card) else ()) + bands[-1:]
 
 
 def apply_metadata(metadata, context: dict):

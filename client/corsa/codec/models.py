@@ -228,8 +228,9 @@ class VariableRateCodec:
             return None
         path = self._checked_file("refine_model")
         refiner = RefineCoder.load(self.path)
-        if refiner.filter_radius:
+        if refiner.filter_shape:
             self._checked_file("loop_filter")
+            refiner.filter_lambda = np.array([corsa_udf.filter_lambda(self.card, q) for q in self.qualities])
         if refiner.steps.size != len(self.qualities):
             raise ModelError(f"{path} does not hold a step for each of this model's levels")
         return refiner

@@ -71,19 +71,20 @@ class BlockRefinement(NamedTuple):
 class RefineCoder:
     """A model's refinement: ``steps[level]`` the DN step of each quality level (0: none at that
     level), ``grid`` the cell side in 10 m pixels, ``freq`` the tables (TABLES, ALPHABET);
-    ``filter_radius`` > 0: each block's stream starts with a loop filter (``corsa.codec.loop_filter``),
-    fitted at the levels where ``filter_levels`` is set (the others store none)."""
+    ``filter_shape`` set: each block's stream starts with a loop filter of that support
+    (``corsa.codec.loop_filter``), fitted at the levels where ``filter_levels`` is set (the others store none)."""
 
     steps: np.ndarray
     grid: int
     freq: np.ndarray
-    filter_radius: int = 0
+    filter_shape: corsa_udf.FilterShape | None = None
     filter_levels: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     filter_net: Path | None = None      # the model's loop_filter.onnx (checked by the codec that loads it)
+    filter_lambda: np.ndarray | None = None   # each level's DN^2 a bit, where the encoder weighs a filter's cost (card)
 
     def __post_init__(self):
         self.steps = np.asarray(self.steps, np.int64)
-        self.filter_levels = np.zeros(len(self.steps), bool) if not self.filter_radius else \
+        self.filter_levels = np.zeros(len(self.steps), bool) if not self.filter_shape else \
             np.asarray(self.filter_levels, bool)
         if len(self.filter_levels) != len(self.steps) or np.any(self.filter_levels & (self.steps == 0)):
             raise ValueError("a loop filter's levels are refined levels, one flag a level")
@@ -107,7 +108,8 @@ class RefineCoder:
         """A block's refinement from its input ``truth`` (10, h, w) and a decoded window (10, H, W) in which
         the block is ``rows`` x ``cols``, as the readers decode it: its loop filter where this level has
         one, then the cells of what is left of the error."""
-        weights = corsa_udf.filter_fit(truth, decoded, rows, cols, valid, self.filter_radius) if self.filters(level) else None
+        lam = 0.0 if self.filter_lambda is None else float(self.filter_lambda[level])
+        weights = corsa_udf.filter_fit(truth, decoded, rows, cols, valid, self.filter_shape, lam) if self.filters(level) else None
         filtered = self.filtered(decoded, weights, rows, cols)
         return BlockRefinement(self.symbols(truth.astype(np.float32) - filtered, valid, level), weights)
 
@@ -119,7 +121,7 @@ class RefineCoder:
         if self.filter_net is None:
             raise ValueError("a loop filter needs the model's loop_filter.onnx")
         return corsa_udf.loop_filter(corsa_udf.session(str(self.filter_net), 1), decoded, weights, rows, cols,
-                                     self.filter_radius)
+                                     self.filter_shape)
 
     def cells(self, shape: tuple[int, int]) -> tuple[int, int]:
         return -(-shape[0] // self.grid), -(-shape[1] // self.grid)
@@ -154,9 +156,9 @@ class RefineCoder:
         bytes (the grid's shape is the block's, known to the reader)."""
         import constriction
 
-        if weights is not None and not self.filter_radius:
+        if weights is not None and not self.filter_shape:
             raise ValueError("a loop filter for a model without one")
-        head = loop_filter.encode(weights) if self.filter_radius else b""
+        head = loop_filter.encode(weights, self.filter_shape) if self.filter_shape else b""
         logp = -np.log2(self.freq.astype(np.float64) / (1 << PRECISION))
         enc = constriction.stream.queue.RangeEncoder()
         for band in sym.reshape(len(sym), -1).astype(np.int64):
@@ -181,8 +183,8 @@ class RefineCoder:
         import constriction
 
         weights = None
-        if self.filter_radius:
-            weights, n = loop_filter.decode(stream, self.filter_radius, bands)
+        if self.filter_shape:
+            weights, n = loop_filter.decode(stream, self.filter_shape, bands)
             stream = stream[n:]
         if len(stream) % 4:
             raise StreamError("refinement stream length is not a whole number of 32-bit words")
@@ -211,7 +213,8 @@ class RefineCoder:
     def save(self, folder: Path) -> Path:
         path = Path(folder) / FILE_NAME
         np.savez_compressed(path, freq=self.freq, steps=self.steps, grid=np.array(self.grid),
-                            precision=np.array(PRECISION), escape=np.array(M), filter_radius=np.array(self.filter_radius),
+                            precision=np.array(PRECISION), escape=np.array(M), filter_radius=np.array(self.filter_shape.radius if self.filter_shape else 0),
+                            filter_cross=np.array(self.filter_shape.cross if self.filter_shape else 0),
                             filter_levels=self.filter_levels)
         return path
 
@@ -221,5 +224,6 @@ class RefineCoder:
             if int(z["precision"]) != PRECISION or int(z["escape"]) != M:
                 raise ValueError(f"refinement tables in {folder} were made for another coder layout")
             radius = int(z["filter_radius"]) if "filter_radius" in z else 0
-            return cls(z["steps"], int(z["grid"]), z["freq"], radius, z["filter_levels"] if radius else np.zeros(0, bool),
+            shape = corsa_udf.FilterShape(radius, int(z["filter_cross"]) if "filter_cross" in z else 0) if radius else None
+            return cls(z["steps"], int(z["grid"]), z["freq"], shape, z["filter_levels"] if radius else np.zeros(0, bool),
                        Path(folder) / FILTER_NET if radius else None)

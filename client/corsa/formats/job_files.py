@@ -248,7 +248,7 @@ class DateIntegers:
         shape = self.head["shape"]
         return stream_format.refinement_window(self.codec.refiner, self.codec.level(self.head["quality"]), shape,
                                                partial(block_cells, self.cells, self.codec.refiner.grid, shape,
-                                                       filters=self.filters, radius=self.codec.refiner.filter_radius),
+                                                       filters=self.filters, shape=self.codec.refiner.filter_shape),
                                                rows, cols)
 
     def window(self, cells_y: slice, cells_x: slice, pool=None) -> np.ndarray:
@@ -259,20 +259,19 @@ class DateIntegers:
         return _integers(v, "int16", self.latent.path)
 
 
-def block_cells(layer: Layer, grid: int, shape: tuple[int, int], k: int, filters: Layer | None = None,
-                radius: int = 0) -> BlockRefinement:
-    """Block ``k``'s refinement from the refinement layer of a date of ``shape`` px: its cells (10, ch,
-    cw) of ``grid`` px, and from the filter layer (if any) its loop filter (``corsa_udf.filter_layout``)."""
-    py, px = stream_format.block_pixels(stream_format.block_slices(stream_format.latent_cells(shape))[k], shape)
+def block_cells(layer: Layer, grid: int, size: tuple[int, int], k: int, filters: Layer | None = None,
+                shape: corsa_udf.FilterShape | None = None) -> BlockRefinement:
+    """Block ``k``'s refinement from the refinement layer of a date of ``size`` px: its cells (10, ch,
+    cw) of ``grid`` px, and from the filter layer (if any) its loop filter of ``shape`` (``corsa_udf.filter_layout``)."""
+    py, px = stream_format.block_pixels(stream_format.block_slices(stream_format.latent_cells(size))[k], size)
     h, w = py.stop - py.start, px.stop - px.start
     cells = _cells(layer, py.start, px.start, h, w, grid)
-    if filters is None or min(h, w) < corsa_udf.FILTER_MIN_PX:
+    if filters is None or shape is None or min(h, w) < corsa_udf.FILTER_MIN_PX:
         return BlockRefinement(cells)
-    side = corsa_udf.FILTER_ROW * 4
-    values = _integers(_read_cells(filters, py.start, px.start, side, side, 1), "int64", filters.path)
+    values = _integers(_read_cells(filters, py.start, px.start, *corsa_udf.filter_corner(shape), 1), "int64", filters.path)
     # on the 10 m grid, as the UDF wrote it (a layer at 40 m holds each 40 m cell once)
     values = np.repeat(np.repeat(values, filters.stride, 1), filters.stride, 2)
-    return BlockRefinement(cells, corsa_udf.filter_weights(values, 0, 0, radius))
+    return BlockRefinement(cells, corsa_udf.filter_weights(values, 0, 0, shape))
 
 
 def _cells(layer: Layer, y: int, x: int, h: int, w: int, grid: int) -> np.ndarray:
@@ -303,7 +302,7 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
     def refinement_of(i: int, k: int) -> BlockRefinement | None:
         layer = grids[i][0].get(REFINE_LAYER) if codec.refines(quality) else None
         filters = grids[i][0].get(FILTER_LAYER) if layer is not None and codec.refiner.filters(codec.level(quality)) else None
-        return None if layer is None else block_cells(layer, codec.refiner.grid, shape, k, filters, codec.refiner.filter_radius)
+        return None if layer is None else block_cells(layer, codec.refiner.grid, shape, k, filters, codec.refiner.filter_shape)
 
     coded = series.encode_dates(codec, planned, list(range(len(dates))), len(positions), ints_of,
                                 refinement_of=refinement_of)

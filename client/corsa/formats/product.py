@@ -71,7 +71,7 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
         iy, ix = info["chunk-location"][1:]
         (y0, y1), (x0, x1) = info["array-location"][1:]
         weights = series.block_refinement(folder, date, iy * per_row + ix, codec).weights
-        return corsa_udf.filter_layout(weights, (y1 - y0, x1 - x0), codec.refiner.filter_radius)
+        return corsa_udf.filter_layout(weights, (y1 - y0, x1 - x0), codec.refiner.filter_shape)
 
     lat = darr.map_blocks(load, chunks=((codec.channels,),) + chunks, dtype=np.int16,
                           name=f"corsa3-{path}-{stat.st_mtime_ns}-{stat.st_size}")
@@ -81,7 +81,7 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
         layers.append(darr.map_blocks(refinement, chunks=((len(corsa_udf.REFINE_BANDS),),) + chunks, dtype=np.float32,
                                       name=f"corsa3-refine-{path}-{stat.st_mtime_ns}-{stat.st_size}"))
         bands += corsa_udf.REFINE_BANDS
-        if codec.refiner.filter_radius:     # and each block's loop filter (corsa_udf.FILTER_BANDS)
+        if codec.refiner.filter_shape:     # and each block's loop filter (corsa_udf.FILTER_BANDS)
             layers.append(darr.map_blocks(loop_filter, chunks=((len(corsa_udf.FILTER_BANDS),),) + chunks, dtype=np.float32,
                                           name=f"corsa3-filter-{path}-{stat.st_mtime_ns}-{stat.st_size}"))
             bands += corsa_udf.FILTER_BANDS

@@ -300,7 +300,7 @@ def results_cube(job: Job, model: str | None = None) -> DataCube:
         cells = list(corsa_udf.CELL_BANDS) if corsa_udf.refine_grid(card) and (
             listed is None or set(corsa_udf.CELL_BANDS) <= listed) else []
         # and a loop-filtered model's filters (corsa_udf.FILTER_BANDS), where its files hold them
-        cells += list(corsa_udf.FILTER_BANDS) if cells and corsa_udf.filter_radius(card) and (
+        cells += list(corsa_udf.FILTER_BANDS) if cells and corsa_udf.filter_shape(card) and (
             listed is None or set(corsa_udf.FILTER_BANDS) <= listed) else []
         cubes = [connection.load_stac_from_job(job, bands=layer["bands"] + (cells if layer["name"] == "latent" else []))
                  for layer in card["layers"]]

@@ -174,7 +174,8 @@ def corsa_openeo_compress() -> dict:
                     "cells, plus nodata; a refined model (corsa3.9) adds, before nodata, the band refine: each band's "
                     "mean decoding error over 160 m cells in the level's steps, the 10 values of a cell in its 4 x 4 "
                     "cells of 40 m; a model with a loop filter (corsa3.11) adds after it the bands filter_B02, ...: "
-                    "each 512 px block's filter, 35 integers a band on the block's first 40 m cells. To store it "
+                    "each 512 px block's filter, 35 integers a band (corsa3.12: 71) on the block's first 40 m cells, 6 a row "
+                    "(all 0: none). To store it "
                     "compactly, save each layer on its own grid as "
                     "corsa_openeo_compress_s2 does.",
         parameters=[DATA, MODEL, QUALITY], returns={**CUBE, "description": "bands idx0, idx1, nodata (or z00, ..., "
