@@ -215,7 +215,8 @@ def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(
     one piece), and the job's files decode on the engine as that product does. Except within the
     decoder's reach of the nodata rows: the UDF cannot tell them from the padding beyond the scene and
     decodes its chunk from where its data begin, the readers from the scene's edge (the integers there
-    are 0), so those cells may differ by a step."""
+    are 0), so those cells may differ by a step; and where the level has a loop filter (the default's
+    level 3), fitted on that decoding, the block's filter differs a little, so any cell may."""
     s = _scene(data_root, "majortom")
     data = s.data[:, :300, :560].copy()
     data[:, :22] = 0
@@ -223,10 +224,15 @@ def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(
     nodata = (data == 0).all(0)
     _, _, cells = stream_format.encode_refined(codec, data, stored.ints, 3, nodata, None, None, s.date)
     assert len(cells) == 2
-    for (ours, _), (theirs, _) in zip(stored.refinement, cells):
-        # below the decoder's reach (36 px) from where the chunk's data begin (row 20), the same cells
-        np.testing.assert_array_equal(ours[:, 4:], theirs[:, 4:])
-        assert ours[:, 1].any() and np.abs(ours[:, :4] - theirs[:, :4]).max() <= 1
+    for (ours, weights), (theirs, fitted) in zip(stored.refinement, cells):
+        assert ours[:, 1].any()
+        if fitted is None:
+            # below the decoder's reach (36 px) from where the chunk's data begin (row 20), the same cells
+            np.testing.assert_array_equal(ours[:, 4:], theirs[:, 4:])
+            assert np.abs(ours[:, :4] - theirs[:, :4]).max() <= 1
+        else:   # measured: 1.7% of them a step apart (within the reach, the filter sharpens what differs there)
+            assert weights is not None and np.abs(ours[:, 4:] - theirs[:, 4:]).max() <= 1
+            assert np.mean(ours[:, 4:] != theirs[:, 4:]) < 0.05
     _job_decodes_as_its_product(tmp_path, 3)
 
 
