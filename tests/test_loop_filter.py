@@ -63,7 +63,7 @@ def test_the_filter_weights_round_trip_and_damage_is_refused_by_name(majortom):
 
 def test_the_encoder_weighs_each_blocks_filter_against_its_bits(majortom):
     """What a block stores is what costs it least at its level: the whole filter on a full block at a
-    high level, less (its own neighbours' third, stored in a third of the integers, or none) where the
+    high level, less (its own neighbours' part, stored in half the integers, or none) where the
     bits cost more; the own part reads back as the whole filter with the other bands' weights 0."""
     s, data = majortom
     codec = VariableRateCodec(MODEL)

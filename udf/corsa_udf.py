@@ -834,7 +834,7 @@ def loop_filter(net, decoded: np.ndarray, weights: np.ndarray, rows: slice, cols
 
 def own_taps(shape: FilterShape, band: int, bands: int = len(BANDS)) -> np.ndarray:
     """The taps of band ``band``'s loop filter that a filter of its own neighbours only uses (the other
-    bands' neighbours' weights 0): as a model without ``cross`` weighs, at a third of the integers."""
+    bands' neighbours' weights 0): as a model without ``cross`` weighs, in half the integers."""
     n, k = len(filter_offsets(shape)), len(cross_offsets(shape))
     return np.r_[np.arange(n), n + band * k + np.arange(k), np.arange(n + bands * k, filter_taps(shape, bands))]
 
@@ -853,7 +853,7 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
     ``valid`` pixels. The fit reads one latent cell in FILTER_SAMPLE x FILTER_SAMPLE: every phase of the
     network's pixel shuffles among them (every other pixel would fit the even ones' behaviour only).
     With ``lam`` (the level's DN^2 a bit) each block takes what costs it least, squared error plus
-    ``lam`` times the bits: the filter, its own-neighbours part only (``own_taps``, stored at a third of
+    ``lam`` times the bits: the filter, its own-neighbours part only (``own_taps``, stored in half
     the integers), or none (a small block's filter can cost more bits than it saves)."""
     own, near_all = filter_offsets(shape), cross_offsets(shape)
     taps = filter_taps(shape)
