@@ -757,7 +757,7 @@ FILTER_MIN_PX = 64         # a block narrower than this on a side gets no loop f
 # t of a band at the block's 40 m cell (t // FILTER_ROW, t % FILTER_ROW), 0 elsewhere (all 0: no filter).
 FILTER_BANDS = tuple(f"filter_{b}" for b in BANDS)
 FILTER_ROW = 6
-FILTER_SAMPLE = 3          # the fit reads one latent cell (4 x 4 px) in FILTER_SAMPLE x FILTER_SAMPLE (see filter_fit)
+FILTER_SAMPLE = 5          # the fit reads one latent cell (4 x 4 px) in FILTER_SAMPLE (see filter_fit)
 FILTER_RIDGE = 1e-7        # of the normal equations' mean diagonal: a flat block's equations stay solvable
 
 
@@ -850,8 +850,10 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
     """The loop filter's integer weights (10, taps) of a block, from its input ``truth`` (10, h, w) and a
     decoded window (10, H, W) in which the block is ``rows`` x ``cols`` (its neighbours around it as the
     readers decode them), by least squares; None for a block under FILTER_MIN_PX a side or with too few
-    ``valid`` pixels. The fit reads one latent cell in FILTER_SAMPLE x FILTER_SAMPLE: every phase of the
-    network's pixel shuffles among them (every other pixel would fit the even ones' behaviour only).
+    ``valid`` pixels. The fit reads one latent cell in FILTER_SAMPLE, those of (column + 2 row) % 5 == 0:
+    an odd lattice, so every phase of the network's pixel shuffles is among them in both axes (every other
+    pixel, or cell, would fit the even ones' behaviour only); on the validation split +0.01-0.04 dB at
+    levels 2-9 over one cell in 3 x 3, for 1.8 times its samples.
     With ``lam`` (the level's DN^2 a bit) each block takes what costs it least, squared error plus
     ``lam`` times the bits: the filter, its own-neighbours part only (``own_taps``, stored in half
     the integers), or none (a small block's filter can cost more bits than it saves)."""
@@ -861,7 +863,7 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
     if min(h, w) < FILTER_MIN_PX:
         return None
     near = neighbourhood(decoded, rows, cols, shape.radius)
-    keep = (np.arange(h) // STRIDE1 % FILTER_SAMPLE == 0)[:, None] & (np.arange(w) // STRIDE1 % FILTER_SAMPLE == 0)[None]
+    keep = ((np.arange(w) // STRIDE1)[None] + 2 * (np.arange(h) // STRIDE1)[:, None]) % FILTER_SAMPLE == 0
     if valid is not None:
         keep &= valid
     y, x = np.nonzero(keep)
