@@ -839,6 +839,14 @@ def own_taps(shape: FilterShape, band: int, bands: int = len(BANDS)) -> np.ndarr
     return np.r_[np.arange(n), n + band * k + np.arange(k), np.arange(n + bands * k, filter_taps(shape, bands))]
 
 
+def own_mask(shape: FilterShape, bands: int = len(BANDS)) -> np.ndarray:
+    """(bands, taps) bool: each band's ``own_taps``; ``weights[own_mask]`` is the own part, band by band."""
+    mask = np.zeros((bands, filter_taps(shape, bands)), bool)
+    for b in range(bands):
+        mask[b, own_taps(shape, b, bands)] = True
+    return mask
+
+
 def _varint_bytes(values: np.ndarray) -> int:
     """Bytes of ``values`` as zigzag varints (corsa.codec.loop_filter's stream)."""
     z = np.where(values >= 0, 2 * values, -2 * values - 1)
@@ -914,7 +922,7 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
         per = (h * w if valid is None else int(valid.sum())) / len(y)    # samples -> the block's pixels
         costs = [per * total + lam * 8]
         for i, part in enumerate(parts):
-            kept = out[i] if part is not None else np.stack([out[i, b, own_taps(shape, b)] for b in range(len(truth))])
+            kept = out[i] if part is not None else out[i][own_mask(shape, len(truth))].reshape(len(truth), -1)
             # in-sample squared error flatters a fit by its taps: out of sample it is (n + p) / (n - p) of it
             p = kept.shape[1]
             costs.append(per * sse[i] * (len(y) + p) / (len(y) - p) + lam * 8 * (_varint_bytes(kept) + 2))

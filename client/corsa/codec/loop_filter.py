@@ -31,9 +31,9 @@ def encode(weights: np.ndarray | None, shape: corsa_udf.FilterShape) -> bytes:
         return _varint(0)
     flat = weights.ravel().astype(np.int64)
     if shape.cross:
-        own = [corsa_udf.own_taps(shape, b, len(weights)) for b in range(len(weights))]
-        if sum(int(np.abs(w[t]).sum()) for w, t in zip(weights, own)) == int(np.abs(weights).sum()):
-            flat = np.concatenate([w[t] for w, t in zip(weights, own)]).astype(np.int64)
+        own = corsa_udf.own_mask(shape, len(weights))
+        if not weights[~own].any():
+            flat = weights[own].astype(np.int64)
     return _varint(flat.size) + b"".join(_varint(int(v) * 2 if v >= 0 else -int(v) * 2 - 1) for v in flat)
 
 
@@ -43,10 +43,10 @@ def decode(data: bytes, shape: corsa_udf.FilterShape, bands: int) -> tuple[np.nd
     if count == 0:
         return None, pos
     taps = corsa_udf.filter_taps(shape, bands)
-    own = [corsa_udf.own_taps(shape, b, bands) for b in range(bands)] if shape.cross else None
-    if count != bands * taps and (own is None or count != bands * len(own[0])):
+    own = corsa_udf.own_mask(shape, bands) if shape.cross else None
+    if count != bands * taps and (own is None or count != own.sum()):
         raise StreamError(f"loop filter of {count} integers, not {bands * taps}"
-                          + (f" or {bands * len(own[0])}" if own else ""))
+                          + (f" or {own.sum()}" if own is not None else ""))
     values = np.empty(count, np.int64)
     for i in range(count):
         pos, z = _read_varint(data, pos)
@@ -56,8 +56,7 @@ def decode(data: bytes, shape: corsa_udf.FilterShape, bands: int) -> tuple[np.nd
     if count == bands * taps:
         return values.reshape(bands, taps), pos
     weights = np.zeros((bands, taps), np.int64)
-    for b, part in enumerate(values.reshape(bands, -1)):
-        weights[b, own[b]] = part
+    weights[own] = values
     return weights, pos
 
 
