@@ -1,0 +1,147 @@
+"""Ablation (issue 28, levels to CF 10): a per-pixel residual layer on top of a level's product.
+
+    python -m benchmarks.residual_layer --model corsa3.12 --levels 7 9 --steps 128 96 64 48 32 --out benchmarks/results/residual_layer.json
+
+The decoder saturates at the high levels (a finer latent or a finer refinement adds hundredths of a dB: BENCHMARKS.md,
+issue 28, seventeenth part); a classical codec keeps gaining about 6 dB a bit. This measures what a residual layer
+would give before any format carries one: each test scene is coded at a level as its product is (refined, the loop
+filter included), then the residual (truth - decoding) is quantised pixel by pixel with a step in DN and a dead zone
+(the 10 m bands on the 10 m grid, the 20 m bands on their 2 x 2 means, added back on the 2 x 2 pixels), and its size
+is the adaptive code length of its integers: per 512 px block and band, in contexts of the coded neighbours'
+magnitudes (left, above) and the decoding's local activity (its gradient in steps), the Krichevsky-Trofimov
+estimate that an adaptive range coder reaches within a few bytes, large values escaped in Exp-Golomb bits.
+CF = (product bytes + residual bytes) against the protocol's 88 bit a pixel; gains against the best of JPEG 2000 /
+JPEG XL at that CF on the scene (``benchmarks.baseline_curves``). Nothing is written: a prototype's figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.special import gammaln
+
+from corsa.codec.models import VariableRateCodec
+from corsa.core.machine import cpu_name
+from corsa.core.metrics import compression_factor, is_small, psnr
+from corsa.core.scene import BANDS, to_uint16
+from corsa.formats import stream_format
+from corsa.formats.datasets import load_split
+
+from . import baseline_curves
+from .rd import SPLIT_FILE
+from .rd_rate import compare, source_of, summarise_levels
+
+GRID20 = ("B05", "B06", "B07", "B8A", "B11", "B12")
+DEADZONE = 0.15          # of a step: |residual| rounds down unless this much past the half step
+ESCAPE = 15              # |integer| from here: an escape symbol, then Exp-Golomb bits and a sign
+ACTIVITY = np.array([0.5, 1.0, 2.0, 4.0])   # decoding's gradient in steps: context edges
+BLOCK_PX = 512
+
+
+def quantise(residual: np.ndarray, step: float) -> np.ndarray:
+    return (np.sign(residual) * np.floor(np.abs(residual) / step + 0.5 - DEADZONE)).astype(np.int32)
+
+
+def _means2(a: np.ndarray) -> np.ndarray:
+    """(h, w) -> 2 x 2 means, odd edges repeated."""
+    a = np.pad(a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)), mode="edge")
+    return a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).mean((1, 3))
+
+
+def code_bits(q: np.ndarray, decoded: np.ndarray, step: float, block: int) -> float:
+    """Adaptive code length (bits) of one band's integers (h, w), in blocks of ``block`` a side, with
+    contexts (``decoded``: the band's decoding on the integers' grid)."""
+    a = np.abs(q)
+    left, up = np.zeros_like(a), np.zeros_like(a)
+    left[:, 1:], up[1:] = a[:, :-1], a[:-1]
+    grad = np.zeros(decoded.shape, np.float32)
+    grad[:, 1:] += np.abs(np.diff(decoded, axis=1))
+    grad[1:] += np.abs(np.diff(decoded, axis=0))
+    ctx = np.minimum(left + up, 3) * (len(ACTIVITY) + 1) + np.searchsorted(ACTIVITY, grad / step)
+    symbol = np.clip(q, -ESCAPE, ESCAPE) + ESCAPE                 # 0 and 2 ESCAPE: escapes
+    big = a[a >= ESCAPE] - ESCAPE + 1
+    bits = float((2 * np.floor(np.log2(big)) + 2).sum())          # Exp-Golomb and the sign
+    alphabet, contexts = 2 * ESCAPE + 1, 4 * (len(ACTIVITY) + 1)
+    h, w = q.shape
+    for y in range(0, h, block):
+        for x in range(0, w, block):
+            c, s = ctx[y:y + block, x:x + block].ravel(), symbol[y:y + block, x:x + block].ravel()
+            counts = np.bincount(c * alphabet + s, minlength=contexts * alphabet).reshape(contexts, alphabet)
+            n = counts.sum(1)
+            bits += float((gammaln(n + alphabet / 2) - gammaln(alphabet / 2)
+                           - (gammaln(counts + 0.5) - gammaln(0.5)).sum(1)).sum() / np.log(2))
+    return bits
+
+
+def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, step: float) -> tuple[np.ndarray, float]:
+    """The decoding with its residual layer at ``step`` DN, and that layer's bits."""
+    out, bits = decoded.copy(), 0.0
+    for b, name in enumerate(BANDS):
+        r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
+        if name in GRID20:
+            q = quantise(_means2(r), step)
+            coarse = _means2(decoded[b])
+            out[b] += np.repeat(np.repeat(q * np.float32(step), 2, 0), 2, 1)[:r.shape[0], :r.shape[1]]
+            bits += code_bits(q, coarse, step, BLOCK_PX // 2)
+        else:
+            q = quantise(r, step)
+            out[b] += q * np.float32(step)
+            bits += code_bits(q, decoded[b], step, BLOCK_PX)
+    return out, bits
+
+
+def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[float]) -> list[dict]:
+    rows = []
+    for i, s in enumerate(scenes, 1):
+        for q in levels:
+            ints = codec.quantise(codec.latent(s.data, q), q)
+            data, rec, cells = stream_format.encode_refined(codec, s.data, ints, q, s.nodata_mask, None, None, "undated")
+            if cells is not None:
+                stream_format.refine(rec, cells, codec.refiner, codec.level(q), ~s.nodata_mask)
+            base = {"scene": s.name, "source": source_of(s), "small": is_small(s.data),
+                    "l1c": s.extra.get("level") == "L1C", "pixels": s.pixels}
+            for step in [0.0] + steps:
+                out, bits = (rec, 0.0) if not step else residual_layer(s.data, rec, ~s.nodata_mask, step)
+                dec = to_uint16(out)
+                dec[:, s.nodata_mask] = 0
+                size = len(data) + int(np.ceil(bits / 8))
+                rows.append({**base, "quality": f"{q}+{step:g}", "bytes": size, "residual_bytes": size - len(data),
+                             "cf": compression_factor(s.pixels, size), "psnr": psnr(s.data, dec)})
+        print(f"[{i}/{len(scenes)}] {s.name}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="corsa3.12")
+    p.add_argument("--levels", type=int, nargs="+", default=[7, 9])
+    p.add_argument("--steps", type=float, nargs="+", default=[128, 96, 64, 48, 32])
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    codec = VariableRateCodec(args.model, threads=1)
+    scenes = load_split(SPLIT_FILE, args.split)
+    curves = baseline_curves.fill(scenes, baseline_curves.DEFAULT_CACHE if args.split == "test" else
+                                  Path(f"benchmarks/results/baseline_curves_{args.split}.json"))
+    rows = measure(codec, scenes, args.levels, args.steps)
+    compare(rows, curves)
+    labels = [f"{q}+{s:g}" for q in args.levels for s in [0.0] + args.steps]
+    summary = summarise_levels(rows, labels)
+    result = {"model": codec.model_id, "split": args.split, "cpu": cpu_name(), "deadzone": DEADZONE,
+              "levels": summary, "rows": rows}
+    args.out.write_text(json.dumps(result, indent=1))
+    print("level+step | CF | PSNR | gain (mean over L2A sources) | worst L2A source | residual share of bytes")
+    for lv in summary:
+        src = lv["l2a_sources"]
+        claim = {r["source"] for r in rows if not r["l1c"] and not r["small"]}
+        per = {k: v["gain_mean"] for k, v in lv["per_source"].items() if k in claim and v.get("gain_mean") is not None}
+        share = np.mean([r["residual_bytes"] / r["bytes"] for r in rows if r["quality"] == lv["quality"]])
+        print(f"{lv['quality']} | {src['cf']:.1f} | {src['psnr']:.2f} | {src['gain_mean']:+.2f} | "
+              f"{min(per.values()):+.2f} | {share:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
