@@ -28,7 +28,7 @@ import numpy as np
 from corsa.core import cluster
 from corsa.formats import stream_format
 from corsa.core import progress
-from corsa.codec.models import VariableRateCodec
+from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.codec.latent_coder import LatentCoder
 from corsa.codec.refine_coder import BlockRefinement
 
@@ -265,10 +265,15 @@ def check_model(h: dict, codec: VariableRateCodec) -> None:
                            f"not of {codec.model_id!r}: decoding would give wrong reflectances")
 
 
-@functools.lru_cache(maxsize=4)
 def model_codec(model: str) -> VariableRateCodec:
-    """A model by name or folder, opened once."""
-    return VariableRateCodec(model)
+    """A model by name or folder, opened once per folder: a product names its model by id, its blocks'
+    readers by folder, and each opening reads the model's tables again (0.2-0.5 s)."""
+    return _folder_codec(str(model_dir(model).resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _folder_codec(folder: str) -> VariableRateCodec:
+    return VariableRateCodec(folder)
 
 
 def read_date(folder: Path, date: str, codec: VariableRateCodec) -> stream_format.StreamDate:
