@@ -177,3 +177,16 @@ def test_a_date_its_references_would_make_larger_is_written_alone(data_root, tmp
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
 
+
+
+def test_a_model_is_opened_once_by_id_or_by_folder(tmp_path):
+    """A product names its model by id and its blocks' readers by folder: both get the one codec (its
+    entropy tables read once per process), and a copy of the folder elsewhere is another model."""
+    from corsa.codec.models import model_dir
+
+    by_id = series.model_codec("corsa3.12")
+    assert series.model_codec(str(model_dir("corsa3.12"))) is by_id
+    copy = tmp_path / "corsa3.12"
+    shutil.copytree(model_dir("corsa3.12"), copy)
+    other = series.model_codec(str(copy))
+    assert other is not by_id and other.model_id == by_id.model_id
