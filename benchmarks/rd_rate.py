@@ -216,7 +216,7 @@ def render_markdown(result: dict) -> str:
     """The tables BENCHMARKS.md quotes."""
     levels, model = result["levels"], result["model"]
     small_sources = [s for s, v in result["cf98"]["per_source"].items() if v["small"]]
-    lines = [f"### {model}: gain over the best of JPEG 2000 / JPEG XL at the same CF (test split)", "",
+    lines = [f"### {model}: gain over the best of JPEG 2000 / JPEG XL at the same CF ({result.get('split', 'test')} split)", "",
              f"Gain = our PSNR - the best classical PSNR at our CF on the same scene (dB). Means marked "
              f"*{CLAIM}* leave out L1C scenes and small patches (< {SMALL_SIDE} px a side: "
              f"{', '.join(small_sources) or 'none'}), shown apart. \"below\": scenes where ours is below "
@@ -265,7 +265,7 @@ def render_markdown(result: dict) -> str:
     m = t["l2a_sources"]
     lines.append(f"| **mean over sources ({CLAIM})** | {_f(m['classical']['jpeg2000'])} | {_f(m['classical']['jpegxl'])} | "
                  f"{_f(m['classical']['best'])} | {_reach_text(m['reach'])} | {_f(m['psnr_at_target_cf'])} |")
-    lines += ["", f"{len(result['scenes'])} test scenes, {result['seconds']:.0f} s."]
+    lines += ["", f"{len(result['scenes'])} {result.get('split', 'test')} scenes, {result['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -273,22 +273,28 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="corsa2.1", help="model name under models_onnx/ or a model folder")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads (0: its default)")
-    p.add_argument("--scenes", nargs="+", help="only these test scenes (by name), for a quick look")
-    p.add_argument("--curves", type=Path, default=baseline_curves.DEFAULT_CACHE)
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the split measured: val is where settings are chosen, test what is reported")
+    p.add_argument("--scenes", nargs="+", help="only these scenes of the split (by name), for a quick look")
+    p.add_argument("--curves", type=Path, help="the classical codecs' curves (default: baseline_curves.json, "
+                                               "baseline_curves_val.json for val)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/rd_rate.json"))
     p.add_argument("--card", action="store_true", help="record the gains in the model's card (gain_over_classical_db: "
                                                         "what `corsa models` and `corsa serve` show)")
     args = p.parse_args(argv)
+    if args.card and args.split != "test":
+        p.error("--card records the test split's figures")
     t0 = time.time()
-    scenes = load_split(SPLIT_FILE, "test")
+    scenes = load_split(SPLIT_FILE, args.split)
     if args.scenes:
         scenes = [s for s in scenes if s.name in args.scenes]
-    curves = baseline_curves.fill(scenes, args.curves)
+    curves = baseline_curves.fill(scenes, args.curves or (baseline_curves.DEFAULT_CACHE if args.split == "test" else
+                                                          baseline_curves.DEFAULT_CACHE.with_name("baseline_curves_val.json")))
     codec = VariableRateCodec(args.model, threads=args.threads)
     rows = measure(codec, scenes)
     compare(rows, curves)
     levels = summarise_levels(rows, codec.qualities)
-    result = {"model": codec.model_id, "model_path": str(codec.path), "scenes": [s.name for s in scenes],
+    result = {"model": codec.model_id, "model_path": str(codec.path), "split": args.split, "scenes": [s.name for s in scenes],
               "small_side_px": SMALL_SIDE, "levels": levels, "cf98": cf98_target(rows, levels, curves),
               "rows": rows}
     result["seconds"] = round(time.time() - t0, 1)

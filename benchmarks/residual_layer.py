@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     codec = VariableRateCodec(args.model, threads=1)
     scenes = load_split(SPLIT_FILE, args.split)
-    curves = baseline_curves.fill(scenes, baseline_curves.DEFAULT_CACHE if args.split == "test" else
-                                  Path(f"benchmarks/results/baseline_curves_{args.split}.json"))
+    curves = baseline_curves.fill(scenes, baseline_curves.DEFAULT_CACHE.with_name(
+        "baseline_curves.json" if args.split == "test" else f"baseline_curves_{args.split}.json"))
     rows = measure(codec, scenes, args.levels, args.steps)
     compare(rows, curves)
     labels = [f"{q}+{s:g}" for q in args.levels for s in [0.0] + args.steps]
