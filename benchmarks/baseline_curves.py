@@ -40,6 +40,11 @@ GRID: dict[str, list[float]] = {
 }
 DEFAULT_CACHE = Path(__file__).resolve().parent / "results" / "baseline_curves.json"
 
+
+def split_cache(split: str) -> Path:
+    """Where a split's curves are cached: the test split's in DEFAULT_CACHE, another's beside it."""
+    return DEFAULT_CACHE if split == "test" else DEFAULT_CACHE.with_name(f"baseline_curves_{split}.json")
+
 Curves = dict  # the cache's JSON: {"grid": GRID, "scenes": {name: {..., "curves": {codec: {layout: [point]}}}}}
 
 

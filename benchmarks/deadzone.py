@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     t0 = time.time()
     scenes = load_split(SPLIT_FILE, args.split)
-    cache = baseline_curves.DEFAULT_CACHE if args.split == "test" else \
-        baseline_curves.DEFAULT_CACHE.with_name("baseline_curves_val.json")
-    curves = baseline_curves.fill(scenes, cache)
+    curves = baseline_curves.fill(scenes, baseline_curves.split_cache(args.split))
     codec = VariableRateCodec(args.model, threads=1)
     table = []
     for d, rows in measure(codec, scenes, args.deadzones).items():

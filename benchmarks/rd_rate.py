@@ -288,8 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     scenes = load_split(SPLIT_FILE, args.split)
     if args.scenes:
         scenes = [s for s in scenes if s.name in args.scenes]
-    curves = baseline_curves.fill(scenes, args.curves or (baseline_curves.DEFAULT_CACHE if args.split == "test" else
-                                                          baseline_curves.DEFAULT_CACHE.with_name("baseline_curves_val.json")))
+    curves = baseline_curves.fill(scenes, args.curves or baseline_curves.split_cache(args.split))
     codec = VariableRateCodec(args.model, threads=args.threads)
     rows = measure(codec, scenes)
     compare(rows, curves)

@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     codec = VariableRateCodec(args.model, threads=1)
     scenes = load_split(SPLIT_FILE, args.split)
-    curves = baseline_curves.fill(scenes, baseline_curves.DEFAULT_CACHE.with_name(
-        "baseline_curves.json" if args.split == "test" else f"baseline_curves_{args.split}.json"))
+    curves = baseline_curves.fill(scenes, baseline_curves.split_cache(args.split))
     rows = measure(codec, scenes, args.levels, args.steps)
     compare(rows, curves)
     labels = [f"{q}+{s:g}" for q in args.levels for s in [0.0] + args.steps]
@@ -132,10 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": codec.model_id, "split": args.split, "cpu": cpu_name(), "deadzone": DEADZONE,
               "levels": summary, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
+    claim = {r["source"] for r in rows if not r["l1c"] and not r["small"]}
     print("level+step | CF | PSNR | gain (mean over L2A sources) | worst L2A source | residual share of bytes")
     for lv in summary:
         src = lv["l2a_sources"]
-        claim = {r["source"] for r in rows if not r["l1c"] and not r["small"]}
         per = {k: v["gain_mean"] for k, v in lv["per_source"].items() if k in claim and v.get("gain_mean") is not None}
         share = np.mean([r["residual_bytes"] / r["bytes"] for r in rows if r["quality"] == lv["quality"]])
         print(f"{lv['quality']} | {src['cf']:.1f} | {src['psnr']:.2f} | {src['gain_mean']:+.2f} | "

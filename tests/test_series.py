@@ -11,6 +11,7 @@ import rasterio
 from rasterio.transform import Affine
 
 from corsa.app import cli
+from corsa.codec.models import model_dir
 from corsa.formats import stream_format
 from corsa.formats import series
 from corsa.formats.datasets import LOADERS, revisit_series
@@ -178,12 +179,9 @@ def test_a_date_its_references_would_make_larger_is_written_alone(data_root, tmp
         np.testing.assert_array_equal(a[name], b[name])
 
 
-
 def test_a_model_is_opened_once_by_id_or_by_folder(tmp_path):
     """A product names its model by id and its blocks' readers by folder: both get the one codec (its
     entropy tables read once per process), and a copy of the folder elsewhere is another model."""
-    from corsa.codec.models import model_dir
-
     by_id = series.model_codec("corsa3.12")
     assert series.model_codec(str(model_dir("corsa3.12"))) is by_id
     copy = tmp_path / "corsa3.12"
