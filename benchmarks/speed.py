@@ -98,7 +98,7 @@ def gdal_to_cog(src: Path, tmp: Path, target_cf: float, repeats: int) -> tuple[f
 def _xarray_date(product: Path) -> np.ndarray:
     """The product's date as a user reads it whole into memory (``xr.open_dataset(..., engine="corsa")``),
     its blocks entropy-decoded afresh (the reader keeps recent blocks' integers)."""
-    series._block_ints.cache_clear()
+    series.forget_blocks()
     with xr.open_dataset(product, engine="corsa", mask_and_scale=False) as ds:
         return ds.reflectance.values
 

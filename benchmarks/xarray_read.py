@@ -60,13 +60,13 @@ def tile_figures(work: Path) -> dict:
     date = str(ds.time.values[0])[:10]
     first, _ = _timed(lambda: ds.reflectance.isel(time=0, y=slice(0, 512), x=slice(0, 512)).values)
     # Sessions are open from here on; each read below starts with no block's integers decoded.
-    series._block_ints.cache_clear()
+    series.forget_blocks()
     on_block, _ = _timed(lambda: xr.open_dataset(folder, engine="corsa", mask_and_scale=False)
                          .reflectance.isel(time=0, y=slice(5120, 5632), x=slice(5120, 5632)).values)
-    series._block_ints.cache_clear()
+    series.forget_blocks()
     across, _ = _timed(lambda: xr.open_dataset(folder, engine="corsa", mask_and_scale=False)
                        .reflectance.isel(time=0, y=slice(4864, 5376), x=slice(4864, 5376)).values)
-    series._block_ints.cache_clear()
+    series.forget_blocks()
     decoder = blockwise.DateDecoder(folder, date, product.stream_codec(folder, date))
     ys, xs = (s[10] for s in decoder.spans())
     one_block, _ = _timed(lambda: decoder.block(ys, xs, *decoder.inputs(ys, xs, None)))
@@ -91,7 +91,7 @@ def series_figures(work: Path) -> dict:
     decoder_runs, entropy = [], []
     synthesise = corsa_udf.synthesise
     corsa_udf.synthesise = lambda *a, **k: decoder_runs.append(1) or synthesise(*a, **k)
-    series._block_ints.cache_clear()
+    series.forget_blocks()
     try:
         ds = xr.open_dataset(folder, engine="corsa", mask_and_scale=False)
         seconds, _ = _timed(lambda: ds.reflectance.isel(y=slice(1024, 1536), x=slice(1024, 1536)).values)

@@ -116,3 +116,24 @@ def test_integer_windows_are_copies_and_the_next_row_is_decoded_ahead(products):
         assert w.flags.owndata
         np.testing.assert_array_equal(w, whole[:, ys, xs])
     np.testing.assert_array_equal(_Integers(folder, DATE, codec).window(slice(100, 140), slice(20, 250), None), across)
+
+
+def test_the_shared_integers_are_those_of_each_window_encoded_alone(scene, tmp_path):
+    """Compressing on this machine, the encoder runs once over units of a block row (``shared_ints``);
+    on a cluster, each block's window is encoded alone. The default model's product (refined: each
+    block decoded from its neighbours' cells too) is the same byte for byte, units of 2 blocks a side
+    on a grid of 2 x 3 blocks, its edges not on the 4 px cells."""
+    from corsa.blocks import blockwise, shared_ints
+    from corsa.codec.models import DEFAULT_MODEL, VariableRateCodec
+    from corsa.core import cluster
+    from corsa.formats.sources import Catalogue
+
+    codec = VariableRateCodec(DEFAULT_MODEL)
+    quality = codec.default_quality
+    assert codec.refines(quality) and shared_ints.UNIT_COLS < SHAPE[1]
+    cube = Catalogue({"S2": scene[0]}).load("S2", bands=list(blockwise.BANDS))
+    blockwise.compress(cube, codec, quality, tmp_path / "shared")
+    with cluster.runner() as alone:
+        blockwise.compress(cube, codec, quality, tmp_path / "alone", run=alone)
+    (a,), (b,) = (sorted((tmp_path / k).glob("*.corsa")) for k in ("shared", "alone"))
+    assert a.read_bytes() == b.read_bytes()

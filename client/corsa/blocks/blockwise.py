@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
 from contextlib import closing, nullcontext
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import corsa_udf
 import numpy as np
@@ -31,6 +31,7 @@ from rasterio.windows import Window
 if TYPE_CHECKING:         # the decompress path runs without xarray (its import: 0.5 s)
     import xarray as xr
 
+from corsa.blocks import shared_ints
 from corsa.core import cluster
 from corsa.openeo import windows
 from corsa.formats import product
@@ -83,33 +84,38 @@ def compress_overlap(codec: VariableRateCodec, quality: int) -> int:
     return reach + windows.reach_overlap(codec.card, "decoder") if codec.refines(quality) else reach
 
 
-def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, enc, overlap: int,
+def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, ints_over: Callable[[slice, slice], np.ndarray],
                  ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, BlockRefinement | None]:
     """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them, and
-    where the quality is refined, its refinement (None otherwise)."""
+    where the quality is refined, its refinement (None otherwise). ``ints_over(rows, cols)``: the
+    integers of the cells under a window of px, as the UDF's encoder gives them for its chunk."""
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
-    from dask.local import get_sync      # here: decompress, which imports this module too, needs no dask
-
-    # Read in this thread (the block is already one of the threads), by the function itself: dask looks
-    # for a distributed client first for any scheduler it is given by name (importing it: 0.4 s a run).
-    win = scene.isel(y=slice(wy0, wy1), x=slice(wx0, wx1)).compute(scheduler=get_sync).values.astype(np.float32)
-    # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
-    latent = corsa_udf.analyse(enc, win, windows.UDF_TILE, overlap)
+    ints = ints_over(slice(wy0, wy1), slice(wx0, wx1))
+    block = shared_ints.read_window(scene, slice(y0, y1), slice(x0, x1))
+    nodata = corsa_udf.nodata_of(block)
     cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
-    by, bx = slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0)
-    nodata = corsa_udf.nodata_of(win[:, by, bx])
+    own = ints[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)]
     if not codec.refines(quality):
-        return codec.quantise(latent[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], quality), nodata, None
-    ints = codec.quantise(latent, quality)
+        return own, nodata, None
     # The block decoded as DateDecoder.block will: over its decompress window, from the integers of
     # the neighbours' cells too (within the decoder's reach they are those the neighbours store).
     d = windows.OVERLAP["decompress"]
     dy0, dy1, dx0, dx1 = max(y0 - d, wy0), min(y1 + d, wy1), max(x0 - d, wx0), min(x1 + d, wx1)
     z = codec.dequantise(ints[:, (dy0 - wy0) // 4:-(-(dy1 - wy0) // 4), (dx0 - wx0) // 4:-(-(dx1 - wx0) // 4)], quality)
     rec = corsa_udf.synthesise(network_session(codec, quality), z, windows.UDF_TILE, d)[:, :dy1 - dy0, :dx1 - dx0]
-    cells = codec.refiner.block(win[:, by, bx], rec, slice(y0 - dy0, y1 - dy0), slice(x0 - dx0, x1 - dx0), ~nodata,
+    cells = codec.refiner.block(block, rec, slice(y0 - dy0, y1 - dy0), slice(x0 - dx0, x1 - dx0), ~nodata,
                                 codec.level(quality))
-    return ints[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)], nodata, cells
+    return own, nodata, cells
+
+
+def _analysed(scene: xr.DataArray, codec: VariableRateCodec, quality: int, overlap: int, rows: slice,
+              cols: slice) -> np.ndarray:
+    """The integers of a window encoded alone, as the UDF encodes its chunk (where the block runs on a
+    worker of a cluster: no other block's units at hand)."""
+    win = shared_ints.read_window(scene, rows, cols)
+    # The UDF gets this window as one chunk and, being under its tile size, analyses it in one piece.
+    return codec.quantise(corsa_udf.analyse(network_session(codec, quality, "encoder"), win, windows.UDF_TILE, overlap),
+                          quality)
 
 
 def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Path, append: bool = False,
@@ -142,6 +148,13 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
         network_session(codec, quality)
     scenes = [cube.isel(t=i).sel(bands=list(BANDS)) for i in range(len(new))]
     positions = [(ys, xs) for ys in _spans(h, overlap) for xs in _spans(w, overlap)]
+    if run is None and len(scenes) * shared_ints.held_bytes((h, w), codec.channels) <= shared_ints.BUDGET:
+        reach = windows.reach_overlap(codec.card, "encoder")
+        shared = [shared_ints.SharedInts(s, network_session(codec, quality, "encoder"), reach,
+                                         partial(codec.quantise, quality=quality)) for s in scenes]
+        ints_over = [s.window for s in shared]
+    else:
+        shared, ints_over = [], [partial(_analysed, s, codec, quality, overlap) for s in scenes]
 
     def position(k: int) -> tuple[dict, dict[int, np.ndarray]]:
         """A block position of every new date: its streams, and the nodata of the dates that have some."""
@@ -150,9 +163,8 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
         def ints_of(i: int, kk: int) -> np.ndarray:
             if i < len(old):
                 return series.block_ints(out, old[i], kk, codec)
-            # opened where the block runs (a cluster's worker opens its own)
-            encoder = network_session(codec, quality, "encoder")
-            ints, nodata_i, cells[i] = _window_ints(scenes[i - len(old)], codec, quality, encoder, overlap, *positions[kk])
+            ints, nodata_i, cells[i] = _window_ints(scenes[i - len(old)], codec, quality, ints_over[i - len(old)],
+                                                    *positions[kk])
             if nodata_i.any():
                 nodata[i] = nodata_i
             return ints
@@ -162,12 +174,16 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     masks: dict[int, np.ndarray] = {}
     coded = []
     progress.grow(len(positions))
-    with cluster.runner() if run is None else nullcontext(run) as where:
-        for (ys, xs), (streams, nodata) in zip(positions, where.map(position, range(len(positions)))):
-            coded.append(streams)
-            for i, m in nodata.items():
-                masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = m
-            progress.advance()
+    try:
+        with cluster.runner() if run is None else nullcontext(run) as where:
+            for (ys, xs), (streams, nodata) in zip(positions, where.map(position, range(len(positions)))):
+                coded.append(streams)
+                for i, m in nodata.items():
+                    masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = m
+                progress.advance()
+    finally:
+        for s in shared:
+            s.close()
     return series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
 
 

@@ -93,11 +93,12 @@ class _DateArray(BackendArray):
 
     def _read(self, key: tuple) -> np.ndarray:
         (t, c, y, x), after = _ranges(key, self.shape)
-        out = np.zeros((t.stop - t.start, c.stop - c.start, y.stop - y.start, x.stop - x.start), self.dtype)
-        if out.size:
-            for i, date in enumerate(self.source.dates[t]):
-                out[i] = self.part(self.source.decoder(date), c, y, x)
-        return out[after]
+        shape = (t.stop - t.start, c.stop - c.start, y.stop - y.start, x.stop - x.start)
+        if not np.prod(shape):
+            return np.zeros(shape, self.dtype)[after]
+        # one date (the usual read) handed over as decoded, not copied into a new array
+        parts = [self.part(self.source.decoder(date), c, y, x).astype(self.dtype, copy=False) for date in self.source.dates[t]]
+        return (parts[0][None] if len(parts) == 1 else np.stack(parts))[after]
 
     def part(self, decoder: DateDecoder, c: slice, y: slice, x: slice) -> np.ndarray:
         raise NotImplementedError

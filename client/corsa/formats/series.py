@@ -206,12 +206,18 @@ def header(folder: Path, date: str) -> tuple[bytes, dict]:
 
 def block_refinement(folder: Path, date: str, k: int, codec: VariableRateCodec) -> BlockRefinement | None:
     """Block ``k``'s refinement (cells and loop filter) of one date, None for a date without (before formats 8 and 9)."""
-    data, h = header(folder, date)
+    return _block_refinement(str(folder), date, _stamped(folder, date)[1], k, str(codec.path))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_refinement(folder: str, date: str, stamp: tuple[int, int], k: int, model: str) -> BlockRefinement | None:
+    # a block's refinement is read by each of the up to 9 windows over it: decoded once (a few kB a block)
+    data, h = header(Path(folder), date)
     offsets = stream_format.refine_offsets(h)
     if offsets is None:
         return None
     start, n = offsets[k]
-    return stream_format.decode_refinement(codec.refiner, data[start:start + n],
+    return stream_format.decode_refinement(model_codec(model).refiner, data[start:start + n],
                                            stream_format.block_pixels(h["blocks"][k], h["shape"]),
                                            stream_format.file_name(date))
 
@@ -248,6 +254,12 @@ def _block_ints(folder: str, date: str, stamp: tuple[int, int], k: int, model: s
                                            channel_map=h["version"] not in stream_format.MAPLESS)
     except ValueError as e:
         raise ProductError(f"{name}: {e}") from e
+
+
+def forget_blocks() -> None:
+    """Drop the blocks' integers and refinements this process keeps (a reading measured afresh)."""
+    _block_ints.cache_clear()
+    _block_refinement.cache_clear()
 
 
 def check_model(h: dict, codec: VariableRateCodec) -> None:

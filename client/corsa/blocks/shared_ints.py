@@ -1,0 +1,114 @@
+"""A date's integers computed once and shared by the blocks whose windows need them (``corsa compress``
+on this machine).
+
+A block is coded from the integers of its window: the block and, around it, the reach its decoding needs
+(``blockwise.compress_overlap``, 56 px for corsa3.12), so neighbouring windows overlap. Encoded window by
+window, a 2136 px date ran 1.46x its pixels through the encoder. The encoder's value at a latent cell
+depends only on the input within its receptive radius (a test checks it bit for bit), so a window's
+integers are the same whether the encoder ran over the window or over a larger area: here it runs once
+over units of a block row by UNIT_COLS px (with its reach around each: 1.12x the date's pixels), their
+integers kept while blocks near them may still ask (HELD_ROWS rows: 350 MB for a 10980 px date). On a dask
+cluster each worker encodes its block's window itself (``blockwise``), as does a compress of dates whose units
+would hold more than BUDGET (a long series of large scenes): windows overlap, memory stays flat.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable
+
+import corsa_udf
+import numpy as np
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+UNIT_ROWS = corsa_udf.BLOCK_PX   # a unit is a block row high, so a block's window spans at most 3 unit rows
+UNIT_COLS = 2 * corsa_udf.BLOCK_PX
+HELD_ROWS = 5                     # unit rows held at most: 2 above a block row, its own, 2 ahead
+BUDGET = 512 << 20                # bytes of units held, all dates of a compress together; beyond, windows alone
+
+
+def held_bytes(shape: tuple[int, int], channels: int) -> int:
+    """The most a date's units hold at once (int16 integers)."""
+    cells = UNIT_ROWS // corsa_udf.STRIDE1
+    return HELD_ROWS * cells * -(-shape[1] // corsa_udf.STRIDE1) * channels * 2
+
+
+def read_window(scene: "xr.DataArray", rows: slice, cols: slice) -> np.ndarray:
+    """(bands, rows, cols) float32 DN of a date's (bands, y, x) cube, read in this thread."""
+    from dask.local import get_sync      # here: decompress, which imports the blocks too, needs no dask
+
+    # The caller is already one of the threads: dask looks for a distributed client first for any
+    # scheduler it is given by name (importing it: 0.4 s a run).
+    return scene.isel(y=rows, x=cols).compute(scheduler=get_sync).values.astype(np.float32)
+
+
+class SharedInts:
+    """The integers of a date (``scene``: (bands, y, x)) at one quality, unit by unit, through
+    ``quantise(latent)``; safe to ask from several threads. A thread of its own computes the units
+    two rows ahead of the last one asked for, in order, so that the blocks' threads seldom wait: a unit
+    asked for before that thread has started it is computed by the thread asking (one asked while
+    another thread computes it is waited for). ``close`` stops it."""
+
+    def __init__(self, scene: "xr.DataArray", encoder, reach: int, quantise: Callable[[np.ndarray], np.ndarray]):
+        self.scene, self.encoder, self.reach, self.quantise = scene, encoder, reach, quantise
+        self.h, self.w = scene.sizes["y"], scene.sizes["x"]
+        self.rows, self.cols = -(-self.h // UNIT_ROWS), -(-self.w // UNIT_COLS)
+        self._units: dict[tuple[int, int], Future] = {}
+        self._queued = 0        # unit rows handed to the thread ahead
+        self._ahead = ThreadPoolExecutor(1)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._ahead.shutdown(cancel_futures=True)
+
+    def _compute(self, r: int, c: int) -> np.ndarray:
+        y0, y1 = r * UNIT_ROWS, min(self.h, (r + 1) * UNIT_ROWS)
+        x0, x1 = c * UNIT_COLS, min(self.w, (c + 1) * UNIT_COLS)
+        ry0, ry1 = max(0, y0 - self.reach), min(self.h, y1 + self.reach)
+        rx0, rx1 = max(0, x0 - self.reach), min(self.w, x1 + self.reach)
+        win = read_window(self.scene, slice(ry0, ry1), slice(rx0, rx1))
+        s = corsa_udf.STRIDE1
+        latent = corsa_udf.analyse(self.encoder, win, -(-max(win.shape[1:]) // s) * s, 0)
+        return self.quantise(latent[:, (y0 - ry0) // s:-(-(y1 - ry0) // s), (x0 - rx0) // s:-(-(x1 - rx0) // s)])
+
+    def _unit(self, r: int, c: int) -> np.ndarray:
+        with self._lock:
+            while self._queued < min(r + 3, self.rows):
+                for cc in range(self.cols):
+                    self._units[self._queued, cc] = self._ahead.submit(self._compute, self._queued, cc)
+                self._queued += 1
+            # blocks go row by row, two side by side: none still running needs a unit row 4 above one asked for
+            for k in [k for k in self._units if k[0] < r - 3]:
+                del self._units[k]
+            f = self._units.get((r, c))
+            mine = f is None or f.cancel()
+            if mine:
+                f = self._units[r, c] = Future()
+                f.set_running_or_notify_cancel()    # running: another thread asking waits for it
+        if mine:
+            try:
+                f.set_result(self._compute(r, c))
+            except BaseException as e:
+                f.set_exception(e)
+                raise
+        return f.result()
+
+    def window(self, rows: slice, cols: slice) -> np.ndarray:
+        """The integers (latent channels, cells) of the latent cells under ``rows`` x ``cols`` px (starts
+        multiples of the cell size), as ``corsa_udf.analyse`` gives them for that window alone."""
+        s = corsa_udf.STRIDE1
+        cy, cx = slice(rows.start // s, -(-rows.stop // s)), slice(cols.start // s, -(-cols.stop // s))
+        ur, uc = UNIT_ROWS // s, UNIT_COLS // s
+        out = None
+        for r in range(cy.start // ur, (cy.stop - 1) // ur + 1):
+            for c in range(cx.start // uc, (cx.stop - 1) // uc + 1):
+                unit = self._unit(r, c)
+                if out is None:
+                    out = np.empty((len(unit), cy.stop - cy.start, cx.stop - cx.start), unit.dtype)
+                ys = slice(max(cy.start, r * ur), min(cy.stop, (r + 1) * ur))
+                xs = slice(max(cx.start, c * uc), min(cx.stop, (c + 1) * uc))
+                out[:, ys.start - cy.start:ys.stop - cy.start, xs.start - cx.start:xs.stop - cx.start] = \
+                    unit[:, ys.start - r * ur:ys.stop - r * ur, xs.start - c * uc:xs.stop - c * uc]
+        return out
