@@ -174,17 +174,30 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     masks: dict[int, np.ndarray] = {}
     coded = []
     progress.grow(len(positions))
-    try:
-        with cluster.runner() if run is None else nullcontext(run) as where:
-            for (ys, xs), (streams, nodata) in zip(positions, where.map(position, range(len(positions)))):
-                coded.append(streams)
-                for i, m in nodata.items():
-                    masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = m
-                progress.advance()
-    finally:
-        for s in shared:
-            s.close()
+    with cluster.runner() if run is None else nullcontext(run) as where:
+        for (ys, xs), (streams, nodata) in zip(positions, _positions_run(where, position, positions, shared)):
+            coded.append(streams)
+            for i, m in nodata.items():
+                masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = m
+            progress.advance()
     return series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
+
+
+def _positions_run(where: cluster.Local | cluster.Cluster, position: Callable[[int], tuple], positions: list,
+                   shared: list[shared_ints.SharedInts]) -> Iterator[tuple]:
+    """``position(k)`` of every block position, in order, where they run; with shared integers, each row of
+    units queued before the blocks of the row above it, on the same threads (FIFO: a block seldom waits)."""
+    if not shared:
+        return where.map(position, range(len(positions)))
+    for s in shared:
+        s.queue(0, where.pool.submit)
+    futures = []
+    for k, (ys, xs) in enumerate(positions):
+        if xs[0] == 0:
+            for s in shared:
+                s.queue(ys[0] // BLOCK_PX + 1, where.pool.submit)
+        futures.append(where.pool.submit(position, k))
+    return (f.result() for f in futures)
 
 
 class _Integers:

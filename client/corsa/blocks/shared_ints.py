@@ -7,14 +7,16 @@ window, a 2136 px date ran 1.46x its pixels through the encoder. The encoder's v
 depends only on the input within its receptive radius (a test checks it bit for bit), so a window's
 integers are the same whether the encoder ran over the window or over a larger area: here it runs once
 over units of a block row by UNIT_COLS px (with its reach around each: 1.12x the date's pixels), their
-integers kept while blocks near them may still ask (HELD_ROWS rows: 350 MB for a 10980 px date). On a dask
-cluster each worker encodes its block's window itself (``blockwise``), as does a compress of dates whose units
-would hold more than BUDGET (a long series of large scenes): windows overlap, memory stays flat.
+integers kept while blocks near them may still ask (HELD_ROWS rows: 350 MB for a 10980 px date). The units run
+on the blocks' own threads, each row queued before the blocks of the row above it (a thread of their own
+competed with the blocks for the two cores and fell behind: a 10980 px date compressed in 171 s instead of 153).
+On a dask cluster each worker encodes its block's window itself (``blockwise``), as does a compress of dates
+whose units would hold more than BUDGET (a long series of large scenes): windows overlap, memory stays flat.
 """
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
 import corsa_udf
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
 UNIT_ROWS = corsa_udf.BLOCK_PX   # a unit is a block row high, so a block's window spans at most 3 unit rows
 UNIT_COLS = 2 * corsa_udf.BLOCK_PX
-HELD_ROWS = 5                     # unit rows held at most: 2 above a block row, its own, 2 ahead
+HELD_ROWS = 5                     # unit rows held at most: 3 above a block row, its own, 1 ahead
 BUDGET = 512 << 20                # bytes of units held, all dates of a compress together; beyond, windows alone
 
 
@@ -46,22 +48,24 @@ def read_window(scene: "xr.DataArray", rows: slice, cols: slice) -> np.ndarray:
 
 class SharedInts:
     """The integers of a date (``scene``: (bands, y, x)) at one quality, unit by unit, through
-    ``quantise(latent)``; safe to ask from several threads. A thread of its own computes the units
-    two rows ahead of the last one asked for, in order, so that the blocks' threads seldom wait: a unit
-    asked for before that thread has started it is computed by the thread asking (one asked while
-    another thread computes it is waited for). ``close`` stops it."""
+    ``quantise(latent)``; safe to ask from several threads. ``queue`` hands a row of units to the threads
+    that run the blocks (ahead of the blocks that need them, so that no thread of its own competes
+    with them for the cores): a unit asked for before a thread has started it is computed by the
+    thread asking, one asked for while another thread computes it is waited for."""
 
     def __init__(self, scene: "xr.DataArray", encoder, reach: int, quantise: Callable[[np.ndarray], np.ndarray]):
         self.scene, self.encoder, self.reach, self.quantise = scene, encoder, reach, quantise
         self.h, self.w = scene.sizes["y"], scene.sizes["x"]
         self.rows, self.cols = -(-self.h // UNIT_ROWS), -(-self.w // UNIT_COLS)
         self._units: dict[tuple[int, int], Future] = {}
-        self._queued = 0        # unit rows handed to the thread ahead
-        self._ahead = ThreadPoolExecutor(1)
         self._lock = threading.Lock()
 
-    def close(self) -> None:
-        self._ahead.shutdown(cancel_futures=True)
+    def queue(self, r: int, submit: Callable[..., Future]) -> None:
+        """Unit row ``r`` (if the date has it) computed by ``submit(fn, *args)``'s threads."""
+        if r < self.rows:
+            with self._lock:
+                for c in range(self.cols):
+                    self._units[r, c] = submit(self._compute, r, c)
 
     def _compute(self, r: int, c: int) -> np.ndarray:
         y0, y1 = r * UNIT_ROWS, min(self.h, (r + 1) * UNIT_ROWS)
@@ -75,10 +79,6 @@ class SharedInts:
 
     def _unit(self, r: int, c: int) -> np.ndarray:
         with self._lock:
-            while self._queued < min(r + 3, self.rows):
-                for cc in range(self.cols):
-                    self._units[self._queued, cc] = self._ahead.submit(self._compute, self._queued, cc)
-                self._queued += 1
             # blocks go row by row, two side by side: none still running needs a unit row 4 above one asked for
             for k in [k for k in self._units if k[0] < r - 3]:
                 del self._units[k]

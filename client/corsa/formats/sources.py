@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
 from affine import Affine
 import pandas as pd
 import rioxarray  # noqa: F401  (registers the .rio accessor)
@@ -28,7 +29,8 @@ class SourceError(ValueError):
 
 
 NETCDF_PREFIXES = ("S2-L2A-", "S2-")
-CHUNK = 1024
+CHUNK = 1024          # dask chunk side of a GeoTIFF in strips
+CHUNK_TILED = 512     # at least this, of a tiled GeoTIFF (``geotiff_chunks``)
 
 
 def _band_name(name: str) -> str:
@@ -65,8 +67,26 @@ def date_from_name(name: str) -> str | None:
     return None
 
 
+def _chunk_side(block: int) -> int:
+    """A chunk side of whole internal tiles of ``block`` px, at least a stream block (512 px)."""
+    return block * -(-CHUNK_TILED // block)
+
+
+def geotiff_chunks(path: Path) -> dict:
+    """Dask chunks of a GeoTIFF's bands. A tiled file's: whole internal tiles, about 512 px a side, as a
+    block's window (512 px and the network's reach) reads them. Each chunk a window touches is read and
+    decompressed whole: in chunks of 1024 px, a 10980 px tile's compress spent 58 CPU-seconds
+    reading, as much as the encoder (BENCHMARKS.md, issue 28). A file in strips is read whole strips at a
+    time whatever the chunk: CHUNK px."""
+    with rasterio.open(path) as f:
+        by, bx = f.block_shapes[0]
+        if bx >= f.width:
+            return {"band": -1, "y": CHUNK, "x": CHUNK}
+        return {"band": -1, "y": _chunk_side(by), "x": _chunk_side(bx)}
+
+
 def open_geotiff(path: Path) -> xr.DataArray:
-    da = rioxarray.open_rasterio(path, chunks={"band": -1, "y": CHUNK, "x": CHUNK})
+    da = rioxarray.open_rasterio(path, chunks=geotiff_chunks(path))
     long_name = da.attrs.get("long_name") or ()
     # rioxarray gives one string for a single band, a tuple otherwise
     names = [str(n).upper() for n in ((long_name,) if isinstance(long_name, str) else long_name)]
