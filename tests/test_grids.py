@@ -94,3 +94,22 @@ def test_stac_round_trip_keeps_the_grid(data_root, tmp_path):
     assert cli.main(["decompress", str(tmp_path / "p"), "-o", str(tmp_path / "d.tif")]) == 0
     transform, crs = _grid(tmp_path / "d.tif")
     assert transform == loaded.rio.transform().to_gdal() and crs == loaded.rio.crs
+
+
+@pytest.mark.parametrize("layout,side", [({"tiled": True, "blockxsize": 256, "blockysize": 256}, 512),
+                                         ({"tiled": True, "blockxsize": 768, "blockysize": 768}, 768),
+                                         ({"tiled": False}, 1024)])
+def test_a_geotiff_is_read_in_chunks_of_its_own_tiles(majortom, tmp_path, layout, side):
+    """A tiled GeoTIFF's dask chunks are whole internal tiles, at least a block (512 px) a side: a block's
+    window reads little beyond itself. A file in strips: 1024 px. The pixels are the file's either way."""
+    from corsa.formats.sources import Catalogue
+
+    data = majortom.data
+    path = tmp_path / "scene.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=len(BANDS),
+                       dtype="uint16", crs=majortom.crs, transform=Affine(*majortom.transform), **layout) as dst:
+        dst.write(data)
+    cube = Catalogue({"S2": path}).load("S2", bands=list(BANDS))
+    n = data.shape[1]
+    assert cube.chunks[cube.dims.index("y")] == (side,) * (n // side) + ((n % side,) if n % side else ())
+    np.testing.assert_array_equal(cube.isel(t=0).values, data)

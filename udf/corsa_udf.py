@@ -139,14 +139,19 @@ def _windows(n: int, tile: int, overlap: int):
 
 
 def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
+    """``x`` edge-padded to whole multiples on its last two axes (``x`` itself where it has them)."""
     pads = [(0, 0)] * (x.ndim - 2) + [(0, -x.shape[-2] % multiple), (0, -x.shape[-1] % multiple)]
-    return np.pad(x, pads, mode="edge")
+    return np.pad(x, pads, mode="edge") if pads[-1][1] or pads[-2][1] else x
 
 
 def _zero_filled(dn: np.ndarray) -> np.ndarray:
-    """DN as float32, NaN (and infinities) as 0: a copy, the caller's array stays as it was."""
-    x = np.array(dn, np.float32)
-    np.copyto(x, 0, where=~np.isfinite(x))
+    """DN as float32, NaN (and infinities) as 0; the caller's array stays as it was (copied only where
+    it is not float32 or has such values: a window of 10 bands is tens of MB)."""
+    x = np.asarray(dn, np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        x = x.copy() if x is dn or np.shares_memory(x, dn) else x
+        np.copyto(x, 0, where=bad)
     return x
 
 
