@@ -150,7 +150,7 @@ def _zero_filled(dn: np.ndarray) -> np.ndarray:
     x = np.asarray(dn, np.float32)
     bad = ~np.isfinite(x)
     if bad.any():
-        x = x.copy() if x is dn or np.shares_memory(x, dn) else x
+        x = x.copy() if np.shares_memory(x, dn) else x
         np.copyto(x, 0, where=bad)
     return x
 
@@ -895,12 +895,12 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
     samples, r = filter_samples(h, w), shape.radius
     keep = None if valid is None else _at_samples(valid, samples, 0, 0)
     keep = None if keep is None or keep.all() else keep
-    count = sum(len(range(h)[ys]) * len(range(w)[xs]) for ys, xs in samples) if keep is None else int(keep.sum())
+    centres = _at_samples(near, samples, r, r, keep).astype(np.float64)                       # (10, n)
+    count = centres.shape[1]
     if count < 4 * taps:
         return None
     # The features every band shares (every band's near neighbours, centres, the bias) enter the normal
     # equations once; only the own neighbours' rows are per band.
-    centres = _at_samples(near, samples, r, r, keep).astype(np.float64)                       # (10, n)
     errors = _at_samples(truth, samples, 0, 0, keep).astype(np.float64) - centres
     shared = np.empty((len(near) * len(near_all) + len(near) + 1, count))
     k = len(near_all)

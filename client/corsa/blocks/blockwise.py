@@ -251,20 +251,10 @@ class _Integers:
         """The integers of a window of latent cells, assembled from the blocks it touches
         (``pool`` None: on a worker, as said above); ``pool`` then decodes the next row ahead."""
         b = self.head["block"]
-        rows, cols = range(cells_y.start // b, (cells_y.stop - 1) // b + 1), range(cells_x.start // b, (cells_x.stop - 1) // b + 1)
+        rows = range(cells_y.start // b, (cells_y.stop - 1) // b + 1)
         for r in [r for r in self.rows if r < rows.start]:
             del self.rows[r]
-        out = None
-        for r in rows:
-            ys = slice(max(cells_y.start, r * b), min(cells_y.stop, (r + 1) * b))
-            for c in cols:
-                xs = slice(max(cells_x.start, c * b), min(cells_x.stop, (c + 1) * b))
-                block = self._block(r, c, pool)
-                if out is None:
-                    out = np.empty((len(block), cells_y.stop - cells_y.start, cells_x.stop - cells_x.start), block.dtype)
-                # only the cells the window takes of each block are copied (a ninth of them, mostly)
-                out[:, ys.start - cells_y.start:ys.stop - cells_y.start, xs.start - cells_x.start:xs.stop - cells_x.start] = \
-                    block[:, ys.start - r * b:ys.stop - r * b, xs.start - c * b:xs.stop - c * b]
+        out = shared_ints.cells_window(cells_y, cells_x, (b, b), lambda r, c: self._block(r, c, pool))
         if pool is not None and rows.stop < self.row_count:
             self._row(rows.stop, pool)
         return out

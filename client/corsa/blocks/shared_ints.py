@@ -99,16 +99,22 @@ class SharedInts:
         """The integers (latent channels, cells) of the latent cells under ``rows`` x ``cols`` px (starts
         multiples of the cell size), as ``corsa_udf.analyse`` gives them for that window alone."""
         s = corsa_udf.STRIDE1
-        cy, cx = slice(rows.start // s, -(-rows.stop // s)), slice(cols.start // s, -(-cols.stop // s))
-        ur, uc = UNIT_ROWS // s, UNIT_COLS // s
-        out = None
-        for r in range(cy.start // ur, (cy.stop - 1) // ur + 1):
-            for c in range(cx.start // uc, (cx.stop - 1) // uc + 1):
-                unit = self._unit(r, c)
-                if out is None:
-                    out = np.empty((len(unit), cy.stop - cy.start, cx.stop - cx.start), unit.dtype)
-                ys = slice(max(cy.start, r * ur), min(cy.stop, (r + 1) * ur))
-                xs = slice(max(cx.start, c * uc), min(cx.stop, (c + 1) * uc))
-                out[:, ys.start - cy.start:ys.stop - cy.start, xs.start - cx.start:xs.stop - cx.start] = \
-                    unit[:, ys.start - r * ur:ys.stop - r * ur, xs.start - c * uc:xs.stop - c * uc]
-        return out
+        return cells_window(slice(rows.start // s, -(-rows.stop // s)), slice(cols.start // s, -(-cols.stop // s)),
+                            (UNIT_ROWS // s, UNIT_COLS // s), self._unit)
+
+
+def cells_window(cy: slice, cx: slice, side: tuple[int, int], part: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """(channels, cells) of the cells ``cy`` x ``cx`` of a grid kept in parts of ``side`` (rows, columns) cells,
+    ``part(r, c)`` the one at part row r, column c: only the cells the window takes of each part copied (a
+    block's window takes about a ninth of each block around it)."""
+    (ur, uc), out = side, None
+    for r in range(cy.start // ur, (cy.stop - 1) // ur + 1):
+        ys = slice(max(cy.start, r * ur), min(cy.stop, (r + 1) * ur))
+        for c in range(cx.start // uc, (cx.stop - 1) // uc + 1):
+            xs = slice(max(cx.start, c * uc), min(cx.stop, (c + 1) * uc))
+            p = part(r, c)
+            if out is None:
+                out = np.empty((len(p), cy.stop - cy.start, cx.stop - cx.start), p.dtype)
+            out[:, ys.start - cy.start:ys.stop - cy.start, xs.start - cx.start:xs.stop - cx.start] = \
+                p[:, ys.start - r * ur:ys.stop - r * ur, xs.start - c * uc:xs.stop - c * uc]
+    return out
