@@ -289,15 +289,20 @@ class StoredDates:
         return [codec.dequantise(n.window(cy, cx, pool), n.head["quality"]) for n in self.ints]
 
     def refinements(self, ys: tuple[int, ...], xs: tuple[int, ...]) -> list[stream_format.WindowRefinement | None]:
-        """The dates' refinements over a block's window (``_spans``; None: a date without)."""
-        return [window_refinement(n, ys, xs) for n in self.ints]
+        """The dates' refinements over a block's whole window (``_spans``; None: a date without)."""
+        return [window_refinement(n, ys, xs, whole=True) for n in self.ints]
 
 
-def window_refinement(ints, ys: tuple[int, ...], xs: tuple[int, ...]) -> stream_format.WindowRefinement | None:
+def window_refinement(ints, ys: tuple[int, ...], xs: tuple[int, ...], whole: bool = False) -> stream_format.WindowRefinement | None:
     """A date's refinement over a block's window (``_spans``: block start, stop, window start, stop along
-    each axis), its loop filter on the block's pixels only (the decompress UDF's chunks have no other)."""
-    r = ints.refinement(ys[2:], xs[2:])
-    return None if r is None else r.within(slice(ys[0] - ys[2], ys[1] - ys[2]), slice(xs[0] - xs[2], xs[1] - xs[2]))
+    each axis), its loop filter on the block's pixels only (the decompress UDF's chunks have no other);
+    its field on the block's pixels only too, the only ones kept, unless ``whole`` (--fill reads the
+    window's other pixels refined)."""
+    if whole:
+        r = ints.refinement(ys[2:], xs[2:])
+        return None if r is None else r.within(slice(ys[0] - ys[2], ys[1] - ys[2]), slice(xs[0] - xs[2], xs[1] - xs[2]))
+    r = ints.refinement(ys[:2], xs[:2])
+    return None if r is None else r.at(ys[0] - ys[2], xs[0] - xs[2])
 
 
 def refined(decoded: np.ndarray, refinement: stream_format.WindowRefinement | None) -> np.ndarray:
@@ -351,7 +356,8 @@ class DateDecoder:
         """A block's integers over its window, its fill candidates' latents and refinements, and its
         refinement over the window."""
         cells = slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4))
-        return self.ints.window(*cells, pool), self._nearby(ys, xs, pool), window_refinement(self.ints, ys, xs)
+        nearby = self._nearby(ys, xs, pool)
+        return self.ints.window(*cells, pool), nearby, window_refinement(self.ints, ys, xs, nearby is not None)
 
     def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None,
               refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:

@@ -144,11 +144,12 @@ def refinement_cells(refiner: RefineCoder, level: int, truth: np.ndarray, decode
 class WindowRefinement(NamedTuple):
     """A refinement over a window of a date's pixels: the cells' field (10, rows, cols) in DN, and the
     loop filters of the blocks under it that have one, each (rows, cols of the window, weights), which
-    ``refiner`` applies."""
+    ``refiner`` applies; ``origin``: where the field's first pixel lies in the window refined."""
 
     field: np.ndarray
     filters: list
     refiner: RefineCoder
+    origin: tuple[int, int] = (0, 0)
 
     def within(self, rows: slice, cols: slice) -> "WindowRefinement":
         """The same with the loop filters of the window's pixels ``rows`` x ``cols`` only: a block decoded over
@@ -157,13 +158,20 @@ class WindowRefinement(NamedTuple):
                 for ry, rx, w in self.filters]
         return self._replace(filters=[f for f in kept if f[0].start < f[0].stop and f[1].start < f[1].stop])
 
+    def at(self, y: int, x: int) -> "WindowRefinement":
+        """The same refining the part of a larger window that starts at (``y``, ``x``) of it."""
+        return self._replace(filters=[(slice(ry.start + y, ry.stop + y), slice(rx.start + x, rx.stop + x), w)
+                                      for ry, rx, w in self.filters], origin=(y, x))
+
     def apply(self, decoded: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """The window's decoding (float (10, rows, cols), the network's) refined in place: each block's
         loop filter (its neighbours read from the window as decoded), then the field (where ``valid``)."""
         # every block filtered from the decoding as it is (its neighbours' pixels unfiltered), then written
         for ry, rx, out in [(ry, rx, self.refiner.filtered(decoded, w, ry, rx)) for ry, rx, w in self.filters]:
             decoded[:, ry, rx] = out
-        decoded += self.field if valid is None else self.field * valid
+        part = (slice(self.origin[0], self.origin[0] + self.field.shape[1]),
+                slice(self.origin[1], self.origin[1] + self.field.shape[2]))
+        decoded[(slice(None),) + part] += self.field if valid is None else self.field * valid[part]
         return decoded
 
 
@@ -180,8 +188,9 @@ def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], 
         if ry.start < ry.stop and rx.start < rx.stop:
             r = refinement_of(k)
             wy, wx = slice(ry.start - rows[0], ry.stop - rows[0]), slice(rx.start - cols[0], rx.stop - cols[0])
-            out[:, wy, wx] = refiner.field(r.cells, level, (py.stop - py.start, px.stop - px.start),
-                                           slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start))
+            refiner.field(r.cells, level, (py.stop - py.start, px.stop - px.start),
+                          slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start),
+                          out[:, wy, wx])
             if r.weights is not None:
                 filters.append((wy, wx, r.weights))
     return WindowRefinement(out, filters, refiner)
