@@ -125,11 +125,14 @@ def _pixel_size(catalogue, bbox: dict | None, dates: list | None, cloud: float) 
 def compress(args: argparse.Namespace) -> str:
     """The compress service run on the embedded engine (its generic save_result writes each
     stored layer as GeoTIFF, as a back end does), then packed into the product."""
-    # Imported here: rioxarray takes about a second, which decompress does not need.
+    codec = open_codec(args.model or DEFAULT_MODEL)
+    if isinstance(codec, VariableRateCodec):
+        codec.prefetch()
+    # Imported here: rioxarray takes about half a second, which decompress does not need (the model's
+    # tables load meanwhile).
     from corsa.formats.sources import Catalogue, SourceError
     from corsa.formats.stac_source import StacSource
 
-    codec = open_codec(args.model or DEFAULT_MODEL)
     quality = codec.quality_level(args.quality)
     if isinstance(codec, VariableRateCodec):
         if args.kernels != codec.kernels:
@@ -252,6 +255,8 @@ def decompress(args: argparse.Namespace) -> str:
             raise ValueError(f"--kernels {args.kernels} decodes on the block-by-block path, not with --engine")
         codec = VariableRateCodec(codec.path, codec.threads, args.kernels)
     stream = not from_job and isinstance(codec, VariableRateCodec)
+    if stream:
+        codec.prefetch()
     out = Path(args.output)
     if stream and not args.clear and not args.engine:
         with _cluster(args) as run:

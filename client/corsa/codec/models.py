@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -193,6 +194,11 @@ class VariableRateCodec:
         if not path.is_file() or sha256_file(path) != self.card["files"][entry]["sha256"]:
             raise ModelError(f"{path} is missing or does not match the sha256 in its model card")
         return path
+
+    def prefetch(self) -> None:
+        """The latent tables loaded in a thread of its own while the caller goes on (unzipping 100 MB
+        releases the GIL: a compress imports its input readers meanwhile); whoever asks for them waits."""
+        threading.Thread(target=lambda: self._tables, daemon=True).start()
 
     @cached_property
     def _tables(self) -> tuple[np.ndarray, np.ndarray, LatentCoder]:
