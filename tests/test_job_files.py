@@ -98,8 +98,13 @@ def test_stored_values_are_the_codecs_own(job, scene):
             np.testing.assert_array_equal(stored_cells[:, ::4, ::4], cells[0].cells)
             stored_cells[:, ::4, ::4] = 0
             assert np.abs(cells[0].cells).max() > 0 and not stored_cells.any()
-            # no loop filter at this level: its bands all 0, as the block's stream says
-            assert cells[0].weights is None and not stored[len(ints) + 10:-1].any()
+            # no loop filter at this level: its bands all 0 but for the block's 20 m grid, as the block's stream says
+            shape, filters = corsa_udf.filter_shape(codec.card), stored[len(ints) + 10:-1]     # at 40 m
+            assert cells[0].weights is None and cells[0].grid20 == 1      # Major-TOM: the 20 m bands repeated 2 x 2
+            assert corsa_udf.filter_weights(np.repeat(np.repeat(filters, 4, 1), 4, 2), 0, 0, shape) == (None, 1)
+            gy, gx = corsa_udf.grid20_slot(shape)
+            filters[0, gy // 4, gx // 4] = 0
+            assert not filters.any()
     else:
         idx0, idx1 = CodebookCodec(model).encode(data)
         np.testing.assert_array_equal(stored[0], idx0[: stored.shape[1], : stored.shape[2]])
@@ -315,7 +320,7 @@ def test_a_refined_models_job_stores_its_refinement(job, scene, tmp_path):
     older = tmp_path / "older"
     shutil.copytree(folder, older)
     with rasterio.open(folder / f"corsa_latent_{DATE}.tif") as src:     # the latent alone, as before
-        keep = [i for i, d in enumerate(src.descriptions, 1) if not d.startswith("cell_")]
+        keep = [i for i, d in enumerate(src.descriptions, 1) if not d.startswith(("cell_", "filter_"))]
         profile, values, names = src.profile, src.read(keep), [src.descriptions[i - 1] for i in keep]
     with rasterio.open(older / f"corsa_latent_{DATE}.tif", "w", **{**profile, "count": len(keep)}) as dst:
         dst.write(values)
@@ -326,7 +331,7 @@ def test_a_refined_models_job_stores_its_refinement(job, scene, tmp_path):
         assert cli.main(["pack", str(src), "-o", str(tmp_path / f"{name}-product"), *args]) == 0
         (path,) = stored_files(tmp_path / f"{name}-product")
         version = stream_format.read_header(path.read_bytes(), path.name)["version"]
-        assert version == (8 if name == "refined" else 7), (name, version)
+        assert version == (10 if name == "refined" else 7), (name, version)
         assert cli.main(["decompress", str(src), "-o", str(tmp_path / f"{name}.tif"), *args]) == 0
         with rasterio.open(tmp_path / f"{name}.tif") as f:
             decoded[name] = f.read()

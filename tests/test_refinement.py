@@ -78,7 +78,7 @@ def test_a_snow_cell_gets_its_brightness_back_and_the_source_model_refuses_it(da
     # (corsa3.8: 26.4 dB at quality 4, 26.8 at 9).
     scene = _scene(data_root, "terramesh", "609U_541L_3_0-S2L2A")
     (p_new, b_new, v_new), (p_old, b_old, v_old) = (_round_trip(tmp_path, scene, m) for m in (MODEL, SOURCE))
-    assert (v_new, v_old) == (8, stream_format.CLASS_VERSION)
+    assert (v_new, v_old) == (10, stream_format.CLASS_VERSION)
     assert p_new > p_old + 2 and b_new < 1.1 * b_old, (p_new, p_old, b_new, b_old)     # 29.1 against 26.4 dB
     capsys.readouterr()
     assert cli.main(["info", str(tmp_path / MODEL)]) == 0 and ", refinement " in capsys.readouterr().out
@@ -123,7 +123,7 @@ def test_a_series_is_refined_date_by_date(three_dates, tmp_path):
     assert len(files) == 3
     decoded = {p.name: rasterio.open(p).read() for p in files}
     versions = [(tmp_path / "p" / stream_format.file_name(s.date)).read_bytes()[3] for s in run]
-    assert versions == [8, 9, 9]
+    assert versions == [10, 11, 11]
     codec = VariableRateCodec(MODEL)
     for s in run:
         ints = series.read_date(tmp_path / "p", s.date, codec).ints
@@ -224,7 +224,7 @@ def test_a_compress_job_stores_the_cells_of_a_chunk_whose_data_begin_inside_one(
     nodata = (data == 0).all(0)
     _, _, cells = stream_format.encode_refined(codec, data, stored.ints, 3, nodata, None, None, s.date)
     assert len(cells) == 2
-    for (ours, weights), (theirs, fitted) in zip(stored.refinement, cells):
+    for (ours, weights, _), (theirs, fitted, _) in zip(stored.refinement, cells):
         assert ours[:, 1].any()
         if fitted is None:
             # below the decoder's reach (36 px) from where the chunk's data begin (row 20), the same cells

@@ -305,10 +305,11 @@ def window_refinement(ints, ys: tuple[int, ...], xs: tuple[int, ...], whole: boo
     return None if r is None else r.at(ys[0] - ys[2], xs[0] - xs[2])
 
 
-def refined(decoded: np.ndarray, refinement: stream_format.WindowRefinement | None) -> np.ndarray:
+def refined(decoded: np.ndarray, refinement: stream_format.WindowRefinement | None,
+            mask: np.ndarray | None = None) -> np.ndarray:
     """A window's decoding refined (in place), if the date has a refinement: each block's loop filter,
-    then the cells' field."""
-    return decoded if refinement is None else refinement.apply(decoded)
+    then the cells' field, then its 20 m grids over the pixels with data (``mask``: the window's nodata)."""
+    return decoded if refinement is None else refinement.apply(decoded, None if mask is None else ~mask)
 
 
 def _fill_dates(folder: Path, date: str) -> list[str]:
@@ -366,15 +367,15 @@ class DateDecoder:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = self.codec.dequantise(latent, self.head["quality"])
         dec, mask = network_session(self.codec, self.head["quality"]), self.ints.mask
-        rec = refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], refinement)
+        win = None if mask is None else mask[wy0:wy1, wx0:wx1]
+        rec = refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], refinement, win)
         if mask is not None:
-            win = mask[wy0:wy1, wx0:wx1]
             rec[:, win] = 0
             if nearby is not None:
                 # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
-                others = [refined(corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], fn)
-                          for zn, fn in zip(*nearby)]
                 gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
+                others = [refined(corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], fn, g)
+                          for zn, fn, g in zip(*nearby, gaps)]
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
         return y0, x0, to_uint16(rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
 

@@ -73,9 +73,9 @@ def between_date(folder: Path, date: str, codec: VariableRateCodec, out: Path,
               ) -> tuple[int, int, np.ndarray]:
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         dec = blockwise.network_session(codec, head["quality"])
-        decoded = np.stack([blockwise.refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0], f)
-                            for z, f in zip(latents, refinements)])
-        gaps = np.stack([np.zeros(decoded.shape[2:], bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])
+        gaps = np.stack([np.zeros((wy1 - wy0, wx1 - wx0), bool) if m is None else m[wy0:wy1, wx0:wx1] for m in stored.masks])
+        decoded = np.stack([blockwise.refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, overlap)[:, :wy1 - wy0, :wx1 - wx0], f, g)
+                            for z, f, g in zip(latents, refinements, gaps)])
         # Gaps 0 as the decompress service's UDF has them: the time head reads the pixels around a gap too.
         decoded[np.broadcast_to(gaps[:, None], decoded.shape)] = 0
         rec = (corsa_udf.between(blockwise._sessions(codec, "between"), decoded, gaps, picked_days, t) if time_head

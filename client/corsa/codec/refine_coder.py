@@ -1,4 +1,4 @@
-"""A coarse correction of a decoded date's low frequencies, coded next to its latent (formats 8 and 9).
+"""A coarse correction of a decoded date's low frequencies, coded next to its latent (formats 8 to 11).
 
 The decoder network gets a scene's fine detail right but can miss its local brightness: on snow, on
 L1C scenes and on places unlike the training data by hundreds of DN, and everywhere by a few DN more
@@ -57,14 +57,17 @@ def _bilinear(n: int, cells: int, grid: int) -> tuple[np.ndarray, np.ndarray, np
 
 class BlockRefinement(NamedTuple):
     """What a block's refinement stream holds: its cells' symbols (10, ch, cw) and, for a model with a
-    loop filter, the block's filter weights (None: not filtered)."""
+    loop filter, the block's filter weights (None: not filtered) and the phase of its 20 m bands' 2 x 2
+    cells (``corsa_udf.grid20_phase``; 0: none, and always in format 8 and 9 products or a block
+    under ``corsa_udf.FILTER_MIN_PX`` a side)."""
 
     cells: np.ndarray
     weights: np.ndarray | None = None
+    grid20: int = 0
 
     def same(self, other: "BlockRefinement") -> bool:
         return np.array_equal(self.cells, other.cells) and (self.weights is None) == (other.weights is None) and \
-            (self.weights is None or np.array_equal(self.weights, other.weights))
+            (self.weights is None or np.array_equal(self.weights, other.weights)) and self.grid20 == other.grid20
 
 
 @dataclass
@@ -111,7 +114,10 @@ class RefineCoder:
         lam = 0.0 if self.filter_lambda is None else float(self.filter_lambda[level])
         weights = corsa_udf.filter_fit(truth, decoded, rows, cols, valid, self.filter_shape, lam) if self.filters(level) else None
         filtered = self.filtered(decoded, weights, rows, cols)
-        return BlockRefinement(self.symbols(truth.astype(np.float32) - filtered, valid, level), weights)
+        # as the loop filter, none in a block under FILTER_MIN_PX a side (its corner of the services' cube is cut off)
+        grid20 = corsa_udf.grid20_phase(truth, valid) if self.filter_shape and \
+            min(truth.shape[1:]) >= corsa_udf.FILTER_MIN_PX else 0
+        return BlockRefinement(self.symbols(truth.astype(np.float32) - filtered, valid, level), weights, grid20)
 
     def filtered(self, decoded: np.ndarray, weights: np.ndarray | None, rows: slice, cols: slice) -> np.ndarray:
         """A block's pixels ``rows`` x ``cols`` of a decoded window after its loop filter (``weights``
@@ -151,14 +157,16 @@ class RefineCoder:
                                                                     perfect=False)
         return self._models[k]
 
-    def encode(self, sym: np.ndarray, weights: np.ndarray | None = None) -> bytes:
-        """(10, ch, cw) cell symbols (and a model with a loop filter: the block's weights or None) ->
-        bytes (the grid's shape is the block's, known to the reader)."""
+    def encode(self, sym: np.ndarray, weights: np.ndarray | None = None, grid20: int = 0) -> bytes:
+        """(10, ch, cw) cell symbols (and a model with a loop filter: the block's weights or None, and
+        its ``grid20`` phase, a byte before them) -> bytes (the grid's shape is the block's, known to the reader)."""
         import constriction
 
-        if weights is not None and not self.filter_shape:
-            raise ValueError("a loop filter for a model without one")
-        head = loop_filter.encode(weights, self.filter_shape) if self.filter_shape else b""
+        if (weights is not None or grid20) and not self.filter_shape:
+            raise ValueError("a loop filter or a 20 m grid for a model without a loop filter")
+        if grid20 not in range(len(corsa_udf.GRID20_PHASES) + 1):
+            raise ValueError(f"a 20 m grid's phase is 0 to {len(corsa_udf.GRID20_PHASES)}, not {grid20}")
+        head = bytes([grid20]) + loop_filter.encode(weights, self.filter_shape) if self.filter_shape else b""
         logp = -np.log2(self.freq.astype(np.float64) / (1 << PRECISION))
         enc = constriction.stream.queue.RangeEncoder()
         for band in sym.reshape(len(sym), -1).astype(np.int64):
@@ -178,12 +186,17 @@ class RefineCoder:
                 enc.encode((d[s == ESC] + OFFSET).astype(np.int32), constriction.stream.model.Uniform(1 << 16))
         return head + enc.get_compressed().astype("<u4").tobytes()
 
-    def decode(self, stream: bytes, bands: int, cells: tuple[int, int]) -> BlockRefinement:
-        """bytes -> the block's (bands, ch, cw) int32 cell symbols and loop filter."""
+    def decode(self, stream: bytes, bands: int, cells: tuple[int, int], grid20: bool = True) -> BlockRefinement:
+        """bytes -> the block's (bands, ch, cw) int32 cell symbols and loop filter (and its 20 m grid's
+        phase where ``grid20``: format 10 and 11)."""
         import constriction
 
-        weights = None
+        weights, phase = None, 0
         if self.filter_shape:
+            if grid20:
+                if not stream or stream[0] > len(corsa_udf.GRID20_PHASES):
+                    raise StreamError("refinement stream is corrupt: its 20 m grid's phase is out of range")
+                phase, stream = stream[0], stream[1:]
             weights, n = loop_filter.decode(stream, self.filter_shape, bands)
             stream = stream[n:]
         if len(stream) % 4:
@@ -207,7 +220,7 @@ class RefineCoder:
             raise StreamError(f"refinement stream is corrupt: {e}") from e
         if np.abs(out).max(initial=0) > LIMIT:
             raise StreamError("refinement stream is corrupt: a cell's correction is out of range")
-        return BlockRefinement(out.reshape(bands, *cells).astype(np.int32), weights)
+        return BlockRefinement(out.reshape(bands, *cells).astype(np.int32), weights, phase)
 
     # -- storage ----------------------------------------------------------------------------
     def save(self, folder: Path) -> Path:

@@ -225,7 +225,8 @@ class DateIntegers:
         by_name, shape, transform, crs = _checked_layers(folder, date, codec)
         self.latent, self.nodata = by_name["latent"], by_name[NODATA]
         self.cells = by_name.get(REFINE_LAYER) if codec.refines(quality) else None
-        self.filters = by_name.get(FILTER_LAYER) if codec.refines(quality) and codec.refiner.filters(codec.level(quality)) else None
+        # a model with a loop filter stores each block's 20 m grid there at every refined level
+        self.filters = by_name.get(FILTER_LAYER) if codec.refines(quality) and codec.refiner.filter_shape else None
         self.codec = codec
         self.head = {"shape": shape, "transform": transform, "crs": crs, "quality": quality,
                      "model_id": codec.model_id, "cells": stream_format.latent_cells(shape), "block": stream_format.BLOCK}
@@ -271,7 +272,7 @@ def block_cells(layer: Layer, grid: int, size: tuple[int, int], k: int, filters:
     values = _integers(_read_cells(filters, py.start, px.start, *corsa_udf.filter_corner(shape), 1), "int64", filters.path)
     # on the 10 m grid, as the UDF wrote it (a layer at 40 m holds each 40 m cell once)
     values = np.repeat(np.repeat(values, filters.stride, 1), filters.stride, 2)
-    return BlockRefinement(cells, corsa_udf.filter_weights(values, 0, 0, shape))
+    return BlockRefinement(cells, *corsa_udf.filter_weights(values, 0, 0, shape))
 
 
 def _cells(layer: Layer, y: int, x: int, h: int, w: int, grid: int) -> np.ndarray:
@@ -301,7 +302,7 @@ def pack_series(folder: Path, dates: list[str], codec: VariableRateCodec, qualit
 
     def refinement_of(i: int, k: int) -> BlockRefinement | None:
         layer = grids[i][0].get(REFINE_LAYER) if codec.refines(quality) else None
-        filters = grids[i][0].get(FILTER_LAYER) if layer is not None and codec.refiner.filters(codec.level(quality)) else None
+        filters = grids[i][0].get(FILTER_LAYER) if layer is not None and codec.refiner.filter_shape else None
         return None if layer is None else block_cells(layer, codec.refiner.grid, shape, k, filters, codec.refiner.filter_shape)
 
     coded = series.encode_dates(codec, planned, list(range(len(dates))), len(positions), ints_of,

@@ -38,7 +38,7 @@ def grid_coords(shape: tuple[int, int], transform: Affine | None) -> dict[str, n
 def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
     """One stream-format date as a lazy (t, [z.., nodata(, refine_..(, filter_..))], y, x) cube on the 10 m input
     grid: blocks are entropy-decoded as chunks are computed, their integers replicated over their 4 x 4 cells,
-    and a refined date's correction (formats 8 and 9) and its blocks' loop filters in bands of their own."""
+    and a refined date's correction (formats 8 to 11) and its blocks' loop filters in bands of their own."""
     import dask.array as darr
     import pandas as pd
     import xarray as xr
@@ -70,8 +70,8 @@ def latent_date_cube(folder: Path, date: str, codec: VariableRateCodec):
         info = block_info[None]
         iy, ix = info["chunk-location"][1:]
         (y0, y1), (x0, x1) = info["array-location"][1:]
-        weights = series.block_refinement(folder, date, iy * per_row + ix, codec).weights
-        return corsa_udf.filter_layout(weights, (y1 - y0, x1 - x0), codec.refiner.filter_shape)
+        r = series.block_refinement(folder, date, iy * per_row + ix, codec)
+        return corsa_udf.filter_layout(r.weights, (y1 - y0, x1 - x0), codec.refiner.filter_shape, r.grid20)
 
     lat = darr.map_blocks(load, chunks=((codec.channels,),) + chunks, dtype=np.int16,
                           name=f"corsa3-{path}-{stat.st_mtime_ns}-{stat.st_size}")

@@ -205,7 +205,7 @@ def header(folder: Path, date: str) -> tuple[bytes, dict]:
 
 
 def block_refinement(folder: Path, date: str, k: int, codec: VariableRateCodec) -> BlockRefinement | None:
-    """Block ``k``'s refinement (cells and loop filter) of one date, None for a date without (before formats 8 and 9)."""
+    """Block ``k``'s refinement (cells and loop filter) of one date, None for a date without (before formats 8 to 11)."""
     return _block_refinement(str(folder), date, _stamped(folder, date)[1], k, str(codec.path))
 
 
@@ -219,7 +219,7 @@ def _block_refinement(folder: str, date: str, stamp: tuple[int, int], k: int, mo
     start, n = offsets[k]
     return stream_format.decode_refinement(model_codec(model).refiner, data[start:start + n],
                                            stream_format.block_pixels(h["blocks"][k], h["shape"]),
-                                           stream_format.file_name(date))
+                                           stream_format.file_name(date), h["version"])
 
 
 def block_ints(folder: Path, date: str, k: int, codec: VariableRateCodec) -> np.ndarray:

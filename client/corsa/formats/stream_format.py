@@ -1,4 +1,4 @@
-"""Product format versions 3 to 9: the entropy-coded stream of a variable-rate model, one file a date.
+"""Product format versions 3 to 11: the entropy-coded stream of a variable-rate model, one file a date.
 
     <folder>/corsa_<date>.corsa
 
@@ -11,7 +11,9 @@ varint = LEB128:
 
     magic      b"CRS" + version byte: 5 (a date coded alone), 6 (with references), 7 (alone, with the class
                tables of the model it names: 4-bit channel maps), 8 and 9 (7 and 6 with a refinement stream
-               a block, ``corsa.codec.refine_coder``); the older 3 and 4 are 5 and 6 but for the
+               a block, ``corsa.codec.refine_coder``), 10 and 11 (8 and 9 whose refinement streams of a
+               model with a loop filter start with a byte: the phase of the block's 20 m bands' 2 x 2
+               cells, ``corsa_udf.grid20_phase``); the older 3 and 4 are 5 and 6 but for the
                block streams, which have no channel map (``corsa.codec.latent_coder``)
     varint     header length (bytes that follow up to the payload)
     u8         quality level       u8  flags (1 nodata mask, 2 georeferenced, 4 north-up,
@@ -26,9 +28,9 @@ varint = LEB128:
     varint     number of reference dates n >= 1;  u16 x n  their dates (days, as above)
     bytes      per block (row-major), per sub-block of SUB x SUB cells (row-major): the index of
                the reference date its cells are coded with, 0xFF: none (coded alone)
-    varints    byte length of each block stream (row-major), (versions 8 and 9:) of each block's
+    varints    byte length of each block stream (row-major), (versions 8 to 11:) of each block's
                refinement stream, then of the mask
-    payload    block streams, (8 and 9:) refinement streams, mask (zlib of packbits, 10 m grid)
+    payload    block streams, (8 to 11:) refinement streams, mask (zlib of packbits, 10 m grid)
     u32        CRC-32 of all bytes before it
 
 Format 1 and 2 products (GeoTIFF index grids of codebook models) are read by ``corsa.formats.codebook_product``.
@@ -55,8 +57,10 @@ VERSION = 5
 TEMPORAL_VERSION = 6           # a date coded with references (a series); otherwise the bytes of version 5
 CLASS_VERSION = 7              # a date coded alone with class tables; otherwise the bytes of version 5
 MAPLESS = {3: VERSION, 4: TEMPORAL_VERSION}   # older versions: the same, their streams without channel maps
-REFINED = {8: CLASS_VERSION, 9: TEMPORAL_VERSION}   # the same, with a refinement stream a block
-WITH_REFINEMENT = {tables: version for version, tables in REFINED.items()}
+REFINED = {8: CLASS_VERSION, 9: TEMPORAL_VERSION,   # the same, with a refinement stream a block
+           10: CLASS_VERSION, 11: TEMPORAL_VERSION}  # 8 and 9 with a 20 m grid's phase in those streams
+GRID20_VERSIONS = (10, 11)
+WITH_REFINEMENT = {tables: version for version, tables in REFINED.items()}   # written: 10 and 11
 VERSIONS = (*MAPLESS, VERSION, TEMPORAL_VERSION, CLASS_VERSION, *REFINED)
 MAGIC = b"CRS" + bytes([VERSION])
 SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
@@ -93,7 +97,7 @@ class StreamDate:
     crs: str | None
     model_id: str
     model_sha256_prefix: str       # hex, 8 characters
-    refinement: list[BlockRefinement] | None = None   # each block's refinement (versions 8 and 9)
+    refinement: list[BlockRefinement] | None = None   # each block's refinement (versions 8 to 11)
 
 
 def file_name(date: str) -> str:
@@ -144,34 +148,48 @@ def refinement_cells(refiner: RefineCoder, level: int, truth: np.ndarray, decode
 class WindowRefinement(NamedTuple):
     """A refinement over a window of a date's pixels: the cells' field (10, rows, cols) in DN, and the
     loop filters of the blocks under it that have one, each (rows, cols of the window, weights), which
-    ``refiner`` applies; ``origin``: where the field's first pixel lies in the window refined."""
+    ``refiner`` applies; ``origin``: where the field's first pixel lies in the window refined;
+    ``grids``: the blocks whose 20 m bands are on 2 x 2 cells, each (rows, cols of the window, phase,
+    the date's row and column of the first of those pixels)."""
 
     field: np.ndarray
     filters: list
     refiner: RefineCoder
     origin: tuple[int, int] = (0, 0)
+    grids: list = []
 
     def within(self, rows: slice, cols: slice) -> "WindowRefinement":
-        """The same with the loop filters of the window's pixels ``rows`` x ``cols`` only: a block decoded over
-        its window, as the decompress UDF filters its chunk's middle block only."""
-        kept = [(slice(max(ry.start, rows.start), min(ry.stop, rows.stop)), slice(max(rx.start, cols.start), min(rx.stop, cols.stop)), w)
-                for ry, rx, w in self.filters]
-        return self._replace(filters=[f for f in kept if f[0].start < f[0].stop and f[1].start < f[1].stop])
+        """The same with the loop filters and 20 m grids of the window's pixels ``rows`` x ``cols`` only: a
+        block decoded over its window, as the decompress UDF filters its chunk's middle block only."""
+        def cut(ry: slice, rx: slice) -> tuple[slice, slice]:
+            return slice(max(ry.start, rows.start), min(ry.stop, rows.stop)), slice(max(rx.start, cols.start), min(rx.stop, cols.stop))
+
+        kept = [(*cut(ry, rx), w) for ry, rx, w in self.filters]
+        grids = [(*cut(ry, rx), code, (y + max(rows.start - ry.start, 0), x + max(cols.start - rx.start, 0)))
+                 for ry, rx, code, (y, x) in self.grids]
+        return self._replace(filters=[f for f in kept if f[0].start < f[0].stop and f[1].start < f[1].stop],
+                             grids=[g for g in grids if g[0].start < g[0].stop and g[1].start < g[1].stop])
 
     def at(self, y: int, x: int) -> "WindowRefinement":
         """The same refining the part of a larger window that starts at (``y``, ``x``) of it."""
         return self._replace(filters=[(slice(ry.start + y, ry.stop + y), slice(rx.start + x, rx.stop + x), w)
-                                      for ry, rx, w in self.filters], origin=(y, x))
+                                      for ry, rx, w in self.filters], origin=(y, x),
+                             grids=[(slice(ry.start + y, ry.stop + y), slice(rx.start + x, rx.stop + x), code, start)
+                                    for ry, rx, code, start in self.grids])
 
     def apply(self, decoded: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """The window's decoding (float (10, rows, cols), the network's) refined in place: each block's
-        loop filter (its neighbours read from the window as decoded), then the field (where ``valid``)."""
+        loop filter (its neighbours read from the window as decoded), then the field, then the 20 m grids
+        (each cell the mean of its ``valid`` pixels: those with data, (rows, cols); None: all), as the
+        decompress UDF refines a chunk (its nodata pixels the readers then set to 0)."""
         # every block filtered from the decoding as it is (its neighbours' pixels unfiltered), then written
         for ry, rx, out in [(ry, rx, self.refiner.filtered(decoded, w, ry, rx)) for ry, rx, w in self.filters]:
             decoded[:, ry, rx] = out
         part = (slice(self.origin[0], self.origin[0] + self.field.shape[1]),
                 slice(self.origin[1], self.origin[1] + self.field.shape[2]))
-        decoded[(slice(None),) + part] += self.field if valid is None else self.field * valid[part]
+        decoded[(slice(None),) + part] += self.field
+        for ry, rx, code, start in self.grids:
+            corsa_udf.grid20_project(decoded, ry, rx, code, start, valid)
         return decoded
 
 
@@ -181,7 +199,7 @@ def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], 
     ``refinement_of(k)`` (a ``BlockRefinement``, block k in ``block_slices`` order; asked only for the
     blocks under the window)."""
     out = np.zeros((len(BANDS), rows[1] - rows[0], cols[1] - cols[0]), np.float32)
-    filters = []
+    filters, grids = [], []
     for k, cells in enumerate(block_slices(latent_cells(shape), block)):
         py, px = block_pixels(cells, shape)
         ry, rx = slice(max(py.start, rows[0]), min(py.stop, rows[1])), slice(max(px.start, cols[0]), min(px.stop, cols[1]))
@@ -193,28 +211,33 @@ def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], 
                           out[:, wy, wx])
             if r.weights is not None:
                 filters.append((wy, wx, r.weights))
-    return WindowRefinement(out, filters, refiner)
+            if r.grid20:
+                grids.append((wy, wx, r.grid20, (ry.start, rx.start)))
+    return WindowRefinement(out, filters, refiner, grids=grids)
 
 
 def refine(decoded: np.ndarray, refinement: list[BlockRefinement], refiner: RefineCoder, level: int,
            valid: np.ndarray | None = None, block: int = BLOCK) -> np.ndarray:
-    """A whole date's decoding (float, (10, H, W)) refined by its blocks' refinements (the field where ``valid``)."""
+    """A whole date's decoding (float, (10, H, W)) refined by its blocks' refinements (``valid``: its pixels
+    with data, for the 20 m grids)."""
     h, w = decoded.shape[1:]
     return refinement_window(refiner, level, (h, w), refinement.__getitem__, (0, h), (0, w), block).apply(decoded, valid)
 
 
-def decode_refinement(refiner: RefineCoder | None, stream: bytes, pixels: tuple[slice, slice], name: str) -> BlockRefinement:
-    """One block's refinement (cells and loop filter) from its stream (``pixels``: the block's, ``block_pixels``)."""
+def decode_refinement(refiner: RefineCoder | None, stream: bytes, pixels: tuple[slice, slice], name: str,
+                      version: int) -> BlockRefinement:
+    """One block's refinement (cells, loop filter, 20 m grid) from its stream (``pixels``: the block's,
+    ``block_pixels``; ``version``: the file's)."""
     if refiner is None:
-        raise ProductError(f"{name} is refined (format 8 or 9): decode it with the model it names")
+        raise ProductError(f"{name} is refined (format 8 to 11): decode it with the model it names")
     shape = (pixels[0].stop - pixels[0].start, pixels[1].stop - pixels[1].start)
     try:
-        out = refiner.decode(stream, len(BANDS), refiner.cells(shape))
+        out = refiner.decode(stream, len(BANDS), refiner.cells(shape), version in GRID20_VERSIONS)
     except StreamError as e:
         raise ProductError(f"{name}: {e}") from e
-    if out.weights is not None and min(shape) < corsa_udf.FILTER_MIN_PX:
-        raise ProductError(f"{name}: a loop filter for a block of {shape[0]} x {shape[1]} px (none under "
-                           f"{corsa_udf.FILTER_MIN_PX} px a side)")
+    if (out.weights is not None or out.grid20) and min(shape) < corsa_udf.FILTER_MIN_PX:
+        raise ProductError(f"{name}: a loop filter or a 20 m grid for a block of {shape[0]} x {shape[1]} px (none "
+                           f"under {corsa_udf.FILTER_MIN_PX} px a side)")
     return out
 
 
@@ -237,11 +260,11 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
     references names their dates (``refs``) and, per block, the reference of each sub-block
     (``choices``: uint8 (sub-block rows, columns), an index into refs or NO_REFERENCE); one coded
     alone with a model's class tables says so (``class_tables``: version 7). ``refinement``: a
-    refinement stream a block (versions 8 and 9)."""
+    refinement stream a block (versions 8 to 11)."""
     if refs and class_tables:
         raise ValueError("a date coded with references is coded with the temporal tables, not class tables")
     if refinement is not None and not (refs or class_tables):
-        raise ValueError("a refined date is coded with class tables or with references (versions 8 and 9)")
+        raise ValueError("a refined date is coded with class tables or with references (versions 8 to 11)")
     shape = nodata.shape
     blocks = block_slices(latent_cells(shape), block)
     if len(streams) != len(blocks):
@@ -445,7 +468,7 @@ def stream_offsets(h: dict) -> list[tuple[int, int]]:
 
 
 def refine_offsets(h: dict) -> list[tuple[int, int]] | None:
-    """(start, length) of each block's refinement stream (versions 8 and 9), None for a date without."""
+    """(start, length) of each block's refinement stream (versions 8 to 11), None for a date without."""
     if h["refine_lengths"] is None:
         return None
     starts = np.cumsum([h["payload"] + sum(h["lengths"])] + h["refine_lengths"][:-1]).tolist()
@@ -504,7 +527,7 @@ def read_date(folder: Path, date: str, coder, level_of, refiner: RefineCoder | N
     for cells, (start, n) in zip(h["blocks"], stream_offsets(h)):
         ints[:, cells[0], cells[1]] = decode_block(coder, data[start:start + n], level, cells, path.name, h["version"])
     refinement = None if h["refine_lengths"] is None else [
-        decode_refinement(refiner, data[start:start + n], block_pixels(cells, h["shape"]), path.name)
+        decode_refinement(refiner, data[start:start + n], block_pixels(cells, h["shape"]), path.name, h["version"])
         for cells, (start, n) in zip(h["blocks"], refine_offsets(h))]
     return StreamDate(date, h["quality"], ints, read_mask(data, h, path.name), h["shape"], h["transform"],
                       h["crs"], h["model_id"], h["sha_prefix"], refinement)
