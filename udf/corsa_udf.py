@@ -1031,19 +1031,31 @@ def _cells(a: np.ndarray, py: int, px: int, fill: float) -> np.ndarray:
     return out.reshape(a.shape[:-2] + (hh // 2, 2, ww // 2, 2))
 
 
+def _one_value_cells(x: np.ndarray, valid: Optional[np.ndarray], py: int, px: int) -> bool:
+    """Whether each 2 x 2 cell of phase (``py``, ``px``) of ``x`` (bands, h, w), cut by its edges, holds one value
+    in each band over its ``valid`` pixels (None: all): every two of a cell's pixels compared where both are
+    valid (across the cell too where ``valid`` may leave only a diagonal)."""
+    b, h, w = x.shape
+    hh, ww = -(-(h + py) // 2) * 2, -(-(w + px) // 2) * 2
+    xa, va = np.zeros((b, hh, ww), x.dtype), np.zeros((hh, ww), bool)
+    xa[:, py:py + h, px:px + w] = x
+    va[py:py + h, px:px + w] = True if valid is None else valid
+    q = [(xa[:, i::2, j::2], va[i::2, j::2]) for i in (0, 1) for j in (0, 1)]
+    pairs = [(0, 1), (0, 2), (1, 3), (2, 3)] + ([(0, 3), (1, 2)] if valid is not None else [])
+    return all(bool(np.all((q[i][0] == q[j][0]) | ~(q[i][1] & q[j][1]))) for i, j in pairs)
+
+
 def grid20_phase(truth: np.ndarray, valid: Optional[np.ndarray]) -> int:
     """Of a block's input (10, h, w), whose first pixel is on an even row and column of its date: 1 + 2 py
     + px for the first phase whose 2 x 2 cells each hold one value a 20 m band over their ``valid``
-    pixels (None: all), 0 for none."""
-    x = truth[list(GRID20_BANDS)].astype(np.float64)
-    if valid is not None:
-        x = np.where(valid, x, np.nan)
+    pixels (None: all), 0 for none. Each phase tried on the first 16 rows first: a block without such
+    cells is told in a few ms."""
+    x = truth[list(GRID20_BANDS)]
+    valid = None if valid is None or valid.all() else valid
     for code, (py, px) in enumerate(GRID20_PHASES, 1):
-        c = _cells(x, py, px, np.nan)
-        with np.errstate(invalid="ignore"):
-            ref = np.fmax(np.fmax(c[:, :, 0, :, 0], c[:, :, 0, :, 1]), np.fmax(c[:, :, 1, :, 0], c[:, :, 1, :, 1]))
-            if all(np.all(np.isnan(c[:, :, i, :, j]) | (c[:, :, i, :, j] == ref)) for i in (0, 1) for j in (0, 1)):
-                return code
+        if _one_value_cells(x[:, :16], None if valid is None else valid[:16], py, px) and \
+                _one_value_cells(x, valid, py, px):
+            return code
     return 0
 
 
@@ -1058,6 +1070,18 @@ def grid20_project(decoded: np.ndarray, rows: slice, cols: slice, code: int, sta
     py, px = GRID20_PHASES[code - 1]
     py, px = (py + start[0]) % 2, (px + start[1]) % 2
     bands = list(GRID20_BANDS)
+    h, ww = len(range(*rows.indices(decoded.shape[1]))), len(range(*cols.indices(decoded.shape[2])))
+    if (valid is None or valid[rows, cols].all()) and not (py or px or h % 2 or ww % 2):
+        # whole cells, every pixel with data (a block's usual case): the same sums without the weights,
+        # in place, 6x faster
+        for b in bands:
+            c = decoded[b, rows, cols].reshape(h // 2, 2, ww // 2, 2)
+            total = c[:, 0, :, 0] + c[:, 0, :, 1]
+            total += c[:, 1, :, 0]
+            total += c[:, 1, :, 1]
+            total /= np.float32(4)
+            c[...] = total[:, None, :, None]
+        return
     part = decoded[bands, rows, cols]
     w = np.ones(part.shape[1:], np.float32) if valid is None else valid[rows, cols].astype(np.float32)
     c, n = _cells(part * w, py, px, 0), _cells(w, py, px, 0)
@@ -1066,7 +1090,6 @@ def grid20_project(decoded: np.ndarray, rows: slice, cols: slice, code: int, sta
     total += c[:, :, 1, :, 1]
     count = n[:, 0, :, 0] + n[:, 0, :, 1] + n[:, 1, :, 0] + n[:, 1, :, 1]
     mean = total / np.maximum(count, 1)
-    h, ww = part.shape[1:]
     spread = np.repeat(np.repeat(mean, 2, 1), 2, 2)[:, py:py + h, px:px + ww]
     decoded[bands, rows, cols] = spread if valid is None else np.where(w > 0, spread, part)
 
