@@ -1035,12 +1035,9 @@ def _one_value_cells(x: np.ndarray, valid: Optional[np.ndarray], py: int, px: in
     """Whether each 2 x 2 cell of phase (``py``, ``px``) of ``x`` (bands, h, w), cut by its edges, holds one value
     in each band over its ``valid`` pixels (None: all): every two of a cell's pixels compared where both are
     valid (across the cell too where ``valid`` may leave only a diagonal)."""
-    b, h, w = x.shape
-    hh, ww = -(-(h + py) // 2) * 2, -(-(w + px) // 2) * 2
-    xa, va = np.zeros((b, hh, ww), x.dtype), np.zeros((hh, ww), bool)
-    xa[:, py:py + h, px:px + w] = x
-    va[py:py + h, px:px + w] = True if valid is None else valid
-    q = [(xa[:, i::2, j::2], va[i::2, j::2]) for i in (0, 1) for j in (0, 1)]
+    xa = _cells(x, py, px, 0)
+    va = _cells(np.ones(x.shape[1:], bool) if valid is None else valid, py, px, False)
+    q = [(xa[:, :, i, :, j], va[:, i, :, j]) for i in (0, 1) for j in (0, 1)]
     pairs = [(0, 1), (0, 2), (1, 3), (2, 3)] + ([(0, 3), (1, 2)] if valid is not None else [])
     return all(bool(np.all((q[i][0] == q[j][0]) | ~(q[i][1] & q[j][1]))) for i, j in pairs)
 
