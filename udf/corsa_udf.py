@@ -992,11 +992,12 @@ def filter_layout(weights: Optional[np.ndarray], size: Tuple[int, int], shape: F
     """(10, h, w) float32 of a block's FILTER_BANDS: its weights each on its 40 m cell, then its
     ``grid20_phase`` in the first band, 0 elsewhere."""
     out = np.zeros((len(BANDS),) + tuple(size), np.float32)
-    t, (gy, gx) = np.arange(filter_taps(shape)), grid20_slot(shape)
-    for dy in range(STRIDE1):
-        for dx in range(STRIDE1):
-            if weights is not None:
+    if weights is not None:
+        t = np.arange(filter_taps(shape))
+        for dy in range(STRIDE1):
+            for dx in range(STRIDE1):
                 out[:, t // FILTER_ROW * STRIDE1 + dy, t % FILTER_ROW * STRIDE1 + dx] = weights
+    gy, gx = grid20_slot(shape)
     out[0, gy:gy + STRIDE1, gx:gx + STRIDE1] = grid20
     return out
 
@@ -1031,6 +1032,15 @@ def _cells(a: np.ndarray, py: int, px: int, fill: float) -> np.ndarray:
     return out.reshape(a.shape[:-2] + (hh // 2, 2, ww // 2, 2))
 
 
+def _cell_sums(c: np.ndarray) -> np.ndarray:
+    """The sums of the 2 x 2 cells of ``c`` (..., H/2, 2, W/2, 2), in one fixed order (the same floats for
+    every reader, whatever the array's shape)."""
+    total = c[..., 0, :, 0] + c[..., 0, :, 1]
+    total += c[..., 1, :, 0]
+    total += c[..., 1, :, 1]
+    return total
+
+
 def _one_value_cells(x: np.ndarray, valid: Optional[np.ndarray], py: int, px: int) -> bool:
     """Whether each 2 x 2 cell of phase (``py``, ``px``) of ``x`` (bands, h, w), cut by its edges, holds one value
     in each band over its ``valid`` pixels (None: all): every two of a cell's pixels compared where both are
@@ -1045,8 +1055,11 @@ def _one_value_cells(x: np.ndarray, valid: Optional[np.ndarray], py: int, px: in
 def grid20_phase(truth: np.ndarray, valid: Optional[np.ndarray]) -> int:
     """Of a block's input (10, h, w), whose first pixel is on an even row and column of its date: 1 + 2 py
     + px for the first phase whose 2 x 2 cells each hold one value a 20 m band over their ``valid``
-    pixels (None: all), 0 for none. Each phase tried on the first 16 rows first: a block without such
-    cells is told in a few ms."""
+    pixels (None: all), 0 for none and for a block under FILTER_MIN_PX a side (as for its loop filter: its
+    corner of the services' cube would lie in the overlap cut off). Each phase tried on the first 16 rows
+    first: a block without such cells is told in a few ms."""
+    if min(truth.shape[1:]) < FILTER_MIN_PX:
+        return 0
     x = truth[list(GRID20_BANDS)]
     valid = None if valid is None or valid.all() else valid
     for code, (py, px) in enumerate(GRID20_PHASES, 1):
@@ -1073,20 +1086,11 @@ def grid20_project(decoded: np.ndarray, rows: slice, cols: slice, code: int, sta
         # in place, 6x faster
         for b in bands:
             c = decoded[b, rows, cols].reshape(h // 2, 2, ww // 2, 2)
-            total = c[:, 0, :, 0] + c[:, 0, :, 1]
-            total += c[:, 1, :, 0]
-            total += c[:, 1, :, 1]
-            total /= np.float32(4)
-            c[...] = total[:, None, :, None]
+            c[...] = (_cell_sums(c) / np.float32(4))[:, None, :, None]
         return
     part = decoded[bands, rows, cols]
     w = np.ones(part.shape[1:], np.float32) if valid is None else valid[rows, cols].astype(np.float32)
-    c, n = _cells(part * w, py, px, 0), _cells(w, py, px, 0)
-    total = c[:, :, 0, :, 0] + c[:, :, 0, :, 1]
-    total += c[:, :, 1, :, 0]
-    total += c[:, :, 1, :, 1]
-    count = n[:, 0, :, 0] + n[:, 0, :, 1] + n[:, 1, :, 0] + n[:, 1, :, 1]
-    mean = total / np.maximum(count, 1)
+    mean = _cell_sums(_cells(part * w, py, px, 0)) / np.maximum(_cell_sums(_cells(w, py, px, 0)), 1)
     spread = np.repeat(np.repeat(mean, 2, 1), 2, 2)[:, py:py + h, px:px + ww]
     decoded[bands, rows, cols] = spread if valid is None else np.where(w > 0, spread, part)
 
@@ -1216,8 +1220,7 @@ def _grid20_slot(out: np.ndarray, scene: np.ndarray, valid: np.ndarray, window: 
     """A compress chunk's middle block's ``grid20_phase`` written into ``out`` (FILTER_BANDS, chunk y, chunk x)
     at its slot in the block's corner (an apply_neighborhood chunk only: the block ``overlap`` px in)."""
     rows, cols = middle_block(window, overlap)
-    # not in a block under FILTER_MIN_PX a side, as its filter: its corner would lie in the overlap cut off
-    if size == (BLOCK_PX + 2 * overlap,) * 2 and min(rows.stop - rows.start, cols.stop - cols.start) >= FILTER_MIN_PX:
+    if size == (BLOCK_PX + 2 * overlap,) * 2 and rows.start < rows.stop and cols.start < cols.stop:
         gy, gx = grid20_slot(shape)
         out[0, overlap + gy:overlap + gy + STRIDE1, overlap + gx:overlap + gx + STRIDE1] = \
             grid20_phase(scene[:, rows, cols], valid[rows, cols])

@@ -114,9 +114,7 @@ class RefineCoder:
         lam = 0.0 if self.filter_lambda is None else float(self.filter_lambda[level])
         weights = corsa_udf.filter_fit(truth, decoded, rows, cols, valid, self.filter_shape, lam) if self.filters(level) else None
         filtered = self.filtered(decoded, weights, rows, cols)
-        # as the loop filter, none in a block under FILTER_MIN_PX a side (its corner of the services' cube is cut off)
-        grid20 = corsa_udf.grid20_phase(truth, valid) if self.filter_shape and \
-            min(truth.shape[1:]) >= corsa_udf.FILTER_MIN_PX else 0
+        grid20 = corsa_udf.grid20_phase(truth, valid) if self.filter_shape else 0
         return BlockRefinement(self.symbols(truth.astype(np.float32) - filtered, valid, level), weights, grid20)
 
     def filtered(self, decoded: np.ndarray, weights: np.ndarray | None, rows: slice, cols: slice) -> np.ndarray:

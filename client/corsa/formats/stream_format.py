@@ -149,33 +149,33 @@ class WindowRefinement(NamedTuple):
     """A refinement over a window of a date's pixels: the cells' field (10, rows, cols) in DN, and the
     loop filters of the blocks under it that have one, each (rows, cols of the window, weights), which
     ``refiner`` applies; ``origin``: where the field's first pixel lies in the window refined;
-    ``grids``: the blocks whose 20 m bands are on 2 x 2 cells, each (rows, cols of the window, phase,
-    the date's row and column of the first of those pixels)."""
+    ``grids``: the blocks whose 20 m bands are on 2 x 2 cells, each (rows, cols of the window, phase);
+    ``corner``: the date's row and column of the window's first pixel (the cells' phase is the date's)."""
 
     field: np.ndarray
     filters: list
     refiner: RefineCoder
     origin: tuple[int, int] = (0, 0)
     grids: list = []
+    corner: tuple[int, int] = (0, 0)
 
     def within(self, rows: slice, cols: slice) -> "WindowRefinement":
         """The same with the loop filters and 20 m grids of the window's pixels ``rows`` x ``cols`` only: a
         block decoded over its window, as the decompress UDF filters its chunk's middle block only."""
-        def cut(ry: slice, rx: slice) -> tuple[slice, slice]:
-            return slice(max(ry.start, rows.start), min(ry.stop, rows.stop)), slice(max(rx.start, cols.start), min(rx.stop, cols.stop))
+        def cut(parts: list) -> list:
+            kept = [(slice(max(ry.start, rows.start), min(ry.stop, rows.stop)),
+                     slice(max(rx.start, cols.start), min(rx.stop, cols.stop)), v) for ry, rx, v in parts]
+            return [p for p in kept if p[0].start < p[0].stop and p[1].start < p[1].stop]
 
-        kept = [(*cut(ry, rx), w) for ry, rx, w in self.filters]
-        grids = [(*cut(ry, rx), code, (y + max(rows.start - ry.start, 0), x + max(cols.start - rx.start, 0)))
-                 for ry, rx, code, (y, x) in self.grids]
-        return self._replace(filters=[f for f in kept if f[0].start < f[0].stop and f[1].start < f[1].stop],
-                             grids=[g for g in grids if g[0].start < g[0].stop and g[1].start < g[1].stop])
+        return self._replace(filters=cut(self.filters), grids=cut(self.grids))
 
     def at(self, y: int, x: int) -> "WindowRefinement":
         """The same refining the part of a larger window that starts at (``y``, ``x``) of it."""
-        return self._replace(filters=[(slice(ry.start + y, ry.stop + y), slice(rx.start + x, rx.stop + x), w)
-                                      for ry, rx, w in self.filters], origin=(y, x),
-                             grids=[(slice(ry.start + y, ry.stop + y), slice(rx.start + x, rx.stop + x), code, start)
-                                    for ry, rx, code, start in self.grids])
+        def shift(parts: list) -> list:
+            return [(slice(ry.start + y, ry.stop + y), slice(rx.start + x, rx.stop + x), v) for ry, rx, v in parts]
+
+        return self._replace(filters=shift(self.filters), grids=shift(self.grids), origin=(y, x),
+                             corner=(self.corner[0] - y, self.corner[1] - x))
 
     def apply(self, decoded: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """The window's decoding (float (10, rows, cols), the network's) refined in place: each block's
@@ -188,8 +188,8 @@ class WindowRefinement(NamedTuple):
         part = (slice(self.origin[0], self.origin[0] + self.field.shape[1]),
                 slice(self.origin[1], self.origin[1] + self.field.shape[2]))
         decoded[(slice(None),) + part] += self.field
-        for ry, rx, code, start in self.grids:
-            corsa_udf.grid20_project(decoded, ry, rx, code, start, valid)
+        for ry, rx, code in self.grids:
+            corsa_udf.grid20_project(decoded, ry, rx, code, (self.corner[0] + ry.start, self.corner[1] + rx.start), valid)
         return decoded
 
 
@@ -212,8 +212,8 @@ def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], 
             if r.weights is not None:
                 filters.append((wy, wx, r.weights))
             if r.grid20:
-                grids.append((wy, wx, r.grid20, (ry.start, rx.start)))
-    return WindowRefinement(out, filters, refiner, grids=grids)
+                grids.append((wy, wx, r.grid20))
+    return WindowRefinement(out, filters, refiner, grids=grids, corner=(rows[0], cols[0]))
 
 
 def refine(decoded: np.ndarray, refinement: list[BlockRefinement], refiner: RefineCoder, level: int,
