@@ -137,14 +137,15 @@ class RefineCoder:
         return corsa_udf.refine_symbols(error, valid, float(self.steps[level]), self.grid)
 
     def field(self, sym: np.ndarray, level: int, shape: tuple[int, int], rows: slice = slice(None),
-              cols: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
+              cols: slice = slice(None), out: np.ndarray | None = None, add: bool = False) -> np.ndarray:
         """(10, ch, cw) cell symbols of a block of ``shape`` px -> its (10, h, w) float32 correction in DN
-        (or that of its pixels ``rows`` x ``cols``; into ``out`` if given), bilinear between cell centres:
-        along x on the cells' rows first (small), then along y. No BLAS: its threads would spin beside
-        the decoder's (a date read through xarray 0.9 s slower with a matrix product here)."""
+        (or that of its pixels ``rows`` x ``cols``; into ``out`` if given, ``add``: added to it), bilinear
+        between cell centres: along x on the cells' rows first (small), then along y. No BLAS: its
+        threads would spin beside the decoder's (a date read through xarray 0.9 s slower with a matrix
+        product here)."""
         ys = tuple(a[rows] for a in _bilinear(shape[0], sym.shape[1], self.grid))
         xs = tuple(a[cols] for a in _bilinear(shape[1], sym.shape[2], self.grid))
-        return corsa_udf.bilinear_field(sym.astype(np.float32) * np.float32(self.steps[level]), ys, xs, out)
+        return corsa_udf.bilinear_field(sym.astype(np.float32) * np.float32(self.steps[level]), ys, xs, out, add)
 
     def _model(self, k: int):
         if self._models[k] is None:

@@ -146,16 +146,17 @@ def refinement_cells(refiner: RefineCoder, level: int, truth: np.ndarray, decode
 
 
 class WindowRefinement(NamedTuple):
-    """A refinement over a window of a date's pixels: the cells' field (10, rows, cols) in DN, and the
-    loop filters of the blocks under it that have one, each (rows, cols of the window, weights), which
-    ``refiner`` applies; ``origin``: where the field's first pixel lies in the window refined;
+    """A refinement over a window of a date's pixels at ``level``: the cells of the blocks under it, each
+    (rows, cols of the window, (cells, the block's shape, the rows and cols of the block)), whose field
+    ``refiner`` adds (computed as it is added: a date's field is as large as the date), and the loop
+    filters of the blocks that have one, each (rows, cols of the window, weights), which ``refiner`` applies;
     ``grids``: the blocks whose 20 m bands are on 2 x 2 cells, each (rows, cols of the window, phase);
     ``corner``: the date's row and column of the window's first pixel (the cells' phase is the date's)."""
 
-    field: np.ndarray
+    fields: list
     filters: list
     refiner: RefineCoder
-    origin: tuple[int, int] = (0, 0)
+    level: int
     grids: list = []
     corner: tuple[int, int] = (0, 0)
 
@@ -174,7 +175,7 @@ class WindowRefinement(NamedTuple):
         def shift(parts: list) -> list:
             return [(slice(ry.start + y, ry.stop + y), slice(rx.start + x, rx.stop + x), v) for ry, rx, v in parts]
 
-        return self._replace(filters=shift(self.filters), grids=shift(self.grids), origin=(y, x),
+        return self._replace(fields=shift(self.fields), filters=shift(self.filters), grids=shift(self.grids),
                              corner=(self.corner[0] - y, self.corner[1] - x))
 
     def apply(self, decoded: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -185,9 +186,8 @@ class WindowRefinement(NamedTuple):
         # every block filtered from the decoding as it is (its neighbours' pixels unfiltered), then written
         for ry, rx, out in [(ry, rx, self.refiner.filtered(decoded, w, ry, rx)) for ry, rx, w in self.filters]:
             decoded[:, ry, rx] = out
-        part = (slice(self.origin[0], self.origin[0] + self.field.shape[1]),
-                slice(self.origin[1], self.origin[1] + self.field.shape[2]))
-        decoded[(slice(None),) + part] += self.field
+        for ry, rx, (cells, shape, by, bx) in self.fields:
+            self.refiner.field(cells, self.level, shape, by, bx, decoded[:, ry, rx], add=True)
         for ry, rx, code in self.grids:
             corsa_udf.grid20_project(decoded, ry, rx, code, (self.corner[0] + ry.start, self.corner[1] + rx.start), valid)
         return decoded
@@ -198,22 +198,20 @@ def refinement_window(refiner: RefineCoder, level: int, shape: tuple[int, int], 
     """The refinement over a window of a date of ``shape`` px, each block's part from its own
     ``refinement_of(k)`` (a ``BlockRefinement``, block k in ``block_slices`` order; asked only for the
     blocks under the window)."""
-    out = np.zeros((len(BANDS), rows[1] - rows[0], cols[1] - cols[0]), np.float32)
-    filters, grids = [], []
+    fields, filters, grids = [], [], []
     for k, cells in enumerate(block_slices(latent_cells(shape), block)):
         py, px = block_pixels(cells, shape)
         ry, rx = slice(max(py.start, rows[0]), min(py.stop, rows[1])), slice(max(px.start, cols[0]), min(px.stop, cols[1]))
         if ry.start < ry.stop and rx.start < rx.stop:
             r = refinement_of(k)
             wy, wx = slice(ry.start - rows[0], ry.stop - rows[0]), slice(rx.start - cols[0], rx.stop - cols[0])
-            refiner.field(r.cells, level, (py.stop - py.start, px.stop - px.start),
-                          slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start),
-                          out[:, wy, wx])
+            fields.append((wy, wx, (r.cells, (py.stop - py.start, px.stop - px.start),
+                                    slice(ry.start - py.start, ry.stop - py.start), slice(rx.start - px.start, rx.stop - px.start))))
             if r.weights is not None:
                 filters.append((wy, wx, r.weights))
             if r.grid20:
                 grids.append((wy, wx, r.grid20))
-    return WindowRefinement(out, filters, refiner, grids=grids, corner=(rows[0], cols[0]))
+    return WindowRefinement(fields, filters, refiner, level, grids=grids, corner=(rows[0], cols[0]))
 
 
 def refine(decoded: np.ndarray, refinement: list[BlockRefinement], refiner: RefineCoder, level: int,
