@@ -94,9 +94,9 @@ def _coarse_file(data: np.ndarray, transform: Affine, crs, factor: int, path: Pa
     return fine
 
 
-def any_scale(model: str, quality: int, tmp: Path, factors: tuple[int, ...]) -> list[dict]:
+def any_scale(model: str, quality: int, tmp: Path, factors: tuple[int, ...], split: str = "test") -> list[dict]:
     rows = []
-    scenes = [s for s in load_split(SPLIT_FILE, "test") if s.transform and min(s.data.shape[1:]) >= 96]
+    scenes = [s for s in load_split(SPLIT_FILE, split) if s.transform and min(s.data.shape[1:]) >= 96]
     for n, s in enumerate(scenes):
         for f in factors:
             case = tmp / f"s{n}_{f}"
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="corsa3.1")
     p.add_argument("--quality", type=int, default=4)
     p.add_argument("--factors", default="2,4,6")
-    p.add_argument("--split", default="test", help="the split whose series give the dates (test; val chose settings)")
+    p.add_argument("--split", default="test", help="the split whose scenes and series are rendered (test; val chose settings)")
     p.add_argument("--parts", default="date,scale,speed", help="any of date, scale, speed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/render.json"))
     args = p.parse_args(argv)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dates = any_date(args.model, args.quality, tmp, args.split) if "date" in parts else []
-        scales = any_scale(args.model, args.quality, tmp, factors) if "scale" in parts else []
+        scales = any_scale(args.model, args.quality, tmp, factors, args.split) if "scale" in parts else []
         speed = throughput(args.model, args.quality, tmp) if "speed" in parts else {}
     summary = {"throughput": speed}
     if dates:

@@ -1,8 +1,9 @@
 """Rendering a compressed series off its stored dates and grid (corsa decompress --date / --scale /
 --like, corsa.blocks.render) on a real WorldStrat test series: a date in between is a per-pixel blend of
 the stored dates around it and the decompress UDP (dates) gives the same bytes; --scale and --like
-give the asked grid, the same pixels for the same grid, GDAL's average for coarser pixels; what
-cannot be rendered is refused by name with nothing written."""
+give the asked grid, the same pixels for the same grid, GDAL's average for coarser pixels, bicubic
+where the space head does worse on real TerraMesh L1C and the head's share on WorldStrat; what cannot
+be rendered is refused by name with nothing written."""
 import numpy as np
 import pytest
 import rasterio
@@ -92,6 +93,45 @@ def test_a_time_head_worse_than_linear_interpolation_on_a_place_falls_back_to_it
     # two stored dates: none to weigh the head by, linear interpolation
     np.testing.assert_array_equal(corsa_udf.between(head, decoded[1:3], gaps[1:3], days[1:3], t),
                                   corsa_udf.linear_between(decoded[1:3], gaps[1:3], days[1:3], t))
+
+
+class ShiftedView:
+    """A space head that is wrong everywhere: each query answered by bicubic 2 px away."""
+
+    def run(self, _, feed):
+        return [corsa_udf.cubic_points(feed["image"][0], feed["coord"][0] + 2).T[None]]
+
+
+def _rendered_x2(head, data, guarded):
+    """A scene's 2 x 2 averages rendered back at x2 (the space head keeping ``guarded`` its self-checked
+    share, else all) and the scene cropped to them."""
+    h2, w2 = data.shape[1] // 2, data.shape[2] // 2
+    fine = data[:, :2 * h2, :2 * w2]
+    coarse = np.rint(fine.reshape(len(fine), h2, 2, w2, 2).astype(np.float64).mean((2, 4))).astype(np.uint16)
+    rows, cols = np.mgrid[0:2 * h2, 0:2 * w2]
+    coord = np.stack([(rows.ravel() + 0.5) / 2, (cols.ravel() + 0.5) / 2], -1)
+    guard = corsa_udf.render_guard(head, coarse)[rows.ravel() // 2, cols.ravel() // 2] if guarded else np.ones(len(coord))
+    cubic = np.rint(corsa_udf.cubic_points(coarse.astype(np.float32), coord)).reshape(fine.shape)
+    return fine, corsa_udf.render_points(head, coarse, coord, np.full_like(coord, 0.5), guard).reshape(fine.shape), cubic
+
+
+def test_a_space_head_worse_than_bicubic_on_a_place_falls_back_to_it(data_root):
+    """A date's own 2 x 2 averages, rendered back by the space head and by bicubic, weigh the two
+    (``corsa_udf.render_guard``): a head wrong everywhere gives bicubic; the shipped one, trained on
+    decoded WorldStrat-like scenes, is below bicubic on a plain TerraMesh L1C scene and comes back to
+    about it, and is no worse than bicubic on WorldStrat."""
+    head = blockwise._sessions(VariableRateCodec(MODEL), "render")
+    l1c = next(LOADERS["terramesh_l1c"](data_root)).data
+    fine, alone, cubic = _rendered_x2(head, l1c, False)
+    assert psnr(fine, alone) < psnr(fine, cubic) - 2
+    _, guarded, _ = _rendered_x2(head, l1c, True)
+    assert psnr(fine, cubic) - 0.3 < psnr(fine, guarded) and psnr(fine, guarded) > psnr(fine, alone) + 2
+    _, wrong, _ = _rendered_x2(ShiftedView(), l1c, False)
+    assert psnr(fine, wrong) < psnr(fine, cubic) - 10
+    _, wrong, _ = _rendered_x2(ShiftedView(), l1c, True)
+    assert psnr(fine, wrong) > psnr(fine, cubic) - 0.05
+    fine, guarded, cubic = _rendered_x2(head, next(LOADERS["worldstrat"](data_root)).data, True)
+    assert psnr(fine, guarded) > psnr(fine, cubic) - 0.05
 
 
 def test_the_decompress_service_renders_the_same_date(data_root, tmp_path):

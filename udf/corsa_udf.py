@@ -413,10 +413,75 @@ def linear_between(decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: 
 # A decoded date at smaller pixels (mode "render", the CLI's --scale): the model's space head
 # (render.onnx) queried at each pixel's centre, in stored pixels, with its size there. The cube
 # comes from resample_spatial "near" of a decode with positions: each stored pixel's centre in
-# stored pixels, modulo a power of two of CRS units (exact in float32), and the stored pixel
-# size; "near" carries them to every smaller pixel it fills, so the stored grid is found again.
-POSITION_BANDS = ("stored_x", "stored_y", "stored_dx", "stored_dy")
+# stored pixels, modulo a power of two of CRS units (exact in float32), the stored pixel size, and
+# its guard weight (``render_guard``); "near" carries them to every smaller pixel it fills, so the
+# stored grid is found again.
+POSITION_BANDS = ("stored_x", "stored_y", "stored_dx", "stored_dy", "stored_guard")
 POSITION_PERIOD_PX = 1024
+# The space head is bicubic interpolation plus what it learnt on WorldStrat-like scenes; on places
+# unlike them (L1C, TerraMesh) it rendered up to 3 dB below bicubic alone. The date says where: its
+# own 2 x 2 averages rendered back at x2, by the head and by bicubic, against it (BENCHMARKS.md,
+# issue 28), block by block. RENDER_GUARD_RADIUS: stored px around a pixel whose self-check weighs the two.
+RENDER_GUARD_RADIUS = 8
+CUBIC_A = -0.75      # the head's own bicubic (torch's grid_sample)
+
+
+def _keys(t: np.ndarray) -> np.ndarray:
+    """(N,) offsets in [0, 1) -> (N, 4) bicubic weights of the taps at -1, 0, 1, 2."""
+    a = np.float32(CUBIC_A)
+
+    def near(x):
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
+
+
+def cubic_points(image: np.ndarray, coord: np.ndarray) -> np.ndarray:
+    """(10, N) float32: bicubic interpolation of ``image`` (10, h, w) at ``coord`` (N, 2: y, x in its
+    pixels, centres at i + 0.5), taps beyond its edges held at them (the space head's base)."""
+    taps = []
+    for k, n in enumerate(image.shape[1:]):
+        u = coord[:, k].astype(np.float64) - 0.5
+        i0 = np.floor(u)
+        taps.append((np.clip(i0.astype(np.intp)[:, None] + np.arange(-1, 3), 0, n - 1), _keys((u - i0).astype(np.float32))))
+    (rows, wy), (cols, wx) = taps
+    out = np.zeros((len(image), len(coord)), np.float32)
+    for a in range(4):
+        part = np.zeros_like(out)
+        for b in range(4):
+            part += image[:, rows[:, a], cols[:, b]] * wx[:, b]
+        out += part * wy[:, a]
+    return out
+
+
+def render_guard(head, image: np.ndarray) -> np.ndarray:
+    """(h, w) float32 in [0, 1]: how much of the space head's departure from bicubic to keep around
+    each pixel of a block of a decoded date ``image`` (10, h, w; nodata all 0), the share that best
+    renders the block from its own 2 x 2 averages (cells from its first pixel) within
+    RENDER_GUARD_RADIUS px (1 where nothing says: a block under 4 px a side, or all nodata). From the
+    block's pixels alone: every reader has them decoded alike (a decompress chunk's overlap is not)."""
+    h2, w2 = image.shape[1] // 2, image.shape[2] // 2
+    if h2 < 2 or w2 < 2:
+        return np.ones(image.shape[1:], np.float32)
+    part = image[:, :2 * h2, :2 * w2].astype(np.float32)
+    shown = (part != 0).any(0)
+    cells = shown.reshape(h2, 2, w2, 2).all((1, 3))
+    small = np.where(cells, part.reshape(len(part), h2, 2, w2, 2).mean((2, 4)), 0).astype(np.float32)
+    rows, cols = np.mgrid[0:2 * h2, 0:2 * w2]
+    coord = np.stack([(rows.ravel() + 0.5) / 2, (cols.ravel() + 0.5) / 2], -1).astype(np.float32)
+    (value,) = head.run(None, {"image": small[None], "coord": coord[None], "cell": np.full_like(coord, 0.5)[None]})
+    base = cubic_points(small, coord)
+    away = (value[0].T - base).reshape(part.shape)
+    error = part - base.reshape(part.shape)
+    use = shown & np.repeat(np.repeat(cells, 2, 0), 2, 1)
+    fit = np.where(use, (away * error).sum(0, dtype=np.float64), 0)
+    scale = np.where(use, (away.astype(np.float64) ** 2).sum(0), 0)
+    fit, scale = _box_sum(fit, RENDER_GUARD_RADIUS), _box_sum(scale, RENDER_GUARD_RADIUS)
+    weight = np.where(scale > 0, np.clip(fit / np.where(scale > 0, scale, 1), 0, 1), 1).astype(np.float32)
+    return np.pad(weight, ((0, image.shape[1] - 2 * h2), (0, image.shape[2] - 2 * w2)), mode="edge")
 
 
 def _period(step: float) -> float:
@@ -457,22 +522,25 @@ def positions(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def render_points(head, image: np.ndarray, coord: np.ndarray, cell: np.ndarray) -> np.ndarray:
+def render_points(head, image: np.ndarray, coord: np.ndarray, cell: np.ndarray, guard: np.ndarray) -> np.ndarray:
     """(10, N) uint16: the space head over ``image`` (10, h, w) at ``coord`` (N, 2: y, x in its
-    pixels, centres at i + 0.5) for output pixels of ``cell`` (N, 2) of its pixels. A query on a
-    nodata pixel (all bands 0) stays 0: the head would invent it from the zeros."""
-    (value,) = head.run(None, {"image": image[None].astype(np.float32), "coord": coord.astype(np.float32)[None],
-                               "cell": cell.astype(np.float32)[None]})
+    pixels, centres at i + 0.5) for output pixels of ``cell`` (N, 2) of its pixels, keeping the
+    share ``guard`` (N,) of its departure from bicubic (``render_guard`` of the query's pixel). A
+    query on a nodata pixel (all bands 0) stays 0: the head would invent it from the zeros."""
+    image, coord = image.astype(np.float32), coord.astype(np.float32)
+    (value,) = head.run(None, {"image": image[None], "coord": coord[None], "cell": cell.astype(np.float32)[None]})
+    base = cubic_points(image, coord)
+    value = base + guard.astype(np.float32) * (value[0].T - base)
     rows = np.clip(np.floor(coord[:, 0]).astype(int), 0, image.shape[1] - 1)
     cols = np.clip(np.floor(coord[:, 1]).astype(int), 0, image.shape[2] - 1)
     shown = (image[:, rows, cols] != 0).any(0)
-    return np.where(shown, np.clip(np.rint(value[0].T), 0, 65535), 0).astype(np.uint16)
+    return np.where(shown, np.clip(np.rint(value), 0, 65535), 0).astype(np.uint16)
 
 
 def render_scene(head, scene: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(10, H, W) uint16 from a scene of BANDS + POSITION_BANDS on a grid of centres ``x``, ``y``
     (smaller pixels than the stored ones, or the same): the stored image found again, then the head."""
-    values, (bx, by, sdx, sdy) = scene[:len(BANDS)], scene[len(BANDS):]
+    values, (bx, by, sdx, sdy, guard) = scene[:len(BANDS)], scene[len(BANDS):]
     out = np.zeros(values.shape, np.uint16)
     shown = np.isfinite(bx) & np.isfinite(by) & np.isfinite(sdx) & (sdx != 0) & (sdy != 0)
     if not shown.any():
@@ -493,7 +561,7 @@ def render_scene(head, scene: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.nd
     image = np.zeros((len(BANDS), row.max() + 1, col.max() + 1), np.float32)
     image[:, row, col] = np.nan_to_num(values[:, shown])
     coord = np.stack([row + 0.5 + off_y[shown], col + 0.5 + off_x[shown]], -1)
-    out[:, shown] = render_points(head, image, coord, np.broadcast_to(cell, coord.shape))
+    out[:, shown] = render_points(head, image, coord, np.broadcast_to(cell, coord.shape), np.nan_to_num(guard[shown], nan=1))
     return out
 
 
@@ -1397,12 +1465,27 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     out = whole
     out, bands = np.clip(np.rint(out), 0, 65535).astype(np.uint16), BANDS
     if context.get("positions"):
-        where = positions(cube["x"].values, cube["y"].values)
-        out = np.concatenate([out.astype(np.float32), np.broadcast_to(where, (len(out),) + where.shape)], 1)
+        where = np.broadcast_to(positions(cube["x"].values, cube["y"].values), (len(out), len(POSITION_BANDS) - 1) + out.shape[2:])
+        guard = np.ones((len(out), 1) + out.shape[2:], np.float32)
+        if "render" in card.get("files", {}):
+            head = session(_fetch(model, "render.onnx", (context.get("sha256") or {}).get("render")), int(context.get("threads", 0)))
+            for t, block in [(t, b) for t in range(len(out)) for b in _blocks_of(out.shape[2:], window, overlap)]:
+                guard[(t, 0) + block] = render_guard(head, out[(t, slice(None)) + block])
+        out = np.concatenate([out.astype(np.float32), where, guard], 1)
         bands = BANDS + POSITION_BANDS
     coords = {k: v for k, v in cube.coords.items() if k not in ("bands", "t")}
     result = type(cube)(out, dims=cube.dims, coords={**coords, "t": times, "bands": list(bands)})
     return result if had_t else result.isel(t=0, drop=True)
+
+
+def _blocks_of(size: Tuple[int, int], window: Tuple[slice, slice], overlap: int) -> List[Tuple[slice, slice]]:
+    """The product's blocks (BLOCK_PX px from the date's corner) under a decompress chunk's data
+    ``window``: apply_neighborhood's middle one (``overlap`` px into a chunk of BLOCK_PX + 2 ``overlap``),
+    or, in a cube of another size (a date given whole), every block from its data's corner."""
+    if all(n == BLOCK_PX + 2 * overlap for n in size):
+        return [tuple(slice(max(overlap, w.start), min(overlap + BLOCK_PX, w.stop)) for w in window)]
+    return [(slice(y, min(y + BLOCK_PX, window[0].stop)), slice(x, min(x + BLOCK_PX, window[1].stop)))
+            for y in range(window[0].start, window[0].stop, BLOCK_PX) for x in range(window[1].start, window[1].stop, BLOCK_PX)]
 
 
 def _day(t) -> float:

@@ -3,7 +3,8 @@
 ``between.onnx``, ``training.train_between``, or linear interpolation where the stored dates show the
 head does worse: ``corsa_udf.between``), and a decoded date at any pixel size or on another
 grid (the space head, ``render.onnx``, ``training.train_render``, LIIF-style: queried at each output
-pixel's centre, in the decoded grid's pixel units, with the output pixel's size there).
+pixel's centre, in the decoded grid's pixel units, with the output pixel's size there; bicubic where the
+decoded date's own 2 x 2 averages show the head does worse: ``corsa_udf.render_guard``).
 
     product -> the candidates' latents, block by block -> decode -> time head -> GeoTIFF (stored grid)
     GeoTIFF (stored grid) -> output blocks -> their centres in the stored grid -> space head -> GeoTIFF
@@ -148,6 +149,7 @@ def render_file(source: Path, codec: VariableRateCodec, grid: Grid, out: Path) -
                                   range(grid.shape[1] // 2, grid.shape[1] // 2 + 1)))[1][0]
         coarser = bool(centre.max() > 1 + 1e-6)
         session = None if coarser else _head(codec, "render", "space head")
+        guard = None if coarser else _Guard(src, session)
         reach = codec.card.get("render", {}).get("reach_px", 0) + 1
         profile = {"count": len(BANDS), "dtype": "uint16", "height": grid.shape[0], "width": grid.shape[1],
                    "transform": grid.transform, "crs": grid.crs or src.crs}
@@ -163,12 +165,32 @@ def render_file(source: Path, codec: VariableRateCodec, grid: Grid, out: Path) -
                         window = Window(c0, r0, len(cols), len(rows))
                         with writing(out):
                             dst.write(vrt.read(window=window) if coarser else
-                                      _render_block(src, session, reach, *_queries(_points(src.transform, src.crs, grid, rows, cols)))
+                                      _render_block(src, session, guard, reach, *_queries(_points(src.transform, src.crs, grid, rows, cols)))
                                       .reshape(len(BANDS), len(rows), len(cols)), window=window)
     return out
 
 
-def _render_block(src, session, reach: int, coord: np.ndarray, cell: np.ndarray) -> np.ndarray:
+class _Guard:
+    """A stored date's space-head guard (``corsa_udf.render_guard``), computed block by block as they
+    are first asked for (the product's blocks, as the decompress UDF gives it with positions)."""
+
+    def __init__(self, src, session):
+        self.src, self.session = src, session
+        self.weights = np.ones((src.height, src.width), np.float32)
+        self.done: set[tuple[int, int]] = set()
+
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The weights of stored pixels (rows, cols)."""
+        b = corsa_udf.BLOCK_PX
+        for r, c in {(int(r), int(c)) for r, c in zip(rows // b, cols // b)} - self.done:
+            window = Window(c * b, r * b, min(b, self.src.width - c * b), min(b, self.src.height - r * b))
+            self.weights[r * b:r * b + window.height, c * b:c * b + window.width] = \
+                corsa_udf.render_guard(self.session, self.src.read(window=window))
+            self.done.add((r, c))
+        return self.weights[rows, cols]
+
+
+def _render_block(src, session, guard: _Guard, reach: int, coord: np.ndarray, cell: np.ndarray) -> np.ndarray:
     """(10, N) uint16: the space head at ``coord`` (stored pixels) over the window of ``src`` they need."""
     out = np.zeros((len(BANDS), len(coord)), np.uint16)
     inside = (coord[:, 0] >= 0) & (coord[:, 0] < src.height) & (coord[:, 1] >= 0) & (coord[:, 1] < src.width)
@@ -178,7 +200,8 @@ def _render_block(src, session, reach: int, coord: np.ndarray, cell: np.ndarray)
     r0, c0 = (max(0, int(np.floor(q[:, k].min())) - reach) for k in (0, 1))
     r1, c1 = min(src.height, int(np.ceil(q[:, 0].max())) + reach), min(src.width, int(np.ceil(q[:, 1].max())) + reach)
     image = src.read(window=Window(c0, r0, c1 - c0, r1 - r0))
-    out[:, inside] = corsa_udf.render_points(session, image, q - [r0, c0], c)
+    weights = guard.at(np.floor(q[:, 0]).astype(np.intp), np.floor(q[:, 1]).astype(np.intp))
+    out[:, inside] = corsa_udf.render_points(session, image, q - [r0, c0], c, weights)
     return out
 
 
