@@ -470,15 +470,18 @@ def render_guard(head, image: np.ndarray) -> np.ndarray:
     shown = (part != 0).any(0)
     cells = shown.reshape(h2, 2, w2, 2).all((1, 3))
     small = np.where(cells, part.reshape(len(part), h2, 2, w2, 2).mean((2, 4)), 0).astype(np.float32)
-    rows, cols = np.mgrid[0:2 * h2, 0:2 * w2]
-    coord = np.stack([(rows.ravel() + 0.5) / 2, (cols.ravel() + 0.5) / 2], -1).astype(np.float32)
+    # A quarter of the pixels, in each 4 x 4 px one at each place of a 2 x 2 cell: half the time, the
+    # sums over the radius as telling.
+    rows, cols = np.nonzero((np.arange(2 * h2) % 2 == np.arange(2 * h2) // 2 % 2)[:, None]
+                            & (np.arange(2 * w2) % 2 == np.arange(2 * w2) // 2 % 2)[None, :])
+    coord = np.stack([(rows + 0.5) / 2, (cols + 0.5) / 2], -1).astype(np.float32)
     (value,) = head.run(None, {"image": small[None], "coord": coord[None], "cell": np.full_like(coord, 0.5)[None]})
     base = cubic_points(small, coord)
-    away = (value[0].T - base).reshape(part.shape)
-    error = part - base.reshape(part.shape)
-    use = shown & np.repeat(np.repeat(cells, 2, 0), 2, 1)
-    fit = np.where(use, (away * error).sum(0, dtype=np.float64), 0)
-    scale = np.where(use, (away.astype(np.float64) ** 2).sum(0), 0)
+    away, error = value[0].T - base, part[:, rows, cols] - base
+    use = shown[rows, cols] & cells[rows // 2, cols // 2]
+    fit, scale = np.zeros(shown.shape), np.zeros(shown.shape)
+    fit[rows, cols] = np.where(use, (away * error).sum(0, dtype=np.float64), 0)
+    scale[rows, cols] = np.where(use, (away.astype(np.float64) ** 2).sum(0), 0)
     fit, scale = _box_sum(fit, RENDER_GUARD_RADIUS), _box_sum(scale, RENDER_GUARD_RADIUS)
     weight = np.where(scale > 0, np.clip(fit / np.where(scale > 0, scale, 1), 0, 1), 1).astype(np.float32)
     return np.pad(weight, ((0, image.shape[1] - 2 * h2), (0, image.shape[2] - 2 * w2)), mode="edge")
