@@ -172,22 +172,32 @@ def render_file(source: Path, codec: VariableRateCodec, grid: Grid, out: Path) -
 
 class _Guard:
     """A stored date's space-head guard (``corsa_udf.render_guard``), computed block by block as they
-    are first asked for (the product's blocks, as the decompress UDF gives it with positions)."""
+    are first asked for (the product's blocks, as the decompress UDF gives it with positions); the
+    blocks above the rows asked for are let go (output blocks come row by row)."""
 
     def __init__(self, src, session):
         self.src, self.session = src, session
-        self.weights = np.ones((src.height, src.width), np.float32)
-        self.done: set[tuple[int, int]] = set()
+        self.blocks: dict[tuple[int, int], np.ndarray] = {}
+
+    def _block(self, r: int, c: int) -> np.ndarray:
+        if (r, c) not in self.blocks:
+            b = corsa_udf.BLOCK_PX
+            window = Window(c * b, r * b, min(b, self.src.width - c * b), min(b, self.src.height - r * b))
+            self.blocks[r, c] = corsa_udf.render_guard(self.session, self.src.read(window=window))
+        return self.blocks[r, c]
 
     def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The weights of stored pixels (rows, cols)."""
         b = corsa_udf.BLOCK_PX
-        for r, c in {(int(r), int(c)) for r, c in zip(rows // b, cols // b)} - self.done:
-            window = Window(c * b, r * b, min(b, self.src.width - c * b), min(b, self.src.height - r * b))
-            self.weights[r * b:r * b + window.height, c * b:c * b + window.width] = \
-                corsa_udf.render_guard(self.session, self.src.read(window=window))
-            self.done.add((r, c))
-        return self.weights[rows, cols]
+        for key in [k for k in self.blocks if k[0] < rows.min() // b]:
+            del self.blocks[key]
+        out = np.empty(len(rows), np.float32)
+        block = rows // b * (self.src.width // b + 1) + cols // b
+        for k in np.unique(block):
+            where = block == k
+            r, c = divmod(int(k), self.src.width // b + 1)
+            out[where] = self._block(r, c)[rows[where] - r * b, cols[where] - c * b]
+        return out
 
 
 def _render_block(src, session, guard: _Guard, reach: int, coord: np.ndarray, cell: np.ndarray) -> np.ndarray:
