@@ -29,7 +29,7 @@ from corsa.codec.models import VariableRateCodec
 from corsa.formats.datasets import load_split
 from corsa.codec.latent_coder import FILE_NAME as TABLES_FILE, LatentCoder, context_counts
 from corsa.core.metrics import compression_factor, is_small, psnr
-from corsa.core.scene import BANDS, Scene, to_uint16
+from corsa.core.scene import BANDS, Scene
 
 from . import export as base_export, weights
 from .export import NODATA_LAYER, OPSET, _record_files, input_spec, stored_layer, training_record
@@ -108,12 +108,7 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
         rows = defaultdict(list)
         for s, y in zip(scenes, latents):
             ints = codec.quantise(y, q)
-            data, rec, cells = stream_format.encode_refined(codec, s.data, ints, q, s.nodata_mask, None, s.crs,
-                                                            s.date or "undated")
-            if cells is not None:
-                stream_format.refine(rec, cells, codec.refiner, codec.level(q), ~s.nodata_mask)
-            rec = to_uint16(rec)
-            rec[:, s.nodata_mask] = 0
+            data, rec = stream_format.decoded_date(codec, s.data, ints, q, s.nodata_mask, s.crs, s.date or "undated")
             source = s.group + ("-L1C" if s.extra.get("level") == "L1C" else "")
             rows[source].append((psnr(s.data, rec), s.pixels, len(data), is_small(s.data)))
         per_source = {src: {"scenes": len(r), "psnr_db": round(float(np.mean([p for p, _, _, _ in r])), 3),

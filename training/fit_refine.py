@@ -25,7 +25,7 @@ from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.codec.refine_coder import FILE_NAME, FILTER_NET, TABLES, RefineCoder, laplace_tables
 from corsa.core.machine import cpu_name
 from corsa.core.metrics import psnr
-from corsa.core.scene import BANDS, to_uint16
+from corsa.core.scene import BANDS
 from corsa.formats import stream_format
 from corsa.formats.datasets import load_split
 
@@ -52,12 +52,7 @@ def level_lambdas(codec: VariableRateCodec) -> dict[str, float]:
     for s in load_split(SPLIT_FILE, "val"):
         y, row = codec.latent(s.data), []
         for q in codec.qualities:
-            data, rec, cells = stream_format.encode_refined(codec, s.data, codec.quantise(y, q), q, s.nodata_mask,
-                                                            None, s.crs, "undated")
-            if cells is not None:
-                stream_format.refine(rec, cells, codec.refiner, codec.level(q), ~s.nodata_mask)
-            rec = to_uint16(rec)
-            rec[:, s.nodata_mask] = 0
+            data, rec = stream_format.decoded_date(codec, s.data, codec.quantise(y, q), q, s.nodata_mask, s.crs)
             row.append((1e8 * 10 ** (-psnr(s.data, rec) / 10) * s.data.size, 8 * len(data)))
         points.append(row)
     slopes: dict[int, list[float]] = {i: [] for i in range(len(codec.qualities))}

@@ -49,7 +49,7 @@ from rasterio.transform import Affine
 
 import corsa_udf
 from corsa.core.files import writing
-from corsa.core.scene import BANDS
+from corsa.core.scene import BANDS, to_uint16
 from corsa.codec.latent_coder import StreamError
 from corsa.codec.refine_coder import BlockRefinement, RefineCoder
 
@@ -351,6 +351,18 @@ def encode_refined(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata
                        codec.card["files"]["decoder"]["sha256"],
                        refinement=None if cells is None else [codec.refiner.encode(*c) for c in cells])
     return data, rec, cells
+
+
+def decoded_date(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata: np.ndarray, crs: str | None = None,
+                 date: str = "undated") -> tuple[bytes, np.ndarray]:
+    """A whole date's file bytes (``encode_refined``, without a transform) and what a reader decodes from
+    them: uint16, refined where ``quality`` is, nodata 0."""
+    data, rec, cells = encode_refined(codec, dn, ints, quality, nodata, None, crs, date)
+    if cells is not None:
+        refine(rec, cells, codec.refiner, codec.level(quality), ~nodata)
+    out = to_uint16(rec)
+    out[:, nodata] = 0
+    return data, out
 
 
 def write_date(folder: Path, data: bytes, date: str) -> Path:
