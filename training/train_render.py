@@ -11,8 +11,9 @@ start of training it is bicubic interpolation, and what it learns is the rest.
 
 Samples (as LIIF): crops of the train split's scenes (10 m) averaged to coarser pixels by a factor
 in ``SCALES`` (1.25-4), compressed and decoded with the model at a quality of ``QUALITIES`` (what a
-product of that coarse scene gives), and the crop's own pixels as targets, ``QUERIES`` random ones
-per crop. Loss: MSE over the bands, standardised. Validation: the validation split's crops at x2
+product of that coarse scene gives, refined where the model refines: a head trained on unrefined
+decodes sharpened the refined ones too), and the crop's own pixels as targets, ``QUERIES`` random
+ones per crop. Loss: MSE over the bands, standardised. Validation: the validation split's crops at x2
 and x4, PSNR against the 10 m truth, beside bicubic of the same decode.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from corsa.codec.models import VariableRateCodec, model_dir
+from corsa.core.scene import to_uint16
+from corsa.formats import stream_format
 from corsa.formats.datasets import load_split
 from corsa.core.metrics import psnr
 
@@ -101,8 +104,10 @@ class Pairs:
         for i, crop in enumerate(hr):
             q = QUALITIES[i % len(QUALITIES)]
             for s in SCALES:
-                low = coarse(crop, s)
-                self.lr[s].append(codec.decode(codec.encode(low, q), q, low.shape[1:]).astype(np.float32))
+                # as a product of the coarse crop decodes (refined where the model refines q)
+                low = to_uint16(coarse(crop, s))
+                nodata = (low == 0).all(0)
+                self.lr[s].append(stream_format.decoded_date(codec, low, codec.encode(low, q), q, nodata)[1].astype(np.float32))
 
     def batch(self, n: int) -> tuple[torch.Tensor, ...]:
         """``n`` windows of PATCH x PATCH coarse pixels at one scale, QUERIES fine pixels in each."""
