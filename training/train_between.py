@@ -12,7 +12,8 @@ decodes: it stays within what the stored dates show, and can leave out a date wh
 
 Samples: a clear date (scene classes: under 0.5% cloud; sources without classes count as clear) of
 a train-split revisit series is left out; its candidates among the series' other dates, decoded
-with the model at a quality of ``QUALITIES``, go in; its own reflectances are the target. Crops of
+with the model at a quality of ``QUALITIES`` as a product of each decodes (refined where the model
+refines), go in; its own reflectances are the target. Crops of
 ``CROP`` px, MSE over the standardised bands. Validation: the validation split's clear dates, whole,
 PSNR beside linear interpolation in time of the two neighbouring decodes.
 """
@@ -29,6 +30,7 @@ from torch import nn
 
 from corsa.codec.models import VariableRateCodec, model_dir
 from corsa.formats.datasets import cloud_fraction, load_split, revisit_series
+from corsa.formats import stream_format
 from corsa.core.metrics import psnr
 
 from . import heads
@@ -81,8 +83,9 @@ class Series:
         self.days = [[float(np.datetime64(s.date, "D").astype(np.int64)) for s in r] for r in self.runs]
         self.targets = [(i, t) for i, r in enumerate(self.runs) for t, s in enumerate(r)
                         if cloud_fraction(s) < CLEAR and len(r) >= 3]
-        self.decoded = {q: [[codec.decode(codec.encode(s.data, q), q, s.data.shape[1:]).astype(np.float32) for s in r]
-                            for r in self.runs] for q in QUALITIES}
+        # as a product decodes each date (refined where the model refines q)
+        self.decoded = {q: [[stream_format.decoded_date(codec, s.data, codec.encode(s.data, q), q, s.nodata_mask)[1]
+                             .astype(np.float32) for s in r] for r in self.runs] for q in QUALITIES}
 
     def inputs(self, i: int, t: int, q: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
         """(K, 10, h, w) decodes, (K,) signed days, (K, h, w) valid for date t of series i left out."""
