@@ -418,8 +418,8 @@ def linear_between(decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: 
 # stored grid is found again.
 POSITION_BANDS = ("stored_x", "stored_y", "stored_dx", "stored_dy", "stored_guard")
 POSITION_PERIOD_PX = 1024
-# The space head is bicubic interpolation plus what it learnt on WorldStrat-like scenes; on places
-# unlike them (L1C, TerraMesh) it rendered up to 3 dB below bicubic alone. The date says where: its
+# The space head is bicubic interpolation plus what it learnt on the training scenes; on places unlike
+# them (L1C, TerraMesh) corsa3.1's rendered up to 3 dB below bicubic alone. The date says where: its
 # own 2 x 2 averages rendered back at x2, by the head and by bicubic, against it (BENCHMARKS.md,
 # issue 28), block by block. RENDER_GUARD_RADIUS: stored px around a pixel whose self-check weighs the two.
 RENDER_GUARD_RADIUS = 8
