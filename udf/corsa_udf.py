@@ -355,14 +355,27 @@ def between(head, decoded: np.ndarray, gaps: np.ndarray, days: List[float], t: f
         args = (decoded[rest], gaps[rest], [days[i] for i in rest], days[j])
         lin = linear_between(*args)
         away = head_blend(head, *args) - lin
-        shown = ~gaps[j] & ~gaps[rest].all(0)
-        fit += np.where(shown, (away * (decoded[j] - lin)).sum(0, dtype=np.float64), 0)
-        scale += np.where(shown, (away.astype(np.float64) ** 2).sum(0), 0)
+        terms = _share_terms(away, decoded[j] - lin, ~gaps[j] & ~gaps[rest].all(0))
+        fit, scale = fit + terms[0], scale + terms[1]
     if not scale.any():
         return linear
-    fit, scale = _box_sum(fit, BETWEEN_GUARD_RADIUS), _box_sum(scale, BETWEEN_GUARD_RADIUS)
-    weight = np.clip(fit / np.where(scale > 0, scale, 1), 0, 1).astype(np.float32)
+    weight = _local_share(fit, scale, BETWEEN_GUARD_RADIUS, 0)
     return linear + weight * (head_blend(head, decoded, gaps, days, t) - linear)
+
+
+def _share_terms(away: np.ndarray, error: np.ndarray, use: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per pixel (bands first), where ``use``: the sums over the bands of ``away`` (a model's departure from
+    the simple way) times ``error`` (the truth's), and of ``away`` squared: the least-squares share's terms."""
+    return (np.where(use, (away * error).sum(0, dtype=np.float64), 0),
+            np.where(use, (away.astype(np.float64) ** 2).sum(0), 0))
+
+
+def _local_share(fit: np.ndarray, scale: np.ndarray, radius: int, none: float) -> np.ndarray:
+    """float32: the least-squares share of a model's departure from the simple way, ``fit`` / ``scale``
+    summed over the (2 ``radius`` + 1)-px square around each pixel, clipped to [0, 1]; ``none`` where
+    nothing there says."""
+    fit, scale = _box_sum(fit, radius), _box_sum(scale, radius)
+    return np.where(scale > 0, np.clip(fit / np.where(scale > 0, scale, 1), 0, 1), none).astype(np.float32)
 
 
 def _box_sum(a: np.ndarray, r: int) -> np.ndarray:
@@ -477,13 +490,10 @@ def render_guard(head, image: np.ndarray) -> np.ndarray:
     coord = np.stack([(rows + 0.5) / 2, (cols + 0.5) / 2], -1).astype(np.float32)
     (value,) = head.run(None, {"image": small[None], "coord": coord[None], "cell": np.full_like(coord, 0.5)[None]})
     base = cubic_points(small, coord)
-    away, error = value[0].T - base, part[:, rows, cols] - base
-    use = shown[rows, cols] & cells[rows // 2, cols // 2]
     fit, scale = np.zeros(shown.shape), np.zeros(shown.shape)
-    fit[rows, cols] = np.where(use, (away * error).sum(0, dtype=np.float64), 0)
-    scale[rows, cols] = np.where(use, (away.astype(np.float64) ** 2).sum(0), 0)
-    fit, scale = _box_sum(fit, RENDER_GUARD_RADIUS), _box_sum(scale, RENDER_GUARD_RADIUS)
-    weight = np.where(scale > 0, np.clip(fit / np.where(scale > 0, scale, 1), 0, 1), 1).astype(np.float32)
+    fit[rows, cols], scale[rows, cols] = _share_terms(value[0].T - base, part[:, rows, cols] - base,
+                                                      shown[rows, cols] & cells[rows // 2, cols // 2])
+    weight = _local_share(fit, scale, RENDER_GUARD_RADIUS, 1)
     return np.pad(weight, ((0, image.shape[1] - 2 * h2), (0, image.shape[2] - 2 * w2)), mode="edge")
 
 
@@ -530,7 +540,7 @@ def render_points(head, image: np.ndarray, coord: np.ndarray, cell: np.ndarray, 
     pixels, centres at i + 0.5) for output pixels of ``cell`` (N, 2) of its pixels, keeping the
     share ``guard`` (N,) of its departure from bicubic (``render_guard`` of the query's pixel). A
     query on a nodata pixel (all bands 0) stays 0: the head would invent it from the zeros."""
-    image, coord = image.astype(np.float32), coord.astype(np.float32)
+    image, coord = image.astype(np.float32, copy=False), coord.astype(np.float32, copy=False)
     (value,) = head.run(None, {"image": image[None], "coord": coord[None], "cell": cell.astype(np.float32)[None]})
     base = cubic_points(image, coord)
     value = base + guard.astype(np.float32) * (value[0].T - base)
@@ -1472,8 +1482,10 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         guard = np.ones((len(out), 1) + out.shape[2:], np.float32)
         if "render" in card.get("files", {}):
             head = session(_fetch(model, "render.onnx", (context.get("sha256") or {}).get("render")), int(context.get("threads", 0)))
-            for t, block in [(t, b) for t in range(len(out)) for b in _blocks_of(out.shape[2:], window, overlap)]:
-                guard[(t, 0) + block] = render_guard(head, out[(t, slice(None)) + block])
+            for t in range(len(out)):
+                date, share = out[t][(slice(None),) + window], guard[t, 0][window]
+                for rows, cols in _blocks_of(out.shape[2:], window, overlap):
+                    share[rows, cols] = render_guard(head, date[:, rows, cols])
         out = np.concatenate([out.astype(np.float32), where, guard], 1)
         bands = BANDS + POSITION_BANDS
     coords = {k: v for k, v in cube.coords.items() if k not in ("bands", "t")}
@@ -1482,13 +1494,14 @@ def decompress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
 
 
 def _blocks_of(size: Tuple[int, int], window: Tuple[slice, slice], overlap: int) -> List[Tuple[slice, slice]]:
-    """The product's blocks (BLOCK_PX px from the date's corner) under a decompress chunk's data
-    ``window``: apply_neighborhood's middle one (``overlap`` px into a chunk of BLOCK_PX + 2 ``overlap``),
-    or, in a cube of another size (a date given whole), every block from its data's corner."""
+    """The product's blocks (BLOCK_PX px from the date's corner) in a decompress chunk's data ``window``'s
+    coordinates: apply_neighborhood's ``middle_block``, or, in a cube of another ``size`` (a date given
+    whole), every block from its data's corner."""
     if all(n == BLOCK_PX + 2 * overlap for n in size):
-        return [tuple(slice(max(overlap, w.start), min(overlap + BLOCK_PX, w.stop)) for w in window)]
-    return [(slice(y, min(y + BLOCK_PX, window[0].stop)), slice(x, min(x + BLOCK_PX, window[1].stop)))
-            for y in range(window[0].start, window[0].stop, BLOCK_PX) for x in range(window[1].start, window[1].stop, BLOCK_PX)]
+        return [middle_block(window, overlap)]
+    h, w = (s.stop - s.start for s in window)
+    return [(slice(y, min(y + BLOCK_PX, h)), slice(x, min(x + BLOCK_PX, w)))
+            for y in range(0, h, BLOCK_PX) for x in range(0, w, BLOCK_PX)]
 
 
 def _day(t) -> float:
