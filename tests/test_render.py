@@ -272,3 +272,36 @@ def test_a_model_without_a_time_head_interpolates_linearly(series, tmp_path):
     assert np.abs(rendered - ((1 - w) * before + w * after)).max() <= 0.5 + 1e-6      # rounding only
     np.testing.assert_array_equal(rendered, _read(tmp_path / "engine.tif"))
     assert not Path(model / "between.onnx").exists()
+
+
+def test_the_render_service_decodes_each_chunk_once(data_root, tmp_path, monkeypatch):
+    """corsa_openeo_render on the engine reads each decoded chunk from the render chunks around it (their
+    overlap): written a few blocks per compute, every decoded chunk was decoded again for each compute that
+    read it (40 decodes of 9 chunks here, 78 at x2). It is decoded once, and the pixels are the block path's."""
+    import collections
+    import math
+
+    from corsa.openeo import engine
+    from corsa.openeo.windows import CHUNK
+
+    scene = next(LOADERS["majortom"](data_root))
+    side = 2 * CHUNK + 40              # 3 x 3 decoded chunks, 3 x 3 rendered ones at x1.25
+    (tmp_path / "in").mkdir()
+    write_scene(tmp_path / "in" / "s.tif", scene.data[:, :side, :side], Affine(*scene.transform), scene.crs, "2020-06-01")
+    prod = tmp_path / "prod"
+    assert cli.main(["compress", str(tmp_path / "in"), "-o", str(prod), "--quality", "1"]) == 0
+    calls = collections.Counter()
+    real = engine.Engine.run_udf
+
+    def counted(self, data, udf, runtime, context=None, **kw):
+        calls[context["mode"]] += 1
+        return real(self, data, udf, runtime, context, **kw)
+
+    monkeypatch.setattr(engine.Engine, "run_udf", counted)
+    for name, extra in (("block.tif", []), ("engine.tif", ["--engine"])):
+        assert cli.main(["decompress", str(prod), "-o", str(tmp_path / name), "--scale", "1.25"] + extra) == 0
+    chunks = math.ceil(side / CHUNK) ** 2
+    # Each chunk once, and the first ones again where the engine learns a callback's bands up front.
+    assert calls["decompress"] <= chunks + 3 and calls["render"] <= math.ceil(1.25 * side / CHUNK) ** 2 + 1, calls
+    diff = np.abs(_read(tmp_path / "block.tif").astype(np.int64) - _read(tmp_path / "engine.tif"))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01

@@ -4,13 +4,16 @@ It writes the cube it is given, nothing project-specific: one file per date,
 ``<filename_prefix>_<YYYY-MM-DD>.tif`` (prefix "openEO" by default, as geopyspark back ends name
 them), the cube's own data type (bool as uint8), band names as band descriptions, tiled 256 x 256
 and DEFLATE-compressed. A graph may hold several save_result nodes: the engine collects them and
-``write_all`` computes them together, block position by block position, so what they share
-upstream (the UDF's chunks) is computed once; blocks are written in this process as they come
-(memory bounded by a few chunks; works with a dask.distributed scheduler too). Files appear under
-their names only when every file of the run is complete.
+``write_all`` computes them together, a few block positions at a time, so what they share
+upstream (the UDF's chunks) is computed once; a slow task's result that a later batch needs again
+(a chunk read by its neighbours' overlap) is kept until that batch on the local scheduler; blocks are
+written in this process as they come (memory bounded by a few rows of chunks; works with a
+dask.distributed scheduler too, without that reuse). Files appear under their names only when every
+file of the run is complete.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -293,27 +296,90 @@ def pending_files(cube: xr.DataArray, folder: Path, options: dict | None) -> lis
     return out
 
 
-def _blocks(arrays: list, compute: Callable, parallel: int = 2):
+class _Reuse:
+    """A dask callback (the local scheduler's) that keeps a task's array for the later batches that need it
+    again, when computing it took ``min_s`` or more: blocks are computed a few positions at a time, and a
+    chunk with overlap (apply_neighborhood on a decoded cube: corsa_openeo_render) reads its neighbours'
+    chunks too, so an upstream UDF chunk would otherwise run once for every batch that reads it. ``last``
+    gives each task key the index of the last batch that needs it; its array is dropped after that one."""
+
+    def __init__(self, last: dict, min_s: float = 0.02):
+        self.last, self.min_s = last, min_s
+        self.kept: dict = {}
+        self.started: dict = {}
+        self.batch = 0
+
+    def callback(self):
+        from dask.callbacks import Callback
+
+        return Callback(pretask=self._pretask, posttask=self._posttask)
+
+    def _pretask(self, key, dsk, state) -> None:
+        self.started[key] = time.perf_counter()
+
+    def _posttask(self, key, value, dsk, state, worker) -> None:
+        took = time.perf_counter() - self.started.pop(key, time.perf_counter())
+        if self.last.get(key, -1) > self.batch and took >= self.min_s and isinstance(value, np.ndarray):
+            self.kept[key] = value
+
+    def done(self, batch: int) -> None:
+        """Batch ``batch`` is computed: drop what no later one needs."""
+        self.batch = batch + 1
+        self.kept = {k: v for k, v in self.kept.items() if self.last[k] > batch}
+        self.started.clear()
+
+
+def _blocks(arrays: list, get: Callable, parallel: int = 2):
     """(array index, y, x, values) of every block of ``arrays`` (bands, y, x), all bands at once;
-    arrays with the same block layout are computed together, ``parallel`` block positions per compute."""
+    arrays with the same block layout are computed together, ``parallel`` block positions per call of
+    ``get(graph, keys)`` (a dask scheduler's), with what a later batch needs again kept for it
+    (``_Reuse``): the graph is optimised once, so that its keys are the same in every batch."""
     import dask
     import dask.array as darr
 
     arrays = list(dask.optimize(*[darr.asarray(a).rechunk({0: -1}) for a in arrays]))
+    graph = {}
+    for a in arrays:
+        graph.update(a.__dask_graph__())
     groups: dict[tuple, list[int]] = {}
     for k, a in enumerate(arrays):
         groups.setdefault(a.numblocks, []).append(k)
+    batches, last = [], {}
     for numblocks, members in groups.items():
         positions = [(iy, ix) for iy in range(numblocks[1]) for ix in range(numblocks[2])]
-        offsets = {k: [np.cumsum((0,) + c) for c in arrays[k].chunks] for k in members}
-        for p in range(0, len(positions), parallel):
-            batch = [(k, iy, ix) for iy, ix in positions[p:p + parallel] for k in members]
-            for (k, iy, ix), v in zip(batch, compute(*[arrays[k].blocks[0, iy, ix] for k, iy, ix in batch])):
-                yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
+        batches += [[(arrays[k].name, 0, iy, ix) for iy, ix in positions[p:p + parallel] for k in members]
+                    for p in range(0, len(positions), parallel)]
+    for b, keys in enumerate(batches):
+        last.update(dict.fromkeys(_upstream(graph, keys), b))
+    offsets = [[np.cumsum((0,) + c) for c in a.chunks] for a in arrays]
+    reuse = _Reuse(last)
+    index = {a.name: k for k, a in enumerate(arrays)}
+    for b, keys in enumerate(batches):
+        sub = {k: reuse.kept.get(k, graph[k]) for k in _upstream(graph, keys, reuse.kept)}
+        with reuse.callback():
+            values = get(sub, keys)
+        reuse.done(b)
+        for (name, _, iy, ix), v in zip(keys, values):
+            k = index[name]
+            yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
 
 
-def write_all(files: list[PendingFile], compute: Callable) -> list[Path]:
-    """Compute and write ``files``; on any failure none of them is left behind."""
+def _upstream(graph: dict, keys: list, known: dict | None = None) -> set:
+    """``keys`` and every task of ``graph`` they depend on, short of those ``known`` already."""
+    from dask.core import get_dependencies
+
+    stack, seen = list(keys), set()
+    while stack:
+        key = stack.pop()
+        if key not in seen:
+            seen.add(key)
+            if not known or key not in known:
+                stack.extend(get_dependencies(graph, key))
+    return seen
+
+
+def write_all(files: list[PendingFile], get: Callable) -> list[Path]:
+    """Compute (``get``: a dask scheduler's get(graph, keys)) and write ``files``; on any failure none of them is left behind."""
     if not files:
         return []
     parts = [f.path.with_name(f.path.name + ".part") for f in files]
@@ -332,7 +398,7 @@ def write_all(files: list[PendingFile], compute: Callable) -> list[Path]:
             handles.append(dst)
             for i, b in enumerate(f.bands, 1):
                 dst.set_band_description(i, b)
-        for k, y, x, v in _blocks([f.data for f in files], compute):
+        for k, y, x, v in _blocks([f.data for f in files], get):
             with writing(files[k].path):
                 handles[k].write(v, window=Window(x, y, v.shape[2], v.shape[1]))
         for f, dst in zip(files, handles):

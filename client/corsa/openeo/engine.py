@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import dask
+import dask.threaded
 import dask.array as darr
 import numpy as np
 import pandas as pd
@@ -426,6 +427,14 @@ class Engine:
                 return dask.compute(*arrays, scheduler=client)
         return dask.compute(*arrays, scheduler="threads")
 
+    def _get(self, graph: dict, keys: list) -> list:
+        """The values of ``keys`` of a dask graph, on the engine's scheduler."""
+        if self.scheduler:
+            from dask.distributed import Client
+            with Client(self.scheduler) as client:
+                return client.get(graph, keys)
+        return dask.threaded.get(graph, keys)
+
     def _run_leaves(self, graph: dict, named: dict) -> Any:
         """Run every leaf of a graph (several save_result nodes, say) in one parse, so what they
         share upstream is built once; returns the value of the node flagged as result. (The parser
@@ -451,7 +460,7 @@ class Engine:
         self._pending = []
         try:
             value = self._run_leaves(pg, {**defaults, **parameters})
-            self.written += results.write_all(self._pending, self._compute)
+            self.written += results.write_all(self._pending, self._get)
         except (RasterioError, CPLE_BaseError) as e:
             # GDAL opens a truncated or damaged file and fails only on the block it cannot read,
             # wherever the data is computed; its own message (the cause) names the file.
