@@ -67,12 +67,16 @@ def test_load_stac_gives_the_products_cube(prod, tmp_path):
             "data": {"from_node": "load"}, "model": "models_onnx/corsa2.1", "quality": 3}},
         "save": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff",
                                                             "options": {"filename_prefix": "corsa_decoded"}},
-                 "result": True}}}
+                 "result": True},
+        # the same cube saved twice: both sets of files, computed once, each written in full
+        "copy": {"process_id": "save_result", "arguments": {"data": {"from_node": "decode"}, "format": "GTiff",
+                                                            "options": {"filename_prefix": "copy"}}}}}
     engine = Engine(Catalogue(), output=tmp_path / "engine")
     engine.run(graph)
-    assert sorted(p.name for p in engine.written) == sorted(p.name for p in (tmp_path / "direct").glob("*.tif"))
+    direct = sorted(p.name for p in (tmp_path / "direct").glob("*.tif"))
+    assert sorted(p.name for p in engine.written) == sorted(direct + [n.replace("corsa_decoded", "copy") for n in direct])
     for p in engine.written:
-        np.testing.assert_array_equal(_read(p), _read(tmp_path / "direct" / p.name))
+        np.testing.assert_array_equal(_read(p), _read(tmp_path / "direct" / p.name.replace("copy", "corsa_decoded")))
 
 
 def test_a_product_found_through_its_item_decodes(prod, tmp_path):

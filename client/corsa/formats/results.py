@@ -347,20 +347,19 @@ def _blocks(arrays: list, get: Callable, parallel: int = 2):
     batches, last = [], {}
     for numblocks, members in groups.items():
         positions = [(iy, ix) for iy in range(numblocks[1]) for ix in range(numblocks[2])]
-        batches += [[(arrays[k].name, 0, iy, ix) for iy, ix in positions[p:p + parallel] for k in members]
+        batches += [[(k, (arrays[k].name, 0, iy, ix)) for iy, ix in positions[p:p + parallel] for k in members]
                     for p in range(0, len(positions), parallel)]
-    for b, keys in enumerate(batches):
-        last.update(dict.fromkeys(_upstream(graph, keys), b))
+    for b, batch in enumerate(batches):
+        last.update(dict.fromkeys(_upstream(graph, [key for _, key in batch]), b))
     offsets = [[np.cumsum((0,) + c) for c in a.chunks] for a in arrays]
     reuse = _Reuse(last)
-    index = {a.name: k for k, a in enumerate(arrays)}
-    for b, keys in enumerate(batches):
+    for b, batch in enumerate(batches):
+        keys = [key for _, key in batch]
         sub = {k: reuse.kept.get(k, graph[k]) for k in _upstream(graph, keys, reuse.kept)}
         with reuse.callback():
             values = get(sub, keys)
         reuse.done(b)
-        for (name, _, iy, ix), v in zip(keys, values):
-            k = index[name]
+        for (k, (_, _, iy, ix)), v in zip(batch, values):
             yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
 
 
