@@ -18,8 +18,9 @@ $py -m training.train_decoder --model corsa4b --name corsa4b-dec --export --out 
 $py -m benchmarks.deadzone --model "$chain/corsa4b-dec" --split val --card --out "$chain/deadzone_val.json"
 # 3. 15 class tables fitted for the encoder's choice.
 $py -m training.fit_classes --model "$chain/corsa4b-dec" --name corsa4b-cls --out "$chain" --classes 15 --no-figures
-# 4. Each block's refinement (16 px cells; levels 10-12: 24, 16, 16 DN, the same within 0.01 dB as 12-32 on
-#    the validation split), then its loop filter across the bands, weighed against its bits.
+# 4. Each block's refinement (16 px cells; levels 10-12: 24, 16, 16 DN, within 0.01 dB of 16-32 / 16-24 / 12-24
+#    on the validation split, measured before the decoder's training), then its loop filter across the bands,
+#    weighed against its bits.
 $py -m training.fit_refine --model "$chain/corsa4b-cls" --name corsa4b-ref --out "$chain" \
     --steps 96 96 96 96 64 48 48 32 32 24 16 16 --no-figures
 $py -m training.fit_refine --model "$chain/corsa4b-ref" --name corsa4.1 --filter 2 --cross 1 --weigh \

@@ -319,6 +319,7 @@ class _Reuse:
 
     def _posttask(self, key, value, dsk, state, worker) -> None:
         took = time.perf_counter() - self.started.pop(key, time.perf_counter())
+        # arrays only: a kept value goes into the next graph as it is, where a tuple would read as a task
         if self.last.get(key, -1) > self.batch and took >= self.min_s and isinstance(value, np.ndarray):
             self.kept[key] = value
 
@@ -378,7 +379,8 @@ def _upstream(graph: dict, keys: list, known: dict | None = None) -> set:
 
 
 def write_all(files: list[PendingFile], get: Callable) -> list[Path]:
-    """Compute (``get``: a dask scheduler's get(graph, keys)) and write ``files``; on any failure none of them is left behind."""
+    """Compute (``get``: a dask scheduler's get(graph, keys)) and write ``files``; on any failure none
+    of them is left behind."""
     if not files:
         return []
     parts = [f.path.with_name(f.path.name + ".part") for f in files]
