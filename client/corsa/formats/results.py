@@ -364,6 +364,25 @@ def _blocks(arrays: list, get: Callable, parallel: int = 2):
             yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
 
 
+def block_keeping(array, index: tuple) -> tuple[np.ndarray, object]:
+    """Block ``index`` of the dask array ``array`` computed, and ``array`` with the arrays of that
+    computation's slow tasks (``_Reuse``'s rule) in its graph as values, so that computing ``array`` later
+    does not run them again (the engine computes an apply_neighborhood's first chunk up front to learn its
+    bands; its overlap reads the upstream chunks around it). With a distributed scheduler (no callbacks)
+    ``array`` comes back as it was."""
+    import dask
+    import dask.array as darr
+
+    graph = dict(array.__dask_graph__())
+    reuse = _Reuse(dict.fromkeys(graph, 1))
+    with reuse.callback():
+        (value,) = dask.compute(array.blocks[index], optimize_graph=False)
+    if not reuse.kept:
+        return value, array
+    graph.update(reuse.kept)
+    return value, darr.Array(graph, array.name, array.chunks, meta=array._meta)
+
+
 def _upstream(graph: dict, keys: list, known: dict | None = None) -> set:
     """``keys`` and every task of ``graph`` they depend on, short of those ``known`` already."""
     from dask.core import get_dependencies

@@ -289,7 +289,8 @@ class Engine:
         stored as float32, whatever dtype the UDF returned.
 
         ``process`` is the callback as JSON text (see detach_callbacks). The first chunk is
-        computed up front to learn the output bands and dates."""
+        computed up front to learn the output bands and dates; what it computed upstream
+        stays in the graph for the rest (``results.block_keeping``)."""
         callback = json.loads(process)
         sizes = {s["dimension"]: s["value"] for s in size}
         depth = {d["dimension"]: int(d["value"] or 0) for d in (overlap or [])}
@@ -350,7 +351,8 @@ class Engine:
                                   f"for a chunk of {blk.sizes['y']} x {blk.sizes['x']}: it must keep the chunk's grid")
             return out
 
-        first = call(np.asarray(padded.blocks[(0,) * padded.ndim]), (0,) * padded.ndim)
+        first_block, padded = results.block_keeping(padded, (0,) * padded.ndim)
+        first = call(first_block, (0,) * padded.ndim)
         out_bands = list(first["bands"].values)
 
         def cropped(out: np.ndarray) -> np.ndarray:
