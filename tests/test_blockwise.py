@@ -137,3 +137,32 @@ def test_the_shared_integers_are_those_of_each_window_encoded_alone(scene, tmp_p
         blockwise.compress(cube, codec, quality, tmp_path / "alone", run=alone)
     (a,), (b,) = (sorted((tmp_path / k).glob("*.corsa")) for k in ("shared", "alone"))
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_units_read_their_input_with_gdals_cache_raised_for_the_rows_they_share(scene, tmp_path, monkeypatch):
+    """A unit row reads 3 rows of its input's chunks and the next row 2 of them again: while a compress's
+    units read, GDAL's block cache holds CACHED_CHUNK_ROWS rows of chunks of each date (at most CACHE_MAX),
+    and is as it was afterwards; a GDAL_CACHEMAX the user set is left alone."""
+    import corsa
+    from rasterio.env import get_gdal_config
+    from corsa.blocks import blockwise, shared_ints
+    from corsa.codec.models import DEFAULT_MODEL, VariableRateCodec
+    from corsa.formats.sources import Catalogue
+
+    codec = VariableRateCodec(DEFAULT_MODEL)
+    cube = Catalogue({"S2": scene[0]}).load("S2", bands=list(blockwise.BANDS))
+    seen, read = [], shared_ints.read_window
+    monkeypatch.setattr(shared_ints, "read_window", lambda *a: seen.append(get_gdal_config("GDAL_CACHEMAX")) or read(*a))
+    before = get_gdal_config("GDAL_CACHEMAX")
+    rows = cube.chunks[2][0]
+    need = 12 * rows * SHAPE[1] * 10 * 2                       # 12 rows of chunks of 10 uint16 bands
+    assert need > before
+    monkeypatch.setattr(shared_ints, "CACHED_CHUNK_ROWS", 12)   # more than the scene has: above the 128 MB
+    blockwise.compress(cube, codec, codec.default_quality, tmp_path / "p")
+    assert seen and set(seen) == {need} and get_gdal_config("GDAL_CACHEMAX") == before
+    monkeypatch.setattr(shared_ints, "CACHE_MAX", need // 2)
+    with shared_ints.chunk_rows_cached([cube.isel(t=0)]):
+        assert get_gdal_config("GDAL_CACHEMAX") == need // 2
+    monkeypatch.setattr(corsa, "GDAL_CACHE_OURS", False)
+    with shared_ints.chunk_rows_cached([cube.isel(t=0)]):
+        assert get_gdal_config("GDAL_CACHEMAX") == before

@@ -7,4 +7,7 @@ import os
 # compressing a large scene grew by its input blocks, decompressing one by its output's, until
 # that cap. Each block is read once or twice (the neighbours' overlap): a small cache costs no
 # time (BENCHMARKS.md, scale). Set here, before any command's first GDAL call; a value the user set wins.
-os.environ.setdefault("GDAL_CACHEMAX", "128")
+# A compress whose units read each block of its input several times raises it while it runs
+# (``corsa.blocks.shared_ints.chunk_rows_cached``), unless the user set it.
+GDAL_CACHE_MB = "128"
+GDAL_CACHE_OURS = os.environ.setdefault("GDAL_CACHEMAX", GDAL_CACHE_MB) == GDAL_CACHE_MB

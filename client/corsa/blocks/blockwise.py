@@ -174,7 +174,8 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     masks: dict[int, np.ndarray] = {}
     coded = []
     progress.grow(len(positions))
-    with cluster.runner() if run is None else nullcontext(run) as where:
+    with cluster.runner() if run is None else nullcontext(run) as where, \
+            shared_ints.chunk_rows_cached(scenes) if shared else nullcontext():
         for (ys, xs), (streams, nodata) in zip(positions, _positions_run(where, position, positions, shared)):
             coded.append(streams)
             for i, m in nodata.items():

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import corsa_udf
 import numpy as np
+from rasterio.env import get_gdal_config, set_gdal_config
+
+import corsa
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -29,6 +33,8 @@ UNIT_ROWS = corsa_udf.BLOCK_PX   # a unit is a block row high, so a block's wind
 UNIT_COLS = 2 * corsa_udf.BLOCK_PX
 HELD_ROWS = 5                     # unit rows held at most: 3 above a block row, its own, 1 ahead
 BUDGET = 512 << 20                # bytes of units held, all dates of a compress together; beyond, windows alone
+CACHED_CHUNK_ROWS = 4.5           # of each date's input in GDAL's block cache while units read it
+CACHE_MAX = 640 << 20             # GDAL's block cache at most, all dates together
 
 
 def held_bytes(shape: tuple[int, int], channels: int) -> int:
@@ -44,6 +50,27 @@ def read_window(scene: "xr.DataArray", rows: slice, cols: slice) -> np.ndarray:
     # The caller is already one of the threads: dask looks for a distributed client first for any
     # scheduler it is given by name (importing it: 0.4 s a run).
     return scene.isel(y=rows, x=cols).compute(scheduler=get_sync).values.astype(np.float32)
+
+
+@contextmanager
+def chunk_rows_cached(scenes: list["xr.DataArray"]) -> Iterator[None]:
+    """GDAL's block cache raised, while the units read ``scenes`` (each (bands, y, x), dask chunks of
+    whole internal tiles), to hold the rows of chunks that a row of units and the next share (CACHED_CHUNK_ROWS
+    a date, at most CACHE_MAX; unchanged where the user set GDAL_CACHEMAX). A unit reads its block row
+    and its reach into the rows above and below, 3 rows of chunks: with the package's 128 MB cache each
+    chunk of a 10980 px date was decompressed about 7 times (26.6 CPU-s of a 132 s compress read it;
+    460 MB of cache: 2 times; BENCHMARKS.md, issue 28, twenty-third part)."""
+    need = sum(CACHED_CHUNK_ROWS * (s.chunks[1][0] if s.chunks else UNIT_ROWS) * s.sizes["x"] * s.sizes["bands"]
+               * s.dtype.itemsize for s in scenes)
+    before = get_gdal_config("GDAL_CACHEMAX")
+    raise_it = corsa.GDAL_CACHE_OURS and isinstance(before, int) and need > before
+    if raise_it:
+        set_gdal_config("GDAL_CACHEMAX", int(min(need, CACHE_MAX)))
+    try:
+        yield
+    finally:
+        if raise_it:
+            set_gdal_config("GDAL_CACHEMAX", before)
 
 
 class SharedInts:
