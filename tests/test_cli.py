@@ -91,6 +91,8 @@ def test_one_default_model_the_one_with_the_best_gain(tmp_path, data_root, capsy
     assert cli.main(["models", "--json"]) == 0
     models = json.loads(capsys.readouterr().out)["models"]
     assert [m["id"] for m in models if m["default"]] == [DEFAULT_MODEL]
+    renders = {m["id"]: m["renders"] for m in models}
+    assert renders[DEFAULT_MODEL] == renders["corsa4.1"] == ["--date", "--scale / --like"] and renders["corsa2"] == []
     gains = {m["id"]: m["gain_db"] for m in models if m["gain_db"] is not None}
 
     def block_s(model: str) -> float:

@@ -399,6 +399,9 @@ def _product_written(written: list[Path]) -> str:
     return f"{len(written)} files for {len(dates)} date(s) in {folder}, {size:,} bytes, CF {compression_factor(pixels, size):.1f}"
 
 
+RENDER_HEADS = (("between", "--date"), ("render", "--scale / --like"))   # card key, decompress option
+
+
 def models(args: argparse.Namespace) -> str:
     """The shipped models with their quality levels and measured test figures."""
     entries = []
@@ -418,6 +421,8 @@ def models(args: argparse.Namespace) -> str:
         entry["default"] = card["id"] == DEFAULT_MODEL
         entry["gain_db"] = (card.get("gain_over_classical_db") or {}).get("mean_over_levels_1_8")
         entry["heads"] = sorted(card.get("heads", {}))
+        # the decompress options a model's own heads serve (without them: linear interpolation, cubic)
+        entry["renders"] = [option for key, option in RENDER_HEADS if key in card]
         entry["description"] = card.get("description", "")
         entries.append(entry)
     if args.json:
@@ -433,6 +438,8 @@ def models(args: argparse.Namespace) -> str:
             head += f", {e['gain_db']:+.2f} dB over JPEG 2000 / JPEG XL (levels 1-8, test split)"
         if e["heads"]:
             head += f", heads: {', '.join(e['heads'])}"
+        if e["renders"]:
+            head += f", own heads for {' and '.join(e['renders'])}"
         lines.append(head)
         for t in e["test"]:
             label = f"quality {t['quality']}" if t["quality"] is not None else "single rate"
