@@ -274,7 +274,21 @@ def test_a_model_without_a_time_head_interpolates_linearly(series, tmp_path):
     assert not Path(model / "between.onnx").exists()
 
 
-def test_the_render_service_decodes_each_chunk_once(data_root, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def chunked(data_root, tmp_path_factory):
+    """A product of 3 x 3 decoded chunks (the render's at x1.25 3 x 3 too)."""
+    from corsa.openeo.windows import CHUNK
+
+    scene = next(LOADERS["majortom"](data_root))
+    side = 2 * CHUNK + 40
+    tmp = tmp_path_factory.mktemp("chunked")
+    (tmp / "in").mkdir()
+    write_scene(tmp / "in" / "s.tif", scene.data[:, :side, :side], Affine(*scene.transform), scene.crs, "2020-06-01")
+    assert cli.main(["compress", str(tmp / "in"), "-o", str(tmp / "prod"), "--quality", "1"]) == 0
+    return tmp / "prod", side
+
+
+def test_the_render_service_decodes_each_chunk_once(chunked, tmp_path, monkeypatch):
     """corsa_openeo_render on the engine reads each decoded chunk from the render chunks around it (their
     overlap): written a few blocks per compute, every decoded chunk was decoded again for each compute that
     read it (40 decodes of 9 chunks here, 78 at x2). It is decoded once, and the pixels are the block path's."""
@@ -284,12 +298,7 @@ def test_the_render_service_decodes_each_chunk_once(data_root, tmp_path, monkeyp
     from corsa.openeo import engine
     from corsa.openeo.windows import CHUNK
 
-    scene = next(LOADERS["majortom"](data_root))
-    side = 2 * CHUNK + 40              # 3 x 3 decoded chunks, 3 x 3 rendered ones at x1.25
-    (tmp_path / "in").mkdir()
-    write_scene(tmp_path / "in" / "s.tif", scene.data[:, :side, :side], Affine(*scene.transform), scene.crs, "2020-06-01")
-    prod = tmp_path / "prod"
-    assert cli.main(["compress", str(tmp_path / "in"), "-o", str(prod), "--quality", "1"]) == 0
+    prod, side = chunked
     calls = collections.Counter()
     real = engine.Engine.run_udf
 
@@ -305,6 +314,36 @@ def test_the_render_service_decodes_each_chunk_once(data_root, tmp_path, monkeyp
     assert calls["decompress"] == chunks and calls["render"] <= math.ceil(1.25 * side / CHUNK) ** 2 + 1, calls
     diff = np.abs(_read(tmp_path / "block.tif").astype(np.int64) - _read(tmp_path / "engine.tif"))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_on_a_dask_cluster_the_engine_decodes_each_chunk_once_too(chunked, tmp_path, monkeypatch):
+    """The engine's render on a dask.distributed scheduler (in this process, its worker's two threads
+    counted with the rest): every block is asked in one graph, so the cluster decodes each chunk once
+    (asked a few blocks at a time, each ask decoded again the chunks its overlap read: 25 decoder runs for
+    9 chunks here, 34 of the space head for 18) and writes this machine's bytes."""
+    import collections
+
+    import onnxruntime as ort
+    from distributed import LocalCluster
+
+    prod = chunked[0]
+    runs = collections.Counter()
+    real = ort.InferenceSession.run
+
+    def counted(self, *a, **kw):
+        runs[self._model_path.rsplit("/", 1)[-1]] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counted)
+    args = ["decompress", str(prod), "--scale", "1.25", "--engine"]
+    assert cli.main(args + ["-o", str(tmp_path / "here.tif")]) == 0
+    here = dict(runs)
+    runs.clear()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as c:
+        assert cli.main(args + ["-o", str(tmp_path / "cluster.tif"), "--scheduler", c.scheduler_address]) == 0
+    decoders = [k for k in here if k.startswith("decoder")]
+    assert decoders and dict(runs) == here, (here, dict(runs))
+    assert (tmp_path / "here.tif").read_bytes() == (tmp_path / "cluster.tif").read_bytes()
 
 
 def test_corsa4_1_renders_a_date_in_between_with_its_time_head(data_root, tmp_path):

@@ -6,10 +6,10 @@ them), the cube's own data type (bool as uint8), band names as band descriptions
 and DEFLATE-compressed. A graph may hold several save_result nodes: the engine collects them and
 ``write_all`` computes them together, a few block positions at a time, so what they share
 upstream (the UDF's chunks) is computed once; a slow task's result that a later batch needs again
-(a chunk read by its neighbours' overlap) is kept until that batch on the local scheduler; blocks are
-written in this process as they come (memory bounded by a few rows of chunks; works with a
-dask.distributed scheduler too, without that reuse). Files appear under their names only when every
-file of the run is complete.
+(a chunk read by its neighbours' overlap) is kept until that batch on the local scheduler (memory
+bounded by a few rows of chunks); a dask.distributed scheduler gets every block in one graph and
+computes what they share once. Blocks are written in this process as they come. Files appear under
+their names only when every file of the run is complete.
 """
 from __future__ import annotations
 
@@ -330,11 +330,14 @@ class _Reuse:
         self.started.clear()
 
 
-def _blocks(arrays: list, get: Callable, parallel: int = 2):
+def _blocks(arrays: list, get: Callable | None = None, parallel: int = 2, stream: Callable | None = None):
     """(array index, y, x, values) of every block of ``arrays`` (bands, y, x), all bands at once;
     arrays with the same block layout are computed together, ``parallel`` block positions per call of
-    ``get(graph, keys)`` (a dask scheduler's), with what a later batch needs again kept for it
-    (``_Reuse``): the graph is optimised once, so that its keys are the same in every batch."""
+    ``get(graph, keys)`` (the local scheduler's), with what a later batch needs again kept for it
+    (``_Reuse``): the graph is optimised once, so that its keys are the same in every batch. Or, with
+    ``stream(graph, keys)`` (a dask.distributed scheduler's, yielding (key, value) as they are done), every
+    block in one graph: the cluster computes what blocks share once and holds the blocks until they are
+    written, where batches ran the shared chunks again in each batch that read them."""
     import dask
     import dask.array as darr
 
@@ -342,6 +345,14 @@ def _blocks(arrays: list, get: Callable, parallel: int = 2):
     graph = {}
     for a in arrays:
         graph.update(a.__dask_graph__())
+    offsets = [[np.cumsum((0,) + c) for c in a.chunks] for a in arrays]
+    if stream is not None:
+        which = {(a.name, 0, iy, ix): k for k, a in enumerate(arrays)
+                 for iy in range(a.numblocks[1]) for ix in range(a.numblocks[2])}
+        for key, v in stream(graph, list(which)):
+            k, (_, _, iy, ix) = which[key], key
+            yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
+        return
     groups: dict[tuple, list[int]] = {}
     for k, a in enumerate(arrays):
         groups.setdefault(a.numblocks, []).append(k)
@@ -352,7 +363,6 @@ def _blocks(arrays: list, get: Callable, parallel: int = 2):
                     for p in range(0, len(positions), parallel)]
     for b, batch in enumerate(batches):
         last.update(dict.fromkeys(_upstream(graph, [key for _, key in batch]), b))
-    offsets = [[np.cumsum((0,) + c) for c in a.chunks] for a in arrays]
     reuse = _Reuse(last)
     for b, batch in enumerate(batches):
         keys = [key for _, key in batch]
@@ -397,9 +407,9 @@ def _upstream(graph: dict, keys: list, known: dict | None = None) -> set:
     return seen
 
 
-def write_all(files: list[PendingFile], get: Callable) -> list[Path]:
-    """Compute (``get``: a dask scheduler's get(graph, keys)) and write ``files``; on any failure none
-    of them is left behind."""
+def write_all(files: list[PendingFile], get: Callable | None = None, stream: Callable | None = None) -> list[Path]:
+    """Compute (``get``: the local dask scheduler's get(graph, keys), or ``stream``: a distributed one's,
+    ``_blocks``) and write ``files``; on any failure none of them is left behind."""
     if not files:
         return []
     parts = [f.path.with_name(f.path.name + ".part") for f in files]
@@ -418,7 +428,7 @@ def write_all(files: list[PendingFile], get: Callable) -> list[Path]:
             handles.append(dst)
             for i, b in enumerate(f.bands, 1):
                 dst.set_band_description(i, b)
-        for k, y, x, v in _blocks([f.data for f in files], get):
+        for k, y, x, v in _blocks([f.data for f in files], get, stream=stream):
             with writing(files[k].path):
                 handles[k].write(v, window=Window(x, y, v.shape[2], v.shape[1]))
         for f, dst in zip(files, handles):

@@ -16,7 +16,7 @@ import json
 import logging
 from functools import wraps
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import dask
 import dask.threaded
@@ -429,13 +429,17 @@ class Engine:
                 return dask.compute(*arrays, scheduler=client)
         return dask.compute(*arrays, scheduler="threads")
 
-    def _get(self, graph: dict, keys: list) -> list:
-        """The values of ``keys`` of a dask graph, on the engine's scheduler."""
-        if self.scheduler:
-            from dask.distributed import Client
-            with Client(self.scheduler) as client:
-                return client.get(graph, keys)
-        return dask.threaded.get(graph, keys)
+    def _stream(self, graph: dict, keys: list) -> Iterator[tuple]:
+        """(key, value) of each of ``keys`` of a dask graph as the engine's dask.distributed scheduler
+        computes it, all in one graph on one connection; each value let go on the cluster once handed over."""
+        from dask.distributed import Client, as_completed
+
+        with Client(self.scheduler) as client:
+            done = as_completed(client.get(graph, keys, sync=False))
+            for f in done:
+                key, value = f.key, f.result()
+                f.release()
+                yield key, value
 
     def _run_leaves(self, graph: dict, named: dict) -> Any:
         """Run every leaf of a graph (several save_result nodes, say) in one parse, so what they
@@ -462,7 +466,8 @@ class Engine:
         self._pending = []
         try:
             value = self._run_leaves(pg, {**defaults, **parameters})
-            self.written += results.write_all(self._pending, self._get)
+            self.written += (results.write_all(self._pending, stream=self._stream) if self.scheduler else
+                             results.write_all(self._pending, dask.threaded.get))
         except (RasterioError, CPLE_BaseError) as e:
             # GDAL opens a truncated or damaged file and fails only on the block it cannot read,
             # wherever the data is computed; its own message (the cause) names the file.
