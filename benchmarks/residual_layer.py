@@ -1,6 +1,7 @@
-"""Ablation (issue 28, levels to CF 10): a per-pixel residual layer on top of a level's product.
+"""Ablation (issue 28, levels to CF 10): a residual layer on top of a level's product.
 
     python -m benchmarks.residual_layer --model corsa3.12 --levels 7 9 --steps 128 96 64 48 32 --out benchmarks/results/residual_layer.json
+    python -m benchmarks.residual_layer --coder jpeg2000 --model corsa4.1 --levels 9 10 --steps 62 65 68 --lam 1000 --out benchmarks/results/residual_jpeg2000.json
 
 The decoder saturates at the high levels (a finer latent or a finer refinement adds hundredths of a dB: BENCHMARKS.md,
 issue 28, seventeenth part); a classical codec keeps gaining about 6 dB a bit. This measures what a residual layer
@@ -12,6 +13,12 @@ magnitudes (left, above) and the decoding's local activity (its gradient in step
 estimate that an adaptive range coder reaches within a few bytes, large values escaped in Exp-Golomb bits.
 CF = (product bytes + residual bytes) against the protocol's 88 bit a pixel; gains against the best of JPEG 2000 /
 JPEG XL at that CF on the scene (``benchmarks.baseline_curves``). Nothing is written: a prototype's figures.
+
+``--coder jpeg2000``: the residual coded by JPEG 2000 instead (OpenJPEG through imagecodecs, the ``--steps`` its
+fixed-quality targets in dB against the 16-bit peak, the same for every band: about the same squared error in each),
+block by block as a product would store it (512 px blocks of the 10 m bands, their 256 px of the 20 m bands'
+2 x 2 means, one codestream a band and block, each codestream's whole length counted). Wavelets spend few bits
+where the residual is smooth, where the pixel layer's integers spend some on every pixel.
 """
 from __future__ import annotations
 
@@ -92,8 +99,50 @@ def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, st
     return out, bits
 
 
-def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[float]) -> list[dict]:
-    rows = []
+def _jpeg2000(a: np.ndarray, target_db: float, block: int, weight: float, lam: float) -> tuple[np.ndarray, int]:
+    """``a`` (h, w) rounded to int16 and coded by JPEG 2000 in blocks of ``block`` a side: its decoding and bytes.
+    A block's codestream is kept where it takes more squared error off (``weight``: the pixels each value stands
+    for) than ``lam`` (DN^2 a bit) times its bits; elsewhere the block has none (a byte of flags)."""
+    import imagecodecs
+
+    q = np.clip(np.rint(a), -(1 << 15), (1 << 15) - 1).astype(np.int16)
+    out, size = np.zeros(a.shape, np.float32), 0
+    for y in range(0, a.shape[0], block):
+        for x in range(0, a.shape[1], block):
+            part = a[y:y + block, x:x + block]
+            blob = imagecodecs.jpeg2k_encode(np.ascontiguousarray(q[y:y + block, x:x + block]), level=target_db,
+                                             codecformat=imagecodecs.JPEG2K.CODEC.J2K)
+            d = imagecodecs.jpeg2k_decode(blob).astype(np.float32)
+            taken = weight * float((part ** 2).sum() - ((part - d) ** 2).sum())
+            if taken > lam * 8 * len(blob):
+                out[y:y + block, x:x + block] = d
+                size += len(blob)
+            size += 1
+    return out, size
+
+
+def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, target_db: float,
+                   lam: float = 0.0) -> tuple[np.ndarray, float]:
+    """The decoding with its residual coded by JPEG 2000 at ``target_db``, and that layer's bits."""
+    out, size = decoded.copy(), 0
+    for b, name in enumerate(BANDS):
+        r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
+        if name in GRID20:
+            d, n = _jpeg2000(_means2(r), target_db, BLOCK_PX // 2, 4.0, lam)
+            out[b] += np.repeat(np.repeat(d, 2, 0), 2, 1)[:r.shape[0], :r.shape[1]]
+        else:
+            d, n = _jpeg2000(r, target_db, BLOCK_PX, 1.0, lam)
+            out[b] += d
+        size += n
+    return out, 8.0 * size
+
+
+LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer}
+
+
+def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[float], coder: str = "pixels",
+            lam: float = 0.0) -> list[dict]:
+    rows, extra = [], ({"lam": lam} if coder == "jpeg2000" else {})
     for i, s in enumerate(scenes, 1):
         for q in levels:
             ints = codec.quantise(codec.latent(s.data, q), q)
@@ -103,7 +152,7 @@ def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[flo
             base = {"scene": s.name, "source": source_of(s), "small": is_small(s.data),
                     "l1c": s.extra.get("level") == "L1C", "pixels": s.pixels}
             for step in [0.0] + steps:
-                out, bits = (rec, 0.0) if not step else residual_layer(s.data, rec, ~s.nodata_mask, step)
+                out, bits = (rec, 0.0) if not step else LAYERS[coder](s.data, rec, ~s.nodata_mask, step, **extra)
                 dec = to_uint16(out)
                 dec[:, s.nodata_mask] = 0
                 size = len(data) + int(np.ceil(bits / 8))
@@ -117,18 +166,22 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="corsa3.12")
     p.add_argument("--levels", type=int, nargs="+", default=[7, 9])
+    p.add_argument("--coder", choices=sorted(LAYERS), default="pixels",
+                   help="the residual's integers pixel by pixel (--steps: DN) or JPEG 2000 (--steps: dB targets)")
     p.add_argument("--steps", type=float, nargs="+", default=[128, 96, 64, 48, 32])
+    p.add_argument("--lam", type=float, default=0.0, help="jpeg2000: a block's codestream kept where it takes off more "
+                   "than this many DN^2 a bit (0: every one kept)")
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     codec = VariableRateCodec(args.model, threads=1)
     scenes = load_split(SPLIT_FILE, args.split)
     curves = baseline_curves.fill(scenes, baseline_curves.split_cache(args.split))
-    rows = measure(codec, scenes, args.levels, args.steps)
+    rows = measure(codec, scenes, args.levels, args.steps, args.coder, args.lam)
     compare(rows, curves)
     labels = [f"{q}+{s:g}" for q in args.levels for s in [0.0] + args.steps]
     summary = summarise_levels(rows, labels)
-    result = {"model": codec.model_id, "split": args.split, "cpu": cpu_name(), "deadzone": DEADZONE,
+    result = {"model": codec.model_id, "split": args.split, "cpu": cpu_name(), "coder": args.coder, "lam": args.lam, "deadzone": DEADZONE,
               "levels": summary, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
     claim = {r["source"] for r in rows if not r["l1c"] and not r["small"]}
