@@ -99,10 +99,14 @@ def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, st
     return out, bits
 
 
-def _jpeg2000(a: np.ndarray, target_db: float, block: int, weight: float, lam: float) -> tuple[np.ndarray, int]:
+TARGETS = (56.0, 59.0, 62.0, 65.0, 68.0, 71.0, 74.0)   # jpeg2000-rd: the targets a block chooses from (dB)
+
+
+def _jpeg2000(a: np.ndarray, targets: tuple[float, ...], block: int, weight: float, lam: float) -> tuple[np.ndarray, int]:
     """``a`` (h, w) rounded to int16 and coded by JPEG 2000 in blocks of ``block`` a side: its decoding and bytes.
-    A block's codestream is kept where it takes more squared error off (``weight``: the pixels each value stands
-    for) than ``lam`` (DN^2 a bit) times its bits; elsewhere the block has none (a byte of flags)."""
+    Each block takes, of a codestream at each of ``targets`` and none (a byte of flags either way), the one that
+    costs it least: squared error (``weight``: the pixels each value stands for) plus ``lam`` (DN^2 a bit) times
+    its bits."""
     import imagecodecs
 
     q = np.clip(np.rint(a), -(1 << 15), (1 << 15) - 1).astype(np.int16)
@@ -110,34 +114,46 @@ def _jpeg2000(a: np.ndarray, target_db: float, block: int, weight: float, lam: f
     for y in range(0, a.shape[0], block):
         for x in range(0, a.shape[1], block):
             part = a[y:y + block, x:x + block]
-            blob = imagecodecs.jpeg2k_encode(np.ascontiguousarray(q[y:y + block, x:x + block]), level=target_db,
-                                             codecformat=imagecodecs.JPEG2K.CODEC.J2K)
-            d = imagecodecs.jpeg2k_decode(blob).astype(np.float32)
-            taken = weight * float((part ** 2).sum() - ((part - d) ** 2).sum())
-            if taken > lam * 8 * len(blob):
-                out[y:y + block, x:x + block] = d
-                size += len(blob)
+            best, kept = weight * float((part ** 2).sum()), None
+            for target in targets:
+                blob = imagecodecs.jpeg2k_encode(np.ascontiguousarray(q[y:y + block, x:x + block]), level=target,
+                                                 codecformat=imagecodecs.JPEG2K.CODEC.J2K)
+                d = imagecodecs.jpeg2k_decode(blob).astype(np.float32)
+                cost = weight * float(((part - d) ** 2).sum()) + lam * 8 * len(blob)
+                if cost < best:
+                    best, kept = cost, (d, len(blob))
+            if kept is not None:
+                out[y:y + block, x:x + block] = kept[0]
+                size += kept[1]
             size += 1
     return out, size
 
 
 def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, target_db: float,
-                   lam: float = 0.0) -> tuple[np.ndarray, float]:
-    """The decoding with its residual coded by JPEG 2000 at ``target_db``, and that layer's bits."""
+                   lam: float = 0.0, targets: tuple[float, ...] | None = None) -> tuple[np.ndarray, float]:
+    """The decoding with its residual coded by JPEG 2000 at ``target_db`` (or each block at the one of ``targets``
+    that costs it least), and that layer's bits."""
+    targets = targets or (target_db,)
     out, size = decoded.copy(), 0
     for b, name in enumerate(BANDS):
         r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
         if name in GRID20:
-            d, n = _jpeg2000(_means2(r), target_db, BLOCK_PX // 2, 4.0, lam)
+            d, n = _jpeg2000(_means2(r), targets, BLOCK_PX // 2, 4.0, lam)
             out[b] += np.repeat(np.repeat(d, 2, 0), 2, 1)[:r.shape[0], :r.shape[1]]
         else:
-            d, n = _jpeg2000(r, target_db, BLOCK_PX, 1.0, lam)
+            d, n = _jpeg2000(r, targets, BLOCK_PX, 1.0, lam)
             out[b] += d
         size += n
     return out, 8.0 * size
 
 
-LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer}
+def jpeg2000_rd_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, lam: float, **_) -> tuple[np.ndarray, float]:
+    """``jpeg2000_layer`` with each block's target chosen by ``lam`` (DN^2 a bit) from TARGETS: a level by its slope,
+    as JPEG 2000's own rate allocation, instead of one distortion for every scene."""
+    return jpeg2000_layer(truth, decoded, valid, 0.0, lam, TARGETS)
+
+
+LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer, "jpeg2000-rd": jpeg2000_rd_layer}
 
 
 def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[float], coder: str = "pixels",
@@ -167,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="corsa3.12")
     p.add_argument("--levels", type=int, nargs="+", default=[7, 9])
     p.add_argument("--coder", choices=sorted(LAYERS), default="pixels",
-                   help="the residual's integers pixel by pixel (--steps: DN) or JPEG 2000 (--steps: dB targets)")
+                   help="the residual's integers pixel by pixel (--steps: DN), JPEG 2000 (--steps: dB targets) or JPEG 2000 "
+                   "with each block's target chosen by a lambda (jpeg2000-rd; --steps: lambdas, DN^2 a bit)")
     p.add_argument("--steps", type=float, nargs="+", default=[128, 96, 64, 48, 32])
     p.add_argument("--lam", type=float, default=0.0, help="jpeg2000: a block's codestream kept where it takes off more "
                    "than this many DN^2 a bit (0: every one kept)")
