@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import gammaln
 
+from corsa.codec import residual_coder
 from corsa.codec.models import VariableRateCodec
 from corsa.core.machine import cpu_name
 from corsa.core.metrics import compression_factor, is_small, psnr
@@ -99,33 +100,16 @@ def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, st
     return out, bits
 
 
-TARGETS = (56.0, 59.0, 62.0, 65.0, 68.0, 71.0, 74.0)   # jpeg2000-rd: the targets a block chooses from (dB)
-
-
 def _jpeg2000(a: np.ndarray, targets: tuple[float, ...], block: int, weight: float, lam: float) -> tuple[np.ndarray, int]:
-    """``a`` (h, w) rounded to int16 and coded by JPEG 2000 in blocks of ``block`` a side: its decoding and bytes.
-    Each block takes, of a codestream at each of ``targets`` and none (a byte of flags either way), the one that
-    costs it least: squared error (``weight``: the pixels each value stands for) plus ``lam`` (DN^2 a bit) times
-    its bits."""
-    import imagecodecs
-
-    q = np.clip(np.rint(a), -(1 << 15), (1 << 15) - 1).astype(np.int16)
+    """``a`` (h, w) coded block by block (``residual_coder``, each block of ``block`` a side at the target of
+    ``targets`` that costs it least, or none): what readers decode, and the bytes with a byte of flags a block."""
     out, size = np.zeros(a.shape, np.float32), 0
     for y in range(0, a.shape[0], block):
         for x in range(0, a.shape[1], block):
             part = a[y:y + block, x:x + block]
-            best, kept = weight * float((part ** 2).sum()), None
-            for target in targets:
-                blob = imagecodecs.jpeg2k_encode(np.ascontiguousarray(q[y:y + block, x:x + block]), level=target,
-                                                 codecformat=imagecodecs.JPEG2K.CODEC.J2K)
-                d = imagecodecs.jpeg2k_decode(blob).astype(np.float32)
-                cost = weight * float(((part - d) ** 2).sum()) + lam * 8 * len(blob)
-                if cost < best:
-                    best, kept = cost, (d, len(blob))
-            if kept is not None:
-                out[y:y + block, x:x + block] = kept[0]
-                size += kept[1]
-            size += 1
+            stream, _ = residual_coder.encode(part, lam, weight, targets)
+            out[y:y + block, x:x + block] = residual_coder.decode(stream, part.shape)
+            size += len(stream) + 1
     return out, size
 
 
@@ -148,9 +132,9 @@ def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, ta
 
 
 def jpeg2000_rd_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, lam: float, **_) -> tuple[np.ndarray, float]:
-    """``jpeg2000_layer`` with each block's target chosen by ``lam`` (DN^2 a bit) from TARGETS: a level by its slope,
+    """``jpeg2000_layer`` with each block's target chosen by ``lam`` (DN^2 a bit) from all of them: a level by its slope,
     as JPEG 2000's own rate allocation, instead of one distortion for every scene."""
-    return jpeg2000_layer(truth, decoded, valid, 0.0, lam, TARGETS)
+    return jpeg2000_layer(truth, decoded, valid, 0.0, lam, residual_coder.TARGETS_DB)
 
 
 LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer, "jpeg2000-rd": jpeg2000_rd_layer}
