@@ -114,35 +114,39 @@ def _jpeg2000(a: np.ndarray, targets: tuple[float, ...], block: int, weight: flo
 
 
 def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, target_db: float,
-                   lam: float = 0.0, targets: tuple[float, ...] | None = None) -> tuple[np.ndarray, float]:
+                   lam: float = 0.0, targets: tuple[float, ...] | None = None, grid20: str = "20m") -> tuple[np.ndarray, float]:
     """The decoding with its residual coded by JPEG 2000 at ``target_db`` (or each block at the one of ``targets``
-    that costs it least), and that layer's bits."""
+    that costs it least), and that layer's bits. ``grid20``: the 20 m bands' residual on their 2 x 2 means ("20m"),
+    on the 10 m grid ("10m"), or each band on the one that costs it least by ``lam`` ("either")."""
     targets = targets or (target_db,)
     out, size = decoded.copy(), 0
     for b, name in enumerate(BANDS):
         r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
-        if name in GRID20:
+        options = [_jpeg2000(r, targets, BLOCK_PX, 1.0, lam)] if name not in GRID20 or grid20 != "20m" else []
+        if name in GRID20 and grid20 != "10m":
             d, n = _jpeg2000(_means2(r), targets, BLOCK_PX // 2, 4.0, lam)
-            out[b] += np.repeat(np.repeat(d, 2, 0), 2, 1)[:r.shape[0], :r.shape[1]]
-        else:
-            d, n = _jpeg2000(r, targets, BLOCK_PX, 1.0, lam)
-            out[b] += d
+            options.append((np.repeat(np.repeat(d, 2, 0), 2, 1)[:r.shape[0], :r.shape[1]], n))
+        # a 20 m band on whichever grid costs it least (its source's 20 m pixels may hold 10 m detail)
+        d, n = min(options, key=lambda o: float(((r - o[0]) ** 2).sum()) + lam * 8 * o[1])
+        out[b] += d
         size += n
     return out, 8.0 * size
 
 
-def jpeg2000_rd_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, lam: float, **_) -> tuple[np.ndarray, float]:
+def jpeg2000_rd_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, lam: float, grid20: str = "20m",
+                      **_) -> tuple[np.ndarray, float]:
     """``jpeg2000_layer`` with each block's target chosen by ``lam`` (DN^2 a bit) from all of them: a level by its slope,
     as JPEG 2000's own rate allocation, instead of one distortion for every scene."""
-    return jpeg2000_layer(truth, decoded, valid, 0.0, lam, residual_coder.TARGETS_DB)
+    return jpeg2000_layer(truth, decoded, valid, 0.0, lam, residual_coder.TARGETS_DB, grid20)
 
 
 LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer, "jpeg2000-rd": jpeg2000_rd_layer}
 
 
 def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[float], coder: str = "pixels",
-            lam: float = 0.0) -> list[dict]:
-    rows, extra = [], ({"lam": lam} if coder == "jpeg2000" else {})
+            lam: float = 0.0, grid20: str = "20m") -> list[dict]:
+    rows, extra = [], ({"lam": lam, "grid20": grid20} if coder == "jpeg2000" else
+                       {"grid20": grid20} if coder == "jpeg2000-rd" else {})
     for i, s in enumerate(scenes, 1):
         for q in levels:
             ints = codec.quantise(codec.latent(s.data, q), q)
@@ -170,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the residual's integers pixel by pixel (--steps: DN), JPEG 2000 (--steps: dB targets) or JPEG 2000 "
                    "with each block's target chosen by a lambda (jpeg2000-rd; --steps: lambdas, DN^2 a bit)")
     p.add_argument("--steps", type=float, nargs="+", default=[128, 96, 64, 48, 32])
+    p.add_argument("--grid20", choices=("20m", "10m", "either"), default="20m",
+                   help="jpeg2000: the 20 m bands' residual on their 2 x 2 means, on the 10 m grid, or either by lambda")
     p.add_argument("--lam", type=float, default=0.0, help="jpeg2000: a block's codestream kept where it takes off more "
                    "than this many DN^2 a bit (0: every one kept)")
     p.add_argument("--split", default="test")
@@ -178,11 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     codec = VariableRateCodec(args.model, threads=1)
     scenes = load_split(SPLIT_FILE, args.split)
     curves = baseline_curves.fill(scenes, baseline_curves.split_cache(args.split))
-    rows = measure(codec, scenes, args.levels, args.steps, args.coder, args.lam)
+    rows = measure(codec, scenes, args.levels, args.steps, args.coder, args.lam, args.grid20)
     compare(rows, curves)
     labels = [f"{q}+{s:g}" for q in args.levels for s in [0.0] + args.steps]
     summary = summarise_levels(rows, labels)
-    result = {"model": codec.model_id, "split": args.split, "cpu": cpu_name(), "coder": args.coder, "lam": args.lam, "deadzone": DEADZONE,
+    result = {"model": codec.model_id, "split": args.split, "cpu": cpu_name(), "coder": args.coder, "lam": args.lam, "grid20": args.grid20, "deadzone": DEADZONE,
               "levels": summary, "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))
     claim = {r["source"] for r in rows if not r["l1c"] and not r["small"]}
