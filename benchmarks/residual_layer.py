@@ -83,8 +83,9 @@ def code_bits(q: np.ndarray, decoded: np.ndarray, step: float, block: int) -> fl
     return bits
 
 
-def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, step: float) -> tuple[np.ndarray, float]:
-    """The decoding with its residual layer at ``step`` DN, and that layer's bits."""
+def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, step: float, **_) -> tuple[np.ndarray, float]:
+    """The decoding with its residual layer at ``step`` DN, and that layer's bits (the JPEG 2000 coders' options
+    do not apply)."""
     out, bits = decoded.copy(), 0.0
     for b, name in enumerate(BANDS):
         r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
@@ -122,8 +123,11 @@ def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, ta
     out, size = decoded.copy(), 0
     for b, name in enumerate(BANDS):
         r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
-        options = [_jpeg2000(r, targets, BLOCK_PX, 1.0, lam)] if name not in GRID20 or grid20 != "20m" else []
-        if name in GRID20 and grid20 != "10m":
+        grids = (grid20,) if grid20 != "either" else ("20m", "10m")
+        options = []
+        if name not in GRID20 or "10m" in grids:
+            options.append(_jpeg2000(r, targets, BLOCK_PX, 1.0, lam))
+        if name in GRID20 and "20m" in grids:
             d, n = _jpeg2000(_means2(r), targets, BLOCK_PX // 2, 4.0, lam)
             options.append((np.repeat(np.repeat(d, 2, 0), 2, 1)[:r.shape[0], :r.shape[1]], n))
         # a 20 m band on whichever grid costs it least (its source's 20 m pixels may hold 10 m detail)
@@ -133,11 +137,11 @@ def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, ta
     return out, 8.0 * size
 
 
-def jpeg2000_rd_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, lam: float, grid20: str = "20m",
+def jpeg2000_rd_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, step: float, grid20: str = "20m",
                       **_) -> tuple[np.ndarray, float]:
-    """``jpeg2000_layer`` with each block's target chosen by ``lam`` (DN^2 a bit) from all of them: a level by its slope,
-    as JPEG 2000's own rate allocation, instead of one distortion for every scene."""
-    return jpeg2000_layer(truth, decoded, valid, 0.0, lam, residual_coder.TARGETS_DB, grid20)
+    """``jpeg2000_layer`` with each block's target chosen by a lambda (``step``, DN^2 a bit) from all of them: a level
+    by its slope, as JPEG 2000's own rate allocation, instead of one distortion for every scene."""
+    return jpeg2000_layer(truth, decoded, valid, 0.0, step, residual_coder.TARGETS_DB, grid20)
 
 
 LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer, "jpeg2000-rd": jpeg2000_rd_layer}
@@ -145,8 +149,7 @@ LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer, "jpeg2000-rd": j
 
 def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[float], coder: str = "pixels",
             lam: float = 0.0, grid20: str = "20m") -> list[dict]:
-    rows, extra = [], ({"lam": lam, "grid20": grid20} if coder == "jpeg2000" else
-                       {"grid20": grid20} if coder == "jpeg2000-rd" else {})
+    rows = []
     for i, s in enumerate(scenes, 1):
         for q in levels:
             ints = codec.quantise(codec.latent(s.data, q), q)
@@ -156,7 +159,8 @@ def measure(codec: VariableRateCodec, scenes, levels: list[int], steps: list[flo
             base = {"scene": s.name, "source": source_of(s), "small": is_small(s.data),
                     "l1c": s.extra.get("level") == "L1C", "pixels": s.pixels}
             for step in [0.0] + steps:
-                out, bits = (rec, 0.0) if not step else LAYERS[coder](s.data, rec, ~s.nodata_mask, step, **extra)
+                out, bits = (rec, 0.0) if not step else LAYERS[coder](s.data, rec, ~s.nodata_mask, step,
+                                                                           lam=lam, grid20=grid20)
                 dec = to_uint16(out)
                 dec[:, s.nodata_mask] = 0
                 size = len(data) + int(np.ceil(bits / 8))

@@ -331,13 +331,12 @@ class _Reuse:
 
 
 def _blocks(arrays: list, get: Callable | None = None, parallel: int = 2, stream: Callable | None = None):
-    """(array index, y, x, values) of every block of ``arrays`` (bands, y, x), all bands at once;
-    arrays with the same block layout are computed together, ``parallel`` block positions per call of
-    ``get(graph, keys)`` (the local scheduler's), with what a later batch needs again kept for it
-    (``_Reuse``): the graph is optimised once, so that its keys are the same in every batch. Or, with
-    ``stream(graph, keys)`` (a dask.distributed scheduler's, yielding (key, value) as they are done), every
-    block in one graph: the cluster computes what blocks share once and holds the blocks until they are
-    written, where batches ran the shared chunks again in each batch that read them."""
+    """(array index, y, x, values) of every block of ``arrays`` (bands, y, x), all bands at once, as they are
+    computed: by ``get(graph, keys)`` (the local scheduler's) a few block positions at a time (``_batched``), or by
+    ``stream(graph, keys)`` (a dask.distributed scheduler's, yielding (key, value) as they are done) all in one
+    graph: the cluster computes what blocks share once and holds the blocks until they are written, where
+    batches ran the shared chunks again in each batch that read them. The graph is optimised once, so that its
+    keys are the same in every batch."""
     import dask
     import dask.array as darr
 
@@ -346,32 +345,35 @@ def _blocks(arrays: list, get: Callable | None = None, parallel: int = 2, stream
     for a in arrays:
         graph.update(a.__dask_graph__())
     offsets = [[np.cumsum((0,) + c) for c in a.chunks] for a in arrays]
-    if stream is not None:
-        which = {(a.name, 0, iy, ix): k for k, a in enumerate(arrays)
-                 for iy in range(a.numblocks[1]) for ix in range(a.numblocks[2])}
-        for key, v in stream(graph, list(which)):
-            k, (_, _, iy, ix) = which[key], key
-            yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
-        return
+    which = {(a.name, 0, iy, ix): k for k, a in enumerate(arrays)
+             for iy in range(a.numblocks[1]) for ix in range(a.numblocks[2])}
+    done = stream(graph, list(which)) if stream is not None else _batched(arrays, graph, get, parallel)
+    for key, v in done:
+        k, (_, _, iy, ix) = which[key], key
+        yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
+
+
+def _batched(arrays: list, graph: dict, get: Callable, parallel: int) -> Iterator[tuple]:
+    """(key, value) of every block of ``arrays``: arrays with the same block layout computed together,
+    ``parallel`` block positions per call of ``get``, with what a later batch needs again kept for it
+    (``_Reuse``)."""
     groups: dict[tuple, list[int]] = {}
     for k, a in enumerate(arrays):
         groups.setdefault(a.numblocks, []).append(k)
     batches, last = [], {}
     for numblocks, members in groups.items():
         positions = [(iy, ix) for iy in range(numblocks[1]) for ix in range(numblocks[2])]
-        batches += [[(k, (arrays[k].name, 0, iy, ix)) for iy, ix in positions[p:p + parallel] for k in members]
+        batches += [[(arrays[k].name, 0, iy, ix) for iy, ix in positions[p:p + parallel] for k in members]
                     for p in range(0, len(positions), parallel)]
-    for b, batch in enumerate(batches):
-        last.update(dict.fromkeys(_upstream(graph, [key for _, key in batch]), b))
+    for b, keys in enumerate(batches):
+        last.update(dict.fromkeys(_upstream(graph, keys), b))
     reuse = _Reuse(last)
-    for b, batch in enumerate(batches):
-        keys = [key for _, key in batch]
+    for b, keys in enumerate(batches):
         sub = {k: reuse.kept.get(k, graph[k]) for k in _upstream(graph, keys, reuse.kept)}
         with reuse.callback():
             values = get(sub, keys)
         reuse.done(b)
-        for (k, (_, _, iy, ix)), v in zip(batch, values):
-            yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
+        yield from zip(keys, values)
 
 
 def block_keeping(array, index: tuple) -> tuple[np.ndarray, object]:
