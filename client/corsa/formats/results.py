@@ -345,25 +345,30 @@ def _blocks(arrays: list, get: Callable | None = None, parallel: int = 2, stream
     for a in arrays:
         graph.update(a.__dask_graph__())
     offsets = [[np.cumsum((0,) + c) for c in a.chunks] for a in arrays]
-    which = {(a.name, 0, iy, ix): k for k, a in enumerate(arrays)
-             for iy in range(a.numblocks[1]) for ix in range(a.numblocks[2])}
+    # the same cube saved twice is one array after optimising: each of its blocks goes to every file
+    which: dict[tuple, list[int]] = {}
+    for k, a in enumerate(arrays):
+        for iy in range(a.numblocks[1]):
+            for ix in range(a.numblocks[2]):
+                which.setdefault((a.name, 0, iy, ix), []).append(k)
     done = stream(graph, list(which)) if stream is not None else _batched(arrays, graph, get, parallel)
     for key, v in done:
-        k, (_, _, iy, ix) = which[key], key
-        yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), np.asarray(v)
+        (_, _, iy, ix), v = key, np.asarray(v)
+        for k in which[key]:
+            yield k, int(offsets[k][1][iy]), int(offsets[k][2][ix]), v
 
 
 def _batched(arrays: list, graph: dict, get: Callable, parallel: int) -> Iterator[tuple]:
     """(key, value) of every block of ``arrays``: arrays with the same block layout computed together,
     ``parallel`` block positions per call of ``get``, with what a later batch needs again kept for it
     (``_Reuse``)."""
-    groups: dict[tuple, list[int]] = {}
-    for k, a in enumerate(arrays):
-        groups.setdefault(a.numblocks, []).append(k)
+    groups: dict[tuple, dict[str, None]] = {}      # names kept once: the same cube saved twice is one array
+    for a in arrays:
+        groups.setdefault(a.numblocks, {})[a.name] = None
     batches, last = [], {}
     for numblocks, members in groups.items():
         positions = [(iy, ix) for iy in range(numblocks[1]) for ix in range(numblocks[2])]
-        batches += [[(arrays[k].name, 0, iy, ix) for iy, ix in positions[p:p + parallel] for k in members]
+        batches += [[(name, 0, iy, ix) for iy, ix in positions[p:p + parallel] for name in members]
                     for p in range(0, len(positions), parallel)]
     for b, keys in enumerate(batches):
         last.update(dict.fromkeys(_upstream(graph, keys), b))
