@@ -57,22 +57,29 @@ def measure(codec: VariableRateCodec, scenes: list[Scene]) -> list[dict]:
         transform = Affine(*s.transform) if s.transform else None
         date = s.date or "undated"
         for q in codec.qualities:
-            entry = codec.network_entry(q, "encoder")
+            base = codec.base(q)
+            entry = codec.network_entry(base, "encoder")
             if entry not in latents:
-                latents[entry] = codec.latent(s.data, q)
-            ints = codec.quantise(latents[entry], q)
-            data, rec, cells = stream_format.encode_refined(codec, s.data, ints, q, s.nodata_mask, transform, s.crs, date)
+                latents[entry] = codec.latent(s.data, base)
+            ints = codec.quantise(latents[entry], base)
+            if codec.layer(q) is None:
+                data, rec, cells = stream_format.encode_refined(codec, s.data, ints, q, s.nodata_mask, transform, s.crs, date)
+            else:      # what readers decode: the base refined, each block's layer added
+                data, rec = stream_format.decoded_date(codec, s.data, ints, q, s.nodata_mask, s.crs, date, transform)
             # Decode what the file holds, so the PSNR is that of the product and the coding is checked lossless.
             with tempfile.TemporaryDirectory() as tmp:
                 stream_format.write_date(Path(tmp), data, date)
                 stored = stream_format.read_date(Path(tmp), date, codec.coder, codec.level, codec.refiner)
-            if not np.array_equal(stored.ints, ints) or (cells is None) != (stored.refinement is None) or \
-                    (cells is not None and not all(a.same(b) for a, b in zip(cells, stored.refinement))):
-                raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its latent and refinement")
-            if stored.refinement is not None:      # the network's decoding of the same integers, refined
-                stream_format.refine(rec, stored.refinement, codec.refiner, codec.level(q), ~s.nodata_mask)
-            rec = to_uint16(rec)
-            rec[:, s.nodata_mask] = 0
+            if not np.array_equal(stored.ints, ints) or stored.layer_quality != (q if base != q else None):
+                raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its latent and layer")
+            if base == q:
+                if (cells is None) != (stored.refinement is None) or \
+                        (cells is not None and not all(a.same(b) for a, b in zip(cells, stored.refinement))):
+                    raise AssertionError(f"the product of {s.name} at quality {q} does not decode to its refinement")
+                if stored.refinement is not None:      # the network's decoding of the same integers, refined
+                    stream_format.refine(rec, stored.refinement, codec.refiner, codec.level(q), ~s.nodata_mask)
+                rec = to_uint16(rec)
+                rec[:, s.nodata_mask] = 0
             rows.append({"scene": s.name, "source": source_of(s), "small": is_small(s.data),
                          "l1c": s.extra.get("level") == "L1C", "pixels": s.pixels, "quality": q,
                          "bytes": len(data), "cf": compression_factor(s.pixels, len(data)),

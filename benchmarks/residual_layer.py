@@ -52,12 +52,6 @@ def quantise(residual: np.ndarray, step: float) -> np.ndarray:
     return (np.sign(residual) * np.floor(np.abs(residual) / step + 0.5 - DEADZONE)).astype(np.int32)
 
 
-def _means2(a: np.ndarray) -> np.ndarray:
-    """(h, w) -> 2 x 2 means, odd edges repeated."""
-    a = np.pad(a, ((0, a.shape[0] % 2), (0, a.shape[1] % 2)), mode="edge")
-    return a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2).mean((1, 3))
-
-
 def code_bits(q: np.ndarray, decoded: np.ndarray, step: float, block: int) -> float:
     """Adaptive code length (bits) of one band's integers (h, w), in blocks of ``block`` a side, with
     contexts (``decoded``: the band's decoding on the integers' grid)."""
@@ -90,8 +84,8 @@ def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, st
     for b, name in enumerate(BANDS):
         r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
         if name in GRID20:
-            q = quantise(_means2(r), step)
-            coarse = _means2(decoded[b])
+            q = quantise(residual_coder.means2(r), step)
+            coarse = residual_coder.means2(decoded[b])
             out[b] += np.repeat(np.repeat(q * np.float32(step), 2, 0), 2, 1)[:r.shape[0], :r.shape[1]]
             bits += code_bits(q, coarse, step, BLOCK_PX // 2)
         else:
@@ -128,7 +122,7 @@ def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, ta
         if name not in GRID20 or "10m" in grids:
             options.append(_jpeg2000(r, targets, BLOCK_PX, 1.0, lam))
         if name in GRID20 and "20m" in grids:
-            d, n = _jpeg2000(_means2(r), targets, BLOCK_PX // 2, 4.0, lam)
+            d, n = _jpeg2000(residual_coder.means2(r), targets, BLOCK_PX // 2, 4.0, lam)
             options.append((np.repeat(np.repeat(d, 2, 0), 2, 1)[:r.shape[0], :r.shape[1]], n))
         # a 20 m band on whichever grid costs it least (its source's 20 m pixels may hold 10 m detail)
         d, n = min(options, key=lambda o: float(((r - o[0]) ** 2).sum()) + lam * 8 * o[1])

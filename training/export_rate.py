@@ -107,7 +107,7 @@ def test_figures(codec: VariableRateCodec) -> list[dict]:
     for q in codec.qualities:
         rows = defaultdict(list)
         for s, y in zip(scenes, latents):
-            ints = codec.quantise(y, q)
+            ints = codec.quantise(y, codec.base(q))
             data, rec = stream_format.decoded_date(codec, s.data, ints, q, s.nodata_mask, s.crs, s.date or "undated")
             source = s.group + ("-L1C" if s.extra.get("level") == "L1C" else "")
             rows[source].append((psnr(s.data, rec), s.pixels, len(data), is_small(s.data)))
@@ -136,6 +136,12 @@ def derived_folder(src: Path, name: str, out: str | Path, ignore: tuple[str, ...
         card.pop(key, None)
     card["id"], card["default"] = name, False
     return folder, card
+
+
+def output_options(p: argparse.ArgumentParser) -> None:
+    """--out (where a derived model's folder goes) and --no-figures, as every command that derives a model takes them."""
+    p.add_argument("--out", default="models_onnx")
+    p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
 
 
 def write_card(card: dict, out: Path, figures: bool = True) -> Path:
@@ -265,6 +271,12 @@ def card_markdown(card: dict) -> str:
                    f"every level): `encoder_int8.onnx` ({e['what']}; `{e['command']}`, {e['wall_time_s'] / 60:.0f} min on "
                    f"{e['cpu']}). Test split, mean over L2A sources, against the float encoder by quality level: {at}; "
                    f"a 512 px block in {t['block_s_int8']} s against {t['block_s_fp32']} s (1 thread, {t['cpu']}).\n")
+    if card.get("layer"):
+        la = card["layer"]
+        series += (f"- Levels {', '.join(la['levels'])}: level {la['base']}'s integers and refinement and a residual layer a "
+                   f"block (formats 12 and 13; {la['coder']}; each band at the target of {la['targets_db'][0]:g} to "
+                   f"{la['targets_db'][-1]:g} dB that costs it least by the level's lambda: "
+                   + ", ".join(f"{q}: {v:g}" for q, v in la["levels"].items()) + f" DN² a bit; `{la['command']}`).\n")
     return f"""# Model card: {card['id']}
 
 {card['description']}

@@ -30,7 +30,7 @@ from corsa.formats import stream_format
 from corsa.formats.datasets import load_split
 
 from .export import _record_files
-from .export_rate import derived_folder, write_card
+from .export_rate import derived_folder, output_options, write_card
 from .train import SPLIT_FILE
 
 # Shares of nonzero integers where the starting classes change (corsa3.8's 11 classes; on the test split
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--classes", type=int, default=CLASSES, help=f"table classes (at most {CLASSES})")
     p.add_argument("--iterations", type=int, default=ITERATIONS, help="rounds of choosing classes and counting tables")
     p.add_argument("--smoothing", type=float, default=SMOOTHING, help="pseudo-counts of the plain table in a class's")
-    p.add_argument("--out", default="models_onnx")
-    p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
+    output_options(p)
     args = p.parse_args(argv)
     edges = np.asarray(args.edges, np.float64)
     if not len(edges) < args.classes <= CLASSES or np.any(np.diff(edges) <= 0) or edges[0] <= 0 or edges[-1] >= 1:

@@ -30,7 +30,7 @@ from corsa.formats import stream_format
 from corsa.formats.datasets import load_split
 
 from .export import OPSET, _record_files
-from .export_rate import derived_folder, write_card
+from .export_rate import derived_folder, output_options, write_card
 from .train import SPLIT_FILE
 
 # Cells of 16 px (on the test split with corsa3.8, cells of 8 px gave less at every level, of 32 px less
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> Path:
                    help="the encoder weighs each block's filter against its bits at each level's slope (validation split)")
     p.add_argument("--filter-levels", type=int, nargs="+", default=[], metavar="QUALITY",
                    help="the quality levels whose blocks get a loop filter (chosen on the validation split)")
-    p.add_argument("--out", default="models_onnx")
-    p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
+    output_options(p)
     args = p.parse_args(argv)
     t0 = time.time()
     src = model_dir(args.model)

@@ -34,7 +34,7 @@ from corsa.formats.datasets import load_split
 
 from .data import CropSampler
 from .export import _record_files
-from .export_rate import derived_folder, export_decoder, load_model, write_card
+from .export_rate import derived_folder, export_decoder, load_model, output_options, write_card
 from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
 from .train_rate import as_stored, distortion
 from .rate_model import RateCodec, RateConfig
@@ -229,8 +229,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (pays on CPUs with AMX or AVX512-BF16: see lscpu)")
     p.add_argument("--export", action="store_true", help="write models_onnx/NAME from the run's best decoder")
-    p.add_argument("--out", default="models_onnx")
-    p.add_argument("--no-figures", action="store_true", help="skip the test-split figures (smoke runs)")
+    output_options(p)
     return p.parse_args(argv)
 
 

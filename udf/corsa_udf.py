@@ -703,6 +703,9 @@ def _variable_rate(model: str, context: dict) -> Optional[Tuple[dict, int, np.nd
     if quality not in qualities:
         raise UdfError(f"model {card['id']} has quality levels {qualities}, not {quality}")
     level = qualities.index(quality)
+    layer = card["qualities"][level].get("layer")
+    if layer:      # a level made of a base and a residual layer: services store (and decode) its base only
+        level = qualities.index(int(layer["base"]))
     gain, inv_gain = _gains(model, (context.get("sha256") or {}).get("latent_model"))
     return card, level, gain[level][:, None, None], inv_gain[level][:, None, None]
 

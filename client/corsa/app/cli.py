@@ -158,6 +158,9 @@ def compress(args: argparse.Namespace) -> str:
     if args.append:
         raise ValueError("--append codes the new dates with the product's history: it needs a variable-rate model "
                          "and the block-by-block path (not --engine)")
+    if isinstance(codec, VariableRateCodec) and codec.layer(quality) is not None:
+        raise ValueError(f"level {quality} of {codec.model_id} is its level {codec.base(quality)} and a residual layer, "
+                         "which the block-by-block path codes: compress without --engine (the services store the base)")
     from corsa.openeo import processes   # the openEO client: only the engine's path builds a process graph
 
     udp = processes.compress_s2_process(codec.card, _pixel_size(catalogue, bbox, dates, args.max_cloud_cover))
@@ -209,7 +212,7 @@ def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec,
     if not dates:
         return None
     heads = [stream_format.read_header((folder / stream_format.file_name(d)).read_bytes(), stream_format.file_name(d)) for d in dates]
-    qualities = sorted({h["quality"] for h in heads})
+    qualities = sorted({stream_format.level_of(h) for h in heads})
     if len(qualities) > 1:
         raise product.ProductError(f"{folder} mixes quality levels {qualities}: decompress its dates separately "
                                    "(or bring them to one level with corsa reduce)")
@@ -265,6 +268,9 @@ def decompress(args: argparse.Namespace) -> str:
                                         run=run)
         dates = [args.date] if args.date else stored
         return _decoded_written(written, dates, args.input)
+    if stream and codec.layer(quality) is not None:
+        raise ValueError(f"{args.input} is at level {quality} of {codec.model_id}, its level {codec.base(quality)} and a "
+                         "residual layer, which the block-by-block path adds: decompress it without --engine or --clear")
     on_engine = stream and args.scale is not None and not args.like and not args.clear
     if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
         raise ValueError("--like works on variable-rate products (formats 3-7) on the block-by-block path: without "
@@ -375,6 +381,7 @@ def info(args: argparse.Namespace) -> str:
                          f"{r['latent_cells'][1]}x{r['latent_cells'][0]} in {r['blocks']} block(s), {r['bytes']:,} bytes, "
                          f"CF {r['cf']:.1f}" + (", nodata mask" if r["nodata_mask"] else "")
                          + (f", refinement {r['refinement_bytes']:,} bytes" if r["refinement_bytes"] else "")
+                         + (f", residual layer {r['layer_bytes']:,} bytes" if r.get("layer_bytes") else "")
                          + (f", coded with references to {', '.join(r['references'])}" if r["references"] else ", coded alone"))
         else:
             lines.append(f"{head}, input grid {w}x{h} px {r['crs'] or 'no CRS'}, level 0 {r['level0'][1]}x{r['level0'][0]}, "
@@ -479,6 +486,7 @@ def reduce(args: argparse.Namespace) -> str:
         raise product.ProductError(f"{args.input} holds no variable-rate product (corsa_<date>{stream_format.SUFFIX})")
     codec, quality = stream
     codec.level(args.quality)
+    base, to = codec.base(quality), codec.base(args.quality)    # the levels of the integers stored
     if args.quality > quality:
         raise ValueError(f"{args.input} has quality {quality}: it can be reduced, not raised to {args.quality}")
     if Path(args.output).resolve() == Path(args.input).resolve():
@@ -490,18 +498,24 @@ def reduce(args: argparse.Namespace) -> str:
         raise ValueError(f"{args.input} holds dates on {len(grids)} different grids: reduce them one folder a grid")
     # Coded again at the new level with the same key dates and reference dates (each sub-block's
     # choice made afresh: the integers changed).
-    planned = series.plan(dates, [args.quality] * len(dates), [h["refs"] for h in heads])
+    planned = series.plan(dates, [to] * len(dates), [h["refs"] for h in heads])
     blocks = -(-heads[0]["cells"][0] // heads[0]["block"]) * -(-heads[0]["cells"][1] // heads[0]["block"])
-    folder, to = args.input, args.quality
-    with _cluster(args) as run:
-        coded = series.encode_dates(codec, planned, list(range(len(dates))), blocks, lambda i, k: codec.requantise(
-            series.block_ints(folder, dates[i], k, codec), quality, to), run,
-            refinement_of=lambda i, k: blockwise.reduced_refinement(folder, dates[i], codec, to, k))
+    folder, out = args.input, Path(args.output)
     masks = {i: m for i, (d, h) in enumerate(zip(dates, heads))
              if (m := stream_format.read_mask(series.header(args.input, d)[0], h, stream_format.file_name(d))) is not None}
     h = heads[0]
-    return _product_written(series.write_dates(Path(args.output), codec, planned, list(range(len(dates))), coded, masks,
-                                       h["shape"], h["transform"], h["crs"]))
+    with _cluster(args) as run:
+        coded = series.encode_dates(codec, planned, list(range(len(dates))), blocks, lambda i, k: codec.requantise(
+            series.block_ints(folder, dates[i], k, codec), base, to), run,
+            # the same integers keep their refinement (a layer dropped or coded again)
+            refinement_of=lambda i, k: series.block_refinement(folder, dates[i], k, codec) if to == base
+            else blockwise.reduced_refinement(folder, dates[i], codec, to, k))
+        written = series.write_dates(out, codec, planned, list(range(len(dates))), coded, masks, h["shape"],
+                                     h["transform"], h["crs"])
+        if codec.layer(args.quality) is not None:      # each block's layer against the stored decoding
+            written = [blockwise.with_layer(out, d, blockwise.decoded_blocks(folder, d, codec), codec, args.quality, run)
+                       for d in dates]
+    return _product_written(written)
 
 
 INPUT_HELP = {

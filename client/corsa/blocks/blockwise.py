@@ -39,6 +39,8 @@ from corsa.formats import stream_format
 from corsa.core import progress
 from corsa.formats import results
 from corsa.formats import series
+from corsa.codec import residual_coder
+from corsa.codec.latent_coder import StreamError
 from corsa.codec.models import VariableRateCodec, checked_session
 from corsa.codec.refine_coder import BlockRefinement
 from corsa.core.files import writing
@@ -126,6 +128,10 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     Block by block, every date of a block position together: a block's references are at hand.
     ``run``: where the blocks run (``corsa.core.cluster``; default two local threads)."""
     out = Path(out)
+    layered, layer = quality, codec.layer(quality)
+    if layer is not None:      # the base level's product first, then each block's layer on its decoding
+        residual_coder.encoder()
+        quality = layer[0]
     transform = results.transform_of(cube)
     crs = cube.rio.crs.to_string() if cube.rio.crs else None
     new = [product.date_label(t) for t in cube["t"].values]
@@ -181,7 +187,54 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
             for i, m in nodata.items():
                 masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = m
             progress.advance()
-    return series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
+    written = series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
+    if layer is None:
+        return written
+    try:
+        return [with_layer(out, planned[i].date, partial(_scene_block, scenes[i - len(old)]), codec, layered, run)
+                for i in fresh]
+    except BaseException:      # no date left at its base level as if it were complete
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+
+
+def _scene_block(scene: xr.DataArray, ys: tuple[int, ...], xs: tuple[int, ...]) -> np.ndarray:
+    return shared_ints.read_window(scene, slice(ys[0], ys[1]), slice(xs[0], xs[1]))
+
+
+def _decoded_block(decoder: "DateDecoder", ys: tuple[int, ...], xs: tuple[int, ...]) -> np.ndarray:
+    return decoder.block(ys, xs, *decoder.inputs(ys, xs, None))[2]
+
+
+def decoded_blocks(folder: Path, date: str, codec: VariableRateCodec) -> Callable:
+    """``(ys, xs) ->`` a block of a stored date as readers decode it (a reduced product's truth)."""
+    return partial(_decoded_block, DateDecoder(folder, date, codec))
+
+
+def _block_layer(decoder: "DateDecoder", truth_of: Callable, lam: float, job: tuple) -> bytes:
+    """A block's residual layer: ``truth_of(ys, xs)`` against the block's decoding without it."""
+    ys, xs = job
+    mask = decoder.ints.mask
+    return residual_coder.encode_block(truth_of(*job), _decoded_block(decoder, ys, xs),
+                                       None if mask is None else ~mask[ys[0]:ys[1], xs[0]:xs[1]], lam)[0]
+
+
+def with_layer(out: Path, date: str, truth_of: Callable, codec: VariableRateCodec, quality: int,
+               run: cluster.Local | cluster.Cluster | None) -> Path:
+    """A date written at its base level rewritten with the residual layer that makes it level ``quality``, each
+    block's from ``truth_of(ys, xs)`` (the input's pixels, or a stored product's decoding)."""
+    decoder = DateDecoder(out, date, codec)
+    ys_all, xs_all = decoder.spans()
+    jobs = [(ys, xs) for ys in ys_all for xs in xs_all]
+    progress.grow(len(jobs))
+    layers = []
+    with cluster.runner() if run is None else nullcontext(run) as where:
+        for layer in where.map(partial(_block_layer, decoder, truth_of, codec.layer(quality)[1]), jobs):
+            layers.append(layer)
+            progress.advance()
+    path = out / stream_format.file_name(date)
+    return stream_format.write_date(out, stream_format.with_layer(path.read_bytes(), path.name, quality, layers), date)
 
 
 def _positions_run(where: cluster.Local | cluster.Cluster, position: Callable[[int], tuple], positions: list,
@@ -233,6 +286,10 @@ class _Integers:
             ks = range(r * self.per_row, (r + 1) * self.per_row)
             self.rows[r] = pool.submit(lambda: [series.block_ints(self.folder, self.date, k, self.codec) for k in ks])
         return self.rows[r]
+
+    def layer(self, k: int) -> bytes | None:
+        """Block ``k``'s residual layer; None for a date without."""
+        return series.block_layer(self.folder, self.date, k)
 
     def refinement(self, rows: tuple[int, int], cols: tuple[int, int]) -> stream_format.WindowRefinement | None:
         """The refinement over a window of the date's pixels, each block's part from its own stream;
@@ -378,7 +435,20 @@ class DateDecoder:
                 others = [refined(corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], fn, g)
                           for zn, fn, g in zip(*nearby, gaps)]
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
-        return y0, x0, to_uint16(rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0])
+        return y0, x0, self._layered(y0, x0, to_uint16(rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]))
+
+    def _layered(self, y0: int, x0: int, pixels: np.ndarray) -> np.ndarray:
+        """A block's pixels with its residual layer added, where the date has one (on its pixels with data)."""
+        k = y0 // BLOCK_PX * len(self.spans()[1]) + x0 // BLOCK_PX
+        layer = self.ints.layer(k)
+        if layer is None:
+            return pixels
+        mask = self.ints.mask
+        try:
+            return residual_coder.add(pixels, layer, None if mask is None else
+                                      mask[y0:y0 + pixels.shape[1], x0:x0 + pixels.shape[2]])
+        except StreamError as e:
+            raise stream_format.ProductError(f"{stream_format.file_name(self.head['date'])}: block {k}: {e}") from e
 
     def window(self, rows: slice, cols: slice) -> np.ndarray:
         """The pixels (10, rows, cols) of a window of the date's grid, from the blocks under it only."""

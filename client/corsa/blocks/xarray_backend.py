@@ -175,7 +175,7 @@ def open_product(path: str | os.PathLike, features: bool = False, mask_and_scale
     shape, transform, crs = tuple(grid["shape"]), grid["transform"], grid["crs"]
     dates = source.dates
     coords = {"time": _time(dates), "band": list(BANDS), **product.grid_coords(shape, transform),
-              "quality": ("time", [heads[d]["quality"] for d in dates])}
+              "quality": ("time", [stream_format.level_of(heads[d]) for d in dates])}
     scaled = {"_FillValue": np.uint16(0), "scale_factor": np.float32(REFLECTANCE_SCALE), "add_offset": np.float32(0)}
     variables = {"reflectance": xr.Variable(
         ("time", "band", "y", "x"), indexing.LazilyIndexedArray(Reflectance(source, (len(BANDS), *shape), np.uint16)),

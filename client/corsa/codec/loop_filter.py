@@ -28,18 +28,18 @@ from corsa.codec.latent_coder import StreamError
 def encode(weights: np.ndarray | None, shape: corsa_udf.FilterShape) -> bytes:
     """A block's filter (None: not filtered) of a model's filter ``shape`` -> its bytes."""
     if weights is None:
-        return _varint(0)
+        return varint(0)
     flat = weights.ravel().astype(np.int64)
     if shape.cross:
         own = corsa_udf.own_mask(shape, len(weights))
         if not weights[~own].any():
             flat = weights[own].astype(np.int64)
-    return _varint(flat.size) + b"".join(_varint(int(v) * 2 if v >= 0 else -int(v) * 2 - 1) for v in flat)
+    return varint(flat.size) + b"".join(varint(int(v) * 2 if v >= 0 else -int(v) * 2 - 1) for v in flat)
 
 
 def decode(data: bytes, shape: corsa_udf.FilterShape, bands: int) -> tuple[np.ndarray | None, int]:
     """A block's filter from the head of its refinement stream -> (weights or None, bytes read)."""
-    pos, count = _read_varint(data, 0)
+    pos, count = read_varint(data, 0)
     if count == 0:
         return None, pos
     taps = corsa_udf.filter_taps(shape, bands)
@@ -49,7 +49,7 @@ def decode(data: bytes, shape: corsa_udf.FilterShape, bands: int) -> tuple[np.nd
                           + (f" or {own.sum()}" if own is not None else ""))
     values = np.empty(count, np.int64)
     for i in range(count):
-        pos, z = _read_varint(data, pos)
+        pos, z = read_varint(data, pos)
         values[i] = z >> 1 if not z & 1 else -((z + 1) >> 1)
     if np.abs(values).max() >= corsa_udf.FILTER_LIMIT:
         raise StreamError("loop filter weight out of range")
@@ -60,7 +60,8 @@ def decode(data: bytes, shape: corsa_udf.FilterShape, bands: int) -> tuple[np.nd
     return weights, pos
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """``n`` >= 0 as LEB128 (the residual layer's lengths too)."""
     out = bytearray()
     while True:
         out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
@@ -69,11 +70,12 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int, what: str = "loop filter") -> tuple[int, int]:
+    """(position after it, value) of the LEB128 integer at ``pos``; ``what``: the stream errors name."""
     n, shift = 0, 0
     while True:
         if pos >= len(data):
-            raise StreamError("loop filter ends early")
+            raise StreamError(f"{what} ends early")
         byte = data[pos]
         pos += 1
         n |= (byte & 0x7F) << shift
@@ -81,4 +83,4 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return pos, n
         shift += 7
         if shift > 35:
-            raise StreamError("loop filter integer too long")
+            raise StreamError(f"{what}: an integer too long")

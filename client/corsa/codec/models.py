@@ -251,6 +251,17 @@ class VariableRateCodec:
             raise ValueError(f"model {self.model_id} has quality levels {self.qualities}, not {quality}")
         return self.qualities.index(quality)
 
+    def layer(self, quality: int) -> tuple[int, float] | None:
+        """(base level, lambda in DN² a bit) of a level made of its base and a residual layer
+        (``corsa.codec.residual_coder``, the card's ``layer`` of the level); None for a level of its own."""
+        entry = self.card["qualities"][self.level(quality)].get("layer")
+        return None if entry is None else (int(entry["base"]), float(entry["lambda"]))
+
+    def base(self, quality: int) -> int:
+        """The level whose integers a level's products store: its own, or its layer's base."""
+        layer = self.layer(quality)
+        return quality if layer is None else layer[0]
+
     def quality_level(self, quality: int | None) -> int:
         """The quality level a run uses: the one asked for (checked), else the card's default."""
         if quality is None:
@@ -292,4 +303,6 @@ class VariableRateCodec:
         """A stored latent brought to a lower quality without the source: dequantise, quantise again."""
         if to_quality > quality:
             raise ValueError(f"a product of quality {quality} cannot be raised to quality {to_quality}")
+        if to_quality == quality:      # the same integers (dequantised and quantised again, some would move by one)
+            return ints
         return self.quantise(self.dequantise(ints, quality), to_quality)

@@ -252,6 +252,10 @@ class DateIntegers:
                                                        filters=self.filters, shape=self.codec.refiner.filter_shape),
                                                rows, cols)
 
+    def layer(self, k: int) -> None:
+        """A compress job's files hold no residual layer (``corsa compress`` codes it)."""
+        return None
+
     def window(self, cells_y: slice, cells_x: slice, pool=None) -> np.ndarray:
         """The integers of a window of latent cells."""
         with rasterio.open(self.latent.path) as src:
@@ -364,15 +368,17 @@ def job_settings(folder: Path) -> dict:
 
 
 def resolve(folder: Path, model: str | None, quality: int | None) -> tuple[CodebookCodec | VariableRateCodec, int | None]:
-    """The codec and quality level that wrote a folder of job files: as given, else the job's."""
+    """The codec and quality level that wrote a folder of job files: as given, else the job's; at a level made of
+    a base and a residual layer, the base (the services store its integers only: ``corsa_udf._variable_rate``)."""
     settings = job_settings(folder)
     model = model or settings.get("model")
     if not model:
         raise JobFilesError(f"{folder} holds a compress job's files but no {JOB_FILE} naming its model: give --model "
                             "(and --quality for a variable-rate model)")
     codec = open_codec(model)
-    return codec, codec.quality_level(quality if quality is not None or isinstance(codec, CodebookCodec)
-                                      else settings.get("quality"))
+    quality = codec.quality_level(quality if quality is not None or isinstance(codec, CodebookCodec)
+                                  else settings.get("quality"))
+    return codec, codec.base(quality) if isinstance(codec, VariableRateCodec) else quality
 
 
 def pack(folder: Path, out: Path, model: str | None = None, quality: int | None = None) -> list[Path]:

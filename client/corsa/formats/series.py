@@ -222,6 +222,17 @@ def _block_refinement(folder: str, date: str, stamp: tuple[int, int], k: int, mo
                                            stream_format.file_name(date), h["version"])
 
 
+def block_layer(folder: Path, date: str, k: int) -> bytes | None:
+    """Block ``k``'s residual layer of one date (``corsa.codec.residual_coder.decode_block``), None for a date
+    without (before formats 12 and 13)."""
+    data, h = header(folder, date)
+    offsets = stream_format.layer_offsets(h)
+    if offsets is None:
+        return None
+    start, n = offsets[k]
+    return data[start:start + n]
+
+
 def block_ints(folder: Path, date: str, k: int, codec: VariableRateCodec) -> np.ndarray:
     """Block ``k`` of one date's integers, decoding the blocks of its references first."""
     return _block_ints(str(folder), date, _stamped(folder, date)[1], k, str(codec.path))
@@ -275,6 +286,10 @@ def check_model(h: dict, codec: VariableRateCodec) -> None:
             and model_id != codec.model_id:
         raise ProductError(f"the product is coded with the class tables or refinement of model {stream_format.shown(model_id)}, "
                            f"not of {codec.model_id!r}: decoding would give wrong reflectances")
+    if h.get("layer_quality") is not None and (h["layer_quality"] not in codec.qualities
+                                           or (codec.layer(h["layer_quality"]) or (None,))[0] != h["quality"]):
+        raise ProductError(f"the product's residual layer makes level {h['layer_quality']} of level {h['quality']}, which "
+                           f"model {codec.model_id!r} does not have")
 
 
 def model_codec(model: str) -> VariableRateCodec:

@@ -41,11 +41,12 @@ def describe(folder: Path) -> list[dict]:
         h = stream_format.read_header(path.read_bytes(), path.name)
         size = path.stat().st_size
         records.append({"date": d, "format": h["version"], "files": [path.name], "model_id": h["model_id"],
-                        "decoder_sha256_prefix": h["sha_prefix"], "quality": h["quality"], "shape": list(h["shape"]),
+                        "decoder_sha256_prefix": h["sha_prefix"], "quality": stream_format.level_of(h), "shape": list(h["shape"]),
                         "crs": h["crs"], "transform": list(h["transform"])[:6] if h["transform"] else None,
                         "latent_cells": list(h["cells"]), "blocks": len(h["blocks"]), "bytes": size,
                         "cf": compression_factor(h["shape"][0] * h["shape"][1], size), "nodata_mask": bool(h["mask_len"]),
-                        "references": list(h["refs"]), "refinement_bytes": sum(h["refine_lengths"] or [])})
+                        "references": list(h["refs"]), "refinement_bytes": sum(h["refine_lengths"] or []),
+                        "layer_bytes": sum(h["layer_lengths"] or [])})
     for d in codebook_product.dates_in(folder):
         pd_ = codebook_product.read_date(folder, d)
         size = codebook_product.product_bytes(folder, d)

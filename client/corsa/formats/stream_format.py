@@ -1,4 +1,4 @@
-"""Product format versions 3 to 11: the entropy-coded stream of a variable-rate model, one file a date.
+"""Product format versions 3 to 13: the entropy-coded stream of a variable-rate model, one file a date.
 
     <folder>/corsa_<date>.corsa
 
@@ -13,7 +13,9 @@ varint = LEB128:
                tables of the model it names: 4-bit channel maps), 8 and 9 (7 and 6 with a refinement stream
                a block, ``corsa.codec.refine_coder``), 10 and 11 (8 and 9 whose refinement streams of a
                model with a loop filter start with a byte: the phase of the block's 20 m bands' 2 x 2
-               cells, ``corsa_udf.grid20_phase``); the older 3 and 4 are 5 and 6 but for the
+               cells, ``corsa_udf.grid20_phase``), 12 and 13 (10 and 11 with a residual layer a block,
+               ``corsa.codec.residual_coder``: the levels a model's card gives a ``layer``); the older
+               3 and 4 are 5 and 6 but for the
                block streams, which have no channel map (``corsa.codec.latent_coder``)
     varint     header length (bytes that follow up to the payload)
     u8         quality level       u8  flags (1 nodata mask, 2 georeferenced, 4 north-up,
@@ -28,9 +30,12 @@ varint = LEB128:
     varint     number of reference dates n >= 1;  u16 x n  their dates (days, as above)
     bytes      per block (row-major), per sub-block of SUB x SUB cells (row-major): the index of
                the reference date its cells are coded with, 0xFF: none (coded alone)
-    varints    byte length of each block stream (row-major), (versions 8 to 11:) of each block's
+    varints    byte length of each block stream (row-major), (versions 8 to 13:) of each block's
                refinement stream, then of the mask
-    payload    block streams, (8 to 11:) refinement streams, mask (zlib of packbits, 10 m grid)
+    (versions 12 and 13:)
+    u8         the level the layer makes of the date (the quality field above is its base's)
+    varints    byte length of each block's residual layer
+    payload    block streams, (8 to 13:) refinement streams, mask (zlib of packbits, 10 m grid), (12, 13:) layers
     u32        CRC-32 of all bytes before it
 
 Format 1 and 2 products (GeoTIFF index grids of codebook models) are read by ``corsa.formats.codebook_product``.
@@ -50,6 +55,7 @@ from rasterio.transform import Affine
 import corsa_udf
 from corsa.core.files import writing
 from corsa.core.scene import BANDS, to_uint16
+from corsa.codec import residual_coder
 from corsa.codec.latent_coder import StreamError
 from corsa.codec.refine_coder import BlockRefinement, RefineCoder
 
@@ -58,9 +64,11 @@ TEMPORAL_VERSION = 6           # a date coded with references (a series); otherw
 CLASS_VERSION = 7              # a date coded alone with class tables; otherwise the bytes of version 5
 MAPLESS = {3: VERSION, 4: TEMPORAL_VERSION}   # older versions: the same, their streams without channel maps
 REFINED = {8: CLASS_VERSION, 9: TEMPORAL_VERSION,   # the same, with a refinement stream a block
-           10: CLASS_VERSION, 11: TEMPORAL_VERSION}  # 8 and 9 with a 20 m grid's phase in those streams
-GRID20_VERSIONS = (10, 11)
-WITH_REFINEMENT = {tables: version for version, tables in REFINED.items()}   # written: 10 and 11
+           10: CLASS_VERSION, 11: TEMPORAL_VERSION,  # 8 and 9 with a 20 m grid's phase in those streams
+           12: CLASS_VERSION, 13: TEMPORAL_VERSION}  # 10 and 11 with a residual layer a block
+LAYERED = {10: 12, 11: 13}
+GRID20_VERSIONS = (10, 11, 12, 13)
+WITH_REFINEMENT = {CLASS_VERSION: 10, TEMPORAL_VERSION: 11}   # written (then ``with_layer``: 12 and 13)
 VERSIONS = (*MAPLESS, VERSION, TEMPORAL_VERSION, CLASS_VERSION, *REFINED)
 MAGIC = b"CRS" + bytes([VERSION])
 SUB = 32                       # latent cells per side of a sub-block: each chooses its own reference
@@ -97,7 +105,9 @@ class StreamDate:
     crs: str | None
     model_id: str
     model_sha256_prefix: str       # hex, 8 characters
-    refinement: list[BlockRefinement] | None = None   # each block's refinement (versions 8 to 11)
+    refinement: list[BlockRefinement] | None = None   # each block's refinement (versions 8 to 13)
+    layer_quality: int | None = None   # the level a residual layer makes of the date (versions 12, 13)
+    layer: list[bytes] | None = None   # each block's layer (``corsa.codec.residual_coder.decode_block``)
 
 
 def file_name(date: str) -> str:
@@ -227,7 +237,7 @@ def decode_refinement(refiner: RefineCoder | None, stream: bytes, pixels: tuple[
     """One block's refinement (cells, loop filter, 20 m grid) from its stream (``pixels``: the block's,
     ``block_pixels``; ``version``: the file's)."""
     if refiner is None:
-        raise ProductError(f"{name} is refined (format 8 to 11): decode it with the model it names")
+        raise ProductError(f"{name} is refined (format 8 to 13): decode it with the model it names")
     shape = (pixels[0].stop - pixels[0].start, pixels[1].stop - pixels[1].start)
     try:
         out = refiner.decode(stream, len(BANDS), refiner.cells(shape), version in GRID20_VERSIONS)
@@ -258,7 +268,7 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
     references names their dates (``refs``) and, per block, the reference of each sub-block
     (``choices``: uint8 (sub-block rows, columns), an index into refs or NO_REFERENCE); one coded
     alone with a model's class tables says so (``class_tables``: version 7). ``refinement``: a
-    refinement stream a block (versions 8 to 11)."""
+    refinement stream a block (versions 8 to 11; a layer: ``with_layer``)."""
     if refs and class_tables:
         raise ValueError("a date coded with references is coded with the temporal tables, not class tables")
     if refinement is not None and not (refs or class_tables):
@@ -304,6 +314,22 @@ def assemble(streams: list[bytes], nodata: np.ndarray, quality: int, transform: 
     version = TEMPORAL_VERSION if refs else CLASS_VERSION if class_tables else VERSION
     magic = MAGIC[:3] + bytes([WITH_REFINEMENT[version] if refinement is not None else version])
     body = magic + _varint(len(head)) + head + b"".join(streams + extra) + mask
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def with_layer(data: bytes, name: str, quality: int, layers: list[bytes]) -> bytes:
+    """A refined date's file (version 10 or 11) with a residual layer a block (``layers``, in ``block_slices``
+    order) that makes it level ``quality``: version 12 or 13, the rest of its bytes as they were."""
+    h = read_header(data, name)
+    if h["version"] not in LAYERED:
+        raise ValueError(f"{name}: a residual layer goes on a refined date of format 10 or 11, not {h['version']}")
+    if len(layers) != len(h["blocks"]):
+        raise ValueError(f"{len(layers)} residual layers for {len(h['blocks'])} blocks")
+    r = _Reader(data, name)
+    r.take(len(MAGIC))
+    head_len = r.varint()
+    head = data[r.pos:r.pos + head_len] + bytes([quality]) + b"".join(_varint(len(s)) for s in layers)
+    body = MAGIC[:3] + bytes([LAYERED[h["version"]]]) + _varint(len(head)) + head + data[r.pos + head_len:-4] + b"".join(layers)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -354,14 +380,24 @@ def encode_refined(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata
 
 
 def decoded_date(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata: np.ndarray, crs: str | None = None,
-                 date: str = "undated") -> tuple[bytes, np.ndarray]:
-    """A whole date's file bytes (``encode_refined``, without a transform) and what a reader decodes from
-    them: uint16, refined where ``quality`` is, nodata 0."""
-    data, rec, cells = encode_refined(codec, dn, ints, quality, nodata, None, crs, date)
+                 date: str = "undated", transform: Affine | None = None) -> tuple[bytes, np.ndarray]:
+    """A whole date's file bytes (``encode_refined``) and what a reader decodes from
+    them: uint16, refined where ``quality`` is, nodata 0; at a level made of a base and a residual layer
+    (``codec.layer``), ``ints`` are the base's and each block gets its layer."""
+    layer = codec.layer(quality)
+    base = quality if layer is None else layer[0]
+    data, rec, cells = encode_refined(codec, dn, ints, base, nodata, transform, crs, date)
     if cells is not None:
-        refine(rec, cells, codec.refiner, codec.level(quality), ~nodata)
+        refine(rec, cells, codec.refiner, codec.level(base), ~nodata)
     out = to_uint16(rec)
     out[:, nodata] = 0
+    if layer is not None:
+        layers = []
+        for cells in block_slices(latent_cells(nodata.shape)):
+            py, px = block_pixels(cells, nodata.shape)
+            layers.append(residual_coder.encode_block(dn[:, py, px], out[:, py, px], ~nodata[py, px], layer[1])[0])
+            out[:, py, px] = residual_coder.add(out[:, py, px], layers[-1], nodata[py, px])
+        data = with_layer(data, date, quality, layers)
     return data, out
 
 
@@ -457,14 +493,21 @@ def read_header(data: bytes, name: str) -> dict:
     lengths = [r.varint() for _ in blocks]
     refine_lengths = [r.varint() for _ in blocks] if data[3] in REFINED else None
     mask_len = r.varint() if flags & HAS_MASK else 0
+    layer_quality, layer_lengths = None, None
+    if data[3] in LAYERED.values():
+        (layer_quality,) = r.unpack("<B")
+        layer_lengths = [r.varint() for _ in blocks]
+        if layer_quality <= quality:
+            raise ProductError(f"{name}: a residual layer makes level {layer_quality} of a date of level {quality}")
     if r.pos != start + head_len:
         raise ProductError(f"{name}: header length field disagrees with its content")
-    if r.pos + sum(lengths) + sum(refine_lengths or []) + mask_len != len(data) - 4:
+    if r.pos + sum(lengths) + sum(refine_lengths or []) + mask_len + sum(layer_lengths or []) != len(data) - 4:
         raise ProductError(f"{name}: payload length disagrees with the header")
     return {"quality": quality, "model_id": model_id, "sha_prefix": sha_prefix, "shape": (height, width),
             "block": block, "transform": transform, "crs": crs, "date": date, "cells": cells,
             "blocks": blocks, "lengths": lengths, "mask_len": mask_len, "payload": r.pos,
-            "refs": refs, "choices": choices, "version": data[3], "refine_lengths": refine_lengths}
+            "refs": refs, "choices": choices, "version": data[3], "refine_lengths": refine_lengths,
+            "layer_quality": layer_quality, "layer_lengths": layer_lengths}
 
 
 def _date_of(days: int) -> str:
@@ -478,11 +521,26 @@ def stream_offsets(h: dict) -> list[tuple[int, int]]:
 
 
 def refine_offsets(h: dict) -> list[tuple[int, int]] | None:
-    """(start, length) of each block's refinement stream (versions 8 to 11), None for a date without."""
+    """(start, length) of each block's refinement stream (versions 8 to 13), None for a date without."""
     if h["refine_lengths"] is None:
         return None
     starts = np.cumsum([h["payload"] + sum(h["lengths"])] + h["refine_lengths"][:-1]).tolist()
     return list(zip(starts, h["refine_lengths"]))
+
+
+def level_of(h: dict) -> int:
+    """The quality level a date's header says it is at: its layer's, or its own (the header's ``quality`` is
+    the level of the integers it stores; a compress job's date has no layer)."""
+    return h["quality"] if h.get("layer_quality") is None else h["layer_quality"]
+
+
+def layer_offsets(h: dict) -> list[tuple[int, int]] | None:
+    """(start, length) of each block's residual layer (versions 12 and 13), None for a date without."""
+    if h["layer_lengths"] is None:
+        return None
+    starts = np.cumsum([h["payload"] + sum(h["lengths"]) + sum(h["refine_lengths"]) + h["mask_len"]]
+                       + h["layer_lengths"][:-1]).tolist()
+    return list(zip(starts, h["layer_lengths"]))
 
 
 def read_mask(data: bytes, h: dict, name: str) -> np.ndarray | None:
@@ -539,5 +597,6 @@ def read_date(folder: Path, date: str, coder, level_of, refiner: RefineCoder | N
     refinement = None if h["refine_lengths"] is None else [
         decode_refinement(refiner, data[start:start + n], block_pixels(cells, h["shape"]), path.name, h["version"])
         for cells, (start, n) in zip(h["blocks"], refine_offsets(h))]
+    layer = None if h["layer_lengths"] is None else [data[start:start + n] for start, n in layer_offsets(h)]
     return StreamDate(date, h["quality"], ints, read_mask(data, h, path.name), h["shape"], h["transform"],
-                      h["crs"], h["model_id"], h["sha_prefix"], refinement)
+                      h["crs"], h["model_id"], h["sha_prefix"], refinement, h["layer_quality"], layer)
