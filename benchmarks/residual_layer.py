@@ -95,34 +95,33 @@ def residual_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, st
     return out, bits
 
 
-def _jpeg2000(a: np.ndarray, targets: tuple[float, ...], block: int, weight: float, lam: float) -> tuple[np.ndarray, int]:
-    """``a`` (h, w) coded block by block (``residual_coder``, each block of ``block`` a side at the target of
-    ``targets`` that costs it least, or none): what readers decode, and the bytes with a byte of flags a block."""
+def _jpeg2000(a: np.ndarray, target: float | None, block: int, weight: float, lam: float) -> tuple[np.ndarray, int]:
+    """``a`` (h, w) coded block by block (``residual_coder``, each block of ``block`` a side at ``target`` dB, None:
+    where its error falls by lambda a bit; or none): what readers decode, and the bytes with a byte of flags a block."""
     out, size = np.zeros(a.shape, np.float32), 0
     for y in range(0, a.shape[0], block):
         for x in range(0, a.shape[1], block):
             part = a[y:y + block, x:x + block]
-            stream, _ = residual_coder.encode(part, lam, weight, targets)
+            stream, _ = residual_coder.encode(part, lam, weight, target)
             out[y:y + block, x:x + block] = residual_coder.decode(stream, part.shape)
             size += len(stream) + 1
     return out, size
 
 
-def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, target_db: float,
-                   lam: float = 0.0, targets: tuple[float, ...] | None = None, grid20: str = "20m") -> tuple[np.ndarray, float]:
-    """The decoding with its residual coded by JPEG 2000 at ``target_db`` (or each block at the one of ``targets``
-    that costs it least), and that layer's bits. ``grid20``: the 20 m bands' residual on their 2 x 2 means ("20m"),
+def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, target_db: float | None,
+                   lam: float = 0.0, grid20: str = "20m") -> tuple[np.ndarray, float]:
+    """The decoding with its residual coded by JPEG 2000 at ``target_db`` (None: each block's where its error falls
+    by ``lam`` a bit), and that layer's bits. ``grid20``: the 20 m bands' residual on their 2 x 2 means ("20m"),
     on the 10 m grid ("10m"), or each band on the one that costs it least by ``lam`` ("either")."""
-    targets = targets or (target_db,)
     out, size = decoded.copy(), 0
     for b, name in enumerate(BANDS):
         r = np.where(valid, truth[b].astype(np.float32) - decoded[b], 0)
         grids = (grid20,) if grid20 != "either" else ("20m", "10m")
         options = []
         if name not in GRID20 or "10m" in grids:
-            options.append(_jpeg2000(r, targets, BLOCK_PX, 1.0, lam))
+            options.append(_jpeg2000(r, target_db, BLOCK_PX, 1.0, lam))
         if name in GRID20 and "20m" in grids:
-            d, n = _jpeg2000(residual_coder.means2(r), targets, BLOCK_PX // 2, 4.0, lam)
+            d, n = _jpeg2000(residual_coder.means2(r), target_db, BLOCK_PX // 2, 4.0, lam)
             options.append((np.repeat(np.repeat(d, 2, 0), 2, 1)[:r.shape[0], :r.shape[1]], n))
         # a 20 m band on whichever grid costs it least (its source's 20 m pixels may hold 10 m detail)
         d, n = min(options, key=lambda o: float(((r - o[0]) ** 2).sum()) + lam * 8 * o[1])
@@ -133,9 +132,10 @@ def jpeg2000_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, ta
 
 def jpeg2000_rd_layer(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray, step: float, grid20: str = "20m",
                       **_) -> tuple[np.ndarray, float]:
-    """``jpeg2000_layer`` with each block's target chosen by a lambda (``step``, DN^2 a bit) from all of them: a level
-    by its slope, as JPEG 2000's own rate allocation, instead of one distortion for every scene."""
-    return jpeg2000_layer(truth, decoded, valid, 0.0, step, residual_coder.TARGETS_DB, grid20)
+    """``jpeg2000_layer`` with each block's target where its error falls by a lambda (``step``, DN^2 a bit) a bit
+    (``residual_coder.target_db``, as the products code it; until the twenty-fourth part the best of 7 targets): a
+    level by its slope, as JPEG 2000's own rate allocation, instead of one distortion for every scene."""
+    return jpeg2000_layer(truth, decoded, valid, None, step, grid20)
 
 
 LAYERS = {"pixels": residual_layer, "jpeg2000": jpeg2000_layer, "jpeg2000-rd": jpeg2000_rd_layer}

@@ -274,8 +274,7 @@ def card_markdown(card: dict) -> str:
     if card.get("layer"):
         la = card["layer"]
         series += (f"- Levels {', '.join(la['levels'])}: level {la['base']}'s integers and refinement and a residual layer a "
-                   f"block (formats 12 and 13; {la['coder']}; each band at the target of {la['targets_db'][0]:g} to "
-                   f"{la['targets_db'][-1]:g} dB that costs it least by the level's lambda: "
+                   f"block (formats 12 and 13; {la['coder']}; each band's target {la['target']}; the level's lambda: "
                    + ", ".join(f"{q}: {v:g}" for q, v in la["levels"].items()) + f" DN² a bit; `{la['command']}`).\n")
     return f"""# Model card: {card['id']}
 

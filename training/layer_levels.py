@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None):
                    f"--lambdas {' '.join(f'{v:g}' for v in args.lambdas)}",
         "coder": "JPEG 2000 (OpenJPEG's fixed-quality mode through imagecodecs to encode; GDAL's JP2OpenJPEG to "
                  "decode), one codestream a band and block, the 20 m bands on their 2 x 2 means or the 10 m grid",
-        "targets_db": list(residual_coder.TARGETS_DB), "base": args.base,
+        "target": "where each band's squared error falls by lambda a bit (corsa.codec.residual_coder.target_db: "
+                  + ", ".join(f"{v:g}: {residual_coder.target_db(v):.1f} dB" for v in args.lambdas)
+                  + " against the 16-bit peak on the 10 m grid, 6 dB more on the 2 x 2 means)", "base": args.base,
         "levels": {str(q): v for q, v in zip(above, args.lambdas)},
         "from": args.model, "wall_time_s": round(time.time() - t0, 1), "cpu": cpu_name()}
     return write_card(card, out, not args.no_figures)

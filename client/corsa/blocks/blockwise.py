@@ -87,9 +87,11 @@ def compress_overlap(codec: VariableRateCodec, quality: int) -> int:
 
 
 def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, ints_over: Callable[[slice, slice], np.ndarray],
-                 ys: tuple[int, ...], xs: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, BlockRefinement | None]:
-    """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them, and
-    where the quality is refined, its refinement (None otherwise). ``ints_over(rows, cols)``: the
+                 ys: tuple[int, ...], xs: tuple[int, ...], lam: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, BlockRefinement | None, bytes | None]:
+    """One block of one date (bands, y, x): its integers and its nodata, as the UDF computes them, where
+    the quality is refined, its refinement (None otherwise), and with ``lam``, its residual layer at that
+    lambda on its decoding (``corsa.codec.residual_coder``; None without). ``ints_over(rows, cols)``: the
     integers of the cells under a window of px, as the UDF's encoder gives them for its chunk."""
     (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
     ints = ints_over(slice(wy0, wy1), slice(wx0, wx1))
@@ -98,16 +100,27 @@ def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, in
     cy, cx = (y0 - wy0) // 4, (x0 - wx0) // 4
     own = ints[:, cy:cy + -(-(y1 - y0) // 4), cx:cx + -(-(x1 - x0) // 4)]
     if not codec.refines(quality):
-        return own, nodata, None
+        return own, nodata, None, None
     # The block decoded as DateDecoder.block will: over its decompress window, from the integers of
     # the neighbours' cells too (within the decoder's reach they are those the neighbours store).
     d = windows.OVERLAP["decompress"]
     dy0, dy1, dx0, dx1 = max(y0 - d, wy0), min(y1 + d, wy1), max(x0 - d, wx0), min(x1 + d, wx1)
     z = codec.dequantise(ints[:, (dy0 - wy0) // 4:-(-(dy1 - wy0) // 4), (dx0 - wx0) // 4:-(-(dx1 - wx0) // 4)], quality)
     rec = corsa_udf.synthesise(network_session(codec, quality), z, windows.UDF_TILE, d)[:, :dy1 - dy0, :dx1 - dx0]
-    cells = codec.refiner.block(block, rec, slice(y0 - dy0, y1 - dy0), slice(x0 - dx0, x1 - dx0), ~nodata,
-                                codec.level(quality))
-    return own, nodata, cells
+    rows, cols = slice(y0 - dy0, y1 - dy0), slice(x0 - dx0, x1 - dx0)
+    cells = codec.refiner.block(block, rec, rows, cols, ~nodata, codec.level(quality))
+    if lam is None:
+        return own, nodata, cells, None
+    # The block refined as readers refine it (the refinement over its own pixels, ``window_refinement``): no
+    # second pass decodes the written date.
+    valid = np.ones(rec.shape[1:], bool)
+    valid[rows, cols] = ~nodata
+    refinement = stream_format.refinement_window(codec.refiner, codec.level(quality), scene.shape[-2:], lambda _: cells,
+                                                 (y0, y1), (x0, x1)).at(y0 - dy0, x0 - dx0)
+    pixels = to_uint16(refinement.apply(rec, valid)[:, rows, cols])
+    pixels[:, nodata] = 0
+    layer = residual_coder.encode_block(block, pixels, ~nodata, lam, residual_coder.cells_phase(cells.grid20))[0]
+    return own, nodata, cells, layer
 
 
 def _analysed(scene: xr.DataArray, codec: VariableRateCodec, quality: int, overlap: int, rows: slice,
@@ -162,45 +175,46 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     else:
         shared, ints_over = [], [partial(_analysed, s, codec, quality, overlap) for s in scenes]
 
-    def position(k: int) -> tuple[dict, dict[int, np.ndarray]]:
-        """A block position of every new date: its streams, and the nodata of the dates that have some."""
-        nodata, cells = {}, {}
+    def position(k: int) -> tuple[dict, dict[int, np.ndarray], dict[int, bytes]]:
+        """A block position of every new date: its streams, the nodata of the dates that have some, and at a
+        layered level each date's residual layer."""
+        nodata, cells, layers = {}, {}, {}
 
         def ints_of(i: int, kk: int) -> np.ndarray:
             if i < len(old):
                 return series.block_ints(out, old[i], kk, codec)
-            ints, nodata_i, cells[i] = _window_ints(scenes[i - len(old)], codec, quality, ints_over[i - len(old)],
-                                                    *positions[kk])
+            ints, nodata_i, cells[i], layers[i] = _window_ints(scenes[i - len(old)], codec, quality,
+                                                               ints_over[i - len(old)], *positions[kk],
+                                                               None if layer is None else layer[1])
             if nodata_i.any():
                 nodata[i] = nodata_i
             return ints
 
-        return series.encode_block(codec, planned, fresh, k, ints_of, cells.get), nodata
+        return series.encode_block(codec, planned, fresh, k, ints_of, cells.get), nodata, layers
 
     masks: dict[int, np.ndarray] = {}
-    coded = []
+    coded, layers = [], []
     progress.grow(len(positions))
     with cluster.runner() if run is None else nullcontext(run) as where, \
             shared_ints.chunk_rows_cached(scenes) if shared else nullcontext():
-        for (ys, xs), (streams, nodata) in zip(positions, _positions_run(where, position, positions, shared)):
+        for (ys, xs), (streams, nodata, block_layers) in zip(positions, _positions_run(where, position, positions, shared)):
             coded.append(streams)
+            layers.append(block_layers)
             for i, m in nodata.items():
                 masks.setdefault(i, np.zeros((h, w), bool))[ys[0]:ys[1], xs[0]:xs[1]] = m
             progress.advance()
     written = series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
     if layer is None:
         return written
-    try:
-        return [with_layer(out, planned[i].date, partial(_scene_block, scenes[i - len(old)]), codec, layered, run)
-                for i in fresh]
+    try:       # each date rewritten with its blocks' layers
+        for i, path in zip(fresh, written):
+            stream_format.write_date(out, stream_format.with_layer(path.read_bytes(), path.name, layered,
+                                                                   [b[i] for b in layers]), planned[i].date)
     except BaseException:      # no date left at its base level as if it were complete
         for p in written:
             p.unlink(missing_ok=True)
         raise
-
-
-def _scene_block(scene: xr.DataArray, ys: tuple[int, ...], xs: tuple[int, ...]) -> np.ndarray:
-    return shared_ints.read_window(scene, slice(ys[0], ys[1]), slice(xs[0], xs[1]))
+    return written
 
 
 def _decoded_block(decoder: "DateDecoder", ys: tuple[int, ...], xs: tuple[int, ...]) -> np.ndarray:
@@ -217,7 +231,8 @@ def _block_layer(decoder: "DateDecoder", truth_of: Callable, lam: float, job: tu
     ys, xs = job
     mask = decoder.ints.mask
     return residual_coder.encode_block(truth_of(*job), _decoded_block(decoder, ys, xs),
-                                       None if mask is None else ~mask[ys[0]:ys[1], xs[0]:xs[1]], lam)[0]
+                                       None if mask is None else ~mask[ys[0]:ys[1], xs[0]:xs[1]], lam,
+                                       decoder.cells_phase(decoder.block_index(ys[0], xs[0])))[0]
 
 
 def with_layer(out: Path, date: str, truth_of: Callable, codec: VariableRateCodec, quality: int,
@@ -437,16 +452,25 @@ class DateDecoder:
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
         return y0, x0, self._layered(y0, x0, to_uint16(rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]))
 
+    def block_index(self, y0: int, x0: int) -> int:
+        """The index of the block at (``y0``, ``x0``) in the file's order (``stream_format.block_slices``)."""
+        return y0 // BLOCK_PX * len(self.spans()[1]) + x0 // BLOCK_PX
+
+    def cells_phase(self, k: int) -> tuple[int, int] | None:
+        """Where block ``k``'s 20 m bands are 2 x 2 cells, their phase (its refinement's); None where not."""
+        refinement = series.block_refinement(self.args[0], self.head["date"], k, self.codec)
+        return None if refinement is None else residual_coder.cells_phase(refinement.grid20)
+
     def _layered(self, y0: int, x0: int, pixels: np.ndarray) -> np.ndarray:
         """A block's pixels with its residual layer added, where the date has one (on its pixels with data)."""
-        k = y0 // BLOCK_PX * len(self.spans()[1]) + x0 // BLOCK_PX
+        k = self.block_index(y0, x0)
         layer = self.ints.layer(k)
         if layer is None:
             return pixels
         mask = self.ints.mask
         try:
             return residual_coder.add(pixels, layer, None if mask is None else
-                                      mask[y0:y0 + pixels.shape[1], x0:x0 + pixels.shape[2]])
+                                      mask[y0:y0 + pixels.shape[1], x0:x0 + pixels.shape[2]], self.cells_phase(k))
         except StreamError as e:
             raise stream_format.ProductError(f"{stream_format.file_name(self.head['date'])}: block {k}: {e}") from e
 

@@ -393,10 +393,11 @@ def decoded_date(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata: 
     out[:, nodata] = 0
     if layer is not None:
         layers = []
-        for cells in block_slices(latent_cells(nodata.shape)):
-            py, px = block_pixels(cells, nodata.shape)
-            layers.append(residual_coder.encode_block(dn[:, py, px], out[:, py, px], ~nodata[py, px], layer[1])[0])
-            out[:, py, px] = residual_coder.add(out[:, py, px], layers[-1], nodata[py, px])
+        for k, block in enumerate(block_slices(latent_cells(nodata.shape))):
+            py, px = block_pixels(block, nodata.shape)
+            phase = residual_coder.cells_phase(cells[k].grid20)
+            layers.append(residual_coder.encode_block(dn[:, py, px], out[:, py, px], ~nodata[py, px], layer[1], phase)[0])
+            out[:, py, px] = residual_coder.add(out[:, py, px], layers[-1], nodata[py, px], phase)
         data = with_layer(data, date, quality, layers)
     return data, out
 
