@@ -96,14 +96,17 @@ HELP = {"spatial_extent": "The area whose images are compressed.",
 
 
 def model_levels() -> dict[str, dict]:
-    """Each shipped variable-rate model's quality levels as the choice shows them: the mean over
-    the test sources of CF and PSNR (its card), and its default level; by the model's location."""
+    """Each shipped variable-rate model's quality levels as the choice shows them (those the service codes: not the
+    levels a card makes of a base and a residual layer): the mean over the test sources of CF and PSNR (its card),
+    and its default level; by the model's location."""
     out = {}
     for card in shipped_cards():
         if card.get("kind") != "variable-rate":
             continue
         levels = []
         for q in card["qualities"]:
+            if q.get("layer"):      # the page runs the service, which stores a layered level's base only
+                continue
             mean = (q.get("test") or {}).get("mean_over_sources") or {}
             figures = (f": files {mean['cf']:.0f}x smaller than the raw bands, {mean['psnr_db']:.1f} dB"
                        if "cf" in mean and "psnr_db" in mean else "")
