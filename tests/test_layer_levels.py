@@ -180,3 +180,9 @@ def test_the_shipped_card_is_what_its_command_builds(tmp_path):
     assert built["files"] == shipped["files"] and built["layer"]["levels"] == shipped["layer"]["levels"]
     assert [q.get("layer") for q in built["qualities"]] == [q.get("layer") for q in shipped["qualities"]]
     assert built["int8"]["levels"] == shipped["int8"]["levels"] == list(range(1, 10))
+
+
+def test_a_level_the_default_lacks_is_refused_with_the_model_that_has_it(crop, tmp_path, capsys):
+    _, folder, _ = crop
+    assert cli.main(["compress", str(folder / "in.tif"), "-o", str(tmp_path / "p"), "--quality", str(LEVEL)]) != 0
+    assert f"not {LEVEL} (level {LEVEL}: --model {MODEL})" in capsys.readouterr().err and not (tmp_path / "p").exists()

@@ -133,6 +133,12 @@ def compress(args: argparse.Namespace) -> str:
     from corsa.formats.sources import Catalogue, SourceError
     from corsa.formats.stac_source import StacSource
 
+    if isinstance(codec, VariableRateCodec) and args.quality is not None and args.quality not in codec.qualities:
+        # the shipped model with the best measured gain at that level, if one has it
+        gains = {c["id"]: (c.get("gain_over_classical_db") or {}).get("by_quality", {}).get(str(args.quality), -np.inf)
+                 for c in shipped_cards() if args.quality in [q["quality"] for q in c.get("qualities", [])]}
+        raise ValueError(f"model {codec.model_id} has quality levels {codec.qualities[0]}-{codec.qualities[-1]}, not "
+                         f"{args.quality}" + (f" (level {args.quality}: --model {max(gains, key=gains.get)})" if gains else ""))
     quality = codec.quality_level(args.quality)
     if isinstance(codec, VariableRateCodec):
         if args.kernels != codec.kernels:
