@@ -1,7 +1,9 @@
 """Products written by earlier versions of corsa keep decoding to the same pixels: one committed
 product of each format version (1, 2: corsa512's GeoTIFF index grids, version 1 without checksums
 or STAC documents; 3: a corsa3.1 date; 4: a corsa3.1 series coded with references), written and
-decoded by the code of before the package was regrouped by layer. tests/products/decoded.json holds
+decoded by the code of before the package was regrouped by layer; 12 and 13 (corsa4.2's level 11: level 9 and a
+residual layer, a 96 px Major-TOM crop with a nodata corner and three 96 px WorldStrat dates) by the code that
+introduced them (issue 28, twenty-fourth part). tests/products/decoded.json holds
 each decoded date's grid, CRS and the sha256 of its pixels, <product>-decoded.npz the pixels: on
 the CPU kernels that wrote them the pixels are identical; on others the decoder's float arithmetic
 may move a value by 1 DN (README, "other machines"), never more. Decoded with the float decoder
