@@ -119,7 +119,7 @@ def _window_ints(scene: xr.DataArray, codec: VariableRateCodec, quality: int, in
                                                  (y0, y1), (x0, x1)).at(y0 - dy0, x0 - dx0)
     pixels = to_uint16(refinement.apply(rec, valid)[:, rows, cols])
     pixels[:, nodata] = 0
-    layer = residual_coder.encode_block(block, pixels, ~nodata, lam, residual_coder.cells_phase(cells.grid20))[0]
+    layer = residual_coder.encode_block(block, pixels, ~nodata, lam, residual_coder.cells_phase(cells.grid20))
     return own, nodata, cells, layer
 
 
@@ -232,7 +232,7 @@ def _block_layer(decoder: "DateDecoder", truth_of: Callable, lam: float, job: tu
     mask = decoder.ints.mask
     return residual_coder.encode_block(truth_of(*job), _decoded_block(decoder, ys, xs),
                                        None if mask is None else ~mask[ys[0]:ys[1], xs[0]:xs[1]], lam,
-                                       decoder.cells_phase(decoder.block_index(ys[0], xs[0])))[0]
+                                       decoder.cells_phase(decoder.block_index(ys[0], xs[0])))
 
 
 def with_layer(out: Path, date: str, truth_of: Callable, codec: VariableRateCodec, quality: int,

@@ -13,7 +13,9 @@ coded (0 none, 1 its 2 x 2 means, added back on the 2 x 2 pixels: a 20 m band on
 unless none, the codestream's length (LEB128) and the codestream. Where the block's refinement says its 20 m bands
 are 2 x 2 cells (``corsa_udf.grid20_phase``) their means are those cells' and the 10 m grid is not tried (it would
 code each cell four times); elsewhere the cells are at phase (0, 0) and a 20 m band takes whichever grid costs it
-least: its source's 20 m pixels may hold 10 m detail (resampled L1C, other grids).
+least: its source's 20 m pixels may hold 10 m detail (resampled L1C, other grids); the 10 m grid is tried only where
+the residual's detail within the cells is more than the error the slope would leave (the same figures, fewer
+encodings).
 """
 from __future__ import annotations
 
@@ -83,28 +85,30 @@ def cells_phase(grid20: int) -> tuple[int, int] | None:
 
 
 def encode_block(truth: np.ndarray, decoded: np.ndarray, valid: np.ndarray | None, lam: float,
-                 phase: tuple[int, int] | None = None) -> tuple[bytes, np.ndarray]:
+                 phase: tuple[int, int] | None = None) -> bytes:
     """A block's layer: its input (10, h, w) DN, its decoding without the layer and where it has data (None:
-    everywhere) -> (the layer's bytes, the residual readers add, float32 (10, h, w)). ``lam``: DN² a bit;
+    everywhere) -> the layer's bytes (``add`` adds it). ``lam``: DN² a bit;
     ``phase``: where the block's 20 m bands are 2 x 2 cells (``cells_phase``), None where not."""
     shape = truth.shape[1:]
-    out, added = bytearray(), np.zeros(truth.shape, np.float32)
+    out = bytearray()
     for b in range(truth.shape[0]):
         r = truth[b].astype(np.float32) - decoded[b]
         if valid is not None:
             r = np.where(valid, r, 0)
-        options = [] if phase is not None and b in corsa_udf.GRID20_BANDS else [(FULL, *encode(r, lam))]
+        options = []
         if b in corsa_udf.GRID20_BANDS:
-            stream, coarse = encode(means2(r, phase or (0, 0)), lam, 4.0)
+            means = means2(r, phase or (0, 0))
+            stream, coarse = encode(means, lam, 4.0)
             options.append((MEANS2, stream, _expanded(coarse, shape, phase or (0, 0))))
+            # the 10 m grid only where the detail within the cells is more than its error would be at the slope
+            within = float(((r - _expanded(means, shape, phase or (0, 0))) ** 2).sum())
+            fine = phase is None and within > r.size * lam / (2 * np.log(2))
+        if b not in corsa_udf.GRID20_BANDS or fine:
+            options.append((FULL, *encode(r, lam)))
         r64 = r.astype(np.float64)
-        grid, stream, d = min(options, key=lambda o: float(((r64 - o[2]) ** 2).sum()) + lam * 8 * len(o[1]))
-        if not stream:
-            out.append(NONE)
-            continue
-        out += bytes([grid]) + varint(len(stream)) + stream
-        added[b] = d
-    return bytes(out), added
+        grid, stream, _ = min(options, key=lambda o: float(((r64 - o[2]) ** 2).sum()) + lam * 8 * len(o[1]))
+        out += bytes([grid]) + varint(len(stream)) + stream if stream else bytes([NONE])
+    return bytes(out)
 
 
 def add(pixels: np.ndarray, data: bytes, nodata: np.ndarray | None, phase: tuple[int, int] | None = None) -> np.ndarray:

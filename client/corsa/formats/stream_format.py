@@ -396,7 +396,7 @@ def decoded_date(codec, dn: np.ndarray, ints: np.ndarray, quality: int, nodata: 
         for k, block in enumerate(block_slices(latent_cells(nodata.shape))):
             py, px = block_pixels(block, nodata.shape)
             phase = residual_coder.cells_phase(cells[k].grid20)
-            layers.append(residual_coder.encode_block(dn[:, py, px], out[:, py, px], ~nodata[py, px], layer[1], phase)[0])
+            layers.append(residual_coder.encode_block(dn[:, py, px], out[:, py, px], ~nodata[py, px], layer[1], phase))
             out[:, py, px] = residual_coder.add(out[:, py, px], layers[-1], nodata[py, px], phase)
         data = with_layer(data, date, quality, layers)
     return data, out
