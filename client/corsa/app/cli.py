@@ -229,7 +229,7 @@ def _stream_product(folder: Path, model: str | None) -> tuple[VariableRateCodec,
 
 def _opened(folder: Path, model: str | None, network: str = "decoder") -> tuple[CodebookCodec | VariableRateCodec, int | None, list[str]]:
     """A product's model, quality level and dates, checked before anything runs: a variable-rate
-    product (formats 3-7), else an older codebook one (formats 1-2, ``codebook_product.opened``)."""
+    product (formats 3-13), else an older codebook one (formats 1-2, ``codebook_product.opened``)."""
     stream = _stream_product(folder, model)
     if stream:
         return (*stream, stream_format.dates_in(folder))
@@ -279,9 +279,9 @@ def decompress(args: argparse.Namespace) -> str:
                          "residual layer, which the block-by-block path adds: decompress it without --engine or --clear")
     on_engine = stream and args.scale is not None and not args.like and not args.clear
     if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
-        raise ValueError("--like works on variable-rate products (formats 3-7) on the block-by-block path: without "
+        raise ValueError("--like works on variable-rate products (formats 3-13) on the block-by-block path: without "
                          "--engine or --clear (--scale also on the engine)" if stream else
-                         "--date, --scale and --like work on variable-rate products (formats 3-7)")
+                         "--date, --scale and --like work on variable-rate products (formats 3-13)")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,
                                                                 "temporal_extent": None}},

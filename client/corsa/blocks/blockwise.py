@@ -394,7 +394,7 @@ def _fill_dates(folder: Path, date: str) -> list[str]:
 
 
 class DateDecoder:
-    """One date of a stream-format product (formats 3-7) decoded block by block, each block exactly as the decompress
+    """One date of a stream-format product (formats 3-13) decoded block by block, each block exactly as the decompress
     service's UDF decodes the window apply_neighborhood gives it: the integers of the block and its
     overlap (``windows.OVERLAP["decompress"]``) entropy-decoded, dequantised, synthesised, the
     nodata set to 0 (or filled from the other dates, ``fill_gaps``). What ``corsa decompress`` writes

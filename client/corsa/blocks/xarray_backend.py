@@ -57,7 +57,7 @@ def _ranges(key: tuple, shape: tuple[int, ...]) -> tuple[list[slice], tuple]:
 
 
 class Source:
-    """Where a Dataset's dates come from: a product folder (formats 3-7), or a compress job's
+    """Where a Dataset's dates come from: a product folder (formats 3-13), or a compress job's
     download (its latent GeoTIFFs, ``job_files.DateIntegers``, decoded as the packed product would
     be). Each date's decoder is opened on first use; pickles as its names (dask workers reopen)."""
 
@@ -155,7 +155,7 @@ def _source(path: str | os.PathLike, model: str | None, quality: int | None) -> 
         return Source(folder, dates)
     if path.is_dir() and codebook_product.dates_in(folder):
         raise product.ProductError(f"{folder} is a product of formats 1-2 (corsa512): decode it with corsa "
-                                   "decompress; xarray opens products of the variable-rate models (formats 3-7)")
+                                   "decompress; xarray opens products of the variable-rate models (formats 3-13)")
     if path.is_dir() and job_files.job_dates(folder):
         codec, level = job_files.resolve(folder, model, quality)
         if not isinstance(codec, VariableRateCodec):

@@ -1,5 +1,5 @@
 """The codebook family's products (corsa512): formats 1 and 2, GeoTIFF index grids, the one place
-that writes and reads them (the variable-rate family's formats 3 to 7: ``corsa.formats.stream_format``).
+that writes and reads them (the variable-rate family's formats 3 to 13: ``corsa.formats.stream_format``).
 
 Per date, in one folder:
   corsa_<date>_L0.tif   level-0 indices on the fine grid (20 m), uint16 (uint8 where they fit), ZSTD
