@@ -397,9 +397,10 @@ class DateDecoder:
     """One date of a stream-format product (formats 3-13) decoded block by block, each block exactly as the decompress
     service's UDF decodes the window apply_neighborhood gives it: the integers of the block and its
     overlap (``windows.OVERLAP["decompress"]``) entropy-decoded, dequantised, synthesised, the
-    nodata set to 0 (or filled from the other dates, ``fill_gaps``). What ``corsa decompress`` writes
-    (``decompress_date``) and what a window read through xarray gets (``window``) are these blocks.
-    Pickles as its names: a dask worker opens the product and the sessions itself."""
+    nodata set to 0 (or filled from the other dates, ``fill_gaps``); then, at a level made of a base and a
+    residual layer (formats 12 and 13), the block's layer added, which the services do not store. What ``corsa
+    decompress`` writes (``decompress_date``) and what a window read through xarray gets (``window``) are these
+    blocks. Pickles as its names: a dask worker opens the product and the sessions itself."""
 
     def __init__(self, folder: Path, date: str, codec: VariableRateCodec, fill_gaps: bool = False, ints=None):
         """``ints``: where the integers come from, if not the product in ``folder`` (a compress job's
