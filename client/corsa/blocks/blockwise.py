@@ -206,15 +206,20 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     written = series.write_dates(out, codec, planned, fresh, coded, masks, (h, w), transform, crs)
     if layer is None:
         return written
-    try:       # each date rewritten with its blocks' layers
-        for i, path in zip(fresh, written):
-            stream_format.write_date(out, stream_format.with_layer(path.read_bytes(), path.name, layered,
-                                                                   [b[i] for b in layers]), planned[i].date)
+    try:
+        for i in fresh:
+            _rewritten(out, planned[i].date, layered, [b[i] for b in layers])
     except BaseException:      # no date left at its base level as if it were complete
         for p in written:
             p.unlink(missing_ok=True)
         raise
     return written
+
+
+def _rewritten(out: Path, date: str, quality: int, layers: list[bytes]) -> Path:
+    """A date written at its base level rewritten with its blocks' residual layers, which make it level ``quality``."""
+    path = out / stream_format.file_name(date)
+    return stream_format.write_date(out, stream_format.with_layer(path.read_bytes(), path.name, quality, layers), date)
 
 
 def _decoded_block(decoder: "DateDecoder", ys: tuple[int, ...], xs: tuple[int, ...]) -> np.ndarray:
@@ -248,8 +253,7 @@ def with_layer(out: Path, date: str, truth_of: Callable, codec: VariableRateCode
         for layer in where.map(partial(_block_layer, decoder, truth_of, codec.layer(quality)[1]), jobs):
             layers.append(layer)
             progress.advance()
-    path = out / stream_format.file_name(date)
-    return stream_format.write_date(out, stream_format.with_layer(path.read_bytes(), path.name, quality, layers), date)
+    return _rewritten(out, date, quality, layers)
 
 
 def _positions_run(where: cluster.Local | cluster.Cluster, position: Callable[[int], tuple], positions: list,

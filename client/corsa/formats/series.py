@@ -287,7 +287,7 @@ def check_model(h: dict, codec: VariableRateCodec) -> None:
         raise ProductError(f"the product is coded with the class tables or refinement of model {stream_format.shown(model_id)}, "
                            f"not of {codec.model_id!r}: decoding would give wrong reflectances")
     if h.get("layer_quality") is not None and (h["layer_quality"] not in codec.qualities
-                                           or (codec.layer(h["layer_quality"]) or (None,))[0] != h["quality"]):
+                                           or codec.base(h["layer_quality"]) != h["quality"]):
         raise ProductError(f"the product's residual layer makes level {h['layer_quality']} of level {h['quality']}, which "
                            f"model {codec.model_id!r} does not have")
 

@@ -107,7 +107,6 @@ class StreamDate:
     model_sha256_prefix: str       # hex, 8 characters
     refinement: list[BlockRefinement] | None = None   # each block's refinement (versions 8 to 13)
     layer_quality: int | None = None   # the level a residual layer makes of the date (versions 12, 13)
-    layer: list[bytes] | None = None   # each block's layer (``corsa.codec.residual_coder.decode_block``)
 
 
 def file_name(date: str) -> str:
@@ -598,6 +597,5 @@ def read_date(folder: Path, date: str, coder, level_of, refiner: RefineCoder | N
     refinement = None if h["refine_lengths"] is None else [
         decode_refinement(refiner, data[start:start + n], block_pixels(cells, h["shape"]), path.name, h["version"])
         for cells, (start, n) in zip(h["blocks"], refine_offsets(h))]
-    layer = None if h["layer_lengths"] is None else [data[start:start + n] for start, n in layer_offsets(h)]
     return StreamDate(date, h["quality"], ints, read_mask(data, h, path.name), h["shape"], h["transform"],
-                      h["crs"], h["model_id"], h["sha_prefix"], refinement, h["layer_quality"], layer)
+                      h["crs"], h["model_id"], h["sha_prefix"], refinement, h["layer_quality"])
