@@ -150,6 +150,27 @@ def test_a_series_gets_its_layers_on_its_dates_coded_with_references(data_root, 
     assert versions[0] == 12 and 13 in versions
 
 
+def test_appended_dates_continue_the_products_model_and_level(data_root, tmp_path, capsys):
+    (run,) = revisit_series([s for s in LOADERS["worldstrat"](data_root) if s.location == "Landcover-31746"])
+    for k, part in (("first", run[:2]), ("later", run[2:3])):
+        (tmp_path / k).mkdir()
+        for s in part:
+            write_scene(tmp_path / k / f"{s.date}.tif", s.data, Affine(*s.transform), s.crs, s.date)
+    p = tmp_path / "p"
+    assert cli.main(["compress", str(tmp_path / "first"), "-o", str(p), "--model", MODEL, "--quality", "10", "-q"]) == 0
+    before = {f.name: f.read_bytes() for f in p.iterdir()}
+    # another model's dates cannot join it: refused by name, nothing written
+    assert cli.main(["compress", str(tmp_path / "later"), "-o", str(p), "--append", "--model", "corsa3.12", "-q"]) == 2
+    assert f"cannot append to {p} with model 'corsa3.12'" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in p.iterdir()} == before
+    # without --model and --quality: corsa4.2 at level 10, not the default model's default level
+    assert cli.main(["compress", str(tmp_path / "later"), "-o", str(p), "--append", "-q"]) == 0
+    heads = [series.header(p, d)[1] for d in stream_format.dates_in(p)]
+    assert [(h["model_id"], stream_format.level_of(h)) for h in heads] == [(MODEL, 10)] * 3
+    assert cli.main(["decompress", str(p), "-o", str(tmp_path / "d"), "-q"]) == 0
+    assert len(list((tmp_path / "d").glob("*.tif"))) == 3
+
+
 def test_a_compress_job_at_a_layered_level_stores_and_packs_its_base(crop, tmp_path):
     from corsa.codec.models import read_card
     from corsa.formats.sources import Catalogue

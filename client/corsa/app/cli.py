@@ -73,8 +73,8 @@ compressed products, on this machine or a dask cluster; the same services run on
 Add --scheduler tcp://HOST:PORT to run on a dask cluster; corsa COMMAND --help for each command's options.
 """
 QUALITY_HELP = {
-    "compress": "quality level of a variable-rate model, higher is better and larger (default: the model's default; "
-                "corsa models lists the levels)",
+    "compress": "quality level of a variable-rate model, higher is better and larger (default: the model's default, "
+                "with --append the product's last date's; corsa models lists the levels)",
     "reduce": "the lower quality level to bring the product to",
     "pack": "the quality level the compress job used (default: from its job.json)",
     "decompress": "for a compress job's downloaded files only: the quality level the job used (default: from its "
@@ -125,7 +125,10 @@ def _pixel_size(catalogue, bbox: dict | None, dates: list | None, cloud: float) 
 def compress(args: argparse.Namespace) -> str:
     """The compress service run on the embedded engine (its generic save_result writes each
     stored layer as GeoTIFF, as a back end does), then packed into the product."""
-    codec = open_codec(args.model or DEFAULT_MODEL)
+    held = stream_format.dates_in(Path(args.output)) if args.append and args.model is None else []
+    # Dates added to a product continue it: its model and the level of its last date unless told otherwise (the
+    # default model's default level would fail on another model's product, or leave one that mixes levels).
+    codec = product.stream_codec(Path(args.output), held[-1]) if held else open_codec(args.model or DEFAULT_MODEL)
     if isinstance(codec, VariableRateCodec):
         codec.prefetch()
     # Imported here: rioxarray takes about half a second, which decompress does not need (the model's
@@ -139,6 +142,9 @@ def compress(args: argparse.Namespace) -> str:
                  for c in shipped_cards() if args.quality in [q["quality"] for q in c.get("qualities", [])]}
         raise ValueError(f"model {codec.model_id} has quality levels {codec.qualities[0]}-{codec.qualities[-1]}, not "
                          f"{args.quality}" + (f" (level {args.quality}: --model {max(gains, key=gains.get)})" if gains else ""))
+    if held and args.quality is None and isinstance(codec, VariableRateCodec):
+        last = stream_format.file_name(held[-1])
+        args.quality = stream_format.level_of(stream_format.read_header((Path(args.output) / last).read_bytes(), last))
     quality = codec.quality_level(args.quality)
     if isinstance(codec, VariableRateCodec):
         if args.kernels != codec.kernels:
@@ -665,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         if name != "info":
             s.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help=OUTPUT_HELP[name])
             s.add_argument("--model", default=None, help="model name under models_onnx/ or a folder (compress: "
-                           f"default {DEFAULT_MODEL}; otherwise the model the product names)")
+                           f"default {DEFAULT_MODEL}, with --append the product's; otherwise the model the product names)")
         if name in ("compress", "decompress", "classify", "reduce"):
             s.add_argument("--scheduler", metavar="ADDRESS", help="run the blocks on the workers of this dask.distributed "
                            "scheduler, e.g. tcp://127.0.0.1:8786 (default: this machine's threads); the workers must "

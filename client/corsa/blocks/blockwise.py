@@ -152,7 +152,11 @@ def compress(cube: xr.DataArray, codec: VariableRateCodec, quality: int, out: Pa
     heads = [series.header(out, d)[1] for d in old]
     h, w = cube.sizes["y"], cube.sizes["x"]
     for d, hd in zip(old, heads):
-        series.check_model(hd, codec)
+        try:
+            series.check_model(hd, codec)
+        except product.ProductError as e:
+            raise product.ProductError(f"cannot append to {out} with model {codec.model_id!r}: its date {d}: {e} "
+                                       "(without --model the product's own is used)") from None
         if (hd["shape"], hd["transform"], hd["crs"]) != ((h, w), transform, crs):
             raise ValueError(f"cannot append to {out}: its date {d} has the grid {hd['shape']} {hd['crs']} "
                              f"{tuple(hd['transform'] or ())[:6]}, the input {(h, w)} {crs} {tuple(transform or ())[:6]}")
