@@ -149,6 +149,10 @@ def test_classify_and_clear_of_the_default_models_product(tmp_path, scene):
     assert cli.main(["classify", str(tmp_path / "prod"), "-o", str(tmp_path / "classes.tif")]) == 0
     assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "clear.tif"), "--clear"]) == 0
     assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "all.tif")]) == 0
+    # the block path's --clear is the published service's, corsa_openeo_decompress_clear on the engine
+    assert cli.main(["decompress", str(tmp_path / "prod"), "-o", str(tmp_path / "engine.tif"), "--clear", "--engine"]) == 0
+    with rasterio.open(tmp_path / "clear.tif") as a, rasterio.open(tmp_path / "engine.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
     stored = series.read_date(tmp_path / "prod", scene.date, vr)
     head = corsa_udf.session(str(vr.path / vr.card["heads"]["scl"]["path"]), 1)
     (logits,) = head.run(None, {"latent": vr.dequantise(stored.ints, stored.quality)[None]})

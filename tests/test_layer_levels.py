@@ -91,10 +91,22 @@ def test_reduce_drops_a_layer_or_codes_it_again(crop, tmp_path):
     assert (tmp_path / "r10" / name).stat().st_size < (folder / f"p{LEVEL}" / name).stat().st_size
 
 
-def test_the_engine_refuses_a_layered_product_by_name(crop, tmp_path, capsys):
+def test_the_engine_refuses_a_layered_product_by_name_and_clear_masks_its_layered_decoding(crop, tmp_path, capsys):
     _, folder, _ = crop
     assert cli.main(["decompress", str(folder / f"p{LEVEL}"), "-o", str(tmp_path / "e.tif"), "--engine"]) != 0
     assert "residual layer" in capsys.readouterr().err and not (tmp_path / "e.tif").exists()
+    # --clear: the layered decoding, 0 where the product's scene classes (those of the classify service) say cloud
+    # or shadow; on the base level, blocks and their edges as corsa_openeo_decompress_clear gives them
+    assert cli.main(["decompress", str(folder / f"p{LEVEL}"), "-o", str(tmp_path / "c.tif"), "--clear", "-q"]) == 0
+    assert cli.main(["classify", str(folder / f"p{LEVEL}"), "-o", str(tmp_path / "k.tif"), "-q"]) == 0
+    clear, decoded, classes = _read(tmp_path / "c.tif"), _read(folder / f"d{LEVEL}.tif"), _read(tmp_path / "k.tif")[0]
+    unusable = np.repeat(np.repeat(classes > 4, 2, 0), 2, 1)[:clear.shape[1], :clear.shape[2]]
+    assert 0 < unusable.mean() < 1
+    np.testing.assert_array_equal(clear, np.where(unusable, 0, decoded))
+    for engine in ([], ["--engine"]):
+        assert cli.main(["decompress", str(folder / "p9"), "-o", str(tmp_path / f"c9{len(engine)}.tif"), "--clear", "-q",
+                         *engine]) == 0
+    np.testing.assert_array_equal(_read(tmp_path / "c90.tif"), _read(tmp_path / "c91.tif"))
 
 
 def _with_crc(body: bytes) -> bytes:

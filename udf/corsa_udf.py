@@ -637,6 +637,11 @@ BRIGHT_DN = 8000
 BRIGHT_SHARE = 0.02
 
 
+# Scene-class values above this one (cloud, cloud shadow/dark) mark a pixel unusable: what the service
+# corsa_openeo_decompress_clear and `corsa decompress --clear` set to 0.
+LAST_USABLE_CLASS = 4
+
+
 def _bright(dn: np.ndarray) -> bool:
     """Whether more than BRIGHT_SHARE of a tile's pixels (bands, y, x) are above BRIGHT_DN in some band."""
     return bool((dn > BRIGHT_DN).any(0).mean() > BRIGHT_SHARE)

@@ -273,20 +273,22 @@ def decompress(args: argparse.Namespace) -> str:
     if stream:
         codec.prefetch()
     out = Path(args.output)
-    if stream and not args.clear and not args.engine:
+    if stream and not args.engine:
+        if args.clear:
+            scene_classes(codec, args.classifier)      # a model without a scene-class head is refused by name now
         with _cluster(args) as run:
             written = render.decompress(args.input, codec, out, single=out.suffix.lower() in (".tif", ".tiff"),
                                         date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like,
-                                        run=run)
+                                        run=run, clear=args.clear)
         dates = [args.date] if args.date else stored
         return _decoded_written(written, dates, args.input)
     if stream and codec.layer(quality) is not None:
         raise ValueError(f"{args.input} is at level {quality} of {codec.model_id}, its level {codec.base(quality)} and a "
-                         "residual layer, which the block-by-block path adds: decompress it without --engine or --clear")
+                         "residual layer, which the block-by-block path adds: decompress it without --engine")
     on_engine = stream and args.scale is not None and not args.like and not args.clear
     if (args.scale is not None and not on_engine) or args.like or (args.date and not stream):
         raise ValueError("--like works on variable-rate products (formats 3-13) on the block-by-block path: without "
-                         "--engine or --clear (--scale also on the engine)" if stream else
+                         "--engine (--scale also on the engine, not with --clear)" if stream else
                          "--date, --scale and --like work on variable-rate products (formats 3-13)")
     graph = {"process_graph": {
         "load": {"process_id": "load_collection", "arguments": {"id": str(args.input), "spatial_extent": None,

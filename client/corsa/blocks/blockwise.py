@@ -461,6 +461,20 @@ class DateDecoder:
                 rec = corsa_udf.fill_date(rec, win, others, gaps)
         return y0, x0, self._layered(y0, x0, to_uint16(rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]))
 
+    def cleared(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None,
+                refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:
+        """``block``, with the pixels the model's scene classes call cloud or cloud shadow set to 0: the classes of
+        the window the classify service's UDF gets (``windows.OVERLAP["classify"]``, inside the block's decoding
+        window), each 20 m cell over its 10 m pixels, as the service corsa_openeo_decompress_clear masks them."""
+        y0, x0, pixels = self.block(ys, xs, latent, nearby, refinement)
+        (_, y1, wy0, _), (_, x1, wx0, _), c = ys, xs, windows.OVERLAP["classify"]
+        (h, w) = self.head["shape"]
+        cys, cxs = (y0, y1, max(0, y0 - c), min(h, y1 + c)), (x0, x1, max(0, x0 - c), min(w, x1 + c))
+        window = latent[:, cys[2] // 4 - wy0 // 4:-(-cys[3] // 4) - wy0 // 4, cxs[2] // 4 - wx0 // 4:-(-cxs[3] // 4) - wx0 // 4]
+        classes = block_classes(self.codec, "scl", self.head["quality"], window, cys, cxs, self.ints.mask)
+        pixels[:, np.repeat(np.repeat(classes > corsa_udf.LAST_USABLE_CLASS, 2, 0), 2, 1)[:y1 - y0, :x1 - x0]] = 0
+        return y0, x0, pixels
+
     def block_index(self, y0: int, x0: int) -> int:
         """The index of the block at (``y0``, ``x0``) in the file's order (``stream_format.block_slices``)."""
         return y0 // BLOCK_PX * len(self.spans()[1]) + x0 // BLOCK_PX
@@ -524,14 +538,30 @@ def reduced_refinement(folder: Path, date: str, codec: VariableRateCodec, to: in
 
 
 def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path, fill_gaps: bool = False,
-                    run: cluster.Cluster | None = None) -> Path:
+                    run: cluster.Cluster | None = None, clear: bool = False) -> Path:
     """One date of a stream-format product -> a GeoTIFF of the 10 bands (uint16 DN, nodata 0), as the
     decompress service's save_result writes it; under a temporary name until complete. ``fill_gaps``:
     nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept.
-    ``run``: a cluster whose workers decode the blocks (default: local threads)."""
+    ``run``: a cluster whose workers decode the blocks (default: local threads). ``clear``: cloud and
+    cloud-shadow pixels set to 0 (``DateDecoder.cleared``)."""
     decoder = DateDecoder(folder, date, codec, fill_gaps)
     network_session(codec, decoder.head["quality"])       # checked here, before any block runs
-    return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.block, run)
+    if clear:
+        _sessions(codec, "heads/scl")
+    return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.cleared if clear else decoder.block, run)
+
+
+def block_classes(codec: VariableRateCodec, classes: str, quality: int, ints: np.ndarray, ys: tuple[int, ...],
+                  xs: tuple[int, ...], mask: np.ndarray | None) -> np.ndarray:
+    """A block's classes (uint8, 0 = nodata) on the 20 m grid by the model's head for ``classes``, from the integers
+    ``ints`` of its window (``ys``, ``xs``: block and window spans), as the classify service's UDF gives them."""
+    (y0, y1, wy0, _), (x0, x1, wx0, _) = ys, xs
+    (logits,) = _sessions(codec, f"heads/{classes}").run(None, {"latent": codec.dequantise(ints, quality)[None]})
+    out = (logits[0].argmax(0) + 1).astype(np.uint8)
+    out = out[(y0 - wy0) // 2:(y0 - wy0) // 2 + -(-(y1 - y0) // 2), (x0 - wx0) // 2:(x0 - wx0) // 2 + -(-(x1 - x0) // 2)]
+    if mask is not None:      # the service zeroes a 10 m pixel of nodata; a 20 m cell is its first pixel
+        out[mask[y0:y1:2, x0:x1:2]] = 0
+    return out
 
 
 def classify_date(folder: Path, date: str, codec: VariableRateCodec, classes: str = "scl",
@@ -543,18 +573,11 @@ def classify_date(folder: Path, date: str, codec: VariableRateCodec, classes: st
     ints = _Integers(folder, date, codec)
     h = ints.head
     overlap = windows.OVERLAP["classify"]
-    entry = f"heads/{classes}"
-    _sessions(codec, entry)
+    _sessions(codec, f"heads/{classes}")
 
     def block(ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple[int, int, np.ndarray]:
-        (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
-        z = codec.dequantise(ints.window(slice(wy0 // 4, -(-wy1 // 4)), slice(wx0 // 4, -(-wx1 // 4)), pool), h["quality"])
-        (logits,) = _sessions(codec, entry).run(None, {"latent": z[None]})
-        out = (logits[0].argmax(0) + 1).astype(np.uint8)
-        out = out[(y0 - wy0) // 2:(y0 - wy0) // 2 + -(-(y1 - y0) // 2), (x0 - wx0) // 2:(x0 - wx0) // 2 + -(-(x1 - x0) // 2)]
-        if ints.mask is not None:      # the service zeroes a 10 m pixel of nodata; a 20 m cell is its first pixel
-            out[ints.mask[y0:y1:2, x0:x1:2]] = 0
-        return y0 // 2, x0 // 2, out
+        cells = ints.window(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool)
+        return ys[0] // 2, xs[0] // 2, block_classes(codec, classes, h["quality"], cells, ys, xs, ints.mask)
 
     hh, ww = h["shape"]
     result = np.zeros((-(-hh // 2), -(-ww // 2)), np.uint8)

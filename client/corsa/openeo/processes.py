@@ -296,15 +296,11 @@ def corsa_openeo_classify_s2() -> dict:
         categories=["classification", "sentinel-2"], default_job_options=JOB_OPTIONS)
 
 
-# Class values above this one (cloud, cloud shadow/dark) mark a pixel unusable. (gt, not gte:
-# openeo-processes-dask 2026.9.1's gte gave true everywhere inside a reducer here.)
-LAST_USABLE_CLASS = 4
-
-
 def corsa_openeo_decompress_clear() -> dict:
     decoded = udf_over_chunks(None, "decompress")
     unusable = udf_over_chunks(None, "classify", extra=CLASSIFY).reduce_dimension(
-        dimension="bands", reducer=lambda x: x.array_element(index=0) > LAST_USABLE_CLASS)
+        # gt, not gte: openeo-processes-dask 2026.9.1's gte gave true everywhere inside a reducer here
+        dimension="bands", reducer=lambda x: x.array_element(index=0) > corsa_udf.LAST_USABLE_CLASS)
     return build_process_dict(
         decoded.mask(unusable, replacement=0), process_id="corsa_openeo_decompress_clear",
         summary="Decompress CORSA codes, with cloud and cloud-shadow pixels set to 0",
