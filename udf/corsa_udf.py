@@ -766,7 +766,8 @@ def _prepare(cube: xr.DataArray, context: dict, bands: Tuple[str, ...], model_fi
         raise UdfError(f"the cube lacks bands {missing}; it needs {', '.join(bands)}")
     if cube.dtype.kind not in "iuf":
         raise UdfError(f"the cube holds {cube.dtype} values; it needs integers or floats (DN or codes)")
-    return cube, had_t, cube.sel(bands=list(bands)).values.astype(np.float32), _network(context, model_file), \
+    # sel copies the bands; a float32 cube's copy is not copied again
+    return cube, had_t, cube.sel(bands=list(bands)).values.astype(np.float32, copy=False), _network(context, model_file), \
         (model, tile, overlap)
 
 
