@@ -276,11 +276,11 @@ def test_a_model_without_a_time_head_interpolates_linearly(series, tmp_path):
 
 @pytest.fixture(scope="module")
 def chunked(data_root, tmp_path_factory):
-    """A product of 3 x 3 decoded chunks (the render's at x1.25 3 x 3 too)."""
+    """A product of 2 x 2 decoded chunks (the render's at x1.25 2 x 2 too), each read by the render chunks around it."""
     from corsa.openeo.windows import CHUNK
 
     scene = next(LOADERS["majortom"](data_root))
-    side = 2 * CHUNK + 40
+    side = CHUNK + 40
     tmp = tmp_path_factory.mktemp("chunked")
     (tmp / "in").mkdir()
     write_scene(tmp / "in" / "s.tif", scene.data[:, :side, :side], Affine(*scene.transform), scene.crs, "2020-06-01")
@@ -291,7 +291,8 @@ def chunked(data_root, tmp_path_factory):
 def test_the_render_service_decodes_each_chunk_once(chunked, tmp_path, monkeypatch):
     """corsa_openeo_render on the engine reads each decoded chunk from the render chunks around it (their
     overlap): written a few blocks per compute, every decoded chunk was decoded again for each compute that
-    read it (40 decodes of 9 chunks here, 78 at x2). It is decoded once, and the pixels are the block path's."""
+    read it (40 decodes of 9 chunks on a 3 x 3-chunk product, 78 at x2). It is decoded once, and the pixels are the
+    block path's."""
     import collections
     import math
 
@@ -320,7 +321,7 @@ def test_on_a_dask_cluster_the_engine_decodes_each_chunk_once_too(chunked, tmp_p
     """The engine's render on a dask.distributed scheduler (in this process, its worker's two threads
     counted with the rest): every block is asked in one graph, so the cluster decodes each chunk once
     (asked a few blocks at a time, each ask decoded again the chunks its overlap read: 25 decoder runs for
-    9 chunks here, 34 of the space head for 18) and writes this machine's bytes."""
+    9 chunks of a 3 x 3-chunk product, 34 of the space head for 18) and writes this machine's bytes."""
     import collections
 
     import onnxruntime as ort
