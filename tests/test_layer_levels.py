@@ -103,6 +103,13 @@ def test_the_engine_refuses_a_layered_product_by_name_and_clear_masks_its_layere
     unusable = np.repeat(np.repeat(classes > 4, 2, 0), 2, 1)[:clear.shape[1], :clear.shape[2]]
     assert 0 < unusable.mean() < 1
     np.testing.assert_array_equal(clear, np.where(unusable, 0, decoded))
+    # rendered onto pixels twice as large: what is left is averaged, a pixel all cleared stays 0
+    assert cli.main(["decompress", str(folder / f"p{LEVEL}"), "-o", str(tmp_path / "c2.tif"), "--clear", "--scale", "0.5",
+                     "-q"]) == 0
+    half = _read(tmp_path / "c2.tif")
+    gone = (clear == 0).all(0)
+    np.testing.assert_array_equal((half == 0).all(0), gone[:2 * half.shape[1]:2, :2 * half.shape[2]:2]
+                                  & gone[1::2, 1::2] & gone[::2, 1::2] & gone[1::2, ::2])
     for engine in ([], ["--engine"]):
         assert cli.main(["decompress", str(folder / "p9"), "-o", str(tmp_path / f"c9{len(engine)}.tif"), "--clear", "-q",
                          *engine]) == 0
