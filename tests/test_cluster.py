@@ -51,10 +51,11 @@ def test_compress_decompress_classify_reduce_on_the_cluster(scheduler, scene_fil
     _same_files(local / "p", remote / "p")
     for where, extra in ((local, []), (remote, ["--scheduler", scheduler])):
         assert cli.main(["decompress", str(where / "p"), "-o", str(where / "d.tif"), *extra]) == 0
+        assert cli.main(["decompress", str(where / "p"), "-o", str(where / "clear.tif"), "--clear", *extra]) == 0
         assert cli.main(["classify", str(where / "p"), "-o", str(where / "c.tif"), *extra]) == 0
         assert cli.main(["classify", str(where / "p"), "-o", str(where / "lc.tif"), "--classes", "landcover", *extra]) == 0
         assert cli.main(["reduce", str(where / "p"), "--quality", "2", "-o", str(where / "r"), *extra]) == 0
-    for name in ("d.tif", "c.tif", "lc.tif"):
+    for name in ("d.tif", "clear.tif", "c.tif", "lc.tif"):
         assert (local / name).read_bytes() == (remote / name).read_bytes(), name
     _same_files(local / "r", remote / "r")
     assert _pixels(local / "d.tif").any() and len(np.unique(_pixels(local / "c.tif"))) > 1
