@@ -104,6 +104,30 @@ def test_features_are_the_dequantised_latents(prod):
     assert ds.sizes["y_latent"] == -(-SHAPE[0] // 4) and float(ds.x_latent[1] - ds.x_latent[0]) == 4 * float(ds.x[1] - ds.x[0])
 
 
+def test_classes_are_those_of_corsa_classify_on_the_reflectances_grid(prod, tmp_path):
+    folder, _ = prod
+    ds = xr.open_dataset(folder, engine="corsa", classes=["scl", "landcover"], chunks={})
+    assert ds.scl.dims == ("time", "y", "x") and ds.scl.dtype == np.uint8 and ds.scl.chunks[1][0] == 512
+    assert ds.scl.attrs["flag_meanings"].split()[0] == "no_data" and ds.landcover.attrs["flag_values"][0] == 0
+    for name in ("scl", "landcover"):
+        assert cli.main(["classify", str(folder), "-o", str(tmp_path / name), "--classes", name, "-q"]) == 0
+    for i, date in enumerate(DATES):
+        for name in ("scl", "landcover"):
+            with rasterio.open(tmp_path / name / f"classes_{date}.tif") as f:
+                cells = f.read(1)
+            full = np.repeat(np.repeat(cells, 2, 0), 2, 1)[:SHAPE[0], :SHAPE[1]]
+            np.testing.assert_array_equal(ds[name].isel(time=i).values, full)
+            # a window across blocks decodes no pixels and reads the classes of the blocks under it
+            np.testing.assert_array_equal(ds[name].isel(time=i, y=slice(505, 590), x=slice(3, 1030, 5)).values,
+                                          full[505:590, 3:1030:5])
+    assert len(np.unique(ds.scl.values)) > 1
+    # the reflectances of the usable pixels, the way a user masks clouds
+    usable = ds.reflectance.where(ds.scl <= corsa_udf.LAST_USABLE_CLASS).isel(time=0).values
+    assert np.isnan(usable).any() == bool((ds.scl.isel(time=0) > corsa_udf.LAST_USABLE_CLASS).any())
+    with pytest.raises(product.ProductError, match="has no water head"):
+        xr.open_dataset(folder, engine="corsa", classes="water")
+
+
 def test_stac_collection_and_item_open_the_product(prod):
     folder, decoded = prod
     whole = xr.open_dataset(folder / "collection.json", engine="corsa", mask_and_scale=False)
@@ -118,12 +142,14 @@ def test_stac_collection_and_item_open_the_product(prod):
 def test_dask_chunks_are_the_blocks_and_compute_on_a_cluster(prod):
     distributed = pytest.importorskip("dask.distributed")
     folder, decoded = prod
-    ds = xr.open_dataset(folder, engine="corsa", mask_and_scale=False, chunks={})
+    ds = xr.open_dataset(folder, engine="corsa", mask_and_scale=False, chunks={}, classes="scl")
     assert ds.reflectance.chunks == ((1, 1), (10,), (512, 86), (512, 512, 7))
     with cluster.processes(2) as address, distributed.Client(address) as client:
         means = client.compute(ds.reflectance.astype("float64").mean(("y", "x"))).result()
+        counts = client.compute((ds.scl > corsa_udf.LAST_USABLE_CLASS).sum(("y", "x"))).result()
     expected = np.stack([decoded[d][0].reshape(10, -1).mean(1) for d in DATES])
     np.testing.assert_allclose(means.values, expected, rtol=1e-12)
+    np.testing.assert_array_equal(counts.values, (ds.scl.load() > corsa_udf.LAST_USABLE_CLASS).sum(("y", "x")).values)
 
 
 def test_what_does_not_open_is_named(tmp_path):

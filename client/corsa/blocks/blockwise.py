@@ -510,11 +510,30 @@ class DateDecoder:
             blocks = (self.block(ys, xs, *self.inputs(ys, xs, None)) for ys in ys_all for xs in xs_all)
         out = np.zeros((len(BANDS), rows.stop - rows.start, cols.stop - cols.start), np.uint16)
         for y0, x0, v in blocks:
-            ry, rx = slice(max(y0, rows.start), min(y0 + v.shape[1], rows.stop)), \
-                slice(max(x0, cols.start), min(x0 + v.shape[2], cols.stop))
-            out[:, ry.start - rows.start:ry.stop - rows.start, rx.start - cols.start:rx.stop - cols.start] = \
-                v[:, ry.start - y0:ry.stop - y0, rx.start - x0:rx.stop - x0]
+            _place(out, rows, cols, y0, x0, v)
         return out
+
+    def classes(self, rows: slice, cols: slice, classes: str = "scl") -> np.ndarray:
+        """The scene classes or land cover (``classes``; uint8, 0 = nodata) of a window of the date's 10 m grid, each
+        20 m cell over its 10 m pixels (as the classify service gives them): from the integers of the blocks under
+        the window, over the classify service's windows (``block_classes``), without decoding."""
+        (h, w), c = self.head["shape"], windows.OVERLAP["classify"]
+        out = np.zeros((rows.stop - rows.start, cols.stop - cols.start), np.uint8)
+        for ys in (s for s in _spans(h, c) if s[1] > rows.start and s[0] < rows.stop):
+            for xs in (s for s in _spans(w, c) if s[1] > cols.start and s[0] < cols.stop):
+                ints = self.ints.window(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), None)
+                cells = block_classes(self.codec, classes, self.head["quality"], ints, ys, xs, self.ints.mask)
+                _place(out, rows, cols, ys[0], xs[0], np.repeat(np.repeat(cells, 2, 0), 2, 1)[:ys[1] - ys[0], :xs[1] - xs[0]])
+        return out
+
+
+def _place(out: np.ndarray, rows: slice, cols: slice, y0: int, x0: int, v: np.ndarray) -> None:
+    """A block ``v`` (..., y, x) whose corner is at (``y0``, ``x0``) written into its part of ``out``, the window
+    ``rows`` x ``cols`` of the grid."""
+    ry, rx = slice(max(y0, rows.start), min(y0 + v.shape[-2], rows.stop)), \
+        slice(max(x0, cols.start), min(x0 + v.shape[-1], cols.stop))
+    out[..., ry.start - rows.start:ry.stop - rows.start, rx.start - cols.start:rx.stop - cols.start] = \
+        v[..., ry.start - y0:ry.stop - y0, rx.start - x0:rx.stop - x0]
 
 
 def reduced_refinement(folder: Path, date: str, codec: VariableRateCodec, to: int, k: int) -> BlockRefinement | None:

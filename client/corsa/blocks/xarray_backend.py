@@ -9,7 +9,10 @@ reflectance scale as ``_FillValue`` / ``scale_factor``, decoded unless ``mask_an
   reflectance (time, band, y, x): the decoded bands, uint16 DN on the stored 10 m grid;
   features (time, channel, y_latent, x_latent), with ``features=True``: the stored latents,
     dequantised (ints x inv_gain of each date's level), on the 40 m latent grid, entropy-decoded
-    only, without running the decoder.
+    only, without running the decoder;
+  scl, landcover (time, y, x), with ``classes="scl"`` / ``"landcover"`` / both in a list: the model's class heads
+    on the latents (no decoding), uint8 (0 = nodata, CF's flag_values / flag_meanings), each 20 m cell over its
+    10 m pixels: what ``corsa classify`` gives, on the reflectance's grid.
 ``chunks={}`` gives dask chunks of one date and one block (the product's own blocks); the arrays
 pickle as their product's names, so dask.distributed workers open the files themselves.
 """
@@ -92,15 +95,15 @@ class _DateArray(BackendArray):
         return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.BASIC, self._read)
 
     def _read(self, key: tuple) -> np.ndarray:
-        (t, c, y, x), after = _ranges(key, self.shape)
-        shape = (t.stop - t.start, c.stop - c.start, y.stop - y.start, x.stop - x.start)
+        (t, *rest), after = _ranges(key, self.shape)
+        shape = (t.stop - t.start, *(r.stop - r.start for r in rest))
         if not np.prod(shape):
             return np.zeros(shape, self.dtype)[after]
         # one date (the usual read) handed over as decoded, not copied into a new array
-        parts = [self.part(self.source.decoder(date), c, y, x).astype(self.dtype, copy=False) for date in self.source.dates[t]]
+        parts = [self.part(self.source.decoder(date), *rest).astype(self.dtype, copy=False) for date in self.source.dates[t]]
         return (parts[0][None] if len(parts) == 1 else np.stack(parts))[after]
 
-    def part(self, decoder: DateDecoder, c: slice, y: slice, x: slice) -> np.ndarray:
+    def part(self, decoder: DateDecoder, *window: slice) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -116,6 +119,32 @@ class Features(_DateArray):
 
     def part(self, decoder: DateDecoder, c: slice, y: slice, x: slice) -> np.ndarray:
         return decoder.codec.dequantise(decoder.ints.window(y, x, None)[c], decoder.head["quality"])
+
+
+class Classes(_DateArray):
+    """A (time, y, x) class map of the model's head for one class set: from the integers of the blocks under the
+    window, no decoding (``DateDecoder.classes``)."""
+
+    def __init__(self, source: Source, shape: tuple[int, ...], classes: str):
+        super().__init__(source, shape, np.uint8)
+        self.classes = classes
+
+    def part(self, decoder: DateDecoder, y: slice, x: slice) -> np.ndarray:
+        return decoder.classes(y, x, self.classes)
+
+
+def _class_variable(source: Source, shape: tuple[int, int], classes: str) -> xr.Variable:
+    """The variable of one class set, with CF's flag_values / flag_meanings from the model's head (0: nodata)."""
+    codec = source.codec(source.dates[0])
+    head = (codec.card.get("heads") or {}).get(classes) if isinstance(codec, VariableRateCodec) else None
+    if head is None:
+        raise product.ProductError(f"model {codec.model_id} has no {classes} head: classes= takes "
+                                   f"{', '.join(sorted((codec.card.get('heads') or {}))) or 'none'} for this product")
+    return xr.Variable(("time", "y", "x"), indexing.LazilyIndexedArray(Classes(source, shape, classes)), attrs={
+        "long_name": {"scl": "scene classes", "landcover": "land cover"}.get(classes, classes) + " from the codes",
+        "flag_values": np.array([0] + [c["value"] for c in head["classes"]], np.uint8),
+        "flag_meanings": " ".join(["no_data"] + [c["name"].replace(" ", "_") for c in head["classes"]])},
+        encoding={"preferred_chunks": {"time": 1, "y": BLOCK_PX, "x": BLOCK_PX}})
 
 
 def _grid(heads: dict[str, dict], folder: Path) -> dict:
@@ -166,9 +195,10 @@ def _source(path: str | os.PathLike, model: str | None, quality: int | None) -> 
 
 
 def open_product(path: str | os.PathLike, features: bool = False, mask_and_scale: bool = True,
-                 drop_variables=None, model: str | None = None, quality: int | None = None) -> xr.Dataset:
+                 drop_variables=None, model: str | None = None, quality: int | None = None,
+                 classes: str | list[str] | tuple[str, ...] = ()) -> xr.Dataset:
     """The Dataset of a product or a compress job's download (see the module's description);
-    reads the dates' headers only."""
+    reads the dates' headers only. ``classes``: the class sets ("scl", "landcover") to add as variables."""
     source = _source(path, model, quality)
     heads = {d: source.head(d) for d in source.dates}
     grid = _grid(heads, source.folder)
@@ -193,6 +223,8 @@ def open_product(path: str | os.PathLike, features: bool = False, mask_and_scale
             attrs={"long_name": "dequantised latent (the codes the decoder and the classifier heads read)"},
             encoding={"preferred_chunks": {"time": 1, "channel": channels, "y_latent": BLOCK_PX // LATENT_STRIDE,
                                            "x_latent": BLOCK_PX // LATENT_STRIDE}})
+    for name in [classes] if isinstance(classes, str) else classes:
+        variables[name] = _class_variable(source, shape, name)
     ds = xr.Dataset(variables, coords=coords, attrs={
         "corsa_model_id": grid["model_id"], "corsa_product": str(source.folder),
         "source": "CORSA product (https://github.com/corsa-openeo/corsa-openeo)"})
@@ -210,12 +242,13 @@ class CorsaBackendEntrypoint(BackendEntrypoint):
 
     description = "Open CORSA compressed Sentinel-2 products lazily, block by block"
     url = "https://github.com/corsa-openeo/corsa-openeo/blob/main/docs/xarray.md"
-    open_dataset_parameters = ("filename_or_obj", "drop_variables", "mask_and_scale", "features", "model", "quality")
+    open_dataset_parameters = ("filename_or_obj", "drop_variables", "mask_and_scale", "features", "model", "quality",
+                               "classes")
 
     def open_dataset(self, filename_or_obj, *, drop_variables=None, mask_and_scale=True, features=False, model=None,
-                     quality=None) -> xr.Dataset:
+                     quality=None, classes=()) -> xr.Dataset:
         return open_product(filename_or_obj, features=features, mask_and_scale=mask_and_scale,
-                            drop_variables=drop_variables, model=model, quality=quality)
+                            drop_variables=drop_variables, model=model, quality=quality, classes=classes)
 
     def guess_can_open(self, filename_or_obj) -> bool:
         try:
