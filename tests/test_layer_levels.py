@@ -98,8 +98,10 @@ def test_the_engine_refuses_a_layered_product_by_name_and_clear_masks_its_layere
     # --clear: the layered decoding, 0 where the product's scene classes (those of the classify service) say cloud
     # or shadow; on the base level, blocks and their edges as corsa_openeo_decompress_clear gives them
     assert cli.main(["decompress", str(folder / f"p{LEVEL}"), "-o", str(tmp_path / "c.tif"), "--clear", "-q"]) == 0
+    said = capsys.readouterr().out
     assert cli.main(["classify", str(folder / f"p{LEVEL}"), "-o", str(tmp_path / "k.tif"), "-q"]) == 0
     clear, decoded, classes = _read(tmp_path / "c.tif"), _read(folder / f"d{LEVEL}.tif"), _read(tmp_path / "k.tif")[0]
+    assert f"pixels 0 (cloud, cloud shadow or nodata): {100 * (clear[0] == 0).mean():.1f}%" in said
     unusable = np.repeat(np.repeat(classes > 4, 2, 0), 2, 1)[:clear.shape[1], :clear.shape[2]]
     assert 0 < unusable.mean() < 1
     np.testing.assert_array_equal(clear, np.where(unusable, 0, decoded))

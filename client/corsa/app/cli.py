@@ -35,6 +35,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import corsa_udf  # noqa: E402
 import numpy as np  # noqa: E402
+import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
@@ -243,6 +244,16 @@ def _opened(folder: Path, model: str | None, network: str = "decoder") -> tuple[
     return codec, None, dates
 
 
+def _cleared_shares(written: list[Path]) -> str:
+    """How much of each file --clear left as 0 (cloud, cloud shadow or nodata): a head that calls a hazy scene cloud
+    leaves little, which the user should hear of."""
+    shares = []
+    for path in written:
+        with rasterio.open(path) as f:
+            shares.append(f"{100 * float((f.read(1) == 0).mean()):.1f}%")
+    return f"; pixels 0 (cloud, cloud shadow or nodata): {', '.join(shares)}"
+
+
 def _decoded_written(written: list[Path], dates: list[str | None], source: Path) -> str:
     """A STAC Item beside each decoded file (``corsa.formats.stac_catalog``), and one line on them."""
     for path, date in zip(written, dates):
@@ -281,7 +292,7 @@ def decompress(args: argparse.Namespace) -> str:
                                         date=args.date, fill_gaps=args.fill, scale=args.scale, like_path=args.like,
                                         run=run, clear=args.clear)
         dates = [args.date] if args.date else stored
-        return _decoded_written(written, dates, args.input)
+        return _decoded_written(written, dates, args.input) + (_cleared_shares(written) if args.clear else "")
     if stream and codec.layer(quality) is not None:
         raise ValueError(f"{args.input} is at level {quality} of {codec.model_id}, its level {codec.base(quality)} and a "
                          "residual layer, which the block-by-block path adds: decompress it without --engine")
