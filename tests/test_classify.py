@@ -18,7 +18,7 @@ from corsa.codec.models import DEFAULT_MODEL, ModelError, VariableRateCodec
 from corsa.openeo.engine import Engine
 from corsa.openeo.processes import GRAPHS_DIR
 from corsa.formats.sources import Catalogue
-from corsa.formats.datasets import LOADERS
+from corsa.formats.datasets import LOADERS, revisit_series
 from training.classify import BandClassifier, FeatureClassifier
 from training.scl_labels import CLASSES, mean_grid20, merge_scl, to_grid20
 
@@ -172,6 +172,28 @@ def test_classify_and_clear_of_the_default_models_product(tmp_path, scene):
         clear, everything = a.read(), b.read()
     unusable = np.repeat(np.repeat(np.isin(classes, (5, 6)), 2, 0), 2, 1)[: clear.shape[1], : clear.shape[2]]
     np.testing.assert_array_equal(clear, np.where(unusable, 0, everything))
+
+
+def test_clear_and_fill_fills_a_dates_clouds_from_the_other_dates(tmp_path, data_root):
+    """--clear --fill: the pixels --clear sets to 0 come from the other dates where those show the ground (brought
+    to the date's light, as --fill fills nodata); every other pixel is --clear's."""
+    (run,) = revisit_series([s for s in LOADERS["worldstrat"](data_root) if s.location == "Landcover-461460"])
+    (tmp_path / "in").mkdir()
+    for s in run[:6]:
+        write_scene(tmp_path / "in" / f"{s.date}.tif", s.data, Affine(*s.transform), s.crs, s.date)
+    prod = tmp_path / "prod"
+    assert cli.main(["compress", str(tmp_path / "in"), "-o", str(prod), "-q"]) == 0
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "clear"), "--clear", "-q"]) == 0
+    assert cli.main(["decompress", str(prod), "-o", str(tmp_path / "filled"), "--clear", "--fill", "-q"]) == 0
+    cleared = filled = 0
+    for s in run[:6]:
+        with rasterio.open(tmp_path / "clear" / f"corsa_decoded_{s.date}.tif") as a, \
+                rasterio.open(tmp_path / "filled" / f"corsa_decoded_{s.date}.tif") as b:
+            clear, fill = a.read(), b.read()
+        gone = (clear == 0).all(0)
+        np.testing.assert_array_equal(fill[:, ~gone], clear[:, ~gone])
+        cleared, filled = cleared + gone.sum(), filled + (gone & (fill > 0).all(0)).sum()
+    assert cleared > 1000 and filled > 0.5 * cleared, (cleared, filled)
 
 
 # -- land cover from the default model's codes ---------------------------------------------------

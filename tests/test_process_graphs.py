@@ -74,7 +74,8 @@ def test_chunk_overlap_covers_each_networks_reach():
     _, clf_card = read_card(DEFAULT_CLASSIFIER)
     reach = {"compress": max(compress_reach(c) for c in codecs),
              "decompress": max(c["receptive_radius_px"]["decoder"] for c in codecs),
-             "classify": clf_card["receptive_radius_px"]["grid10"],
+             "classify": max([clf_card["receptive_radius_px"]["grid10"]]
+                             + [h["receptive_radius_px"] for c in cards for h in (c.get("heads") or {}).values()]),
              "render": (max(c["render"]["reach_px"] for c in cards if "render" in c) + 1) * RENDER_EXACT_SCALE}
     seen = set()
     for path in FILES:

@@ -325,7 +325,8 @@ def decompress(args: argparse.Namespace) -> str:
         graph["process_graph"]["decode"]["process_id"] = "corsa_openeo_decompress_clear"
         graph["process_graph"]["decode"]["arguments"]["classifier"] = str(classifier) if classifier else None
         if args.fill:
-            raise ValueError("--fill and --clear do not combine yet: --clear sets the cloud pixels to 0 after decoding")
+            raise ValueError("--fill and --clear combine on the block-by-block path (without --engine): the services "
+                             "have no such graph")
         for name in ("fill", "dates"):
             del graph["process_graph"]["decode"]["arguments"][name]
     # checks the decoder against its card and loads it now, not deep inside the engine
@@ -704,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="fill a date's gaps (its nodata pixels) from the other dates of the series, brought to "
                            "the date's light; other pixels are unchanged")
             s.add_argument("--clear", action="store_true", help="set the pixels the scene classes call cloud or "
-                           "cloud shadow to 0 (nodata)")
+                           "cloud shadow to 0 (nodata); with --fill, fill them from the other dates")
             s.add_argument("--kernels", choices=corsa_udf.KERNELS, default="auto",
                            help="auto (default): decode with the model's int8 decoder where it has one (about 1.4x "
                            "faster), at the quality levels its card lists; int8: with that one at every level; "

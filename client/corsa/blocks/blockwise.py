@@ -410,15 +410,17 @@ class DateDecoder:
     decompress`` writes (``decompress_date``) and what a window read through xarray gets (``window``) are these
     blocks. Pickles as its names: a dask worker opens the product and the sessions itself."""
 
-    def __init__(self, folder: Path, date: str, codec: VariableRateCodec, fill_gaps: bool = False, ints=None):
+    def __init__(self, folder: Path, date: str, codec: VariableRateCodec, fill_gaps: bool = False, ints=None,
+                 clear: bool = False):
         """``ints``: where the integers come from, if not the product in ``folder`` (a compress job's
-        download: ``job_files.DateIntegers``)."""
-        self.args = (folder, date, codec, fill_gaps, ints)
+        download: ``job_files.DateIntegers``). ``clear``: the pixels the model's scene classes call cloud or
+        cloud shadow are gaps too (0, or with ``fill_gaps`` filled where the other dates show the ground)."""
+        self.args = (folder, date, codec, fill_gaps, ints, clear)
         self.ints = ints or _Integers(folder, date, codec)
-        self.head, self.codec = self.ints.head, codec
+        self.head, self.codec, self.clear = self.ints.head, codec, clear
         self.overlap = windows.OVERLAP["decompress"]
         self.around = StoredDates(folder, _fill_dates(folder, date), self.head["shape"], codec, f"fill {date}") \
-            if fill_gaps and self.ints.mask is not None else None
+            if fill_gaps and (self.ints.mask is not None or clear) else None
 
     def __reduce__(self):
         return type(self), self.args
@@ -430,7 +432,7 @@ class DateDecoder:
 
     def _nearby(self, ys: tuple[int, ...], xs: tuple[int, ...], pool: ThreadPoolExecutor | None) -> tuple | None:
         """The candidates' latents and refinements over a window whose block has gaps (--fill)."""
-        if self.around is None or not self.ints.mask[ys[0]:ys[1], xs[0]:xs[1]].any():
+        if self.around is None or (not self.clear and not self.ints.mask[ys[0]:ys[1], xs[0]:xs[1]].any()):
             return None
         return (self.around.latents(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), pool,
                                     self.codec), self.around.refinements(ys, xs))
@@ -445,35 +447,35 @@ class DateDecoder:
     def block(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None,
               refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:
         """A block's pixels (10, y, x) uint16 and where they go (y0, x0): the window decoded and refined,
-        nodata set to 0 or filled from the other dates' refined decodings."""
+        nodata (and with ``clear`` cloud and cloud shadow) set to 0 or filled from the other dates' refined
+        decodings."""
         (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = ys, xs
         z = self.codec.dequantise(latent, self.head["quality"])
         dec, mask = network_session(self.codec, self.head["quality"]), self.ints.mask
         win = None if mask is None else mask[wy0:wy1, wx0:wx1]
         rec = refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], refinement, win)
-        if mask is not None:
-            rec[:, win] = 0
-            if nearby is not None:
+        gaps = win if not self.clear else self._cloudy(z, win.shape if win is not None else rec.shape[1:], win)
+        inside = slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0)
+        if gaps is not None:
+            rec[:, gaps] = 0
+            if nearby is not None and gaps[inside].any():
                 # The window the decompress service's UDF gets as one chunk: the same tiles, the same fill.
-                gaps = [np.zeros(win.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
+                holes = [np.zeros(gaps.shape, bool) if m is None else m[wy0:wy1, wx0:wx1] for m in self.around.masks]
                 others = [refined(corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], fn, g)
-                          for zn, fn, g in zip(*nearby, gaps)]
-                rec = corsa_udf.fill_date(rec, win, others, gaps)
-        return y0, x0, self._layered(y0, x0, to_uint16(rec[:, y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]))
+                          for zn, fn, g in zip(*nearby, holes)]
+                if self.clear:      # another date's clouds do not fill this one's
+                    holes = [self._cloudy(zn, g.shape, g) for zn, g in zip(nearby[0], holes)]
+                rec = corsa_udf.fill_date(rec, gaps, others, holes)
+        return y0, x0, self._layered(y0, x0, to_uint16(rec[(slice(None), *inside)]), None if gaps is None else gaps[inside])
 
-    def cleared(self, ys: tuple[int, ...], xs: tuple[int, ...], latent: np.ndarray, nearby: tuple | None,
-                refinement: np.ndarray | None = None) -> tuple[int, int, np.ndarray]:
-        """``block``, with the pixels the model's scene classes call cloud or cloud shadow set to 0: the classes of
-        the window the classify service's UDF gets (``windows.OVERLAP["classify"]``, inside the block's decoding
-        window), each 20 m cell over its 10 m pixels, as the service corsa_openeo_decompress_clear masks them."""
-        y0, x0, pixels = self.block(ys, xs, latent, nearby, refinement)
-        (_, y1, wy0, _), (_, x1, wx0, _), c = ys, xs, windows.OVERLAP["classify"]
-        (h, w) = self.head["shape"]
-        cys, cxs = (y0, y1, max(0, y0 - c), min(h, y1 + c)), (x0, x1, max(0, x0 - c), min(w, x1 + c))
-        window = latent[:, cys[2] // 4 - wy0 // 4:-(-cys[3] // 4) - wy0 // 4, cxs[2] // 4 - wx0 // 4:-(-cxs[3] // 4) - wx0 // 4]
-        classes = block_classes(self.codec, "scl", self.head["quality"], window, cys, cxs, self.ints.mask)
-        pixels[:, np.repeat(np.repeat(classes > corsa_udf.LAST_USABLE_CLASS, 2, 0), 2, 1)[:y1 - y0, :x1 - x0]] = 0
-        return y0, x0, pixels
+    def _cloudy(self, z: np.ndarray, shape: tuple[int, int], nodata: np.ndarray | None) -> np.ndarray:
+        """A window's gaps with ``clear``: its ``nodata`` and the pixels the model's scene classes, from its
+        dequantised latent ``z``, call cloud or cloud shadow (each 20 m cell over its 10 m pixels). On a block the
+        classes of the classify service's windows (``windows.OVERLAP["classify"]``: the head reaches no farther)."""
+        (logits,) = _sessions(self.codec, "heads/scl").run(None, {"latent": z[None]})
+        unusable = logits[0].argmax(0) + 1 > corsa_udf.LAST_USABLE_CLASS
+        unusable = np.repeat(np.repeat(unusable, 2, 0), 2, 1)[:shape[0], :shape[1]]
+        return unusable if nodata is None else unusable | nodata
 
     def block_index(self, y0: int, x0: int) -> int:
         """The index of the block at (``y0``, ``x0``) in the file's order (``stream_format.block_slices``)."""
@@ -484,16 +486,15 @@ class DateDecoder:
         refinement = series.block_refinement(self.args[0], self.head["date"], k, self.codec)
         return None if refinement is None else residual_coder.cells_phase(refinement.grid20)
 
-    def _layered(self, y0: int, x0: int, pixels: np.ndarray) -> np.ndarray:
-        """A block's pixels with its residual layer added, where the date has one (on its pixels with data)."""
+    def _layered(self, y0: int, x0: int, pixels: np.ndarray, gaps: np.ndarray | None) -> np.ndarray:
+        """A block's pixels with its residual layer added, where the date has one (not on its ``gaps``: nodata,
+        cleared or filled pixels)."""
         k = self.block_index(y0, x0)
         layer = self.ints.layer(k)
         if layer is None:
             return pixels
-        mask = self.ints.mask
         try:
-            return residual_coder.add(pixels, layer, None if mask is None else
-                                      mask[y0:y0 + pixels.shape[1], x0:x0 + pixels.shape[2]], self.cells_phase(k))
+            return residual_coder.add(pixels, layer, gaps, self.cells_phase(k))
         except StreamError as e:
             raise stream_format.ProductError(f"{stream_format.file_name(self.head['date'])}: block {k}: {e}") from e
 
@@ -562,12 +563,12 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
     decompress service's save_result writes it; under a temporary name until complete. ``fill_gaps``:
     nodata pixels get values from the other dates (``corsa_udf.fill_date``), the others are kept.
     ``run``: a cluster whose workers decode the blocks (default: local threads). ``clear``: cloud and
-    cloud-shadow pixels set to 0 (``DateDecoder.cleared``)."""
-    decoder = DateDecoder(folder, date, codec, fill_gaps)
+    cloud-shadow pixels are gaps too, set to 0 or filled (``DateDecoder``)."""
+    decoder = DateDecoder(folder, date, codec, fill_gaps, clear=clear)
     network_session(codec, decoder.head["quality"])       # checked here, before any block runs
     if clear:
         _sessions(codec, "heads/scl")
-    return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.cleared if clear else decoder.block, run)
+    return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.block, run)
 
 
 def block_classes(codec: VariableRateCodec, classes: str, quality: int, ints: np.ndarray, ys: tuple[int, ...],

@@ -222,14 +222,14 @@ def decompress(folder: Path, codec: VariableRateCodec, out: Path, single: bool, 
     ``out`` (``single``) or to ``out/corsa_decoded_<date>.tif`` (the engine path's names); on the
     stored grid, or on the grid of ``scale`` (pixels that many times smaller) or of ``like_path``.
     ``run``: a cluster whose workers decode the stored grid's blocks. ``clear``: stored dates with their
-    cloud and cloud-shadow pixels set to 0 (``blockwise.DateDecoder.cleared``), then rendered as nodata."""
+    cloud and cloud-shadow pixels set to 0 (with ``fill_gaps`` filled from the other dates, as nodata is;
+    ``blockwise.DateDecoder``), then rendered as nodata."""
     dates = stream_format.dates_in(folder)
     between = date is not None and date not in dates
     if between and fill_gaps:
         raise ValueError(f"{date} is not a stored date of {folder}: --fill fills a stored date's gaps")
-    if clear and (between or fill_gaps):
-        raise ValueError("--clear sets the cloud pixels of stored dates to 0: not with --fill or a date between stored "
-                         "dates")
+    if clear and between:
+        raise ValueError(f"{date} is not a stored date of {folder}: --clear masks the clouds of stored dates")
     grid = like(like_path) if like_path else None       # a bad --like or --scale is refused before decoding
     if scale is not None and not (scale > 0 and np.isfinite(scale)):
         raise ValueError(f"--scale must be a positive number, not {scale}")

@@ -7,7 +7,8 @@ from __future__ import annotations
 from corsa_udf import reach_overlap, refine_grid
 
 # apply_neighborhood chunks: 512 px plus, on each side, the context that one mode's network
-# reaches (receptive_radius_px in the shipped model cards: encoder 54, decoder 44, classifier 2),
+# reaches (receptive_radius_px in the shipped model cards: encoder 54, decoder 44, the variable-rate
+# models' class heads 12, corsa512's classifier 2),
 # rounded up to whole level-1 cells; a test checks them against the cards. Decompress needs only the
 # decoder's reach, compress the encoder's (``compress_reach``: a refined model's UDF decodes the
 # block too, 64 px for corsa3.9): the sum of the farthest (the cards' tile.overlap, 100 px) would
@@ -17,7 +18,7 @@ CHUNK, UDF_TILE = 512, 1024
 # render: the space head's reach (its card's reach_px, 11, plus one) in stored pixels, at up to
 # RENDER_EXACT_SCALE output pixels per stored one.
 RENDER_EXACT_SCALE = 8
-OVERLAP = {"compress": 64, "decompress": 44, "classify": 4, "render": 96}
+OVERLAP = {"compress": 64, "decompress": 44, "classify": 12, "render": 96}
 
 
 def compress_reach(card: dict) -> int:
