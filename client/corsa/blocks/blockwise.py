@@ -454,7 +454,7 @@ class DateDecoder:
         dec, mask = network_session(self.codec, self.head["quality"]), self.ints.mask
         win = None if mask is None else mask[wy0:wy1, wx0:wx1]
         rec = refined(corsa_udf.synthesise(dec, z, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], refinement, win)
-        gaps = win if not self.clear else self._cloudy(z, win.shape if win is not None else rec.shape[1:], win)
+        gaps = self._with_clouds(z, rec.shape[1:], win) if self.clear else win
         inside = slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0)
         if gaps is not None:
             rec[:, gaps] = 0
@@ -464,11 +464,11 @@ class DateDecoder:
                 others = [refined(corsa_udf.synthesise(dec, zn, windows.UDF_TILE, self.overlap)[:, :wy1 - wy0, :wx1 - wx0], fn, g)
                           for zn, fn, g in zip(*nearby, holes)]
                 if self.clear:      # another date's clouds do not fill this one's
-                    holes = [self._cloudy(zn, g.shape, g) for zn, g in zip(nearby[0], holes)]
+                    holes = [self._with_clouds(zn, g.shape, g) for zn, g in zip(nearby[0], holes)]
                 rec = corsa_udf.fill_date(rec, gaps, others, holes)
         return y0, x0, self._layered(y0, x0, to_uint16(rec[(slice(None), *inside)]), None if gaps is None else gaps[inside])
 
-    def _cloudy(self, z: np.ndarray, shape: tuple[int, int], nodata: np.ndarray | None) -> np.ndarray:
+    def _with_clouds(self, z: np.ndarray, shape: tuple[int, int], nodata: np.ndarray | None) -> np.ndarray:
         """A window's gaps with ``clear``: its ``nodata`` and the pixels the model's scene classes, from its
         dequantised latent ``z``, call cloud or cloud shadow (each 20 m cell over its 10 m pixels). On a block the
         classes of the classify service's windows (``windows.OVERLAP["classify"]``: the head reaches no farther)."""
