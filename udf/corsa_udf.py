@@ -593,7 +593,8 @@ def render_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     return _like(cube, out, BANDS, had_t)
 
 
-def _replicate(idx: np.ndarray, factor: int, shape: Tuple[int, int]) -> np.ndarray:
+def replicate(idx: np.ndarray, factor: int, shape: Tuple[int, int]) -> np.ndarray:
+    """(..., h, w) cells -> each over ``factor`` x ``factor`` pixels, cut to ``shape`` (a finer grid's y, x)."""
     return np.repeat(np.repeat(idx, factor, -2), factor, -1)[..., : shape[0], : shape[1]]
 
 
@@ -1350,7 +1351,7 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
         for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
             shape = scene.shape[1:]
             ints = quantise(analyse(enc, scene, tile, overlap) * gain, deadzone_of(card))
-            out[(t, slice(0, len(ints))) + window] = _replicate(ints, STRIDE1, shape)
+            out[(t, slice(0, len(ints))) + window] = replicate(ints, STRIDE1, shape)
             nodata = nodata_of(scene)
             out[(t, nodata_band) + window] = nodata
             if step:
@@ -1377,8 +1378,8 @@ def compress_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
         shape = scene.shape[1:]
         idx0, idx1 = encode(enc, scene, tile, overlap)
-        out[(t, 0) + window] = _replicate(idx0, STRIDE0, shape)
-        out[(t, 1) + window] = _replicate(idx1, STRIDE1, shape)
+        out[(t, 0) + window] = replicate(idx0, STRIDE0, shape)
+        out[(t, 1) + window] = replicate(idx1, STRIDE1, shape)
         out[(t, 2) + window] = nodata_of(scene)
     result = _like(cube, out, INDEX_BANDS, had_t)
     result.attrs.update(_model_identity(model, context))
@@ -1414,7 +1415,7 @@ def classify_cube(cube: xr.DataArray, context: dict) -> xr.DataArray:
     out = np.zeros((data.shape[0], 1) + data.shape[2:], np.uint8)
     window = data_window(data)
     for t, (rep0, rep1, nodata) in enumerate(data[(Ellipsis,) + window] if window else ()):
-        classes = _replicate(classify(feats, clf, *_indices(rep0, rep1)), STRIDE0, rep0.shape)
+        classes = replicate(classify(feats, clf, *_indices(rep0, rep1)), STRIDE0, rep0.shape)
         classes[np.nan_to_num(nodata, nan=1) != 0] = 0
         out[(t, 0) + window] = classes
     return _like(cube, out, ("class",), had_t)
@@ -1437,7 +1438,7 @@ def _classify_latent(cube: xr.DataArray, context: dict, model: str, rate) -> xr.
     for t, scene in enumerate(data[(Ellipsis,) + window] if window else ()):
         ints = np.nan_to_num(_pad(scene[:-1], STRIDE1)[:, ::STRIDE1, ::STRIDE1])
         (logits,) = sess.run(None, {"latent": (ints * inv_gain)[None].astype(np.float32)})
-        classes = _replicate((logits[0].argmax(0) + 1).astype(np.uint8), STRIDE0, scene.shape[1:])
+        classes = replicate((logits[0].argmax(0) + 1).astype(np.uint8), STRIDE0, scene.shape[1:])
         classes[np.nan_to_num(scene[-1], nan=1) != 0] = 0
         out[(t, 0) + window] = classes
     return _like(cube, out, ("class",), had_t)

@@ -472,9 +472,7 @@ class DateDecoder:
         """A window's gaps with ``clear``: its ``nodata`` and the pixels the model's scene classes, from its
         dequantised latent ``z``, call cloud or cloud shadow (each 20 m cell over its 10 m pixels). On a block the
         classes of the classify service's windows (``windows.OVERLAP["classify"]``: the head reaches no farther)."""
-        (logits,) = _sessions(self.codec, "heads/scl").run(None, {"latent": z[None]})
-        unusable = logits[0].argmax(0) + 1 > corsa_udf.LAST_USABLE_CLASS
-        unusable = np.repeat(np.repeat(unusable, 2, 0), 2, 1)[:shape[0], :shape[1]]
+        unusable = corsa_udf.replicate(_head_classes(self.codec, "scl", z) > corsa_udf.LAST_USABLE_CLASS, 2, shape)
         return unusable if nodata is None else unusable | nodata
 
     def block_index(self, y0: int, x0: int) -> int:
@@ -524,7 +522,7 @@ class DateDecoder:
             for xs in (s for s in _spans(w, c) if s[1] > cols.start and s[0] < cols.stop):
                 ints = self.ints.window(slice(ys[2] // 4, -(-ys[3] // 4)), slice(xs[2] // 4, -(-xs[3] // 4)), None)
                 cells = block_classes(self.codec, classes, self.head["quality"], ints, ys, xs, self.ints.mask)
-                _place(out, rows, cols, ys[0], xs[0], np.repeat(np.repeat(cells, 2, 0), 2, 1)[:ys[1] - ys[0], :xs[1] - xs[0]])
+                _place(out, rows, cols, ys[0], xs[0], corsa_udf.replicate(cells, 2, (ys[1] - ys[0], xs[1] - xs[0])))
         return out
 
 
@@ -571,13 +569,19 @@ def decompress_date(folder: Path, date: str, codec: VariableRateCodec, out: Path
     return write_blocks(out, decoder.head, decoder.overlap, decoder.inputs, decoder.block, run)
 
 
+def _head_classes(codec: VariableRateCodec, classes: str, z: np.ndarray) -> np.ndarray:
+    """The class values (uint8, from 1) on the 20 m grid that the model's head for ``classes`` gives a dequantised
+    latent window ``z``, as the classify service's UDF takes them."""
+    (logits,) = _sessions(codec, f"heads/{classes}").run(None, {"latent": z[None]})
+    return (logits[0].argmax(0) + 1).astype(np.uint8)
+
+
 def block_classes(codec: VariableRateCodec, classes: str, quality: int, ints: np.ndarray, ys: tuple[int, ...],
                   xs: tuple[int, ...], mask: np.ndarray | None) -> np.ndarray:
     """A block's classes (uint8, 0 = nodata) on the 20 m grid by the model's head for ``classes``, from the integers
     ``ints`` of its window (``ys``, ``xs``: block and window spans), as the classify service's UDF gives them."""
     (y0, y1, wy0, _), (x0, x1, wx0, _) = ys, xs
-    (logits,) = _sessions(codec, f"heads/{classes}").run(None, {"latent": codec.dequantise(ints, quality)[None]})
-    out = (logits[0].argmax(0) + 1).astype(np.uint8)
+    out = _head_classes(codec, classes, codec.dequantise(ints, quality))
     out = out[(y0 - wy0) // 2:(y0 - wy0) // 2 + -(-(y1 - y0) // 2), (x0 - wx0) // 2:(x0 - wx0) // 2 + -(-(x1 - x0) // 2)]
     if mask is not None:      # the service zeroes a 10 m pixel of nodata; a 20 m cell is its first pixel
         out[mask[y0:y1:2, x0:x1:2]] = 0
