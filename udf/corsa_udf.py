@@ -1002,18 +1002,6 @@ def _at_samples(a: np.ndarray, samples: List[Tuple[slice, slice]], dy: int, dx: 
     return out if keep is None else out[..., keep]
 
 
-def _centred(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(rows, n) float32 -> the rows less their means (in place), and the means subtracted (as float64)."""
-    means = x.mean(axis=1, dtype=np.float64).astype(np.float32)
-    x -= means[:, None]
-    return x, means.astype(np.float64)
-
-
-def _products(x: np.ndarray, mx: np.ndarray, y: np.ndarray, my: np.ndarray) -> np.ndarray:
-    """The float64 products of two sets of rows (X Y^T) from the rows less their means (``_centred``) and the means."""
-    return (x @ y.T).astype(np.float64) + x.shape[1] * np.outer(mx, my)
-
-
 def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice, valid: Optional[np.ndarray],
                shape: FilterShape, lam: float = 0.0) -> Optional[np.ndarray]:
     """The loop filter's integer weights (10, taps) of a block, from its input ``truth`` (10, h, w) and a
@@ -1032,27 +1020,21 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
     samples, r = filter_samples(h, w), shape.radius
     keep = None if valid is None else _at_samples(valid, samples, 0, 0)
     keep = None if keep is None or keep.all() else keep
-    centres = _at_samples(near, samples, r, r, keep)                                          # (10, n)
+    centres = _at_samples(near, samples, r, r, keep).astype(np.float64)                       # (10, n)
     count = centres.shape[1]
     if count < 4 * taps:
         return None
     # The features every band shares (every band's near neighbours, centres, the bias) enter the normal
-    # equations once; only the own neighbours' rows are per band. The products run in float32 on
-    # features less their means (the means' part added back in float64): 2x faster than float64, and
-    # without the centres' thousands of DN, float32's sums keep the small differences that decide a fit.
-    errors = _at_samples(truth, samples, 0, 0, keep).astype(np.float32) - centres
-    shared = np.empty((len(near) * len(near_all) + len(near) + 1, count), np.float32)
+    # equations once; only the own neighbours' rows are per band.
+    errors = _at_samples(truth, samples, 0, 0, keep).astype(np.float64) - centres
+    shared = np.empty((len(near) * len(near_all) + len(near) + 1, count))
     k = len(near_all)
     for i, (dy, dx) in enumerate(near_all):
         np.subtract(_at_samples(near, samples, r + dy, r + dx, keep), centres, out=shared[i:len(near) * k:k])
     shared[-len(near) - 1:-1], shared[-1] = centres, 1.0
-    shared, m_shared = _centred(shared)
-    errors, m_errors = _centred(errors)
-    g_shared = _products(shared, m_shared, shared, m_shared)
-    b_shared = _products(shared, m_shared, errors, m_errors)
-    e_sums = _products(errors, m_errors, errors, m_errors).diagonal()       # each band's sum of squared errors
+    g_shared, b_shared = shared @ shared.T, shared @ errors.T
     n = len(own)
-    a = np.empty((n, count), np.float32)
+    a = np.empty((n, count))
     g = np.empty((taps, taps))
     g[n:, n:] = g_shared
     scale = np.array([1 << FILTER_SHIFT] * (taps - 1) + [1], np.float64)
@@ -1062,10 +1044,9 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
     for b in range(len(truth)):
         for t, (dy, dx) in enumerate(own):
             np.subtract(_at_samples(near[b], samples, r + dy, r + dx, keep), centres[b], out=a[t])
-        a, m_a = _centred(a)
-        g[:n, :n], g[:n, n:] = _products(a, m_a, a, m_a), _products(a, m_a, shared, m_shared)
+        g[:n, :n], g[:n, n:] = a @ a.T, a @ shared.T
         g[n:, :n] = g[:n, n:].T
-        rhs = np.concatenate([_products(a, m_a, errors[b:b + 1], m_errors[b:b + 1])[:, 0], b_shared[:, b]])
+        rhs = np.concatenate([a @ errors[b], b_shared[:, b]])
         for i, part in enumerate(parts):
             part = own_taps(shape, b) if part is None else part
             sub = g[np.ix_(part, part)]
@@ -1078,9 +1059,9 @@ def filter_fit(truth: np.ndarray, decoded: np.ndarray, rows: slice, cols: slice,
             out[i, b, part] = q
             wq = q / scale[part]
             # the sampled squared error after the filter, from the normal equations
-            sse[i] += e_sums[b] - 2 * wq @ rhs[part] + wq @ sub @ wq
+            sse[i] += errors[b] @ errors[b] - 2 * wq @ rhs[part] + wq @ sub @ wq
     if lam:
-        total = float(e_sums.sum())
+        total = float((errors ** 2).sum())
         per = (h * w if valid is None else int(valid.sum())) / count     # samples -> the block's pixels
         costs = [per * total + lam * 8]
         for i, part in enumerate(parts):
