@@ -123,7 +123,7 @@ def test_render_heads_train_export_and_render(tmp_path, data_root):
     for f in ("render.onnx", "between.onnx"):
         (model / f).unlink()
     _run("training.train_render", "--model", str(model), "--steps", "2", "--crops", "4", "--val-crops", "2", "--batch", "2")
-    _run("training.train_between", "--model", str(model), "--steps", "2", "--batch", "2")
+    _run("training.train_between", "--model", str(model), "--steps", "2", "--batch", "2", "--series", "2")
     card = json.loads((model / "model_card.json").read_text())
     for key in ("render", "between"):
         assert card[key]["steps"] == 2 and (model / f"{key}.onnx").stat().st_size == card["files"][key]["bytes"]
@@ -143,8 +143,8 @@ def test_decoder_training_resumes_and_exports_a_model_with_the_same_products(tmp
     import hashlib
 
     runs, models = tmp_path / "runs", tmp_path / "models"
-    small = ["--model", "corsa3.1", "--batch", "2", "--crop", "32", "--val-every", "2", "--ckpt-every", "2",
-             "--threads", "1", "--bright", "0.5", "--snow", "0.2", "--water", "0.2"]
+    small = ["--model", "corsa3.1", "--batch", "2", "--crop", "32", "--val-every", "2", "--val-scenes", "2",
+             "--ckpt-every", "2", "--threads", "1", "--bright", "0.5", "--snow", "0.2", "--water", "0.2"]
     log = _train_twice("training.train_decoder", runs, small)
     assert all(len(r["psnr"]) == 9 and np.isfinite(r["mean"]) for r in log)
     _run("training.train_decoder", "--name", "smoke", "--runs", str(runs), "--steps", "4", "--export", "--out",
@@ -201,7 +201,7 @@ def test_reshaped_decoder_starts_from_the_shipped_one_and_exports_its_architectu
     runs, models = tmp_path / "runs", tmp_path / "models"
     grow = ("--blocks20", "1", "--width10", "8", "--first-kernel", "1")
     _run("training.train_decoder", "--name", "grown", "--runs", str(runs), "--steps", "1", "--model", "corsa3.1",
-         "--batch", "2", "--crop", "32", "--val-every", "1", "--threads", "1", "--tilt", "1.5", *grow)
+         "--batch", "2", "--crop", "32", "--val-every", "1", "--val-scenes", "2", "--threads", "1", "--tilt", "1.5", *grow)
     _run("training.train_decoder", "--name", "grown", "--runs", str(runs), "--model", "corsa3.1", "--export", "--out",
          str(models), "--no-figures")
     card = json.loads((models / "grown" / "model_card.json").read_text())

@@ -124,14 +124,18 @@ class Run:
         return self.dir
 
 
+def validation_scenes(every: int = 0) -> list:
+    """The validation split, or about ``every`` of its scenes spread over it (``--val-scenes``; 0: all)."""
+    scenes = load_split(SPLIT_FILE, "val")
+    return scenes[:: max(1, len(scenes) // every)] if every else scenes
+
+
 def train(args: argparse.Namespace) -> Path:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = Run(args, CodecConfig)
     train_scenes = load_split(SPLIT_FILE, "train")
-    val_scenes = load_split(SPLIT_FILE, "val")
-    if args.val_scenes:
-        val_scenes = val_scenes[:: max(1, len(val_scenes) // args.val_scenes)]
+    val_scenes = validation_scenes(args.val_scenes)
     cfg = run.config or CodecConfig(k0=args.k0, k1=args.k1, dim0=args.dim, dim1=args.dim, width10=args.width10,
                                     width20=args.width20, width40=args.width40, blocks_dec=args.blocks_dec)
     st = run.stats or fit_band_stats(train_scenes, seed=args.seed)
@@ -186,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         width20=96, width40=128, blocks_dec=3)
     p.add_argument("--beta", type=float, default=0.25, help="commitment loss weight")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--val-scenes", type=int, default=0, help="evaluate on every n-th val scene only")
+    p.add_argument("--val-scenes", type=int, default=0, help="validate on about this many val scenes (0: all)")
     return p.parse_args(argv)
 
 

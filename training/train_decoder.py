@@ -35,7 +35,7 @@ from corsa.formats.datasets import load_split
 from .data import CropSampler
 from .export import _record_files
 from .export_rate import derived_folder, export_decoder, load_model, output_options, write_card
-from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser
+from .train import SPLIT_FILE, Run, lr_at, pad_to, training_parser, validation_scenes
 from .train_rate import as_stored, distortion
 from .rate_model import RateCodec, RateConfig
 
@@ -125,7 +125,7 @@ def train(args: argparse.Namespace) -> Path:
     print(json.dumps({"boosted_scenes": dict(zip(("snow", "water"), sampler.boosted))}), flush=True)
     with torch.no_grad():
         val = [(s, model.analysis(torch.from_numpy(pad_to(s.data, 4).astype(np.float32))[None]))
-               for s in load_split(SPLIT_FILE, "val")]
+               for s in validation_scenes(args.val_scenes)]
     model.eval()                                      # no dropout or norm layers: eval only fixes the mode
     step = run.bind(model, opt, sampler, model.cfg, model.band_stats, best=-math.inf, kind="decoder",
                     source=args.model)
@@ -219,6 +219,7 @@ def validate_record(ckpt: dict) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = training_parser(__doc__, "corsa3.2", steps=6000, batch=16, lr=1e-4)
     p.add_argument("--model", default="corsa3.1", help="the shipped model whose decoder is trained on")
+    p.add_argument("--val-scenes", type=int, default=0, help="validate on about this many val scenes (0: all)")
     p.add_argument("--bright", type=float, default=0.0, help="share of crops scaled brighter (see above)")
     p.add_argument("--snow", type=float, default=0.0, help="share of crops from snowy training scenes (``snowy``)")
     p.add_argument("--water", type=float, default=0.0, help="share of crops from open-water training scenes (``watery``)")
