@@ -120,6 +120,33 @@ def test_the_fit_reads_one_pixel_in_7_and_fits_as_well_as_on_every_pixel(majorto
     assert error(sampled) < 1.01 * error(every) < 0.9 * error(None)
 
 
+def test_the_fit_gives_the_same_integers_whatever_threads_blas_runs(majortom, tmp_path):
+    """A product is the same bytes wherever it is compressed: the CLI keeps BLAS to one thread, a dask
+    worker or a back end's UDF may not, and the fit's products are BLAS's (float32 sums, which BLAS splits
+    over its threads, gave other integers; tests/test_cluster.py saw it first)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    s, data = majortom
+    codec = VariableRateCodec(MODEL)
+    rec = codec.synthesis(codec.encode(data, 5), 5, data.shape[1:])
+    np.savez(tmp_path / "block.npz", truth=data[:, :512, :512], rec=rec)
+    script = (f"import sys, numpy as np, corsa_udf; b = np.load({str(tmp_path / 'block.npz')!r}); "
+              f"w = corsa_udf.filter_fit(b['truth'], b['rec'], slice(0, 512), slice(0, 512), None, "
+              f"corsa_udf.FilterShape{tuple(SHAPE)!r}, {float(CARD['refine']['filter']['dn2_per_bit']['5'])!r}); "
+              f"sys.stdout.write(w.tobytes().hex())")
+    udf = str(Path(corsa_udf.__file__).parent)
+    outs = []
+    for threads in ("1", "2"):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": udf, **{v: threads for v in
+               ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs.append(out.stdout)
+    assert outs[0] and outs[0] == outs[1]
+
+
 def test_the_cli_gives_the_whole_scene_pixels_closer_to_the_input_than_its_source(majortom, tmp_path):
     s, data = majortom
     write_scene(tmp_path / "in.tif", data, Affine(*s.transform), s.crs, s.date)
