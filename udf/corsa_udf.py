@@ -995,10 +995,12 @@ def _at_samples(a: np.ndarray, samples: List[Tuple[slice, slice]], dy: int, dx: 
     grids = [a[..., ys.start + dy:ys.stop + dy:ys.step, xs.start + dx:xs.stop + dx:xs.step] for ys, xs in samples]
     out = np.empty(a.shape[:-2] + (sum(g.shape[-2] * g.shape[-1] for g in grids),), a.dtype)
     at = 0
-    for g in grids:      # each sub-grid copied once, into its place (a view: setting its shape never copies)
-        part = out[..., at:at + g.shape[-2] * g.shape[-1]]
-        part.shape, at = g.shape, at + g.shape[-2] * g.shape[-1]
+    for g in grids:      # each sub-grid copied once, into its place
+        n = g.shape[-2] * g.shape[-1]
+        part = out[..., at:at + n]
+        part.shape = g.shape     # a view's shape: raises rather than copies
         part[...] = g
+        at += n
     return out if keep is None else out[..., keep]
 
 
